@@ -1,0 +1,156 @@
+"""Target-neutral RMSMP operators, as TE compute definitions turned into PrimFuncs.
+
+The importer emits one *quantized* op per layer (all rows, plain integer products); the
+:class:`~relay_passes.rewrite_row_groups.RewriteRowGroups` pass splits it into *row-group*
+ops, one per scheme, whose products are written the way the scheme's hardware computes them:
+
+* fixed rows: ``int32(x) * int32(w)`` (multiply-accumulate);
+* SP2 rows: two masked shifts, an add and a branch-free conditional negate, decoded from the
+  per-weight code of :func:`tvm_rmsmp.schemes.sp2_encode` (no multiply on the data path).
+
+Every op computes ``out = float32(acc + bias_int) * out_scale`` with ``acc`` the int32 sum.
+The PrimFuncs carry attributes that say what they are, so per-target schedules can find
+them without knowing how they were built:
+
+``rmsmp.op``: "dense" | "conv2d";  ``rmsmp.layer``: the torch module path;
+``rmsmp.row_schemes``: one scheme per output row (quantized op only);
+``rmsmp.scheme`` / ``rmsmp.kind``: the group's scheme and its kind (row-group op only);
+``rmsmp.conv``: strides, padding, dilation (conv2d only).
+They are marked opaque to operator fusion: the epilogue must stay one multiply, never fused
+with a following add into an FMA that would round differently from the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import tvm
+from tvm import te, tirx, topi
+
+from tvm_rmsmp.schemes import SP2_TERM_BITS
+
+__all__ = [
+    "OP_PATTERN_OPAQUE",
+    "fixed_product",
+    "sp2_product",
+    "dense_func",
+    "conv2d_func",
+    "rmsmp_attrs",
+]
+
+#: relax.OpPatternKind.kOpaque: never fused with neighbours.
+OP_PATTERN_OPAQUE = 8
+
+Product = Callable[[tvm.ir.Expr, tvm.ir.Expr], tvm.ir.Expr]
+
+
+def fixed_product(x: tvm.ir.Expr, w: tvm.ir.Expr) -> tvm.ir.Expr:
+    """Integer multiply, int32 result."""
+    return x.astype("int32") * w.astype("int32")
+
+
+def sp2_product(x: tvm.ir.Expr, code: tvm.ir.Expr) -> tvm.ir.Expr:
+    """``x * w`` for an SP2 code, as shifts, masks and adds only.
+
+    Code fields: ``a | b << 3 | sign << 6``; a term ``t`` is ``((x << t) >> 1)`` when ``t > 0``
+    and is masked to 0 by ``-((t + 7) >> 3)`` when ``t == 0``; the sign is applied as
+    ``(v ^ s) - s`` with ``s`` in ``{0, -1}``.
+    """
+    x32 = x.astype("int32")
+    c = code.astype("int32")
+    field = (1 << SP2_TERM_BITS) - 1
+    a = c & field
+    b = (c >> SP2_TERM_BITS) & field
+    s = tirx.const(0, "int32") - ((c >> (2 * SP2_TERM_BITS)) & 1)
+    present = lambda t: tirx.const(0, "int32") - ((t + field) >> SP2_TERM_BITS)  # noqa: E731
+    ta = ((x32 << a) >> 1) & present(a)
+    tb = ((x32 << b) >> 1) & present(b)
+    v = ta + tb
+    return (v ^ s) - s
+
+
+def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: int) -> te.Tensor:
+    def f(*idx):
+        c = idx[channel_axis]
+        return (acc(*idx) + bias[c]).astype("float32") * scale[c]
+
+    return te.compute(acc.shape, f, name="out")
+
+
+def rmsmp_attrs(op: str, layer: str, **extra) -> Dict[str, object]:
+    attrs = {"rmsmp.op": op, "rmsmp.layer": layer, "op_pattern": OP_PATTERN_OPAQUE}
+    attrs.update(extra)
+    return attrs
+
+
+def _finish(tensors, attrs: Dict[str, object]) -> tirx.PrimFunc:
+    # Private function: the module names it on add_func, so drop TE's default symbol "main".
+    func = te.create_prim_func(tensors).without_attr("global_symbol")
+    for k, v in attrs.items():
+        func = func.with_attr(k, v)
+    return func
+
+
+def dense_func(
+    x_shape: Sequence[int], x_dtype: str, w_shape: Sequence[int], w_dtype: str, product: Product, attrs: Dict
+) -> tirx.PrimFunc:
+    """``out[..., n] = float32(sum_k product(x[..., k], w[n, k]) + bias[n]) * scale[n]``."""
+    x = te.placeholder(tuple(x_shape), x_dtype, name="x")
+    w = te.placeholder(tuple(w_shape), w_dtype, name="w")
+    n_rows, k_dim = w_shape
+    bias = te.placeholder((n_rows,), "int32", name="bias")
+    scale = te.placeholder((n_rows,), "float32", name="scale")
+    k = te.reduce_axis((0, k_dim), name="k")
+    acc = te.compute(
+        tuple(x_shape[:-1]) + (n_rows,),
+        lambda *i: te.sum(product(x[tuple(i[:-1]) + (k,)], w[i[-1], k]), axis=k),
+        name="acc",
+    )
+    out = _epilogue(acc, bias, scale, len(x_shape) - 1)
+    return _finish([x, w, bias, scale, out], attrs)
+
+
+def conv2d_func(
+    x_shape: Sequence[int],
+    x_dtype: str,
+    w_shape: Sequence[int],
+    w_dtype: str,
+    strides: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    product: Product,
+    attrs: Dict,
+) -> tirx.PrimFunc:
+    """NCHW direct convolution (groups=1) with the RMSMP epilogue; zero padding (x_q of 0.0 is 0)."""
+    n, c, h, w_ = x_shape
+    f, c2, kh, kw = w_shape
+    if c != c2:
+        raise ValueError(f"conv2d: input has {c} channels, weight expects {c2}")
+    sh, sw = strides
+    ph, pw = padding
+    dh, dw = dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = te.placeholder(tuple(x_shape), x_dtype, name="x")
+    w = te.placeholder(tuple(w_shape), w_dtype, name="w")
+    bias = te.placeholder((f,), "int32", name="bias")
+    scale = te.placeholder((f,), "float32", name="scale")
+    xp = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=0, name="pad") if (ph or pw) else x
+    rc = te.reduce_axis((0, c), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    acc = te.compute(
+        (n, f, oh, ow),
+        lambda b, o, y, z: te.sum(
+            product(xp[b, rc, y * sh + ry * dh, z * sw + rx * dw], w[o, rc, ry, rx]), axis=[rc, ry, rx]
+        ),
+        name="acc",
+    )
+    out = _epilogue(acc, bias, scale, 1)
+    return _finish([x, w, bias, scale, out], attrs)
+
+
+def output_shape(func: tirx.PrimFunc):
+    """Shape and dtype of a PrimFunc's last parameter (its output buffer)."""
+    buf = func.params[-1]
+    return [int(d) for d in buf.shape], str(buf.dtype)

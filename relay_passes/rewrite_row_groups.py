@@ -1,0 +1,163 @@
+"""RewriteRowGroups: split each quantized dense/conv2d into one row-group op per scheme.
+
+Before::
+
+    y = R.call_tir(rmsmp_dense_fc, (xq, W, bias, scale))        # rows of mixed schemes
+
+After::
+
+    g0 = R.call_tir(rmsmp_dense_fc_sp2_4, (xq, W[rows0] as SP2 codes, bias[rows0], scale[rows0]))
+    g1 = R.call_tir(rmsmp_dense_fc_fixed_4, (xq, W[rows1], bias[rows1], scale[rows1]))
+    c = R.concat((g0, g1), axis=channel)
+    y = R.take(c, inverse_permutation, axis=channel)           # back to the model's row order
+
+The trailing ``take`` keeps the rewrite self-contained and correct on its own;
+:class:`~relay_passes.fold_row_permutation.FoldRowPermutation` then folds it into the
+consumers. Groups follow the scheme registry's order, rows keep their order inside a group.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_rmsmp.schemes import get_scheme, list_schemes, sp2_encode
+
+from . import ops
+
+__all__ = ["RewriteRowGroups", "group_weight", "row_group_func", "channel_axis"]
+
+
+def channel_axis(op: str, ndim: int) -> int:
+    """Axis of the output rows in the op's result: last for dense, 1 (NCHW) for conv2d."""
+    return ndim - 1 if op == "dense" else 1
+
+
+def group_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
+    """The stored form of a group's weights: SP2 codes for SP2 schemes, integers otherwise."""
+    scheme = get_scheme(scheme_name)
+    if scheme.kind == "sp2":
+        return sp2_encode(w_int, scheme).astype(np.int8)
+    return np.asarray(w_int, dtype=np.int8)
+
+
+def row_group_func(
+    op: str, layer: str, scheme_name: str, x_shape, x_dtype: str, w_shape, conv: Optional[dict] = None
+) -> tvm.tirx.PrimFunc:
+    """The target-neutral row-group PrimFunc for ``scheme_name`` rows of a layer."""
+    scheme = get_scheme(scheme_name)
+    product = ops.sp2_product if scheme.kind == "sp2" else ops.fixed_product
+    attrs = ops.rmsmp_attrs(op, layer, **{"rmsmp.scheme": scheme_name, "rmsmp.kind": scheme.kind})
+    if op == "dense":
+        return ops.dense_func(x_shape, x_dtype, w_shape, "int8", product, attrs)
+    attrs["rmsmp.conv"] = conv
+    return ops.conv2d_func(
+        x_shape, x_dtype, w_shape, "int8", conv["strides"], conv["padding"], conv["dilation"], product, attrs
+    )
+
+
+def _const_value(expr) -> Optional[np.ndarray]:
+    if isinstance(expr, tvm.ir.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def _name(text: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", text)
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.replaced: set = set()
+        self.kept: set = set()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.call_tir"):
+            return call
+        gv = call.args[0]
+        func = self.mod_[gv] if gv in self.mod_.functions else None
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
+            return call
+        if "rmsmp.row_schemes" not in func.attrs:
+            return call
+        xq, w, bias, scale = list(call.args[1].fields)
+        w_np, b_np, s_np = _const_value(w), _const_value(bias), _const_value(scale)
+        if w_np is None or b_np is None or s_np is None:
+            self.kept.add(gv)
+            return call  # weights bound late (params as inputs): nothing to split at compile time
+        op = str(func.attrs["rmsmp.op"])
+        layer = str(func.attrs["rmsmp.layer"])
+        conv = None
+        if op == "conv2d":
+            c = func.attrs["rmsmp.conv"]
+            conv = {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
+        schemes = np.array([str(s) for s in func.attrs["rmsmp.row_schemes"]], dtype=object)
+        x_ty = xq.ty
+        x_shape = [int(d) for d in x_ty.shape]
+        x_dtype = str(x_ty.dtype)
+        out_ty = call.ty
+        axis = channel_axis(op, len(out_ty.shape))
+
+        parts: List[relax.Expr] = []
+        perm: List[np.ndarray] = []
+        for name in list_schemes():
+            rows = np.nonzero(schemes == name)[0]
+            if rows.size == 0:
+                continue
+            wg = group_weight(w_np[rows], name)
+            gfunc = row_group_func(op, layer, name, x_shape, x_dtype, wg.shape, conv)
+            ggv = self.builder_.add_func(gfunc, f"rmsmp_{op}_{_name(layer)}_{name}")
+            out_shape = list(out_ty.shape)
+            out_shape[axis] = int(rows.size)
+            parts.append(
+                self.builder_.emit(
+                    relax.call_tir(
+                        ggv,
+                        [xq, relax.const(wg, "int8"), relax.const(b_np[rows], "int32"), relax.const(s_np[rows], "float32")],
+                        relax.TensorType(out_shape, "float32"),
+                    )
+                )
+            )
+            perm.append(rows)
+        unknown = set(schemes) - set(list_schemes())
+        if unknown:
+            raise ValueError(f"layer {layer!r}: unknown schemes {sorted(unknown)}")
+        self.replaced.add(gv)
+        if len(parts) == 1:
+            return parts[0]
+        order = np.concatenate(perm)
+        joined = self.builder_.emit(relax.op.concat(parts, axis=axis))
+        if np.array_equal(order, np.arange(order.size)):
+            return joined
+        inverse = np.argsort(order).astype("int64")
+        return relax.op.take(joined, relax.const(inverse, "int64"), axis=axis)
+
+
+@tvm.transform.module_pass(opt_level=0, name="RewriteRowGroups")
+class RewriteRowGroups:
+    """Split every quantized dense/conv2d op into row-group ops (see module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Rewriter(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        out = rewriter.builder_.get()
+        for gv in rewriter.replaced - rewriter.kept:
+            if gv in out.functions:
+                out = _remove_function(out, gv)
+        return out
+
+
+def _remove_function(mod: tvm.IRModule, gv: tvm.ir.GlobalVar) -> tvm.IRModule:
+    funcs = {g: f for g, f in mod.functions.items() if not g.same_as(gv)}
+    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)

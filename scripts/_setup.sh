@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Shared set-up for scripts/demo and scripts/test: system packages, .venv, Python packages.
+# Idempotent: a second run only checks.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# Fashion-MNIST for the demo model and its tests comes from Debian (offline-installable).
+FMNIST=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing dataset-fashion-mnist (apt)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null
+    else
+        echo "[setup] warning: $FMNIST missing and not root; run: apt-get install dataset-fashion-mnist" >&2
+    fi
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "$PY" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+STAMP=.venv/.rmsmp-installed
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    echo "[setup] installing Python packages into .venv"
+    "$VPY" -m pip install -q --upgrade pip wheel
+    # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+    "$VPY" -m pip install -q "torch==2.13.0"
+    "$VPY" -m pip install -q -e ".[test]"
+    touch "$STAMP"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"

@@ -1,0 +1,100 @@
+"""Import a quantized PyTorch model into Relax.
+
+``torch.export`` keeps each RMSMP layer as one ``rmsmp::qlinear`` / ``rmsmp::qconv2d`` node;
+the converters here turn each into the activation quantizer (Relax elementwise ops) and one
+call to the layer's *quantized op* (see :mod:`relay_passes.ops`), whose PrimFunc carries the
+layer's row schemes. Everything else goes through TVM's own torch frontend.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from relay_passes import ops
+from .torch_quant import _RMSMPLayer, rmsmp_layers
+
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer"]
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name) or "layer"
+
+
+def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.PrimFunc:
+    """The layer's quantized op: all rows, plain integer products, schemes as an attribute."""
+    x_dtype = "int8" if layer.act_signed else "uint8"
+    w_shape = tuple(layer.weight_int.shape)
+    attrs = ops.rmsmp_attrs(layer.op, layer.layer_name, **{"rmsmp.row_schemes": list(layer.schemes)})
+    if layer.op == "dense":
+        return ops.dense_func(x_shape, x_dtype, w_shape, "int8", ops.fixed_product, attrs)
+    conv = {"strides": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation)}
+    attrs["rmsmp.conv"] = conv
+    return ops.conv2d_func(
+        x_shape, x_dtype, w_shape, "int8", layer.stride, layer.padding, layer.dilation, ops.fixed_product, attrs
+    )
+
+
+def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
+    """``astype(clip(round(x * inv_scale), qmin, qmax), int8|uint8)``: same float32 ops as torch."""
+    inv = relax.const(np.float32(layer.inv_act_scale), "float32")
+    v = bb.emit(relax.op.multiply(x, inv))
+    v = bb.emit(relax.op.round(v))
+    v = bb.emit(relax.op.clip(v, float(layer.qmin), float(layer.qmax)))
+    return bb.emit(relax.op.astype(v, "int8" if layer.act_signed else "uint8"))
+
+
+def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
+    x_shape = [int(d) for d in x.ty.shape]
+    xq = emit_quantize_activation(bb, x, layer)
+    func = quantized_op_func(layer, x_shape)
+    gv = bb.add_func(func, f"rmsmp_{layer.op}_{_sanitize(layer.layer_name)}")
+    out_shape, out_dtype = ops.output_shape(func)
+    args = [
+        xq,
+        relax.const(layer.weight_int.numpy(), "int8"),
+        relax.const(layer.bias_int.numpy(), "int32"),
+        relax.const(layer.out_scale.numpy(), "float32"),
+    ]
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)))
+
+
+def _check_static_shape(x: relax.Expr, layer: str):
+    ty = x.ty
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape):
+        raise ValueError(f"layer {layer!r}: input shape {ty.shape} is not static; compile with fixed shapes")
+
+
+def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> tvm.IRModule:
+    """``torch.export`` the (quantized or float) model and convert it to a Relax IRModule."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    layers = rmsmp_layers(model)
+
+    def converter(node, importer) -> relax.Var:
+        name = node.args[-1]
+        if name not in layers:
+            raise ValueError(f"exported graph names an RMSMP layer {name!r} the model does not have")
+        x = importer.env[node.args[0]]
+        _check_static_shape(x, name)
+        return emit_quantized_layer(importer.block_builder, x, layers[name])
+
+    model = model.eval()
+    with torch.no_grad():
+        try:
+            ep = torch.export.export(model, tuple(example_inputs))
+        except Exception as err:
+            raise ValueError(f"torch.export failed on the model: {type(err).__name__}: {err}") from err
+        custom = {"qlinear.default": converter, "qconv2d.default": converter}
+        try:
+            mod = from_exported_program(ep, custom_convert_map=custom)
+        except AssertionError as err:
+            if "Unsupported function types" in str(err):
+                raise ValueError(f"the TVM importer does not support these torch ops: {err}") from err
+            raise
+    return mod

@@ -1,0 +1,335 @@
+"""PyTorch side of RMSMP: calibration, BN folding and quantized layers.
+
+:func:`quantize` returns a copy of a model whose Linear/Conv2d layers are
+:class:`RMSMPLinear`/:class:`RMSMPConv2d`. In eval mode they compute exactly the integer
+pipeline of :mod:`tvm_rmsmp.torch_ops`, so the quantized torch model is the reference that
+every compiled target must reproduce.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import torch_ops  # noqa: F401  (registers rmsmp:: custom ops)
+from .assign import assign_rows
+from .config import RMSMPConfig
+from .plan import RowPlan
+from .schemes import get_scheme
+
+__all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "row_plans", "ActQuant", "RMSMPWarning"]
+
+
+class RMSMPWarning(UserWarning):
+    """Something was left in float or fell back; the result is still correct."""
+
+
+# --------------------------------------------------------------------------------------------
+# Activation quantization
+# --------------------------------------------------------------------------------------------
+class ActQuant:
+    """Static per-tensor activation quantizer: ``x_q = clamp(round(x / scale), qmin, qmax)``."""
+
+    def __init__(self, scale: float, bits: int, signed: bool):
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"activation scale must be positive and finite, got {scale}")
+        self.bits = bits
+        self.signed = signed
+        self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        self.qmin = -self.qmax if signed else 0
+        # The scale actually used is the one whose float32 reciprocal the kernels multiply by.
+        self.inv_scale = float(np.float32(1.0 / scale))
+        self.scale = float(np.float64(1.0) / np.float64(self.inv_scale))
+
+    @classmethod
+    def calibrate(cls, samples: np.ndarray, bits: int, grid: int = 40) -> "ActQuant":
+        """Unsigned if no sample is negative (e.g. after ReLU), else symmetric; the clipping
+        threshold minimizes the squared error over the samples."""
+        samples = np.asarray(samples, dtype=np.float64).ravel()
+        signed = bool(samples.min() < 0)
+        amax = float(np.abs(samples).max())
+        if amax == 0.0:
+            return cls(1.0, bits, signed)
+        qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        qmin = -qmax if signed else 0
+        best, best_err = amax, np.inf
+        for f in np.linspace(0.3, 1.0, grid):
+            s = f * amax / qmax
+            err = float(((np.clip(np.round(samples / s), qmin, qmax) * s - samples) ** 2).sum())
+            if err < best_err:
+                best, best_err = f * amax, err
+        return cls(best / qmax, bits, signed)
+
+    def __repr__(self):
+        return f"ActQuant(scale={self.scale:.4g}, bits={self.bits}, {'signed' if self.signed else 'unsigned'})"
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized layers
+# --------------------------------------------------------------------------------------------
+class _RMSMPLayer(nn.Module):
+    op = ""
+
+    def __init__(self, name: str, plan: RowPlan, bias: Optional[np.ndarray], act: ActQuant):
+        super().__init__()
+        self.layer_name = name
+        self.schemes: Tuple[str, ...] = plan.schemes
+        self.act_bits, self.act_signed = act.bits, act.signed
+        self.act_scale, self.inv_act_scale = act.scale, act.inv_scale
+        self.qmin, self.qmax = act.qmin, act.qmax
+        n = plan.num_rows
+        bias = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
+        acc_scale = np.float64(act.scale) * plan.row_scale.astype(np.float64)
+        bias_int = np.round(bias.astype(np.float64) / acc_scale)
+        fan_in = int(np.prod(plan.weight_int.shape[1:]))
+        w_max = np.abs(plan.weight_int.astype(np.int64)).reshape(n, -1).max(axis=1)
+        bound = fan_in * w_max * max(abs(act.qmin), act.qmax) + np.abs(bias_int)
+        if np.any(bound >= 2**31):
+            raise ValueError(
+                f"layer {name!r}: the int32 accumulator can overflow (fan-in {fan_in}, bound "
+                f"{int(bound.max())}); use fewer activation bits or split the layer"
+            )
+        self.register_buffer("weight_int", torch.from_numpy(plan.weight_int.astype(np.int8)))
+        self.register_buffer("row_scale", torch.from_numpy(plan.row_scale.astype(np.float32)))
+        self.register_buffer("bias", torch.from_numpy(bias))
+        self.register_buffer("bias_int", torch.from_numpy(bias_int.astype(np.int32)))
+        self.register_buffer("out_scale", torch.from_numpy(acc_scale.astype(np.float32)))
+
+    @property
+    def plan(self) -> RowPlan:
+        return RowPlan(
+            layer=self.layer_name,
+            op=self.op,
+            schemes=self.schemes,
+            weight_int=self.weight_int.numpy().copy(),
+            row_scale=self.row_scale.numpy().copy(),
+        )
+
+    def extra_repr(self) -> str:
+        counts = self.plan.counts()
+        return f"{self.layer_name}: rows {dict(counts)}, act {self.act_bits}b {'s' if self.act_signed else 'u'}"
+
+
+class RMSMPLinear(_RMSMPLayer):
+    """A Linear layer whose rows are RMSMP-quantized; eval output is integer-exact."""
+
+    op = "dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rmsmp.qlinear(
+            x, self.weight_int, self.bias_int, self.out_scale, self.inv_act_scale, self.qmin, self.qmax, self.layer_name
+        )
+
+
+class RMSMPConv2d(_RMSMPLayer):
+    """A Conv2d layer (groups=1, NCHW) whose rows are RMSMP-quantized."""
+
+    op = "conv2d"
+
+    def __init__(self, name, plan, bias, act, stride, padding, dilation):
+        super().__init__(name, plan, bias, act)
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rmsmp.qconv2d(
+            x, self.weight_int, self.bias_int, self.out_scale, self.inv_act_scale, self.qmin, self.qmax,
+            self.stride, self.padding, self.dilation, self.layer_name,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# quantize()
+# --------------------------------------------------------------------------------------------
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold Conv2d -> BatchNorm2d pairs (torch.fx). Models fx cannot trace keep their BN."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model, inplace=False)
+    except Exception as err:  # fx tracing fails on data-dependent control flow
+        warnings.warn(
+            f"could not trace the model to fold BatchNorm ({type(err).__name__}: {err}); "
+            "BatchNorm layers stay in float",
+            RMSMPWarning,
+            stacklevel=3,
+        )
+        return model
+
+
+def _supported(name: str, mod: nn.Module) -> Optional[str]:
+    """None if the layer can be quantized, else why not."""
+    if isinstance(mod, nn.Linear):
+        return None
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1:
+            return f"Conv2d with groups={mod.groups} (only groups=1 is lowered)"
+        if mod.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={mod.padding_mode!r}"
+        if isinstance(mod.padding, str):
+            return f"Conv2d with padding={mod.padding!r} (give explicit padding)"
+        return None
+    return f"{type(mod).__name__} is not a supported quantized layer type"
+
+
+_OTHER_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def _check_finite(name: str, what: str, t: torch.Tensor):
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"layer {name!r}: {what} has {bad} NaN/Inf value(s)")
+
+
+def _as_tuple(batch) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, np.ndarray):
+        return (torch.from_numpy(batch),)
+    if isinstance(batch, (tuple, list)):
+        return tuple(torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in batch)
+    raise TypeError(f"calibration batch must be a tensor, an array or a tuple of them, got {type(batch).__name__}")
+
+
+class _InputStats:
+    """Collects a layer's input during calibration: a bounded sample and per-feature mean squares."""
+
+    MAX_SAMPLES = 1 << 18
+
+    def __init__(self, channel_axis: int):
+        self.channel_axis = channel_axis
+        self.samples: List[np.ndarray] = []
+        self.sq_sum = None
+        self.count = 0
+        self.n_seen = 0
+
+    def __call__(self, module, inputs):
+        x = inputs[0].detach().to(torch.float32)
+        ax = self.channel_axis % x.dim()
+        xc = x.movedim(ax, -1).reshape(-1, x.shape[ax])
+        sq = (xc.double() ** 2).sum(0).numpy()
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.count += xc.shape[0]
+        flat = x.reshape(-1).numpy()
+        budget = self.MAX_SAMPLES - self.n_seen
+        if budget > 0:
+            step = max(1, flat.size // budget)
+            take = flat[::step][:budget]
+            self.samples.append(take.copy())
+            self.n_seen += take.size
+
+    @property
+    def input_sq(self) -> np.ndarray:
+        return self.sq_sum / max(self.count, 1)
+
+
+def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputStats) -> nn.Module:
+    weight = mod.weight.detach().to(torch.float32).numpy().astype(np.float64)
+    schemes = assign_rows(weight, cfg.ratio, cfg.assign, input_sq=stats.input_sq)
+    w_int = np.zeros(weight.shape, np.int8)
+    row_scale = np.zeros(weight.shape[0], np.float32)
+    for s_name in set(schemes):
+        rows = np.array([i for i, s in enumerate(schemes) if s == s_name])
+        wi, sc = get_scheme(s_name).quantize(weight[rows])
+        w_int[rows], row_scale[rows] = wi, sc
+    op = "dense" if isinstance(mod, nn.Linear) else "conv2d"
+    plan = RowPlan(layer=name, op=op, schemes=schemes, weight_int=w_int, row_scale=row_scale)
+    act = ActQuant.calibrate(np.concatenate(stats.samples), cfg.act_bits)
+    bias = None if mod.bias is None else mod.bias.detach().to(torch.float32).numpy()
+    if op == "dense":
+        return RMSMPLinear(name, plan, bias, act)
+    return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
+
+
+def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None) -> nn.Module:
+    """Post-training RMSMP quantization of ``model``; the input model is left untouched.
+
+    calib_data: an iterable of input batches (tensors, arrays, or tuples for several inputs),
+    used for static activation scales and the row-assignment statistics.
+    Returns a new module in eval mode.
+    """
+    cfg = config if config is not None else RMSMPConfig()
+    if not isinstance(cfg, RMSMPConfig):
+        raise TypeError(f"config must be an RMSMPConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if calib_data is None:
+        raise ValueError("calib_data is required: static activation scales come from calibration batches")
+    batches = [_as_tuple(b) for b in calib_data]
+    if not batches:
+        raise ValueError("calib_data is empty: give at least one input batch")
+    for i, b in enumerate(batches):
+        for j, t in enumerate(b):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"calib_data batch {i}, input {j} has NaN/Inf values")
+
+    q = copy.deepcopy(model).eval()
+    if cfg.fold_bn:
+        q = _fold_batchnorm(q).eval()
+
+    targets: Dict[str, nn.Module] = {}
+    for name, mod in q.named_modules():
+        if name in cfg.skip:
+            continue
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            why = _supported(name, mod)
+            if why is None:
+                _check_finite(name, "weight", mod.weight)
+                if mod.bias is not None:
+                    _check_finite(name, "bias", mod.bias)
+                targets[name] = mod
+            else:
+                warnings.warn(f"layer {name!r} left in float: {why}", RMSMPWarning, stacklevel=2)
+        elif isinstance(mod, _OTHER_WEIGHT_LAYERS):
+            warnings.warn(
+                f"layer {name!r} left in float: {type(mod).__name__} is not a supported quantized layer type",
+                RMSMPWarning,
+                stacklevel=2,
+            )
+    if not targets:
+        warnings.warn("model has no quantizable layer (Linear / Conv2d); it stays in float", RMSMPWarning, stacklevel=2)
+        return q
+
+    stats = {n: _InputStats(channel_axis=-1 if isinstance(m, nn.Linear) else 1) for n, m in targets.items()}
+    handles = [m.register_forward_pre_hook(stats[n]) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                try:
+                    q(*b)
+                except Exception as err:
+                    raise ValueError(
+                        f"calib_data batch {i} does not fit the model ({type(err).__name__}: {err})"
+                    ) from err
+    finally:
+        for h in handles:
+            h.remove()
+    for name, mod in targets.items():
+        if not stats[name].samples:
+            warnings.warn(f"layer {name!r} left in float: calibration never reached it", RMSMPWarning, stacklevel=2)
+            continue
+        _set_submodule(q, name, _quantize_layer(name, mod, cfg, stats[name]))
+    q.rmsmp_config = cfg
+    return q.eval()
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def row_plans(model: nn.Module) -> Dict[str, RowPlan]:
+    """``{layer name: RowPlan}`` for every RMSMP layer of a quantized model."""
+    return {m.layer_name: m.plan for m in model.modules() if isinstance(m, _RMSMPLayer)}
+
+
+def rmsmp_layers(model: nn.Module) -> Dict[str, _RMSMPLayer]:
+    return {m.layer_name: m for m in model.modules() if isinstance(m, _RMSMPLayer)}
