@@ -1,0 +1,10 @@
+"""Relax graph passes of tvm-rmsmp (the design card's "relay_passes"; TVM >= 0.20 has no Relay).
+
+One pass per module; they rewrite into target-neutral row-group ops and never import
+``schedules``.
+"""
+
+from .fold_row_permutation import FoldRowPermutation
+from .rewrite_row_groups import RewriteRowGroups
+
+__all__ = ["RewriteRowGroups", "FoldRowPermutation"]

@@ -1,0 +1,28 @@
+"""tvm-rmsmp: RMSMP (row-wise mixed-scheme, multi-precision) quantization from PyTorch to TVM.
+
+    import tvm_rmsmp as rmsmp
+    cfg = rmsmp.RMSMPConfig(ratio={"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}, act_bits=8)
+    q = rmsmp.quantize(model, cfg, calib_data=[x0, x1])
+    plans = rmsmp.row_plans(q)
+    exe = rmsmp.compile(q, (x,), target="llvm")
+    y = exe(x); seconds = exe.benchmark(x, repeat=20); exe.export_library("model.so")
+"""
+
+# Order matters: the quantization math (no TVM) first, then what builds on it.
+from .schemes import Scheme, get_scheme, list_schemes, register_scheme  # noqa: I001
+from .config import DEFAULT_RATIO, RMSMPConfig, validate_ratio
+from .plan import RowPlan, row_counts
+from .assign import register_assign_rule
+from .torch_quant import RMSMPConv2d, RMSMPLinear, RMSMPWarning, quantize, row_plans
+from .targets import resolve_target
+from .pipeline import CompiledModel, compile, load, lower  # noqa: A004
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Scheme", "get_scheme", "list_schemes", "register_scheme",
+    "RMSMPConfig", "DEFAULT_RATIO", "validate_ratio",
+    "RowPlan", "row_counts", "register_assign_rule",
+    "RMSMPLinear", "RMSMPConv2d", "RMSMPWarning", "quantize", "row_plans",
+    "resolve_target", "CompiledModel", "compile", "load", "lower",
+]

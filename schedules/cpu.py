@@ -1,0 +1,99 @@
+"""CPU (LLVM: x86, AArch64) schedules for the RMSMP row-group dense and conv2d ops.
+
+Both rules parallelize over the cores and keep the int32 accumulator tile small enough to
+live in registers / L1, with the epilogue computed right after each tile:
+
+* dense ``[M, K] x [N, K]``: tiles of output rows, reduction over ``k`` innermost and
+  contiguous in both operands, which LLVM vectorizes as an integer reduction (exact in any
+  order). At batch 1 this streams the weights once, the memory-bound optimum.
+* conv2d NCHW: for each (image, tile of output channels, output row), a vector over the
+  output row's pixels accumulates ``x[pixel] * w`` with the weight broadcast, so SP2 decoding
+  (shift amounts, masks, sign) happens once per weight, not once per pixel.
+
+Rules follow dlight: ``apply`` returns None when the function is not theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+from .registry import register_target
+
+__all__ = ["RowGroupDense", "RowGroupConv2d"]
+
+
+def _rmsmp_op(func) -> Optional[str]:
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
+        return None
+    return str(func.attrs["rmsmp.op"])
+
+
+def _largest_divisor(n: int, candidates) -> int:
+    for c in candidates:
+        if n % c == 0:
+            return c
+    return 1
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+class RowGroupDense(dl.ScheduleRule):
+    """Row-group dense: parallel row tiles, contiguous inner reduction."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
+        if _rmsmp_op(func) != "dense" or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+        loops = sch.get_loops(acc)
+        if len(loops) > 3:
+            sch.fuse(*loops[:-2])
+        elif len(loops) == 2:  # no batch axis
+            m = sch.add_unit_loop(acc)
+        m, n, k = sch.get_loops(acc)
+        mt = _largest_divisor(_extent(sch, m), (4, 2))
+        nt = _largest_divisor(_extent(sch, n), (8, 4, 2))
+        mo, mi = sch.split(m, [None, mt])
+        no, ni = sch.split(n, [None, nt])
+        sch.reorder(mo, no, mi, ni, k)
+        outer = sch.fuse(mo, no)
+        sch.parallel(outer)
+        sch.reverse_compute_at(out, outer)
+        sch.decompose_reduction(acc, mi)
+        return sch
+
+
+class RowGroupConv2d(dl.ScheduleRule):
+    """Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
+        if _rmsmp_op(func) != "conv2d" or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+        n, f, y, x, rc, ry, rx = sch.get_loops(acc)
+        ow = _extent(sch, x)
+        ft = _largest_divisor(_extent(sch, f), (4, 2))
+        xt = ow if ow <= 16 else _largest_divisor(ow, (16, 14, 12, 8))
+        if xt == 1:
+            xt = 8  # a remainder tile beats a scalar loop
+        fo, fi = sch.split(f, [None, ft])
+        xo, xi = sch.split(x, [None, xt])
+        sch.reorder(n, fo, y, xo, rc, ry, rx, fi, xi)
+        outer = sch.fuse(n, fo, y)
+        sch.parallel(outer)
+        sch.reverse_compute_at(out, xo)
+        if ow % xt == 0:
+            sch.vectorize(xi)
+        sch.unroll(fi)
+        sch.decompose_reduction(acc, rc)
+        return sch
+
+
+register_target("llvm", [RowGroupDense(), RowGroupConv2d()])

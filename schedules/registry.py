@@ -1,0 +1,46 @@
+"""Which schedule rules realize the row-group ops on which target kind.
+
+A target module in this package registers its rules once::
+
+    register_target("llvm", [RowGroupDense(), RowGroupConv2d()])
+
+and the pipeline asks :func:`rules_for` with the compile target. Adding a target is a new
+module here plus its import in ``schedules/__init__.py``; nothing outside ``schedules/`` changes.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import tvm
+from tvm.s_tir import dlight as dl
+
+__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules"]
+
+_RULES: Dict[str, List[dl.ScheduleRule]] = {}
+
+
+def register_target(kind: str, rules: Sequence[dl.ScheduleRule]) -> None:
+    if kind in _RULES:
+        raise ValueError(f"schedules for target kind {kind!r} are already registered")
+    _RULES[kind] = list(rules)
+
+
+def registered_kinds() -> List[str]:
+    return sorted(_RULES)
+
+
+def rules_for(target: tvm.target.Target) -> List[dl.ScheduleRule]:
+    try:
+        return _RULES[target.kind.name]
+    except KeyError:
+        raise ValueError(
+            f"no row-group schedules for target kind {target.kind.name!r}; registered: {registered_kinds()}"
+        ) from None
+
+
+def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module)."""
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    with target:
+        return dl.ApplyDefaultSchedule(*rules_for(target))(mod)

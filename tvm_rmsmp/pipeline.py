@@ -1,0 +1,168 @@
+"""From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
+
+import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation
+-> the target's row-group schedules -> TVM's default Relax build for the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+import schedules
+from relay_passes import FoldRowPermutation, RewriteRowGroups
+
+from .frontend import import_model
+from .targets import resolve_target
+from .torch_quant import RMSMPWarning, rmsmp_layers
+
+__all__ = ["compile", "load", "CompiledModel", "lower"]
+
+_FORMAT_VERSION = 1
+
+
+def _as_numpy(x, where: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def lower(model: torch.nn.Module, example_inputs: Sequence, target) -> Tuple[tvm.IRModule, Dict[str, int]]:
+    """The Relax module after the RMSMP passes and the target's schedules (not yet built)."""
+    target = resolve_target(target)
+    inputs = tuple(torch.from_numpy(_as_numpy(x, f"example_inputs[{i}]")) for i, x in enumerate(example_inputs))
+    if not rmsmp_layers(model):
+        warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
+    mod = import_model(model, inputs)
+    mod = RewriteRowGroups()(mod)
+    fold = FoldRowPermutation()
+    mod = fold(mod)
+    mod = schedules.apply_rules(mod, target)
+    return mod, dict(fold.last_stats)
+
+
+def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm") -> "CompiledModel":  # noqa: A001
+    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes."""
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
+    target = resolve_target(target)
+    mod, stats = lower(model, example_inputs, target)
+    exe = tvm.compile(mod, target=target)
+    specs = [{"shape": list(_as_numpy(x, "").shape), "dtype": str(_as_numpy(x, "").dtype)} for x in example_inputs]
+    return CompiledModel(exe, target, specs, ir=mod, stats=stats)
+
+
+def _to_numpy_outputs(value) -> Union[np.ndarray, tuple]:
+    if isinstance(value, tvm.runtime.Tensor):
+        return value.numpy()
+    items = [_to_numpy_outputs(v) for v in value]
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+class CompiledModel:
+    """A compiled model: ``model(x)`` runs it (numpy or torch in, numpy out)."""
+
+    def __init__(self, executable, target, input_specs: List[Dict[str, Any]], ir: Optional[tvm.IRModule] = None,
+                 stats: Optional[Dict[str, int]] = None):
+        self.executable = executable
+        self.target = target
+        self.input_specs = input_specs
+        self.ir = ir
+        self.stats = stats or {}
+        self.device = tvm.device(target.kind.name if target.kind.name != "llvm" else "cpu", 0)
+        self._vm = None
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, self.device)
+        return self._vm
+
+    def _inputs(self, inputs) -> List[tvm.runtime.Tensor]:
+        if len(inputs) != len(self.input_specs):
+            raise ValueError(f"model was compiled for {len(self.input_specs)} input(s), got {len(inputs)}")
+        out = []
+        for i, (x, spec) in enumerate(zip(inputs, self.input_specs)):
+            arr = _as_numpy(x, f"input {i}")
+            if list(arr.shape) != spec["shape"]:
+                raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
+            if str(arr.dtype) != spec["dtype"]:
+                if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(spec["dtype"]), np.floating):
+                    arr = arr.astype(spec["dtype"])
+                else:
+                    raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
+            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.device))
+        return out
+
+    def __call__(self, *inputs):
+        return _to_numpy_outputs(self.vm["main"](*self._inputs(inputs)))
+
+    def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 20) -> float:
+        """Median seconds per call over ``repeat`` measurements (TVM's time evaluator)."""
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        args = self._inputs(inputs)
+        timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        return float(timer(*args).median)
+
+    def export_library(self, path: str) -> str:
+        """Write the compiled library to ``path`` (and its input specs to ``path + '.json'``), atomically."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        suffix = os.path.splitext(path)[1] or ".so"
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix)
+        os.close(fd)
+        meta = {"format": "tvm-rmsmp", "version": _FORMAT_VERSION, "inputs": self.input_specs,
+                "target": str(self.target)}
+        try:
+            self.executable.export_library(tmp)
+            _atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def _atomic_write_text(path: str, text: str):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: str) -> CompiledModel:
+    """Load a library written by :meth:`CompiledModel.export_library`."""
+    meta_path = os.fspath(path) + ".json"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no compiled library at {path!r}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != "tvm-rmsmp" or not isinstance(meta.get("inputs"), list):
+            raise ValueError("not a tvm-rmsmp metadata file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{meta_path!r} is missing: it holds the input specs written with the library") from None
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path!r} is corrupt: {err}") from err
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as err:
+        raise ValueError(f"{path!r} is not a loadable TVM library: {err}") from err
+    target = tvm.target.Target(json.loads(meta["target"])) if meta["target"].startswith("{") else resolve_target("llvm")
+    return CompiledModel(lib, target, meta["inputs"])

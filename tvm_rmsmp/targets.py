@@ -1,0 +1,55 @@
+"""Named compile targets.
+
+A target is a name from :data:`TARGET_NAMES`, a ``tvm.target.Target``, or a TVM target dict
+(TVM 0.27 accepts dicts only, not "llvm -mcpu=..." strings).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Union
+
+import tvm
+
+__all__ = ["resolve_target", "TARGET_NAMES", "host_cpu_target"]
+
+
+def host_cpu_target() -> Dict[str, object]:
+    """The machine this runs on: LLVM with its CPU model, so the kernels use its vector ISA."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+
+
+def _aarch64() -> Dict[str, object]:
+    return {
+        "kind": "llvm",
+        "mtriple": "aarch64-linux-gnu",
+        "mcpu": "cortex-a76",
+        "mattr": ["+neon", "+dotprod"],
+        "num-cores": 4,
+    }
+
+
+TARGET_NAMES: Dict[str, Callable[[], Dict[str, object]]] = {
+    "llvm": host_cpu_target,
+    "cpu": host_cpu_target,
+    "x86": host_cpu_target,
+    "aarch64": _aarch64,
+    "arm": _aarch64,
+}
+
+
+def resolve_target(target: Union[str, dict, "tvm.target.Target"]) -> "tvm.target.Target":
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, str):
+        if target not in TARGET_NAMES:
+            raise ValueError(f"unknown target {target!r}; known names: {sorted(TARGET_NAMES)}, or pass a TVM target dict")
+        return tvm.target.Target(TARGET_NAMES[target]())
+    if isinstance(target, dict):
+        try:
+            return tvm.target.Target(target)
+        except Exception as err:
+            raise ValueError(f"invalid target dict {target!r}: {err}") from err
+    raise TypeError(f"target must be a name, a dict or a tvm.target.Target, got {type(target).__name__}")
