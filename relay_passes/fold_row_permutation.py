@@ -9,7 +9,8 @@ after each split layer, where ``c`` holds the rows grouped by scheme. This pass 
 * through elementwise ops with a per-channel constant (a bias, a scale), permuting the
   constant once at compile time;
 * through a flatten (``reshape`` that merges the channel axis with the axes after it), where
-  the permutation becomes a block permutation of the flattened features;
+  the permutation becomes a block permutation of the flattened features, and through
+  reshapes that keep the channel axis last;
 * into the next quantized layer, by permuting its weights' input channels (axis 1 of the
   dense ``[out, in]`` and conv ``[out, in, kh, kw]`` weights) at compile time.
 
@@ -143,6 +144,9 @@ class _Folder(PyExprMutator):
         inner = int(np.prod(src_shape[a + 1:], dtype=np.int64))
         if dst_shape == src_shape:
             order = p.order
+        elif a == len(src_shape) - 1 and dst_shape[-1] == src_shape[-1]:
+            # leading axes merged or split, channel axis stays last (dense on [B, T, C])
+            order, a = p.order, len(dst_shape) - 1
         elif len(dst_shape) == a + 1 and dst_shape[:a] == src_shape[:a] and dst_shape[a] == src_shape[a] * inner:
             order = (p.order[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
         else:

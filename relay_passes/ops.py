@@ -94,19 +94,17 @@ def _finish(tensors, attrs: Dict[str, object]) -> tirx.PrimFunc:
 def dense_func(
     x_shape: Sequence[int], x_dtype: str, w_shape: Sequence[int], w_dtype: str, product: Product, attrs: Dict
 ) -> tirx.PrimFunc:
-    """``out[..., n] = float32(sum_k product(x[..., k], w[n, k]) + bias[n]) * scale[n]``."""
+    """``out[m, n] = float32(sum_k product(x[m, k], w[n, k]) + bias[n]) * scale[n]`` (2-D x)."""
+    if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[1]:
+        raise ValueError(f"dense: expected x [M, K] and w [N, K], got x {list(x_shape)} and w {list(w_shape)}")
     x = te.placeholder(tuple(x_shape), x_dtype, name="x")
     w = te.placeholder(tuple(w_shape), w_dtype, name="w")
     n_rows, k_dim = w_shape
     bias = te.placeholder((n_rows,), "int32", name="bias")
     scale = te.placeholder((n_rows,), "float32", name="scale")
     k = te.reduce_axis((0, k_dim), name="k")
-    acc = te.compute(
-        tuple(x_shape[:-1]) + (n_rows,),
-        lambda *i: te.sum(product(x[tuple(i[:-1]) + (k,)], w[i[-1], k]), axis=k),
-        name="acc",
-    )
-    out = _epilogue(acc, bias, scale, len(x_shape) - 1)
+    acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], w[n, k]), axis=k), name="acc")
+    out = _epilogue(acc, bias, scale, 1)
     return _finish([x, w, bias, scale, out], attrs)
 
 

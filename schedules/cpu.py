@@ -51,11 +51,6 @@ class RowGroupDense(dl.ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        loops = sch.get_loops(acc)
-        if len(loops) > 3:
-            sch.fuse(*loops[:-2])
-        elif len(loops) == 2:  # no batch axis
-            m = sch.add_unit_loop(acc)
         m, n, k = sch.get_loops(acc)
         mt = _largest_divisor(_extent(sch, m), (4, 2))
         nt = _largest_divisor(_extent(sch, n), (8, 4, 2))

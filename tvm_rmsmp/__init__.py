@@ -14,8 +14,23 @@ from .config import DEFAULT_RATIO, RMSMPConfig, validate_ratio
 from .plan import RowPlan, row_counts
 from .assign import register_assign_rule
 from .torch_quant import RMSMPConv2d, RMSMPLinear, RMSMPWarning, quantize, row_plans
-from .targets import resolve_target
-from .pipeline import CompiledModel, compile, load, lower  # noqa: A004
+
+# The TVM side (graph passes, schedules, build) imports this package's math, so it is loaded
+# on first use: ``import relay_passes`` alone must not pull in the whole pipeline.
+_LAZY = {
+    "compile": "pipeline", "load": "pipeline", "lower": "pipeline", "CompiledModel": "pipeline",
+    "resolve_target": "targets",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tvm_rmsmp' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

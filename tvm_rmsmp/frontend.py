@@ -51,6 +51,11 @@ def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSM
 
 def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
     x_shape = [int(d) for d in x.ty.shape]
+    lead = x_shape[:-1]
+    if layer.op == "dense" and len(x_shape) != 2:
+        # Dense ops are 2-D ([rows of activations, K]); batch/sequence axes fold into the first.
+        x = bb.emit(relax.op.reshape(x, [int(np.prod(lead)), x_shape[-1]]))
+        x_shape = [int(np.prod(lead)), x_shape[-1]]
     xq = emit_quantize_activation(bb, x, layer)
     func = quantized_op_func(layer, x_shape)
     gv = bb.add_func(func, f"rmsmp_{layer.op}_{_sanitize(layer.layer_name)}")
@@ -61,7 +66,10 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
         relax.const(layer.bias_int.numpy(), "int32"),
         relax.const(layer.out_scale.numpy(), "float32"),
     ]
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)))
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)))
+    if layer.op == "dense" and len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, lead + [out_shape[-1]]))
+    return y
 
 
 def _check_static_shape(x: relax.Expr, layer: str):

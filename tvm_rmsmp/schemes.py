@@ -33,6 +33,9 @@ __all__ = [
     "sp2_decode",
 ]
 
+#: Rows whose largest magnitude is below this are treated as all-zero (their scale would underflow).
+_NEGLIGIBLE = 1e-30
+
 #: Bits per shift field in the target-neutral SP2 code (see :func:`sp2_encode`).
 SP2_TERM_BITS = 3
 
@@ -124,6 +127,7 @@ class Scheme:
         """
         w2 = np.asarray(w, dtype=np.float64).reshape(w.shape[0], -1)
         amax = np.abs(w2).max(axis=1)
+        amax = np.where(amax < _NEGLIGIBLE, 0.0, amax)  # below float32 range once scaled: a zero row
         best_err = np.full(w2.shape[0], np.inf)
         best = amax / self.divisor
         for f in np.linspace(0.3, 1.0, grid):

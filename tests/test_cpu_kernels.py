@@ -1,0 +1,143 @@
+"""Row-group kernels on the CPU (LLVM): integer-exact against numpy, SP2 without multiplies."""
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+import schedules
+from conftest import np_conv_acc, np_dense_acc, np_epilogue
+from relay_passes.rewrite_row_groups import group_weight, row_group_func
+from tvm_rmsmp.schemes import get_scheme
+
+
+def _build(func, target):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    mod = schedules.apply_rules(mod, target)
+    assert mod["main"].attrs["tirx.is_scheduled"], "the CPU rule did not apply"
+    return tvm.compile(mod, target=target)
+
+
+def _random_rows(rng, scheme, shape):
+    return rng.choice(get_scheme(scheme).levels, size=shape).astype(np.int8)
+
+
+def _random_act(rng, dtype, shape):
+    lo, hi = (0, 255) if dtype == "uint8" else (-127, 127)
+    return rng.integers(lo, hi + 1, size=shape).astype(dtype)
+
+
+def _run(exe, *arrays):
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    exe.mod["main"](*args)
+    return args[-1].numpy()
+
+
+DENSE_CASES = [
+    # (lead shape, K, rows, act dtype, scheme)
+    ((1,), 64, 8, "uint8", "sp2_4"),
+    ((1,), 200, 13, "int8", "fixed_4"),
+    ((3,), 77, 5, "uint8", "fixed_8"),
+    ((4,), 128, 16, "int8", "sp2_4"),
+    ((10,), 48, 7, "uint8", "sp2_4"),
+    ((10,), 48, 7, "int8", "fixed_8"),
+    ((8,), 1000, 33, "uint8", "fixed_8"),
+    ((1,), 3, 1, "int8", "sp2_4"),
+]
+
+
+@pytest.mark.parametrize("lead,k,rows,act,scheme", DENSE_CASES)
+def test_dense_row_group_is_integer_exact(lead, k, rows, act, scheme, host_target):
+    rng = np.random.default_rng(hash((lead, k, rows, act, scheme)) % 2**32)
+    x = _random_act(rng, act, lead + (k,))
+    w_int = _random_rows(rng, scheme, (rows, k))
+    exe = _build(row_group_func("dense", "t", scheme, x.shape, act, (rows, k)), host_target)
+    acc = np_dense_acc(x, w_int)
+    # bias 0, scale 1: the output is float32(acc), exact while |acc| < 2^24
+    assert np.abs(acc).max() < 2**24
+    out = _run(exe, x, group_weight(w_int, scheme), np.zeros(rows, np.int32), np.ones(rows, np.float32),
+               np.zeros(lead + (rows,), np.float32))
+    np.testing.assert_array_equal(out.astype(np.int64), acc)
+    # the epilogue: float32(acc + bias) * scale, bit for bit
+    bias = rng.integers(-10**6, 10**6, rows).astype(np.int32)
+    scale = rng.uniform(1e-4, 1e-2, rows).astype(np.float32)
+    out = _run(exe, x, group_weight(w_int, scheme), bias, scale, np.zeros(lead + (rows,), np.float32))
+    np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, acc.ndim - 1))
+
+
+CONV_CASES = [
+    # (N, C, H, W, F, kh, kw, stride, padding, dilation, act, scheme)
+    (1, 3, 8, 8, 4, 3, 3, (1, 1), (1, 1), (1, 1), "int8", "sp2_4"),
+    (1, 5, 9, 7, 6, 3, 3, (2, 2), (1, 1), (1, 1), "uint8", "fixed_4"),
+    (2, 4, 10, 10, 3, 1, 1, (1, 1), (0, 0), (1, 1), "uint8", "fixed_8"),
+    (1, 8, 12, 12, 8, 3, 3, (1, 1), (2, 2), (2, 2), "uint8", "sp2_4"),
+    (1, 2, 7, 9, 5, 5, 3, (1, 2), (2, 1), (1, 1), "int8", "fixed_8"),
+    (1, 16, 20, 20, 16, 3, 3, (1, 1), (1, 1), (1, 1), "uint8", "sp2_4"),
+    (1, 3, 33, 33, 4, 7, 7, (2, 2), (3, 3), (1, 1), "int8", "fixed_4"),
+]
+
+
+@pytest.mark.parametrize("n,c,h,w,f,kh,kw,stride,padding,dilation,act,scheme", CONV_CASES)
+def test_conv2d_row_group_is_integer_exact(n, c, h, w, f, kh, kw, stride, padding, dilation, act, scheme, host_target):
+    rng = np.random.default_rng(hash((n, c, h, w, f, kh, scheme)) % 2**32)
+    x = _random_act(rng, act, (n, c, h, w))
+    w_int = _random_rows(rng, scheme, (f, c, kh, kw))
+    conv = {"strides": list(stride), "padding": list(padding), "dilation": list(dilation)}
+    exe = _build(row_group_func("conv2d", "t", scheme, x.shape, act, w_int.shape, conv), host_target)
+    acc = np_conv_acc(x, w_int, stride, padding, dilation)
+    bias = rng.integers(-1000, 1000, f).astype(np.int32)
+    scale = rng.uniform(0.5, 2, f).astype(np.float32)
+    out = _run(exe, x, group_weight(w_int, scheme), bias, scale, np.zeros(acc.shape, np.float32))
+    np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, 1))
+    zero = _run(exe, x, group_weight(w_int, scheme), np.zeros(f, np.int32), np.ones(f, np.float32),
+                np.zeros(acc.shape, np.float32))
+    np.testing.assert_array_equal(zero.astype(np.int64), acc)
+
+
+_DEF = re.compile(r"^\s*(%[\w.]+)\s*=\s*(.*)$")
+
+
+def _data_multiplies(llvm_ir: str):
+    """Multiplies whose operands derive from the kernel's int8/uint8 data (x and w loads).
+
+    A value is data if it is an ``i8`` load or is computed from data; index and
+    thread-partitioning arithmetic never touches the 8-bit buffers, so it is not flagged.
+    """
+    defs = {}
+    for line in llvm_ir.splitlines():
+        m = _DEF.match(line)
+        if m:
+            defs[m.group(1)] = m.group(2)
+    data = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, rhs in defs.items():
+            if name in data:
+                continue
+            is_byte_load = re.match(r"load (<\d+ x )?i8\b", rhs) is not None
+            uses_data = any(op in data for op in re.findall(r"%[\w.]+", rhs))
+            if is_byte_load or (uses_data and not rhs.startswith(("load", "getelementptr", "store"))):
+                data.add(name)
+                changed = True
+    found = []
+    for name, rhs in defs.items():
+        if re.match(r"mul\b", rhs) and any(op in data for op in re.findall(r"%[\w.]+", rhs)):
+            found.append(f"{name} = {rhs}")
+        elif re.search(r"@llvm\.\w*(pmadd|pmul|sdot|udot|vpdp)", rhs) and any(op in data for op in re.findall(r"%[\w.]+", rhs)):
+            found.append(f"{name} = {rhs}")
+    return found
+
+
+@pytest.mark.parametrize("op", ["dense", "conv2d"])
+def test_sp2_kernel_has_no_multiply_on_the_data_path(op, host_target):
+    conv = {"strides": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
+    x_shape, w_shape = ((4, 256), (16, 256)) if op == "dense" else ((1, 8, 16, 16), (8, 8, 3, 3))
+    sp2 = _build(row_group_func(op, "t", "sp2_4", x_shape, "uint8", w_shape, conv), host_target)
+    fixed = _build(row_group_func(op, "t", "fixed_8", x_shape, "uint8", w_shape, conv), host_target)
+    ir_sp2 = sp2.mod.inspect_source("ll")
+    ir_fixed = fixed.mod.inspect_source("ll")
+    assert _data_multiplies(ir_fixed), "the checker must see the fixed kernel's multiplies"
+    assert _data_multiplies(ir_sp2) == []
+    assert re.search(r"\bshl\b", ir_sp2), "SP2 products are shifts"
