@@ -78,7 +78,10 @@ class _Folder(PyExprMutator):
         self.kept += 1
 
     def _emit(self, var: relax.Var, value: relax.Expr, permuted: Optional[_Permuted] = None):
-        new = self.builder_.emit(value)
+        if isinstance(var, relax.DataflowVar):
+            new = self.builder_.emit(value, name_hint=var.name)
+        else:
+            new = self.builder_.emit_output(value, name_hint=var.name)
         if permuted is None:
             self.set_var_remap(var, new)
         else:
@@ -173,7 +176,8 @@ class _Folder(PyExprMutator):
             return False
         new_w = relax.const(np.ascontiguousarray(np.take(w_np, p.order, axis=1)), str(w.ty.dtype))
         args = [p.src, new_w] + [self.visit_expr(f) for f in fields[2:]]
-        self._emit(var, relax.call_tir(gv, args, call.ty_args[0]))
+        out_ty = call.ty_args[0]
+        self._emit(var, relax.call_tir(gv, args, relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype)))
         self.folded += 1
         return True
 
@@ -226,6 +230,10 @@ class _Folder(PyExprMutator):
             if isinstance(value, relax.Call) and self._try_fold(var, value):
                 return
             if self._fold_tuple(var, value):
+                return
+        elif isinstance(value, relax.Call) and _op_name(value) == "relax.call_tir":
+            # Leaves the dataflow block, but its result is in the model's order: absorbing is safe.
+            if self._fold_into_consumer(var, value):
                 return
         for v in relax.analysis.free_vars(value):
             if v in self.pending_tuples:
