@@ -24,6 +24,17 @@ from tvm_rmsmp.data import load_fashion_mnist
 from tvm_rmsmp.models.fmnist_cnn import load_pretrained
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def _torch_latency(model, x, repeat: int) -> float:
     with torch.no_grad():
         for _ in range(3):
@@ -97,7 +108,7 @@ def run(limit: int = 10000, batch: int = 100, calib_batches: int = 4, repeat: in
     plans = rmsmp.row_plans(q)
     schemes = list(cfg.schemes)
     result = {
-        "hardware": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "hardware": f"{_cpu_name()}, {os.cpu_count()} cores ({platform.machine()})",
         "target": str(exe.target),
         "test_images": limit,
         "accuracy": acc,

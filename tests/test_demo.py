@@ -1,0 +1,39 @@
+"""The main job on real data: the shipped Fashion-MNIST CNN, quantized and compiled."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tvm_rmsmp.data import FASHION_MNIST_DIR
+
+needs_data = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")),
+    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (scripts/_setup.sh does)",
+)
+
+
+@needs_data
+@pytest.mark.slow
+def test_demo_tvm_equals_reference_and_keeps_accuracy():
+    from tvm_rmsmp.demo import run
+
+    r = run(limit=2000, batch=100, repeat=5, quiet=True)
+    acc = r["accuracy"]
+    assert r["tvm_equals_reference_bitwise"]
+    assert acc["RMSMP (TVM)"] == acc["RMSMP reference (torch)"]
+    assert acc["fp32 (torch)"] > 0.90  # the shipped checkpoint
+    assert acc["fp32 (torch)"] - acc["RMSMP (TVM)"] < 0.02
+    assert r["rows"]["features.4"] == {"sp2_4": 39, "fixed_4": 22, "fixed_8": 3}
+    assert r["gathers"]["kept"] == 1
+
+
+@needs_data
+@pytest.mark.slow
+def test_quickstart_tutorial_runs(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "tutorials", "quickstart.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "loaded library matches: True" in out.stdout
