@@ -1,0 +1,96 @@
+"""``tvm-rmsmp`` command line.
+
+    tvm-rmsmp demo [demo options]          the main job on the built-in Fashion-MNIST CNN
+    tvm-rmsmp schemes                      registered schemes and their integer levels
+    tvm-rmsmp compile --model pkg.mod:factory --input-shape 1,3,224,224 --calib calib.npy --out model.so
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import List, Optional
+
+
+def _cmd_schemes(_args) -> int:
+    from .schemes import get_scheme, list_schemes
+
+    for name in list_schemes():
+        s = get_scheme(name)
+        print(f"{name:10s} {s.kind:6s} {s.bits} bits  levels {s.levels.tolist()}")
+    return 0
+
+
+def _load_factory(spec: str):
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise SystemExit(f"--model must look like 'package.module:factory', got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SystemExit(f"--model {spec!r}: {err}") from None
+    import torch
+
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _cmd_compile(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import RMSMPConfig, compile as rmsmp_compile, quantize, row_plans
+
+    model = _load_factory(args.model).eval()
+    try:
+        shape = tuple(int(d) for d in args.input_shape.split(","))
+    except ValueError:
+        raise SystemExit(f"--input-shape must be comma-separated integers, got {args.input_shape!r}") from None
+    try:
+        calib = np.load(args.calib, allow_pickle=False)  # never unpickle user files
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--calib {args.calib!r} is not a readable .npy array: {err}") from None
+    if calib.ndim != len(shape) or calib.shape[1:] != shape[1:]:
+        raise SystemExit(f"--calib {args.calib!r} has shape {calib.shape}, the model input is {shape}")
+    calib_t = torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32))
+    batches = list(torch.split(calib_t, args.calib_batch))
+    ratio = json.loads(args.ratio) if args.ratio else None
+    cfg = RMSMPConfig(ratio=ratio, act_bits=args.act_bits) if ratio else RMSMPConfig(act_bits=args.act_bits)
+    q = quantize(model, cfg, batches)
+    for name, plan in row_plans(q).items():
+        print(f"{name:30s} {plan.num_rows:6d} rows {plan.counts()}")
+    exe = rmsmp_compile(q, (torch.zeros(shape),), target=args.target)
+    path = exe.export_library(args.out)
+    print(f"wrote {path} and {path}.json (target {exe.target.kind.name})")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="tvm-rmsmp", description="RMSMP quantization from PyTorch to TVM")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("demo", help="the main job on the built-in Fashion-MNIST CNN", add_help=False)
+    sub.add_parser("schemes", help="list registered schemes")
+    c = sub.add_parser("compile", help="quantize a model and export a compiled library")
+    c.add_argument("--model", required=True, help="'package.module:factory' returning a torch.nn.Module")
+    c.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
+    c.add_argument("--calib", required=True, help=".npy array of calibration inputs [N, ...]")
+    c.add_argument("--calib-batch", type=int, default=64)
+    c.add_argument("--ratio", default=None, help='JSON, e.g. \'{"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}\'')
+    c.add_argument("--act-bits", type=int, default=8)
+    c.add_argument("--target", default="llvm")
+    c.add_argument("--out", required=True, help="output library path (.so)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    args = ap.parse_args(argv)
+    return {"schemes": _cmd_schemes, "compile": _cmd_compile}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
