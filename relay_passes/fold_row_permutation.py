@@ -11,6 +11,7 @@ after each split layer, where ``c`` holds the rows grouped by scheme. This pass 
 * through a flatten (``reshape`` that merges the channel axis with the axes after it), where
   the permutation becomes a block permutation of the flattened features, and through
   reshapes that keep the channel axis last;
+* through the next layer's activation quantizer (elementwise), and
 * into the next quantized layer, by permuting its weights' input channels (axis 1 of the
   dense ``[out, in]`` and conv ``[out, in, kh, kw]`` weights) at compile time.
 
@@ -160,17 +161,16 @@ class _Folder(PyExprMutator):
 
     def _fold_into_consumer(self, var, call) -> bool:
         """A quantized/row-group op reading a permuted input: permute its weight's input channels."""
-        gv = call.args[0]
-        func = self.mod_[gv] if gv in self.mod_.functions else None
-        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
+        op = self._callee_op(call)
+        if op not in ("dense", "conv2d"):
             return False
+        gv = call.args[0]
         fields = list(call.args[1].fields)
         x, w = fields[0], fields[1]
         p = self.permuted.get(x)
         w_np = _const(w)
         if p is None or w_np is None or any(f in self.permuted for f in fields[1:]):
             return False
-        op = str(func.attrs["rmsmp.op"])
         expected_axis = len(_shape(x)) - 1 if op == "dense" else 1
         if p.axis != expected_axis or w_np.shape[1] != p.order.size:
             return False
@@ -205,8 +205,21 @@ class _Folder(PyExprMutator):
         if name == "relax.reshape" and call.args[0] in self.permuted:
             return self._fold_reshape(var, call)
         if name == "relax.call_tir":
+            if self._callee_op(call) == "quantize" and call.args[1].fields[0] in self.permuted:
+                p = self.permuted[call.args[1].fields[0]]
+                out_ty = call.ty_args[0]
+                new_call = relax.call_tir(call.args[0], [p.src], relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype))
+                self._emit(var, new_call, _Permuted(None, p.order, p.axis))
+                return True
             return self._fold_into_consumer(var, call)
         return False
+
+    def _callee_op(self, call: relax.Call) -> Optional[str]:
+        gv = call.args[0]
+        func = self.mod_[gv] if gv in self.mod_.functions else None
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
+            return None
+        return str(func.attrs["rmsmp.op"])
 
     # ----- the mutator hook ---------------------------------------------------------------
     def _fold_tuple(self, var, value) -> bool:

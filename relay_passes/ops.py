@@ -31,6 +31,8 @@ from tvm_rmsmp.schemes import SP2_TERM_BITS
 
 __all__ = [
     "OP_PATTERN_OPAQUE",
+    "OP_PATTERN_ELEMWISE",
+    "quantize_func",
     "fixed_product",
     "sp2_product",
     "dense_func",
@@ -40,6 +42,8 @@ __all__ = [
 
 #: relax.OpPatternKind.kOpaque: never fused with neighbours.
 OP_PATTERN_OPAQUE = 8
+#: relax.OpPatternKind.kElemWise: may fuse into the op before it (e.g. ReLU, pooling).
+OP_PATTERN_ELEMWISE = 0
 
 Product = Callable[[tvm.ir.Expr, tvm.ir.Expr], tvm.ir.Expr]
 
@@ -67,6 +71,23 @@ def sp2_product(x: tvm.ir.Expr, code: tvm.ir.Expr) -> tvm.ir.Expr:
     tb = ((x32 << b) >> 1) & present(b)
     v = ta + tb
     return (v ^ s) - s
+
+
+def quantize_func(shape: Sequence[int], inv_scale: float, qmin: int, qmax: int, out_dtype: str, layer: str) -> tirx.PrimFunc:
+    """The activation quantizer: ``clamp(nearbyint(x * inv_scale), qmin, qmax)`` cast to int8/uint8.
+
+    ``nearbyint`` rounds half to even on every target (C ``round``, which OpenCL and CUDA
+    would use for a plain round, goes half away from zero and disagrees with PyTorch).
+    """
+    x = te.placeholder(tuple(shape), "float32", name="x")
+    inv = tirx.const(float(inv_scale), "float32")
+    lo = tirx.const(float(qmin), "float32")
+    hi = tirx.const(float(qmax), "float32")
+    out = te.compute(
+        tuple(shape), lambda *i: tirx.min(tirx.max(tirx.nearbyint(x(*i) * inv), lo), hi).astype(out_dtype), name="xq"
+    )
+    attrs = {"rmsmp.op": "quantize", "rmsmp.layer": layer, "op_pattern": OP_PATTERN_ELEMWISE}
+    return _finish([x, out], attrs)
 
 
 def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: int) -> te.Tensor:

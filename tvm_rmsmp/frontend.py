@@ -41,12 +41,12 @@ def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.Pr
 
 
 def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
-    """``astype(clip(round(x * inv_scale), qmin, qmax), int8|uint8)``: same float32 ops as torch."""
-    inv = relax.const(np.float32(layer.inv_act_scale), "float32")
-    v = bb.emit(relax.op.multiply(x, inv))
-    v = bb.emit(relax.op.round(v))
-    v = bb.emit(relax.op.clip(v, float(layer.qmin), float(layer.qmax)))
-    return bb.emit(relax.op.astype(v, "int8" if layer.act_signed else "uint8"))
+    """The layer's activation quantizer: same float32 multiply and half-to-even rounding as torch."""
+    shape = [int(d) for d in x.ty.shape]
+    dtype = "int8" if layer.act_signed else "uint8"
+    func = ops.quantize_func(shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name)
+    gv = bb.add_func(func, f"rmsmp_quantize_{_sanitize(layer.layer_name)}")
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(shape, dtype)))
 
 
 def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
