@@ -73,20 +73,37 @@ def sp2_product(x: tvm.ir.Expr, code: tvm.ir.Expr) -> tvm.ir.Expr:
     return (v ^ s) - s
 
 
-def quantize_func(shape: Sequence[int], inv_scale: float, qmin: int, qmax: int, out_dtype: str, layer: str) -> tirx.PrimFunc:
+def quantize_func(
+    shape: Sequence[int], inv_scale: float, qmin: int, qmax: int, out_dtype: str, layer: str, pad_hw=(0, 0)
+) -> tirx.PrimFunc:
     """The activation quantizer: ``clamp(nearbyint(x * inv_scale), qmin, qmax)`` cast to int8/uint8.
 
     ``nearbyint`` rounds half to even on every target (C ``round``, which OpenCL and CUDA
     would use for a plain round, goes half away from zero and disagrees with PyTorch).
+    ``pad_hw`` zero-pads the last two axes (NCHW) for the convolution that follows, once per
+    layer, so its row-group kernels read a padded tensor without bounds checks (a quantized
+    0.0 is exactly 0 for symmetric and unsigned quantizers alike).
     """
     x = te.placeholder(tuple(shape), "float32", name="x")
     inv = tirx.const(float(inv_scale), "float32")
     lo = tirx.const(float(qmin), "float32")
     hi = tirx.const(float(qmax), "float32")
-    out = te.compute(
-        tuple(shape), lambda *i: tirx.min(tirx.max(tirx.nearbyint(x(*i) * inv), lo), hi).astype(out_dtype), name="xq"
-    )
-    attrs = {"rmsmp.op": "quantize", "rmsmp.layer": layer, "op_pattern": OP_PATTERN_ELEMWISE}
+    q = lambda *i: tirx.min(tirx.max(tirx.nearbyint(x(*i) * inv), lo), hi).astype(out_dtype)  # noqa: E731
+    ph, pw = (int(p) for p in pad_hw)
+    if ph or pw:
+        n, c, h, w = shape
+        zero = tirx.const(0, out_dtype)
+
+        def padded(b, ch, yy, xx):
+            inside = tirx.all(yy >= ph, yy < h + ph, xx >= pw, xx < w + pw)
+            return tirx.if_then_else(inside, q(b, ch, yy - ph, xx - pw), zero)
+
+        out = te.compute((n, c, h + 2 * ph, w + 2 * pw), padded, name="xq")
+        pattern = 2  # injective
+    else:
+        out = te.compute(tuple(shape), q, name="xq")
+        pattern = OP_PATTERN_ELEMWISE
+    attrs = {"rmsmp.op": "quantize", "rmsmp.layer": layer, "op_pattern": pattern}
     return _finish([x, out], attrs)
 
 

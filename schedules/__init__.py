@@ -1,6 +1,7 @@
 """Per-target realizations of the RMSMP row-group ops (one module per target)."""
 
 from . import cpu  # noqa: F401  (registers "llvm")
+from . import gpu  # noqa: F401  (registers "opencl" and "cuda")
 from .registry import apply_rules, registered_kinds, register_target, rules_for
 
 __all__ = ["apply_rules", "registered_kinds", "register_target", "rules_for"]

@@ -10,7 +10,7 @@ module here plus its import in ``schedules/__init__.py``; nothing outside ``sche
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import tvm
 from tvm.s_tir import dlight as dl
@@ -18,12 +18,21 @@ from tvm.s_tir import dlight as dl
 __all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules"]
 
 _RULES: Dict[str, List[dl.ScheduleRule]] = {}
+_VERIFY: Dict[str, Callable[[tvm.IRModule, tvm.target.Target], None]] = {}
 
 
-def register_target(kind: str, rules: Sequence[dl.ScheduleRule]) -> None:
+def register_target(
+    kind: str,
+    rules: Sequence[dl.ScheduleRule],
+    verify: Optional[Callable[[tvm.IRModule, tvm.target.Target], None]] = None,
+) -> None:
+    """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
+    raises if a scheduled kernel breaks a limit of the target."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
+    if verify is not None:
+        _VERIFY[kind] = verify
 
 
 def registered_kinds() -> List[str]:
@@ -43,4 +52,8 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module)."""
     mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
     with target:
-        return dl.ApplyDefaultSchedule(*rules_for(target))(mod)
+        mod = dl.ApplyDefaultSchedule(*rules_for(target))(mod)
+    verify = _VERIFY.get(target.kind.name)
+    if verify is not None:
+        verify(mod, target)
+    return mod

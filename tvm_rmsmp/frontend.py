@@ -33,20 +33,25 @@ def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.Pr
     attrs = ops.rmsmp_attrs(layer.op, layer.layer_name, **{"rmsmp.row_schemes": list(layer.schemes)})
     if layer.op == "dense":
         return ops.dense_func(x_shape, x_dtype, w_shape, "int8", ops.fixed_product, attrs)
-    conv = {"strides": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation)}
+    # The activation quantizer already zero-padded x (see emit_quantize_activation).
+    conv = {"strides": list(layer.stride), "padding": [0, 0], "dilation": list(layer.dilation)}
     attrs["rmsmp.conv"] = conv
     return ops.conv2d_func(
-        x_shape, x_dtype, w_shape, "int8", layer.stride, layer.padding, layer.dilation, ops.fixed_product, attrs
+        x_shape, x_dtype, w_shape, "int8", layer.stride, (0, 0), layer.dilation, ops.fixed_product, attrs
     )
 
 
-def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
-    """The layer's activation quantizer: same float32 multiply and half-to-even rounding as torch."""
+def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer, pad_hw=(0, 0)) -> relax.Var:
+    """The layer's activation quantizer: same float32 multiply and half-to-even rounding as torch
+    (plus the convolution's zero padding, if any)."""
     shape = [int(d) for d in x.ty.shape]
     dtype = "int8" if layer.act_signed else "uint8"
-    func = ops.quantize_func(shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name)
+    func = ops.quantize_func(
+        shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name, pad_hw
+    )
     gv = bb.add_func(func, f"rmsmp_quantize_{_sanitize(layer.layer_name)}")
-    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(shape, dtype)))
+    out_shape, _ = ops.output_shape(func)
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(out_shape, dtype)))
 
 
 def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
@@ -56,8 +61,9 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
         # Dense ops are 2-D ([rows of activations, K]); batch/sequence axes fold into the first.
         x = bb.emit(relax.op.reshape(x, [int(np.prod(lead)), x_shape[-1]]))
         x_shape = [int(np.prod(lead)), x_shape[-1]]
-    xq = emit_quantize_activation(bb, x, layer)
-    func = quantized_op_func(layer, x_shape)
+    pad_hw = tuple(layer.padding) if layer.op == "conv2d" else (0, 0)
+    xq = emit_quantize_activation(bb, x, layer, pad_hw)
+    func = quantized_op_func(layer, [int(d) for d in xq.ty.shape])
     gv = bb.add_func(func, f"rmsmp_{layer.op}_{_sanitize(layer.layer_name)}")
     out_shape, out_dtype = ops.output_shape(func)
     args = [

@@ -1,0 +1,196 @@
+"""GPU schedules (OpenCL for Mali/Adreno, CUDA) for the RMSMP row-group dense and conv2d ops.
+
+Both rules give every thread one output element, accumulated in a register, and stage the
+weights (and for dense the activations) through work-group local memory one reduction chunk
+at a time, fetched cooperatively by all threads of the work-group:
+
+* dense ``[M, K] x [N, K]``: a work-group is a ``TM x TN`` tile of outputs; ``x[tile, k-chunk]``
+  and ``w[tile, k-chunk]`` go through local memory;
+* conv2d NCHW: a work-group is ``TF`` output channels x ``TX`` pixels of one output row; the
+  ``TF x CK x kh x kw`` weight chunk goes through local memory, the zero padding is inlined as
+  a select.
+
+SP2 rows keep their shift-add product (``relay_passes.ops.sp2_product``): straight-line
+integer code, no branch on the weight. Work-group sizes and local memory are sized from the
+target's ``max_num_threads`` / ``max_shared_memory_per_block`` (Mali: 256 threads, 16 KiB)
+and checked by :func:`check_launch_limits` after scheduling.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+from .registry import register_target
+
+__all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "check_launch_limits", "LaunchLimitError"]
+
+
+class LaunchLimitError(ValueError):
+    """A kernel's work-group size or local memory exceeds what the target allows."""
+
+
+def _rmsmp_op(func) -> Optional[str]:
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
+        return None
+    return str(func.attrs["rmsmp.op"])
+
+
+def _limit(target: Target, key: str, default: int) -> int:
+    try:
+        return int(target.attrs[key])
+    except (KeyError, TypeError):
+        return default
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _cooperative_fetch(sch: s_tir.Schedule, block, threads: List[tuple]):
+    """Spread a cache-read block's copy loops over the work-group's threads."""
+    loops = sch.get_loops(block)
+    n_inner = len(sch.get(block).iter_vars)
+    fused = sch.fuse(*loops[-n_inner:])
+    factors = [None] + [extent for _, extent in threads]
+    parts = sch.split(fused, factors)
+    for (tag, _), loop in zip(threads, parts[1:]):
+        sch.bind(loop, tag)
+
+
+def _gpu_target(target: Target) -> bool:
+    return target.kind.name in ("opencl", "cuda", "vulkan", "metal", "rocm")
+
+
+class GPURowGroupDense(dl.ScheduleRule):
+    """Row-group dense on a GPU: output tiles per work-group, k-chunks through local memory."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
+        if _rmsmp_op(func) != "dense" or not _gpu_target(target):
+            return None
+        max_threads = _limit(target, "max_num_threads", 256)
+        sch = s_tir.Schedule(func)
+        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+        m, n, k = sch.get_loops(acc)
+        m_ext, k_ext = _extent(sch, m), _extent(sch, k)
+        tm = 4 if m_ext >= 4 else 1
+        tn = min(64 if tm == 1 else 32, max_threads // tm)
+        tk = 16 if k_ext >= 16 else k_ext
+        bm, tmi = sch.split(m, [None, tm])
+        bn, tni = sch.split(n, [None, tn])
+        ko, ki = sch.split(k, [None, tk])
+        sch.reorder(bm, bn, tmi, tni, ko, ki)
+        sch.bind(sch.fuse(bm, bn), "blockIdx.x")
+        sch.bind(tmi, "threadIdx.y")
+        sch.bind(tni, "threadIdx.x")
+        threads = [("threadIdx.y", tm), ("threadIdx.x", tn)]
+        for index in (0, 1):  # x tile and w tile through local memory
+            cached = sch.cache_read(acc, index, "shared")
+            sch.compute_at(cached, ko)
+            _cooperative_fetch(sch, cached, threads)
+        sch.reverse_compute_at(out, tni)
+        sch.set_scope(acc, 0, "local")
+        sch.decompose_reduction(acc, ko)
+        return sch
+
+
+class GPURowGroupConv2d(dl.ScheduleRule):
+    """Row-group conv2d (NCHW) on a GPU: channels x pixels per work-group, weights through local memory."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
+        if _rmsmp_op(func) != "conv2d" or not _gpu_target(target):
+            return None
+        max_threads = _limit(target, "max_num_threads", 256)
+        sch = s_tir.Schedule(func)
+        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+        try:
+            sch.compute_inline(sch.get_sblock("pad"))
+        except (tvm.error.TVMError, ValueError):
+            pass  # no padding stage
+        n, f, y, x, rc, ry, rx = sch.get_loops(acc)
+        ow, f_ext, c_ext = _extent(sch, x), _extent(sch, f), _extent(sch, rc)
+        tx = min(32, ow)
+        tf = max(1, min(8, f_ext, max_threads // tx))
+        ck = min(8, c_ext)
+        fo, fi = sch.split(f, [None, tf])
+        xo, xi = sch.split(x, [None, tx])
+        rco, rci = sch.split(rc, [None, ck])
+        sch.reorder(n, fo, y, xo, fi, xi, rco, rci, ry, rx)
+        sch.bind(sch.fuse(n, fo, y, xo), "blockIdx.x")
+        sch.bind(fi, "threadIdx.y")
+        sch.bind(xi, "threadIdx.x")
+        w_index = [i for i, r in enumerate(sch.get(acc).reads) if r.source.name == "w"][0]
+        cached = sch.cache_read(acc, w_index, "shared")
+        sch.compute_at(cached, rco)
+        _cooperative_fetch(sch, cached, [("threadIdx.y", tf), ("threadIdx.x", tx)])
+        sch.reverse_compute_at(out, xi)
+        sch.set_scope(acc, 0, "local")
+        sch.decompose_reduction(acc, rco)
+        return sch
+
+
+def _walk(node, visit):
+    visit(node)
+    for attr in ("seq", "body", "then_case", "else_case", "block"):
+        child = getattr(node, attr, None)
+        if child is None:
+            continue
+        if isinstance(child, (list, tuple)) or type(child).__name__ == "Array":
+            for c in child:
+                _walk(c, visit)
+        else:
+            _walk(child, visit)
+
+
+def launch_resources(func: tirx.PrimFunc) -> Dict[str, int]:
+    """Threads per work-group and local-memory bytes a scheduled PrimFunc asks for."""
+    threads: Dict[str, int] = {}
+    shared = 0
+
+    def visit(node):
+        nonlocal shared
+        if isinstance(node, tirx.For) and node.thread_binding is not None:
+            tag = str(node.thread_binding.thread_tag)
+            if tag.startswith("threadIdx"):
+                threads[tag] = max(threads.get(tag, 1), int(node.extent))
+        for buf in getattr(node, "alloc_buffers", []) or []:
+            if str(buf.scope()) in ("shared", "shared.dyn"):
+                size = 1
+                for d in buf.shape:
+                    size *= int(d)
+                shared += size * tvm.DataType(buf.dtype).bits // 8
+
+    _walk(func.body, visit)
+    total = 1
+    for v in threads.values():
+        total *= v
+    return {"threads": total, "local_bytes": shared}
+
+
+def check_launch_limits(mod: tvm.IRModule, target: Target) -> None:
+    """Raise :class:`LaunchLimitError` naming the kernel if it exceeds the target's limits."""
+    max_threads = _limit(target, "max_num_threads", 256)
+    max_shared = _limit(target, "max_shared_memory_per_block", 16384)
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or _rmsmp_op(func) is None:
+            continue
+        res = launch_resources(func)
+        if res["threads"] > max_threads:
+            raise LaunchLimitError(
+                f"kernel {gv.name_hint}: work-group of {res['threads']} threads exceeds the target's "
+                f"max_num_threads={max_threads}"
+            )
+        if res["local_bytes"] > max_shared:
+            raise LaunchLimitError(
+                f"kernel {gv.name_hint}: {res['local_bytes']} bytes of local memory exceed the target's "
+                f"max_shared_memory_per_block={max_shared}"
+            )
+
+
+_RULES = [GPURowGroupDense(), GPURowGroupConv2d()]
+register_target("opencl", _RULES, verify=check_launch_limits)
+register_target("cuda", _RULES, verify=check_launch_limits)
