@@ -84,7 +84,11 @@ def quantize_func(
     layer, so its row-group kernels read a padded tensor without bounds checks (a quantized
     0.0 is exactly 0 for symmetric and unsigned quantizers alike).
     """
-    x = te.placeholder(tuple(shape), "float32", name="x")
+    # int64 shapes, like Relax's own legalized ops: the quantizer fuses with the ReLU/pooling
+    # before it, and fused buffers must agree in type.
+    i64 = lambda v: tirx.IntImm("int64", int(v))  # noqa: E731
+    shape = [int(d) for d in shape]
+    x = te.placeholder(tuple(i64(d) for d in shape), "float32", name="x")
     inv = tirx.const(float(inv_scale), "float32")
     lo = tirx.const(float(qmin), "float32")
     hi = tirx.const(float(qmax), "float32")
@@ -95,13 +99,13 @@ def quantize_func(
         zero = tirx.const(0, out_dtype)
 
         def padded(b, ch, yy, xx):
-            inside = tirx.all(yy >= ph, yy < h + ph, xx >= pw, xx < w + pw)
-            return tirx.if_then_else(inside, q(b, ch, yy - ph, xx - pw), zero)
+            inside = tirx.all(yy >= i64(ph), yy < i64(h + ph), xx >= i64(pw), xx < i64(w + pw))
+            return tirx.if_then_else(inside, q(b, ch, yy - i64(ph), xx - i64(pw)), zero)
 
-        out = te.compute((n, c, h + 2 * ph, w + 2 * pw), padded, name="xq")
+        out = te.compute((i64(n), i64(c), i64(h + 2 * ph), i64(w + 2 * pw)), padded, name="xq")
         pattern = 2  # injective
     else:
-        out = te.compute(tuple(shape), q, name="xq")
+        out = te.compute(tuple(i64(d) for d in shape), q, name="xq")
         pattern = OP_PATTERN_ELEMWISE
     attrs = {"rmsmp.op": "quantize", "rmsmp.layer": layer, "op_pattern": pattern}
     return _finish([x, out], attrs)

@@ -16,6 +16,17 @@ if [ ! -f "$FMNIST" ]; then
     fi
 fi
 
+# PoCL: a real OpenCL implementation on the CPU, to run the mobile-GPU (OpenCL) kernels here.
+if ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing PoCL (apt)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            pocl-opencl-icd ocl-icd-libopencl1) >/dev/null || echo "[setup] warning: PoCL install failed; OpenCL tests will be skipped" >&2
+    else
+        echo "[setup] warning: no OpenCL ICD; install pocl-opencl-icd to run the OpenCL tests" >&2
+    fi
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"

@@ -24,7 +24,7 @@ from .frontend import import_model
 from .targets import resolve_target
 from .torch_quant import RMSMPWarning, rmsmp_layers
 
-__all__ = ["compile", "load", "CompiledModel", "lower"]
+__all__ = ["compile", "load", "CompiledModel", "OpenCLCompiledModel", "lower"]
 
 _FORMAT_VERSION = 1
 
@@ -57,8 +57,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm") -> 
         raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
     target = resolve_target(target)
     mod, stats = lower(model, example_inputs, target)
-    exe = tvm.compile(mod, target=target)
     specs = [{"shape": list(_as_numpy(x, "").shape), "dtype": str(_as_numpy(x, "").dtype)} for x in example_inputs]
+    if target.kind.name == "opencl":
+        return OpenCLCompiledModel(mod, target, specs, stats=stats)
+    exe = tvm.compile(mod, target=target)
     return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
 
@@ -133,6 +135,57 @@ class CompiledModel:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+
+class OpenCLCompiledModel(CompiledModel):
+    """A model compiled for an OpenCL target (Mali, Adreno, any OpenCL device).
+
+    Calls run the TVM-generated kernels through pyopencl on the local OpenCL device (PoCL on
+    a CPU: a functional check and a relative performance proxy, not a phone).
+    :meth:`export_library` writes the TVM library for the device, whose host part runs
+    under TVM's runtime with its OpenCL support (e.g. TVM's RPC app on a phone).
+    """
+
+    def __init__(self, mod: tvm.IRModule, target, input_specs, stats=None):
+        from tvm.relax.backend.gpu_generic import legalize_passes
+
+        from .opencl_runtime import OpenCLGraph
+
+        super().__init__(None, target, input_specs, ir=mod, stats=stats)
+        with target:
+            self.lowered = tvm.transform.Sequential(legalize_passes(target))(mod)
+        self.graph = OpenCLGraph(self.lowered, target)
+
+    @property
+    def vm(self):
+        raise RuntimeError("an OpenCL model runs through its OpenCL graph executor, not the local VM")
+
+    def __call__(self, *inputs):
+        return self.graph.run([t.numpy() for t in self._host_inputs(inputs)])
+
+    def _host_inputs(self, inputs):
+        self.device = tvm.cpu()
+        return self._inputs(inputs)
+
+    def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 0) -> float:
+        """Median wall-clock seconds per call on the local OpenCL device (inputs and outputs copied)."""
+        return self.graph.time([t.numpy() for t in self._host_inputs(inputs)], repeat=repeat)
+
+    def export_library(self, path: str, cc: Optional[str] = None) -> str:
+        """Build with TVM for the target (host part as the target's host says) and export it."""
+        exe = tvm.compile(self.ir, target=self.target)
+        self.executable = exe
+        return super().export_library(path) if cc is None else _export_with(exe, path, cc, self)
+
+
+def _export_with(exe, path, cc, model):
+    from tvm.contrib import cc as _cc
+
+    model.executable = exe
+    fcompile = lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)  # noqa: E731
+    original = exe.export_library
+    exe.export_library = lambda p: original(p, fcompile=fcompile)
+    return CompiledModel.export_library(model, path)
 
 
 def _atomic_write_text(path: str, text: str):

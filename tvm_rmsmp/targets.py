@@ -31,7 +31,16 @@ def _aarch64() -> Dict[str, object]:
     }
 
 
+def _opencl(device: str) -> Callable[[], Dict[str, object]]:
+    """Mobile GPU through OpenCL; the host part is this machine (for PoCL runs and RPC)."""
+    return lambda: {"kind": "opencl", "device": device, "host": host_cpu_target()}
+
+
 TARGET_NAMES: Dict[str, Callable[[], Dict[str, object]]] = {
+    "mali": _opencl("mali"),
+    "adreno": _opencl("adreno"),
+    "opencl": _opencl("mali"),
+    "cuda": lambda: {"kind": "cuda", "host": host_cpu_target()},
     "llvm": host_cpu_target,
     "cpu": host_cpu_target,
     "x86": host_cpu_target,

@@ -1,0 +1,157 @@
+"""Mobile-GPU (OpenCL) target: kernels and whole models run for real on PoCL, integer-exact."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import schedules
+import tvm_rmsmp as rmsmp
+from conftest import np_conv_acc, np_dense_acc, np_epilogue
+from relay_passes.rewrite_row_groups import group_weight, row_group_func
+from schedules.gpu import LaunchLimitError, check_launch_limits
+from tvm_rmsmp.schemes import get_scheme
+
+MALI = {"kind": "opencl", "device": "mali", "host": {"kind": "llvm"}}
+
+
+def _opencl_available():
+    try:
+        from tvm_rmsmp.opencl_runtime import opencl_context
+
+        opencl_context()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+needs_pocl = pytest.mark.skipif(
+    not _opencl_available(), reason="no OpenCL device: apt-get install pocl-opencl-icd; pip install pyopencl"
+)
+
+
+def _scheduled(op, scheme, xs, act, ws, conv=None, target=MALI):
+    target = rmsmp.resolve_target(target)
+    f = row_group_func(op, "t", scheme, xs, act, ws, conv)
+    return schedules.apply_rules(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)["main"], target
+
+
+def _run_kernel(func, target, arrays, out_shape):
+    import pyopencl as cl
+
+    from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
+
+    ctx, queue, _ = opencl_context()
+    kernel = OpenCLPrimFunc(func, target)
+    mf = cl.mem_flags
+    bufs = [cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a)) for a in arrays]
+    out = np.zeros(out_shape, np.float32)
+    out_buf = cl.Buffer(ctx, mf.READ_WRITE, out.nbytes)
+    kernel.enqueue(queue, bufs + [out_buf], {})
+    cl.enqueue_copy(queue, out, out_buf)
+    queue.finish()
+    return out, kernel
+
+
+CONV = {"strides": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
+CASES = [
+    ("dense", (1, 96), (64, 96), None),
+    ("dense", (5, 40), (20, 40), None),
+    ("dense", (4, 24), (6, 24), None),
+    ("dense", (16, 200), (13, 200), None),
+    ("conv2d", (1, 6, 9, 9), (10, 6, 3, 3), CONV),
+    ("conv2d", (2, 16, 18, 18), (12, 16, 3, 3), CONV),
+    ("conv2d", (1, 8, 15, 15), (7, 8, 3, 3), {"strides": [2, 2], "padding": [0, 0], "dilation": [1, 1]}),
+    ("conv2d", (1, 3, 40, 40), (5, 3, 1, 1), CONV),
+]
+
+
+@needs_pocl
+@pytest.mark.parametrize("op,xs,ws,conv", CASES)
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4", "fixed_8"])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_every_kernel_variant_is_integer_exact_on_pocl(op, xs, ws, conv, scheme, act):
+    rng = np.random.default_rng(abs(hash((op, xs, ws, scheme, act))) % 2**32)
+    lo, hi = (0, 255) if act == "uint8" else (-127, 127)
+    x = rng.integers(lo, hi + 1, xs).astype(act)
+    w = rng.choice(get_scheme(scheme).levels, ws).astype(np.int8)
+    func, target = _scheduled(op, scheme, xs, act, ws, conv)
+    acc = np_dense_acc(x, w) if op == "dense" else np_conv_acc(x, w, conv["strides"], (0, 0), (1, 1))
+    bias = rng.integers(-5000, 5000, ws[0]).astype(np.int32)
+    scale = rng.uniform(0.01, 2, ws[0]).astype(np.float32)
+    out, kernel = _run_kernel(func, target, [x, group_weight(w, scheme), bias, scale], acc.shape)
+    axis = acc.ndim - 1 if op == "dense" else 1
+    np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, axis))
+    for launch in kernel.launches:
+        assert int(np.prod(launch.block)) <= 256  # Mali's work-group limit
+
+
+@needs_pocl
+@pytest.mark.parametrize("op,xs,ws,conv", [CASES[1], CASES[5]])
+def test_sp2_kernel_source_is_branch_free_shift_add(op, xs, ws, conv):
+    from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc
+
+    func, target = _scheduled(op, "sp2_4", xs, "uint8", ws, conv)
+    src = OpenCLPrimFunc(func, target).source  # built by PoCL too
+    body = src[src.index("{"):]
+    assert "__local" in body, "weights go through work-group local memory"
+    # The compute loop (after the last barrier: local tiles ready) has no branch at all: whole
+    # tiles need no guards and the SP2 decode is masks and shifts. Only the cooperative copy
+    # into local memory may have a tail guard.
+    compute = body[body.rindex("barrier(CLK_LOCAL_MEM_FENCE);"):]
+    assert "if (" not in compute and "?" not in compute
+    # the accumulation: shifts, masks, xor, adds; every '*' is index arithmetic (times a constant)
+    update = [line for line in compute.splitlines() if "acc_local_ptr[0] =" in line and "acc_local_ptr[0] +" in line]
+    assert update
+    for line in update:
+        assert "<<" in line and ">>" in line
+        assert all(operand.isdigit() for operand in re.findall(r"\* (\S)", line)), line
+
+
+def test_kernels_over_the_device_limits_are_rejected_at_build_time():
+    func, target = _scheduled("dense", "fixed_8", (1, 64), "int8", (64, 64))
+    tiny = rmsmp.resolve_target({"kind": "opencl", "device": "mali", "max_num_threads": 16, "host": {"kind": "llvm"}})
+    with pytest.raises(LaunchLimitError, match="kernel main: work-group of 64 threads exceeds the target's max_num_threads=16"):
+        check_launch_limits(tvm.IRModule({"main": func}), tiny)
+    small_mem = rmsmp.resolve_target(
+        {"kind": "opencl", "device": "mali", "max_shared_memory_per_block": 64, "host": {"kind": "llvm"}}
+    )
+    with pytest.raises(LaunchLimitError, match="local memory exceed the target's max_shared_memory_per_block=64"):
+        check_launch_limits(tvm.IRModule({"main": func}), small_mem)
+
+
+@needs_pocl
+def test_whole_model_on_pocl_equals_cpu_build_and_torch(small_resnet):
+    model, calib = small_resnet
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(), calib)
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    mali = rmsmp.compile(q, (x,), target="mali")
+    cpu = rmsmp.compile(q, (x,), target="llvm")
+    ref = q(x).detach().numpy()
+    np.testing.assert_array_equal(mali(x), ref)
+    np.testing.assert_array_equal(mali(x), cpu(x))
+    assert mali.benchmark(x, repeat=2) > 0
+    with pytest.raises(ValueError, match="compiled for \\[4, 1, 16, 16\\]"):
+        mali(torch.randn(1, 1, 16, 16))
+
+
+@needs_pocl
+def test_adreno_target_and_dense_model():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(), [torch.randn(8, 48)])
+    x = torch.randn(3, 48)
+    exe = rmsmp.compile(q, (x,), target="adreno")
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+
+
+def test_cuda_target_compiles_here():
+    """CUDA source builds without a GPU; the same kernels ran integer-exact on an H200
+    (scripts/gpu_kernel_check.py)."""
+    func, target = _scheduled("conv2d", "sp2_4", (1, 8, 10, 10), "uint8", (8, 8, 3, 3), CONV,
+                              target={"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}})
+    exe = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    src = exe.mod.imports[0].inspect_source()
+    assert "__shared__" in src and "<<" in src
