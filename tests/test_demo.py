@@ -37,3 +37,26 @@ def test_quickstart_tutorial_runs(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "loaded library matches: True" in out.stdout
+
+
+def _has_opencl():
+    try:
+        from tvm_rmsmp.opencl_runtime import opencl_context
+
+        opencl_context()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_opencl(), reason="no OpenCL device (apt-get install pocl-opencl-icd)")
+def test_mobile_gpu_tutorial_runs(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "tutorials", "deploy_mobile_gpu.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OpenCL (PoCL) equals the torch reference: True" in out.stdout
+    assert "OpenCL (PoCL) equals the CPU build: True" in out.stdout
+    assert os.path.exists(tmp_path / "fmnist_mali.so")
