@@ -89,3 +89,24 @@ def host_target():
     from tvm_rmsmp.targets import resolve_target
 
     return resolve_target("llvm")
+
+
+def opencl_available() -> bool:
+    """True if an OpenCL device (PoCL here) and pyopencl are usable."""
+    try:
+        from tvm_rmsmp.opencl_runtime import opencl_context
+
+        opencl_context()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_tutorial(name: str, *args: str):
+    """Run tutorials/<name> in a fresh interpreter; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "tutorials", name), *args],
+                          capture_output=True, text=True, timeout=600)

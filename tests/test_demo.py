@@ -1,11 +1,10 @@
 """The main job on real data: the shipped Fashion-MNIST CNN, quantized and compiled."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+from conftest import opencl_available, run_tutorial
 from tvm_rmsmp.data import FASHION_MNIST_DIR
 
 needs_data = pytest.mark.skipif(
@@ -32,30 +31,16 @@ def test_demo_tvm_equals_reference_and_keeps_accuracy():
 @needs_data
 @pytest.mark.slow
 def test_quickstart_tutorial_runs(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "tutorials", "quickstart.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_tutorial("quickstart.py", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "loaded library matches: True" in out.stdout
 
 
-def _has_opencl():
-    try:
-        from tvm_rmsmp.opencl_runtime import opencl_context
-
-        opencl_context()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 @needs_data
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_opencl(), reason="no OpenCL device (apt-get install pocl-opencl-icd)")
+@pytest.mark.skipif(not opencl_available(), reason="no OpenCL device (apt-get install pocl-opencl-icd)")
 def test_mobile_gpu_tutorial_runs(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "tutorials", "deploy_mobile_gpu.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_tutorial("deploy_mobile_gpu.py", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OpenCL (PoCL) equals the torch reference: True" in out.stdout
     assert "OpenCL (PoCL) equals the CPU build: True" in out.stdout

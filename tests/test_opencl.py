@@ -9,7 +9,7 @@ import tvm
 
 import schedules
 import tvm_rmsmp as rmsmp
-from conftest import np_conv_acc, np_dense_acc, np_epilogue
+from conftest import np_conv_acc, np_dense_acc, np_epilogue, opencl_available
 from relay_passes.rewrite_row_groups import group_weight, row_group_func
 from schedules.gpu import LaunchLimitError, check_launch_limits
 from tvm_rmsmp.schemes import get_scheme
@@ -17,18 +17,8 @@ from tvm_rmsmp.schemes import get_scheme
 MALI = {"kind": "opencl", "device": "mali", "host": {"kind": "llvm"}}
 
 
-def _opencl_available():
-    try:
-        from tvm_rmsmp.opencl_runtime import opencl_context
-
-        opencl_context()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 needs_pocl = pytest.mark.skipif(
-    not _opencl_available(), reason="no OpenCL device: apt-get install pocl-opencl-icd; pip install pyopencl"
+    not opencl_available(), reason="no OpenCL device: apt-get install pocl-opencl-icd; pip install pyopencl"
 )
 
 
