@@ -23,7 +23,7 @@ from tvm.target import Target
 
 from .registry import register_target
 
-__all__ = ["RowGroupDense", "RowGroupConv2d"]
+__all__ = ["RowGroupDense", "RowGroupConv2d", "schedule_dense", "schedule_conv2d"]
 
 
 def _rmsmp_op(func) -> Optional[str]:
@@ -43,6 +43,50 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
+def schedule_dense(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
+    """Row-group dense on a CPU; ``tunable`` samples the tile sizes (MetaSchedule search)."""
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    m, n, k = sch.get_loops(acc)
+    if tunable:
+        mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=8))
+        no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
+    else:
+        mo, mi = sch.split(m, [None, _largest_divisor(_extent(sch, m), (4, 2))])
+        no, ni = sch.split(n, [None, _largest_divisor(_extent(sch, n), (8, 4, 2))])
+    sch.reorder(mo, no, mi, ni, k)
+    outer = sch.fuse(mo, no)
+    sch.parallel(outer)
+    sch.reverse_compute_at(out, outer)
+    sch.decompose_reduction(acc, mi)
+
+
+def schedule_conv2d(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
+    """Row-group conv2d (NCHW) on a CPU; ``tunable`` samples the channel and pixel tiles."""
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    n, f, y, x, rc, ry, rx = sch.get_loops(acc)
+    ow = _extent(sch, x)
+    if tunable:
+        fo, fi = sch.split(f, sch.sample_perfect_tile(f, n=2, max_innermost_factor=8))
+        xo, xi = sch.split(x, sch.sample_perfect_tile(x, n=2, max_innermost_factor=32))
+        whole = True
+    else:
+        ft = _largest_divisor(_extent(sch, f), (4, 2))
+        xt = ow if ow <= 16 else _largest_divisor(ow, (16, 14, 12, 8))
+        if xt == 1:
+            xt = 8  # a remainder tile beats a scalar loop
+        fo, fi = sch.split(f, [None, ft])
+        xo, xi = sch.split(x, [None, xt])
+        whole = ow % xt == 0
+    sch.reorder(n, fo, y, xo, rc, ry, rx, fi, xi)
+    outer = sch.fuse(n, fo, y)
+    sch.parallel(outer)
+    sch.reverse_compute_at(out, xo)
+    if whole:
+        sch.vectorize(xi)
+    sch.unroll(fi)
+    sch.decompose_reduction(acc, rc)
+
+
 class RowGroupDense(dl.ScheduleRule):
     """Row-group dense: parallel row tiles, contiguous inner reduction."""
 
@@ -50,17 +94,7 @@ class RowGroupDense(dl.ScheduleRule):
         if _rmsmp_op(func) != "dense" or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        m, n, k = sch.get_loops(acc)
-        mt = _largest_divisor(_extent(sch, m), (4, 2))
-        nt = _largest_divisor(_extent(sch, n), (8, 4, 2))
-        mo, mi = sch.split(m, [None, mt])
-        no, ni = sch.split(n, [None, nt])
-        sch.reorder(mo, no, mi, ni, k)
-        outer = sch.fuse(mo, no)
-        sch.parallel(outer)
-        sch.reverse_compute_at(out, outer)
-        sch.decompose_reduction(acc, mi)
+        schedule_dense(sch, target)
         return sch
 
 
@@ -71,24 +105,8 @@ class RowGroupConv2d(dl.ScheduleRule):
         if _rmsmp_op(func) != "conv2d" or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        n, f, y, x, rc, ry, rx = sch.get_loops(acc)
-        ow = _extent(sch, x)
-        ft = _largest_divisor(_extent(sch, f), (4, 2))
-        xt = ow if ow <= 16 else _largest_divisor(ow, (16, 14, 12, 8))
-        if xt == 1:
-            xt = 8  # a remainder tile beats a scalar loop
-        fo, fi = sch.split(f, [None, ft])
-        xo, xi = sch.split(x, [None, xt])
-        sch.reorder(n, fo, y, xo, rc, ry, rx, fi, xi)
-        outer = sch.fuse(n, fo, y)
-        sch.parallel(outer)
-        sch.reverse_compute_at(out, xo)
-        if ow % xt == 0:
-            sch.vectorize(xi)
-        sch.unroll(fi)
-        sch.decompose_reduction(acc, rc)
+        schedule_conv2d(sch, target)
         return sch
 
 
-register_target("llvm", [RowGroupDense(), RowGroupConv2d()])
+register_target("llvm", [RowGroupDense(), RowGroupConv2d()], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d})

@@ -27,7 +27,7 @@ from tvm.target import Target
 
 from .registry import register_target
 
-__all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "check_launch_limits", "LaunchLimitError"]
+__all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "schedule_dense", "schedule_conv2d", "check_launch_limits", "LaunchLimitError"]
 
 
 class LaunchLimitError(ValueError):
@@ -81,36 +81,79 @@ def _gpu_target(target: Target) -> bool:
     return target.kind.name in ("opencl", "cuda", "vulkan", "metal", "rocm")
 
 
+def _tile(sch: s_tir.Schedule, loop, cap: int, tunable: bool):
+    """Split ``loop`` into whole tiles of at most ``cap`` (sampled when tuning)."""
+    if tunable:
+        return sch.split(loop, sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(1, cap)))
+    return sch.split(loop, [None, _divisor(_extent(sch, loop), cap)])
+
+
+def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:
+    """Row-group dense on a GPU: ``TM x TN`` output tiles per work-group, k-chunks in local memory."""
+    max_threads = _limit(target, "max_num_threads", 256)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    m, n, k = sch.get_loops(acc)
+    tm_cap = 4
+    tn_cap = max(1, min(64, max_threads // tm_cap))
+    bm, tmi = _tile(sch, m, tm_cap, tunable)
+    bn, tni = _tile(sch, n, tn_cap, tunable)
+    ko, ki = _tile(sch, k, 16, tunable)
+    sch.reorder(bm, bn, tmi, tni, ko, ki)
+    sch.bind(sch.fuse(bm, bn), "blockIdx.x")
+    sch.bind(tmi, "threadIdx.y")
+    sch.bind(tni, "threadIdx.x")
+    threads = [("threadIdx.y", _loop_extent(sch, tmi)), ("threadIdx.x", _loop_extent(sch, tni))]
+    for index in (0, 1):  # x tile and w tile through local memory
+        cached = sch.cache_read(acc, index, "shared")
+        sch.compute_at(cached, ko)
+        _cooperative_fetch(sch, cached, ko, threads)
+    sch.reverse_compute_at(out, tni)
+    sch.set_scope(acc, 0, "local")
+    sch.decompose_reduction(acc, ko)
+
+
+def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:
+    """Row-group conv2d (NCHW) on a GPU: ``TF`` channels x ``TX`` pixels per work-group."""
+    max_threads = _limit(target, "max_num_threads", 256)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    try:
+        sch.compute_inline(sch.get_sblock("pad"))
+    except Exception:  # noqa: BLE001  (no "pad" block: the quantizer padded already)
+        pass
+    n, f, y, x, rc, ry, rx = sch.get_loops(acc)
+    tx_cap = 32
+    tf_cap = max(1, min(8, max_threads // tx_cap))
+    if not tunable:
+        tx_fixed = _divisor(_extent(sch, x), tx_cap)
+        tf_cap = max(1, min(8, max_threads // tx_fixed))
+    fo, fi = _tile(sch, f, tf_cap, tunable)
+    xo, xi = _tile(sch, x, tx_cap, tunable)
+    rco, rci = _tile(sch, rc, 8, tunable)
+    sch.reorder(n, fo, y, xo, fi, xi, rco, rci, ry, rx)
+    sch.bind(sch.fuse(n, fo, y, xo), "blockIdx.x")
+    sch.bind(fi, "threadIdx.y")
+    sch.bind(xi, "threadIdx.x")
+    w_index = [i for i, r in enumerate(sch.get(acc).reads) if r.source.name == "w"][0]
+    cached = sch.cache_read(acc, w_index, "shared")
+    sch.compute_at(cached, rco)
+    _cooperative_fetch(sch, cached, rco, [("threadIdx.y", _loop_extent(sch, fi)), ("threadIdx.x", _loop_extent(sch, xi))])
+    sch.reverse_compute_at(out, xi)
+    sch.set_scope(acc, 0, "local")
+    sch.decompose_reduction(acc, rco)
+
+
+def _loop_extent(sch: s_tir.Schedule, loop):
+    return sch.get(loop).extent
+
+
 class GPURowGroupDense(dl.ScheduleRule):
     """Row-group dense on a GPU: output tiles per work-group, k-chunks through local memory."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
         if _rmsmp_op(func) != "dense" or not _gpu_target(target):
             return None
-        max_threads = _limit(target, "max_num_threads", 256)
         sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        m, n, k = sch.get_loops(acc)
-        m_ext, n_ext, k_ext = _extent(sch, m), _extent(sch, n), _extent(sch, k)
-        # Whole tiles only (see _divisor): no guards, no divergence, and PoCL runs them right.
-        tm = _divisor(m_ext, 4)
-        tn = _divisor(n_ext, min(64 if tm == 1 else 32, max_threads // tm))
-        tk = _divisor(k_ext, 16)
-        bm, tmi = sch.split(m, [None, tm])
-        bn, tni = sch.split(n, [None, tn])
-        ko, ki = sch.split(k, [None, tk])
-        sch.reorder(bm, bn, tmi, tni, ko, ki)
-        sch.bind(sch.fuse(bm, bn), "blockIdx.x")
-        sch.bind(tmi, "threadIdx.y")
-        sch.bind(tni, "threadIdx.x")
-        threads = [("threadIdx.y", tm), ("threadIdx.x", tn)]
-        for index in (0, 1):  # x tile and w tile through local memory
-            cached = sch.cache_read(acc, index, "shared")
-            sch.compute_at(cached, ko)
-            _cooperative_fetch(sch, cached, ko, threads)
-        sch.reverse_compute_at(out, tni)
-        sch.set_scope(acc, 0, "local")
-        sch.decompose_reduction(acc, ko)
+        schedule_dense(sch, target)
         return sch
 
 
@@ -120,32 +163,8 @@ class GPURowGroupConv2d(dl.ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
         if _rmsmp_op(func) != "conv2d" or not _gpu_target(target):
             return None
-        max_threads = _limit(target, "max_num_threads", 256)
         sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        try:
-            sch.compute_inline(sch.get_sblock("pad"))
-        except Exception:  # noqa: BLE001  (no "pad" block: the quantizer padded already)
-            pass  # no padding stage
-        n, f, y, x, rc, ry, rx = sch.get_loops(acc)
-        ow, f_ext, c_ext = _extent(sch, x), _extent(sch, f), _extent(sch, rc)
-        tx = _divisor(ow, 32)
-        tf = _divisor(f_ext, max(1, min(8, max_threads // tx)))
-        ck = _divisor(c_ext, 8)
-        fo, fi = sch.split(f, [None, tf])
-        xo, xi = sch.split(x, [None, tx])
-        rco, rci = sch.split(rc, [None, ck])
-        sch.reorder(n, fo, y, xo, fi, xi, rco, rci, ry, rx)
-        sch.bind(sch.fuse(n, fo, y, xo), "blockIdx.x")
-        sch.bind(fi, "threadIdx.y")
-        sch.bind(xi, "threadIdx.x")
-        w_index = [i for i, r in enumerate(sch.get(acc).reads) if r.source.name == "w"][0]
-        cached = sch.cache_read(acc, w_index, "shared")
-        sch.compute_at(cached, rco)
-        _cooperative_fetch(sch, cached, rco, [("threadIdx.y", tf), ("threadIdx.x", tx)])
-        sch.reverse_compute_at(out, xi)
-        sch.set_scope(acc, 0, "local")
-        sch.decompose_reduction(acc, rco)
+        schedule_conv2d(sch, target)
         return sch
 
 
@@ -222,5 +241,6 @@ def check_launch_limits(mod: tvm.IRModule, target: Target) -> None:
 
 
 _RULES = [GPURowGroupDense(), GPURowGroupConv2d()]
-register_target("opencl", _RULES, verify=check_launch_limits)
-register_target("cuda", _RULES, verify=check_launch_limits)
+_SPACES = {"dense": schedule_dense, "conv2d": schedule_conv2d}
+register_target("opencl", _RULES, verify=check_launch_limits, spaces=_SPACES)
+register_target("cuda", _RULES, verify=check_launch_limits, spaces=_SPACES)

@@ -15,24 +15,35 @@ from typing import Callable, Dict, List, Optional, Sequence
 import tvm
 from tvm.s_tir import dlight as dl
 
-__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules"]
+__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for"]
 
 _RULES: Dict[str, List[dl.ScheduleRule]] = {}
 _VERIFY: Dict[str, Callable[[tvm.IRModule, tvm.target.Target], None]] = {}
+# op ("dense", "conv2d") -> fn(schedule, target, tunable=True): the space MetaSchedule tunes.
+_SPACES: Dict[str, Dict[str, Callable]] = {}
 
 
 def register_target(
     kind: str,
     rules: Sequence[dl.ScheduleRule],
     verify: Optional[Callable[[tvm.IRModule, tvm.target.Target], None]] = None,
+    spaces: Optional[Dict[str, Callable]] = None,
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
-    raises if a scheduled kernel breaks a limit of the target."""
+    raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
+    tunable form of its schedule (``fn(sch, target, tunable=True)``, tile sizes sampled)."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
     if verify is not None:
         _VERIFY[kind] = verify
+    _SPACES[kind] = dict(spaces or {})
+
+
+def space_for(target: tvm.target.Target, op: str) -> Optional[Callable]:
+    """The tunable schedule of ``op`` on ``target`` (None: the op is not tuned there)."""
+    rules_for(target)
+    return _SPACES.get(target.kind.name, {}).get(op)
 
 
 def registered_kinds() -> List[str]:

@@ -4,7 +4,7 @@
     cfg = rmsmp.RMSMPConfig(ratio={"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}, act_bits=8)
     q = rmsmp.quantize(model, cfg, calib_data=[x0, x1])
     plans = rmsmp.row_plans(q)
-    exe = rmsmp.compile(q, (x,), target="llvm")
+    exe = rmsmp.compile(q, (x,), target="llvm")       # or tuning=work_dir after rmsmp.tune(...)
     y = exe(x); seconds = exe.benchmark(x, repeat=20); exe.export_library("model.so")
 """
 
@@ -20,6 +20,7 @@ from .torch_quant import RMSMPConv2d, RMSMPLinear, RMSMPWarning, quantize, row_p
 _LAZY = {
     "compile": "pipeline", "load": "pipeline", "lower": "pipeline", "CompiledModel": "pipeline",
     "resolve_target": "targets",
+    "tune": "tuning", "TuningReport": "tuning",
 }
 
 

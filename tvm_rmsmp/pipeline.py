@@ -37,8 +37,11 @@ def _as_numpy(x, where: str) -> np.ndarray:
     raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
-def lower(model: torch.nn.Module, example_inputs: Sequence, target) -> Tuple[tvm.IRModule, Dict[str, int]]:
-    """The Relax module after the RMSMP passes and the target's schedules (not yet built)."""
+def lower(
+    model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None
+) -> Tuple[tvm.IRModule, Dict[str, int]]:
+    """The Relax module after the RMSMP passes and (``schedule``) the target's schedules,
+    tuned ones from the ``tuning`` directory where it has them; not yet built."""
     target = resolve_target(target)
     inputs = tuple(torch.from_numpy(_as_numpy(x, f"example_inputs[{i}]")) for i, x in enumerate(example_inputs))
     if not rmsmp_layers(model):
@@ -47,16 +50,28 @@ def lower(model: torch.nn.Module, example_inputs: Sequence, target) -> Tuple[tvm
     mod = RewriteRowGroups()(mod)
     fold = FoldRowPermutation()
     mod = fold(mod)
+    stats = dict(fold.last_stats)
+    if not schedule:
+        return mod, stats
+    if tuning is not None:
+        from .tuning import apply_tuning
+
+        mod, used = apply_tuning(mod, target, tuning)
+        stats["tuned"] = sum(used.values())
     mod = schedules.apply_rules(mod, target)
-    return mod, dict(fold.last_stats)
+    return mod, stats
 
 
-def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm") -> "CompiledModel":  # noqa: A001
-    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes."""
+def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None) -> "CompiledModel":  # noqa: A001,E501
+    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
+
+    tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
+    schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
+    """
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
     target = resolve_target(target)
-    mod, stats = lower(model, example_inputs, target)
+    mod, stats = lower(model, example_inputs, target, tuning=tuning)
     specs = [{"shape": list(_as_numpy(x, "").shape), "dtype": str(_as_numpy(x, "").dtype)} for x in example_inputs]
     if target.kind.name == "opencl":
         return OpenCLCompiledModel(mod, target, specs, stats=stats)

@@ -1,0 +1,286 @@
+"""Autotuning of the row-group kernels with MetaSchedule (XGBoost cost model).
+
+Each distinct row-group kernel of a model (same op, shapes and scheme: layers that share
+them share the task) is one MetaSchedule task whose search space is the target's own
+schedule with its tile sizes sampled (``schedules.space_for``), so every candidate keeps the
+kernel's structure: parallel row tiles and vectorized reductions on CPUs, whole work-group
+tiles in local memory on GPUs, SP2 rows as shift-add everywhere.
+
+Records go to a JSON database in ``work_dir`` (one line per measurement, appended and flushed
+as measured: a run killed mid-way keeps every finished record; a second ``tune`` resumes from
+them). ``rmsmp.compile(..., tuning=work_dir)`` applies the best record of each kernel and
+falls back to the default schedule for kernels without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import attrs
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+import schedules
+
+from .targets import resolve_target
+from .torch_quant import RMSMPWarning
+
+__all__ = ["tune", "TuningReport", "apply_tuning", "open_database"]
+
+_MANIFEST = "rmsmp_tuning.json"
+_RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@attrs.frozen
+class TuningReport:
+    """What a tuning run did: its tasks (kernel name -> best seconds, or None) and trials."""
+
+    work_dir: str
+    target: str
+    tasks: Dict[str, Optional[float]]
+    trials: int
+
+
+def _workload(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The tuning identity of a kernel: its computation, not the layer it came from."""
+    return func.without_attr("rmsmp.layer").with_attr("global_symbol", "main")
+
+
+def _kernels(mod: tvm.IRModule) -> List[Tuple[str, str, tirx.PrimFunc]]:
+    out = []
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "rmsmp.op" in func.attrs:
+            op = str(func.attrs["rmsmp.op"])
+            if op in ("dense", "conv2d"):
+                out.append((gv.name_hint, op, func))
+    return out
+
+
+def _check_records(work_dir: str) -> None:
+    """Refuse corrupt record files by name and line; drop a torn last line left by a kill."""
+    for name in _RECORD_FILES:
+        path = os.path.join(work_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, "rb") as fh:
+            data = fh.read()
+        lines = data.split(b"\n")
+        torn = data and not data.endswith(b"\n")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except ValueError:
+                if torn and i == len(lines):
+                    warnings.warn(f"{path}: dropping a torn last record (line {i}) from an interrupted run",
+                                  RMSMPWarning, stacklevel=3)
+                    keep = b"\n".join(lines[:-1]) + b"\n"
+                    _atomic_write(path, keep)
+                    break
+                raise ValueError(f"tuning database {path} is corrupt at line {i}: not a JSON record") from None
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _manifest_path(work_dir: str) -> str:
+    return os.path.join(work_dir, _MANIFEST)
+
+
+def _read_manifest(work_dir: str) -> Optional[dict]:
+    path = _manifest_path(work_dir)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+        if meta.get("format") != "tvm-rmsmp-tuning":
+            raise ValueError("not a tvm-rmsmp tuning manifest")
+        return meta
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is corrupt: {err}") from err
+
+
+def _target_key(target: tvm.target.Target) -> str:
+    t = target.export() if hasattr(target, "export") else json.loads(str(target))
+    keep = {k: t[k] for k in ("kind", "mcpu", "mtriple", "device", "arch") if k in t}
+    return json.dumps(keep, sort_keys=True)
+
+
+def open_database(work_dir: str, target: tvm.target.Target):
+    """The JSON database of ``work_dir`` after checking it belongs to ``target``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    meta = _read_manifest(work_dir)
+    if meta is not None and meta.get("target") != _target_key(target):
+        raise ValueError(
+            f"tuning directory {work_dir!r} was tuned for {meta.get('target')}, not for {_target_key(target)}"
+        )
+    _check_records(work_dir)
+    return ms.database.JSONDatabase(
+        os.path.join(work_dir, _RECORD_FILES[0]), os.path.join(work_dir, _RECORD_FILES[1]), allow_missing=True
+    )
+
+
+def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> Tuple[tvm.IRModule, Dict[str, bool]]:
+    """Replace each row-group kernel by its best tuned schedule from ``work_dir``, where one exists."""
+    if not os.path.isdir(work_dir):
+        raise FileNotFoundError(f"tuning directory {work_dir!r} does not exist")
+    db = open_database(work_dir, target)
+    used: Dict[str, bool] = {}
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    for name, _op, func in _kernels(mod):
+        sch = db.query_schedule(tvm.IRModule({"main": _workload(func)}), target=target, workload_name="main")
+        used[name] = sch is not None
+        if sch is not None:
+            tuned = sch.mod["main"].with_attrs(dict(func.attrs)).without_attr("global_symbol")
+            mod[mod.get_global_var(name)] = tuned.with_attr("tirx.is_scheduled", True)
+    if used and not any(used.values()):
+        warnings.warn(f"tuning directory {work_dir!r} has no record for any kernel of this model and target",
+                      RMSMPWarning, stacklevel=3)
+    return mod, used
+
+
+class _Progress:
+    """Trials done and best latency so far, printed as MetaSchedule measures."""
+
+    def __init__(self, total: int, names: Sequence[str], enabled: bool):
+        from tqdm import tqdm
+
+        self.best: Dict[int, float] = {}
+        self.done = 0
+        self.names = list(names)
+        self.bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled, dynamic_ncols=True)
+
+    def update(self, task_id: int, runner_results) -> None:
+        for r in runner_results:
+            if r.error_msg is None and r.run_secs:
+                secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                if secs < self.best.get(task_id, float("inf")):
+                    self.best[task_id] = secs
+        self.done += len(runner_results)
+        self.bar.update(len(runner_results))
+        done = sum(self.best.get(i, 0.0) for i in range(len(self.names)))
+        self.bar.set_postfix_str(f"best total {done * 1e6:.1f} us over {len(self.best)}/{len(self.names)} kernels")
+
+
+def _progress_callback(progress: _Progress):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _Callback(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            progress.update(task_id, runner_results)
+
+    return _Callback()
+
+
+def tune(
+    model,
+    example_inputs: Sequence,
+    target="llvm",
+    work_dir: str = "rmsmp_tuning",
+    trials: int = 64,
+    *,
+    trials_per_task: Optional[int] = None,
+    trials_per_iter: int = 16,
+    runner=None,
+    seed: Optional[int] = 0,
+    progress: bool = True,
+) -> TuningReport:
+    """Tune the row-group kernels of ``model`` for ``target``; records go to ``work_dir``.
+
+    trials: measurements in total (over all kernels); a second call adds to the records.
+    runner: a MetaSchedule runner (default: measure on this machine), e.g.
+    ``tvm.s_tir.meta_schedule.runner.RPCRunner(...)`` to measure on a board through TVM's RPC.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .pipeline import lower
+
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    target = resolve_target(target)
+    if target.kind.name == "llvm" and "num-cores" not in str(target):
+        raise ValueError("MetaSchedule needs 'num-cores' in an llvm target dict")
+    mod, _ = lower(model, example_inputs, target, schedule=False)
+    kernels = _kernels(mod)
+    unique: Dict[str, Tuple[str, str, tirx.PrimFunc]] = {}
+    for name, op, func in kernels:
+        wl = _workload(func)
+        key = hashlib.sha256(str(tvm_ffi.structural_hash(wl)).encode()).hexdigest()[:16]
+        unique.setdefault(key, (name, op, wl))
+    os.makedirs(work_dir, exist_ok=True)
+    meta = _read_manifest(work_dir)
+    if meta is not None and meta.get("target") != _target_key(target):
+        raise ValueError(f"tuning directory {work_dir!r} was tuned for {meta.get('target')}; use another directory")
+    _check_records(work_dir)
+
+    tasks = []
+    names = []
+    for key, (name, op, wl) in sorted(unique.items(), key=lambda kv: kv[1][0]):
+        space = schedules.space_for(target, op)
+        if space is None:
+            continue
+        fn = (lambda space_fn: lambda sch: space_fn(sch, target, tunable=True))(space)
+        tasks.append(
+            ms.TuneContext(
+                mod=tvm.IRModule({"main": wl}),
+                target=target,
+                space_generator=ms.space_generator.ScheduleFn(fn),
+                search_strategy="evolutionary",
+                task_name=name,
+                rand_state=seed if seed is not None else -1,
+                num_threads="physical",
+                logger=None,
+            ).clone()
+        )
+        names.append(name)
+    if not tasks:
+        warnings.warn("no row-group kernel to tune in this model", RMSMPWarning, stacklevel=2)
+        return TuningReport(work_dir, _target_key(target), {}, 0)
+
+    manifest = {"format": "tvm-rmsmp-tuning", "version": 1, "target": _target_key(target),
+                "kernels": sorted(set((meta or {}).get("kernels", [])) | set(names))}
+    _atomic_write(_manifest_path(work_dir), json.dumps(manifest, indent=1).encode())
+    bar = _Progress(trials, names, progress)
+    db = open_database(work_dir, target)
+    try:
+        ms.tune_tasks(
+            tasks=tasks,
+            task_weights=[1.0] * len(tasks),
+            work_dir=work_dir,
+            max_trials_global=trials,
+            max_trials_per_task=trials_per_task,
+            num_trials_per_iter=trials_per_iter,
+            builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=60),
+            runner=runner or ms.runner.LocalRunner(),
+            database=db,
+            cost_model="xgb",
+            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(bar)],
+            task_scheduler="gradient",
+        )
+    finally:
+        bar.bar.close()
+    best = {}
+    for i, task in enumerate(tasks):
+        top = db.get_top_k(db.commit_workload(task.mod), 1)
+        secs = [float(s) for s in top[0].run_secs] if top and top[0].run_secs else []
+        best[names[i]] = sum(secs) / len(secs) if secs else bar.best.get(i)
+    return TuningReport(work_dir, _target_key(target), best, bar.done)
