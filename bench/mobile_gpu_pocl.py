@@ -55,12 +55,12 @@ def _numpy_ref(op, x, w):
 
 
 def _time(kernel, queue, bufs, repeat):
-    kernel.enqueue(queue, bufs, {})
+    kernel.enqueue(queue, bufs)
     queue.finish()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        kernel.enqueue(queue, bufs, {})
+        kernel.enqueue(queue, bufs)
         queue.finish()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                     result[label + "_s"] = None
                     result[label + "_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                     continue
-                kernel.enqueue(queue, bufs, {})
+                kernel.enqueue(queue, bufs)
                 cl.enqueue_copy(queue, out, bufs[-1])
                 queue.finish()
                 if not np.array_equal(out.astype(np.int64), acc):

@@ -51,17 +51,16 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _cooperative_fetch(sch: s_tir.Schedule, block, at, threads: List[tuple]):
-    """Spread a cache-read block's copy loops (those under ``at``) over the work-group's threads."""
-    loops = sch.get_loops(block)
-    at_stmt = sch.get(at)
-    position = [i for i, lp in enumerate(loops) if sch.get(lp).same_as(at_stmt)][0]
-    inner = loops[position + 1:]
-    if not inner:
-        inner = [sch.add_unit_loop(block)]
-    fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
-    factors = [None] + [extent for _, extent in threads]
-    parts = sch.split(fused, factors)
+def _cooperative_fetch(sch: s_tir.Schedule, block, threads: List[tuple]):
+    """Spread a cache-read block's copy loops over the work-group's threads.
+
+    The block was placed with ``preserve_unit_loops``, so its innermost loops are exactly its
+    iteration axes whatever the tile sizes: the schedule's trace replays for any sample.
+    """
+    n_axes = len(sch.get(block).iter_vars)
+    loops = sch.get_loops(block)[-n_axes:]
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    parts = sch.split(fused, [None] + [factor for _, factor in threads])
     for (tag, _), loop in zip(threads, parts[1:]):
         sch.bind(loop, tag)
 
@@ -82,10 +81,16 @@ def _gpu_target(target: Target) -> bool:
 
 
 def _tile(sch: s_tir.Schedule, loop, cap: int, tunable: bool):
-    """Split ``loop`` into whole tiles of at most ``cap`` (sampled when tuning)."""
+    """Split ``loop`` into whole tiles of at most ``cap`` (sampled when tuning).
+
+    Returns ``(outer, inner, inner_factor)``; the factor is an int, or the sampled variable
+    when tuning, so later steps that depend on it replay with every sample."""
     if tunable:
-        return sch.split(loop, sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(1, cap)))
-    return sch.split(loop, [None, _divisor(_extent(sch, loop), cap)])
+        factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(1, cap))
+    else:
+        factors = [None, _divisor(_extent(sch, loop), cap)]
+    outer, inner = sch.split(loop, factors)
+    return outer, inner, factors[1]
 
 
 def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:
@@ -95,18 +100,17 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     m, n, k = sch.get_loops(acc)
     tm_cap = 4
     tn_cap = max(1, min(64, max_threads // tm_cap))
-    bm, tmi = _tile(sch, m, tm_cap, tunable)
-    bn, tni = _tile(sch, n, tn_cap, tunable)
-    ko, ki = _tile(sch, k, 16, tunable)
+    bm, tmi, tm = _tile(sch, m, tm_cap, tunable)
+    bn, tni, tn = _tile(sch, n, tn_cap, tunable)
+    ko, ki, _ = _tile(sch, k, 16, tunable)
     sch.reorder(bm, bn, tmi, tni, ko, ki)
     sch.bind(sch.fuse(bm, bn), "blockIdx.x")
     sch.bind(tmi, "threadIdx.y")
     sch.bind(tni, "threadIdx.x")
-    threads = [("threadIdx.y", _loop_extent(sch, tmi)), ("threadIdx.x", _loop_extent(sch, tni))]
     for index in (0, 1):  # x tile and w tile through local memory
         cached = sch.cache_read(acc, index, "shared")
-        sch.compute_at(cached, ko)
-        _cooperative_fetch(sch, cached, ko, threads)
+        sch.compute_at(cached, ko, preserve_unit_loops=True)
+        _cooperative_fetch(sch, cached, [("threadIdx.y", tm), ("threadIdx.x", tn)])
     sch.reverse_compute_at(out, tni)
     sch.set_scope(acc, 0, "local")
     sch.decompose_reduction(acc, ko)
@@ -124,26 +128,21 @@ def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) 
     tx_cap = 32
     tf_cap = max(1, min(8, max_threads // tx_cap))
     if not tunable:
-        tx_fixed = _divisor(_extent(sch, x), tx_cap)
-        tf_cap = max(1, min(8, max_threads // tx_fixed))
-    fo, fi = _tile(sch, f, tf_cap, tunable)
-    xo, xi = _tile(sch, x, tx_cap, tunable)
-    rco, rci = _tile(sch, rc, 8, tunable)
+        tf_cap = max(1, min(8, max_threads // _divisor(_extent(sch, x), tx_cap)))
+    fo, fi, tf = _tile(sch, f, tf_cap, tunable)
+    xo, xi, tx = _tile(sch, x, tx_cap, tunable)
+    rco, rci, _ = _tile(sch, rc, 8, tunable)
     sch.reorder(n, fo, y, xo, fi, xi, rco, rci, ry, rx)
     sch.bind(sch.fuse(n, fo, y, xo), "blockIdx.x")
     sch.bind(fi, "threadIdx.y")
     sch.bind(xi, "threadIdx.x")
     w_index = [i for i, r in enumerate(sch.get(acc).reads) if r.source.name == "w"][0]
     cached = sch.cache_read(acc, w_index, "shared")
-    sch.compute_at(cached, rco)
-    _cooperative_fetch(sch, cached, rco, [("threadIdx.y", _loop_extent(sch, fi)), ("threadIdx.x", _loop_extent(sch, xi))])
+    sch.compute_at(cached, rco, preserve_unit_loops=True)
+    _cooperative_fetch(sch, cached, [("threadIdx.y", tf), ("threadIdx.x", tx)])
     sch.reverse_compute_at(out, xi)
     sch.set_scope(acc, 0, "local")
     sch.decompose_reduction(acc, rco)
-
-
-def _loop_extent(sch: s_tir.Schedule, loop):
-    return sch.get(loop).extent
 
 
 class GPURowGroupDense(dl.ScheduleRule):

@@ -39,7 +39,7 @@ def _run_kernel(func, target, arrays, out_shape):
     bufs = [cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a)) for a in arrays]
     out = np.zeros(out_shape, np.float32)
     out_buf = cl.Buffer(ctx, mf.READ_WRITE, out.nbytes)
-    kernel.enqueue(queue, bufs + [out_buf], {})
+    kernel.enqueue(queue, bufs + [out_buf])
     cl.enqueue_copy(queue, out, out_buf)
     queue.finish()
     return out, kernel
@@ -145,3 +145,21 @@ def test_cuda_target_compiles_here():
     exe = tvm.compile(tvm.IRModule({"main": func}), target=target)
     src = exe.mod.imports[0].inspect_source()
     assert "__shared__" in src and "<<" in src
+
+
+@needs_pocl
+@pytest.mark.slow
+def test_tune_for_mali_measures_on_pocl_and_compiles_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 8 * 8, 32)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(ratio={"sp2_4": 0.5, "fixed_8": 0.5}), [torch.randn(2, 3, 8, 8)])
+    x = torch.randn(2, 3, 8, 8)
+    report = rmsmp.tune(q, (x,), "mali", str(tmp_path), trials=16, trials_per_iter=8, progress=False)
+    assert report.trials == 16
+    assert any(v for v in report.tasks.values())
+    exe = rmsmp.compile(q, (x,), target="mali", tuning=str(tmp_path))
+    assert exe.stats["tuned"] >= 1
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+    with pytest.raises(ValueError, match="was tuned for"):
+        rmsmp.compile(q, (x,), target="llvm", tuning=str(tmp_path))

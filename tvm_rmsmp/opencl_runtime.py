@@ -86,8 +86,8 @@ def _is_buffer_data(expr) -> bool:
     return isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "tirx.buffer_data"
 
 
-def _parse_host(host: tirx.PrimFunc) -> Tuple[List[KernelLaunch], Dict[object, int]]:
-    """Kernel launches of a host function, and its intermediate global buffers (var -> bytes)."""
+def _parse_host(host: tirx.PrimFunc) -> Tuple[List[KernelLaunch], List[int]]:
+    """Kernel launches of a host function, and the byte sizes of its intermediate buffers."""
     decls: List[Tuple[object, object]] = []  # (declared buffer var, its data expression)
     allocs: List[Tuple[object, int]] = []  # (allocated buffer var, bytes)
     calls: List[object] = []
@@ -118,9 +118,9 @@ def _parse_host(host: tirx.PrimFunc) -> Tuple[List[KernelLaunch], Dict[object, i
         for var, data in decls:
             if expr.same_as(var) and data is not None:
                 return resolve(data, depth + 1)
-        for var, _ in allocs:
+        for j, (var, _) in enumerate(allocs):
             if expr.same_as(var):
-                return ("workspace", var)
+                return ("workspace", j)
         return None
 
     launches: List[KernelLaunch] = []
@@ -151,7 +151,7 @@ def _parse_host(host: tirx.PrimFunc) -> Tuple[List[KernelLaunch], Dict[object, i
         launches.append(KernelLaunch(str(args[0].value), resolved, tuple(grid), tuple(block)))
     if unsupported:
         raise NotImplementedError(f"host function: unsupported {unsupported}")
-    return launches, {var: n for var, n in allocs if str(var.scope()) == "global"} if allocs else {}
+    return launches, [n for _, n in allocs]
 
 
 _PROGRAMS: Dict[str, object] = {}  # OpenCL C source hash -> built program (one build per process)
@@ -159,12 +159,27 @@ _KERNELS: Dict[tuple, object] = {}
 
 
 class OpenCLPrimFunc:
-    """One PrimFunc built for an OpenCL target, runnable on pyopencl buffers."""
+    """One PrimFunc built for an OpenCL target, runnable on pyopencl buffers.
 
-    def __init__(self, func: tirx.PrimFunc, target: tvm.target.Target, name: str = "main"):
-        import pyopencl as cl
+    Its OpenCL C source and launches can be saved (:meth:`artifact`) and rebuilt elsewhere
+    (:meth:`from_artifact`): MetaSchedule's builder and runner workers exchange them.
+    """
 
-        self.name = name
+    def __init__(self, func: Optional[tirx.PrimFunc], target: Optional[tvm.target.Target], name: str = "main",
+                 _artifact: Optional[dict] = None):
+        if _artifact is None:
+            _artifact = self._compile(func, target, name)
+        self.name = _artifact["name"]
+        self.source = _artifact["source"]
+        self.launches = [KernelLaunch(l["kernel"], [tuple(a) if a[0] in ("param", "workspace") else (a[0], tuple(a[1]))
+                                                    for a in l["args"]], tuple(l["grid"]), tuple(l["block"]))
+                         for l in _artifact["launches"]]
+        self.workspace_bytes = list(_artifact["workspaces"])
+        self.param_specs = [(list(s), d) for s, d in _artifact["params"]]
+        self._build()
+
+    @staticmethod
+    def _compile(func, target, name) -> dict:
         captured = {}
 
         @tvm.instrument.pass_instrument
@@ -176,16 +191,38 @@ class OpenCLPrimFunc:
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         with tvm.transform.PassContext(instruments=[_Capture()]):
             built = tvm.compile(mod, target=target)
-        self.source = built.mod.imports[0].inspect_source() if built.mod.imports else ""
         host = captured["mod"]["main"]
-        self.launches, self.workspace_bytes = _parse_host(host)
-        self.param_specs = [([int(d) for d in p.shape], str(p.dtype)) for p in host.params]
+        launches, workspaces = _parse_host(host)
+        return {
+            "name": name,
+            "source": built.mod.imports[0].inspect_source() if built.mod.imports else "",
+            "launches": [{"kernel": l.name, "args": [list(a) for a in l.args], "grid": list(l.grid),
+                          "block": list(l.block)} for l in launches],
+            "workspaces": workspaces,
+            "params": [([int(d) for d in p.shape], str(p.dtype)) for p in host.params],
+        }
+
+    def artifact(self) -> dict:
+        return {
+            "name": self.name, "source": self.source, "workspaces": self.workspace_bytes,
+            "launches": [{"kernel": l.name, "args": [list(a) for a in l.args], "grid": list(l.grid),
+                          "block": list(l.block)} for l in self.launches],
+            "params": [[s, d] for s, d in self.param_specs],
+        }
+
+    @classmethod
+    def from_artifact(cls, artifact: dict) -> "OpenCLPrimFunc":
+        return cls(None, None, _artifact=artifact)
+
+    def _build(self):
+        import pyopencl as cl
+
         ctx, _, device = opencl_context()
         max_wg = int(device.max_work_group_size)
         for launch in self.launches:
             if int(np.prod(launch.block)) > max_wg:
                 raise ValueError(
-                    f"kernel {name}/{launch.name}: work-group of {int(np.prod(launch.block))} items exceeds the "
+                    f"kernel {self.name}/{launch.name}: work-group of {int(np.prod(launch.block))} items exceeds the "
                     f"device's {max_wg}"
                 )
         key = hashlib.sha256(self.source.encode()).hexdigest()
@@ -193,7 +230,7 @@ class OpenCLPrimFunc:
             try:
                 _PROGRAMS[key] = cl.Program(ctx, self.source).build()
             except cl.Error as err:
-                raise RuntimeError(f"OpenCL build of {name} failed: {err}") from err
+                raise RuntimeError(f"OpenCL build of {self.name} failed: {err}") from err
         self.program = _PROGRAMS.get(key)
 
     def _kernel(self, kname):
@@ -204,7 +241,14 @@ class OpenCLPrimFunc:
             _KERNELS[key] = cl.Kernel(self.program, kname)
         return _KERNELS[key]
 
-    def enqueue(self, queue, buffers: Sequence[object], workspaces: Dict[object, object]) -> None:
+    def workspaces(self) -> List[object]:
+        """Device buffers for the intermediate tensors of this function's kernels."""
+        import pyopencl as cl
+
+        ctx, _, _ = opencl_context()
+        return [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, size=max(n, 1)) for n in self.workspace_bytes]
+
+    def enqueue(self, queue, buffers: Sequence[object], workspaces: Sequence[object] = ()) -> None:
         for launch in self.launches:
             args = []
             for kind, value in launch.args:
@@ -284,10 +328,7 @@ class OpenCLGraph:
         if total > mem:
             raise MemoryError(f"model needs {total} bytes of device buffers, the device has {mem}")
         self.device_bytes = total
-        self.workspaces: Dict[object, object] = {}
-        for f in self.funcs.values():
-            for wvar, nbytes in f.workspace_bytes.items():
-                self.workspaces[wvar] = cl.Buffer(self.ctx, mf.READ_WRITE, size=max(nbytes, 1))
+        self.workspaces = {name: f.workspaces() for name, f in self.funcs.items()}
 
     def run(self, arrays: Sequence[np.ndarray]) -> Union[np.ndarray, tuple]:
         import pyopencl as cl
@@ -296,7 +337,7 @@ class OpenCLGraph:
         for (p, (shape, dtype)), arr in zip(self.inputs, arrays):
             self.buffers[p] = cl.Buffer(self.ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(arr, dtype))
         for func, args, out in self.steps:
-            func.enqueue(self.queue, [self.buffers[a] for a in args] + [self.buffers[out]], self.workspaces)
+            func.enqueue(self.queue, [self.buffers[a] for a in args] + [self.buffers[out]], self.workspaces[func.name])
         return self._read(self.output)
 
     def _read(self, ref):

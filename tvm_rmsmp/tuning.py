@@ -217,7 +217,7 @@ def tune(
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     target = resolve_target(target)
-    if target.kind.name == "llvm" and "num-cores" not in str(target):
+    if target.kind.name == "llvm" and "num-cores" not in str(target):  # noqa: SIM102
         raise ValueError("MetaSchedule needs 'num-cores' in an llvm target dict")
     mod, _ = lower(model, example_inputs, target, schedule=False)
     kernels = _kernels(mod)
@@ -259,6 +259,14 @@ def tune(
     manifest = {"format": "tvm-rmsmp-tuning", "version": 1, "target": _target_key(target),
                 "kernels": sorted(set((meta or {}).get("kernels", [])) | set(names))}
     _atomic_write(_manifest_path(work_dir), json.dumps(manifest, indent=1).encode())
+    if target.kind.name == "opencl" and runner is None:
+        # No OpenCL runtime in the TVM wheel: measure on the local OpenCL device (PoCL here).
+        from .opencl_tuning import OpenCLArtifactBuilder, PyOpenCLRunner
+
+        builder, runner = OpenCLArtifactBuilder(), PyOpenCLRunner()
+    else:
+        builder = ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=60)
+        runner = runner or ms.runner.LocalRunner()
     bar = _Progress(trials, names, progress)
     db = open_database(work_dir, target)
     try:
@@ -269,8 +277,8 @@ def tune(
             max_trials_global=trials,
             max_trials_per_task=trials_per_task,
             num_trials_per_iter=trials_per_iter,
-            builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=60),
-            runner=runner or ms.runner.LocalRunner(),
+            builder=builder,
+            runner=runner,
             database=db,
             cost_model="xgb",
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(bar)],
