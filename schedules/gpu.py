@@ -30,6 +30,58 @@ from .registry import register_target
 __all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "schedule_dense", "schedule_conv2d", "check_launch_limits", "LaunchLimitError"]
 
 
+def _register_dp4a() -> str:
+    """CUDA's ``__dp4a``: four int8 x int8 products summed into an int32, for fixed rows."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1, align=4, scope="shared")
+        B = T.match_buffer(b, (4,), "int8", offset_factor=1, align=4, scope="shared")
+        C = T.match_buffer(c, (1,), "int32", offset_factor=1, align=4, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            for i in range(4):
+                with T.sblock("update"):
+                    vi = T.axis.remap("R", [i])
+                    C[0] = C[0] + T.Cast("int32", A[vi]) * T.Cast("int32", B[vi])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1, align=4, scope="shared")
+        B = T.match_buffer(b, (4,), "int8", offset_factor=1, align=4, scope="shared")
+        C = T.match_buffer(c, (1,), "int32", offset_factor=1, align=4, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            C[0] = C[0] + T.call_pure_extern("int32", "__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"), T.int32(0))
+
+    name = "rmsmp_dp4a_s8s8s32"
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+_DP4A: Optional[str] = None
+
+
+def _dp4a_intrin() -> str:
+    global _DP4A
+    if _DP4A is None:
+        _DP4A = _register_dp4a()
+    return _DP4A
+
+
+def _use_dp4a(sch: s_tir.Schedule, target: Target) -> bool:
+    """Fixed rows with int8 activations on CUDA, K a multiple of 4: MACs become ``__dp4a``."""
+    func = sch.mod["main"]
+    if target.kind.name != "cuda" or func.attrs is None or str(func.attrs.get("rmsmp.kind", "")) != "fixed":
+        return False
+    x, w = func.params[0], func.params[1]
+    return str(x.dtype) == "int8" and str(w.dtype) == "int8" and int(x.shape[-1]) % 4 == 0
+
+
 class LaunchLimitError(ValueError):
     """A kernel's work-group size or local memory exceeds what the target allows."""
 
@@ -98,12 +150,16 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     max_threads = _limit(target, "max_num_threads", 256)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     m, n, k = sch.get_loops(acc)
+    dp4a = _use_dp4a(sch, target)
+    k4 = None
+    if dp4a:
+        k, k4 = sch.split(k, [None, 4])
     tm_cap = 4
     tn_cap = max(1, min(64, max_threads // tm_cap))
     bm, tmi, tm = _tile(sch, m, tm_cap, tunable)
     bn, tni, tn = _tile(sch, n, tn_cap, tunable)
-    ko, ki, _ = _tile(sch, k, 16, tunable)
-    sch.reorder(bm, bn, tmi, tni, ko, ki)
+    ko, ki, _ = _tile(sch, k, 4 if dp4a else 16, tunable)
+    sch.reorder(bm, bn, tmi, tni, ko, ki, *([k4] if dp4a else []))
     sch.bind(sch.fuse(bm, bn), "blockIdx.x")
     sch.bind(tmi, "threadIdx.y")
     sch.bind(tni, "threadIdx.x")
@@ -114,6 +170,8 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     sch.reverse_compute_at(out, tni)
     sch.set_scope(acc, 0, "local")
     sch.decompose_reduction(acc, ko)
+    if dp4a:
+        sch.tensorize(sch.get_loops(acc)[-1], _dp4a_intrin())
 
 
 def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:

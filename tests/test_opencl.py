@@ -163,3 +163,16 @@ def test_tune_for_mali_measures_on_pocl_and_compiles_exactly(tmp_path):
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
     with pytest.raises(ValueError, match="was tuned for"):
         rmsmp.compile(q, (x,), target="llvm", tuning=str(tmp_path))
+
+
+def test_cuda_fixed_rows_with_int8_activations_use_dp4a():
+    """Four int8 products per instruction; ran integer-exact on an H200 (bench/results/gpu_kernel_check_h200.log)."""
+    cuda = {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
+    for act, expect in (("int8", True), ("uint8", False)):
+        func, target = _scheduled("dense", "fixed_8", (5, 64), act, (24, 64), target=cuda)
+        src = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0].inspect_source()
+        kernel = src.split('extern "C" __global__')[-1]
+        assert ("__dp4a(" in kernel) is expect
+    func, target = _scheduled("dense", "sp2_4", (5, 64), "int8", (24, 64), target=cuda)
+    src = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0].inspect_source()
+    assert "__dp4a(" not in src.split('extern "C" __global__')[-1]  # SP2 rows stay shift-add
