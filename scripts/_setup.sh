@@ -27,6 +27,15 @@ if ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
     fi
 fi
 
+# AArch64 cross toolchain: exports for ARM boards and phones' host code (about 10 s to install).
+if ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing g++-aarch64-linux-gnu (apt)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            g++-aarch64-linux-gnu) >/dev/null || echo "[setup] warning: no AArch64 cross compiler; cross-export tests will be skipped" >&2
+    fi
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"

@@ -132,8 +132,11 @@ class CompiledModel:
         timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return float(timer(*args).median)
 
-    def export_library(self, path: str) -> str:
-        """Write the compiled library to ``path`` (and its input specs to ``path + '.json'``), atomically."""
+    def export_library(self, path: str, cc: Optional[str] = None) -> str:
+        """Write the compiled library to ``path`` (and its input specs to ``path + '.json'``), atomically.
+
+        cc: a (cross) C++ compiler to link with, e.g. ``aarch64-linux-gnu-g++`` for an AArch64 target.
+        """
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -143,7 +146,14 @@ class CompiledModel:
         meta = {"format": "tvm-rmsmp", "version": _FORMAT_VERSION, "inputs": self.input_specs,
                 "target": str(self.target)}
         try:
-            self.executable.export_library(tmp)
+            if cc is None:
+                self.executable.export_library(tmp)
+            else:
+                from tvm.support import cc as _cc
+
+                self.executable.export_library(
+                    tmp, fcompile=lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)
+                )
             _atomic_write_text(path + ".json", json.dumps(meta, indent=1))
             os.replace(tmp, path)
         finally:
@@ -188,19 +198,9 @@ class OpenCLCompiledModel(CompiledModel):
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
         """Build with TVM for the target (host part as the target's host says) and export it."""
-        exe = tvm.compile(self.ir, target=self.target)
-        self.executable = exe
-        return super().export_library(path) if cc is None else _export_with(exe, path, cc, self)
-
-
-def _export_with(exe, path, cc, model):
-    from tvm.contrib import cc as _cc
-
-    model.executable = exe
-    fcompile = lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)  # noqa: E731
-    original = exe.export_library
-    exe.export_library = lambda p: original(p, fcompile=fcompile)
-    return CompiledModel.export_library(model, path)
+        if self.executable is None:
+            self.executable = tvm.compile(self.ir, target=self.target)
+        return super().export_library(path, cc=cc)
 
 
 def _atomic_write_text(path: str, text: str):
