@@ -5,6 +5,7 @@ One pass per module; they rewrite into target-neutral row-group ops and never im
 """
 
 from .fold_row_permutation import FoldRowPermutation
+from .pack_4bit_rows import PackFourBitRows
 from .rewrite_row_groups import RewriteRowGroups
 
-__all__ = ["RewriteRowGroups", "FoldRowPermutation"]
+__all__ = ["RewriteRowGroups", "FoldRowPermutation", "PackFourBitRows"]

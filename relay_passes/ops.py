@@ -111,6 +111,40 @@ def quantize_func(
     return _finish([x, out], attrs)
 
 
+def fixed_nibble_product(x: tvm.ir.Expr, nibble: tvm.ir.Expr) -> tvm.ir.Expr:
+    """``x`` times a 4-bit two's-complement code (sign-extended as ``(v ^ 8) - 8``)."""
+    v = nibble.astype("int32")
+    return x.astype("int32") * ((v ^ 8) - 8)
+
+
+def sp2_nibble_product(m1: int, m2: int) -> Product:
+    """``x`` times a 4-bit SP2 code ``ia | ib << m1 | sign << (m1 + m2)``: masked shifts only.
+
+    Term ``i`` of a field is ``2^(E - i)`` (``i > 0``) with ``E`` the largest exponent, so the
+    product is ``(x << (E - ia)) & -(ia != 0)`` plus the same for ``ib``, then the sign.
+    """
+    e = max(2**m1 - 1, 2**m2 - 1)
+
+    def product(x: tvm.ir.Expr, nibble: tvm.ir.Expr) -> tvm.ir.Expr:
+        x32 = x.astype("int32")
+        c = nibble.astype("int32")
+        zero = tirx.const(0, "int32")
+        ia = c & ((1 << m1) - 1)
+        ib = (c >> m1) & ((1 << m2) - 1)
+        s = zero - ((c >> (m1 + m2)) & 1)
+        ta = (x32 << (e - ia)) & (zero - ((ia + ((1 << m1) - 1)) >> m1))
+        tb = (x32 << (e - ib)) & (zero - ((ib + ((1 << m2) - 1)) >> m2))
+        return ((ta + tb) ^ s) - s
+
+    return product
+
+
+def nibble_at(w: te.Tensor, row, index) -> tvm.ir.Expr:
+    """The 4-bit code ``index`` of ``row`` in a two-codes-per-byte weight (low nibble first)."""
+    byte = w[row, index // 2].astype("int32")
+    return (byte >> ((index % 2) * 4)) & 15
+
+
 def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: int) -> te.Tensor:
     def f(*idx):
         c = idx[channel_axis]
@@ -134,18 +168,24 @@ def _finish(tensors, attrs: Dict[str, object]) -> tirx.PrimFunc:
 
 
 def dense_func(
-    x_shape: Sequence[int], x_dtype: str, w_shape: Sequence[int], w_dtype: str, product: Product, attrs: Dict
+    x_shape: Sequence[int], x_dtype: str, w_shape: Sequence[int], w_dtype: str, product: Product, attrs: Dict,
+    packed: bool = False,
 ) -> tirx.PrimFunc:
     """``out[m, n] = float32(sum_k product(x[m, k], w[n, k]) + bias[n]) * scale[n]`` (2-D x)."""
     if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[1]:
         raise ValueError(f"dense: expected x [M, K] and w [N, K], got x {list(x_shape)} and w {list(w_shape)}")
     x = te.placeholder(tuple(x_shape), x_dtype, name="x")
-    w = te.placeholder(tuple(w_shape), w_dtype, name="w")
     n_rows, k_dim = w_shape
     bias = te.placeholder((n_rows,), "int32", name="bias")
     scale = te.placeholder((n_rows,), "float32", name="scale")
     k = te.reduce_axis((0, k_dim), name="k")
-    acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], w[n, k]), axis=k), name="acc")
+    if packed:
+        w = te.placeholder((n_rows, (k_dim + 1) // 2), "uint8", name="w")
+        code = lambda n, kk: nibble_at(w, n, kk)  # noqa: E731
+    else:
+        w = te.placeholder(tuple(w_shape), w_dtype, name="w")
+        code = lambda n, kk: w[n, kk]  # noqa: E731
+    acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], code(n, k)), axis=k), name="acc")
     out = _epilogue(acc, bias, scale, 1)
     return _finish([x, w, bias, scale, out], attrs)
 
@@ -160,6 +200,7 @@ def conv2d_func(
     dilation: Sequence[int],
     product: Product,
     attrs: Dict,
+    packed: bool = False,
 ) -> tirx.PrimFunc:
     """NCHW direct convolution (groups=1) with the RMSMP epilogue; zero padding (x_q of 0.0 is 0)."""
     n, c, h, w_ = x_shape
@@ -172,7 +213,12 @@ def conv2d_func(
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     x = te.placeholder(tuple(x_shape), x_dtype, name="x")
-    w = te.placeholder(tuple(w_shape), w_dtype, name="w")
+    if packed:  # [F, C*kh*kw] codes, two per byte
+        w = te.placeholder((f, (c * kh * kw + 1) // 2), "uint8", name="w")
+        code = lambda o, ci, yy, xx: nibble_at(w, o, (ci * kh + yy) * kw + xx)  # noqa: E731
+    else:
+        w = te.placeholder(tuple(w_shape), w_dtype, name="w")
+        code = lambda o, ci, yy, xx: w[o, ci, yy, xx]  # noqa: E731
     bias = te.placeholder((f,), "int32", name="bias")
     scale = te.placeholder((f,), "float32", name="scale")
     xp = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=0, name="pad") if (ph or pw) else x
@@ -182,7 +228,7 @@ def conv2d_func(
     acc = te.compute(
         (n, f, oh, ow),
         lambda b, o, y, z: te.sum(
-            product(xp[b, rc, y * sh + ry * dh, z * sw + rx * dw], w[o, rc, ry, rx]), axis=[rc, ry, rx]
+            product(xp[b, rc, y * sh + ry * dh, z * sw + rx * dw], code(o, rc, ry, rx)), axis=[rc, ry, rx]
         ),
         name="acc",
     )

@@ -26,11 +26,11 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_rmsmp.schemes import get_scheme, list_schemes, sp2_encode
+from tvm_rmsmp.schemes import get_scheme, list_schemes, nibble_codes, pack_nibbles, sp2_decode, sp2_encode
 
 from . import ops
 
-__all__ = ["RewriteRowGroups", "group_weight", "row_group_func", "channel_axis"]
+__all__ = ["RewriteRowGroups", "group_weight", "packed_weight", "row_group_func", "channel_axis", "stored_to_int"]
 
 
 def channel_axis(op: str, ndim: int) -> int:
@@ -46,19 +46,43 @@ def group_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
     return np.asarray(w_int, dtype=np.int8)
 
 
-def row_group_func(
-    op: str, layer: str, scheme_name: str, x_shape, x_dtype: str, w_shape, conv: Optional[dict] = None
-) -> tvm.tirx.PrimFunc:
-    """The target-neutral row-group PrimFunc for ``scheme_name`` rows of a layer."""
+def stored_to_int(stored: np.ndarray, scheme_name: str) -> np.ndarray:
+    """Inverse of :func:`group_weight`: the integer levels of a group's stored weights."""
     scheme = get_scheme(scheme_name)
-    product = ops.sp2_product if scheme.kind == "sp2" else ops.fixed_product
-    attrs = ops.rmsmp_attrs(op, layer, **{"rmsmp.scheme": scheme_name, "rmsmp.kind": scheme.kind})
+    return sp2_decode(stored.astype(np.uint8)) if scheme.kind == "sp2" else stored.astype(np.int64)
+
+
+def row_group_func(
+    op: str, layer: str, scheme_name: str, x_shape, x_dtype: str, w_shape, conv: Optional[dict] = None,
+    packed: bool = False,
+) -> tvm.tirx.PrimFunc:
+    """The target-neutral row-group PrimFunc for ``scheme_name`` rows of a layer.
+
+    ``w_shape`` is the logical weight shape; ``packed`` stores 4-bit codes two per byte
+    (``[rows, ceil(R / 2)]`` uint8, see :func:`tvm_rmsmp.schemes.pack_nibbles`)."""
+    scheme = get_scheme(scheme_name)
+    extra = {"rmsmp.scheme": scheme_name, "rmsmp.kind": scheme.kind}
+    if packed:
+        if scheme.bits > 4:
+            raise ValueError(f"scheme {scheme_name!r} has {scheme.bits} bits: it cannot be packed two per byte")
+        product = ops.sp2_nibble_product(scheme.m1, scheme.m2) if scheme.kind == "sp2" else ops.fixed_nibble_product
+        extra["rmsmp.packed"] = 2
+    else:
+        product = ops.sp2_product if scheme.kind == "sp2" else ops.fixed_product
+    attrs = ops.rmsmp_attrs(op, layer, **extra)
     if op == "dense":
-        return ops.dense_func(x_shape, x_dtype, w_shape, "int8", product, attrs)
+        return ops.dense_func(x_shape, x_dtype, w_shape, "int8", product, attrs, packed=packed)
     attrs["rmsmp.conv"] = conv
     return ops.conv2d_func(
-        x_shape, x_dtype, w_shape, "int8", conv["strides"], conv["padding"], conv["dilation"], product, attrs
+        x_shape, x_dtype, w_shape, "int8", conv["strides"], conv["padding"], conv["dilation"], product, attrs,
+        packed=packed,
     )
+
+
+def packed_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
+    """The stored form of a group's weights, two 4-bit codes per byte."""
+    scheme = get_scheme(scheme_name)
+    return pack_nibbles(nibble_codes(w_int, scheme))
 
 
 def _const_value(expr) -> Optional[np.ndarray]:

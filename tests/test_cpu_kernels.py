@@ -8,7 +8,7 @@ import tvm
 
 import schedules
 from conftest import np_conv_acc, np_dense_acc, np_epilogue
-from relay_passes.rewrite_row_groups import group_weight, row_group_func
+from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
 from tvm_rmsmp.schemes import get_scheme
 
 
@@ -141,3 +141,31 @@ def test_sp2_kernel_has_no_multiply_on_the_data_path(op, host_target):
     assert _data_multiplies(ir_fixed), "the checker must see the fixed kernel's multiplies"
     assert _data_multiplies(ir_sp2) == []
     assert re.search(r"\bshl\b", ir_sp2), "SP2 products are shifts"
+
+
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4"])
+@pytest.mark.parametrize("op,xs,ws,conv", [
+    ("dense", (3, 77), (9, 77), None),
+    ("dense", (1, 256), (16, 256), None),
+    ("conv2d", (1, 5, 9, 9), (6, 5, 3, 3), {"strides": [1, 1], "padding": [0, 0], "dilation": [1, 1]}),
+    ("conv2d", (2, 3, 11, 11), (4, 3, 3, 3), {"strides": [2, 2], "padding": [0, 0], "dilation": [1, 1]}),
+])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_packed_4bit_rows_are_integer_exact(scheme, op, xs, ws, conv, act, host_target):
+    """Two codes per byte (odd reduction lengths included), decoded in the kernel."""
+    rng = np.random.default_rng(abs(hash((scheme, op, xs, act))) % 2**32)
+    x = _random_act(rng, act, xs)
+    w_int = _random_rows(rng, scheme, ws)
+    exe = _build(row_group_func(op, "t", scheme, xs, act, ws, conv, packed=True), host_target)
+    acc = np_dense_acc(x, w_int) if op == "dense" else np_conv_acc(x, w_int, conv["strides"], (0, 0), (1, 1))
+    bias = rng.integers(-1000, 1000, ws[0]).astype(np.int32)
+    scale = rng.uniform(0.5, 2, ws[0]).astype(np.float32)
+    packed = packed_weight(w_int, scheme)
+    assert packed.nbytes * 2 >= w_int.size and packed.nbytes < w_int.size
+    out = _run(exe, x, packed, bias, scale, np.zeros(acc.shape, np.float32))
+    np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, acc.ndim - 1 if op == "dense" else 1))
+
+
+def test_packed_sp2_kernel_has_no_multiply_on_the_data_path(host_target):
+    ir = _build(row_group_func("dense", "t", "sp2_4", (4, 256), "uint8", (16, 256), packed=True), host_target)
+    assert _data_multiplies(ir.mod.inspect_source("ll")) == []

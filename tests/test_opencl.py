@@ -10,7 +10,7 @@ import tvm
 import schedules
 import tvm_rmsmp as rmsmp
 from conftest import np_conv_acc, np_dense_acc, np_epilogue, opencl_available
-from relay_passes.rewrite_row_groups import group_weight, row_group_func
+from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
 from schedules.gpu import LaunchLimitError, check_launch_limits
 from tvm_rmsmp.schemes import get_scheme
 
@@ -22,9 +22,9 @@ needs_pocl = pytest.mark.skipif(
 )
 
 
-def _scheduled(op, scheme, xs, act, ws, conv=None, target=MALI):
+def _scheduled(op, scheme, xs, act, ws, conv=None, target=MALI, packed=False):
     target = rmsmp.resolve_target(target)
-    f = row_group_func(op, "t", scheme, xs, act, ws, conv)
+    f = row_group_func(op, "t", scheme, xs, act, ws, conv, packed=packed)
     return schedules.apply_rules(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)["main"], target
 
 
@@ -60,18 +60,21 @@ CASES = [
 
 @needs_pocl
 @pytest.mark.parametrize("op,xs,ws,conv", CASES)
-@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4", "fixed_8"])
+@pytest.mark.parametrize(
+    "scheme,packed", [("sp2_4", False), ("sp2_4", True), ("fixed_4", False), ("fixed_4", True), ("fixed_8", False)]
+)
 @pytest.mark.parametrize("act", ["uint8", "int8"])
-def test_every_kernel_variant_is_integer_exact_on_pocl(op, xs, ws, conv, scheme, act):
+def test_every_kernel_variant_is_integer_exact_on_pocl(op, xs, ws, conv, scheme, act, packed):
     rng = np.random.default_rng(abs(hash((op, xs, ws, scheme, act))) % 2**32)
     lo, hi = (0, 255) if act == "uint8" else (-127, 127)
     x = rng.integers(lo, hi + 1, xs).astype(act)
     w = rng.choice(get_scheme(scheme).levels, ws).astype(np.int8)
-    func, target = _scheduled(op, scheme, xs, act, ws, conv)
+    func, target = _scheduled(op, scheme, xs, act, ws, conv, packed=packed)
     acc = np_dense_acc(x, w) if op == "dense" else np_conv_acc(x, w, conv["strides"], (0, 0), (1, 1))
     bias = rng.integers(-5000, 5000, ws[0]).astype(np.int32)
     scale = rng.uniform(0.01, 2, ws[0]).astype(np.float32)
-    out, kernel = _run_kernel(func, target, [x, group_weight(w, scheme), bias, scale], acc.shape)
+    stored = packed_weight(w, scheme) if packed else group_weight(w, scheme)
+    out, kernel = _run_kernel(func, target, [x, stored, bias, scale], acc.shape)
     axis = acc.ndim - 1 if op == "dense" else 1
     np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, axis))
     for launch in kernel.launches:

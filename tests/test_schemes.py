@@ -118,3 +118,26 @@ def test_quantize_keeps_all_zero_rows_exact():
     s = get_scheme("fixed_4")
     w_int, scale = s.quantize(np.zeros((2, 5)))
     assert not w_int.any() and np.all(scale > 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["sp2_4", "fixed_4"]), data=st.data())
+def test_nibble_codes_round_trip_and_pack_two_per_byte(name, data):
+    from tvm_rmsmp.schemes import nibble_codes, nibble_decode, pack_nibbles
+
+    s = get_scheme(name)
+    w_int = data.draw(hnp.arrays(np.int64, (3, data.draw(st.integers(1, 9))), elements=st.sampled_from(s.levels.tolist())))
+    codes = nibble_codes(w_int, s)
+    assert codes.max() < 16
+    assert np.array_equal(nibble_decode(codes, s), w_int)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (3, (w_int.shape[1] + 1) // 2)
+    unpacked = np.stack([packed & 15, packed >> 4], axis=-1).reshape(3, -1)[:, : w_int.shape[1]]
+    assert np.array_equal(unpacked, codes)
+
+
+def test_8_bit_schemes_have_no_nibble_code():
+    from tvm_rmsmp.schemes import nibble_codes
+
+    with pytest.raises(ValueError, match="8 bits"):
+        nibble_codes(np.zeros((1, 2), np.int64), get_scheme("fixed_8"))

@@ -1,6 +1,6 @@
 """From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
 
-import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation
+import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
 -> the target's row-group schedules -> TVM's default Relax build for the target.
 """
 
@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 
 import schedules
-from relay_passes import FoldRowPermutation, RewriteRowGroups
+from relay_passes import FoldRowPermutation, PackFourBitRows, RewriteRowGroups
 
 from .frontend import import_model
 from .targets import resolve_target
@@ -50,7 +50,9 @@ def lower(
     mod = RewriteRowGroups()(mod)
     fold = FoldRowPermutation()
     mod = fold(mod)
-    stats = dict(fold.last_stats)
+    pack = PackFourBitRows()
+    mod = pack(mod)
+    stats = dict(fold.last_stats, packed=pack.last_packed)
     if not schedule:
         return mod, stats
     if tuning is not None:

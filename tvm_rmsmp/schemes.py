@@ -31,6 +31,9 @@ __all__ = [
     "SP2_TERM_BITS",
     "sp2_encode",
     "sp2_decode",
+    "nibble_codes",
+    "nibble_decode",
+    "pack_nibbles",
 ]
 
 #: Rows whose largest magnitude is below this are treated as all-zero (their scale would underflow).
@@ -238,6 +241,54 @@ def _sp2_decomposition(scheme: Scheme) -> Dict[int, Tuple[int, int]]:
 
 def _shift_field(term: int) -> int:
     return 0 if term == 0 else int(term).bit_length()  # log2(term) + 1
+
+
+# ----- 4-bit storage: two codes per byte ----------------------------------------------------
+def nibble_codes(w_int: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """4-bit code per weight of a scheme with ``bits <= 4`` (uint8 values 0..15).
+
+    fixed: the two's-complement low nibble of ``w_int``.
+    sp2: ``ia | ib << m1 | sign << (m1 + m2)``, ``ia``/``ib`` indexing the terms of
+    :meth:`Scheme.sp2_terms` (0 = term absent), so ``|w| = T1[ia] + T2[ib]``.
+    """
+    if scheme.bits > 4:
+        raise ValueError(f"scheme {scheme.name!r} has {scheme.bits} bits: no 4-bit code")
+    w_int = np.asarray(w_int, dtype=np.int64)
+    if not np.isin(w_int, scheme.levels).all():
+        bad = w_int[~np.isin(w_int, scheme.levels)][0]
+        raise ValueError(f"value {int(bad)} is not a level of scheme {scheme.name!r}")
+    if scheme.kind == "fixed":
+        return (w_int & 0xF).astype(np.uint8)
+    t1, t2 = scheme.sp2_terms()
+    table = {}
+    for i, j in sorted(itertools.product(range(len(t1)), range(len(t2))), key=lambda p: ((p[0] > 0) + (p[1] > 0), p)):
+        table.setdefault(t1[i] + t2[j], i | (j << scheme.m1))
+    lut = np.zeros(scheme.max_level + 1, dtype=np.int64)
+    for mag, code in table.items():
+        lut[mag] = code
+    sign = (w_int < 0).astype(np.int64) << (scheme.m1 + scheme.m2)
+    return (lut[np.abs(w_int)] | sign).astype(np.uint8)
+
+
+def nibble_decode(codes: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """Inverse of :func:`nibble_codes` (int64 values)."""
+    c = np.asarray(codes, dtype=np.int64)
+    if scheme.kind == "fixed":
+        return (c ^ 8) - 8
+    t1, t2 = (np.array(t) for t in scheme.sp2_terms())
+    ia = c & ((1 << scheme.m1) - 1)
+    ib = (c >> scheme.m1) & ((1 << scheme.m2) - 1)
+    mag = t1[ia] + t2[ib]
+    return np.where((c >> (scheme.m1 + scheme.m2)) & 1, -mag, mag)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """``[rows, ...]`` 4-bit codes -> ``[rows, ceil(R / 2)]`` bytes, R the codes per row; the
+    even element of each pair in the low nibble (a missing last one is 0)."""
+    flat = np.asarray(codes, dtype=np.uint8).reshape(codes.shape[0], -1)
+    if flat.shape[1] % 2:
+        flat = np.concatenate([flat, np.zeros((flat.shape[0], 1), np.uint8)], axis=1)
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
 
 
 # ----- registry -----------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""PackFourBitRows: store the weights of 4-bit row groups two codes per byte.
+
+Runs after :class:`~relay_passes.fold_row_permutation.FoldRowPermutation` (which permutes
+weight columns, one code per column). Each row-group op whose scheme has at most 4 bits is
+replaced by its packed form: the same computation reading ``[rows, ceil(R / 2)]`` bytes
+(fixed rows as 4-bit two's complement, SP2 rows as term indices and a sign; see
+:func:`tvm_rmsmp.schemes.nibble_codes`). Half the weight bytes: at batch 1 a dense layer is
+bound by streaming its weights. Rows of 8-bit schemes are left as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_rmsmp.schemes import get_scheme
+
+from .rewrite_row_groups import packed_weight, row_group_func, stored_to_int
+
+__all__ = ["PackFourBitRows"]
+
+
+def _packable(func) -> bool:
+    if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "rmsmp.scheme" not in func.attrs:
+        return False
+    if "rmsmp.packed" in func.attrs:
+        return False
+    return get_scheme(str(func.attrs["rmsmp.scheme"])).bits <= 4
+
+
+@mutator
+class _Packer(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.packed = 0
+        self.cache = {}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.call_tir"):
+            return call
+        gv = call.args[0]
+        func = self.mod_[gv] if gv in self.mod_.functions else None
+        if not _packable(func):
+            return call
+        x, w, bias, scale = list(call.args[1].fields)
+        if not isinstance(w, tvm.ir.GenericConst):
+            return call
+        scheme = str(func.attrs["rmsmp.scheme"])
+        op = str(func.attrs["rmsmp.op"])
+        stored = w.value.numpy()
+        packed = packed_weight(stored_to_int(stored, scheme), scheme)
+        key = (gv.name_hint,)
+        if key not in self.cache:
+            conv = None
+            if op == "conv2d":
+                c = func.attrs["rmsmp.conv"]
+                conv = {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
+            x_ty = x.ty
+            new_func = row_group_func(
+                op, str(func.attrs["rmsmp.layer"]), scheme, [int(d) for d in x_ty.shape], str(x_ty.dtype),
+                list(stored.shape), conv, packed=True,
+            )
+            self.cache[key] = self.builder_.add_func(new_func, gv.name_hint + "_packed")
+        self.packed += 1
+        out_ty = call.ty_args[0]
+        return relax.call_tir(
+            self.cache[key], [x, relax.const(packed, "uint8"), bias, scale],
+            relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype),
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackFourBitRows")
+class PackFourBitRows:
+    """Pack 4-bit row groups two codes per byte (see module docstring); ``last_packed`` counts them."""
+
+    def __init__(self):
+        self.last_packed = 0
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        packer = _Packer(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                packer.builder_.update_func(gv, packer.visit_expr(func))
+        self.last_packed = packer.packed
+        return relax.transform.DeadCodeElimination()(packer.builder_.get())
