@@ -25,6 +25,7 @@ from tvm.s_tir import dlight as dl
 
 import schedules
 from relay_passes.rewrite_row_groups import group_weight, row_group_func
+from tvm_rmsmp.fileio import atomic_write
 from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
 from tvm_rmsmp.schemes import get_scheme
 from tvm_rmsmp.targets import resolve_target
@@ -117,12 +118,9 @@ def main(argv=None) -> int:
             fmt = lambda s: f"{s * 1e3:9.3f} ms" if s else "     n/a  "  # noqa: E731
             print(f"{name:40s}{scheme:>9s}{fmt(ours_s):>12s}{fmt(theirs_s):>12s}"
                   f"{(f'{ratio:8.2f}x' if ratio else '     -'):>10s}", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     meta = {"host": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "note": "PoCL on a CPU: relative proxy, not a phone", "rows": rows}
-    with open(args.out + ".tmp", "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    atomic_write(args.out, json.dumps(meta, indent=1))
     print("wrote", args.out)
     return 0
 

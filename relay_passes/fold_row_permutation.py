@@ -29,6 +29,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ._ir import callee, rmsmp_attr
+
 __all__ = ["FoldRowPermutation"]
 
 _CHANNEL_ALIKE = {
@@ -215,11 +217,7 @@ class _Folder(PyExprMutator):
         return False
 
     def _callee_op(self, call: relax.Call) -> Optional[str]:
-        gv = call.args[0]
-        func = self.mod_[gv] if gv in self.mod_.functions else None
-        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
-            return None
-        return str(func.attrs["rmsmp.op"])
+        return rmsmp_attr(callee(self.mod_, call), "rmsmp.op")
 
     # ----- the mutator hook ---------------------------------------------------------------
     def _fold_tuple(self, var, value) -> bool:

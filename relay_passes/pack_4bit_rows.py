@@ -17,17 +17,15 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_rmsmp.schemes import get_scheme
 
+from ._ir import callee, rmsmp_attr
 from .rewrite_row_groups import packed_weight, row_group_func, stored_to_int
 
 __all__ = ["PackFourBitRows"]
 
 
 def _packable(func) -> bool:
-    if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "rmsmp.scheme" not in func.attrs:
-        return False
-    if "rmsmp.packed" in func.attrs:
-        return False
-    return get_scheme(str(func.attrs["rmsmp.scheme"])).bits <= 4
+    scheme = rmsmp_attr(func, "rmsmp.scheme")
+    return scheme is not None and rmsmp_attr(func, "rmsmp.packed") is None and get_scheme(scheme).bits <= 4
 
 
 @mutator
@@ -40,12 +38,10 @@ class _Packer(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.call_tir"):
-            return call
-        gv = call.args[0]
-        func = self.mod_[gv] if gv in self.mod_.functions else None
+        func = callee(self.mod_, call)
         if not _packable(func):
             return call
+        gv = call.args[0]
         x, w, bias, scale = list(call.args[1].fields)
         if not isinstance(w, tvm.ir.GenericConst):
             return call

@@ -29,6 +29,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_rmsmp.schemes import get_scheme, list_schemes, nibble_codes, pack_nibbles, sp2_decode, sp2_encode
 
 from . import ops
+from ._ir import callee, rmsmp_attr
 
 __all__ = ["RewriteRowGroups", "group_weight", "packed_weight", "row_group_func", "channel_axis", "stored_to_int"]
 
@@ -105,14 +106,10 @@ class _Rewriter(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.call_tir"):
+        func = callee(self.mod_, call)
+        if func is None or rmsmp_attr(func, "rmsmp.row_schemes") is None:
             return call
         gv = call.args[0]
-        func = self.mod_[gv] if gv in self.mod_.functions else None
-        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
-            return call
-        if "rmsmp.row_schemes" not in func.attrs:
-            return call
         xq, w, bias, scale = list(call.args[1].fields)
         w_np, b_np, s_np = _const_value(w), _const_value(bias), _const_value(scale)
         if w_np is None or b_np is None or s_np is None:

@@ -17,19 +17,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tvm import s_tir, tirx
-from tvm.s_tir import dlight as dl
+from tvm import s_tir
 from tvm.target import Target
 
-from .registry import register_target
+from .registry import OpScheduleRule, register_target
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "schedule_dense", "schedule_conv2d"]
-
-
-def _rmsmp_op(func) -> Optional[str]:
-    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
-        return None
-    return str(func.attrs["rmsmp.op"])
 
 
 def _largest_divisor(n: int, candidates) -> int:
@@ -87,26 +80,10 @@ def schedule_conv2d(sch: s_tir.Schedule, target: Optional[Target] = None, tunabl
     sch.decompose_reduction(acc, rc)
 
 
-class RowGroupDense(dl.ScheduleRule):
-    """Row-group dense: parallel row tiles, contiguous inner reduction."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
-        if _rmsmp_op(func) != "dense" or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        schedule_dense(sch, target)
-        return sch
+#: Row-group dense: parallel row tiles, contiguous inner reduction.
+RowGroupDense = OpScheduleRule("dense", schedule_dense, kinds=("llvm",))
+#: Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels.
+RowGroupConv2d = OpScheduleRule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
-class RowGroupConv2d(dl.ScheduleRule):
-    """Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
-        if _rmsmp_op(func) != "conv2d" or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        schedule_conv2d(sch, target)
-        return sch
-
-
-register_target("llvm", [RowGroupDense(), RowGroupConv2d()], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d})
+register_target("llvm", [RowGroupDense, RowGroupConv2d], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d})

@@ -22,10 +22,9 @@ from typing import Dict, List, Optional
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .registry import register_target
+from .registry import OpScheduleRule, register_target
 
 __all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "schedule_dense", "schedule_conv2d", "check_launch_limits", "LaunchLimitError"]
 
@@ -128,10 +127,6 @@ def _divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, max(1, cap) + 1) if n % d == 0)
 
 
-def _gpu_target(target: Target) -> bool:
-    return target.kind.name in ("opencl", "cuda", "vulkan", "metal", "rocm")
-
-
 def _tile(sch: s_tir.Schedule, loop, cap: int, tunable: bool):
     """Split ``loop`` into whole tiles of at most ``cap`` (sampled when tuning).
 
@@ -203,26 +198,11 @@ def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) 
     sch.decompose_reduction(acc, rco)
 
 
-class GPURowGroupDense(dl.ScheduleRule):
-    """Row-group dense on a GPU: output tiles per work-group, k-chunks through local memory."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
-        if _rmsmp_op(func) != "dense" or not _gpu_target(target):
-            return None
-        sch = s_tir.Schedule(func)
-        schedule_dense(sch, target)
-        return sch
-
-
-class GPURowGroupConv2d(dl.ScheduleRule):
-    """Row-group conv2d (NCHW) on a GPU: channels x pixels per work-group, weights through local memory."""
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> Optional[s_tir.Schedule]:
-        if _rmsmp_op(func) != "conv2d" or not _gpu_target(target):
-            return None
-        sch = s_tir.Schedule(func)
-        schedule_conv2d(sch, target)
-        return sch
+_GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
+#: Row-group dense on a GPU: output tiles per work-group, k-chunks through local memory.
+GPURowGroupDense = OpScheduleRule("dense", schedule_dense, kinds=_GPU_KINDS)
+#: Row-group conv2d (NCHW) on a GPU: channels x pixels per work-group, weights through local memory.
+GPURowGroupConv2d = OpScheduleRule("conv2d", schedule_conv2d, kinds=_GPU_KINDS)
 
 
 def _walk(node, visit):
@@ -297,7 +277,7 @@ def check_launch_limits(mod: tvm.IRModule, target: Target) -> None:
             )
 
 
-_RULES = [GPURowGroupDense(), GPURowGroupConv2d()]
+_RULES = [GPURowGroupDense, GPURowGroupConv2d]
 _SPACES = {"dense": schedule_dense, "conv2d": schedule_conv2d}
 register_target("opencl", _RULES, verify=check_launch_limits, spaces=_SPACES)
 register_target("cuda", _RULES, verify=check_launch_limits, spaces=_SPACES)

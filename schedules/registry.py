@@ -13,9 +13,27 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence
 
 import tvm
+from tvm import s_tir
 from tvm.s_tir import dlight as dl
 
-__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for"]
+__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for", "OpScheduleRule"]
+
+
+class OpScheduleRule(dl.ScheduleRule):
+    """A dlight-style rule: applies ``schedule(sch, target)`` to PrimFuncs whose ``rmsmp.op``
+    is ``op`` when the target's kind is one of ``kinds``; returns None otherwise."""
+
+    def __init__(self, op: str, schedule: Callable, kinds: Sequence[str]):
+        super().__init__()
+        self.op, self.schedule, self.kinds = op, schedule, tuple(kinds)
+
+    def apply(self, func, target: tvm.target.Target, _tunable: bool):
+        attrs = getattr(func, "attrs", None)
+        if target.kind.name not in self.kinds or attrs is None or str(attrs.get("rmsmp.op", "")) != self.op:
+            return None
+        sch = s_tir.Schedule(func)
+        self.schedule(sch, target)
+        return sch
 
 _RULES: Dict[str, List[dl.ScheduleRule]] = {}
 _VERIFY: Dict[str, Callable[[tvm.IRModule, tvm.target.Target], None]] = {}

@@ -157,9 +157,9 @@ def main(argv=None) -> int:
     result = run(args.limit, args.batch, args.calib_batches, args.repeat, ratio=ratio, act_bits=args.act_bits,
                  target=args.target)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from .fileio import atomic_write
+
+        atomic_write(args.json, json.dumps(result, indent=1))
     return 0 if result["tvm_equals_reference_bitwise"] else 1
 
 

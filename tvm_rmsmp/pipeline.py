@@ -20,6 +20,7 @@ from tvm import relax
 import schedules
 from relay_passes import FoldRowPermutation, PackFourBitRows, RewriteRowGroups
 
+from .fileio import atomic_write
 from .frontend import import_model
 from .targets import resolve_target
 from .torch_quant import RMSMPWarning, rmsmp_layers
@@ -156,7 +157,7 @@ class CompiledModel:
                 self.executable.export_library(
                     tmp, fcompile=lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)
                 )
-            _atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+            atomic_write(path + ".json", json.dumps(meta, indent=1))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -203,17 +204,6 @@ class OpenCLCompiledModel(CompiledModel):
         if self.executable is None:
             self.executable = tvm.compile(self.ir, target=self.target)
         return super().export_library(path, cc=cc)
-
-
-def _atomic_write_text(path: str, text: str):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load(path: str) -> CompiledModel:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +27,7 @@ from tvm import tirx
 
 import schedules
 
+from .fileio import atomic_write
 from .targets import resolve_target
 from .torch_quant import RMSMPWarning
 
@@ -82,20 +82,9 @@ def _check_records(work_dir: str) -> None:
                     warnings.warn(f"{path}: dropping a torn last record (line {i}) from an interrupted run",
                                   RMSMPWarning, stacklevel=3)
                     keep = b"\n".join(lines[:-1]) + b"\n"
-                    _atomic_write(path, keep)
+                    atomic_write(path, keep)
                     break
                 raise ValueError(f"tuning database {path} is corrupt at line {i}: not a JSON record") from None
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _manifest_path(work_dir: str) -> str:
@@ -258,7 +247,7 @@ def tune(
 
     manifest = {"format": "tvm-rmsmp-tuning", "version": 1, "target": _target_key(target),
                 "kernels": sorted(set((meta or {}).get("kernels", [])) | set(names))}
-    _atomic_write(_manifest_path(work_dir), json.dumps(manifest, indent=1).encode())
+    atomic_write(_manifest_path(work_dir), json.dumps(manifest, indent=1).encode())
     if target.kind.name == "opencl" and runner is None:
         # No OpenCL runtime in the TVM wheel: measure on the local OpenCL device (PoCL here).
         from .opencl_tuning import OpenCLArtifactBuilder, PyOpenCLRunner
