@@ -22,7 +22,7 @@ with a following add into an FMA that would round differently from the reference
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import tvm
 from tvm import te, tirx, topi

@@ -10,7 +10,6 @@ bound by streaming its weights. Rows of 8-bit schemes are left as they are.
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator

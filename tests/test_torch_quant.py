@@ -1,6 +1,5 @@
 """The quantized torch model: the integer reference every target must match."""
 
-import warnings
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ layer's row schemes. Everything else goes through TVM's own torch frontend.
 from __future__ import annotations
 
 import re
-from typing import Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch

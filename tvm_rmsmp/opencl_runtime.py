@@ -14,7 +14,6 @@ runtime on a phone (TVM RPC); this executor is how it is checked here, kernel fo
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 

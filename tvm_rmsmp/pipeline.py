@@ -180,6 +180,7 @@ class OpenCLCompiledModel(CompiledModel):
         from .opencl_runtime import OpenCLGraph
 
         super().__init__(None, target, input_specs, ir=mod, stats=stats)
+        self.device = tvm.cpu()  # inputs are checked and staged on the host; the graph uploads them
         with target:
             self.lowered = tvm.transform.Sequential(legalize_passes(target))(mod)
         self.graph = OpenCLGraph(self.lowered, target)
@@ -189,15 +190,11 @@ class OpenCLCompiledModel(CompiledModel):
         raise RuntimeError("an OpenCL model runs through its OpenCL graph executor, not the local VM")
 
     def __call__(self, *inputs):
-        return self.graph.run([t.numpy() for t in self._host_inputs(inputs)])
-
-    def _host_inputs(self, inputs):
-        self.device = tvm.cpu()
-        return self._inputs(inputs)
+        return self.graph.run([t.numpy() for t in self._inputs(inputs)])
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 0) -> float:
         """Median wall-clock seconds per call on the local OpenCL device (inputs and outputs copied)."""
-        return self.graph.time([t.numpy() for t in self._host_inputs(inputs)], repeat=repeat)
+        return self.graph.time([t.numpy() for t in self._inputs(inputs)], repeat=repeat)
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
         """Build with TVM for the target (host part as the target's host says) and export it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
