@@ -31,7 +31,10 @@ from tvm_rmsmp.schemes import get_scheme, list_schemes, nibble_codes, pack_nibbl
 from . import ops
 from ._ir import callee, rmsmp_attr
 
-__all__ = ["RewriteRowGroups", "group_weight", "packed_weight", "row_group_func", "channel_axis", "stored_to_int"]
+#: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
+SP2_LOWERINGS = ("shift", "decode")
+
+__all__ = ["SP2_LOWERINGS", "RewriteRowGroups", "group_weight", "packed_weight", "row_group_func", "channel_axis", "stored_to_int"]
 
 
 def channel_axis(op: str, ndim: int) -> int:
@@ -55,18 +58,28 @@ def stored_to_int(stored: np.ndarray, scheme_name: str) -> np.ndarray:
 
 def row_group_func(
     op: str, layer: str, scheme_name: str, x_shape, x_dtype: str, w_shape, conv: Optional[dict] = None,
-    packed: bool = False,
+    packed: bool = False, sp2_lowering: str = "shift",
 ) -> tvm.tirx.PrimFunc:
     """The target-neutral row-group PrimFunc for ``scheme_name`` rows of a layer.
 
     ``w_shape`` is the logical weight shape; ``packed`` stores 4-bit codes two per byte
-    (``[rows, ceil(R / 2)]`` uint8, see :func:`tvm_rmsmp.schemes.pack_nibbles`)."""
+    (``[rows, ceil(R / 2)]`` uint8, see :func:`tvm_rmsmp.schemes.pack_nibbles`).
+    ``sp2_lowering`` (packed SP2 rows): ``"shift"`` (two masked shifts of the activation)
+    or ``"decode"`` (the code decoded to its integer, then a multiply); recorded in the
+    function's ``rmsmp.sp2_lowering`` attribute."""
     scheme = get_scheme(scheme_name)
     extra = {"rmsmp.scheme": scheme_name, "rmsmp.kind": scheme.kind}
+    if sp2_lowering not in SP2_LOWERINGS:
+        raise ValueError(f"sp2_lowering must be one of {SP2_LOWERINGS}, got {sp2_lowering!r}")
     if packed:
         if scheme.bits > 4:
             raise ValueError(f"scheme {scheme_name!r} has {scheme.bits} bits: it cannot be packed two per byte")
-        product = ops.sp2_nibble_product(scheme.m1, scheme.m2) if scheme.kind == "sp2" else ops.fixed_nibble_product
+        if scheme.kind == "sp2":
+            make = ops.sp2_nibble_decode_product if sp2_lowering == "decode" else ops.sp2_nibble_product
+            product = make(scheme.m1, scheme.m2)
+            extra["rmsmp.sp2_lowering"] = sp2_lowering
+        else:
+            product = ops.fixed_nibble_product
         extra["rmsmp.packed"] = 2
     else:
         product = ops.sp2_product if scheme.kind == "sp2" else ops.fixed_product

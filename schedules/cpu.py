@@ -17,10 +17,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 from tvm import s_tir
 from tvm.target import Target
 
+from tvm_rmsmp.schemes import get_scheme, nibble_decode
+
 from .registry import OpScheduleRule, register_target
+from .x86_intrin import packed_dense_kernel, supports_packed_dense, warn_fallback, x86_isa
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "schedule_dense", "schedule_conv2d"]
 
@@ -39,14 +43,16 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
 def schedule_dense(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
     """Row-group dense on a CPU; ``tunable`` samples the tile sizes (MetaSchedule search)."""
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    m, n, k = sch.get_loops(acc)
+    m, n, *reduction = sch.get_loops(acc)  # packed 4-bit rows: (byte, nibble)
     if tunable:
         mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=8))
         no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
     else:
         mo, mi = sch.split(m, [None, _largest_divisor(_extent(sch, m), (4, 2))])
         no, ni = sch.split(n, [None, _largest_divisor(_extent(sch, n), (8, 4, 2))])
-    sch.reorder(mo, no, mi, ni, k)
+    sch.reorder(mo, no, mi, ni, *reduction)
+    if len(reduction) == 2:
+        sch.unroll(reduction[1])  # both nibbles of a byte in one vector iteration
     outer = sch.fuse(mo, no)
     sch.parallel(outer)
     sch.reverse_compute_at(out, outer)
@@ -80,8 +86,49 @@ def schedule_conv2d(sch: s_tir.Schedule, target: Optional[Target] = None, tunabl
     sch.decompose_reduction(acc, rc)
 
 
-#: Row-group dense: parallel row tiles, contiguous inner reduction.
-RowGroupDense = OpScheduleRule("dense", schedule_dense, kinds=("llvm",))
+def packed_dense_replacement(func, target: Target):
+    """The x86 table-decode + MAC kernel for a packed 4-bit dense row group, or None.
+
+    None when the function is not a packed dense group, the shapes do not fit the kernel, or
+    the target is not x86 with AVX2 (then the portable schedule runs, with a warning for an
+    x86 target without AVX2: no instruction the target lacks is ever emitted).
+    """
+    attrs = func.attrs
+    if attrs is None or str(attrs.get("rmsmp.op", "")) != "dense" or attrs.get("rmsmp.packed") is None:
+        return None
+    isa = x86_isa(target)
+    if isa is None:
+        triple = str(target.attrs.get("mtriple", "") or "")
+        if target.kind.name == "llvm" and (not triple or triple.startswith("x86")):
+            warn_fallback(f"packed dense {attrs.get('rmsmp.layer', '')}", target)
+        return None
+    x_buf, w_buf = func.params[0], func.params[1]
+    x_shape = [int(d) for d in x_buf.shape]
+    n_rows, n_bytes = (int(d) for d in w_buf.shape)
+    if not supports_packed_dense(x_shape, n_bytes):
+        return None
+    scheme = get_scheme(str(attrs["rmsmp.scheme"]))
+    levels = nibble_decode(np.arange(16), scheme)
+    kernel = packed_dense_kernel(x_shape[0], x_shape[1], n_rows, str(x_buf.dtype), levels, isa)
+    for key, value in attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return kernel.with_attr("rmsmp.cpu_kernel", f"x86-{isa}-table-decode").with_attr("tirx.is_scheduled", True)
+
+
+class _RowGroupDenseRule(OpScheduleRule):
+    """Dense: the x86 intrinsic kernel for packed 4-bit groups where it applies, else
+    :func:`schedule_dense`."""
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if target.kind.name in self.kinds:
+            kernel = packed_dense_replacement(func, target)
+            if kernel is not None:
+                return s_tir.Schedule(kernel)
+        return super().apply(func, target, _tunable)
+
+
+#: Row-group dense: parallel row tiles, contiguous inner reduction (x86 packed rows: intrinsics).
+RowGroupDense = _RowGroupDenseRule("dense", schedule_dense, kinds=("llvm",))
 #: Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels.
 RowGroupConv2d = OpScheduleRule("conv2d", schedule_conv2d, kinds=("llvm",))
 

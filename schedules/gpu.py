@@ -144,7 +144,8 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     """Row-group dense on a GPU: ``TM x TN`` output tiles per work-group, k-chunks in local memory."""
     max_threads = _limit(target, "max_num_threads", 256)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    m, n, k = sch.get_loops(acc)
+    m, n, *reduction = sch.get_loops(acc)
+    k = sch.fuse(*reduction) if len(reduction) > 1 else reduction[0]  # packed rows: (byte, nibble)
     dp4a = _use_dp4a(sch, target)
     k4 = None
     if dp4a:
