@@ -1,6 +1,7 @@
 """Row-group kernels on the CPU (LLVM): integer-exact against numpy, SP2 without multiplies."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -169,3 +170,101 @@ def test_packed_4bit_rows_are_integer_exact(scheme, op, xs, ws, conv, act, host_
 def test_packed_sp2_kernel_has_no_multiply_on_the_data_path(host_target):
     ir = _build(row_group_func("dense", "t", "sp2_4", (4, 256), "uint8", (16, 256), packed=True), host_target)
     assert _data_multiplies(ir.mod.inspect_source("ll")) == []
+
+
+# ----- x86 intrinsic kernel for packed 4-bit dense rows ----------------------------------------
+def _x86_target(mcpu):
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+
+
+def _host_isas(host_target):
+    from schedules.x86_intrin import x86_isa
+
+    best = x86_isa(host_target)
+    return {None: [], "avx2": ["avx2"], "avx512vnni": ["avx2", "avx512vnni"]}[best]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4"])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 4), (1, 128, 13), (3, 192, 9), (5, 64, 17)])
+def test_x86_packed_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host_target):
+    """vpshufb decode + vpdpbusd / vpmaddubsw+vpmaddwd, with partial row and batch tiles."""
+    from schedules.x86_intrin import packed_dense_kernel
+    from tvm_rmsmp.schemes import nibble_decode
+
+    if isa not in _host_isas(host_target):
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(abs(hash((isa, scheme, act, m, k, n))) % 2**32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)  # -128 included: |x| = 128 still fits
+    x = rng.integers(lo, hi + 1, size=(m, k)).astype(act)
+    w_int = _random_rows(rng, scheme, (n, k))
+    func = packed_dense_kernel(m, k, n, act, nibble_decode(np.arange(16), get_scheme(scheme)), isa)
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target)
+    acc = np_dense_acc(x, w_int)
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    out = _run(exe, x, packed_weight(w_int, scheme), bias, scale, np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, 1))
+    # extreme values: every activation at the bound, every weight at the largest level
+    x_max = np.full((m, k), lo if act == "int8" else hi, dtype=act)
+    w_max = np.full((n, k), get_scheme(scheme).levels.max(), dtype=np.int8)
+    out = _run(exe, x_max, packed_weight(w_max, scheme), np.zeros(n, np.int32), np.ones(n, np.float32),
+               np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(out.astype(np.int64), np_dense_acc(x_max, w_max))
+
+
+def test_cpu_rule_uses_the_x86_kernel_for_packed_rows(host_target):
+    if not _host_isas(host_target):
+        pytest.skip("not an x86 CPU with AVX2")
+    func = row_group_func("dense", "t", "sp2_4", (1, 256), "uint8", (16, 256), packed=True)
+    mod = schedules.apply_rules(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), host_target)
+    assert str(mod["main"].attrs["rmsmp.cpu_kernel"]).startswith("x86-")
+    assert str(mod["main"].attrs["rmsmp.scheme"]) == "sp2_4"
+
+
+@pytest.mark.parametrize("mcpu,present,absent", [
+    ("znver3", ["vpshufb", "vpmaddubsw", "vpmaddwd"], ["vpdpbusd", "zmm"]),   # AVX2, no AVX-512
+    ("znver4", ["vpshufb", "vpdpbusd"], ["vpmaddubsw"]),                     # AVX-512 VNNI
+])
+def test_x86_kernel_emits_only_the_targets_instructions(mcpu, present, absent):
+    """Code generation only (no run): each target gets its own MAC, never one it lacks."""
+    target = _x86_target(mcpu)
+    func = row_group_func("dense", "t", "fixed_4", (1, 256), "uint8", (16, 256), packed=True)
+    mod = schedules.apply_rules(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    asm = tvm.compile(mod, target=target).mod.inspect_source("asm")
+    for insn in present:
+        assert insn in asm, f"{mcpu}: expected {insn}"
+    for insn in absent:
+        assert insn not in asm, f"{mcpu}: {insn} must not appear"
+
+
+def test_x86_target_without_avx2_falls_back_with_a_warning():
+    from schedules.x86_intrin import TargetFeatureWarning
+
+    target = _x86_target("x86-64")  # SSE2 only
+    func = row_group_func("dense", "t", "sp2_4", (1, 256), "uint8", (16, 256), packed=True)
+    with pytest.warns(TargetFeatureWarning, match="no AVX2"):
+        mod = schedules.apply_rules(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    assert "rmsmp.cpu_kernel" not in mod["main"].attrs
+    asm = tvm.compile(mod, target=target).mod.inspect_source("asm")
+    assert "vpshufb" not in asm and "ymm" not in asm
+
+
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+@pytest.mark.parametrize("k", [64, 77])
+def test_packed_sp2_decode_lowering_is_integer_exact(act, k, host_target):
+    """The generic packed SP2 kernel with the decode-then-multiply product."""
+    rng = np.random.default_rng(k)
+    x = _random_act(rng, act, (2, k))
+    w_int = _random_rows(rng, "sp2_4", (6, k))
+    func = row_group_func("dense", "t", "sp2_4", x.shape, act, w_int.shape, packed=True, sp2_lowering="decode")
+    assert str(func.attrs["rmsmp.sp2_lowering"]) == "decode"
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = schedules.apply_rules(mod, _x86_target("x86-64"))  # generic schedule (no x86 kernel)
+    exe = tvm.compile(mod, target=host_target)
+    out = _run(exe, x, packed_weight(w_int, "sp2_4"), np.zeros(6, np.int32), np.ones(6, np.float32),
+               np.zeros((2, 6), np.float32))
+    np.testing.assert_array_equal(out.astype(np.int64), np_dense_acc(x, w_int))

@@ -62,7 +62,24 @@ def lower(
         mod, used = apply_tuning(mod, target, tuning)
         stats["tuned"] = sum(used.values())
     mod = schedules.apply_rules(mod, target)
+    stats["cpu_kernels"] = kernel_kinds(mod)
     return mod, stats
+
+
+def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
+    """How many row-group kernels of each kind a scheduled module has: ``rmsmp.cpu_kernel``
+    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``) or the generic schedule,
+    with the SP2 lowering of packed SP2 groups (``shift`` or ``decode``)."""
+    kinds: Dict[str, int] = {}
+    for _, func in mod.functions.items():
+        attrs = getattr(func, "attrs", None)
+        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or "rmsmp.scheme" not in attrs:
+            continue
+        kind = str(attrs.get("rmsmp.cpu_kernel", "generic"))
+        if "rmsmp.sp2_lowering" in attrs and kind == "generic":
+            kind += f" (sp2 {attrs['rmsmp.sp2_lowering']})"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None) -> "CompiledModel":  # noqa: A001,E501
