@@ -184,11 +184,11 @@ def _host_isas(host_target):
     return {None: [], "avx2": ["avx2"], "avx512vnni": ["avx2", "avx512vnni"]}[best]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("isa,vec", [("avx2", 32), ("avx512vnni", 32), ("avx512vnni", 64)])
 @pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4"])
 @pytest.mark.parametrize("act", ["uint8", "int8"])
-@pytest.mark.parametrize("m,k,n", [(1, 64, 4), (1, 128, 13), (3, 192, 9), (5, 64, 17)])
-def test_x86_packed_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host_target):
+@pytest.mark.parametrize("m,k,n", [(1, 128, 4), (1, 256, 13), (3, 384, 9), (5, 128, 17)])
+def test_x86_packed_dense_kernel_is_integer_exact(isa, vec, scheme, act, m, k, n, host_target):
     """vpshufb decode + vpdpbusd / vpmaddubsw+vpmaddwd, with partial row and batch tiles."""
     from schedules.x86_intrin import packed_dense_kernel
     from tvm_rmsmp.schemes import nibble_decode
@@ -199,7 +199,7 @@ def test_x86_packed_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, hos
     lo, hi = (0, 255) if act == "uint8" else (-128, 127)  # -128 included: |x| = 128 still fits
     x = rng.integers(lo, hi + 1, size=(m, k)).astype(act)
     w_int = _random_rows(rng, scheme, (n, k))
-    func = packed_dense_kernel(m, k, n, act, nibble_decode(np.arange(16), get_scheme(scheme)), isa)
+    func = packed_dense_kernel(m, k, n, act, nibble_decode(np.arange(16), get_scheme(scheme)), isa, vec=vec)
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target)
     acc = np_dense_acc(x, w_int)
     bias = rng.integers(-1000, 1000, n).astype(np.int32)

@@ -45,3 +45,12 @@ def test_mobile_gpu_tutorial_runs(tmp_path):
     assert "OpenCL (PoCL) equals the torch reference: True" in out.stdout
     assert "OpenCL (PoCL) equals the CPU build: True" in out.stdout
     assert os.path.exists(tmp_path / "fmnist_mali.so")
+
+
+@pytest.mark.slow
+def test_deploy_cpu_tutorial_runs(tmp_path):
+    out = run_tutorial("deploy_cpu.py", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TVM equals the torch reference: True" in out.stdout
+    assert "loaded library matches: True" in out.stdout
+    assert os.path.exists(tmp_path / "ffn_rmsmp.so")
