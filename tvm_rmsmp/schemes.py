@@ -152,7 +152,7 @@ class Scheme:
         """Torch version of :meth:`encode` (nearest level, no gradient)."""
         import torch
 
-        levels = torch.as_tensor(self.levels, dtype=w.dtype, device=w.device)
+        levels = torch.tensor(np.array(self.levels), dtype=w.dtype, device=w.device)
         mids = (levels[1:] + levels[:-1]) / 2
         scale = row_scale.reshape((-1,) + (1,) * (w.dim() - 1))
         idx = torch.bucketize(w / scale, mids)
