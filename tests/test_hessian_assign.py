@@ -136,3 +136,15 @@ def test_zero_share_scheme_is_simply_unused(small_resnet):
     q = rmsmp.quantize(model, rmsmp.RMSMPConfig(ratio={"sp2_4": 0.0, "fixed_4": 0.9, "fixed_8": 0.1}), calib)
     for plan in rmsmp.row_plans(q).values():
         assert "sp2_4" not in plan.schemes
+
+
+def test_one_hessian_estimate_serves_several_configs(small_resnet):
+    model, calib = small_resnet
+    cfg = rmsmp.RMSMPConfig(assign="hessian", hessian=HessianConfig(probes=2, batches=2))
+    first = rmsmp.quantize(model, cfg, calib)
+    again = rmsmp.quantize(model, cfg, calib, row_hessian=first.rmsmp_row_hessian)
+    assert again.rmsmp_report["hessian"] is None  # nothing estimated the second time
+    for name, plan in rmsmp.row_plans(first).items():
+        assert rmsmp.row_plans(again)[name].schemes == plan.schemes
+    with pytest.raises(ValueError, match="no traces for layers"):
+        rmsmp.quantize(model, cfg, calib, row_hessian={"fc1": first.rmsmp_row_hessian["fc1"]})

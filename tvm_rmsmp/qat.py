@@ -162,14 +162,15 @@ def qat_layers(model: nn.Module) -> Dict[str, FakeQuantLayer]:
 
 
 def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
-                qat_config: Optional[QATConfig] = None) -> nn.Module:
+                qat_config: Optional[QATConfig] = None, row_hessian: Optional[Dict[str, np.ndarray]] = None
+                ) -> nn.Module:
     """A trainable copy of ``model`` with fake-quantized RMSMP layers, initialized by the same
     calibration and row assignment as :func:`tvm_rmsmp.quantize` (PTQ)."""
     qcfg = qat_config if qat_config is not None else QATConfig()
     cfg = config if config is not None else RMSMPConfig()
     if cfg.edge_scheme is None and qcfg.edge_scheme is not None:
         cfg = attrs.evolve(cfg, edge_scheme=qcfg.edge_scheme)
-    cal = calibrate(model, cfg, calib_data)
+    cal = calibrate(model, cfg, calib_data, row_hessian)
     for name, mod in cal.layers.items():
         ptq = _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule, cal.row_hessian.get(name))
         act = ActQuant(ptq.act_scale, ptq.act_bits, ptq.act_signed)

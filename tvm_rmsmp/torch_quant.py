@@ -251,16 +251,20 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
     return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
 
 
-def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None) -> nn.Module:
+def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
+             row_hessian: Optional[Dict[str, np.ndarray]] = None) -> nn.Module:
     """Post-training RMSMP quantization of ``model``; the input model is left untouched.
 
     calib_data: an iterable of input batches (tensors, arrays, or tuples for several inputs),
     used for static activation scales and the row-assignment statistics (and the loss
     Hessian, for the rules that need it).
+    row_hessian: per-layer row Hessian traces from an earlier run (``q.rmsmp_row_hessian``)
+    for the same float model and calibration data: several configurations can share one
+    estimate.
     Returns a new module in eval mode; ``q.rmsmp_report`` says which rule ran and what the
     Hessian estimate cost.
     """
-    cal = calibrate(model, config, calib_data)
+    cal = calibrate(model, config, calib_data, row_hessian)
     for name, mod in cal.layers.items():
         _set_submodule(cal.model, name, _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule,
                                                         cal.row_hessian.get(name)))
@@ -283,11 +287,13 @@ class Calibration:
 
     def finish(self) -> nn.Module:
         self.model.rmsmp_config = self.config
+        self.model.rmsmp_row_hessian = self.row_hessian
         self.model.rmsmp_report = {"assign": self.rule, "hessian": self.hessian_report}
         return self.model.eval()
 
 
-def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Iterable) -> Calibration:
+def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Iterable,
+              row_hessian: Optional[Dict[str, np.ndarray]] = None) -> Calibration:
     """Copy ``model``, fold BN, run the calibration batches and estimate what the rule needs."""
     cfg = config if config is not None else RMSMPConfig()
     if not isinstance(cfg, RMSMPConfig):
@@ -356,7 +362,13 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
         edge = {n: {cfg.edge_scheme: 1.0} for n in (seen[0], seen[-1]) if n not in cfg.layer_ratios}
         cfg = attrs.evolve(cfg, layer_ratios={**cfg.layer_ratios, **edge})
     cal = Calibration(q, cfg, layers, {n: stats[n] for n in seen}, batches)
-    cal.rule, cal.row_hessian, cal.hessian_report = _row_hessians(q, layers, batches, cfg)
+    if row_hessian is not None and rule_needs_hessian(cfg.assign):
+        missing = sorted(set(layers) - set(row_hessian))
+        if missing:
+            raise ValueError(f"row_hessian has no traces for layers {missing}")
+        cal.rule, cal.row_hessian = cfg.assign, {n: np.asarray(row_hessian[n], np.float64) for n in layers}
+    else:
+        cal.rule, cal.row_hessian, cal.hessian_report = _row_hessians(q, layers, batches, cfg)
     return cal
 
 
