@@ -310,6 +310,7 @@ def ort_contenders(model, x, threads: int, tmp: str, has_vnni: bool) -> Dict[str
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     feed = {"x": x.numpy()}
     out: Dict[str, Optional[Callable]] = {}
 
@@ -479,7 +480,10 @@ def markdown(report: Dict[str, object]) -> str:
         f"Measured DRAM read bandwidth {bw['GBps']:.1f} GB/s (sum over a {bw['array_bytes'] // 2**20} MiB array). "
         f"Run {report['date_utc']} UTC, `{report['command']}`"
         + (" (quick mode: fewer repeats)." if report["quick"] else "."),
-        "The machine was shared with other jobs during the run: compare numbers within one run.",
+        "The machine (2 cores) was shared with other jobs during the run, so absolute numbers are noisy:",
+        "contenders are sampled round-robin so load changes hit all alike; compare within one run.",
+        "Thread pools do not spin when idle nor pin threads (`TVM_THREAD_POOL_SPIN_COUNT=0`, `TVM_BIND_THREADS=0`, `OMP_WAIT_POLICY=PASSIVE`,",
+        "ONNX Runtime `allow_spinning=0`), so one contender's idle workers do not slow the next.",
         "",
         "## Latency (ms)",
         "",
@@ -534,6 +538,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    # Thread pools sleep when idle instead of spinning: with all contenders in one process,
+    # TVM's spinning workers otherwise slowed the next torch call down up to 9x here.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("TVM_BIND_THREADS", "0")  # pinning moved torch's threads onto one core
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, ROOT)
     warnings.filterwarnings("ignore")
     report = run(args.quick, args.threads, args.only)
