@@ -7,7 +7,7 @@ Run from the repository root::
 
 Prints the hardware and thread count, measures the DRAM read bandwidth (a sum over an array
 much larger than the last-level cache), then times each workload with every contender in the
-same process: torch fp32, torch dynamic int8 (``quantize_dynamic``, fbgemm), ONNX Runtime
+same run (one worker process per contender, sampled round-robin): torch fp32, torch dynamic int8 (``quantize_dynamic``, fbgemm), ONNX Runtime
 dynamic int8 and 4-bit ``MatMulNBits`` (if ``onnxruntime`` is installed: ``pip install
 .[bench]``), TVM fp32 (plain Relax build, untuned) and tvm-rmsmp (RMSMP 60:35:5, 8-bit
 activations, untuned). Every number is a median of repeated wall-clock timings of one call
@@ -199,31 +199,6 @@ def median_seconds(fn: Callable[[], object], repeat: int, min_time: float = 0.02
     return statistics.median(samples)
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int, min_time: float = 0.02) -> Dict[str, float]:
-    """Median seconds per call of each function, sampled round-robin (one sample of each per
-    round) so that a change of machine load hits every contender alike; a sample is ``number``
-    calls filling ``min_time``; functions slower than 0.5 s get 3 samples."""
-    number: Dict[str, int] = {}
-    wanted: Dict[str, int] = {}
-    for who, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        once = time.perf_counter() - t0
-        number[who] = max(1, int(min_time / max(once, 1e-7)))
-        wanted[who] = 3 if once > 0.5 else repeat
-    samples: Dict[str, List[float]] = {who: [] for who in fns}
-    for _ in range(repeat):
-        for who, fn in fns.items():
-            if len(samples[who]) >= wanted[who]:
-                continue
-            t0 = time.perf_counter()
-            for _ in range(number[who]):
-                fn()
-            samples[who].append((time.perf_counter() - t0) / number[who])
-    return {who: statistics.median(v) for who, v in samples.items()}
-
-
 def dram_read_bandwidth(quick: bool) -> Dict[str, float]:
     """GB/s of a float32 sum over an array 16x (quick: 8x) the L3 size (medians of repeats)."""
     torch = _torch()
@@ -310,7 +285,6 @@ def ort_contenders(model, x, threads: int, tmp: str, has_vnni: bool) -> Dict[str
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     feed = {"x": x.numpy()}
     out: Dict[str, Optional[Callable]] = {}
 
@@ -390,13 +364,119 @@ def float_weight_count(model) -> int:
 
 
 # ----- the run -------------------------------------------------------------------------------
-def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, object]:
+def build_contender(who: str, index: int, quick: bool, threads: int, isa: Optional[str]):
+    """(callable, info) for contender ``who`` on workload ``index``; (None, info) where it
+    does not apply. Every process builds the same model and input (fixed seeds)."""
     torch = _torch()
-    torch.set_num_threads(threads)
+    name, group, factory, shape, streaming = workloads(quick)[index]
     torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    info: Dict[str, object] = {"weights": float_weight_count(model)}
+    if who == "torch fp32":
+        return torch_fp32(model, x), info
+    if who == "torch int8 dyn":
+        return torch_int8_dyn(model, x), info
+    if who.startswith("ORT"):
+        tmp = tempfile.mkdtemp()
+        fns = ort_contenders(model, x, threads, tmp, isa == "avx512vnni")
+        return fns.get(who), info
     from tvm_rmsmp.targets import resolve_target
 
     target = resolve_target("llvm")
+    if who == "TVM fp32 untuned":
+        if quick and shape[1] == 128 and group == "kernel":
+            return None, info
+        return tvm_fp32(model, x, target), info
+    fn, rinfo = rmsmp_build(model, x, target)
+    info.update(rinfo)
+    return fn, info
+
+
+def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str]) -> None:
+    """One contender in its own process: builds a workload on request, times ``n`` calls."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # unpinned TVM workers: on a shared machine a worker pinned to a busy core stalls every
+    # parallel region (tvm-rmsmp at batch 1 went from 0.05 to 4 ms here with pinning)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    sys.path.insert(0, ROOT)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)
+    torch = _torch()
+    torch.set_num_threads(threads)
+    fn = None
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        try:
+            if msg[0] == "build":
+                fn = None
+                fn, info = build_contender(who, msg[1], quick, threads, isa)
+                conn.send(("ok", fn is not None, info))
+            elif msg[0] == "time":
+                t0 = time.perf_counter()
+                for _ in range(msg[1]):
+                    fn()
+                conn.send(("ok", time.perf_counter() - t0))
+        except Exception as err:  # noqa: BLE001 - reported by the parent, which goes on
+            fn = None
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class Contender:
+    """A contender's worker process (spawned: its own thread pools, nothing shared)."""
+
+    def __init__(self, who: str, quick: bool, threads: int, isa: Optional[str]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.who = who
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, who, quick, threads, isa), daemon=True)
+        self.proc.start()
+
+    def ask(self, *msg):
+        self.conn.send(msg)
+        reply = self.conn.recv()
+        if reply[0] == "error":
+            raise RuntimeError(f"{self.who}: {reply[1]}")
+        return reply[1:]
+
+    def stop(self):
+        try:
+            self.conn.send(("stop",))
+        except OSError:
+            pass
+        self.proc.join(timeout=10)
+
+
+def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float = 0.02) -> Dict[str, float]:
+    """Median seconds per call of each contender, one sample of each per round (so a change
+    of machine load hits every contender alike); a sample is ``number`` calls filling
+    ``min_time``; contenders slower than 0.5 s per call get 3 samples."""
+    number: Dict[str, int] = {}
+    wanted: Dict[str, int] = {}
+    for who, c in live.items():
+        c.ask("time", 1)
+        (once,) = c.ask("time", 1)
+        number[who] = max(1, int(min_time / max(once, 1e-7)))
+        wanted[who] = 3 if once > 0.5 else repeat
+    samples: Dict[str, List[float]] = {who: [] for who in live}
+    for _ in range(repeat):
+        for who, c in live.items():
+            if len(samples[who]) < wanted[who]:
+                (secs,) = c.ask("time", number[who])
+                samples[who].append(secs / number[who])
+                time.sleep(0.005)  # let the last contender's pool go idle
+    return {who: statistics.median(v) for who, v in samples.items()}
+
+
+def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, object]:
+    torch = _torch()
+    torch.set_num_threads(threads)
     hw = hardware(threads)
     print(f"CPU: {hw['cpu']} ({hw['llvm_mcpu']}, {hw['machine']}), {hw['cores']} cores, {threads} threads; "
           f"L3 {hw['l3_bytes'] and hw['l3_bytes'] // 2**20} MiB; tvm-rmsmp x86 kernel ISA: {hw['x86_kernel_isa']}",
@@ -408,53 +488,55 @@ def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, obje
     try:
         import onnxruntime  # noqa: F401
 
-        have_ort = True
+        names = CONTENDERS + [RMSMP]
     except ImportError:
-        have_ort = False
+        names = [c for c in CONTENDERS if not c.startswith("ORT")] + [RMSMP]
         print("onnxruntime is not installed (pip install .[bench]): ONNX Runtime contenders skipped", flush=True)
     repeat = 7 if quick else 21
     results = []
-    for name, group, factory, shape, streaming in workloads(quick):
-        if only and only.lower() not in name.lower():
-            continue
-        print(f"\n{name}", flush=True)
-        model = factory().eval()
-        x = torch.randn(shape)
-        row: Dict[str, object] = {"workload": name, "group": group, "input_shape": list(shape),
-                                  "weights": float_weight_count(model), "seconds": {}, "weight_bytes": {}}
-        w = row["weights"]
-        bytes_of = {"torch fp32": 4 * w, "torch int8 dyn": w, "ORT int8 dyn": w, "ORT 4-bit MatMulNBits": w * 5 // 8,
-                    "TVM fp32 untuned": 4 * w}
-        fns: Dict[str, Optional[Callable]] = {"torch fp32": torch_fp32(model, x)}
-        fns["torch int8 dyn"] = torch_int8_dyn(model, x)
-        if have_ort:
-            with tempfile.TemporaryDirectory() as tmp:
+    workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"]) for who in names}
+    try:
+        for index, (name, group, _factory, shape, streaming) in enumerate(workloads(quick)):
+            if only and only.lower() not in name.lower():
+                continue
+            print(f"\n{name}", flush=True)
+            live: Dict[str, Contender] = {}
+            infos: Dict[str, dict] = {}
+            for who, c in workers.items():  # one build at a time: builds are heavy
                 try:
-                    fns.update(ort_contenders(model, x, threads, tmp, hw["x86_kernel_isa"] == "avx512vnni"))
-                except Exception as err:  # noqa: BLE001
-                    print(f"  ONNX Runtime failed: {type(err).__name__}: {err}", flush=True)
-        heavy = quick and shape[1] == 128 and group == "kernel"
-        if not heavy:
-            fns["TVM fp32 untuned"] = tvm_fp32(model, x, target)
-        fn, info = rmsmp_build(model, x, target)
-        fns[RMSMP] = fn
-        row["rmsmp"] = info
-        bytes_of[RMSMP] = info["weight_bytes"]
-        live = {who: f for who, f in fns.items() if f is not None}
-        for who, t in interleaved_medians(live, repeat).items():
-            f = live[who]
-            row["seconds"][who] = t
-            row["weight_bytes"][who] = bytes_of[who]
-            extra = f"  {bytes_of[who] / t / 1e9:6.1f} GB/s of weights" if streaming else ""
-            print(f"  {who:24s} {t * 1e3:10.3f} ms{extra}", flush=True)
-        secs = row["seconds"]
-        row["speedup"] = {who: secs[who] / secs[RMSMP] for who in secs if who != RMSMP}
-        if streaming:
-            row["rmsmp_fraction_of_dram_bw"] = bytes_of[RMSMP] / secs[RMSMP] / 1e9 / bw["GBps"]
-        print(f"  rmsmp bit-exact vs its torch reference: {info['bit_exact']} (max |diff| {info['max_abs_diff']:.3g});"
-              f" speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()), flush=True)
-        results.append(row)
-        del fns, model
+                    applies, info = c.ask("build", index)
+                except RuntimeError as err:
+                    print(f"  {err}", flush=True)
+                    continue
+                infos[who] = info
+                if applies:
+                    live[who] = c
+            if RMSMP not in live:
+                print("  tvm-rmsmp failed to build: skipped", flush=True)
+                continue
+            w = infos[RMSMP]["weights"]
+            bytes_of = {"torch fp32": 4 * w, "torch int8 dyn": w, "ORT int8 dyn": w,
+                        "ORT 4-bit MatMulNBits": w * 5 // 8, "TVM fp32 untuned": 4 * w,
+                        RMSMP: infos[RMSMP]["weight_bytes"]}
+            rinfo = {k: v for k, v in infos[RMSMP].items() if k != "weights"}
+            row: Dict[str, object] = {"workload": name, "group": group, "input_shape": list(shape), "weights": w,
+                                      "seconds": {}, "weight_bytes": {}, "rmsmp": rinfo}
+            for who, t in sample_round_robin(live, repeat).items():
+                row["seconds"][who] = t
+                row["weight_bytes"][who] = bytes_of[who]
+                extra = f"  {bytes_of[who] / t / 1e9:6.1f} GB/s of weights" if streaming else ""
+                print(f"  {who:24s} {t * 1e3:10.3f} ms{extra}", flush=True)
+            secs = row["seconds"]
+            row["speedup"] = {who: secs[who] / secs[RMSMP] for who in secs if who != RMSMP}
+            if streaming:
+                row["rmsmp_fraction_of_dram_bw"] = bytes_of[RMSMP] / secs[RMSMP] / 1e9 / bw["GBps"]
+            print(f"  rmsmp bit-exact vs its torch reference: {rinfo['bit_exact']} "
+                  f"(max |diff| {rinfo['max_abs_diff']:.3g}); kernels {rinfo['stats'].get('cpu_kernels')}; speedup: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()), flush=True)
+            results.append(row)
+    finally:
+        for c in workers.values():
+            c.stop()
     return {"hardware": hw, "dram": bw, "quick": quick, "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "results": results}
 
@@ -480,10 +562,11 @@ def markdown(report: Dict[str, object]) -> str:
         f"Measured DRAM read bandwidth {bw['GBps']:.1f} GB/s (sum over a {bw['array_bytes'] // 2**20} MiB array). "
         f"Run {report['date_utc']} UTC, `{report['command']}`"
         + (" (quick mode: fewer repeats)." if report["quick"] else "."),
-        "The machine (2 cores) was shared with other jobs during the run, so absolute numbers are noisy:",
-        "contenders are sampled round-robin so load changes hit all alike; compare within one run.",
-        "Thread pools do not spin when idle nor pin threads (`TVM_THREAD_POOL_SPIN_COUNT=0`, `TVM_BIND_THREADS=0`, `OMP_WAIT_POLICY=PASSIVE`,",
-        "ONNX Runtime `allow_spinning=0`), so one contender's idle workers do not slow the next.",
+        "Each contender runs in its own process with its default thread settings (in one process,",
+        "TVM's spinning, core-pinned thread pool slowed the next torch call down up to 9x); samples",
+        "are taken round-robin, one per contender per round, so a change of load hits all alike.",
+        "The machine (2 cores) was shared with other jobs during the run, so absolute numbers are",
+        "noisy: compare within one run.",
         "",
         "## Latency (ms)",
         "",
@@ -538,11 +621,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    # Thread pools sleep when idle instead of spinning: with all contenders in one process,
-    # TVM's spinning workers otherwise slowed the next torch call down up to 9x here.
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-    os.environ.setdefault("TVM_BIND_THREADS", "0")  # pinning moved torch's threads onto one core
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, ROOT)
     warnings.filterwarnings("ignore")
     report = run(args.quick, args.threads, args.only)

@@ -133,4 +133,5 @@ RowGroupDense = _RowGroupDenseRule("dense", schedule_dense, kinds=("llvm",))
 RowGroupConv2d = OpScheduleRule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
-register_target("llvm", [RowGroupDense, RowGroupConv2d], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d})
+register_target("llvm", [RowGroupDense, RowGroupConv2d], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
+                fixed=packed_dense_replacement)

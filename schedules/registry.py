@@ -16,7 +16,8 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight as dl
 
-__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for", "OpScheduleRule"]
+__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for", "fixed_kernel",
+           "OpScheduleRule"]
 
 
 class OpScheduleRule(dl.ScheduleRule):
@@ -39,6 +40,8 @@ _RULES: Dict[str, List[dl.ScheduleRule]] = {}
 _VERIFY: Dict[str, Callable[[tvm.IRModule, tvm.target.Target], None]] = {}
 # op ("dense", "conv2d") -> fn(schedule, target, tunable=True): the space MetaSchedule tunes.
 _SPACES: Dict[str, Dict[str, Callable]] = {}
+# fn(func, target) -> a hand-written replacement PrimFunc or None (not tuned: no space)
+_FIXED: Dict[str, Callable] = {}
 
 
 def register_target(
@@ -46,16 +49,28 @@ def register_target(
     rules: Sequence[dl.ScheduleRule],
     verify: Optional[Callable[[tvm.IRModule, tvm.target.Target], None]] = None,
     spaces: Optional[Dict[str, Callable]] = None,
+    fixed: Optional[Callable] = None,
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
     raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
-    tunable form of its schedule (``fn(sch, target, tunable=True)``, tile sizes sampled)."""
+    tunable form of its schedule (``fn(sch, target, tunable=True)``, tile sizes sampled);
+    ``fixed(func, target)`` returns the hand-written kernel that replaces ``func`` on
+    ``target`` (intrinsics), or None; such kernels are not tuned."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
     if verify is not None:
         _VERIFY[kind] = verify
     _SPACES[kind] = dict(spaces or {})
+    if fixed is not None:
+        _FIXED[kind] = fixed
+
+
+def fixed_kernel(func, target: tvm.target.Target):
+    """The hand-written kernel that the rules put in place of ``func`` on ``target``, or None."""
+    rules_for(target)
+    fn = _FIXED.get(target.kind.name)
+    return None if fn is None else fn(func, target)
 
 
 def space_for(target: tvm.target.Target, op: str) -> Optional[Callable]:

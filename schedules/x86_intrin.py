@@ -151,7 +151,7 @@ def packed_dense_kernel(
         # (x * w = (x + 128) * w - 128 * w: the row sums of w are accumulated alongside)
         xe = T.alloc_buffer((m, kb), "uint8")
         xo = T.alloc_buffer((m, kb), "uint8")
-        for i in T.parallel(m):
+        for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
             for j in range(kb):
                 if signed:
                     xe[i, j] = T.Cast("uint8", T.Cast("int32", x[i, 2 * j]) + 128)

@@ -62,6 +62,35 @@ def _kernels(mod: tvm.IRModule) -> List[Tuple[str, str, tirx.PrimFunc]]:
     return out
 
 
+def _has_fixed_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the schedule rules warn once, at compile time
+        return schedules.fixed_kernel(func, target) is not None
+
+
+def check_tracker(runner) -> None:
+    """Fail early, naming the address, when an RPC runner's tracker does not answer."""
+    config = getattr(runner, "rpc_config", None)
+    if config is None or config.tracker_host is None:
+        return
+    from tvm import rpc
+
+    try:
+        tracker = rpc.connect_tracker(config.tracker_host, int(config.tracker_port))
+        summary = tracker.summary()
+    except Exception as err:  # noqa: BLE001 - any failure to reach it is the same user error
+        raise ConnectionError(
+            f"RPC tracker {config.tracker_host}:{config.tracker_port} is unreachable ({type(err).__name__}: {err}); "
+            "start one with `python -m tvm.exec.rpc_tracker` or fix the runner's RPCConfig"
+        ) from None
+    keys = {k for k in summary.get("queue_info", {})}
+    if config.tracker_key not in keys:
+        raise ConnectionError(
+            f"RPC tracker {config.tracker_host}:{config.tracker_port} has no server with key "
+            f"{config.tracker_key!r} (keys: {sorted(keys)})"
+        )
+
+
 def _check_records(work_dir: str) -> None:
     """Refuse corrupt record files by name and line; drop a torn last line left by a kill."""
     for name in _RECORD_FILES:
@@ -134,6 +163,8 @@ def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) ->
     used: Dict[str, bool] = {}
     mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
     for name, _op, func in _kernels(mod):
+        if _has_fixed_kernel(func, target):
+            continue  # a hand-written intrinsic kernel replaces it: nothing tuned applies
         sch = db.query_schedule(tvm.IRModule({"main": _workload(func)}), target=target, workload_name="main")
         used[name] = sch is not None
         if sch is not None:
@@ -197,7 +228,10 @@ def tune(
 
     trials: measurements in total (over all kernels); a second call adds to the records.
     runner: a MetaSchedule runner (default: measure on this machine), e.g.
-    ``tvm.s_tir.meta_schedule.runner.RPCRunner(...)`` to measure on a board through TVM's RPC.
+    ``tvm.s_tir.meta_schedule.runner.RPCRunner(...)`` to measure on a board through TVM's RPC
+    (its tracker is checked first: unreachable, or no server of the key, is a ConnectionError).
+    Kernels that the target realizes with a hand-written intrinsic kernel (packed 4-bit dense
+    rows on x86 with AVX2) have nothing to tune and are left out.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -209,7 +243,8 @@ def tune(
     if target.kind.name == "llvm" and "num-cores" not in str(target):  # noqa: SIM102
         raise ValueError("MetaSchedule needs 'num-cores' in an llvm target dict")
     mod, _ = lower(model, example_inputs, target, schedule=False)
-    kernels = _kernels(mod)
+    kernels = [k for k in _kernels(mod) if not _has_fixed_kernel(k[2], target)]
+    check_tracker(runner)
     unique: Dict[str, Tuple[str, str, tirx.PrimFunc]] = {}
     for name, op, func in kernels:
         wl = _workload(func)
