@@ -15,6 +15,7 @@ Rules follow dlight: ``apply`` returns None when the function is not theirs.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -109,7 +110,8 @@ def packed_dense_replacement(func, target: Target):
         return None
     scheme = get_scheme(str(attrs["rmsmp.scheme"]))
     levels = nibble_decode(np.arange(16), scheme)
-    kernel = packed_dense_kernel(x_shape[0], x_shape[1], n_rows, str(x_buf.dtype), levels, isa)
+    cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    kernel = packed_dense_kernel(x_shape[0], x_shape[1], n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
     return kernel.with_attr("rmsmp.cpu_kernel", f"x86-{isa}-table-decode").with_attr("tirx.is_scheduled", True)

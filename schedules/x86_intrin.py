@@ -87,6 +87,7 @@ def _tiles(m: int, isa: str):
 
 def packed_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Sequence[int], isa: str, tiles=None, vec: Optional[int] = None,
+    chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
 ) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(x [m, k], w [n, k/2] uint8, bias [n] int32, scale [n] f32, out [m, n] f32)``."""
     if isa not in ("avx2", "avx512vnni"):
@@ -108,7 +109,13 @@ def packed_dense_kernel(
     n_tiles = (n + nt - 1) // nt
     # a chunk of row tiles is one parallel task; its weights (about 96 KiB) stay in L2 while
     # every activation tile passes over them, so activations are read once per chunk
-    per_chunk = max(1, min((n_tiles + 1) // 2, (96 * 1024) // (nt * kb))) if m_tiles > 1 else max(1, n_tiles // 64)
+    # (batch 1: 4 chunks per core; each chunk allocates its accumulators once, and 64 chunks
+    # of a 1843-row group cost 3x the kernel itself in allocations)
+    if chunks is None:
+        chunks = 4 * max(1, num_cores) if m_tiles == 1 else n_tiles
+    per_chunk = max(1, (n_tiles + chunks - 1) // chunks)
+    if m_tiles > 1:
+        per_chunk = max(per_chunk, min((n_tiles + 1) // 2, (96 * 1024) // (nt * kb)))
     n_chunks = (n_tiles + per_chunk - 1) // per_chunk
     # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
     lut_bytes = decode_table(levels).view(np.uint8)
@@ -174,7 +181,7 @@ def packed_dense_kernel(
                             acc[a] = 0
                         for a in T.unroll(nt * lanes):
                             rowsum[a] = 0
-                        for b in range(nb):
+                        for b in T.unroll(nb) if unroll_k else T.serial(nb):
                             for ni in T.unroll(nt):
                                 wv = w[T.min((chunk * per_chunk + tt) * nt + ni, n - 1), T.ramp(b * vec, 1, vec)]
                                 lo = T.reinterpret(wv & T.broadcast(T.uint8(15), vec), dtype=i8v)

@@ -73,9 +73,13 @@ def check_tracker(runner) -> None:
     config = getattr(runner, "rpc_config", None)
     if config is None or config.tracker_host is None:
         return
+    import socket
+
     from tvm import rpc
 
     try:
+        # a plain socket first: TVM's connect_tracker retries for a minute before it gives up
+        socket.create_connection((config.tracker_host, int(config.tracker_port)), timeout=10).close()
         tracker = rpc.connect_tracker(config.tracker_host, int(config.tracker_port))
         summary = tracker.summary()
     except Exception as err:  # noqa: BLE001 - any failure to reach it is the same user error
