@@ -54,3 +54,12 @@ def test_deploy_cpu_tutorial_runs(tmp_path):
     assert "TVM equals the torch reference: True" in out.stdout
     assert "loaded library matches: True" in out.stdout
     assert os.path.exists(tmp_path / "ffn_rmsmp.so")
+
+
+@pytest.mark.slow
+def test_tune_cpu_tutorial_runs(tmp_path):
+    out = run_tutorial("tune_cpu.py", str(tmp_path), "--trials", "4")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "RPC tuning: 4 trials" in out.stdout
+    assert "tuned build equals the torch reference: True" in out.stdout
+    assert os.path.exists(tmp_path / "tuning_rpc" / "database_tuning_record.json")

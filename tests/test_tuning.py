@@ -70,3 +70,17 @@ def test_directory_of_another_target_is_refused(tmp_path, small_resnet):
         rmsmp.compile(q, (x,), tuning=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="trials must be >= 1"):
         rmsmp.tune(q, (x,), "llvm", str(tmp_path / "t2"), trials=0)
+
+
+@pytest.mark.slow
+def test_directory_of_another_model_is_detected(tuned):
+    """Records are keyed by kernel: another model's directory applies nothing, and says so."""
+    _, _, work_dir, _ = tuned
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6)).eval()
+    q = rmsmp.quantize(other, rmsmp.RMSMPConfig(ratio={"sp2_4": 0.5, "fixed_8": 0.5}), [torch.randn(2, 1, 8, 8)])
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.warns(rmsmp.RMSMPWarning, match="has no record for any kernel of this model"):
+        exe = rmsmp.compile(q, (x,), tuning=work_dir)
+    assert exe.stats["tuned"] == 0
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())

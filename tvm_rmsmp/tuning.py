@@ -62,6 +62,37 @@ def _kernels(mod: tvm.IRModule) -> List[Tuple[str, str, tirx.PrimFunc]]:
     return out
 
 
+def light_tensor_intrin() -> None:
+    """Make ``import tvm.s_tir.tensor_intrin`` cheap in this process.
+
+    MetaSchedule's TuneContext and every LocalBuilder worker import that package, whose
+    ``__init__`` parses the CUDA, ROCm, ARM, x86, Hexagon and RISC-V intrinsics: 30-77 s on a
+    loaded 2-core machine, past the builder's timeout, so every trial failed. For CPU targets
+    the package is registered with its x86 and ARM intrinsics only; the other submodules stay
+    importable (``tvm.s_tir.tensor_intrin.cuda``).
+    """
+    import importlib.util
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return
+    module = types.ModuleType(name, "tensor intrinsics (registered lazily by tvm-rmsmp)")
+    module.__path__ = list(spec.submodule_search_locations)
+    module.__file__ = spec.origin
+    sys.modules[name] = module
+    tvm.s_tir.tensor_intrin = module
+    # the CPU ones: MetaSchedule's default x86/ARM rules look them up (e.g. dot_16x4_vnni)
+    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
+    import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+
+
 def _has_fixed_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the schedule rules warn once, at compile time
@@ -187,12 +218,15 @@ class _Progress:
         from tqdm import tqdm
 
         self.best: Dict[int, float] = {}
+        self.first_error: Optional[str] = None
         self.done = 0
         self.names = list(names)
         self.bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled, dynamic_ncols=True)
 
     def update(self, task_id: int, runner_results) -> None:
         for r in runner_results:
+            if r.error_msg is not None and self.first_error is None:
+                self.first_error = str(r.error_msg)
             if r.error_msg is None and r.run_secs:
                 secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
                 if secs < self.best.get(task_id, float("inf")):
@@ -246,6 +280,8 @@ def tune(
     target = resolve_target(target)
     if target.kind.name == "llvm" and "num-cores" not in str(target):  # noqa: SIM102
         raise ValueError("MetaSchedule needs 'num-cores' in an llvm target dict")
+    if target.kind.name == "llvm":
+        light_tensor_intrin()
     mod, _ = lower(model, example_inputs, target, schedule=False)
     kernels = [k for k in _kernels(mod) if not _has_fixed_kernel(k[2], target)]
     check_tracker(runner)
@@ -293,7 +329,8 @@ def tune(
 
         builder, runner = OpenCLArtifactBuilder(), PyOpenCLRunner()
     else:
-        builder = ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=60)
+        builder = ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=60,
+                                          initializer=light_tensor_intrin)
         runner = runner or ms.runner.LocalRunner()
     bar = _Progress(trials, names, progress)
     db = open_database(work_dir, target)
@@ -314,6 +351,9 @@ def tune(
         )
     finally:
         bar.bar.close()
+    if bar.done and not bar.best:
+        warnings.warn(f"tuning: none of the {bar.done} candidates ran; the first error was:\n{bar.first_error}",
+                      RMSMPWarning, stacklevel=2)
     best = {}
     for i, task in enumerate(tasks):
         top = db.get_top_k(db.commit_workload(task.mod), 1)
