@@ -25,7 +25,12 @@ def tuned(tmp_path_factory):
 @pytest.mark.slow
 def test_tune_writes_records_and_compile_uses_them(tuned):
     q, x, work_dir, report = tuned
-    assert report.trials == 16 and len(report.tasks) == 4
+    # conv sp2/fixed_8 and dense fixed_8; the packed sp2 dense group (K = 1024) runs the fixed
+    # x86 intrinsic kernel where the CPU has AVX2, which has nothing to tune
+    from schedules.x86_intrin import x86_isa
+
+    expected = 3 if x86_isa(rmsmp.resolve_target("llvm")) else 4
+    assert report.trials == 16 and len(report.tasks) == expected, report.tasks
     assert any(v is not None and v > 0 for v in report.tasks.values())
     records = open(os.path.join(work_dir, "database_tuning_record.json")).read().splitlines()
     assert len(records) >= 1
