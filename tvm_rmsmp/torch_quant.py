@@ -396,14 +396,14 @@ def _row_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List[
             f"assign={cfg.assign!r} needs at least {MIN_SAMPLES} calibration samples for the Hessian estimate, "
             f"got {samples}; using the 'variance' rule",
             RMSMPWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return "variance", {}, None
     try:
         traces, report = row_hessian_traces(model, layers, use, probes=cfg.hessian.probes, loss=cfg.hessian.loss,
                                             seed=cfg.hessian.seed)
     except RuntimeError as err:  # e.g. an op without a second derivative
-        warnings.warn(f"Hessian estimate failed ({err}); using the 'variance' rule", RMSMPWarning, stacklevel=3)
+        warnings.warn(f"Hessian estimate failed ({err}); using the 'variance' rule", RMSMPWarning, stacklevel=4)
         return "variance", {}, None
     return cfg.assign, traces, report
 
