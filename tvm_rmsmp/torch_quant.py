@@ -168,6 +168,11 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _supported(name: str, mod: nn.Module) -> Optional[str]:
     """None if the layer can be quantized, else why not."""
+    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Conv2d
+    if type(mod).forward is not base.forward:
+        # e.g. a "same"-padding Conv2d subclass that pads in forward(): replacing it by the
+        # plain layer would silently drop what its forward adds.
+        return f"{type(mod).__name__} overrides {base.__name__}.forward"
     if isinstance(mod, nn.Linear):
         return None
     if isinstance(mod, nn.Conv2d):
