@@ -9,6 +9,9 @@ Models and data (all offline, see tvm_rmsmp/offline.py):
   fp32 on the UCI sentiment sentences; accuracy of a logistic-regression probe on frozen
   embeddings (trained on amazon + imdb, tested on yelp); Spearman correlation with human
   similarity on WordSim-353 and SimLex-999.
+* EfficientNet-Lite0 (real ImageNet weights; full mode): top-1 agreement with fp32 and
+  KL(fp32 || quantized) on crops of the only real photographs available offline (a fidelity
+  check, not an accuracy claim; depthwise convolutions stay in float).
 
 Variants (same harness, same calibration batches, same QAT budget): fp32; uniform fixed_4,
 sp2_4 and fixed_8 (per-row scales); layerwise_4_8 (whole layers at 8 bits by Hessian, same
@@ -107,15 +110,15 @@ def run_fmnist(res: Results, quick: bool, assign: str, plot_path: Optional[str])
     model = load_pretrained()
     calib = [torch.from_numpy(xtr[i:i + 128]) for i in range(0, 512, 128)]
     acts = (4,) if quick else (8, 4)
-    qat_steps = 60 if quick else 200
-    qat_variants = ("fixed_4", "sp2_4", "rmsmp_60_35_5") if quick else tuple(VARIANTS)
+    qat_steps, qat_batch = (40, 64) if quick else (120, 64)
+    core = ("fixed_4", "sp2_4", "rmsmp_60_35_5")
     name, ds = "resnet20", "fashion_mnist"
     res.add(name, ds, "fp32", None, "ptq", "top1", evaluate(model, xte, yte))
     t0 = time.perf_counter()
     ref = rmsmp.quantize(model, _config("rmsmp_60_35_5", 8, assign, "kl"), calib)
     traces, hrep = ref.rmsmp_row_hessian, ref.rmsmp_report["hessian"]
     info = {"hessian": attrs.asdict(hrep) if hrep else None, "test_images": n_test, "calib_images": 512,
-            "qat_steps": qat_steps, "qat_batch": 128}
+            "qat_steps": qat_steps, "qat_batch": qat_batch}
     _log(f"  Hessian estimate: {hrep}")
     if plot_path:
         plot_rows(ref, traces, "layers.4.conv1", plot_path)
@@ -124,9 +127,9 @@ def run_fmnist(res: Results, quick: bool, assign: str, plot_path: Optional[str])
             cfg = _variant_config(variant, act, model, calib, traces, assign, "kl")
             q = rmsmp.quantize(model, cfg, calib, row_hessian=traces)
             res.add(name, ds, variant, act, "ptq", "top1", evaluate(q, xte, yte))
-            if variant in qat_variants:
+            if variant in core or (act == 4 and not quick):  # QAT: every variant at A4, the core ones at A8
                 qat = rmsmp.prepare_qat(model, cfg, calib, row_hessian=traces)
-                rmsmp.train_qat(qat, _fmnist_batches(xtr, ytr, qat_steps, 128, SEED),
+                rmsmp.train_qat(qat, _fmnist_batches(xtr, ytr, qat_steps, qat_batch, SEED),
                                 torch.nn.functional.cross_entropy, rmsmp.QATConfig(epochs=1, lr=5e-5, scale_lr=5e-4))
                 res.add(name, ds, variant, act, "qat", "top1", evaluate(rmsmp.convert_qat(qat), xte, yte))
     info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -226,6 +229,35 @@ def run_minilm(res: Results, quick: bool, assign: str) -> Dict:
 
 
 # ------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (fidelity to fp32 on real photographs)
+# ------------------------------------------------------------------------------------------
+def run_efficientnet(res: Results, quick: bool, assign: str) -> Dict:
+    from tvm_rmsmp.models.efficientnet_lite import load_efficientnet_lite0, sample_photos
+
+    model = load_efficientnet_lite0()
+    calib_x, _ = sample_photos(32, seed=1)
+    test_x, _ = sample_photos(32 if quick else 96, seed=2)
+    calib = [calib_x[i:i + 16] for i in range(0, 32, 16)]
+    with torch.no_grad():
+        ref = torch.cat([model(test_x[i:i + 16]) for i in range(0, len(test_x), 16)])
+    name, ds = "efficientnet_lite0", "photos"
+    t0 = time.perf_counter()
+    traces = rmsmp.quantize(model, _config("rmsmp_60_35_5", 8, assign, "kl"), calib).rmsmp_row_hessian
+    variants = ("fixed_4", "sp2_4", "rmsmp_60_35_5") if quick else tuple(VARIANTS)
+    for variant in variants:
+        q = rmsmp.quantize(model, _variant_config(variant, 8, model, calib, traces, assign, "kl"), calib,
+                           row_hessian=traces)
+        with torch.no_grad():
+            out = torch.cat([q(test_x[i:i + 16]) for i in range(0, len(test_x), 16)])
+        agree = (out.argmax(1) == ref.argmax(1)).double().mean()
+        kl = torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
+        res.add(name, ds, variant, 8, "ptq", "top1_agree", agree)
+        res.add(name, ds, variant, 8, "ptq", "kl", kl)
+    return {"photos": "crops of matplotlib's sample photographs", "calib": 32, "test": len(test_x),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------
 # Plot and report
 # ------------------------------------------------------------------------------------------
 def plot_rows(q, traces: Dict[str, np.ndarray], layer: str, path: str) -> None:
@@ -284,7 +316,8 @@ def markdown_table(rows: List[Dict]) -> str:
         cells = []
         for c in cols:
             v = val.get((m, d, metric, 0, "ptq", c)) if c == "fp32" else val.get((m, d, metric, act, mode, c))
-            cells.append("" if v is None else (f"{100 * v:.2f}" if metric in ("top1", "probe_acc") else f"{v:.4f}"))
+            pct = metric in ("top1", "probe_acc", "top1_agree")
+            cells.append("" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}"))
         lines.append(f"| {m} | {d} | {metric} | A{act} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -324,6 +357,9 @@ def main(argv=None):
     if not args.skip_minilm:
         _log("MiniLM-L6")
         info["minilm"] = run_minilm(res, args.quick, args.assign)
+    if not args.quick:
+        _log("EfficientNet-Lite0")
+        info["efficientnet"] = run_efficientnet(res, args.quick, args.assign)
     cmd = "python -m bench.accuracy" + (" --quick" if args.quick else "")
     meta = {"command": cmd, "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
             "threads": args.threads, "seconds": time.perf_counter() - t0, "assign": args.assign, "seed": SEED,
