@@ -37,7 +37,9 @@ __all__ = ["FPGARowGroupRule", "plan_tiles", "schedule_row_group", "FPGA_DEVICE"
 FPGA_DEVICE = "rmsmp_fpga"
 INTRIN = "fpga.intrin"
 #: Aim for at least this many rows per accumulator tile when choosing the output rows per tile.
-_ROWS_HINT = 8
+_ROWS_HINT = 32
+#: Aim for this many row tiles per row group and band.
+_ROW_TILES = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +56,18 @@ def board_of(target: Target):
 
 def _divisors_desc(n: int):
     return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _row_tiles(rows: int):
+    """Row-tile sizes to try, best first: about a quarter of the rows (several tiles per core
+    let loads, compute and stores overlap), dividing ``rows``; then every smaller divisor."""
+    cap = max(1, -(-rows // _ROW_TILES))
+    divs = _divisors_desc(rows)
+    below = [d for d in divs if d <= cap]
+    above = [d for d in reversed(divs) if d > cap]
+    if below and below[0] * 3 < cap and above:  # poor divisors (e.g. a prime row count)
+        return [above[0]] + below
+    return below
 
 
 def _attr(func, key, default=None):
@@ -116,9 +130,9 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
                     continue
                 for ty in _divisors_desc(oh):
                     inp = tc * ((ty - 1) * s + kh) * wp
-                    if inp > accel.inp_slot_bytes or min(rows_hint, rows) * ty * ow * 4 > accel.acc_slot_bytes:
+                    if inp > accel.inp_slot_bytes or rows_hint * ty * ow * 4 > accel.acc_slot_bytes:
                         continue
-                    for tf in _divisors_desc(rows):
+                    for tf in _row_tiles(rows):
                         if (weight_bytes(tf, tc * kh * kw) <= accel.wgt_slot_bytes
                                 and tf * ty * ow * 4 <= accel.acc_slot_bytes):
                             return {"op": "conv2d", "tc": tc, "ty": ty, "tf": tf, "kh": kh, "kw": kw, "stride": s}, ""
@@ -130,9 +144,9 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
             if packed and tk != k and tk % 2:
                 continue
             for tm in _divisors_desc(m):
-                if tm * tk > accel.inp_slot_bytes or min(rows_hint, rows) * tm * 4 > accel.acc_slot_bytes:
+                if tm * tk > accel.inp_slot_bytes or rows_hint * tm * 4 > accel.acc_slot_bytes:
                     continue
-                for tf in _divisors_desc(rows):
+                for tf in _row_tiles(rows):
                     if weight_bytes(tf, tk) <= accel.wgt_slot_bytes and tf * tm * 4 <= accel.acc_slot_bytes:
                         return {"op": "dense", "tk": tk, "tm": tm, "tf": tf}, ""
     return None, (f"no tile of x {list(x.shape)} x {rows} rows fits the buffers (input half {accel.inp_slot_bytes} B, "
@@ -159,6 +173,10 @@ def schedule_row_group(sch: s_tir.Schedule, plan: Dict[str, int], core: str) -> 
         tile = sch.blockize(mi)
         sch.reverse_compute_at(out, fo)
     sch.annotate(tile, INTRIN, f"gemm_{core}")
+    if plan["op"] == "conv2d":  # unit kernel loops vanish from the tile's iterators: keep the geometry
+        sch.annotate(tile, "fpga.kernel_h", plan["kh"])
+        sch.annotate(tile, "fpga.kernel_w", plan["kw"])
+        sch.annotate(tile, "fpga.stride", plan["stride"])
     anchor = sch.get(fo)
     loops = sch.get_loops(out)
     below = [i for i, lp in enumerate(loops) if sch.get(lp).same_as(anchor)]

@@ -8,7 +8,7 @@
    (accumulator, bias and output regions).
 2. :func:`layer_stream` turns the events of all row groups of a layer into one instruction
    stream for the two cores: an input tile is loaded once into the shared input buffer and
-   used by every row group; the tiles of the LUT core (SP2 rows) and of the DSP core
+   used by every row group (each core waits for its ``load-><core>:inp`` token); the tiles of the LUT core (SP2 rows) and of the DSP core
    (fixed rows) are interleaved so both run at once; weights and accumulators alternate
    between buffer halves; dependency tokens order every buffer reuse (see :mod:`.isa`).
    Every token an instruction waits for is pushed by an instruction earlier in the stream,
@@ -223,8 +223,10 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
                 resident = region
             plan.append((gi, ev, len(inp_regions) - 1))
     last_reader = {}  # (inp load, core) -> index into plan
+    first_reader = {}
     for p, (gi, ev, j) in enumerate(plan):
         last_reader[(j, groups[gi].core)] = p
+        first_reader.setdefault((j, groups[gi].core), p)
     readers_of = {}
     for (j, core) in last_reader:
         readers_of.setdefault(j, []).append(core)
@@ -245,7 +247,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
                 wait = tuple(f"{c}->load:inp" for c in readers_of.get(j - 2, ())) if j >= 2 else ()
                 region = inp_regions[j]
                 stream.append(Load(buffer="inp", tensor=x_name, region=region, slot=j % 2,
-                                   nbytes=region_size(region), wait=wait, layer=layer))
+                                   nbytes=region_size(region), wait=wait, layer=layer,
+                                   signal=tuple(f"load->{c}:inp" for c in readers_of[j])))
                 issued_inp = j
             wregion = ev.reads["w"]
             wait = (f"{core}->load:wgt",) if n_wgt[core] >= 2 else ()
@@ -260,6 +263,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
                 out_hw = (1, 1)
                 pixels = acc[0][1]
             gwait = (f"load->{core}:data",)
+            if first_reader[(j, core)] == p:
+                gwait += (f"load->{core}:inp",)
             if k == 0 and n_acc[core] >= 2:
                 gwait += (f"store->{core}:acc",)
             signal = (f"{core}->load:wgt",)
@@ -279,7 +284,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
                           operand=g.bias, row0=row0, row_axis=0 if g.op == "conv2d" else 1,
                           signal=(f"{core}->store:acc",), layer=layer))
         stream.append(Store(core=core, slot=acc_slot, tensor=g.output, region=out_region,
-                            nbytes=4 * region_size(out_region), wait=(f"{core}->store:acc",),
+                            nbytes=accel.store_bytes_per_output * region_size(out_region), wait=(f"{core}->store:acc",),
                             signal=(f"store->{core}:acc",), layer=layer))
         n_acc[core] += 1
     return stream

@@ -108,6 +108,15 @@ class AcceleratorConfig:
     dma_latency_cycles: int = attrs.field(default=64, validator=_non_negative_int)
     gemm_pipeline_cycles: int = attrs.field(default=8, validator=_non_negative_int)
     alu_lanes: int = attrs.field(default=16, validator=_positive_int)
+    #: Bytes written back per output: 4 (int32 ``acc + bias``; the host does the float
+    #: epilogue, which keeps results bit-exact) is what the compiled model runs. 1 models a
+    #: design whose ALU requantizes to 8 bits on chip: a timing what-if only (see docs/fpga.md).
+    store_bytes_per_output: int = attrs.field(default=4)
+
+    @store_bytes_per_output.validator
+    def _check_store_bytes(self, attribute, value):
+        if value not in (1, 2, 4):
+            raise ValueError(f"store_bytes_per_output must be 1, 2 or 4, got {value!r}")
 
     @property
     def inp_slot_bytes(self) -> int:

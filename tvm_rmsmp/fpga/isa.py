@@ -1,12 +1,16 @@
 """The accelerator's instruction set (VTA-style, with two GEMM cores).
 
-Four in-order queues run at the same time: ``load`` (DMA from DRAM into the on-chip
-buffers), ``lut`` and ``dsp`` (one GEMM core each, plus its ALU), ``store`` (DMA back to
-DRAM). They synchronize only through dependency tokens, as in VTA: an instruction first
+Seven in-order queues run at the same time: ``load`` (DMA of input tiles into the shared
+input buffer), ``load_lut`` / ``load_dsp`` (DMA of each core's weights), ``lut`` and ``dsp``
+(one GEMM core each, plus its ALU), ``store_lut`` / ``store_dsp`` (DMA of each core's results
+back to DRAM). Each core is thus a VTA-like load-compute-store pipeline; the two share the
+input tiles and DRAM, whose read and write channels (AXI) each move ``dram_bytes_per_cycle``
+and serve the DMA queues first come, first served. Queues synchronize only through
+dependency tokens, as in VTA: an instruction first
 pops one token from each channel in ``wait`` (blocking until the producer pushed it) and
 pushes one token to each channel in ``signal`` when it finishes. Channels are named
-``"<from>-><to>:<what>"``, e.g. ``"load->dsp:data"`` (tile loaded) or ``"dsp->load:wgt"``
-(weight buffer half free again).
+``"<from>-><to>:<what>"``, e.g. ``"load->dsp:data"`` (weight tile loaded), ``"load->dsp:inp"``
+(input tile loaded) or ``"dsp->load:wgt"`` (weight buffer half free again).
 
 On-chip buffers (each split in two halves, ``slot`` 0/1, for double buffering): ``inp``
 (shared by both cores), ``wgt_lut``/``wgt_dsp`` and ``acc_lut``/``acc_dsp`` (int32).
@@ -23,7 +27,7 @@ import attrs
 __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES", "QUEUES", "ALU_OPS"]
 
 CORES = ("lut", "dsp")
-QUEUES = ("load", "lut", "dsp", "store")
+QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "store_lut", "store_dsp")
 ALU_OPS = ("add_bias", "mul_shift", "shift", "relu")
 
 Region = Tuple[Tuple[int, int], ...]
@@ -98,7 +102,7 @@ class Load(Instruction):
 
     @property
     def queue(self) -> str:
-        return "load"
+        return "load" if self.buffer == "inp" else "load_" + self.buffer[4:]
 
     def writes(self):
         return ((self.buffer, self.slot),)
@@ -210,7 +214,7 @@ class Store(Instruction):
 
     @property
     def queue(self) -> str:
-        return "store"
+        return "store_" + self.core
 
     def reads(self):
         return ((f"acc_{self.core}", self.slot),)

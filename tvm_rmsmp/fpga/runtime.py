@@ -25,7 +25,7 @@ import tvm
 from tvm import relax
 
 from .codegen import RowGroup, layer_stream, tile_events, weight_levels
-from .config import FPGAConfig, load_board
+from .config import AcceleratorConfig, FPGAConfig, load_board
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 
@@ -46,6 +46,7 @@ class LayerProgram:
     constants: Dict[str, object]
     outputs: List[Tuple[object, str, np.ndarray, int, tuple]]  # (relax var, DRAM name, scale, channel axis, shape)
     schemes: List[str]
+    groups: list = attrs.field(factory=list)
 
     def summary(self) -> Dict[str, int]:
         return stream_summary(self.stream)
@@ -212,7 +213,7 @@ class FPGACompiledModel:
             schemes.append(scheme)
         stream = layer_stream(layer, x_name, groups, self.config.accelerator)
         return LayerProgram(layer=layer, stream=stream, x_var=ref(x_var), constants=constants, outputs=outputs,
-                            schemes=schemes)
+                            schemes=schemes, groups=groups)
 
     # ----- execution --------------------------------------------------------------------
     def _host_func(self, name: str):
@@ -267,21 +268,28 @@ class FPGACompiledModel:
         return env[ref]
 
     # ----- performance model ------------------------------------------------------------
-    def profile(self) -> Dict[str, object]:
+    def profile(self, accelerator: Optional[AcceleratorConfig] = None) -> Dict[str, object]:
         """Modelled cycles of the accelerator layers (host ops are not counted): per layer the
-        cycles, busy cycles per unit, MACs per core; totals, latency and utilization."""
-        if self._profile is not None:
+        cycles, busy cycles per unit, MACs per core; totals, latency and utilization.
+
+        accelerator: another configuration of the same board's accelerator with the same
+        buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
+        regenerated from the same tiles and timed with it (a what-if; ``exe(x)`` is unchanged).
+        """
+        if accelerator is None and self._profile is not None:
             return self._profile
-        acc = self.config.accelerator
+        acc = accelerator or self.config.accelerator
+        simulator = Simulator(acc)
         layers = []
         total = 0
-        busy = {"load": 0, "lut": 0, "dsp": 0, "store": 0}
+        busy: Dict[str, int] = {}
         macs = {"lut": 0, "dsp": 0}
         for prog in self.layers:
-            r: SimResult = self.simulator.run(prog.stream)
+            stream = prog.stream if accelerator is None else layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+            r: SimResult = simulator.run(stream)
             total += r.cycles
-            for q in busy:
-                busy[q] += r.busy[q]
+            for q, b in r.busy.items():
+                busy[q] = busy.get(q, 0) + b
             for c in macs:
                 macs[c] += r.macs[c]
             layers.append({"layer": prog.layer, "cycles": r.cycles, "busy": dict(r.busy), "macs": dict(r.macs),
@@ -289,12 +297,14 @@ class FPGACompiledModel:
         clock = self.config.board.clock_mhz
         util = {q: (busy[q] / total if total else 0.0) for q in busy}
         mac_util = {c: (macs[c] / (total * acc.macs_per_cycle(c, 4)) if total else 0.0) for c in macs}
-        self._profile = {
+        result = {
             "board": self.config.name, "clock_mhz": clock, "cycles": total, "latency_ms": total / (clock * 1e3),
             "busy": busy, "utilization": util, "mac_utilization": mac_util, "macs": macs, "layers": layers,
             "host_fallbacks": list(self.fallbacks),
         }
-        return self._profile
+        if accelerator is None:
+            self._profile = result
+        return result
 
     def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:
         """Modelled accelerator seconds per inference (the cycle model, not a measurement)."""
@@ -305,9 +315,26 @@ class FPGACompiledModel:
 
 
 def _kernel_of(func) -> Tuple[int, int]:
-    from schedules.fpga import _kernel
+    """The conv kernel the schedule recorded on the GEMM tile block."""
+    found = []
 
-    return _kernel(func)
+    def visit(stmt):
+        kind = type(stmt).__name__
+        if kind == "SBlockRealize":
+            ann = stmt.block.annotations
+            if "fpga.kernel_h" in ann:
+                found.append((int(ann["fpga.kernel_h"]), int(ann["fpga.kernel_w"])))
+            visit(stmt.block.body)
+        elif kind == "SeqStmt":
+            for s in stmt.seq:
+                visit(s)
+        elif getattr(stmt, "body", None) is not None:
+            visit(stmt.body)
+
+    visit(func.body)
+    if not found:
+        raise ValueError("a scheduled conv2d row group without its kernel annotation")
+    return found[0]
 
 
 def compile_fpga(mod: tvm.IRModule, target: tvm.target.Target, input_specs, stats=None) -> FPGACompiledModel:

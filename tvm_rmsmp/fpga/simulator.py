@@ -2,11 +2,11 @@
 
 One pass over an instruction stream does both:
 
-* **timing**: each of the four queues (load, lut, dsp, store) executes its instructions in
-  order; an instruction starts when its queue is free and every token it waits for has
-  been pushed, and lasts a modelled number of cycles (DMA: bytes over the DRAM port width
-  plus a set-up latency; GEMM: array passes plus the pipeline depth; ALU: elements over its
-  lanes). Instructions are processed in order of start time, so buffer accesses are
+* **timing**: each queue (see :mod:`.isa`) executes its instructions in order; an
+  instruction starts when its queue is free and every token it waits for has been pushed,
+  and lasts a modelled number of cycles (DMA: bytes over the DRAM channel width plus a
+  set-up latency, loads sharing the read channel and stores the write channel first come,
+  first served; GEMM: array passes plus the pipeline depth; ALU: elements over its lanes). Instructions are processed in order of start time, so buffer accesses are
   checked as the hardware would see them: a read of a buffer half still being written, or
   a write over a half still being read, by another queue, is a missing dependency token
   (:class:`HazardError`, naming both instructions); a queue waiting for a token nobody will
@@ -79,7 +79,7 @@ class SimResult:
     timeline: List[tuple] = attrs.field(factory=list)  # (queue, start, end, index) when recorded
 
     def utilization(self) -> Dict[str, float]:
-        return {q: (self.busy[q] / self.cycles if self.cycles else 0.0) for q in QUEUES}
+        return {q: (b / self.cycles if self.cycles else 0.0) for q, b in self.busy.items()}
 
 
 def _slices(region):
@@ -121,6 +121,8 @@ class Simulator:
         head = {q: 0 for q in QUEUES}
         free_at = {q: 0 for q in QUEUES}
         busy = {q: 0 for q in QUEUES}
+        busy.update(dma_read=0, dma_write=0)
+        channel_free = {"dma_read": 0, "dma_write": 0}
         macs = {"lut": 0, "dsp": 0}
         tokens: Dict[str, collections.deque] = collections.defaultdict(collections.deque)
         writer: Dict[tuple, tuple] = {}   # (buffer, slot) -> (index, queue, end)
@@ -161,6 +163,11 @@ class Simulator:
             for ch in ins.wait:
                 tokens[ch].popleft()
             dur = self.duration(ins)
+            if isinstance(ins, (Load, Store)):  # wait for the shared AXI channel
+                channel = "dma_read" if isinstance(ins, Load) else "dma_write"
+                start = max(start, channel_free[channel])
+                channel_free[channel] = start + dur
+                busy[channel] += dur
             end = start + dur
             self._check_access(stream, i, ins, q, start, end, writer, readers)
             if dram is not None:
