@@ -65,7 +65,7 @@ def _row_tiles(rows: int):
     divs = _divisors_desc(rows)
     below = [d for d in divs if d <= cap]
     above = [d for d in reversed(divs) if d > cap]
-    if below and below[0] * 3 < cap and above:  # poor divisors (e.g. a prime row count)
+    if below and below[0] * 2 <= cap and above:  # poor divisors (e.g. a prime row count)
         return [above[0]] + below
     return below
 

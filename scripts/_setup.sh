@@ -48,7 +48,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     "$VPY" -m pip install -q --upgrade pip wheel
     # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
     "$VPY" -m pip install -q "torch==2.13.0"
-    "$VPY" -m pip install -q -e ".[test]"
+    "$VPY" -m pip install -q -e ".[test,bench]"
     touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
