@@ -29,12 +29,12 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from tvm_rmsmp.fpga.config import load_board
+from tvm_rmsmp.fpga.target import FPGA_DEVICE
 
 from .registry import register_target
 
 __all__ = ["FPGARowGroupRule", "plan_tiles", "schedule_row_group", "FPGA_DEVICE", "INTRIN"]
 
-FPGA_DEVICE = "rmsmp_fpga"
 INTRIN = "fpga.intrin"
 #: Aim for at least this many rows per accumulator tile when choosing the output rows per tile.
 _ROWS_HINT = 32
@@ -86,7 +86,7 @@ def _bits(func) -> int:
 
 
 def _kernel(func) -> Tuple[int, int]:
-    """Kernel height and width: the extents of the ``acc`` block's last two reduction axes."""
+    """Kernel height and width of an unscheduled conv2d: its ``acc`` block's last two axes."""
     sch = s_tir.Schedule(func)
     block = sch.get(sch.get_sblock("acc"))
     dims = [int(iv.dom.extent) for iv in block.iter_vars]
@@ -120,7 +120,7 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
             return None, f"dilation {dilation} is not supported by the accelerator"
         if strides[0] != strides[1]:
             return None, f"unequal strides {strides}"
-        n, c, hp, wp = (int(d) for d in x.shape)
+        _, c, hp, wp = (int(d) for d in x.shape)
         _, _, oh, ow = (int(d) for d in out.shape)
         s = strides[0]
         kh, kw = _kernel(func)

@@ -11,8 +11,9 @@ One JSON file per board in ``tvm_rmsmp/fpga/boards/`` (like VTA's ``vta_config.j
 The accelerator has two GEMM cores that share one input buffer:
 
 * the DSP core, a ``pixels x reduction`` array of DSP48 slices (fixed-point rows). A DSP48
-  multiplies one activation by two packed 4-bit weights at once (``dsp_products_4bit``), so
-  it computes two Fixed-4 output rows per cycle, or one Fixed-8 row;
+  multiplies a 4-bit weight by two activations packed into its 25-bit port at once
+  (``dsp_products_4bit``), so each slice serves two output pixels of a Fixed-4 row per
+  cycle, or one of a Fixed-8 row;
 * the LUT core, a ``pixels x reduction`` array of shift-add units built from LUTs (SP2 rows,
   ``luts_per_sp2_mac`` LUTs each: two barrel shifts, an add, a conditional negate and a share
   of the adder tree).

@@ -115,7 +115,6 @@ class FPGACompiledModel:
         self.fallbacks: List[str] = []
         alias: Dict[object, object] = {}
         consts: Dict[object, np.ndarray] = {}
-        pending: Dict[tuple, list] = {}  # (layer, x var) -> row-group calls not yet emitted
 
         def ref(expr):
             if isinstance(expr, tvm.ir.GenericConst):

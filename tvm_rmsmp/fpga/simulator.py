@@ -101,9 +101,9 @@ class Simulator:
             return math.ceil(ins.nbytes / a.dram_bytes_per_cycle) + a.dma_latency_cycles
         if isinstance(ins, _Gemm):
             arr = a.dsp_array if ins.core == "dsp" else a.lut_array
-            per_pass = a.dsp_products_4bit if (ins.core == "dsp" and ins.bits <= 4) else 1
-            passes = math.ceil(ins.rows / per_pass) * math.ceil(ins.pixels / arr.pixels) * math.ceil(
-                ins.reduction / arr.reduction)
+            # a DSP48 multiplies a 4-bit weight by dsp_products_4bit packed activations (pixels)
+            pack = a.dsp_products_4bit if (ins.core == "dsp" and ins.bits <= 4) else 1
+            passes = ins.rows * math.ceil(ins.pixels / (arr.pixels * pack)) * math.ceil(ins.reduction / arr.reduction)
             return passes + a.gemm_pipeline_cycles
         if isinstance(ins, Alu):
             return math.ceil(ins.elements / a.alu_lanes) + 2
