@@ -141,3 +141,16 @@ def test_8_bit_schemes_have_no_nibble_code():
 
     with pytest.raises(ValueError, match="8 bits"):
         nibble_codes(np.zeros((1, 2), np.int64), get_scheme("fixed_8"))
+
+
+def test_table_lookup_encoding_equals_binary_search():
+    from tvm_rmsmp.schemes import _nearest_level, _nearest_level_search
+
+    rng = np.random.default_rng(0)
+    for name in ("sp2_4", "fixed_4", "fixed_8"):
+        lv = get_scheme(name).levels
+        m = int(lv.max())
+        ties = np.arange(-4 * m - 8, 4 * m + 9) / 4.0  # every midpoint, exactly
+        edge = [0.0, -0.0, 1e-300, -1e-300, np.nextafter(0.5, 1), np.nextafter(0.5, 0), 1e30, -1e30]
+        v = np.concatenate([rng.uniform(-m - 3, m + 3, 20000), ties, edge])
+        np.testing.assert_array_equal(_nearest_level(v, lv), _nearest_level_search(v, lv))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import attrs
 
 from .schemes import get_scheme
 
-__all__ = ["RMSMPConfig", "DEFAULT_RATIO", "validate_ratio"]
+__all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio"]
 
 #: The paper's ratio for a Zynq XC7Z020: SP2-4 : Fixed-4 : Fixed-8 = 60:35:5.
 DEFAULT_RATIO: Dict[str, float] = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
@@ -42,22 +42,70 @@ def _check_act_bits(instance, attribute, value):
         raise ValueError(f"act_bits must be an integer in [2, 8] (activations are int8), got {value!r}")
 
 
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen
+class HessianConfig:
+    """How row sensitivities are estimated (see :mod:`tvm_rmsmp.hessian`).
+
+    probes: Rademacher probes (Hessian-vector products) per calibration batch.
+    batches: calibration batches used (the first ones); cost grows linearly with both.
+    loss: ``"mse"`` (any model) or ``"kl"`` (classifiers: softmax over the last axis).
+    seed: the probes' random seed.
+    """
+
+    probes: int = attrs.field(default=8, validator=_positive_int)
+    batches: int = attrs.field(default=4, validator=_positive_int)
+    loss: str = attrs.field(default="mse", validator=attrs.validators.in_(("mse", "kl")))
+    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
+
+
+def _layer_ratios_converter(value):
+    if value is None:
+        return {}
+    if not hasattr(value, "items"):
+        raise ValueError(f"layer_ratios must be a dict of layer name -> ratio, got {value!r}")
+    out = {}
+    for name, ratio in value.items():
+        try:
+            out[str(name)] = validate_ratio(dict(ratio) if hasattr(ratio, "items") else ratio)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"layer_ratios[{name!r}]: {err}") from err
+    return out
+
+
 @attrs.frozen
 class RMSMPConfig:
     """How to quantize a model.
 
     ratio: share of rows per scheme, the same in every quantized layer.
     act_bits: activation bit-width (static per-tensor scales from calibration; unsigned after ReLU).
-    assign: name of the row-assignment rule (see :mod:`tvm_rmsmp.assign`).
+    assign: name of the row-assignment rule (see :mod:`tvm_rmsmp.assign`); rules that need
+        the loss Hessian estimate it from the calibration batches as ``hessian`` says.
     fold_bn: fold Conv2d + BatchNorm2d before quantizing the weights.
     skip: layer names (module paths) to leave in float.
+    layer_ratios: per-layer ratios replacing ``ratio`` for the named layers, e.g. the first
+        and last layer at ``{"fixed_8": 1.0}``, or whole layers at 8 bits (layer-wise mixing).
+    edge_scheme: if set, the first and last quantized layers (in execution order) use only
+        this scheme (common practice: ``"fixed_8"``), unless ``layer_ratios`` names them.
     """
 
     ratio: Dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATIO), converter=_ratio_converter)
     act_bits: int = attrs.field(default=8, validator=_check_act_bits)
-    assign: str = attrs.field(default="variance")
+    assign: str = attrs.field(default="hessian")
     fold_bn: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     skip: Tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    hessian: HessianConfig = attrs.field(factory=HessianConfig, validator=attrs.validators.instance_of(HessianConfig))
+    layer_ratios: Dict[str, Dict[str, float]] = attrs.field(factory=dict, converter=_layer_ratios_converter)
+    edge_scheme: Optional[str] = attrs.field(default=None)
+
+    @edge_scheme.validator
+    def _check_edge(self, attribute, value):
+        if value is not None:
+            get_scheme(value)
 
     @assign.validator
     def _check_assign(self, attribute, value):
@@ -69,3 +117,7 @@ class RMSMPConfig:
     def schemes(self) -> Tuple[str, ...]:
         """Schemes with a non-zero share, in the ratio's order (this is the row-group order)."""
         return tuple(n for n, s in self.ratio.items() if s > 0)
+
+    def ratio_for(self, layer: str) -> Dict[str, float]:
+        """The ratio used for ``layer``: its entry in ``layer_ratios`` or the model-wide one."""
+        return self.layer_ratios.get(layer, self.ratio)

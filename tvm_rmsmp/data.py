@@ -55,3 +55,53 @@ def load_fashion_mnist(split: str = "test", normalize: bool = True) -> Tuple[np.
     if normalize:
         x = (x - FASHION_MNIST_NORM[0]) / FASHION_MNIST_NORM[1]
     return x.astype(np.float32), labels.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# Text data carried by registry packages (fetched once, see tvm_rmsmp.offline)
+# ------------------------------------------------------------------------------------------
+UCI_SOURCES = ("amazon", "imdb", "yelp")
+
+
+def load_uci_sentiment(source: str):
+    """``(sentences, labels)`` of one UCI sentiment set (1000 labelled sentences each; the
+    fixtures of npm ``sentiment@5.0.2``; entries without text are dropped)."""
+    import json
+
+    from .offline import npm_files
+
+    if source not in UCI_SOURCES:
+        raise ValueError(f"source must be one of {UCI_SOURCES}, got {source!r}")
+    path = os.path.join(npm_files("sentiment", "5.0.2", "test/fixtures/"), f"{source}.json")
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable UCI sentiment fixture: {err}") from err
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("text"), str) and r.get("class") in (0, 1)]
+    return [r["text"] for r in rows], np.array([r["class"] for r in rows], dtype=np.int64)
+
+
+def load_word_similarity(name: str):
+    """``(word pairs, human scores)`` of ``wordsim353`` or ``simlex999`` (from gensim's test data)."""
+    from .offline import pypi_files
+
+    files = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
+    if name not in files:
+        raise ValueError(f"name must be one of {sorted(files)}, got {name!r}")
+    path = os.path.join(pypi_files("gensim", "4.4.0", "gensim/test/test_data/"), files[name])
+    pairs, scores = [], []
+    with open(path, encoding="utf8") as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            try:
+                score = float(parts[2])
+            except (IndexError, ValueError):
+                continue  # header line
+            pairs.append((parts[0], parts[1]))
+            scores.append(score)
+    if not pairs:
+        raise ValueError(f"{path}: no word pairs read")
+    return pairs, np.array(scores)

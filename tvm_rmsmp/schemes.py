@@ -152,7 +152,7 @@ class Scheme:
         """Torch version of :meth:`encode` (nearest level, no gradient)."""
         import torch
 
-        levels = torch.as_tensor(self.levels, dtype=w.dtype, device=w.device)
+        levels = torch.tensor(np.array(self.levels), dtype=w.dtype, device=w.device)
         mids = (levels[1:] + levels[:-1]) / 2
         scale = row_scale.reshape((-1,) + (1,) * (w.dim() - 1))
         idx = torch.bucketize(w / scale, mids)
@@ -182,14 +182,44 @@ def _levels_cached(kind: str, bits: int, m1: int, m2: int) -> np.ndarray:
     return _LEVEL_CACHE[key]
 
 
-def _nearest_level(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Nearest element of sorted ``levels`` (ties to the level nearer zero)."""
+def _nearest_level_search(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Nearest element of sorted ``levels`` (ties to the level nearer zero), by binary search."""
     mids = (levels[1:] + levels[:-1]) / 2.0
     # side depends on sign so ties round toward zero symmetrically: encode(-w) == -encode(w).
     idx_pos = np.searchsorted(mids, v, side="left")
     idx_neg = np.searchsorted(mids, v, side="right")
     idx = np.where(v >= 0, idx_pos, idx_neg)
     return levels[idx]
+
+
+_MAGNITUDE_LUT: Dict[bytes, Tuple[np.ndarray, int]] = {}
+
+
+def _magnitude_lut(levels: np.ndarray) -> Tuple[np.ndarray, int]:
+    """For symmetric integer levels: ``lut[c]`` is the nearest non-negative level of any
+    ``|v|`` with ``ceil(2|v|) == c`` (ties toward zero). Midpoints of integer levels are
+    multiples of 1/2, so no midpoint lies strictly inside such an interval."""
+    key = levels.tobytes()
+    if key not in _MAGNITUDE_LUT:
+        pos = levels[levels >= 0]
+        twice_mids = pos[1:] + pos[:-1]
+        top = 2 * int(pos[-1]) + 1
+        lut = np.array([pos[int((twice_mids <= c - 1).sum())] for c in range(top + 1)], dtype=np.float64)
+        _MAGNITUDE_LUT[key] = (lut, top)
+    return _MAGNITUDE_LUT[key]
+
+
+def _nearest_level(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Nearest element of sorted ``levels`` (ties to the level nearer zero).
+
+    Levels of the registered schemes are symmetric integers: a table lookup on
+    ``ceil(2|v|)`` (exact in float64) replaces the binary search, several times faster."""
+    v = np.asarray(v, dtype=np.float64)
+    if levels.dtype.kind not in "iu" or not np.array_equal(levels, -levels[::-1]) or not np.all(np.isfinite(v)):
+        return _nearest_level_search(v, levels)
+    lut, top = _magnitude_lut(levels)
+    c = np.minimum(np.ceil(2.0 * np.abs(v)), top).astype(np.int64)
+    return (np.copysign(lut[c], v)).astype(levels.dtype) if v.size else levels[:0].reshape(v.shape)
 
 
 # ----- SP2 kernel code ----------------------------------------------------------------------

@@ -13,17 +13,19 @@ import math
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
 
 from . import torch_ops  # noqa: F401  (registers rmsmp:: custom ops)
-from .assign import assign_rows
+from .assign import assign_rows, rule_needs_hessian
 from .config import RMSMPConfig
+from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .plan import RowPlan
 from .schemes import get_scheme
 
-__all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "row_plans", "ActQuant", "RMSMPWarning"]
+__all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning"]
 
 
 class RMSMPWarning(UserWarning):
@@ -230,9 +232,10 @@ class _InputStats:
         return self.sq_sum / max(self.count, 1)
 
 
-def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputStats) -> nn.Module:
+def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputStats, rule: str,
+                    row_hessian: Optional[np.ndarray]) -> nn.Module:
     weight = mod.weight.detach().to(torch.float32).numpy().astype(np.float64)
-    schemes = assign_rows(weight, cfg.ratio, cfg.assign, input_sq=stats.input_sq)
+    schemes = assign_rows(weight, cfg.ratio_for(name), rule, input_sq=stats.input_sq, row_hessian=row_hessian)
     w_int = np.zeros(weight.shape, np.int8)
     row_scale = np.zeros(weight.shape[0], np.float32)
     for s_name in set(schemes):
@@ -248,13 +251,50 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
     return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
 
 
-def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None) -> nn.Module:
+def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
+             row_hessian: Optional[Dict[str, np.ndarray]] = None) -> nn.Module:
     """Post-training RMSMP quantization of ``model``; the input model is left untouched.
 
     calib_data: an iterable of input batches (tensors, arrays, or tuples for several inputs),
-    used for static activation scales and the row-assignment statistics.
-    Returns a new module in eval mode.
+    used for static activation scales and the row-assignment statistics (and the loss
+    Hessian, for the rules that need it).
+    row_hessian: per-layer row Hessian traces from an earlier run (``q.rmsmp_row_hessian``)
+    for the same float model and calibration data: several configurations can share one
+    estimate.
+    Returns a new module in eval mode; ``q.rmsmp_report`` says which rule ran and what the
+    Hessian estimate cost.
     """
+    cal = calibrate(model, config, calib_data, row_hessian)
+    for name, mod in cal.layers.items():
+        _set_submodule(cal.model, name, _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule,
+                                                        cal.row_hessian.get(name)))
+    return cal.finish()
+
+
+@attrs.define
+class Calibration:
+    """What calibration learned about a model: the float model (BN folded) and, per
+    quantizable layer in execution order, its input statistics and row-Hessian traces."""
+
+    model: nn.Module
+    config: RMSMPConfig
+    layers: Dict[str, nn.Module]
+    stats: Dict[str, "_InputStats"]
+    batches: List[tuple]
+    rule: str = "variance"
+    row_hessian: Dict[str, np.ndarray] = attrs.field(factory=dict)
+    hessian_report: Optional[HessianReport] = None
+
+    def finish(self) -> nn.Module:
+        self.model.rmsmp_config = self.config
+        self.model.rmsmp_row_hessian = self.row_hessian
+        self.model.rmsmp_report = {"assign": self.rule, "hessian": self.hessian_report}
+        return self.model.eval()
+
+
+def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Iterable,
+              row_hessian: Optional[Dict[str, np.ndarray]] = None) -> Calibration:
+    """Copy ``model``, fold BN, run the calibration batches and estimate what the rule needs."""
     cfg = config if config is not None else RMSMPConfig()
     if not isinstance(cfg, RMSMPConfig):
         raise TypeError(f"config must be an RMSMPConfig, got {type(cfg).__name__}")
@@ -286,19 +326,23 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
                     _check_finite(name, "bias", mod.bias)
                 targets[name] = mod
             else:
-                warnings.warn(f"layer {name!r} left in float: {why}", RMSMPWarning, stacklevel=2)
+                warnings.warn(f"layer {name!r} left in float: {why}", RMSMPWarning, stacklevel=3)
         elif isinstance(mod, _OTHER_WEIGHT_LAYERS):
             warnings.warn(
                 f"layer {name!r} left in float: {type(mod).__name__} is not a supported quantized layer type",
                 RMSMPWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+    unknown = set(cfg.layer_ratios) - set(targets)
+    if unknown:
+        raise ValueError(f"layer_ratios names layers that are not quantizable layers of the model: {sorted(unknown)}")
     if not targets:
-        warnings.warn("model has no quantizable layer (Linear / Conv2d); it stays in float", RMSMPWarning, stacklevel=2)
-        return q
+        warnings.warn("model has no quantizable layer (Linear / Conv2d); it stays in float", RMSMPWarning, stacklevel=3)
+        return Calibration(q, cfg, {}, {}, batches)
 
     stats = {n: _InputStats(channel_axis=-1 if isinstance(m, nn.Linear) else 1) for n, m in targets.items()}
-    handles = [m.register_forward_pre_hook(stats[n]) for n, m in targets.items()]
+    seen: List[str] = []
+    handles = [m.register_forward_pre_hook(_first_call(seen, n, stats[n])) for n, m in targets.items()]
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
@@ -311,13 +355,57 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
     finally:
         for h in handles:
             h.remove()
-    for name, mod in targets.items():
-        if not stats[name].samples:
-            warnings.warn(f"layer {name!r} left in float: calibration never reached it", RMSMPWarning, stacklevel=2)
-            continue
-        _set_submodule(q, name, _quantize_layer(name, mod, cfg, stats[name]))
-    q.rmsmp_config = cfg
-    return q.eval()
+    for name in targets.keys() - set(seen):
+        warnings.warn(f"layer {name!r} left in float: calibration never reached it", RMSMPWarning, stacklevel=3)
+    layers = {n: targets[n] for n in seen}  # execution order: first and last layer are well defined
+    if cfg.edge_scheme is not None and layers:
+        edge = {n: {cfg.edge_scheme: 1.0} for n in (seen[0], seen[-1]) if n not in cfg.layer_ratios}
+        cfg = attrs.evolve(cfg, layer_ratios={**cfg.layer_ratios, **edge})
+    cal = Calibration(q, cfg, layers, {n: stats[n] for n in seen}, batches)
+    if row_hessian is not None and rule_needs_hessian(cfg.assign):
+        missing = sorted(set(layers) - set(row_hessian))
+        if missing:
+            raise ValueError(f"row_hessian has no traces for layers {missing}")
+        cal.rule, cal.row_hessian = cfg.assign, {n: np.asarray(row_hessian[n], np.float64) for n in layers}
+    else:
+        cal.rule, cal.row_hessian, cal.hessian_report = _row_hessians(q, layers, batches, cfg)
+    return cal
+
+
+def _first_call(seen: List[str], name: str, stats: "_InputStats"):
+    def hook(module, inputs):
+        if name not in seen:
+            seen.append(name)
+        stats(module, inputs)
+
+    return hook
+
+
+def _row_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List[tuple], cfg: RMSMPConfig):
+    """``(rule actually used, {layer: row Hessian traces}, HessianReport or None)``.
+
+    Falls back to the ``variance`` rule, with a warning, when the calibration data are too
+    few for a meaningful estimate or the model cannot be differentiated twice.
+    """
+    if not rule_needs_hessian(cfg.assign) or not layers:
+        return cfg.assign, {}, None
+    use = batches[: cfg.hessian.batches]
+    samples = sum(int(b[0].shape[0]) if isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in use)
+    if samples < MIN_SAMPLES:
+        warnings.warn(
+            f"assign={cfg.assign!r} needs at least {MIN_SAMPLES} calibration samples for the Hessian estimate, "
+            f"got {samples}; using the 'variance' rule",
+            RMSMPWarning,
+            stacklevel=4,
+        )
+        return "variance", {}, None
+    try:
+        traces, report = row_hessian_traces(model, layers, use, probes=cfg.hessian.probes, loss=cfg.hessian.loss,
+                                            seed=cfg.hessian.seed)
+    except RuntimeError as err:  # e.g. an op without a second derivative
+        warnings.warn(f"Hessian estimate failed ({err}); using the 'variance' rule", RMSMPWarning, stacklevel=4)
+        return "variance", {}, None
+    return cfg.assign, traces, report
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["FashionCNN", "load_pretrained", "CHECKPOINT"]
+from .training import evaluate, load_checkpoint, save_checkpoint, train_classifier
+
+__all__ = ["FashionCNN", "load_pretrained", "CHECKPOINT", "evaluate"]
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "fmnist_cnn.safetensors")
 
@@ -36,63 +36,14 @@ class FashionCNN(nn.Module):
 
 
 def load_pretrained(path: str = CHECKPOINT) -> FashionCNN:
-    from safetensors.torch import load_file
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} missing; train it with python -m tvm_rmsmp.models.fmnist_cnn")
-    model = FashionCNN()
-    try:
-        state = load_file(path)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} is corrupt: {err}") from err
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match FashionCNN: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_checkpoint(FashionCNN(), path, "python -m tvm_rmsmp.models.fmnist_cnn")
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += int((model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy() == y[i:i + batch]).sum())
-    return correct / len(x)
-
-
-def train(epochs: int, out: str, seed: int = 0, batch: int = 128, lr: float = 2e-3) -> float:
-    from safetensors.torch import save_file
-
-    from tvm_rmsmp.data import load_fashion_mnist
-
+def train(epochs: int, out: str, seed: int = 0) -> float:
     torch.manual_seed(seed)
-    np.random.seed(seed)
-    xtr, ytr = load_fashion_mnist("train")
-    xte, yte = load_fashion_mnist("test")
     model = FashionCNN()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (len(xtr) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    rng = np.random.default_rng(seed)
-    for ep in range(epochs):
-        model.train()
-        t0 = time.time()
-        perm = rng.permutation(len(xtr))
-        for i in range(len(xtr) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            xb = torch.from_numpy(xtr[idx])
-            if rng.random() < 0.5:  # horizontal flip: clothes are left-right symmetric
-                xb = xb.flip(-1)
-            loss = nn.functional.cross_entropy(model(xb), torch.from_numpy(ytr[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        acc = evaluate(model, xte, yte)
-        print(f"epoch {ep + 1}/{epochs}: loss {loss.item():.3f}, test acc {acc:.4f}, {time.time() - t0:.0f}s", flush=True)
-    tmp = out + ".tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out)
+    acc = train_classifier(model, epochs, seed)
+    save_checkpoint(model, out)
     return acc
 
 

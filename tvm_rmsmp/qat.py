@@ -1,0 +1,314 @@
+"""Quantization-aware training (QAT) for RMSMP, plain PyTorch.
+
+    qat = prepare_qat(model, RMSMPConfig(...), calib_data)      # fake-quantized float model
+    train_qat(qat, batches, loss_fn, QATConfig(epochs=1))         # any optimizer loop works too
+    q = convert_qat(qat)                                          # integer-exact RMSMP model
+
+Weights keep their float copy; the forward pass uses ``row_scale * Q(w / row_scale)`` with
+each row's own scheme (nearest level of SP2-4, Fixed-4 or Fixed-8) and the straight-through
+estimator for the rounding. Row scales and the per-tensor activation scales are learned
+(LSQ: the gradient flows through ``x / s`` and ``* s``, scaled by ``1/sqrt(n * qmax)`` for
+stability). BatchNorm is folded into the convolutions before training. Rows can be
+re-assigned every N epochs, as in the paper, with the same rule that assigned them.
+
+Under ``torch.distributed`` (DDP, e.g. launched with ``torchrun``) :func:`train_qat` wraps
+the model in DistributedDataParallel; re-assignment is decided on rank 0 and broadcast, so all
+ranks keep identical row plans and weights. Each rank feeds its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+
+from .assign import assign_rows, rule_needs_hessian
+from .config import RMSMPConfig
+from .hessian import row_hessian_traces
+from .plan import RowPlan
+from .schemes import get_scheme
+from .torch_quant import ActQuant, RMSMPConv2d, RMSMPLinear, _InputStats, _quantize_layer, _set_submodule, calibrate
+
+__all__ = ["QATConfig", "FakeQuantLayer", "prepare_qat", "train_qat", "convert_qat", "reassign_rows", "qat_layers"]
+
+
+def _non_negative(instance, attribute, value):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+@attrs.frozen
+class QATConfig:
+    """Training settings.
+
+    epochs: passes over the batches given to :func:`train_qat`.
+    lr, scale_lr: Adam learning rates of the float weights/biases and of the learned scales.
+    weight_decay: on weights only.
+    reassign_every: re-run row assignment after every this many epochs (None: never).
+    edge_scheme: first/last quantized layer policy, used when the RMSMPConfig sets none
+        (``None`` here: they follow the ratio like every other layer).
+    """
+
+    epochs: int = attrs.field(default=1, validator=attrs.validators.instance_of(int))
+    lr: float = attrs.field(default=1e-4, validator=_non_negative)
+    scale_lr: float = attrs.field(default=1e-3, validator=_non_negative)
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    reassign_every: Optional[int] = attrs.field(default=None)
+    edge_scheme: Optional[str] = attrs.field(default="fixed_8")
+
+    @epochs.validator
+    def _check_epochs(self, attribute, value):
+        if isinstance(value, bool) or value < 1:
+            raise ValueError(f"epochs must be >= 1, got {value!r}")
+
+    @reassign_every.validator
+    def _check_reassign(self, attribute, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"reassign_every must be None or a positive integer, got {value!r}")
+
+    @edge_scheme.validator
+    def _check_edge(self, attribute, value):
+        if value is not None:
+            get_scheme(value)
+
+
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in the forward pass, gradient multiplied by ``g`` (LSQ's step-size scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+class FakeQuantLayer(nn.Module):
+    """A Linear or Conv2d (groups=1) trained with RMSMP fake quantization of weights and input."""
+
+    def __init__(self, name: str, layer: nn.Module, plan: RowPlan, act: ActQuant):
+        super().__init__()
+        self.layer_name, self.op = name, plan.op
+        self.weight = nn.Parameter(layer.weight.detach().clone().float())
+        bias = layer.bias.detach().clone().float() if layer.bias is not None else torch.zeros(self.weight.shape[0])
+        self.bias = nn.Parameter(bias)
+        self.row_scale = nn.Parameter(torch.from_numpy(plan.row_scale.astype(np.float32)).clone())
+        self.act_scale = nn.Parameter(torch.tensor(float(act.scale), dtype=torch.float32))
+        self.act_bits, self.act_signed, self.qmin, self.qmax = act.bits, act.signed, act.qmin, act.qmax
+        if self.op == "conv2d":
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        self.set_schemes(plan.schemes)
+
+    def set_schemes(self, schemes: Sequence[str]) -> None:
+        self.schemes: Tuple[str, ...] = tuple(schemes)
+        groups = RowPlan(self.layer_name, self.op, self.schemes,
+                         np.zeros(self.weight.shape, np.int8), np.ones(len(self.schemes), np.float32)).groups()
+        self._groups = [(get_scheme(s), torch.from_numpy(idx)) for s, idx in groups]
+        order = torch.cat([idx for _, idx in self._groups])
+        self._inverse = torch.empty_like(order)
+        self._inverse[order] = torch.arange(order.numel())
+
+    def quantized_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(row_scale * Q(w / row_scale), row_scale)``, rows in the layer's order."""
+        fan_in = self.weight[0].numel()
+        parts, scales = [], []
+        for scheme, idx in self._groups:
+            g = 1.0 / math.sqrt(fan_in * scheme.max_level)
+            scale = _grad_scale(self.row_scale[idx].abs().clamp_min(1e-12), g)
+            scales.append(scale)
+            scale = scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+            v = (self.weight[idx] / scale).clamp(-scheme.max_level, scheme.max_level)
+            nearest = scheme.encode_torch(v.detach(), torch.ones(v.shape[0], dtype=v.dtype))
+            parts.append(((nearest - v).detach() + v) * scale)
+        return torch.cat(parts)[self._inverse], torch.cat(scales)[self._inverse]
+
+    def quantized_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(s * clamp(round(x / s)), s)`` with the learned activation scale ``s``."""
+        g = 1.0 / math.sqrt(max(x[0].numel(), 1) * self.qmax)
+        s = _grad_scale(self.act_scale.abs().clamp_min(1e-12), g)
+        return _round_ste((x / s).clamp(self.qmin, self.qmax)) * s, s
+
+    def forward(self, x):
+        (x, act_scale), (w, row_scale) = self.quantized_input(x), self.quantized_weight()
+        acc_scale = act_scale * row_scale  # the bias is an integer in units of the accumulator
+        bias = _round_ste(self.bias / acc_scale) * acc_scale
+        if self.op == "dense":
+            return nn.functional.linear(x, w, bias)
+        return nn.functional.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+
+    def to_rmsmp(self) -> nn.Module:
+        """The integer-exact layer with this layer's current weights, schemes and scales."""
+        w = self.weight.detach().double().numpy()
+        row_scale = self.row_scale.detach().abs().clamp_min(1e-12).numpy().astype(np.float32)
+        w_int = np.zeros(w.shape, np.int8)
+        for scheme, idx in self._groups:
+            i = idx.numpy()
+            w_int[i] = scheme.encode(w[i], row_scale[i]).astype(np.int8)
+        plan = RowPlan(self.layer_name, self.op, self.schemes, w_int, row_scale)
+        act = ActQuant(float(self.act_scale.detach().abs()), self.act_bits, self.act_signed)
+        bias = self.bias.detach().numpy()
+        if self.op == "dense":
+            return RMSMPLinear(self.layer_name, plan, bias, act)
+        return RMSMPConv2d(self.layer_name, plan, bias, act, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        counts: Dict[str, int] = {}
+        for s in self.schemes:
+            counts[s] = counts.get(s, 0) + 1
+        return f"{self.layer_name}: rows {counts}, act {self.act_bits}b"
+
+
+def qat_layers(model: nn.Module) -> Dict[str, FakeQuantLayer]:
+    return {m.layer_name: m for m in model.modules() if isinstance(m, FakeQuantLayer)}
+
+
+def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
+                qat_config: Optional[QATConfig] = None, row_hessian: Optional[Dict[str, np.ndarray]] = None
+                ) -> nn.Module:
+    """A trainable copy of ``model`` with fake-quantized RMSMP layers, initialized by the same
+    calibration and row assignment as :func:`tvm_rmsmp.quantize` (PTQ)."""
+    qcfg = qat_config if qat_config is not None else QATConfig()
+    cfg = config if config is not None else RMSMPConfig()
+    if cfg.edge_scheme is None and qcfg.edge_scheme is not None:
+        cfg = attrs.evolve(cfg, edge_scheme=qcfg.edge_scheme)
+    cal = calibrate(model, cfg, calib_data, row_hessian)
+    for name, mod in cal.layers.items():
+        ptq = _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule, cal.row_hessian.get(name))
+        act = ActQuant(ptq.act_scale, ptq.act_bits, ptq.act_signed)
+        _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act))
+    qat = cal.model.train()
+    qat.rmsmp_config = cal.config
+    qat.rmsmp_report = {"assign": cal.rule, "hessian": cal.hessian_report, "reassigned_rows": 0}
+    return qat
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _sync_from_rank0(model: nn.Module) -> None:
+    """Broadcast rank 0's row schemes and parameters so every rank holds the same model."""
+    dist = torch.distributed
+    cfg: RMSMPConfig = model.rmsmp_config
+    for name, layer in qat_layers(model).items():
+        names = sorted(cfg.ratio_for(name))  # the same list on every rank
+        codes = torch.tensor([names.index(s) for s in layer.schemes], dtype=torch.int64)
+        dist.broadcast(codes, 0)
+        layer.set_schemes([names[int(c)] for c in codes])
+    for p in model.parameters():
+        dist.broadcast(p.data, 0)
+
+
+def reassign_rows(model: nn.Module, calib_data: Iterable) -> int:
+    """Re-run the model's row assignment on its current float weights; rows that change
+    scheme get that scheme's MSE-optimal scale. Returns the number of rows that moved."""
+    cfg: RMSMPConfig = model.rmsmp_config
+    layers = qat_layers(model)
+    batches = [b if isinstance(b, tuple) else (b,) for b in calib_data]
+    stats = {n: _InputStats(channel_axis=-1 if m.op == "dense" else 1) for n, m in layers.items()}
+    handles = [m.register_forward_pre_hook(stats[n]) for n, m in layers.items()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            for b in batches:
+                model(*b)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    traces: Dict[str, np.ndarray] = {}
+    if rule_needs_hessian(model.rmsmp_report["assign"]):
+        traces, _ = row_hessian_traces(model, layers, batches[: cfg.hessian.batches], probes=cfg.hessian.probes,
+                                       loss=cfg.hessian.loss, seed=cfg.hessian.seed)
+        model.train(was_training)
+    moved = 0
+    for name, layer in layers.items():
+        w = layer.weight.detach().double().numpy()
+        new = assign_rows(w, cfg.ratio_for(name), model.rmsmp_report["assign"], input_sq=stats[name].input_sq,
+                          row_hessian=traces.get(name))
+        changed = [i for i, (a, b) in enumerate(zip(layer.schemes, new)) if a != b]
+        with torch.no_grad():
+            for s in set(new[i] for i in changed):
+                rows = [i for i in changed if new[i] == s]
+                layer.row_scale[rows] = torch.from_numpy(get_scheme(s).choose_row_scale(w[rows]))
+        layer.set_schemes(new)
+        moved += len(changed)
+    model.rmsmp_report["reassigned_rows"] += moved
+    return moved
+
+
+def train_qat(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[Tuple[tuple, torch.Tensor]]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    config: Optional[QATConfig] = None,
+    calib_data: Optional[Iterable] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> nn.Module:
+    """Train a :func:`prepare_qat` model in place.
+
+    batches(epoch) yields ``(inputs tuple, target)``; under torch.distributed each rank
+    yields its own shard. calib_data: input batches for re-assignment (``reassign_every``).
+    """
+    cfg = config if config is not None else QATConfig()
+    if not qat_layers(model):
+        raise ValueError("model has no FakeQuantLayer: call prepare_qat first")
+    if cfg.reassign_every is not None and calib_data is None:
+        raise ValueError("reassign_every needs calib_data (input batches for the re-assignment statistics)")
+    scales = [p for n, p in model.named_parameters() if n.endswith(("row_scale", "act_scale"))]
+    ids = {id(p) for p in scales}
+    weights = [p for n, p in model.named_parameters() if id(p) not in ids and n.endswith("weight")]
+    others = [p for p in model.parameters() if id(p) not in ids and all(p is not w for w in weights)]
+    opt = torch.optim.Adam([
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": others, "lr": cfg.lr},
+        {"params": scales, "lr": cfg.scale_lr},
+    ])
+    dist = _distributed()
+    if dist:
+        _sync_from_rank0(model)
+    net = nn.parallel.DistributedDataParallel(model) if dist else model
+    for epoch in range(cfg.epochs):
+        net.train()
+        t0, steps, total = time.perf_counter(), 0, 0.0
+        for inputs, target in batches(epoch):
+            loss = loss_fn(net(*inputs), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            total += float(loss.detach())
+        if log is not None:
+            log(f"QAT epoch {epoch + 1}/{cfg.epochs}: {steps} steps, mean loss {total / max(steps, 1):.4f}, "
+                f"{time.perf_counter() - t0:.0f}s")
+        if cfg.reassign_every is not None and (epoch + 1) % cfg.reassign_every == 0 and epoch + 1 < cfg.epochs:
+            if not dist or torch.distributed.get_rank() == 0:
+                moved = reassign_rows(model, calib_data)
+                if log is not None:
+                    log(f"re-assigned {moved} rows")
+            if dist:
+                _sync_from_rank0(model)
+            opt.state.clear()  # moments of scales whose rows changed scheme are stale
+    return model.eval()
+
+
+def convert_qat(model: nn.Module) -> nn.Module:
+    """The integer-exact RMSMP model (as :func:`tvm_rmsmp.quantize` returns) from a QAT model."""
+    layers = qat_layers(model)
+    if not layers:
+        raise ValueError("model has no FakeQuantLayer: nothing to convert")
+    q = copy.deepcopy(model).eval()
+    for name, layer in qat_layers(q).items():
+        _set_submodule(q, name, layer.to_rmsmp())
+    for p in q.parameters():
+        p.requires_grad_(False)
+    q.rmsmp_config = model.rmsmp_config
+    q.rmsmp_report = dict(model.rmsmp_report)
+    return q
+
