@@ -42,6 +42,7 @@ def test_derived_ratio_balances_the_cores_on_both_boards():
     # the paper's ratios: 60:35:5 on XC7Z020, 65:30:5 on XC7Z045
     assert derive_ratio("xc7z020") == {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
     assert derive_ratio("xc7z045") == {"sp2_4": 0.65, "fixed_4": 0.30, "fixed_8": 0.05}
+    assert rmsmp.fpga.derive_ratio("xc7z045") == derive_ratio("xc7z045")  # the package attribute
     for board in ("xc7z020", "xc7z045"):
         ratio = derive_ratio(board)
         bal = core_balance(board, ratio)
