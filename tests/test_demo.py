@@ -45,3 +45,12 @@ def test_mobile_gpu_tutorial_runs(tmp_path):
     assert "OpenCL (PoCL) equals the torch reference: True" in out.stdout
     assert "OpenCL (PoCL) equals the CPU build: True" in out.stdout
     assert os.path.exists(tmp_path / "fmnist_mali.so")
+
+
+@needs_data
+@pytest.mark.slow
+def test_fpga_tutorial_runs():
+    out = run_tutorial("deploy_fpga.py", "xc7z020")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "derived ratio: {'sp2_4': 0.6, 'fixed_4': 0.35, 'fixed_8': 0.05}" in out.stdout
+    assert "simulator equals the torch reference: True" in out.stdout

@@ -65,6 +65,13 @@ def lower(
     return mod, stats
 
 
+#: Target kinds whose compiled model is not a TVM build -> "module:function(mod, target, input_specs,
+#: stats)" returning it (imported on first use). ``ext_dev`` is the FPGA accelerator ("fpga:<board>").
+COMPILERS: Dict[str, str] = {
+    "ext_dev": "tvm_rmsmp.fpga.runtime:compile_fpga",
+}
+
+
 def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None) -> "CompiledModel":  # noqa: A001,E501
     """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
 
@@ -78,6 +85,11 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     specs = [{"shape": list(_as_numpy(x, "").shape), "dtype": str(_as_numpy(x, "").dtype)} for x in example_inputs]
     if target.kind.name == "opencl":
         return OpenCLCompiledModel(mod, target, specs, stats=stats)
+    if target.kind.name in COMPILERS:
+        import importlib
+
+        module, _, func = COMPILERS[target.kind.name].partition(":")
+        return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
     exe = tvm.compile(mod, target=target)
     return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
