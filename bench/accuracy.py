@@ -337,7 +337,8 @@ def write_doc(path: str, rows: List[Dict], meta: Dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI size: fewer images, variants and QAT steps")
-    ap.add_argument("--assign", default="hessian", help="row-assignment rule of the RMSMP variants")
+    ap.add_argument("--assign", default=rmsmp.RMSMPConfig().assign,
+                    help="row-assignment rule of the RMSMP variants (default: the library's default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "accuracy.json"))
     ap.add_argument("--doc", default=None, help="Markdown file whose table to rewrite (default: docs/accuracy.md, "
                     "full mode only)")
