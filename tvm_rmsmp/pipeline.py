@@ -38,6 +38,25 @@ def _as_numpy(x, where: str) -> np.ndarray:
     raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
+def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
+    """Contiguous numpy inputs matching the compiled specs (float inputs are cast between
+    float types; any other mismatch is an error naming the input)."""
+    if len(inputs) != len(specs):
+        raise ValueError(f"model was compiled for {len(specs)} input(s), got {len(inputs)}")
+    out = []
+    for i, (x, spec) in enumerate(zip(inputs, specs)):
+        arr = _as_numpy(x, f"input {i}")
+        if list(arr.shape) != spec["shape"]:
+            raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
+        if str(arr.dtype) != spec["dtype"]:
+            if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(spec["dtype"]), np.floating):
+                arr = arr.astype(spec["dtype"])
+            else:
+                raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
+        out.append(np.ascontiguousarray(arr))
+    return out
+
+
 def lower(
     model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None
 ) -> Tuple[tvm.IRModule, Dict[str, int]]:
@@ -121,20 +140,7 @@ class CompiledModel:
         return self._vm
 
     def _inputs(self, inputs) -> List[tvm.runtime.Tensor]:
-        if len(inputs) != len(self.input_specs):
-            raise ValueError(f"model was compiled for {len(self.input_specs)} input(s), got {len(inputs)}")
-        out = []
-        for i, (x, spec) in enumerate(zip(inputs, self.input_specs)):
-            arr = _as_numpy(x, f"input {i}")
-            if list(arr.shape) != spec["shape"]:
-                raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
-            if str(arr.dtype) != spec["dtype"]:
-                if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(spec["dtype"]), np.floating):
-                    arr = arr.astype(spec["dtype"])
-                else:
-                    raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
-            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.device))
-        return out
+        return [tvm.runtime.tensor(arr, self.device) for arr in checked_inputs(inputs, self.input_specs)]
 
     def __call__(self, *inputs):
         return _to_numpy_outputs(self.vm["main"](*self._inputs(inputs)))

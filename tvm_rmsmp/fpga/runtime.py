@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..relax_graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import RowGroup, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
 from .isa import stream_summary
@@ -77,10 +78,6 @@ def _scheduled_for_fpga(func) -> bool:
         return body is not None and visit(body)
 
     return visit(func.body)
-
-
-def _shape_dtype(ty):
-    return [int(d) for d in ty.shape], str(ty.dtype)
 
 
 class FPGACompiledModel:
@@ -161,16 +158,9 @@ class FPGACompiledModel:
                     warnings.warn(msg, FPGAFallbackWarning, stacklevel=4)
                     self.fallbacks.append(msg)
                 args = [ref(a) for a in value.args[1].fields]
-                self.steps.append(("host", gv.name_hint, args, var, _shape_dtype(value.ty_args[0] if value.ty_args else var.ty)))
-            elif isinstance(value, tvm.ir.Var):
-                alias[var] = ref(value)
-            elif isinstance(value, relax.Tuple):
-                alias[var] = tuple(ref(f) for f in value.fields)
-            elif isinstance(value, relax.TupleGetItem):
-                alias[var] = alias[value.tuple_value][value.index]
-            else:
-                what = value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else type(value).__name__
-                raise NotImplementedError(f"FPGA executor: unsupported binding {var.name} = {what}")
+                self.steps.append(("host", gv.name_hint, args, var, shape_dtype(value.ty_args[0] if value.ty_args else var.ty)))
+            elif not bind_alias(var, value, alias, ref):
+                raise unsupported_binding("FPGA executor", var, value)
         out = main.body.body
         if isinstance(out, relax.Tuple):
             self.output = tuple(ref(f) for f in out.fields)
@@ -206,7 +196,7 @@ class FPGACompiledModel:
             groups.append(RowGroup(scheme=scheme, core=core, bits=4 if packed else 8, op=op, weight=base + ".w",
                                    bias=base + ".bias", output=base + ".out", events=tile_events(func),
                                    kernel=kernel, stride=stride))
-            shape, _ = _shape_dtype(binding.value.ty_args[0] if binding.value.ty_args else binding.var.ty)
+            shape, _ = shape_dtype(binding.value.ty_args[0] if binding.value.ty_args else binding.var.ty)
             outputs.append((binding.var, base + ".out", scale.value.numpy().astype(np.float32),
                             1 if op == "conv2d" else len(shape) - 1, tuple(shape)))
             schemes.append(scheme)
@@ -222,17 +212,9 @@ class FPGACompiledModel:
         return self._host_funcs[name]
 
     def _inputs(self, inputs) -> List[np.ndarray]:
-        from ..pipeline import _as_numpy
+        from ..pipeline import checked_inputs
 
-        if len(inputs) != len(self.input_specs):
-            raise ValueError(f"model was compiled for {len(self.input_specs)} input(s), got {len(inputs)}")
-        out = []
-        for i, (x, spec) in enumerate(zip(inputs, self.input_specs)):
-            arr = _as_numpy(x, f"input {i}")
-            if list(arr.shape) != spec["shape"]:
-                raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
-            out.append(np.ascontiguousarray(arr.astype(spec["dtype"])))
-        return out
+        return checked_inputs(inputs, self.input_specs)
 
     def __call__(self, *inputs):
         env: Dict[object, np.ndarray] = dict(self.consts)
