@@ -49,6 +49,7 @@ VARIANTS = {
     "rmsmp_65_30_5": {"sp2_4": 0.65, "fixed_4": 0.30, "fixed_8": 0.05},
 }
 SEED = 0
+PARTS = {"fmnist": "Fashion-MNIST ResNet-20", "minilm": "MiniLM-L6", "efficientnet": "EfficientNet-Lite0"}
 
 
 def _log(msg: str) -> None:
@@ -345,6 +346,9 @@ def main(argv=None):
     ap.add_argument("--plot", default=None, help="PNG of one layer's rows (default: docs/img/row_assignment.png, "
                     "full mode only)")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other models already in --out (rerun one part, or run parts in parallel)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -353,14 +357,23 @@ def main(argv=None):
     plot = args.plot or (None if args.quick else os.path.join(ROOT, "docs", "img", "row_assignment.png"))
     t0 = time.perf_counter()
     res = Results()
-    _log(f"Fashion-MNIST ResNet-20 ({'quick' if args.quick else 'full'})")
-    info = {"fmnist": run_fmnist(res, args.quick, args.assign, plot)}
-    if not args.skip_minilm:
-        _log("MiniLM-L6")
-        info["minilm"] = run_minilm(res, args.quick, args.assign)
-    if not args.quick:
-        _log("EfficientNet-Lite0")
-        info["efficientnet"] = run_efficientnet(res, args.quick, args.assign)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    if args.skip_minilm and "minilm" in parts:
+        parts.remove("minilm")
+    info = {}
+    for part in parts:
+        if part == "efficientnet" and args.quick:
+            continue
+        _log(f"{PARTS[part]} ({'quick' if args.quick else 'full'})")
+        if part == "fmnist":
+            info[part] = run_fmnist(res, args.quick, args.assign, plot)
+        elif part == "minilm":
+            info[part] = run_minilm(res, args.quick, args.assign)
+        else:
+            info[part] = run_efficientnet(res, args.quick, args.assign)
     cmd = "python -m bench.accuracy" + (" --quick" if args.quick else "")
     meta = {"command": cmd, "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
             "threads": args.threads, "seconds": time.perf_counter() - t0, "assign": args.assign, "seed": SEED,
@@ -372,8 +385,20 @@ def main(argv=None):
     except (OSError, StopIteration):
         pass
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write(args.out, json.dumps(res.rows, indent=1))
-    atomic_write(os.path.splitext(args.out)[0] + ".meta.json", json.dumps(meta, indent=1))
+    meta_path = os.path.splitext(args.out)[0] + ".meta.json"
+    rows = res.rows
+    if args.merge and os.path.exists(args.out):
+        mine = {r["model"] for r in rows}
+        with open(args.out) as f:
+            rows = [r for r in json.load(f) if r["model"] not in mine] + rows
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                old = json.load(f)
+            meta["details"] = {**old.get("details", {}), **info}
+            meta["seconds"] = sum(d.get("seconds", 0) for d in meta["details"].values() if isinstance(d, dict))
+    res.rows = rows
+    atomic_write(args.out, json.dumps(rows, indent=1))
+    atomic_write(meta_path, json.dumps(meta, indent=1))
     if doc:
         write_doc(doc, res.rows, meta)
     _log(markdown_table(res.rows))
