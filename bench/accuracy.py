@@ -9,6 +9,9 @@ Models and data (all offline, see tvm_rmsmp/offline.py):
   fp32 on the UCI sentiment sentences; accuracy of a logistic-regression probe on frozen
   embeddings (trained on amazon + imdb, tested on yelp); Spearman correlation with human
   similarity on WordSim-353 and SimLex-999.
+* EfficientNet-Lite0 (real ImageNet weights; full mode): top-1 agreement with fp32 and
+  KL(fp32 || quantized) on crops of the only real photographs available offline (a fidelity
+  check, not an accuracy claim; depthwise convolutions stay in float).
 
 Variants (same harness, same calibration batches, same QAT budget): fp32; uniform fixed_4,
 sp2_4 and fixed_8 (per-row scales); layerwise_4_8 (whole layers at 8 bits by Hessian, same
@@ -46,6 +49,7 @@ VARIANTS = {
     "rmsmp_65_30_5": {"sp2_4": 0.65, "fixed_4": 0.30, "fixed_8": 0.05},
 }
 SEED = 0
+PARTS = {"fmnist": "Fashion-MNIST ResNet-20", "minilm": "MiniLM-L6", "efficientnet": "EfficientNet-Lite0"}
 
 
 def _log(msg: str) -> None:
@@ -107,15 +111,15 @@ def run_fmnist(res: Results, quick: bool, assign: str, plot_path: Optional[str])
     model = load_pretrained()
     calib = [torch.from_numpy(xtr[i:i + 128]) for i in range(0, 512, 128)]
     acts = (4,) if quick else (8, 4)
-    qat_steps = 60 if quick else 200
-    qat_variants = ("fixed_4", "sp2_4", "rmsmp_60_35_5") if quick else tuple(VARIANTS)
+    qat_steps, qat_batch = (40, 64) if quick else (120, 64)
+    core = ("fixed_4", "sp2_4", "rmsmp_60_35_5")
     name, ds = "resnet20", "fashion_mnist"
     res.add(name, ds, "fp32", None, "ptq", "top1", evaluate(model, xte, yte))
     t0 = time.perf_counter()
     ref = rmsmp.quantize(model, _config("rmsmp_60_35_5", 8, assign, "kl"), calib)
     traces, hrep = ref.rmsmp_row_hessian, ref.rmsmp_report["hessian"]
     info = {"hessian": attrs.asdict(hrep) if hrep else None, "test_images": n_test, "calib_images": 512,
-            "qat_steps": qat_steps, "qat_batch": 128}
+            "qat_steps": qat_steps, "qat_batch": qat_batch}
     _log(f"  Hessian estimate: {hrep}")
     if plot_path:
         plot_rows(ref, traces, "layers.4.conv1", plot_path)
@@ -124,9 +128,9 @@ def run_fmnist(res: Results, quick: bool, assign: str, plot_path: Optional[str])
             cfg = _variant_config(variant, act, model, calib, traces, assign, "kl")
             q = rmsmp.quantize(model, cfg, calib, row_hessian=traces)
             res.add(name, ds, variant, act, "ptq", "top1", evaluate(q, xte, yte))
-            if variant in qat_variants:
+            if variant in core or (act == 4 and not quick):  # QAT: every variant at A4, the core ones at A8
                 qat = rmsmp.prepare_qat(model, cfg, calib, row_hessian=traces)
-                rmsmp.train_qat(qat, _fmnist_batches(xtr, ytr, qat_steps, 128, SEED),
+                rmsmp.train_qat(qat, _fmnist_batches(xtr, ytr, qat_steps, qat_batch, SEED),
                                 torch.nn.functional.cross_entropy, rmsmp.QATConfig(epochs=1, lr=5e-5, scale_lr=5e-4))
                 res.add(name, ds, variant, act, "qat", "top1", evaluate(rmsmp.convert_qat(qat), xte, yte))
     info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -226,6 +230,35 @@ def run_minilm(res: Results, quick: bool, assign: str) -> Dict:
 
 
 # ------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (fidelity to fp32 on real photographs)
+# ------------------------------------------------------------------------------------------
+def run_efficientnet(res: Results, quick: bool, assign: str) -> Dict:
+    from tvm_rmsmp.models.efficientnet_lite import load_efficientnet_lite0, sample_photos
+
+    model = load_efficientnet_lite0()
+    calib_x, _ = sample_photos(32, seed=1)
+    test_x, _ = sample_photos(32 if quick else 96, seed=2)
+    calib = [calib_x[i:i + 16] for i in range(0, 32, 16)]
+    with torch.no_grad():
+        ref = torch.cat([model(test_x[i:i + 16]) for i in range(0, len(test_x), 16)])
+    name, ds = "efficientnet_lite0", "photos"
+    t0 = time.perf_counter()
+    traces = rmsmp.quantize(model, _config("rmsmp_60_35_5", 8, assign, "kl"), calib).rmsmp_row_hessian
+    variants = ("fixed_4", "sp2_4", "rmsmp_60_35_5") if quick else tuple(VARIANTS)
+    for variant in variants:
+        q = rmsmp.quantize(model, _variant_config(variant, 8, model, calib, traces, assign, "kl"), calib,
+                           row_hessian=traces)
+        with torch.no_grad():
+            out = torch.cat([q(test_x[i:i + 16]) for i in range(0, len(test_x), 16)])
+        agree = (out.argmax(1) == ref.argmax(1)).double().mean()
+        kl = torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
+        res.add(name, ds, variant, 8, "ptq", "top1_agree", agree)
+        res.add(name, ds, variant, 8, "ptq", "kl", kl)
+    return {"photos": "crops of matplotlib's sample photographs", "calib": 32, "test": len(test_x),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------
 # Plot and report
 # ------------------------------------------------------------------------------------------
 def plot_rows(q, traces: Dict[str, np.ndarray], layer: str, path: str) -> None:
@@ -284,7 +317,8 @@ def markdown_table(rows: List[Dict]) -> str:
         cells = []
         for c in cols:
             v = val.get((m, d, metric, 0, "ptq", c)) if c == "fp32" else val.get((m, d, metric, act, mode, c))
-            cells.append("" if v is None else (f"{100 * v:.2f}" if metric in ("top1", "probe_acc") else f"{v:.4f}"))
+            pct = metric in ("top1", "probe_acc", "top1_agree")
+            cells.append("" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}"))
         lines.append(f"| {m} | {d} | {metric} | A{act} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,13 +338,17 @@ def write_doc(path: str, rows: List[Dict], meta: Dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI size: fewer images, variants and QAT steps")
-    ap.add_argument("--assign", default="hessian", help="row-assignment rule of the RMSMP variants")
+    ap.add_argument("--assign", default=rmsmp.RMSMPConfig().assign,
+                    help="row-assignment rule of the RMSMP variants (default: the library's default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "accuracy.json"))
     ap.add_argument("--doc", default=None, help="Markdown file whose table to rewrite (default: docs/accuracy.md, "
                     "full mode only)")
     ap.add_argument("--plot", default=None, help="PNG of one layer's rows (default: docs/img/row_assignment.png, "
                     "full mode only)")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other models already in --out (rerun one part, or run parts in parallel)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -319,11 +357,23 @@ def main(argv=None):
     plot = args.plot or (None if args.quick else os.path.join(ROOT, "docs", "img", "row_assignment.png"))
     t0 = time.perf_counter()
     res = Results()
-    _log(f"Fashion-MNIST ResNet-20 ({'quick' if args.quick else 'full'})")
-    info = {"fmnist": run_fmnist(res, args.quick, args.assign, plot)}
-    if not args.skip_minilm:
-        _log("MiniLM-L6")
-        info["minilm"] = run_minilm(res, args.quick, args.assign)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    if args.skip_minilm and "minilm" in parts:
+        parts.remove("minilm")
+    info = {}
+    for part in parts:
+        if part == "efficientnet" and args.quick:
+            continue
+        _log(f"{PARTS[part]} ({'quick' if args.quick else 'full'})")
+        if part == "fmnist":
+            info[part] = run_fmnist(res, args.quick, args.assign, plot)
+        elif part == "minilm":
+            info[part] = run_minilm(res, args.quick, args.assign)
+        else:
+            info[part] = run_efficientnet(res, args.quick, args.assign)
     cmd = "python -m bench.accuracy" + (" --quick" if args.quick else "")
     meta = {"command": cmd, "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
             "threads": args.threads, "seconds": time.perf_counter() - t0, "assign": args.assign, "seed": SEED,
@@ -335,8 +385,20 @@ def main(argv=None):
     except (OSError, StopIteration):
         pass
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write(args.out, json.dumps(res.rows, indent=1))
-    atomic_write(os.path.splitext(args.out)[0] + ".meta.json", json.dumps(meta, indent=1))
+    meta_path = os.path.splitext(args.out)[0] + ".meta.json"
+    rows = res.rows
+    if args.merge and os.path.exists(args.out):
+        mine = {r["model"] for r in rows}
+        with open(args.out) as f:
+            rows = [r for r in json.load(f) if r["model"] not in mine] + rows
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                old = json.load(f)
+            meta["details"] = {**old.get("details", {}), **info}
+            meta["seconds"] = sum(d.get("seconds", 0) for d in meta["details"].values() if isinstance(d, dict))
+    res.rows = rows
+    atomic_write(args.out, json.dumps(rows, indent=1))
+    atomic_write(meta_path, json.dumps(meta, indent=1))
     if doc:
         write_doc(doc, res.rows, meta)
     _log(markdown_table(res.rows))

@@ -63,3 +63,12 @@ def test_tune_cpu_tutorial_runs(tmp_path):
     assert "RPC tuning: 4 trials" in out.stdout
     assert "tuned build equals the torch reference: True" in out.stdout
     assert os.path.exists(tmp_path / "tuning_rpc" / "database_tuning_record.json")
+
+
+@needs_data
+@pytest.mark.slow
+def test_fpga_tutorial_runs():
+    out = run_tutorial("deploy_fpga.py", "xc7z020")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "derived ratio: {'sp2_4': 0.6, 'fixed_4': 0.35, 'fixed_8': 0.05}" in out.stdout
+    assert "simulator equals the torch reference: True" in out.stdout

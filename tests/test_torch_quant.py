@@ -116,6 +116,21 @@ def test_unsupported_layers_stay_float_with_a_warning():
     assert isinstance(q[0], nn.Conv2d) and isinstance(q[2], rmsmp.RMSMPLinear)
 
 
+class _SamePadConv(nn.Conv2d):
+    """A conv that pads in forward (as "same"-padding implementations do)."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_conv_subclass_with_its_own_forward_stays_float():
+    model = nn.Sequential(_SamePadConv(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 2, 6, 6)
+    with pytest.warns(rmsmp.RMSMPWarning, match="layer '0' left in float: _SamePadConv overrides Conv2d.forward"):
+        q = rmsmp.quantize(model, rmsmp.RMSMPConfig(), [x])
+    assert type(q[0]) is _SamePadConv and q(x).shape == (2, 3)
+
+
 def test_model_without_quantizable_layers_warns():
     model = nn.Sequential(nn.ReLU()).eval()
     with pytest.warns(rmsmp.RMSMPWarning, match="no quantizable layer"):

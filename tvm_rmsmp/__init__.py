@@ -26,7 +26,17 @@ _LAZY = {
 }
 
 
+#: Subpackages loaded on first use (``rmsmp.fpga.derive_ratio(...)``).
+_LAZY_MODULES = ("fpga",)
+
+
 def __getattr__(name):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
     if name in _LAZY:
         import importlib
 

@@ -21,6 +21,8 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from .relax_graph import bind_alias, shape_dtype, unsupported_binding
+
 __all__ = ["OpenCLUnavailable", "opencl_context", "KernelLaunch", "OpenCLPrimFunc", "OpenCLGraph"]
 
 
@@ -261,10 +263,6 @@ class OpenCLPrimFunc:
             self._kernel(launch.name)(queue, launch.global_size, launch.block, *args)
 
 
-def _shape_dtype(ty) -> Tuple[List[int], str]:
-    return [int(d) for d in ty.shape], str(ty.dtype)
-
-
 class OpenCLGraph:
     """Replays a lowered static-shape Relax ``main`` (call_tir, tuples, constants) with pyopencl."""
 
@@ -273,7 +271,7 @@ class OpenCLGraph:
 
         self.ctx, self.queue, self.device = opencl_context()
         main = mod["main"]
-        self.inputs = [(p, _shape_dtype(p.ty)) for p in main.params]
+        self.inputs = [(p, shape_dtype(p.ty)) for p in main.params]
         self.steps = []  # (OpenCLPrimFunc, [arg refs], out ref)
         self.buffers: Dict[object, object] = {}  # relax var -> cl.Buffer
         self.specs: Dict[object, Tuple[List[int], str]] = {}
@@ -304,21 +302,14 @@ class OpenCLGraph:
                     if fname not in self.funcs:
                         self.funcs[fname] = OpenCLPrimFunc(mod[gv], target, fname)
                     args = [ref(a) for a in value.args[1].fields]
-                    shape, dtype = _shape_dtype(value.ty_args[0] if value.ty_args else var.ty)
+                    shape, dtype = shape_dtype(value.ty_args[0] if value.ty_args else var.ty)
                     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                     total += nbytes
                     self.specs[var] = (shape, dtype)
                     self.buffers[var] = cl.Buffer(self.ctx, mf.READ_WRITE, size=max(nbytes, 1))
                     self.steps.append((self.funcs[fname], args, var))
-                elif isinstance(value, tvm.ir.Var):
-                    alias[var] = ref(value)
-                elif isinstance(value, relax.Tuple):
-                    alias[var] = tuple(ref(f) for f in value.fields)
-                elif isinstance(value, relax.TupleGetItem):
-                    alias[var] = alias[value.tuple_value][value.index]
-                else:
-                    what = value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else type(value).__name__
-                    raise NotImplementedError(f"OpenCL executor: unsupported binding {var.name} = {what}")
+                elif not bind_alias(var, value, alias, ref):
+                    raise unsupported_binding("OpenCL executor", var, value)
         out = main.body.body
         self.output = alias.get(out, out) if isinstance(out, tvm.ir.Var) else tuple(ref(f) for f in out.fields)
         if isinstance(self.output, tuple):

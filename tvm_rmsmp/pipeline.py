@@ -38,6 +38,25 @@ def _as_numpy(x, where: str) -> np.ndarray:
     raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
+def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
+    """Contiguous numpy inputs matching the compiled specs (float inputs are cast between
+    float types; any other mismatch is an error naming the input)."""
+    if len(inputs) != len(specs):
+        raise ValueError(f"model was compiled for {len(specs)} input(s), got {len(inputs)}")
+    out = []
+    for i, (x, spec) in enumerate(zip(inputs, specs)):
+        arr = _as_numpy(x, f"input {i}")
+        if list(arr.shape) != spec["shape"]:
+            raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
+        if str(arr.dtype) != spec["dtype"]:
+            if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(spec["dtype"]), np.floating):
+                arr = arr.astype(spec["dtype"])
+            else:
+                raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
+        out.append(np.ascontiguousarray(arr))
+    return out
+
+
 def lower(
     model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None
 ) -> Tuple[tvm.IRModule, Dict[str, int]]:
@@ -82,6 +101,13 @@ def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
     return kinds
 
 
+#: Target kinds whose compiled model is not a TVM build -> "module:function(mod, target, input_specs,
+#: stats)" returning it (imported on first use). ``ext_dev`` is the FPGA accelerator ("fpga:<board>").
+COMPILERS: Dict[str, str] = {
+    "ext_dev": "tvm_rmsmp.fpga.runtime:compile_fpga",
+}
+
+
 def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None) -> "CompiledModel":  # noqa: A001,E501
     """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
 
@@ -95,6 +121,11 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     specs = [{"shape": list(_as_numpy(x, "").shape), "dtype": str(_as_numpy(x, "").dtype)} for x in example_inputs]
     if target.kind.name == "opencl":
         return OpenCLCompiledModel(mod, target, specs, stats=stats)
+    if target.kind.name in COMPILERS:
+        import importlib
+
+        module, _, func = COMPILERS[target.kind.name].partition(":")
+        return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
     exe = tvm.compile(mod, target=target)
     return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
@@ -126,20 +157,7 @@ class CompiledModel:
         return self._vm
 
     def _inputs(self, inputs) -> List[tvm.runtime.Tensor]:
-        if len(inputs) != len(self.input_specs):
-            raise ValueError(f"model was compiled for {len(self.input_specs)} input(s), got {len(inputs)}")
-        out = []
-        for i, (x, spec) in enumerate(zip(inputs, self.input_specs)):
-            arr = _as_numpy(x, f"input {i}")
-            if list(arr.shape) != spec["shape"]:
-                raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
-            if str(arr.dtype) != spec["dtype"]:
-                if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(spec["dtype"]), np.floating):
-                    arr = arr.astype(spec["dtype"])
-                else:
-                    raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
-            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.device))
-        return out
+        return [tvm.runtime.tensor(arr, self.device) for arr in checked_inputs(inputs, self.input_specs)]
 
     def __call__(self, *inputs):
         return _to_numpy_outputs(self.vm["main"](*self._inputs(inputs)))

@@ -112,28 +112,33 @@ class FakeQuantLayer(nn.Module):
         self._inverse = torch.empty_like(order)
         self._inverse[order] = torch.arange(order.numel())
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(row_scale * Q(w / row_scale), row_scale)``, rows in the layer's order."""
         fan_in = self.weight[0].numel()
-        parts = []
+        parts, scales = [], []
         for scheme, idx in self._groups:
             g = 1.0 / math.sqrt(fan_in * scheme.max_level)
             scale = _grad_scale(self.row_scale[idx].abs().clamp_min(1e-12), g)
+            scales.append(scale)
             scale = scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
             v = (self.weight[idx] / scale).clamp(-scheme.max_level, scheme.max_level)
             nearest = scheme.encode_torch(v.detach(), torch.ones(v.shape[0], dtype=v.dtype))
             parts.append(((nearest - v).detach() + v) * scale)
-        return torch.cat(parts)[self._inverse]
+        return torch.cat(parts)[self._inverse], torch.cat(scales)[self._inverse]
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(s * clamp(round(x / s)), s)`` with the learned activation scale ``s``."""
         g = 1.0 / math.sqrt(max(x[0].numel(), 1) * self.qmax)
         s = _grad_scale(self.act_scale.abs().clamp_min(1e-12), g)
-        return _round_ste((x / s).clamp(self.qmin, self.qmax)) * s
+        return _round_ste((x / s).clamp(self.qmin, self.qmax)) * s, s
 
     def forward(self, x):
-        x, w = self.quantized_input(x), self.quantized_weight()
+        (x, act_scale), (w, row_scale) = self.quantized_input(x), self.quantized_weight()
+        acc_scale = act_scale * row_scale  # the bias is an integer in units of the accumulator
+        bias = _round_ste(self.bias / acc_scale) * acc_scale
         if self.op == "dense":
-            return nn.functional.linear(x, w, self.bias)
-        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+            return nn.functional.linear(x, w, bias)
+        return nn.functional.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
 
     def to_rmsmp(self) -> nn.Module:
         """The integer-exact layer with this layer's current weights, schemes and scales."""

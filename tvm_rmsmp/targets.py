@@ -11,7 +11,7 @@ from typing import Callable, Dict, Union
 
 import tvm
 
-__all__ = ["resolve_target", "TARGET_NAMES", "host_cpu_target"]
+__all__ = ["resolve_target", "TARGET_NAMES", "TARGET_PREFIXES", "host_cpu_target"]
 
 
 def host_cpu_target() -> Dict[str, object]:
@@ -49,12 +49,34 @@ TARGET_NAMES: Dict[str, Callable[[], Dict[str, object]]] = {
 }
 
 
+#: Names of the form "<prefix>:<argument>" -> "module:function" returning the target dict for
+#: the argument (imported on first use). "fpga:xc7z045" is the FPGA accelerator on that board.
+TARGET_PREFIXES: Dict[str, str] = {
+    "fpga": "tvm_rmsmp.fpga.target:fpga_target",
+}
+
+
+def _prefixed(name: str) -> Dict[str, object]:
+    import importlib
+
+    prefix, _, arg = name.partition(":")
+    module, _, func = TARGET_PREFIXES[prefix].partition(":")
+    if not arg:
+        raise ValueError(f"target {name!r} needs an argument after {prefix + ':'!r}")
+    return getattr(importlib.import_module(module), func)(arg)
+
+
 def resolve_target(target: Union[str, dict, "tvm.target.Target"]) -> "tvm.target.Target":
     if isinstance(target, tvm.target.Target):
         return target
+    if isinstance(target, str) and target.partition(":")[0] in TARGET_PREFIXES and ":" in target:
+        return tvm.target.Target(_prefixed(target))
     if isinstance(target, str):
         if target not in TARGET_NAMES:
-            raise ValueError(f"unknown target {target!r}; known names: {sorted(TARGET_NAMES)}, or pass a TVM target dict")
+            raise ValueError(
+                f"unknown target {target!r}; known names: {sorted(TARGET_NAMES)}, "
+                f"{[p + ':<arg>' for p in TARGET_PREFIXES]}, or pass a TVM target dict"
+            )
         return tvm.target.Target(TARGET_NAMES[target]())
     if isinstance(target, dict):
         try:

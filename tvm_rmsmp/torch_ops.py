@@ -7,8 +7,9 @@ mode. Their arithmetic is the contract every target must meet bit for bit:
 2. ``acc = sum_k x_q * w_int``                                      (exact integers, int32 range)
 3. ``y = float32(acc + bias_int) * out_scale``                      (one int->float rounding, one multiply)
 
-Step 2 runs in float64 here, which is exact for integers below 2^53, so the result does not
-depend on summation order. Step 3 has no add after the multiply, so no target can contract it
+Step 2 runs in float32 when no partial sum can reach 2^24 (``fan_in * max|x_q| * max|w_int|``
+below it: every partial sum is then an exactly representable integer, in any order) and in
+float64 otherwise (exact below 2^53), so the result never depends on summation order. Step 3 has no add after the multiply, so no target can contract it
 into a fused multiply-add and round differently. ``torch.export`` keeps each call as one node,
 which the TVM importer turns into a quantized op (see :mod:`tvm_rmsmp.frontend`).
 """
@@ -26,6 +27,13 @@ def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int)
     """Integer-valued float32 tensor ``clamp(round(x * inv_scale), qmin, qmax)``."""
     inv = torch.tensor(inv_scale, dtype=torch.float32)
     return torch.clamp(torch.round(x.to(torch.float32) * inv), qmin, qmax)
+
+
+def _exact_dtype(weight_int: torch.Tensor, qmin: int, qmax: int) -> torch.dtype:
+    """The cheapest float type in which the integer dot products are exact."""
+    fan_in = weight_int[0].numel() if weight_int.shape[0] else 0
+    w_max = int(weight_int.abs().max()) if weight_int.numel() else 0
+    return torch.float32 if fan_in * w_max * max(abs(qmin), abs(qmax)) < 2**24 else torch.float64
 
 
 def _epilogue(acc: torch.Tensor, bias_int: torch.Tensor, out_scale: torch.Tensor, channel_axis: int) -> torch.Tensor:
@@ -46,8 +54,9 @@ def qlinear(
     qmax: int,
     layer: str,
 ) -> torch.Tensor:
-    xq = quantize_activation(x, inv_act_scale, qmin, qmax).to(torch.float64)
-    acc = torch.matmul(xq, weight_int.to(torch.float64).t())
+    dtype = _exact_dtype(weight_int, qmin, qmax)
+    xq = quantize_activation(x, inv_act_scale, qmin, qmax).to(dtype)
+    acc = torch.matmul(xq, weight_int.to(dtype).t()).to(torch.float64)
     return _epilogue(acc, bias_int, out_scale, acc.dim() - 1)
 
 
@@ -70,8 +79,9 @@ def qconv2d(
     dilation: List[int],
     layer: str,
 ) -> torch.Tensor:
-    xq = quantize_activation(x, inv_act_scale, qmin, qmax).to(torch.float64)
-    acc = torch.nn.functional.conv2d(xq, weight_int.to(torch.float64), None, stride, padding, dilation)
+    dtype = _exact_dtype(weight_int, qmin, qmax)
+    xq = quantize_activation(x, inv_act_scale, qmin, qmax).to(dtype)
+    acc = torch.nn.functional.conv2d(xq, weight_int.to(dtype), None, stride, padding, dilation).to(torch.float64)
     return _epilogue(acc, bias_int, out_scale, 1)
 
 

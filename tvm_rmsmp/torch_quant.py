@@ -168,6 +168,11 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _supported(name: str, mod: nn.Module) -> Optional[str]:
     """None if the layer can be quantized, else why not."""
+    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Conv2d
+    if type(mod).forward is not base.forward:
+        # e.g. a "same"-padding Conv2d subclass that pads in forward(): replacing it by the
+        # plain layer would silently drop what its forward adds.
+        return f"{type(mod).__name__} overrides {base.__name__}.forward"
     if isinstance(mod, nn.Linear):
         return None
     if isinstance(mod, nn.Conv2d):
@@ -396,14 +401,14 @@ def _row_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List[
             f"assign={cfg.assign!r} needs at least {MIN_SAMPLES} calibration samples for the Hessian estimate, "
             f"got {samples}; using the 'variance' rule",
             RMSMPWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return "variance", {}, None
     try:
         traces, report = row_hessian_traces(model, layers, use, probes=cfg.hessian.probes, loss=cfg.hessian.loss,
                                             seed=cfg.hessian.seed)
     except RuntimeError as err:  # e.g. an op without a second derivative
-        warnings.warn(f"Hessian estimate failed ({err}); using the 'variance' rule", RMSMPWarning, stacklevel=3)
+        warnings.warn(f"Hessian estimate failed ({err}); using the 'variance' rule", RMSMPWarning, stacklevel=4)
         return "variance", {}, None
     return cfg.assign, traces, report
 

@@ -6,13 +6,12 @@ next to this file); the shipped checkpoint was made by exactly that command.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 from torch import nn
 
-from .training import evaluate, load_checkpoint, save_checkpoint, train_classifier
+from .training import evaluate, load_checkpoint, save_checkpoint, train_classifier, train_main
 
 __all__ = ["FashionCNN", "load_pretrained", "CHECKPOINT", "evaluate"]
 
@@ -48,13 +47,7 @@ def train(epochs: int, out: str, seed: int = 0) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=CHECKPOINT)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
-    train(args.epochs, args.out, args.seed)
+    train_main(FashionCNN, CHECKPOINT, 4, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ checkpoint was made by exactly that command.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 from torch import nn
 
-from .training import load_checkpoint, save_checkpoint, train_classifier
+from .training import load_checkpoint, train_main
 
 __all__ = ["ResNet20", "load_pretrained", "CHECKPOINT"]
 
@@ -63,16 +62,7 @@ def load_pretrained(path: str = CHECKPOINT) -> ResNet20:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=CHECKPOINT)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(args.seed)
-    model = ResNet20()
-    train_classifier(model, args.epochs, args.seed, log=lambda s: print(s, flush=True))
-    save_checkpoint(model, args.out)
+    train_main(ResNet20, CHECKPOINT, 3, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["evaluate", "train_classifier", "save_checkpoint", "load_checkpoint"]
+__all__ = ["evaluate", "train_classifier", "save_checkpoint", "load_checkpoint", "train_main"]
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
@@ -79,3 +79,19 @@ def load_checkpoint(model: nn.Module, path: str, train_cmd: str) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: "
                          f"missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+def train_main(factory: Callable[[], nn.Module], checkpoint: str, epochs: int, description: str, argv=None) -> None:
+    """Command line of a built-in model's training script: train from scratch, save atomically."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=checkpoint)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    model = factory()
+    train_classifier(model, args.epochs, args.seed, log=lambda s: print(s, flush=True))
+    save_checkpoint(model, args.out)

@@ -1,0 +1,172 @@
+"""ResNet-18 (ImageNet shapes) on the FPGA accelerator model: RMSMP vs a 4-bit fixed-point DSP-only design.
+
+For each board (XC7Z020, XC7Z045) the same ResNet-18 (random weights: latency does not depend
+on them) is quantized twice and compiled with ``target="fpga:<board>"``:
+
+* ``rmsmp``: rows split by ``rmsmp.fpga.derive_ratio(board)`` (SP2-4 rows on the LUT core,
+  Fixed-4/Fixed-8 rows on the DSP core, both at once);
+* ``fixed4_dsp``: every row Fixed-4, so only the DSP core works (the paper's baseline).
+
+Cycles come from the cycle-level simulator (deterministic; the machine running this does not
+matter). ``variant`` "int32 write-back" is what the compiled model runs (results bit-exact);
+the other variants re-time the same instruction streams with 8-bit write-back (an on-chip
+requantizing ALU) and with 4x the DRAM bandwidth: what-ifs that locate the bottlenecks.
+``--check`` also runs each RMSMP model once on the simulator and compares it with the torch
+reference, bit for bit.
+
+Run: python -m bench.fpga [--check]  (writes bench/results/fpga.json and bench/results/fpga_layers.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import attrs
+import numpy as np
+import torch
+
+import tvm_rmsmp as rmsmp
+from tvm_rmsmp.fileio import atomic_write
+from tvm_rmsmp.fpga import derive_ratio, load_board
+from tvm_rmsmp.models.resnet import resnet18
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = {"xc7z020": {"ratio": "60:35:5", "speedup": 3.01}, "xc7z045": {"ratio": "65:30:5", "speedup": 3.65}}
+VARIANTS = {
+    "int32 write-back": {},
+    "8-bit write-back": {"store_bytes_per_output": 1},
+    "8-bit write-back, 4x DRAM": {"store_bytes_per_output": 1, "dram_scale": 4},
+}
+
+
+def _ratio_text(ratio):
+    return ":".join(f"{round(100 * ratio.get(k, 0.0))}" for k in ("sp2_4", "fixed_4", "fixed_8"))
+
+
+def _variant(accel, spec):
+    spec = dict(spec)
+    scale = spec.pop("dram_scale", 1)
+    return attrs.evolve(accel, dram_bytes_per_cycle=accel.dram_bytes_per_cycle * scale, **spec)
+
+
+def _plot(path, per_layer):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return None
+    boards = list(per_layer)
+    fig, axes = plt.subplots(len(boards), 1, figsize=(15, 5 * len(boards)), squeeze=False)
+    for ax, board in zip(axes[:, 0], boards):
+        rm, base = per_layer[board]["rmsmp"], per_layer[board]["fixed4_dsp"]
+        names = [layer["layer"].replace("layer", "L").replace(".downsample.0", ".ds") for layer in rm]
+        x = np.arange(len(names))
+        width = 0.2
+        units = [("lut", "LUT core (SP2)"), ("dsp", "DSP core (fixed)"), ("dma_read", "DMA read"),
+                 ("dma_write", "DMA write")]
+        for k, (unit, label) in enumerate(units):
+            ax.bar(x + (k - 1.5) * width, [layer["busy"].get(unit, 0) for layer in rm], width, label=f"RMSMP: {label} busy")
+        ax.plot(x, [layer["cycles"] for layer in rm], "k_", markersize=18, mew=2.5, label="RMSMP layer cycles")
+        ax.plot(x, [layer["cycles"] for layer in base], "r_", markersize=18, mew=2.5,
+                label="fixed-4 DSP-only layer cycles")
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("cycles")
+        ax.set_title(f"ResNet-18 on {board}: per-layer cycles by unit (cycle model, int32 write-back)")
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--boards", nargs="+", default=["xc7z020", "xc7z045"])
+    ap.add_argument("--check", action="store_true", help="run each RMSMP model on the simulator vs the torch reference")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fpga.json"))
+    ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "results", "fpga_layers.png"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = resnet18(seed=0)
+    x = torch.randn(1, 3, 224, 224)
+    calib = [torch.randn(2, 3, 224, 224)]
+    quantized = {}
+
+    def quantize(ratio):
+        key = _ratio_text(ratio)
+        if key not in quantized:
+            t0 = time.time()
+            # Cycles depend on the row counts, not on which rows get which scheme: the variance
+            # rule needs no Hessian statistics (the default rule wants 16+ calibration images).
+            cfg = rmsmp.RMSMPConfig(ratio=ratio, assign="variance")
+            quantized[key] = rmsmp.quantize(model, cfg, calib_data=calib)
+            print(f"quantized ResNet-18 at {key} in {time.time() - t0:.0f} s", flush=True)
+        return quantized[key]
+
+    rows, per_layer, checks = [], {}, {}
+    for board in args.boards:
+        cfg = load_board(board)
+        per_layer[board] = {}
+        for design, ratio in (("rmsmp", derive_ratio(board)), ("fixed4_dsp", {"fixed_4": 1.0})):
+            q = quantize(ratio)
+            exe = rmsmp.compile(q, (x,), target=f"fpga:{board}")
+            if exe.fallbacks:
+                raise RuntimeError(f"{board}: layers fell back to the host: {exe.fallbacks}")
+            for variant, spec in VARIANTS.items():
+                prof = exe.profile(None if not spec else _variant(cfg.accelerator, spec))
+                rows.append({"board": board, "model": "resnet18", "design": design, "ratio": _ratio_text(ratio),
+                             "cycles": int(prof["cycles"]), "latency_ms": round(prof["latency_ms"], 4),
+                             "variant": variant, "utilization": {k: round(v, 3) for k, v in prof["utilization"].items()},
+                             "mac_utilization": {k: round(v, 3) for k, v in prof["mac_utilization"].items()}})
+                if not spec:
+                    per_layer[board][design] = prof["layers"]
+            if args.check and design == "rmsmp":
+                t0 = time.time()
+                same = bool(np.array_equal(exe(x), q(x).detach().numpy()))
+                checks[board] = same
+                print(f"{board} rmsmp on the simulator equals the torch reference: {same} ({time.time() - t0:.0f} s)")
+
+    speedups = {}
+    for board in args.boards:
+        for variant in VARIANTS:
+            c = {r["design"]: r["cycles"] for r in rows if r["board"] == board and r["variant"] == variant}
+            speedups.setdefault(board, {})[variant] = round(c["fixed4_dsp"] / c["rmsmp"], 3)
+    print(f"\n{'board':9} {'design':11} {'ratio':9} {'cycles':>10} {'ms':>8}   variant")
+    for r in rows:
+        print(f"{r['board']:9} {r['design']:11} {r['ratio']:9} {r['cycles']:>10} {r['latency_ms']:>8.3f}   {r['variant']}")
+    print("\nspeedup of RMSMP over fixed-4 DSP-only (paper: XC7Z020 3.01x, XC7Z045 3.65x):")
+    for board, s in speedups.items():
+        print(f"  {board}: " + ", ".join(f"{v}: {x:.2f}x" for v, x in s.items()))
+    plot = _plot(args.plot, per_layer) if args.plot else None
+    result = {
+        "command": "python -m bench.fpga" + (" --check" if args.check else ""),
+        "model": "ResNet-18, 1x3x224x224, random weights (tvm_rmsmp.models.resnet.resnet18(seed=0))",
+        "timing": "cycle-level simulator of the accelerator model (deterministic); host ops not counted",
+        "host": f"{platform.machine()}, Python {platform.python_version()} (irrelevant to cycle counts)",
+        "boards": {b: load_board(b).summary() for b in args.boards},
+        "paper": PAPER,
+        "rows": rows,
+        "speedup": speedups,
+        "simulator_equals_reference": checks,
+        "per_layer": {b: {d: [{"layer": l["layer"], "cycles": l["cycles"], "busy": l["busy"]} for l in v]
+                          for d, v in per_layer[b].items()} for b in per_layer},
+        "plot": os.path.relpath(plot, ROOT) if plot else None,
+    }
+    atomic_write(args.out, json.dumps(result, indent=1))
+    print(f"\nwrote {os.path.relpath(args.out, ROOT)}" + (f" and {os.path.relpath(plot, ROOT)}" if plot else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The accelerator's instruction set (VTA-style, with two GEMM cores).
+
+Seven in-order queues run at the same time: ``load`` (DMA of input tiles into the shared
+input buffer), ``load_lut`` / ``load_dsp`` (DMA of each core's weights), ``lut`` and ``dsp``
+(one GEMM core each, plus its ALU), ``store_lut`` / ``store_dsp`` (DMA of each core's results
+back to DRAM). Each core is thus a VTA-like load-compute-store pipeline; the two share the
+input tiles and DRAM, whose read and write channels (AXI) each move ``dram_bytes_per_cycle``
+and serve the DMA queues first come, first served. Queues synchronize only through
+dependency tokens, as in VTA: an instruction first
+pops one token from each channel in ``wait`` (blocking until the producer pushed it) and
+pushes one token to each channel in ``signal`` when it finishes. Channels are named
+``"<from>-><to>:<what>"``, e.g. ``"load->dsp:data"`` (weight tile loaded), ``"load->dsp:inp"``
+(input tile loaded) or ``"dsp->load:wgt"`` (weight buffer half free again).
+
+On-chip buffers (each split in two halves, ``slot`` 0/1, for double buffering): ``inp``
+(shared by both cores), ``wgt_lut``/``wgt_dsp`` and ``acc_lut``/``acc_dsp`` (int32).
+
+A region is a tuple of ``(start, extent)`` per axis of a DRAM tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import attrs
+
+__all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES", "QUEUES", "ALU_OPS"]
+
+CORES = ("lut", "dsp")
+QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "store_lut", "store_dsp")
+ALU_OPS = ("add_bias", "mul_shift", "shift", "relu")
+
+Region = Tuple[Tuple[int, int], ...]
+
+
+def _region(value) -> Region:
+    return tuple((int(a), int(b)) for a, b in value)
+
+
+def _slot(instance, attribute, value):
+    if value not in (0, 1):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be 0 or 1, got {value!r}")
+
+
+def _core(instance, attribute, value):
+    if value not in CORES:
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be one of {CORES}, got {value!r}")
+
+
+def region_size(region: Region) -> int:
+    n = 1
+    for _, extent in region:
+        n *= extent
+    return n
+
+
+@attrs.define(eq=False)
+class Instruction:
+    """Fields every instruction has: tokens to wait for / signal, and the layer it belongs to."""
+
+    wait: Tuple[str, ...] = attrs.field(default=(), converter=tuple, kw_only=True)
+    signal: Tuple[str, ...] = attrs.field(default=(), converter=tuple, kw_only=True)
+    layer: str = attrs.field(default="", kw_only=True)
+
+    @property
+    def queue(self) -> str:
+        raise NotImplementedError
+
+    def reads(self) -> Tuple[Tuple[str, int], ...]:
+        return ()
+
+    def writes(self) -> Tuple[Tuple[str, int], ...]:
+        return ()
+
+    def describe(self) -> str:
+        fields = []
+        for a in attrs.fields(type(self)):
+            if a.name in ("wait", "signal", "layer"):
+                continue
+            fields.append(f"{a.name}={getattr(self, a.name)!r}")
+        return f"{type(self).__name__.upper()}({', '.join(fields)})"
+
+
+@attrs.define(eq=False)
+class Load(Instruction):
+    """DMA ``region`` of DRAM ``tensor`` into ``buffer`` half ``slot``.
+
+    buffer: "inp" or "wgt_lut"/"wgt_dsp". For weights the region is in stored bytes (two
+    4-bit codes per byte for 4-bit schemes); ``nbytes`` is what crosses the bus.
+    """
+
+    buffer: str = attrs.field()
+    tensor: str = attrs.field()
+    region: Region = attrs.field(converter=_region)
+    slot: int = attrs.field(validator=_slot)
+    nbytes: int = attrs.field(default=0)
+
+    @buffer.validator
+    def _check_buffer(self, attribute, value):
+        if value not in ("inp", "wgt_lut", "wgt_dsp"):
+            raise ValueError(f"LOAD.buffer must be 'inp', 'wgt_lut' or 'wgt_dsp', got {value!r}")
+
+    @property
+    def queue(self) -> str:
+        return "load" if self.buffer == "inp" else "load_" + self.buffer[4:]
+
+    def writes(self):
+        return ((self.buffer, self.slot),)
+
+
+@attrs.define(eq=False)
+class _Gemm(Instruction):
+    """``acc[acc_slot] (=|+=) inp[inp_slot] (*) wgt[wgt_slot]``.
+
+    op "conv2d": inp tile ``[C, H, W]`` (already padded), weights ``[F, C*kh*kw]`` codes,
+    acc ``[F, out_h, out_w]``; op "dense": inp ``[M, K]``, weights ``[F, K]``, acc ``[M, F]``.
+    ``reset`` starts a new accumulation (the first reduction tile).
+    """
+
+    op: str = attrs.field()
+    inp_slot: int = attrs.field(validator=_slot)
+    wgt_slot: int = attrs.field(validator=_slot)
+    acc_slot: int = attrs.field(validator=_slot)
+    rows: int = attrs.field()
+    pixels: int = attrs.field()
+    reduction: int = attrs.field()
+    reset: bool = attrs.field(default=True)
+    bits: int = attrs.field(default=4)
+    kernel: Tuple[int, int] = attrs.field(default=(1, 1), converter=tuple)
+    stride: Tuple[int, int] = attrs.field(default=(1, 1), converter=tuple)
+    out_hw: Tuple[int, int] = attrs.field(default=(1, 1), converter=tuple)
+
+    @op.validator
+    def _check_op(self, attribute, value):
+        if value not in ("conv2d", "dense"):
+            raise ValueError(f"GEMM.op must be 'conv2d' or 'dense', got {value!r}")
+
+    core = "?"
+
+    @property
+    def queue(self) -> str:
+        return self.core
+
+    def reads(self):
+        r = (("inp", self.inp_slot), (f"wgt_{self.core}", self.wgt_slot))
+        return r if self.reset else r + ((f"acc_{self.core}", self.acc_slot),)
+
+    def writes(self):
+        return ((f"acc_{self.core}", self.acc_slot),)
+
+    @property
+    def macs(self) -> int:
+        return self.rows * self.pixels * self.reduction
+
+
+@attrs.define(eq=False)
+class GemmDSP(_Gemm):
+    """GEMM on the DSP core (fixed-point rows; ``bits`` 4 packs two products per DSP48)."""
+
+    core = "dsp"
+
+
+@attrs.define(eq=False)
+class GemmLUT(_Gemm):
+    """GEMM on the LUT shift-add core (SP2 rows)."""
+
+    core = "lut"
+
+
+@attrs.define(eq=False)
+class Alu(Instruction):
+    """Element-wise integer op on an accumulator tile, per output row ``r`` of the tile.
+
+    add_bias: ``acc += bias[r]``; mul_shift: ``acc = (acc * mult[r] + 2^(shift[r]-1)) >> shift[r]``
+    (requantization by an integer multiply and a rounding shift); shift: the same with
+    ``mult = 1``; relu: ``max(acc, 0)``. ``bias``/``mult``/``shift`` name constant vectors
+    (DRAM tensors fetched with the instruction stream) and the first row of the tile.
+    """
+
+    core: str = attrs.field(validator=_core)
+    acc_slot: int = attrs.field(validator=_slot)
+    alu_op: str = attrs.field()
+    elements: int = attrs.field()
+    operand: Optional[str] = attrs.field(default=None)
+    shift_operand: Optional[str] = attrs.field(default=None)
+    row0: int = attrs.field(default=0)
+    row_axis: int = attrs.field(default=0)
+
+    @alu_op.validator
+    def _check_op(self, attribute, value):
+        if value not in ALU_OPS:
+            raise ValueError(f"ALU op must be one of {ALU_OPS}, got {value!r}")
+
+    @property
+    def queue(self) -> str:
+        return self.core
+
+    def reads(self):
+        return ((f"acc_{self.core}", self.acc_slot),)
+
+    def writes(self):
+        return ((f"acc_{self.core}", self.acc_slot),)
+
+
+@attrs.define(eq=False)
+class Store(Instruction):
+    """DMA the accumulator tile in ``acc_<core>`` half ``slot`` to ``region`` of DRAM ``tensor`` (int32)."""
+
+    core: str = attrs.field(validator=_core)
+    slot: int = attrs.field(validator=_slot)
+    tensor: str = attrs.field()
+    region: Region = attrs.field(converter=_region)
+    nbytes: int = attrs.field(default=0)
+
+    @property
+    def queue(self) -> str:
+        return "store_" + self.core
+
+    def reads(self):
+        return ((f"acc_{self.core}", self.slot),)
+
+
+def stream_summary(stream) -> Dict[str, int]:
+    """Instruction counts by kind."""
+    out: Dict[str, int] = {}
+    for ins in stream:
+        name = type(ins).__name__
+        out[name] = out.get(name, 0) + 1
+    return out

@@ -1,0 +1,323 @@
+"""A model compiled for the FPGA target: row-group layers on the accelerator (simulated),
+every other op on the host CPU through TVM.
+
+After the RMSMP passes and the FPGA schedules, the Relax module is legalized as for a CPU;
+its ``main`` is a static sequence of ``call_tir`` bindings (like the OpenCL executor in
+:mod:`tvm_rmsmp.opencl_runtime`). Each layer's row-group calls become one
+:class:`LayerProgram` (an instruction stream, its packed weights and biases); the other
+calls are PrimFuncs built for the host (``llvm``) on first use. A row-group op the
+accelerator cannot run (no tile fits, unsupported geometry) is built for the host instead,
+with an :class:`FPGAFallbackWarning` naming the layer.
+
+On the accelerator a layer computes ``acc + bias`` in int32 (GEMM cores and ALU); the host
+finishes the integer contract's single float multiply ``float32(acc + bias) * out_scale``,
+so results equal the torch reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import attrs
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..relax_graph import bind_alias, shape_dtype, unsupported_binding
+from .codegen import RowGroup, layer_stream, tile_events, weight_levels
+from .config import AcceleratorConfig, FPGAConfig, load_board
+from .isa import stream_summary
+from .simulator import SimResult, Simulator, WeightTensor
+
+__all__ = ["FPGACompiledModel", "FPGAFallbackWarning", "LayerProgram", "compile_fpga"]
+
+
+class FPGAFallbackWarning(UserWarning):
+    """A layer runs on the host CPU instead of the accelerator."""
+
+
+@attrs.define
+class LayerProgram:
+    """One layer on the accelerator: its stream, DRAM constants and outputs per row group."""
+
+    layer: str
+    stream: list
+    x_var: object
+    constants: Dict[str, object]
+    outputs: List[Tuple[object, str, np.ndarray, int, tuple]]  # (relax var, DRAM name, scale, channel axis, shape)
+    schemes: List[str]
+    groups: list = attrs.field(factory=list)
+
+    def summary(self) -> Dict[str, int]:
+        return stream_summary(self.stream)
+
+
+def _attr(func, key, default=None):
+    attrs_ = getattr(func, "attrs", None)
+    if attrs_ is None or key not in attrs_:
+        return default
+    return attrs_[key]
+
+
+def _is_row_group(func) -> bool:
+    return isinstance(func, tvm.tirx.PrimFunc) and _attr(func, "rmsmp.scheme") is not None and str(
+        _attr(func, "rmsmp.op", "")) in ("dense", "conv2d")
+
+
+def _scheduled_for_fpga(func) -> bool:
+    """True when ``schedules/fpga.py`` tagged the function's tiles (found by walking its TIR)."""
+
+    def visit(stmt) -> bool:
+        kind = type(stmt).__name__
+        if kind == "SBlockRealize":
+            return "fpga.intrin" in stmt.block.annotations or visit(stmt.block.body)
+        if kind == "SeqStmt":
+            return any(visit(s) for s in stmt.seq)
+        body = getattr(stmt, "body", None)
+        return body is not None and visit(body)
+
+    return visit(func.body)
+
+
+class FPGACompiledModel:
+    """``exe(x)`` runs the model (accelerator layers on the simulator); ``exe.profile()``
+    reports the modelled cycles per layer and unit."""
+
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, input_specs, stats=None,
+                 config: Optional[FPGAConfig] = None):
+        from tvm.relax.backend.cpu_generic import legalize_passes
+
+        self.target = target
+        self.host = target.host if target.host is not None else tvm.target.Target({"kind": "llvm"})
+        self.config = config or load_board(str(target.attrs["model"]))
+        self.input_specs = input_specs
+        self.stats = dict(stats or {})
+        self.ir = mod
+        with self.host:
+            self.lowered = tvm.transform.Sequential(legalize_passes(self.host))(mod)
+        self.simulator = Simulator(self.config)
+        self._host_funcs: Dict[str, object] = {}
+        self._profile = None
+        self._build_steps()
+
+    # ----- graph ------------------------------------------------------------------------
+    def _build_steps(self):
+        from schedules.fpga import plan_tiles
+
+        main = self.lowered["main"]
+        self.inputs = [p for p in main.params]
+        self.steps = []           # ("host", gv name, [arg refs], out var) | ("fpga", LayerProgram)
+        self.layers: List[LayerProgram] = []
+        self.fallbacks: List[str] = []
+        alias: Dict[object, object] = {}
+        consts: Dict[object, np.ndarray] = {}
+
+        def ref(expr):
+            if isinstance(expr, tvm.ir.GenericConst):
+                key = ("const", len(consts))
+                consts[key] = expr.value.numpy()
+                return key
+            if isinstance(expr, tvm.ir.Var):
+                return alias.get(expr, expr)
+            raise NotImplementedError(f"FPGA executor: unsupported argument {type(expr).__name__}")
+
+        bindings = [b for block in main.body.blocks for b in block.bindings]
+        row_calls = []
+        for binding in bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir":
+                func = self.lowered[value.args[0]]
+                if _is_row_group(func) and _scheduled_for_fpga(func):
+                    row_calls.append(binding)
+        groups_of: Dict[tuple, list] = {}
+        for binding in row_calls:
+            func = self.lowered[binding.value.args[0]]
+            key = (str(func.attrs["rmsmp.layer"]), binding.value.args[1].fields[0])
+            groups_of.setdefault(key, []).append(binding)
+        emitted = set()
+        self.consts = consts
+        for binding in bindings:
+            var, value = binding.var, binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir":
+                gv = value.args[0]
+                func = self.lowered[gv]
+                if _is_row_group(func) and _scheduled_for_fpga(func):
+                    key = (str(func.attrs["rmsmp.layer"]), value.args[1].fields[0])
+                    if key not in emitted:
+                        emitted.add(key)
+                        prog = self._layer_program(key[0], groups_of[key], ref)
+                        self.layers.append(prog)
+                        self.steps.append(("fpga", prog))
+                    continue
+                if _is_row_group(func):
+                    _, reason = plan_tiles(func, self.config.accelerator)
+                    reason = reason or "not scheduled for the accelerator"
+                    msg = (f"layer {str(func.attrs['rmsmp.layer'])!r} ({func.attrs['rmsmp.scheme']} rows) runs on the "
+                           f"host CPU: {reason}")
+                    warnings.warn(msg, FPGAFallbackWarning, stacklevel=4)
+                    self.fallbacks.append(msg)
+                args = [ref(a) for a in value.args[1].fields]
+                self.steps.append(("host", gv.name_hint, args, var, shape_dtype(value.ty_args[0] if value.ty_args else var.ty)))
+            elif not bind_alias(var, value, alias, ref):
+                raise unsupported_binding("FPGA executor", var, value)
+        out = main.body.body
+        if isinstance(out, relax.Tuple):
+            self.output = tuple(ref(f) for f in out.fields)
+        else:
+            self.output = ref(out)
+
+    def _layer_program(self, layer: str, bindings, ref) -> LayerProgram:
+        x_var = bindings[0].value.args[1].fields[0]
+        x_name = f"{layer}.x"
+        constants: Dict[str, object] = {}
+        groups, outputs, schemes = [], [], []
+        for binding in bindings:
+            func = self.lowered[binding.value.args[0]]
+            scheme = str(func.attrs["rmsmp.scheme"])
+            _, w, bias, scale = list(binding.value.args[1].fields)
+            if not all(isinstance(c, tvm.ir.GenericConst) for c in (w, bias, scale)):
+                raise NotImplementedError(f"layer {layer!r}: weights must be constants for the accelerator")
+            stored = w.value.numpy()
+            packed = _attr(func, "rmsmp.packed") is not None
+            base = f"{layer}.{scheme}"
+            op = str(func.attrs["rmsmp.op"])
+            kernel, stride = (1, 1), (1, 1)
+            if op == "conv2d":
+                kernel = _kernel_of(func)
+                s = [int(v) for v in func.attrs["rmsmp.conv"]["strides"]]
+                stride = (s[0], s[1])
+            codes = int(x_var.ty.shape[1]) * kernel[0] * kernel[1]
+            levels = weight_levels(stored, scheme, packed)[:, :codes]
+            constants[base + ".w"] = WeightTensor(stored=stored, levels=np.ascontiguousarray(levels),
+                                                  codes_per_byte=2 if packed else 1)
+            constants[base + ".bias"] = bias.value.numpy().astype(np.int64)
+            core = "lut" if str(func.attrs["rmsmp.kind"]) == "sp2" else "dsp"
+            groups.append(RowGroup(scheme=scheme, core=core, bits=4 if packed else 8, op=op, weight=base + ".w",
+                                   bias=base + ".bias", output=base + ".out", events=tile_events(func),
+                                   kernel=kernel, stride=stride))
+            shape, _ = shape_dtype(binding.value.ty_args[0] if binding.value.ty_args else binding.var.ty)
+            outputs.append((binding.var, base + ".out", scale.value.numpy().astype(np.float32),
+                            1 if op == "conv2d" else len(shape) - 1, tuple(shape)))
+            schemes.append(scheme)
+        stream = layer_stream(layer, x_name, groups, self.config.accelerator)
+        return LayerProgram(layer=layer, stream=stream, x_var=ref(x_var), constants=constants, outputs=outputs,
+                            schemes=schemes, groups=groups)
+
+    # ----- execution --------------------------------------------------------------------
+    def _host_func(self, name: str):
+        if name not in self._host_funcs:
+            func = self.lowered[name].with_attr("global_symbol", "main")
+            self._host_funcs[name] = tvm.compile(tvm.IRModule({"main": func}), target=self.host)
+        return self._host_funcs[name]
+
+    def _inputs(self, inputs) -> List[np.ndarray]:
+        from ..pipeline import checked_inputs
+
+        return checked_inputs(inputs, self.input_specs)
+
+    def __call__(self, *inputs):
+        env: Dict[object, np.ndarray] = dict(self.consts)
+        for p, arr in zip(self.inputs, self._inputs(inputs)):
+            env[p] = arr
+        dev = tvm.cpu()
+        for step in self.steps:
+            if step[0] == "host":
+                _, name, args, out, (shape, dtype) = step
+                exe = self._host_func(name)
+                tensors = [tvm.runtime.tensor(np.ascontiguousarray(env[a]), dev) for a in args]
+                result = tvm.runtime.tensor(np.empty(shape, dtype), dev)
+                exe["main"](*tensors, result)
+                env[out] = result.numpy()
+            else:
+                prog: LayerProgram = step[1]
+                dram = dict(prog.constants)
+                dram[f"{prog.layer}.x"] = env[prog.x_var]
+                for _, name, _, _, shape in prog.outputs:
+                    dram[name] = np.zeros(shape, np.int32)
+                self.simulator.run(prog.stream, dram)
+                for var, name, scale, axis, shape in prog.outputs:
+                    bshape = [1] * len(shape)
+                    bshape[axis] = -1
+                    env[var] = dram[name].astype(np.float32) * scale.reshape(bshape)
+        return self._read(env, self.output)
+
+    def _read(self, env, ref):
+        if isinstance(ref, tuple):
+            items = tuple(self._read(env, r) for r in ref)
+            return items[0] if len(items) == 1 else items
+        return env[ref]
+
+    # ----- performance model ------------------------------------------------------------
+    def profile(self, accelerator: Optional[AcceleratorConfig] = None) -> Dict[str, object]:
+        """Modelled cycles of the accelerator layers (host ops are not counted): per layer the
+        cycles, busy cycles per unit, MACs per core; totals, latency and utilization.
+
+        accelerator: another configuration of the same board's accelerator with the same
+        buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
+        regenerated from the same tiles and timed with it (a what-if; ``exe(x)`` is unchanged).
+        """
+        if accelerator is None and self._profile is not None:
+            return self._profile
+        acc = accelerator or self.config.accelerator
+        simulator = Simulator(acc)
+        layers = []
+        total = 0
+        busy: Dict[str, int] = {}
+        macs = {"lut": 0, "dsp": 0}
+        for prog in self.layers:
+            stream = prog.stream if accelerator is None else layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+            r: SimResult = simulator.run(stream)
+            total += r.cycles
+            for q, b in r.busy.items():
+                busy[q] = busy.get(q, 0) + b
+            for c in macs:
+                macs[c] += r.macs[c]
+            layers.append({"layer": prog.layer, "cycles": r.cycles, "busy": dict(r.busy), "macs": dict(r.macs),
+                           "schemes": prog.schemes, "instructions": r.instructions})
+        clock = self.config.board.clock_mhz
+        util = {q: (busy[q] / total if total else 0.0) for q in busy}
+        mac_util = {c: (macs[c] / (total * acc.macs_per_cycle(c, 4)) if total else 0.0) for c in macs}
+        result = {
+            "board": self.config.name, "clock_mhz": clock, "cycles": total, "latency_ms": total / (clock * 1e3),
+            "busy": busy, "utilization": util, "mac_utilization": mac_util, "macs": macs, "layers": layers,
+            "host_fallbacks": list(self.fallbacks),
+        }
+        if accelerator is None:
+            self._profile = result
+        return result
+
+    def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:
+        """Modelled accelerator seconds per inference (the cycle model, not a measurement)."""
+        return self.profile()["latency_ms"] / 1e3
+
+    def export_library(self, path, cc=None):
+        raise NotImplementedError("the FPGA target has no device library to export; see docs/fpga.md")
+
+
+def _kernel_of(func) -> Tuple[int, int]:
+    """The conv kernel the schedule recorded on the GEMM tile block."""
+    found = []
+
+    def visit(stmt):
+        kind = type(stmt).__name__
+        if kind == "SBlockRealize":
+            ann = stmt.block.annotations
+            if "fpga.kernel_h" in ann:
+                found.append((int(ann["fpga.kernel_h"]), int(ann["fpga.kernel_w"])))
+            visit(stmt.block.body)
+        elif kind == "SeqStmt":
+            for s in stmt.seq:
+                visit(s)
+        elif getattr(stmt, "body", None) is not None:
+            visit(stmt.body)
+
+    visit(func.body)
+    if not found:
+        raise ValueError("a scheduled conv2d row group without its kernel annotation")
+    return found[0]
+
+
+def compile_fpga(mod: tvm.IRModule, target: tvm.target.Target, input_specs, stats=None) -> FPGACompiledModel:
+    """The pipeline's hook for ``ext_dev`` targets (``target="fpga:<board>"``)."""
+    return FPGACompiledModel(mod, target, input_specs, stats=stats)
