@@ -212,21 +212,24 @@ def dense_func(
     n_rows, k_dim = w_shape
     bias = te.placeholder((n_rows,), "int32", name="bias")
     scale = te.placeholder((n_rows,), "float32", name="scale")
-    if packed:
+    if packed and k_dim % 2 == 0:
         # One byte, both its nibbles: reduction over (byte j, nibble h), so a vectorized j
         # loads each weight byte once (indexing codes by k // 2, k % 2 defeats vectorization).
-        # An odd K reads x[K - 1] against the zero pad code.
-        n_bytes = (k_dim + 1) // 2
-        w = te.placeholder((n_rows, n_bytes), "uint8", name="w")
-        j = te.reduce_axis((0, n_bytes), name="j")
+        # Schedules that want one reduction loop fuse (j, h) back into k.
+        w = te.placeholder((n_rows, k_dim // 2), "uint8", name="w")
+        j = te.reduce_axis((0, k_dim // 2), name="j")
         h = te.reduce_axis((0, 2), name="h")
-        xk = (lambda m: x[m, 2 * j + h]) if k_dim % 2 == 0 else (lambda m: x[m, tirx.min(2 * j + h, k_dim - 1)])
 
         def packed_sum(m, n):
             nibble = (w[n, j].astype("int32") >> (h * 4)) & 15
-            return te.sum(product(xk(m), nibble), axis=[j, h])
+            return te.sum(product(x[m, 2 * j + h], nibble), axis=[j, h])
 
         acc = te.compute((x_shape[0], n_rows), packed_sum, name="acc")
+    elif packed:  # odd K: one code per reduction step, the last byte half empty
+        w = te.placeholder((n_rows, (k_dim + 1) // 2), "uint8", name="w")
+        k = te.reduce_axis((0, k_dim), name="k")
+        acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], nibble_at(w, n, k)), axis=k),
+                         name="acc")
     else:
         k = te.reduce_axis((0, k_dim), name="k")
         w = te.placeholder(tuple(w_shape), w_dtype, name="w")

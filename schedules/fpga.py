@@ -165,7 +165,8 @@ def schedule_row_group(sch: s_tir.Schedule, plan: Dict[str, int], core: str) -> 
         tile = sch.blockize(fi)
         sch.reverse_compute_at(out, fo)
     else:
-        m, f, k = sch.get_loops(acc)
+        m, f, *reduction = sch.get_loops(acc)
+        k = sch.fuse(*reduction) if len(reduction) > 1 else reduction[0]  # packed rows: (byte, nibble)
         mo, mi = sch.split(m, [None, plan["tm"]])
         fo, fi = sch.split(f, [None, plan["tf"]])
         ko, ki = sch.split(k, [None, plan["tk"]])
