@@ -557,7 +557,7 @@ def markdown(report: Dict[str, object]) -> str:
         "wall-clock timings of one call, all contenders in the same run. RMSMP at SP2-4 : Fixed-4 :",
         "Fixed-8 = 60:35:5 with 8-bit activations, untuned `rmsmp.compile`. Random weights.",
         "",
-        f"**Hardware**: {hw['cpu']} (LLVM `mcpu={hw['llvm_mcpu']}`), {hw['cores']} cores, {hw['threads']} threads, "
+        f"**Hardware**: {hw['cpu']} (LLVM `mcpu={hw['llvm_mcpu']}`), {hw['cores']} cores, threads per contender: {hw['threads']}, "
         f"L3 {hw['l3_bytes'] and hw['l3_bytes'] // 2**20} MiB; tvm-rmsmp x86 kernels: `{hw['x86_kernel_isa']}`. "
         f"Measured DRAM read bandwidth {bw['GBps']:.1f} GB/s (sum over a {bw['array_bytes'] // 2**20} MiB array). "
         f"Run {report['date_utc']} UTC, `{report['command']}`"
@@ -566,7 +566,9 @@ def markdown(report: Dict[str, object]) -> str:
         "TVM's spinning, core-pinned thread pool slowed the next torch call down up to 9x); samples",
         "are taken round-robin, one per contender per round, so a change of load hits all alike.",
         "The machine (2 cores) was shared with other jobs during the run, so absolute numbers are",
-        "noisy: compare within one run.",
+        "noisy: compare within one run. With 2 threads per contender on it, thread-pool barriers",
+        "waiting for descheduled workers made single timings swing by up to 10x (torch dynamic int8",
+        "at batch 1: 0.07 to 12 ms), so the committed run uses one thread per contender.",
         "",
         "## Latency (ms)",
         "",
