@@ -73,7 +73,21 @@ def main(argv=None):
                          "value": cos})
             print(rows[-1], flush=True)
     atomic_write(args.out, json.dumps(rows, indent=1))
-    print(f"{time.perf_counter() - t0:.0f} s; wrote {args.out}")
+    seconds = time.perf_counter() - t0
+    print(table(rows))
+    print(f"{seconds:.0f} s; wrote {args.out}")
+
+
+def table(rows) -> str:
+    """Markdown: one line per (model, ratio, activation bits), one column per rule."""
+    keys = list(dict.fromkeys((r["model"], r["ratio"], r["act_bits"], r["metric"]) for r in rows))
+    val = {(r["model"], r["ratio"], r["act_bits"], r["metric"], r["rule"]): r["value"] for r in rows}
+    lines = ["| model | ratio | act | metric | " + " | ".join(RULES) + " |", "|" + "---|" * (4 + len(RULES))]
+    for m, ratio, act, metric in keys:
+        cells = [val.get((m, ratio, act, metric, rule)) for rule in RULES]
+        fmt = [("" if v is None else (f"{100 * v:.2f}" if metric == "top1" else f"{v:.4f}")) for v in cells]
+        lines.append(f"| {m} | {ratio} | A{act} | {metric} | " + " | ".join(fmt) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

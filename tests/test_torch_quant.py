@@ -152,3 +152,21 @@ def test_transformer_style_3d_dense():
     x = torch.randn(3, 5, 16)
     layer = q[0]
     np.testing.assert_array_equal(layer(x).detach().numpy(), _np_layer(layer, x.numpy()))
+
+
+def test_row_with_tiny_weights_and_a_large_bias_stays_in_int32():
+    """A BN-folded channel that is nearly off: weights ~1e-9, bias 0.5. Its bias must not
+    overflow the accumulator; the row's weights drop below the resolution and the output
+    keeps the bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[2] = 1e-9 * torch.randn(8)
+        model[0].bias[2] = 0.5
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(ratio={"fixed_8": 1.0}), [torch.randn(32, 8)])
+    layer = q[0]
+    assert int(layer.bias_int.abs().max()) <= 2**24
+    x = torch.randn(5, 8)
+    y, ref = layer(x), model(x)
+    np.testing.assert_allclose(y[:, 2].numpy(), ref[:, 2].detach().numpy(), atol=1e-3)
+    np.testing.assert_array_equal(y.detach().numpy(), _np_layer(layer, x.numpy()))

@@ -87,6 +87,7 @@ class _RMSMPLayer(nn.Module):
         self.qmin, self.qmax = act.qmin, act.qmax
         n = plan.num_rows
         bias = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
+        plan = _fit_bias_range(plan, bias, act.scale)
         acc_scale = np.float64(act.scale) * plan.row_scale.astype(np.float64)
         bias_int = np.round(bias.astype(np.float64) / acc_scale)
         fan_in = int(np.prod(plan.weight_int.shape[1:]))
@@ -116,6 +117,29 @@ class _RMSMPLayer(nn.Module):
     def extra_repr(self) -> str:
         counts = self.plan.counts()
         return f"{self.layer_name}: rows {dict(counts)}, act {self.act_bits}b {'s' if self.act_signed else 'u'}"
+
+
+#: Largest |bias_int| kept: far inside int32 next to any accumulator, exact in float32.
+BIAS_INT_LIMIT = 2**24
+
+
+def _fit_bias_range(plan: RowPlan, bias: np.ndarray, act_scale: float) -> RowPlan:
+    """Rows whose weights are tiny next to their bias (e.g. a channel BatchNorm nearly
+    switched off) would need a bias far beyond int32 in accumulator units. Their scale is
+    raised until the bias fits and the row is re-encoded: its weights were below that
+    resolution anyway."""
+    need = np.abs(bias.astype(np.float64)) / (np.float64(act_scale) * BIAS_INT_LIMIT)
+    rows = np.nonzero(plan.row_scale.astype(np.float64) < need)[0]
+    if rows.size == 0:
+        return plan
+    w_int, row_scale = plan.weight_int.copy(), plan.row_scale.copy()
+    for r in rows:
+        scheme = get_scheme(plan.schemes[r])
+        new = np.float32(need[r] * (1 + 1e-6))
+        w = plan.weight_int[r].astype(np.float64) * np.float64(plan.row_scale[r])
+        w_int[r] = scheme.encode(w[None], np.array([new]))[0]
+        row_scale[r] = new
+    return RowPlan(plan.layer, plan.op, plan.schemes, w_int, row_scale)
 
 
 class RMSMPLinear(_RMSMPLayer):
