@@ -25,7 +25,7 @@ from tvm.target import Target
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
-from .x86_intrin import packed_dense_kernel, supports_packed_dense, warn_fallback, x86_isa
+from .x86_intrin import ConvGeometry, gemm_kernel, supports_packed_dense, warn_fallback, x86_isa
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "schedule_dense", "schedule_conv2d"]
 
@@ -87,53 +87,80 @@ def schedule_conv2d(sch: s_tir.Schedule, target: Optional[Target] = None, tunabl
     sch.decompose_reduction(acc, rc)
 
 
-def packed_dense_replacement(func, target: Target):
-    """The x86 table-decode + MAC kernel for a packed 4-bit dense row group, or None.
+def x86_replacement(func, target: Target):
+    """The x86 MAC-intrinsic kernel for a row-group dense or conv2d, or None.
 
-    None when the function is not a packed dense group, the shapes do not fit the kernel, or
-    the target is not x86 with AVX2 (then the portable schedule runs, with a warning for an
-    x86 target without AVX2: no instruction the target lacks is ever emitted).
+    Packed 4-bit groups (fixed and SP2: table decode + MAC) on AVX2 or AVX-512 VNNI; int8
+    groups (fixed_8) on AVX-512 VNNI. Convolutions read their activations through an im2col
+    staged per call. None when the function is not a row group, the target is not x86 with
+    AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
+    instruction the target lacks is ever emitted), or the group is int8 on a target without VNNI.
     """
     attrs = func.attrs
-    if attrs is None or str(attrs.get("rmsmp.op", "")) != "dense" or attrs.get("rmsmp.packed") is None:
+    op = str(attrs.get("rmsmp.op", "")) if attrs is not None else ""
+    if op not in ("dense", "conv2d") or attrs.get("rmsmp.scheme") is None:
         return None
+    packed = attrs.get("rmsmp.packed") is not None
+    scheme = get_scheme(str(attrs["rmsmp.scheme"]))
+    x_buf, w_buf, out_buf = func.params[0], func.params[1], func.params[-1]
+    if not packed and (scheme.kind != "fixed" or str(w_buf.dtype) != "int8"):
+        return None  # unpacked SP2 codes: the portable shift-add schedule
     isa = x86_isa(target)
     if isa is None:
         triple = str(target.attrs.get("mtriple", "") or "")
         if target.kind.name == "llvm" and (not triple or triple.startswith("x86")):
-            warn_fallback(f"packed dense {attrs.get('rmsmp.layer', '')}", target)
+            warn_fallback(f"{op} {attrs.get('rmsmp.layer', '')}", target)
         return None
-    x_buf, w_buf = func.params[0], func.params[1]
+    if not packed and isa != "avx512vnni":
+        return None
     x_shape = [int(d) for d in x_buf.shape]
-    n_rows, n_bytes = (int(d) for d in w_buf.shape)
-    if not supports_packed_dense(x_shape, n_bytes):
-        return None
-    scheme = get_scheme(str(attrs["rmsmp.scheme"]))
-    levels = nibble_decode(np.arange(16), scheme)
+    n_rows = int(w_buf.shape[0])
+    conv = None
+    if op == "conv2d":
+        geometry = attrs["rmsmp.conv"]
+        if any(int(p) for p in geometry["padding"]):
+            return None  # the activation quantizer pads; a padded row group is not ours
+        sch = s_tir.Schedule(func)
+        *_, ry, rx = sch.get_loops(sch.get_sblock("acc"))
+        conv = ConvGeometry(*x_shape, _extent(sch, ry), _extent(sch, rx),
+                            tuple(int(v) for v in geometry["strides"]), tuple(int(v) for v in geometry["dilation"]))
+        if [conv.batch, n_rows, *conv.out_hw] != [int(d) for d in out_buf.shape]:
+            return None
+        m, k = conv.m, conv.k
+    else:
+        if len(x_shape) != 2:
+            return None
+        m, k = x_shape
+        if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
+            return None
+    levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
-    kernel = packed_dense_kernel(x_shape[0], x_shape[1], n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
+    kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores)
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
-    return kernel.with_attr("rmsmp.cpu_kernel", f"x86-{isa}-table-decode").with_attr("tirx.is_scheduled", True)
+    kind = "table-decode" if packed else "int8"
+    return kernel.with_attr("rmsmp.cpu_kernel", f"x86-{isa}-{kind}").with_attr("tirx.is_scheduled", True)
 
 
-class _RowGroupDenseRule(OpScheduleRule):
-    """Dense: the x86 intrinsic kernel for packed 4-bit groups where it applies, else
-    :func:`schedule_dense`."""
+class _X86Rule(OpScheduleRule):
+    """The x86 intrinsic kernel where it applies, else the portable schedule of the op."""
 
     def apply(self, func, target: Target, _tunable: bool):
         if target.kind.name in self.kinds:
-            kernel = packed_dense_replacement(func, target)
-            if kernel is not None:
-                return s_tir.Schedule(kernel)
+            attrs = getattr(func, "attrs", None)
+            if attrs is not None and str(attrs.get("rmsmp.op", "")) == self.op:
+                kernel = x86_replacement(func, target)
+                if kernel is not None:
+                    return s_tir.Schedule(kernel)
         return super().apply(func, target, _tunable)
 
 
-#: Row-group dense: parallel row tiles, contiguous inner reduction (x86 packed rows: intrinsics).
-RowGroupDense = _RowGroupDenseRule("dense", schedule_dense, kinds=("llvm",))
-#: Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels.
-RowGroupConv2d = OpScheduleRule("conv2d", schedule_conv2d, kinds=("llvm",))
+#: Row-group dense: parallel row tiles, contiguous inner reduction (x86: MAC intrinsics).
+RowGroupDense = _X86Rule("dense", schedule_dense, kinds=("llvm",))
+#: Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels
+#: (x86: im2col + MAC intrinsics).
+RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
 register_target("llvm", [RowGroupDense, RowGroupConv2d], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
-                fixed=packed_dense_replacement)
+                fixed=x86_replacement)

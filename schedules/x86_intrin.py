@@ -31,14 +31,17 @@ every activation tile passes over them.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
+
+import attrs
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-__all__ = ["x86_isa", "packed_dense_kernel", "supports_packed_dense", "decode_table", "TargetFeatureWarning"]
+__all__ = ["x86_isa", "gemm_kernel", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
+           "TargetFeatureWarning"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
@@ -74,8 +77,38 @@ def vector_bytes(isa: str, n_bytes: int) -> int:
 
 
 def supports_packed_dense(x_shape, n_bytes: int) -> bool:
-    """The kernel needs 2-D activations whose length is a whole number of 64-code steps."""
-    return len(x_shape) == 2 and int(x_shape[1]) == 2 * n_bytes and n_bytes % 32 == 0
+    """The packed dense kernel takes 2-D activations of ``2 * n_bytes`` or ``2 * n_bytes - 1``
+    codes (odd lengths: the last byte's high nibble is the 0 code)."""
+    return len(x_shape) == 2 and int(x_shape[1]) in (2 * n_bytes, 2 * n_bytes - 1)
+
+
+@attrs.frozen
+class ConvGeometry:
+    """An NCHW convolution read as a GEMM: one row per output pixel, one column per
+    ``(channel, ky, kx)`` in the weight's own order (``x`` already zero-padded)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kh: int
+    kw: int
+    strides: Tuple[int, int] = (1, 1)
+    dilation: Tuple[int, int] = (1, 1)
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        (sh, sw), (dh, dw) = self.strides, self.dilation
+        return ((self.height - dh * (self.kh - 1) - 1) // sh + 1, (self.width - dw * (self.kw - 1) - 1) // sw + 1)
+
+    @property
+    def m(self) -> int:
+        oh, ow = self.out_hw
+        return self.batch * oh * ow
+
+    @property
+    def k(self) -> int:
+        return self.channels * self.kh * self.kw
 
 
 def _tiles(m: int, isa: str):
@@ -89,38 +122,60 @@ def packed_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Sequence[int], isa: str, tiles=None, vec: Optional[int] = None,
     chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
 ) -> tvm.tirx.PrimFunc:
-    """The PrimFunc ``(x [m, k], w [n, k/2] uint8, bias [n] int32, scale [n] f32, out [m, n] f32)``."""
+    """The PrimFunc ``(x [m, k], w [n, ceil(k/2)] uint8, bias [n] int32, scale [n] f32, out [m, n] f32)``."""
+    return gemm_kernel(m, k, n, x_dtype, levels, isa, tiles=tiles, vec=vec, chunks=chunks, unroll_k=unroll_k,
+                       num_cores=num_cores)
+
+
+def gemm_kernel(
+    m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
+    tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
+) -> tvm.tirx.PrimFunc:
+    """A row-group dense (``conv`` None) or conv2d (``conv``: im2col staged per call) on x86.
+
+    ``levels``: the 16 int8 levels of a packed 4-bit scheme (weights ``[n, ceil(k/2)]`` uint8),
+    or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; AVX-512 VNNI only, since
+    ``vpmaddubsw`` would saturate on 8-bit products). Any ``k``: the reduction is padded to a
+    whole number of vector steps with zero weights (the 0 code is the 0 level).
+    """
     if isa not in ("avx2", "avx512vnni"):
-        raise ValueError(f"packed_dense_kernel: unknown ISA {isa!r}")
+        raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
     if x_dtype not in ("uint8", "int8"):
-        raise ValueError(f"packed_dense_kernel: activations must be uint8 or int8, got {x_dtype}")
-    kb = k // 2
-    if k % 64:
-        raise ValueError(f"packed_dense_kernel: K={k} is not a multiple of 64")
-    vec = vec or vector_bytes(isa, kb)
-    if vec not in (32, 64) or (vec == 64 and (isa != "avx512vnni" or kb % 64)):
-        raise ValueError(f"packed_dense_kernel: {vec}-byte vectors need VNNI and rows of a multiple of {vec} bytes")
+        raise ValueError(f"gemm_kernel: activations must be uint8 or int8, got {x_dtype}")
+    packed = levels is not None
+    if not packed and isa != "avx512vnni":
+        raise ValueError("gemm_kernel: int8 weights need AVX-512 VNNI (vpmaddubsw saturates on 8-bit products)")
+    if conv is not None and (conv.m != m or conv.k != k):
+        raise ValueError(f"gemm_kernel: conv geometry gives m={conv.m}, k={conv.k}, not {m}, {k}")
+    vec = vec or 32
+    halves = 2 if packed else 1  # packed: even / odd codes of a byte meet separate activation planes
+    if vec not in (32, 64) or (vec == 64 and isa != "avx512vnni"):
+        raise ValueError(f"gemm_kernel: {vec}-byte vectors need VNNI")
+    w_bytes = (k + 1) // 2 if packed else k  # stored bytes per weight row
+    nb = -(-w_bytes // vec)  # vector steps per row
+    width = nb * vec  # staged bytes per row (zero-padded past w_bytes)
+    pad_w = width != w_bytes
     lanes = vec // 4
     i8v, i32v, i16v = f"int8x{vec}", f"int32x{lanes}", f"int16x{vec // 2}"
     mt, nt = tiles or _tiles(m, isa)
     mt = min(mt, m)
-    nb = kb // vec
     m_tiles = (m + mt - 1) // mt
     n_tiles = (n + nt - 1) // nt
-    # a chunk of row tiles is one parallel task; its weights (about 96 KiB) stay in L2 while
-    # every activation tile passes over them, so activations are read once per chunk
-    # (batch 1: 4 chunks per core; each chunk allocates its accumulators once, and 64 chunks
-    # of a 1843-row group cost 3x the kernel itself in allocations)
+    cores = max(1, num_cores)
+    # a chunk of row tiles keeps its weights (about 96 KiB) in L2 while activation tiles pass
+    # over them; batch 1: 4 chunks per core (each allocates its accumulators once, and 64
+    # chunks of a 1843-row group cost 3x the kernel itself in allocations)
     if chunks is None:
-        chunks = 4 * max(1, num_cores) if m_tiles == 1 else n_tiles
+        chunks = 4 * cores if m_tiles == 1 else n_tiles
     per_chunk = max(1, (n_tiles + chunks - 1) // chunks)
     if m_tiles > 1:
-        per_chunk = max(per_chunk, min((n_tiles + 1) // 2, (96 * 1024) // (nt * kb)))
+        per_chunk = max(per_chunk, min((n_tiles + 1) // 2, (96 * 1024) // (nt * width)))
     n_chunks = (n_tiles + per_chunk - 1) // per_chunk
-    # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
-    lut_bytes = decode_table(levels).view(np.uint8)
-    lut_lo = T.int64(int(lut_bytes[:8].view(np.int64)[0]))
-    lut_hi = T.int64(int(lut_bytes[8:].view(np.int64)[0]))
+    # many activation rows (conv pixels, large batches): also split them, 4 tasks per core
+    m_blocks = 1 if m_tiles == 1 else max(1, min(m_tiles, -(-4 * cores // n_chunks)))
+    per_block = -(-m_tiles // m_blocks)
+    m_blocks = -(-m_tiles // per_block)
+    tasks = m_blocks * n_chunks
     signed = x_dtype == "int8"
     vnni = isa == "avx512vnni"
     wide = vec == 64
@@ -128,6 +183,22 @@ def packed_dense_kernel(
     maddubs = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
     maddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512" if wide else "llvm.x86.avx512.vpdpbusd.256")
+    if packed:
+        # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
+        lut_bytes = decode_table(levels).view(np.uint8)
+        lut_lo = T.int64(int(lut_bytes[:8].view(np.int64)[0]))
+        lut_hi = T.int64(int(lut_bytes[8:].view(np.int64)[0]))
+    else:
+        lut_lo = lut_hi = T.int64(0)
+    w_dtype = "uint8" if packed else "int8"
+    if conv is None:
+        x_shape, out_shape = (m, k), (m, n)
+    else:
+        x_shape = (conv.batch, conv.channels, conv.height, conv.width)
+        oh, ow = conv.out_hw
+        out_shape = (conv.batch, n, oh, ow)
+        (sh, sw), (dh, dw) = conv.strides, conv.dilation
+    w_shape = (n, w_bytes) if (packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
 
     def mac(acc, xv, wv):
         if vnni:
@@ -142,70 +213,123 @@ def packed_dense_kernel(
             total = total + buf[base + lane]
         return total
 
-    def xvec(buf, r, b):
-        return buf[r, T.ramp(b * vec, 1, vec)]
+    def staged(value):
+        """An activation as the unsigned byte the MAC takes (signed ones offset by 128)."""
+        if signed:
+            return T.Cast("uint8", T.Cast("int32", value) + 128)
+        return T.Cast("uint8", value)
+
+    def out_index(row, col):
+        if conv is None:
+            return row, col
+        return row // (oh * ow), col, (row // ow) % oh, row % ow
 
     @T.prim_func(private=True)
     def kernel(
-        x: T.Buffer((m, k), x_dtype),
-        w: T.Buffer((n, kb), "uint8"),
+        x: T.Buffer(x_shape, x_dtype),
+        w: T.Buffer(w_shape, w_dtype),
         bias: T.Buffer((n,), "int32"),
         scale: T.Buffer((n,), "float32"),
-        out: T.Buffer((m, n), "float32"),
+        out: T.Buffer(out_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        # activations split into even / odd halves; signed ones offset by 128 into uint8
-        # (x * w = (x + 128) * w - 128 * w: the row sums of w are accumulated alongside)
-        xe = T.alloc_buffer((m, kb), "uint8")
-        xo = T.alloc_buffer((m, kb), "uint8")
-        for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
-            for j in range(kb):
-                if signed:
-                    xe[i, j] = T.Cast("uint8", T.Cast("int32", x[i, 2 * j]) + 128)
-                    xo[i, j] = T.Cast("uint8", T.Cast("int32", x[i, 2 * j + 1]) + 128)
-                else:
-                    xe[i, j] = T.Cast("uint8", x[i, 2 * j])
-                    xo[i, j] = T.Cast("uint8", x[i, 2 * j + 1])
-        for chunk in T.parallel(n_chunks):
-            # local buffers in a parallel loop are heap workspaces: allocate once per chunk
+        # activations as unsigned bytes in `halves` planes (packed: even / odd codes), one row
+        # per GEMM row (conv: im2col); signed ones offset by 128, since
+        # x * w = (x + 128) * w - 128 * w and the row sums of w are accumulated alongside
+        xs = T.alloc_buffer((m, halves, width), "uint8")
+        if pad_w:
+            # weights staged once per call: zero columns up to the vector width (conv: a flat view)
+            wp = T.alloc_buffer((n, width), w_dtype)
+            for r in T.serial(n):
+                for j in range(width):
+                    if packed or conv is None:
+                        wp[r, j] = T.if_then_else(j < w_bytes, w[r, T.min(j, w_bytes - 1)], T.Cast(w_dtype, 0))
+                    else:
+                        wp[r, j] = T.if_then_else(
+                            j < k, w[r, T.min(j, k - 1) // (conv.kh * conv.kw), T.min(j, k - 1) // conv.kw % conv.kh,
+                                     T.min(j, k - 1) % conv.kw], T.Cast(w_dtype, 0))
+        else:
+            wp = T.decl_buffer((n, width), w_dtype, data=w.data)
+        if conv is None:
+            for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
+                for j in range(width):
+                    for h in T.unroll(halves):
+                        if width * halves == k:
+                            xs[i, h, j] = staged(x[i, j * halves + h])
+                        else:
+                            xs[i, h, j] = T.if_then_else(j * halves + h < k, staged(x[i, T.min(j * halves + h, k - 1)]),
+                                                         T.uint8(0))
+        else:
+            # im2col in the weight's column order (contiguous stores), then (packed) the
+            # even / odd split as a second, vectorizable pass: writing the two planes directly
+            # from the gather measured 4x slower
+            if packed:
+                cols = T.alloc_buffer((m, width * halves), "uint8")
+            else:
+                cols = T.decl_buffer((m, width), "uint8", data=xs.data)
+            for bo in T.parallel(conv.batch * oh):
+                for ox, c, ky, kx in T.grid(ow, conv.channels, conv.kh, conv.kw):
+                    cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = staged(
+                        x[bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw])
+                if width * halves > k:
+                    for ox, j in T.grid(ow, width * halves - k):
+                        cols[bo * ow + ox, k + j] = T.uint8(0)
+                if packed:
+                    for ox, j in T.grid(ow, width):
+                        for h in T.unroll(halves):
+                            xs[bo * ow + ox, h, j] = cols[bo * ow + ox, j * halves + h]
+        for task in T.parallel(tasks):
+            # local buffers in a parallel loop are heap workspaces: allocate once per task
             acc = T.alloc_buffer((mt * nt * lanes,), "int32", scope="local")
             rowsum = T.alloc_buffer((nt * lanes,), "int32", scope="local")
             table = T.alloc_buffer((vec,), "int8", scope="local")
-            for t in T.unroll(vec):
-                byte = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lut_lo, lut_hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
-                table[t] = T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
-            for tm in range(m_tiles):
+            if packed:
+                for t in T.unroll(vec):
+                    byte = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lut_lo, lut_hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
+                    table[t] = T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
+            for tb in range(per_block):
                 for tt in range(per_chunk):
-                    if chunk * per_chunk + tt < n_tiles:
+                    if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
                         for a in T.unroll(mt * nt * lanes):
                             acc[a] = 0
                         for a in T.unroll(nt * lanes):
                             rowsum[a] = 0
                         for b in T.unroll(nb) if unroll_k else T.serial(nb):
                             for ni in T.unroll(nt):
-                                wv = w[T.min((chunk * per_chunk + tt) * nt + ni, n - 1), T.ramp(b * vec, 1, vec)]
-                                lo = T.reinterpret(wv & T.broadcast(T.uint8(15), vec), dtype=i8v)
-                                hi = T.reinterpret(T.shift_right(wv, T.broadcast(T.uint8(4), vec)), dtype=i8v)
-                                tab = table[T.ramp(0, 1, vec)]
-                                dlo = T.call_llvm_pure_intrin(pshufb, tab, lo, dtype=i8v)
-                                dhi = T.call_llvm_pure_intrin(pshufb, tab, hi, dtype=i8v)
-                                if signed:  # |dlo + dhi| <= 16: one MAC against ones
-                                    rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
-                                        rowsum[T.ramp(ni * lanes, 1, lanes)], T.broadcast(T.uint8(1), vec), dlo + dhi)
-                                for mi in T.unroll(mt):
-                                    acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
-                                        mac(acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                            xvec(xe, T.min(tm * mt + mi, m - 1), b), dlo),
-                                        xvec(xo, T.min(tm * mt + mi, m - 1), b), dhi)
+                                wv = wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1), T.ramp(b * vec, 1, vec)]
+                                if packed:
+                                    lo = T.reinterpret(wv & T.broadcast(T.uint8(15), vec), dtype=i8v)
+                                    hi = T.reinterpret(T.shift_right(wv, T.broadcast(T.uint8(4), vec)), dtype=i8v)
+                                    tab = table[T.ramp(0, 1, vec)]
+                                    dlo = T.call_llvm_pure_intrin(pshufb, tab, lo, dtype=i8v)
+                                    dhi = T.call_llvm_pure_intrin(pshufb, tab, hi, dtype=i8v)
+                                    if signed:  # |dlo + dhi| <= 16: one MAC against ones
+                                        rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
+                                            rowsum[T.ramp(ni * lanes, 1, lanes)], T.broadcast(T.uint8(1), vec), dlo + dhi)
+                                    for mi in T.unroll(mt):
+                                        acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
+                                            mac(acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
+                                                xs[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, T.ramp(b * vec, 1, vec)], dlo),
+                                            xs[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, T.ramp(b * vec, 1, vec)], dhi)
+                                else:
+                                    if signed:
+                                        rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
+                                            rowsum[T.ramp(ni * lanes, 1, lanes)], T.broadcast(T.uint8(1), vec), wv)
+                                    for mi in T.unroll(mt):
+                                        acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
+                                            acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
+                                            xs[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, T.ramp(b * vec, 1, vec)], wv)
                         for mi in T.unroll(mt):
                             for ni in T.unroll(nt):
-                                if tm * mt + mi < m and (chunk * per_chunk + tt) * nt + ni < n:
-                                    out[tm * mt + mi, (chunk * per_chunk + tt) * nt + ni] = T.Cast(
+                                if (((task // n_chunks) * per_block + tb) * mt + mi < m
+                                        and ((task % n_chunks) * per_chunk + tt) * nt + ni < n):
+                                    out[out_index(((task // n_chunks) * per_block + tb) * mt + mi,
+                                                  ((task % n_chunks) * per_chunk + tt) * nt + ni)] = T.Cast(
                                         "float32",
                                         hsum(acc, (mi * nt + ni) * lanes)
                                         - 128 * hsum(rowsum, ni * lanes)
-                                        + bias[(chunk * per_chunk + tt) * nt + ni],
-                                    ) * scale[(chunk * per_chunk + tt) * nt + ni]
+                                        + bias[((task % n_chunks) * per_chunk + tt) * nt + ni],
+                                    ) * scale[((task % n_chunks) * per_chunk + tt) * nt + ni]
 
     return kernel
 

@@ -12,13 +12,10 @@ VARIANTS = {"fp32", "fixed_4", "sp2_4", "fixed_8", "layerwise_4_8", "rmsmp_60_35
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RMSMP_ACCURACY_BENCH") != "1",
-                    reason="the quick accuracy run takes 10-15 min on 2 shared cores, over the suite's budget; "
-                           "set RMSMP_ACCURACY_BENCH=1 to run it")
 def test_quick_accuracy_bench(tmp_path):
     out = tmp_path / "accuracy.json"
     proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and rows
@@ -36,11 +33,11 @@ def test_quick_accuracy_bench(tmp_path):
     fp32 = [r["value"] for r in rows if r["model"] == "resnet20" and r["variant"] == "fp32"][0]
     assert fp32 > 0.9
     # RMSMP 60:35:5 at least as accurate as uniform Fixed-4 and SP2-only with the same
-    # activations (PTQ, all 10000 test images). After the quick QAT budget (40 steps) the
-    # three are within noise of each other, so only the run itself is checked there.
+    # activations (PTQ, all 10000 test images). The quick QAT run (40 steps, RMSMP only)
+    # checks that training runs and keeps the model accurate; the comparison after QAT is the
+    # full run's (docs/accuracy.md).
     for act in (8, 4):
         assert top1("rmsmp_60_35_5", "ptq", act) >= max(top1("fixed_4", "ptq", act), top1("sp2_4", "ptq", act))
-    for v in ("fixed_4", "sp2_4", "rmsmp_60_35_5"):
-        assert top1(v, "qat") > 0.85
+    assert top1("rmsmp_60_35_5", "qat") > 0.85
     cos = {r["variant"]: r["value"] for r in rows if r["model"] == "minilm_l6" and r["metric"] == "cosine"}
     assert cos["rmsmp_60_35_5"] > max(cos["fixed_4"], cos["sp2_4"])

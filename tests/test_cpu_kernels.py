@@ -126,7 +126,7 @@ def _data_multiplies(llvm_ir: str):
     for name, rhs in defs.items():
         if re.match(r"mul\b", rhs) and any(op in data for op in re.findall(r"%[\w.]+", rhs)):
             found.append(f"{name} = {rhs}")
-        elif re.search(r"@llvm\.\w*(pmadd|pmul|sdot|udot|vpdp)", rhs) and any(op in data for op in re.findall(r"%[\w.]+", rhs)):
+        elif re.search(r"@llvm\.[\w.]*(pmadd|pmul|sdot|udot|vpdp)", rhs) and any(op in data for op in re.findall(r"%[\w.]+", rhs)):
             found.append(f"{name} = {rhs}")
     return found
 
@@ -167,9 +167,17 @@ def test_packed_4bit_rows_are_integer_exact(scheme, op, xs, ws, conv, act, host_
     np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, acc.ndim - 1 if op == "dense" else 1))
 
 
-def test_packed_sp2_kernel_has_no_multiply_on_the_data_path(host_target):
-    ir = _build(row_group_func("dense", "t", "sp2_4", (4, 256), "uint8", (16, 256), packed=True), host_target)
-    assert _data_multiplies(ir.mod.inspect_source("ll")) == []
+@pytest.mark.parametrize("op", ["dense", "conv2d"])
+def test_packed_sp2_kernel_has_no_multiply_on_the_data_path(op, host_target):
+    """The portable packed SP2 kernel (AArch64 here: LLVM IR only) shifts; the x86 one decodes
+    to int8 and multiplies (vpdpbusd / vpmaddubsw), which the checker must see."""
+    conv = {"strides": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
+    x_shape, w_shape = ((4, 256), (16, 256)) if op == "dense" else ((1, 8, 16, 16), (8, 8, 3, 3))
+    func = row_group_func(op, "t", "sp2_4", x_shape, "uint8", w_shape, conv, packed=True)
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert _data_multiplies(_build(func, arm).mod.inspect_source("ll")) == []
+    if _host_isas(host_target):
+        assert _data_multiplies(_build(func, host_target).mod.inspect_source("ll"))
 
 
 # ----- x86 intrinsic kernel for packed 4-bit dense rows ----------------------------------------
@@ -221,6 +229,56 @@ def test_cpu_rule_uses_the_x86_kernel_for_packed_rows(host_target):
     mod = schedules.apply_rules(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), host_target)
     assert str(mod["main"].attrs["rmsmp.cpu_kernel"]).startswith("x86-")
     assert str(mod["main"].attrs["rmsmp.scheme"]) == "sp2_4"
+
+
+X86_GEMM_CASES = [
+    # (op, x shape, logical w shape, conv attrs): the row groups the pipeline builds (the
+    # activation quantizer pads, so the convolutions here have padding 0)
+    ("conv2d", (1, 64, 10, 10), (9, 64, 3, 3), [1, 1]),       # K = 576: whole vector steps
+    ("conv2d", (2, 3, 15, 15), (5, 3, 7, 7), [2, 2]),         # K = 147: padded steps, stride 2
+    ("conv2d", (1, 5, 9, 9), (17, 5, 1, 1), [2, 2]),          # 1x1 stride 2, K = 5
+    ("dense", (5, 256), (13, 256), None),
+    ("dense", (3, 77), (7, 77), None),                        # odd K: half-empty last byte
+    ("dense", (9, 96), (33, 96), None),                       # several row and batch tiles
+]
+
+
+@pytest.mark.parametrize("op,xs,ws,strides", X86_GEMM_CASES)
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4", "fixed_8"])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_x86_rule_kernels_are_integer_exact(op, xs, ws, strides, scheme, act, host_target):
+    """Packed 4-bit groups (table decode) and int8 groups (VNNI), dense and im2col conv."""
+    from schedules.x86_intrin import x86_isa
+
+    isa = x86_isa(host_target)
+    if isa is None or (scheme == "fixed_8" and isa != "avx512vnni"):
+        pytest.skip(f"this CPU has no kernel for {scheme} rows")
+    rng = np.random.default_rng(abs(hash((op, xs, scheme, act))) % 2**32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    x = rng.integers(lo, hi + 1, size=xs).astype(act)
+    w_int = _random_rows(rng, scheme, ws)
+    packed = scheme != "fixed_8"
+    conv = None if strides is None else {"strides": strides, "padding": [0, 0], "dilation": [1, 1]}
+    mod = tvm.IRModule({"main": row_group_func(op, "t", scheme, xs, act, ws, conv, packed=packed)
+                        .with_attr("global_symbol", "main")})
+    mod = schedules.apply_rules(mod, host_target)
+    assert str(mod["main"].attrs["rmsmp.cpu_kernel"]) == f"x86-{isa}-{'table-decode' if packed else 'int8'}"
+    exe = tvm.compile(mod, target=host_target)
+    acc = np_dense_acc(x, w_int) if op == "dense" else np_conv_acc(x, w_int, strides, (0, 0), (1, 1))
+    bias = rng.integers(-1000, 1000, ws[0]).astype(np.int32)
+    scale = rng.uniform(0.5, 2, ws[0]).astype(np.float32)
+    w = packed_weight(w_int, scheme) if packed else w_int
+    out = _run(exe, x, w, bias, scale, np.zeros(acc.shape, np.float32))
+    np.testing.assert_array_equal(out, np_epilogue(acc, bias.astype(np.int64), scale, acc.ndim - 1 if op == "dense" else 1))
+
+
+def test_int8_rows_without_vnni_use_the_portable_schedule():
+    """AVX2 has no exact 8-bit x 8-bit byte MAC (vpmaddubsw saturates): no kernel, no VNNI."""
+    target = _x86_target("znver3")
+    func = row_group_func("dense", "t", "fixed_8", (4, 256), "uint8", (16, 256))
+    mod = schedules.apply_rules(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    assert "rmsmp.cpu_kernel" not in mod["main"].attrs
+    assert "vpdpbusd" not in tvm.compile(mod, target=target).mod.inspect_source("asm")
 
 
 @pytest.mark.parametrize("mcpu,present,absent", [

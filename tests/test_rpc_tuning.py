@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 import tvm_rmsmp as rmsmp
+from conftest import tunable_cpu_target
 from tvm_rmsmp.rpc_loopback import LoopbackRPC, free_port
+
+TARGET = tunable_cpu_target()
 
 
 def _small_model():
@@ -24,7 +27,7 @@ def test_tune_over_rpc_with_a_tracker_and_two_servers(tmp_path):
     work_dir = str(tmp_path / "rpc_tuning")
     with LoopbackRPC(servers=2, key="rmsmp-test") as rpc:
         assert rpc.free_servers() == 2
-        report = rmsmp.tune(q, (x,), "llvm", work_dir, trials=4, trials_per_iter=2, runner=rpc.runner(),
+        report = rmsmp.tune(q, (x,), TARGET, work_dir, trials=4, trials_per_iter=2, runner=rpc.runner(),
                             progress=False)
     assert report.trials == 4
     measured = [v for v in report.tasks.values() if v is not None]
@@ -32,7 +35,7 @@ def test_tune_over_rpc_with_a_tracker_and_two_servers(tmp_path):
     records = open(os.path.join(work_dir, "database_tuning_record.json")).read().splitlines()
     assert len(records) >= 1
     # the servers are gone; the records stay and a build uses them
-    exe = rmsmp.compile(q, (x,), tuning=work_dir)
+    exe = rmsmp.compile(q, (x,), target=TARGET, tuning=work_dir)
     assert exe.stats["tuned"] >= 1
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
@@ -45,7 +48,7 @@ def test_unreachable_tracker_is_a_clear_error(tmp_path):
     runner = ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(
         tracker_host="127.0.0.1", tracker_port=port, tracker_key="nobody", session_timeout_sec=5))
     with pytest.raises(ConnectionError, match=f"RPC tracker 127.0.0.1:{port} is unreachable"):
-        rmsmp.tune(q, (x,), "llvm", str(tmp_path / "t"), trials=2, runner=runner, progress=False)
+        rmsmp.tune(q, (x,), TARGET, str(tmp_path / "t"), trials=2, runner=runner, progress=False)
     assert not os.path.exists(tmp_path / "t" / "database_tuning_record.json")
 
 
@@ -58,4 +61,4 @@ def test_tracker_without_a_server_of_the_key_is_a_clear_error(tmp_path):
         runner = ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(
             tracker_host=rpc.host, tracker_port=rpc.port, tracker_key="another-board", session_timeout_sec=5))
         with pytest.raises(ConnectionError, match="no server with key 'another-board'"):
-            rmsmp.tune(q, (x,), "llvm", str(tmp_path / "t"), trials=2, runner=runner, progress=False)
+            rmsmp.tune(q, (x,), TARGET, str(tmp_path / "t"), trials=2, runner=runner, progress=False)
