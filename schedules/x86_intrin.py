@@ -20,6 +20,13 @@ weight vector against ones (``|w_lo + w_hi| <= 16`` fits a byte), still exact. T
 lanes are summed after the reduction, then ``out = float32(acc + bias) * scale`` as every
 other kernel.
 
+Convolutions are the same GEMM with one row per output pixel. When the input channels fill
+whole vector steps (64 for packed rows, 32 for int8 ones: every ResNet layer but the stem),
+the activations are staged once per call as channel-last planes and each kernel tap
+``(ky, kx)`` is a GEMM over the channels, reading the planes at the shifted pixel (the
+weights are reordered to ``(ky, kx, channel)`` per call: a copy of the group's weights, small
+next to an im2col, which is ``kh * kw`` times the activations). Otherwise an im2col is staged.
+
 Tiles of ``NT`` weight rows x ``MT`` activation rows keep ``MT * NT`` int32 vector
 accumulators in registers and decode each weight vector once per activation tile, so the
 same kernel streams the weights once at batch 1 and is compute bound at batch 128. Rows
@@ -131,7 +138,8 @@ def gemm_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
     tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
 ) -> tvm.tirx.PrimFunc:
-    """A row-group dense (``conv`` None) or conv2d (``conv``: im2col staged per call) on x86.
+    """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
+    docstring) on x86.
 
     ``levels``: the 16 int8 levels of a packed 4-bit scheme (weights ``[n, ceil(k/2)]`` uint8),
     or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; AVX-512 VNNI only, since
@@ -155,6 +163,12 @@ def gemm_kernel(
     nb = -(-w_bytes // vec)  # vector steps per row
     width = nb * vec  # staged bytes per row (zero-padded past w_bytes)
     pad_w = width != w_bytes
+    # conv whose channels fill whole vector steps: no im2col; activations staged once as
+    # channel-last planes and each (ky, kx) is a GEMM over the channels (weights reordered
+    # per call to (ky, kx, channel), a small copy next to a 9x larger im2col)
+    direct = conv is not None and conv.channels % (vec * halves) == 0
+    segs = conv.kh * conv.kw if direct else 1
+    nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
     lanes = vec // 4
     i8v, i32v, i16v = f"int8x{vec}", f"int32x{lanes}", f"int16x{vec // 2}"
     mt, nt = tiles or _tiles(m, isa)
@@ -219,6 +233,18 @@ def gemm_kernel(
             return T.Cast("uint8", T.Cast("int32", value) + 128)
         return T.Cast("uint8", value)
 
+    def xvec(xs, row, h, seg, step):
+        """The activation vector of GEMM row ``row``, plane ``h``, segment ``seg``, step ``step``."""
+        if not direct:
+            return xs[row, h, T.ramp((seg * nbc + step) * vec, 1, vec)]
+        return xs[row // (oh * ow), (row // ow) % oh * sh + seg // conv.kw * dh, row % ow * sw + seg % conv.kw * dw, h,
+                  T.ramp(step * vec, 1, vec)]
+
+    def nibble(w, r, kk):
+        return T.bitwise_and(T.shift_right(w[r, kk // 2], T.Cast("uint8", kk % 2 * 4)), T.uint8(15))
+
+    xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves) if direct else (m, halves, width)
+
     def out_index(row, col):
         if conv is None:
             return row, col
@@ -236,8 +262,17 @@ def gemm_kernel(
         # activations as unsigned bytes in `halves` planes (packed: even / odd codes), one row
         # per GEMM row (conv: im2col); signed ones offset by 128, since
         # x * w = (x + 128) * w - 128 * w and the row sums of w are accumulated alongside
-        xs = T.alloc_buffer((m, halves, width), "uint8")
-        if pad_w:
+        xs = T.alloc_buffer(xs_shape, "uint8")
+        if direct:
+            # weights reordered to (ky, kx, channel) per row: packed bytes pair channels 2j, 2j + 1
+            wp = T.alloc_buffer((n, width), w_dtype)
+            for r, sg, j in T.grid(n, segs, conv.channels // halves):
+                if packed:
+                    wp[r, sg * (conv.channels // 2) + j] = T.bitwise_or(
+                        nibble(w, r, 2 * j * segs + sg), T.shift_left(nibble(w, r, (2 * j + 1) * segs + sg), T.uint8(4)))
+                else:
+                    wp[r, sg * conv.channels + j] = w[r, j, sg // conv.kw, sg % conv.kw]
+        elif pad_w:
             # weights staged once per call: zero columns up to the vector width (conv: a flat view)
             wp = T.alloc_buffer((n, width), w_dtype)
             for r in T.serial(n):
@@ -250,7 +285,13 @@ def gemm_kernel(
                                      T.min(j, k - 1) % conv.kw], T.Cast(w_dtype, 0))
         else:
             wp = T.decl_buffer((n, width), w_dtype, data=w.data)
-        if conv is None:
+        if direct:
+            for by in T.parallel(conv.batch * conv.height):
+                for xx, j in T.grid(conv.width, conv.channels // halves):
+                    for h in T.unroll(halves):
+                        xs[by // conv.height, by % conv.height, xx, h, j] = staged(
+                            x[by // conv.height, j * halves + h, by % conv.height, xx])
+        elif conv is None:
             for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
                 for j in range(width):
                     for h in T.unroll(halves):
@@ -294,9 +335,11 @@ def gemm_kernel(
                             acc[a] = 0
                         for a in T.unroll(nt * lanes):
                             rowsum[a] = 0
-                        for b in T.unroll(nb) if unroll_k else T.serial(nb):
+                        for sg in T.serial(segs):
+                          for b in T.unroll(nbc) if unroll_k else T.serial(nbc):  # noqa: E111
                             for ni in T.unroll(nt):
-                                wv = wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1), T.ramp(b * vec, 1, vec)]
+                                wv = wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1),
+                                        T.ramp((sg * nbc + b) * vec, 1, vec)]
                                 if packed:
                                     lo = T.reinterpret(wv & T.broadcast(T.uint8(15), vec), dtype=i8v)
                                     hi = T.reinterpret(T.shift_right(wv, T.broadcast(T.uint8(4), vec)), dtype=i8v)
@@ -309,8 +352,8 @@ def gemm_kernel(
                                     for mi in T.unroll(mt):
                                         acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
                                             mac(acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                                xs[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, T.ramp(b * vec, 1, vec)], dlo),
-                                            xs[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, T.ramp(b * vec, 1, vec)], dhi)
+                                                xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), dlo),
+                                            xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, sg, b), dhi)
                                 else:
                                     if signed:
                                         rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
@@ -318,7 +361,7 @@ def gemm_kernel(
                                     for mi in T.unroll(mt):
                                         acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
                                             acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                            xs[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, T.ramp(b * vec, 1, vec)], wv)
+                                            xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), wv)
                         for mi in T.unroll(mt):
                             for ni in T.unroll(nt):
                                 if (((task // n_chunks) * per_block + tb) * mt + mi < m
