@@ -62,3 +62,43 @@ def test_tracker_without_a_server_of_the_key_is_a_clear_error(tmp_path):
             tracker_host=rpc.host, tracker_port=rpc.port, tracker_key="another-board", session_timeout_sec=5))
         with pytest.raises(ConnectionError, match="no server with key 'another-board'"):
             rmsmp.tune(q, (x,), TARGET, str(tmp_path / "t"), trials=2, runner=runner, progress=False)
+
+
+@pytest.mark.slow
+def test_a_server_dying_mid_tuning_loses_no_record(tmp_path):
+    """One of two servers is killed once the first records are written: the run finishes on
+    the other, every record written before stays, and a build uses them."""
+    import threading
+    import time
+
+    q, x = _small_model()
+    work_dir = str(tmp_path / "rpc_tuning")
+    path = os.path.join(work_dir, "database_tuning_record.json")
+    with LoopbackRPC(servers=2, key="rmsmp-dying") as rpc:
+        result = {}
+
+        def tune():
+            try:
+                result["report"] = rmsmp.tune(q, (x,), TARGET, work_dir, trials=12, trials_per_iter=2,
+                                              runner=rpc.runner(session_timeout_sec=20), progress=False)
+            except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = err
+
+        worker = threading.Thread(target=tune)
+        worker.start()
+        deadline = time.time() + 600
+        while time.time() < deadline and worker.is_alive() and not (os.path.exists(path) and open(path).read()):
+            time.sleep(0.2)
+        before = open(path).read().splitlines() if os.path.exists(path) else []
+        victim = rpc.procs[1]  # procs[0] is the tracker
+        victim.kill()
+        victim.wait(timeout=10)
+        worker.join(timeout=900)
+    assert not worker.is_alive(), "tuning hung after a server died"
+    assert "error" not in result, result.get("error")
+    assert before, "the server was killed before any record was written"
+    after = open(path).read().splitlines()
+    assert after[:len(before)] == before
+    exe = rmsmp.compile(q, (x,), target=TARGET, tuning=work_dir)
+    assert exe.stats["tuned"] >= 1
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())

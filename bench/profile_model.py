@@ -1,0 +1,80 @@
+"""Where a compiled tvm-rmsmp model spends its time: milliseconds per kind of call.
+
+Run from the repository root::
+
+    python -m bench.profile_model                     # ResNet-18, batch 1, one thread
+    python -m bench.profile_model --model bert_layer --threads 2
+
+Builds the model as ``bench.cpu`` does (random weights, RMSMP 60:35:5, 8-bit activations,
+untuned ``rmsmp.compile`` for this CPU), then times every call the Relax VM makes through its
+instrument hook over ``--repeat`` runs. Calls are grouped by name with the layer numbers
+removed (``rmsmp_conv2d_layer#_#_conv#_sp#_#_packed`` is every SP2 group of a residual
+block's convolutions), so the table says which kind of kernel or glue to work on next. The
+hook adds a few microseconds per call; compare the rows, not the total, with ``bench.cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import time
+
+
+def profile(exe, inputs, repeat: int):
+    """{call kind: mean milliseconds per model run}, from the VM's instrument hook."""
+    from tvm import relax
+
+    vm = relax.VirtualMachine(exe.executable, exe.device)
+    args = exe._inputs(inputs)
+    vm["main"](*args)  # warm up: first-call allocations and page faults
+    spent = collections.defaultdict(float)
+    started = {}
+
+    def instrument(func, name, before_run, ret_value, *call_args):
+        if before_run:
+            started[name] = time.perf_counter()
+        else:
+            spent[re.sub(r"\d+", "#", str(name))] += time.perf_counter() - started.pop(name)
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(repeat):
+        vm["main"](*args)
+    return {k: 1e3 * v / repeat for k, v in spent.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "bert_layer", "ffn"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--top", type=int, default=20)
+    args = ap.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    import tvm_rmsmp as rmsmp
+    from bench import cpu
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    build, shape = {"resnet18": (cpu.resnet18, (1, 3, 224, 224)), "bert_layer": (cpu.bert_layer, (1, 128, 768)),
+                    "ffn": (cpu.ffn_model, (1, 1, 768))}[args.model]
+    model = build().eval()
+    x = torch.randn(*shape)
+    q = cpu.rmsmp_quantized(model, [torch.randn(*shape) for _ in range(2)])
+    exe = rmsmp.compile(q, (x,))
+    rows = sorted(profile(exe, (x,), args.repeat).items(), key=lambda kv: -kv[1])
+    total = sum(v for _, v in rows)
+    print(f"{args.model}, {args.threads} thread(s), mean of {args.repeat} runs; kernels: {exe.stats.get('cpu_kernels')}")
+    print(f"{'ms':>9}  {'share':>6}  call")
+    for name, ms in rows[:args.top]:
+        print(f"{ms:9.3f}  {100 * ms / total:5.1f}%  {name}")
+    print(f"{total:9.3f}  100.0%  all calls")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
