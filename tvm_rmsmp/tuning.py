@@ -268,8 +268,9 @@ def tune(
     runner: a MetaSchedule runner (default: measure on this machine), e.g.
     ``tvm.s_tir.meta_schedule.runner.RPCRunner(...)`` to measure on a board through TVM's RPC
     (its tracker is checked first: unreachable, or no server of the key, is a ConnectionError).
-    Kernels that the target realizes with a hand-written intrinsic kernel (packed 4-bit dense
-    rows on x86 with AVX2) have nothing to tune and are left out.
+    Kernels that the target realizes with a hand-written intrinsic kernel (on x86: packed
+    4-bit rows with AVX2, int8 rows with AVX-512 VNNI, dense and conv2d) have nothing to tune
+    and are left out; on a VNNI CPU that is every row group.
     """
     from tvm.s_tir import meta_schedule as ms
 
