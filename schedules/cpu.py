@@ -16,10 +16,12 @@ Rules follow dlight: ``apply`` returns None when the function is not theirs.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import numpy as np
-from tvm import s_tir
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
@@ -27,7 +29,7 @@ from tvm_rmsmp.schemes import get_scheme, nibble_decode
 from .registry import OpScheduleRule, register_target
 from .x86_intrin import ConvGeometry, gemm_kernel, supports_packed_dense, warn_fallback, x86_isa
 
-__all__ = ["RowGroupDense", "RowGroupConv2d", "schedule_dense", "schedule_conv2d"]
+__all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "schedule_dense", "schedule_conv2d"]
 
 
 def _largest_divisor(n: int, candidates) -> int:
@@ -155,6 +157,86 @@ class _X86Rule(OpScheduleRule):
         return super().apply(func, target, _tunable)
 
 
+def _glue_func(func, target: Target, float_only: bool) -> bool:
+    """An operator between RMSMP layers (not a row group) on an LLVM target; ``float_only``:
+    every buffer float."""
+    if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+        return False
+    if func.attrs is not None and str(func.attrs.get("rmsmp.op", "")) in ("dense", "conv2d"):
+        return False
+    buffers = [p for p in func.params if hasattr(p, "shape")]
+    return bool(buffers) and (not float_only or all(str(b.dtype).startswith("float") for b in buffers))
+
+
+def _blocks_and_kinds(sch: s_tir.Schedule):
+    """The root's child blocks and each block's axis kinds ("S" spatial, "R" reduction)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    kinds = ["".join("S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "?"
+                     for iv in sch.get(b).iter_vars) for b in blocks]
+    return blocks, kinds
+
+
+class FloatMatmul(dl.ScheduleRule):
+    """A single float reduction block ``S..S R..R`` (matmul, batched matmul): parallel over the
+    outer spatial loops, the innermost spatial loop vectorized inside the reduction. Every
+    output still sums over the reduction in the original order, so results are unchanged
+    bit for bit; only the loop nest around them moves."""
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not _glue_func(func, target, float_only=True):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks, kinds = _blocks_and_kinds(sch)
+        if len(blocks) != 1 or not re.fullmatch("S{2,}R+", kinds[0]):
+            return None
+        block = blocks[0]
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds[0]):
+            return None
+        n_s = len(kinds[0].rstrip("R"))
+        spatial, reduction = loops[:n_s], loops[n_s:]
+        try:
+            inner = spatial[-1]
+            lanes = _largest_divisor(_extent(sch, inner), (16, 8, 4))
+            jo, ji = sch.split(inner, [None, lanes])
+            sch.reorder(*spatial[:-1], jo, *reduction, ji)
+            outer = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+            sch.parallel(outer)
+            if lanes > 1:
+                sch.vectorize(ji)  # before the init is split off: the block must still be a reduction
+            sch.decompose_reduction(block, reduction[0])
+        except s_tir.ScheduleError:  # e.g. a reduction whose output is not indexed by its spatial loops alone
+            return None
+        return sch
+
+
+class FloatElementwise(dl.ScheduleRule):
+    """Element-wise and injective chains between RMSMP layers (concatenation of the row
+    groups, GELU, activation quantizers, casts): producers inlined into the last block, whose
+    loops are fused and run in parallel chunks. Per-element arithmetic is as before, so
+    results are unchanged."""
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not _glue_func(func, target, float_only=False):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks, kinds = _blocks_and_kinds(sch)
+        if not blocks or any(set(k) != {"S"} for k in kinds):
+            return None
+        try:
+            for block in blocks[:-1]:
+                sch.compute_inline(block)
+            loops = sch.get_loops(blocks[-1])
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            if _extent(sch, fused) < 4096:
+                return None  # a parallel launch costs more than the loop
+            outer, _ = sch.split(fused, [None, 1024])
+            sch.parallel(outer)
+        except s_tir.ScheduleError:  # not a pure element-wise chain: leave it
+            return None
+        return sch
+
+
 #: Row-group dense: parallel row tiles, contiguous inner reduction (x86: MAC intrinsics).
 RowGroupDense = _X86Rule("dense", schedule_dense, kinds=("llvm",))
 #: Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels
@@ -162,5 +244,5 @@ RowGroupDense = _X86Rule("dense", schedule_dense, kinds=("llvm",))
 RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
-register_target("llvm", [RowGroupDense, RowGroupConv2d], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
+register_target("llvm", [RowGroupDense, RowGroupConv2d], float_rules=[FloatMatmul(), FloatElementwise()], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
                 fixed=x86_replacement)

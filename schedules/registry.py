@@ -17,7 +17,7 @@ from tvm import s_tir
 from tvm.s_tir import dlight as dl
 
 __all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for", "fixed_kernel",
-           "OpScheduleRule"]
+           "OpScheduleRule", "build_pipeline"]
 
 
 class OpScheduleRule(dl.ScheduleRule):
@@ -42,6 +42,8 @@ _VERIFY: Dict[str, Callable[[tvm.IRModule, tvm.target.Target], None]] = {}
 _SPACES: Dict[str, Dict[str, Callable]] = {}
 # fn(func, target) -> a hand-written replacement PrimFunc or None (not tuned: no space)
 _FIXED: Dict[str, Callable] = {}
+# rules for the legalized float operators (matmul, GELU, ...) between RMSMP layers
+_FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 
 
 def register_target(
@@ -50,12 +52,15 @@ def register_target(
     verify: Optional[Callable[[tvm.IRModule, tvm.target.Target], None]] = None,
     spaces: Optional[Dict[str, Callable]] = None,
     fixed: Optional[Callable] = None,
+    float_rules: Sequence[dl.ScheduleRule] = (),
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
     raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
     tunable form of its schedule (``fn(sch, target, tunable=True)``, tile sizes sampled);
     ``fixed(func, target)`` returns the hand-written kernel that replaces ``func`` on
-    ``target`` (intrinsics), or None; such kernels are not tuned."""
+    ``target`` (intrinsics), or None; such kernels are not tuned. ``float_rules`` schedule
+    the float operators between RMSMP layers after the build legalizes them (see
+    :func:`build_pipeline`); they must leave every result unchanged."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
@@ -64,6 +69,7 @@ def register_target(
     _SPACES[kind] = dict(spaces or {})
     if fixed is not None:
         _FIXED[kind] = fixed
+    _FLOAT[kind] = list(float_rules)
 
 
 def fixed_kernel(func, target: tvm.target.Target):
@@ -101,3 +107,24 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     if verify is not None:
         verify(mod, target)
     return mod
+
+
+def build_pipeline(target: tvm.target.Target):
+    """The Relax build pipeline for ``target``: TVM's default, with the target's float rules
+    applied to the legalized, fused float operators (None: TVM's default as it is)."""
+    rules_for(target)
+    rules = _FLOAT.get(target.kind.name)
+    if not rules or target.kind.name != "llvm":
+        return None
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="RMSMPBuildPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(*rules)]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline

@@ -328,3 +328,72 @@ def test_packed_sp2_decode_lowering_is_integer_exact(act, k, host_target):
     out = _run(exe, x, packed_weight(w_int, "sp2_4"), np.zeros(6, np.int32), np.ones(6, np.float32),
                np.zeros((2, 6), np.float32))
     np.testing.assert_array_equal(out.astype(np.int64), np_dense_acc(x, w_int))
+
+
+# ----- float operators between RMSMP layers ----------------------------------------------------
+def _legalized(build):
+    """The legalized PrimFuncs of a one-op Relax function ``build(bb, *vars)``."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType([1, 4, 32, 24], "float32"))
+    b = relax.Var("b", relax.TensorType([1, 4, 24, 48], "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(build(a, b))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _run_prim(func, target, *arrays):
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    return _run(exe, *arrays)
+
+
+def test_float_matmul_rule_is_parallel_vectorized_and_bit_identical(host_target):
+    """Attention's batched matmul: same summation order per output, so the same bits."""
+    from tvm import relax
+    from schedules.cpu import FloatMatmul
+
+    (func,) = _legalized(lambda a, b: relax.op.matmul(a, b)).values()
+    sch = FloatMatmul().apply(func, host_target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1, 4, 32, 24)).astype(np.float32)
+    b = rng.standard_normal((1, 4, 24, 48)).astype(np.float32)
+    out = np.zeros((1, 4, 32, 48), np.float32)
+    scheduled = _run_prim(sch.mod["main"], host_target, a, b, out.copy())
+    plain = _run_prim(func, host_target, a, b, out.copy())
+    np.testing.assert_array_equal(scheduled, plain)
+    np.testing.assert_allclose(scheduled, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_float_rules_leave_softmax_and_row_groups_alone(host_target):
+    """Reductions other than matmul (their order would change the float result) and the
+    row-group ops are not the float rules' business."""
+    from tvm import relax
+    from schedules.cpu import FloatElementwise, FloatMatmul
+
+    (softmax,) = _legalized(lambda a, b: relax.op.nn.softmax(a)).values()
+    assert FloatMatmul().apply(softmax, host_target, False) is None
+    assert FloatElementwise().apply(softmax, host_target, False) is None
+    group = row_group_func("dense", "t", "fixed_8", (4, 256), "uint8", (16, 256))
+    assert FloatMatmul().apply(group, host_target, False) is None
+    assert FloatElementwise().apply(group, host_target, False) is None
+
+
+def test_float_elementwise_rule_runs_gelu_in_parallel_chunks(host_target):
+    from tvm import relax
+    from schedules.cpu import FloatElementwise
+
+    funcs = _legalized(lambda a, b: relax.op.nn.gelu(relax.op.reshape(relax.op.matmul(a, b), [1, 4, 32, 48])))
+    gelu = funcs["gelu"]
+    sch = FloatElementwise().apply(gelu, host_target, False)
+    assert sch is not None and "T.parallel" in sch.mod["main"].script()
+    x = np.random.default_rng(1).standard_normal((1, 4, 32, 48)).astype(np.float32)
+    out = np.zeros_like(x)
+    np.testing.assert_array_equal(_run_prim(sch.mod["main"], host_target, x, out.copy()),
+                                  _run_prim(gelu, host_target, x, out.copy()))

@@ -126,7 +126,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
 
         module, _, func = COMPILERS[target.kind.name].partition(":")
         return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
-    exe = tvm.compile(mod, target=target)
+    pipeline = schedules.build_pipeline(target)
+    exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
     return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
 
