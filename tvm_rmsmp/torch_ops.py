@@ -20,6 +20,7 @@ which the TVM importer turns into a quantized op (see :mod:`tvm_rmsmp.frontend`)
 
 from __future__ import annotations
 
+import weakref
 from typing import List
 
 import torch
@@ -47,19 +48,47 @@ def _digits(weight_int: torch.Tensor) -> List[torch.Tensor]:
             return digits
 
 
+# Per weight tensor, by identity (a weak reference checks it; the entry goes with the
+# tensor): the float copies and digit stacks of the integer weights, rebuilt when the tensor
+# is modified in place.
+_PREPARED: dict = {}
+# Below this many activation elements a float64 product is as cheap as the digit split.
+_DIGITS_MIN_INPUT = 65536
+
+
+def _prepared(weight_int: torch.Tensor) -> dict:
+    key = id(weight_int)
+    ref, entry = _PREPARED.get(key, (None, None))
+    if ref is None or ref() is not weight_int:
+        entry = None
+        weakref.finalize(weight_int, _PREPARED.pop, key, None)
+    if entry is None or entry["version"] != weight_int._version:
+        entry = {"version": weight_int._version,
+                 "w_max": int(weight_int.abs().max()) if weight_int.numel() else 0,
+                 "fan_in": weight_int[0].numel() if weight_int.shape[0] else 0}
+        _PREPARED[key] = (weakref.ref(weight_int), entry)
+    return entry
+
+
+def _cached(entry: dict, key: str, make):
+    if key not in entry:
+        entry[key] = make()
+    return entry[key]
+
+
 def _exact_product(xq: torch.Tensor, weight_int: torch.Tensor, qmin: int, qmax: int, product) -> torch.Tensor:
     """``product(xq, weight)`` (a linear map along the weight's output axis 0) as exact
-    integers in float64, computed in float32 wherever that is exact (see module docstring)."""
-    fan_in = weight_int[0].numel() if weight_int.shape[0] else 0
-    w_max = int(weight_int.abs().max()) if weight_int.numel() else 0
-    bound = fan_in * max(abs(qmin), abs(qmax))
-    if bound * w_max < _F32_EXACT:  # float32 result: exact, and _epilogue may stay in float32
-        return product(xq.to(torch.float32), weight_int.to(torch.float32))
-    if bound * 8 >= _F32_EXACT:
-        return product(xq.to(torch.float64), weight_int.to(torch.float64))
-    digits = _digits(weight_int)
+    integers, in float32 wherever that is exact (see module docstring), else float64."""
+    entry = _prepared(weight_int)
+    bound = entry["fan_in"] * max(abs(qmin), abs(qmax))
+    if bound * entry["w_max"] < _F32_EXACT:  # float32 result: exact, and _epilogue may stay in float32
+        return product(xq.to(torch.float32), _cached(entry, "f32", lambda: weight_int.to(torch.float32)))
+    if bound * 8 >= _F32_EXACT or xq.numel() < _DIGITS_MIN_INPUT:
+        return product(xq.to(torch.float64), _cached(entry, "f64", lambda: weight_int.to(torch.float64)))
     rows = weight_int.shape[0]
-    stacked = product(xq.to(torch.float32), torch.cat(digits).to(torch.float32)).to(torch.float64)
+    stacked = product(xq.to(torch.float32),
+                      _cached(entry, "digits", lambda: torch.cat(_digits(weight_int)).to(torch.float32)))
+    stacked = stacked.to(torch.float64)
     axis = stacked.dim() - 1 if product is _linear else 1
     parts = stacked.split(rows, dim=axis)
     acc = parts[-1]
