@@ -252,6 +252,16 @@ def gemm_kernel(
 
     xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves) if direct else (m, halves, width)
 
+    def table_byte(t):
+        """Byte ``t`` of the decode table vector: level ``t % 16`` (the table repeats per lane)."""
+        byte = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lut_lo, lut_hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
+        return T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
+
+    def decode(table, wv, high):
+        """The int8 levels of the low (``high`` False: even codes) or high nibbles of ``wv``."""
+        nibbles = T.shift_right(wv, T.broadcast(T.uint8(4), vec)) if high else wv & T.broadcast(T.uint8(15), vec)
+        return T.call_llvm_pure_intrin(pshufb, table[T.ramp(0, 1, vec)], T.reinterpret(nibbles, dtype=i8v), dtype=i8v)
+
     def weight_sum(rsum, rowsum, col, ni):
         """Row ``col``'s weight sum: decoded once per call (``pre``) or accumulated in the tile."""
         if not signed:
@@ -343,8 +353,7 @@ def gemm_kernel(
                 table0 = T.alloc_buffer((vec,), "int8", scope="local")
                 if packed:
                     for t in T.unroll(vec):
-                        byte0 = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lut_lo, lut_hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
-                        table0[t] = T.Cast("int8", byte0 - T.shift_left(T.shift_right(byte0, T.int64(7)), T.int64(8)))
+                        table0[t] = table_byte(t)
                 for rr in range(pre_rows):
                     if rc * pre_rows + rr < n:
                         for a in T.unroll(lanes):
@@ -352,10 +361,8 @@ def gemm_kernel(
                         for b in T.serial(nb):
                             if packed:
                                 wv0 = wp[rc * pre_rows + rr, T.ramp(b * vec, 1, vec)]
-                                dlo0 = T.call_llvm_pure_intrin(pshufb, table0[T.ramp(0, 1, vec)], T.reinterpret(
-                                    wv0 & T.broadcast(T.uint8(15), vec), dtype=i8v), dtype=i8v)
-                                dhi0 = T.call_llvm_pure_intrin(pshufb, table0[T.ramp(0, 1, vec)], T.reinterpret(
-                                    T.shift_right(wv0, T.broadcast(T.uint8(4), vec)), dtype=i8v), dtype=i8v)
+                                dlo0 = decode(table0, wv0, False)
+                                dhi0 = decode(table0, wv0, True)
                                 wd[rc * pre_rows + rr, 0, T.ramp(b * vec, 1, vec)] = dlo0
                                 wd[rc * pre_rows + rr, 1, T.ramp(b * vec, 1, vec)] = dhi0
                                 part[T.ramp(0, 1, lanes)] = mac(part[T.ramp(0, 1, lanes)], T.broadcast(T.uint8(1), vec),
@@ -374,8 +381,7 @@ def gemm_kernel(
             table = T.alloc_buffer((vec,), "int8", scope="local")
             if packed:
                 for t in T.unroll(vec):
-                    byte = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lut_lo, lut_hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
-                    table[t] = T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
+                    table[t] = table_byte(t)
             for tb in range(per_block):
                 for tt in range(per_chunk):
                     if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
@@ -399,11 +405,8 @@ def gemm_kernel(
                                             wd[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1), 1,
                                                T.ramp((sg * nbc + b) * vec, 1, vec)])
                                 elif packed:
-                                    lo = T.reinterpret(wv & T.broadcast(T.uint8(15), vec), dtype=i8v)
-                                    hi = T.reinterpret(T.shift_right(wv, T.broadcast(T.uint8(4), vec)), dtype=i8v)
-                                    tab = table[T.ramp(0, 1, vec)]
-                                    dlo = T.call_llvm_pure_intrin(pshufb, tab, lo, dtype=i8v)
-                                    dhi = T.call_llvm_pure_intrin(pshufb, tab, hi, dtype=i8v)
+                                    dlo = decode(table, wv, False)
+                                    dhi = decode(table, wv, True)
                                     if signed:  # |dlo + dhi| <= 16: one MAC against ones
                                         rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
                                             rowsum[T.ramp(ni * lanes, 1, lanes)], T.broadcast(T.uint8(1), vec), dlo + dhi)
