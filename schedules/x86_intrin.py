@@ -21,7 +21,8 @@ lanes are summed after the reduction, then ``out = float32(acc + bias) * scale``
 other kernel.
 
 Convolutions are the same GEMM with one row per output pixel. When the input channels fill
-whole vector steps (64 for packed rows, 32 for int8 ones: every ResNet layer but the stem),
+whole vector steps (64 for packed rows, 32 for int8 ones: every ResNet layer but the stem)
+and, for packed rows, the output has at least twice as many pixels as the group has rows,
 the activations are staged once per call as channel-last planes and each kernel tap
 ``(ky, kx)`` is a GEMM over the channels, reading the planes at the shifted pixel (the
 weights are reordered to ``(ky, kx, channel)`` per call: a copy of the group's weights, small
@@ -139,7 +140,7 @@ def packed_dense_kernel(
 def gemm_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
     tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
-    predecode: Optional[bool] = None,
+    predecode: Optional[bool] = None, direct_conv: Optional[bool] = None,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
     docstring) on x86.
@@ -170,7 +171,14 @@ def gemm_kernel(
     # conv whose channels fill whole vector steps: no im2col; activations staged once as
     # channel-last planes and each (ky, kx) is a GEMM over the channels (weights reordered
     # per call to (ky, kx, channel), a small copy next to a 9x larger im2col)
+    # Packed rows are reordered nibble by nibble, which costs more per row than an im2col
+    # per pixel: layers with more rows than half their output pixels (ResNet-18's 14x14 and
+    # 7x7 stages) stage an im2col instead (0.48 vs 0.74 ms at 512 channels, 7x7, 307 rows).
     direct = conv is not None and conv.channels % (vec * halves) == 0
+    if direct_conv is not None:
+        direct = direct and direct_conv
+    elif direct and packed:
+        direct = m >= 2 * n
     segs = conv.kh * conv.kw if direct else 1
     nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
     lanes = vec // 4

@@ -237,6 +237,7 @@ X86_GEMM_CASES = [
     ("conv2d", (1, 64, 10, 10), (9, 64, 3, 3), [1, 1]),       # channels fill vector steps: direct
     ("conv2d", (2, 128, 9, 9), (11, 128, 3, 3), [2, 2]),      # direct, stride 2, two images
     ("conv2d", (1, 32, 8, 8), (6, 32, 3, 3), [1, 1]),         # direct for int8 rows, im2col for 4-bit
+    ("conv2d", (1, 64, 5, 5), (20, 64, 3, 3), [1, 1]),        # more rows than pixels: im2col for 4-bit
     ("conv2d", (2, 3, 15, 15), (5, 3, 7, 7), [2, 2]),         # K = 147: padded steps, stride 2
     ("conv2d", (1, 5, 9, 9), (17, 5, 1, 1), [2, 2]),          # 1x1 stride 2, K = 5
     ("dense", (5, 256), (13, 256), None),
