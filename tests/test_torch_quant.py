@@ -170,3 +170,26 @@ def test_row_with_tiny_weights_and_a_large_bias_stays_in_int32():
     y, ref = layer(x), model(x)
     np.testing.assert_allclose(y[:, 2].numpy(), ref[:, 2].detach().numpy(), atol=1e-3)
     np.testing.assert_array_equal(y.detach().numpy(), _np_layer(layer, x.numpy()))
+
+
+def test_reference_products_are_exact_on_every_path():
+    """float32 direct, base-16 digits (large inputs, 8-bit weights), float64 (small inputs),
+    a weight changed in place, and weights made under torch.inference_mode."""
+    from tvm_rmsmp.torch_ops import _exact_product, _linear
+
+    g = torch.Generator().manual_seed(0)
+    for fan in (64, 576, 4608):
+        w = torch.randint(-127, 128, (37, fan), generator=g, dtype=torch.int8)
+        for rows in (2, 3000):
+            x = torch.randint(0, 256, (rows, fan), generator=g).float()
+            assert torch.equal(_exact_product(x, w, 0, 255, _linear), x.double() @ w.double().t())
+        w.add_(1).clamp_(-127, 127)  # the cached copies must follow
+        assert torch.equal(_exact_product(x, w, 0, 255, _linear), x.double() @ w.double().t())
+    with torch.inference_mode():
+        w = torch.randint(-127, 128, (5, 4608), generator=g, dtype=torch.int8)
+        x = torch.randint(-128, 128, (3000, 4608), generator=g).float()
+        assert torch.equal(_exact_product(x, w, -128, 127, _linear), x.double() @ w.double().t())
+    conv = lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, 1, 1, 1)  # noqa: E731
+    w = torch.randint(-127, 128, (6, 64, 3, 3), generator=g, dtype=torch.int8)
+    x = torch.randint(0, 256, (4, 64, 20, 20), generator=g).float()
+    assert torch.equal(_exact_product(x, w, 0, 255, conv), conv(x.double(), w.double()))

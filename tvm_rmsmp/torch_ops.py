@@ -57,6 +57,9 @@ _DIGITS_MIN_INPUT = 65536
 
 
 def _prepared(weight_int: torch.Tensor) -> dict:
+    if weight_int.is_inference():  # no version counter to tell an in-place change: no cache
+        return {"version": None, "w_max": int(weight_int.abs().max()) if weight_int.numel() else 0,
+                "fan_in": weight_int[0].numel() if weight_int.shape[0] else 0}
     key = id(weight_int)
     ref, entry = _PREPARED.get(key, (None, None))
     if ref is None or ref() is not weight_int:
