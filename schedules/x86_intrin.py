@@ -149,6 +149,8 @@ def gemm_kernel(
     or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; AVX-512 VNNI only, since
     ``vpmaddubsw`` would saturate on 8-bit products). Any ``k``: the reduction is padded to a
     whole number of vector steps with zero weights (the 0 code is the 0 level).
+    ``predecode`` / ``direct_conv`` force the choices the kernel otherwise makes from the
+    shapes (rows decoded once per call; per-tap GEMMs instead of an im2col), for measuring.
     """
     if isa not in ("avx2", "avx512vnni"):
         raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
