@@ -93,8 +93,8 @@ def x86_replacement(func, target: Target):
     """The x86 MAC-intrinsic kernel for a row-group dense or conv2d, or None.
 
     Packed 4-bit groups (fixed and SP2: table decode + MAC) on AVX2 or AVX-512 VNNI; int8
-    groups (fixed_8) on AVX-512 VNNI. Convolutions read their activations through an im2col
-    staged per call. None when the function is not a row group, the target is not x86 with
+    groups (fixed_8) on AVX-512 VNNI. Convolutions run as per-tap GEMMs over channel-last
+    activations or through an im2col (see :mod:`schedules.x86_intrin`). None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
     instruction the target lacks is ever emitted), or the group is int8 on a target without VNNI.
     """
@@ -213,8 +213,8 @@ class FloatMatmul(dl.ScheduleRule):
 class FloatElementwise(dl.ScheduleRule):
     """Element-wise and injective chains between RMSMP layers (concatenation of the row
     groups, GELU, activation quantizers, casts): producers inlined into the last block, whose
-    loops are fused and run in parallel chunks. Per-element arithmetic is as before, so
-    results are unchanged."""
+    outer loops run in parallel. Per-element arithmetic is as before, so results are
+    unchanged."""
 
     def apply(self, func, target: Target, _tunable: bool):
         if not _glue_func(func, target, float_only=False):
@@ -227,10 +227,12 @@ class FloatElementwise(dl.ScheduleRule):
             for block in blocks[:-1]:
                 sch.compute_inline(block)
             loops = sch.get_loops(blocks[-1])
-            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            if _extent(sch, fused) < 4096:
+            if len(loops) < 2 or np.prod([_extent(sch, lp) for lp in loops]) < 4096:
                 return None  # a parallel launch costs more than the loop
-            outer, _ = sch.split(fused, [None, 1024])
+            # the innermost loop stays whole (contiguous, index math LLVM vectorizes); fusing
+            # it into 1024-element chunks put a div/mod per element and made the padded
+            # activation quantizers 10x slower
+            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
             sch.parallel(outer)
         except s_tir.ScheduleError:  # not a pure element-wise chain: leave it
             return None
@@ -240,9 +242,10 @@ class FloatElementwise(dl.ScheduleRule):
 #: Row-group dense: parallel row tiles, contiguous inner reduction (x86: MAC intrinsics).
 RowGroupDense = _X86Rule("dense", schedule_dense, kinds=("llvm",))
 #: Row-group conv2d (NCHW): parallel over (image, channel tile, output row), vector over pixels
-#: (x86: im2col + MAC intrinsics).
+#: (x86: per-tap GEMMs or im2col + MAC intrinsics).
 RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
-register_target("llvm", [RowGroupDense, RowGroupConv2d], float_rules=[FloatMatmul(), FloatElementwise()], spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
-                fixed=x86_replacement)
+register_target("llvm", [RowGroupDense, RowGroupConv2d],
+                spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
+                fixed=x86_replacement, float_rules=[FloatMatmul(), FloatElementwise()])

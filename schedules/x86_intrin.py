@@ -356,7 +356,10 @@ def gemm_kernel(
             # several activation tiles meet every weight vector: decode the 4-bit rows to int8
             # planes once per call and sum each row once (a copy twice the packed weights),
             # instead of once per activation tile inside the MAC loop
-            wd = T.alloc_buffer((n, halves, width), "int8")
+            if packed:
+                wd = T.alloc_buffer((n, halves, width), "int8")
+            else:  # int8 rows are read from wp as they are: only their sums are needed
+                wd = T.decl_buffer((n, halves, width), "int8", data=wp.data)
             rsum = T.alloc_buffer((n,), "int32")
             for rc in T.parallel(pre_chunks):
                 part = T.alloc_buffer((lanes,), "int32", scope="local")

@@ -182,14 +182,14 @@ def test_reference_products_are_exact_on_every_path():
         w = torch.randint(-127, 128, (37, fan), generator=g, dtype=torch.int8)
         for rows in (2, 3000):
             x = torch.randint(0, 256, (rows, fan), generator=g).float()
-            assert torch.equal(_exact_product(x, w, 0, 255, _linear), x.double() @ w.double().t())
+            assert torch.equal(_exact_product(x, w, 0, 255, _linear, -1), x.double() @ w.double().t())
         w.add_(1).clamp_(-127, 127)  # the cached copies must follow
-        assert torch.equal(_exact_product(x, w, 0, 255, _linear), x.double() @ w.double().t())
+        assert torch.equal(_exact_product(x, w, 0, 255, _linear, -1), x.double() @ w.double().t())
     with torch.inference_mode():
         w = torch.randint(-127, 128, (5, 4608), generator=g, dtype=torch.int8)
         x = torch.randint(-128, 128, (3000, 4608), generator=g).float()
-        assert torch.equal(_exact_product(x, w, -128, 127, _linear), x.double() @ w.double().t())
+        assert torch.equal(_exact_product(x, w, -128, 127, _linear, -1), x.double() @ w.double().t())
     conv = lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, 1, 1, 1)  # noqa: E731
     w = torch.randint(-127, 128, (6, 64, 3, 3), generator=g, dtype=torch.int8)
     x = torch.randint(0, 256, (4, 64, 20, 20), generator=g).float()
-    assert torch.equal(_exact_product(x, w, 0, 255, conv), conv(x.double(), w.double()))
+    assert torch.equal(_exact_product(x, w, 0, 255, conv, 1), conv(x.double(), w.double()))

@@ -12,9 +12,10 @@ below it: every partial sum is then an exactly representable integer, in any ord
 weights (8-bit rows) are split into balanced base-16 digits ``w = sum_d 16^d w_d`` with
 ``|w_d| <= 8``, each digit's product computed in float32 (one call, digits stacked as extra
 output rows) and the digits combined in float64: exact, and several times faster on CPUs than
-a float64 convolution. Only when even a digit could overflow does it run in float64 (exact
-below 2^53). The result never depends on summation order. Step 3 has no add after the multiply, so no target can contract it
-into a fused multiply-add and round differently. ``torch.export`` keeps each call as one node,
+a float64 convolution (small inputs, where it is not, run in float64). Only when even a digit
+could overflow does it always run in float64 (exact below 2^53). The result never depends on
+summation order. Step 3 has no add after the multiply, so no target can contract it into a
+fused multiply-add and round differently. ``torch.export`` keeps each call as one node,
 which the TVM importer turns into a quantized op (see :mod:`tvm_rmsmp.frontend`).
 """
 
@@ -56,19 +57,21 @@ _PREPARED: dict = {}
 _DIGITS_MIN_INPUT = 65536
 
 
+def _weight_facts(weight_int: torch.Tensor, version) -> dict:
+    return {"version": version, "w_max": int(weight_int.abs().max()) if weight_int.numel() else 0,
+            "fan_in": weight_int[0].numel() if weight_int.shape[0] else 0}
+
+
 def _prepared(weight_int: torch.Tensor) -> dict:
     if weight_int.is_inference():  # no version counter to tell an in-place change: no cache
-        return {"version": None, "w_max": int(weight_int.abs().max()) if weight_int.numel() else 0,
-                "fan_in": weight_int[0].numel() if weight_int.shape[0] else 0}
+        return _weight_facts(weight_int, None)
     key = id(weight_int)
     ref, entry = _PREPARED.get(key, (None, None))
     if ref is None or ref() is not weight_int:
         entry = None
         weakref.finalize(weight_int, _PREPARED.pop, key, None)
     if entry is None or entry["version"] != weight_int._version:
-        entry = {"version": weight_int._version,
-                 "w_max": int(weight_int.abs().max()) if weight_int.numel() else 0,
-                 "fan_in": weight_int[0].numel() if weight_int.shape[0] else 0}
+        entry = _weight_facts(weight_int, weight_int._version)
         _PREPARED[key] = (weakref.ref(weight_int), entry)
     return entry
 
@@ -79,9 +82,10 @@ def _cached(entry: dict, key: str, make):
     return entry[key]
 
 
-def _exact_product(xq: torch.Tensor, weight_int: torch.Tensor, qmin: int, qmax: int, product) -> torch.Tensor:
-    """``product(xq, weight)`` (a linear map along the weight's output axis 0) as exact
-    integers, in float32 wherever that is exact (see module docstring), else float64."""
+def _exact_product(xq: torch.Tensor, weight_int: torch.Tensor, qmin: int, qmax: int, product,
+                   out_axis: int) -> torch.Tensor:
+    """``product(xq, weight)`` (linear in the weight, its rows landing on ``out_axis`` of the
+    result) as exact integers, in float32 wherever that is exact (see module docstring)."""
     entry = _prepared(weight_int)
     bound = entry["fan_in"] * max(abs(qmin), abs(qmax))
     if bound * entry["w_max"] < _F32_EXACT:  # float32 result: exact, and _epilogue may stay in float32
@@ -91,9 +95,7 @@ def _exact_product(xq: torch.Tensor, weight_int: torch.Tensor, qmin: int, qmax: 
     rows = weight_int.shape[0]
     stacked = product(xq.to(torch.float32),
                       _cached(entry, "digits", lambda: torch.cat(_digits(weight_int)).to(torch.float32)))
-    stacked = stacked.to(torch.float64)
-    axis = stacked.dim() - 1 if product is _linear else 1
-    parts = stacked.split(rows, dim=axis)
+    parts = stacked.to(torch.float64).split(rows, dim=out_axis)
     acc = parts[-1]
     for part in reversed(parts[:-1]):
         acc = acc * 16 + part
@@ -130,7 +132,7 @@ def qlinear(
     layer: str,
 ) -> torch.Tensor:
     xq = quantize_activation(x, inv_act_scale, qmin, qmax)
-    acc = _exact_product(xq, weight_int, qmin, qmax, _linear)
+    acc = _exact_product(xq, weight_int, qmin, qmax, _linear, -1)
     return _epilogue(acc, bias_int, out_scale, acc.dim() - 1)
 
 
@@ -155,7 +157,7 @@ def qconv2d(
 ) -> torch.Tensor:
     xq = quantize_activation(x, inv_act_scale, qmin, qmax)
     acc = _exact_product(xq, weight_int, qmin, qmax,
-                         lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, stride, padding, dilation))
+                         lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, stride, padding, dilation), 1)
     return _epilogue(acc, bias_int, out_scale, 1)
 
 
