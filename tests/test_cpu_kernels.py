@@ -386,7 +386,7 @@ def test_float_rules_leave_softmax_and_row_groups_alone(host_target):
     assert FloatElementwise().apply(group, host_target, False) is None
 
 
-def test_float_elementwise_rule_runs_gelu_in_parallel_chunks(host_target):
+def test_float_elementwise_rule_runs_gelu_in_parallel(host_target):
     from tvm import relax
     from schedules.cpu import FloatElementwise
 
