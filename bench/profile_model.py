@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m bench.profile_model                     # ResNet-18, batch 1, one thread
     python -m bench.profile_model --model bert_layer --threads 2
+    python -m bench.profile_model --model ffn --batch 128
 
 Builds the model as ``bench.cpu`` does (random weights, RMSMP 60:35:5, 8-bit activations,
 untuned ``rmsmp.compile`` for this CPU), then times every call the Relax VM makes through its
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18", choices=["resnet18", "bert_layer", "ffn"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="leading dimension of the input (FFN: tokens)")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args(argv)
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     build, shape = {"resnet18": (cpu.resnet18, (1, 3, 224, 224)), "bert_layer": (cpu.bert_layer, (1, 128, 768)),
                     "ffn": (cpu.ffn_model, (1, 1, 768))}[args.model]
+    shape = (shape[0] * args.batch, *shape[1:]) if args.model != "ffn" else (1, args.batch, 768)
     model = build().eval()
     x = torch.randn(*shape)
     q = cpu.rmsmp_quantized(model, [torch.randn(*shape) for _ in range(2)])

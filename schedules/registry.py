@@ -44,6 +44,8 @@ _SPACES: Dict[str, Dict[str, Callable]] = {}
 _FIXED: Dict[str, Callable] = {}
 # rules for the legalized float operators (matmul, GELU, ...) between RMSMP layers
 _FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
+# Relax op name -> legalization (bb, call) -> Expr: the target's fast-math float operators
+_FAST_MATH: Dict[str, Dict[str, Callable]] = {}
 
 
 def register_target(
@@ -53,6 +55,7 @@ def register_target(
     spaces: Optional[Dict[str, Callable]] = None,
     fixed: Optional[Callable] = None,
     float_rules: Sequence[dl.ScheduleRule] = (),
+    fast_math: Optional[Dict[str, Callable]] = None,
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
     raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
@@ -60,7 +63,9 @@ def register_target(
     ``fixed(func, target)`` returns the hand-written kernel that replaces ``func`` on
     ``target`` (intrinsics), or None; such kernels are not tuned. ``float_rules`` schedule
     the float operators between RMSMP layers after the build legalizes them (see
-    :func:`build_pipeline`); they must leave every result unchanged."""
+    :func:`build_pipeline`); they must leave every result unchanged. ``fast_math`` maps Relax
+    float operators (``relax.nn.gelu``, ...) to vectorizable legalizations, used unless a
+    build asks for ``fast_math=False``; they may round differently from libm."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
@@ -70,6 +75,7 @@ def register_target(
     if fixed is not None:
         _FIXED[kind] = fixed
     _FLOAT[kind] = list(float_rules)
+    _FAST_MATH[kind] = dict(fast_math or {})
 
 
 def fixed_kernel(func, target: tvm.target.Target):
@@ -109,20 +115,24 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     return mod
 
 
-def build_pipeline(target: tvm.target.Target):
+def build_pipeline(target: tvm.target.Target, fast_math: bool = True):
     """The Relax build pipeline for ``target``: TVM's default, with the target's float rules
-    applied to the legalized, fused float operators (None: TVM's default as it is)."""
+    applied to the legalized, fused float operators and (``fast_math``) its fast-math
+    legalizations (None: TVM's default as it is)."""
     rules_for(target)
     rules = _FLOAT.get(target.kind.name)
     if not rules or target.kind.name != "llvm":
         return None
+    fast = _FAST_MATH.get(target.kind.name) if fast_math else None
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="RMSMPBuildPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
+            # operators with a fast-math form are legalized first; the rest as TVM does
+            first = [tvm.relax.transform.LegalizeOps(customize_legalize_map=fast)] if fast else []
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                cpu.library_dispatch_passes(target) + first + cpu.legalize_passes(target)
                 + [dl.ApplyDefaultSchedule(*rules)]
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)

@@ -1,4 +1,4 @@
-"""x86 kernel for packed 4-bit row groups (dense): table decode + integer MAC intrinsics.
+"""x86 kernel for row groups (dense and conv2d): 4-bit table decode + integer MAC intrinsics.
 
 A packed row stores two 4-bit codes per byte (code ``2j`` in the low nibble of byte ``j``,
 ``2j + 1`` in the high one). Every 4-bit scheme, fixed or SP2, has at most 16 levels, so a
@@ -12,13 +12,17 @@ shuffle of the weights. Products are summed with
 
 * AVX-512 VNNI (``avx512vnni`` + ``avx512vl``): ``vpdpbusd`` on 256-bit vectors;
 * AVX2: ``vpmaddubsw`` then ``vpmaddwd`` with ones. ``vpmaddubsw`` saturates to int16,
-  but here ``|x| <= 255`` and ``|w| <= 8``, so a pair sums to at most 4080: exact.
+  but a pair sums to at most 2 * 255 * 8 = 4080 (unsigned activations) or
+  2 * 16 * 128 = 4096 (signed ones, offset weights): exact.
 
-Both MACs take unsigned activations: signed (int8) ones are offset by 128 into uint8 and
-``128 * sum(w)`` is subtracted, the row sums accumulated alongside by one more MAC per
-weight vector against ones (``|w_lo + w_hi| <= 16`` fits a byte), still exact. The int32
-lanes are summed after the reduction, then ``out = float32(acc + bias) * scale`` as every
-other kernel.
+Both MACs multiply an unsigned byte by a signed one. Unsigned activations (after ReLU) are
+the unsigned operand. Signed (int8) activations are the signed operand, and the weights
+become the unsigned one, offset into it: the 4-bit tables hold ``level + 8`` (0..16), int8
+rows have their sign bit flipped (``w + 128``); ``x * w = x * (w + off) - off * x``, with
+the activation sums taken once per call per GEMM row (before: the activations were offset
+and every weight row summed inside the MAC loop, 20-40% of a batch-1 layer). Four rows'
+int32 lanes are summed together by three ``vphaddd`` after the reduction, then
+``out = float32(acc + bias) * scale`` as every other kernel.
 
 Convolutions are the same GEMM with one row per output pixel. When the input channels fill
 whole vector steps (64 for packed rows, 32 for int8 ones: every ResNet layer but the stem)
@@ -31,7 +35,7 @@ next to an im2col, which is ``kh * kw`` times the activations). Otherwise an im2
 Tiles of ``NT`` weight rows x ``MT`` activation rows keep ``MT * NT`` int32 vector
 accumulators in registers. At batch 1 each weight vector is decoded in registers right
 before its MACs, so the packed weights stream once; with several activation tiles (batch
-128, conv pixels) the rows are decoded to int8 planes and summed once per call first, which
+128, conv pixels) the rows are decoded to int8 planes once per call first, which
 took the decode out of the inner loop (1.47x at 128 x 768 x 461). Rows
 past the end of a tile re-read the last row (branch-free loads); only their stores are
 guarded. Outer loop: parallel over chunks of weight-row tiles sized to stay in L2 while
@@ -204,7 +208,8 @@ def gemm_kernel(
     per_block = -(-m_tiles // m_blocks)
     m_blocks = -(-m_tiles // per_block)
     tasks = m_blocks * n_chunks
-    # weights decoded once per call when several activation tiles will read them
+    # weights prepared once per call when several activation tiles will read them (packed:
+    # decoded to int8 planes; int8 rows meeting signed activations: offset to unsigned)
     pre = m_tiles > 1 and (packed or signed) if predecode is None else bool(predecode)
     pre_chunks = min(n, 4 * cores)
     pre_rows = -(-n // pre_chunks)
@@ -213,10 +218,14 @@ def gemm_kernel(
     pshufb = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pshuf.b.512" if wide else "llvm.x86.avx2.pshuf.b")
     maddubs = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
     maddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
     dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512" if wide else "llvm.x86.avx512.vpdpbusd.256")
+    # signed activations: the weights are the MAC's unsigned operand, offset by w_off
+    # (x * w = x * (w + w_off) - w_off * x), the activation sums taken once per call
+    w_off = (8 if packed else 128) if signed else 0
     if packed:
         # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
-        lut_bytes = decode_table(levels).view(np.uint8)
+        lut_bytes = (decode_table(levels).astype(np.int16) + w_off).astype(np.uint8)
         lut_lo = T.int64(int(lut_bytes[:8].view(np.int64)[0]))
         lut_hi = T.int64(int(lut_bytes[8:].view(np.int64)[0]))
     else:
@@ -230,13 +239,21 @@ def gemm_kernel(
         out_shape = (conv.batch, n, oh, ow)
         (sh, sw), (dh, dw) = conv.strides, conv.dilation
     w_shape = (n, w_bytes) if (packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
+    # vector sums of four rows' accumulators at once (vphaddd) when the tile has whole fours
+    quads = nt % 4 == 0
 
     def mac(acc, xv, wv):
+        """``acc`` plus the products of ``xv`` and ``wv``, four per int32 lane."""
+        a, b = (wv, xv) if signed else (xv, wv)  # the unsigned operand first
         if vnni:
             # LLVM 22 declares the byte operands as <N x i8> (older releases: <N/4 x i32>)
-            return T.call_llvm_pure_intrin(dpbusd, acc, xv, wv, dtype=i32v)
-        pairs = T.call_llvm_pure_intrin(maddubs, xv, wv, dtype=i16v)
+            return T.call_llvm_pure_intrin(dpbusd, acc, a, b, dtype=i32v)
+        pairs = T.call_llvm_pure_intrin(maddubs, a, b, dtype=i16v)
         return acc + T.call_llvm_pure_intrin(maddwd, pairs, T.broadcast(T.int16(1), vec // 2), dtype=i32v)
+
+    def offset(wv):
+        """int8 weights as the unsigned MAC operand (``w + 128``, a flip of the sign bit)."""
+        return T.bitwise_xor(wv, T.broadcast(T.int8(-128), vec)) if signed else wv
 
     def hsum(buf, base):
         total = buf[base]
@@ -244,11 +261,19 @@ def gemm_kernel(
             total = total + buf[base + lane]
         return total
 
-    def staged(value):
-        """An activation as the unsigned byte the MAC takes (signed ones offset by 128)."""
-        if signed:
-            return T.Cast("uint8", T.Cast("int32", value) + 128)
-        return T.Cast("uint8", value)
+    def eight(acc, base):
+        """The ``lanes`` accumulator lanes at ``base`` folded to eight."""
+        if lanes == 8:
+            return acc[T.ramp(base, 1, 8)]
+        return acc[T.ramp(base, 1, 8)] + acc[T.ramp(base + 8, 1, 8)]
+
+    def quad_sums(acc, base):
+        """Lane ``q`` plus lane ``q + 4`` is the total of accumulator ``base + q * lanes``."""
+        return T.call_llvm_pure_intrin(
+            phadd,
+            T.call_llvm_pure_intrin(phadd, eight(acc, base), eight(acc, base + lanes), dtype="int32x8"),
+            T.call_llvm_pure_intrin(phadd, eight(acc, base + 2 * lanes), eight(acc, base + 3 * lanes), dtype="int32x8"),
+            dtype="int32x8")
 
     def xvec(xs, row, h, seg, step):
         """The activation vector of GEMM row ``row``, plane ``h``, segment ``seg``, step ``step``."""
@@ -261,6 +286,7 @@ def gemm_kernel(
         return T.bitwise_and(T.shift_right(w[r, kk // 2], T.Cast("uint8", kk % 2 * 4)), T.uint8(15))
 
     xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves) if direct else (m, halves, width)
+    zero_x = T.Cast(x_dtype, 0)
 
     def table_byte(t):
         """Byte ``t`` of the decode table vector: level ``t % 16`` (the table repeats per lane)."""
@@ -268,15 +294,16 @@ def gemm_kernel(
         return T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
 
     def decode(table, wv, high):
-        """The int8 levels of the low (``high`` False: even codes) or high nibbles of ``wv``."""
+        """The (offset) levels of the low (``high`` False: even codes) or high nibbles of ``wv``."""
         nibbles = T.shift_right(wv, T.broadcast(T.uint8(4), vec)) if high else wv & T.broadcast(T.uint8(15), vec)
         return T.call_llvm_pure_intrin(pshufb, table[T.ramp(0, 1, vec)], T.reinterpret(nibbles, dtype=i8v), dtype=i8v)
 
-    def weight_sum(rsum, rowsum, col, ni):
-        """Row ``col``'s weight sum: decoded once per call (``pre``) or accumulated in the tile."""
-        if not signed:
-            return 0  # unsigned activations carry no offset
-        return rsum[col] if pre else hsum(rowsum, ni * lanes)
+    def result(sums, acc_total, row, col):
+        """``float32(acc + bias) * scale`` for GEMM row ``row`` and weight row ``col``;
+        ``sums``: (activation sums, bias, scale)."""
+        xsum, bias, scale = sums
+        total = acc_total - w_off * xsum[row] if signed else acc_total
+        return T.Cast("float32", total + bias[col]) * scale[col]
 
     def out_index(row, col):
         if conv is None:
@@ -292,10 +319,13 @@ def gemm_kernel(
         out: T.Buffer(out_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        # activations as unsigned bytes in `halves` planes (packed: even / odd codes), one row
-        # per GEMM row (conv: im2col); signed ones offset by 128, since
-        # x * w = (x + 128) * w - 128 * w and the row sums of w are accumulated alongside
-        xs = T.alloc_buffer(xs_shape, "uint8")
+        # activations in `halves` planes (packed: even / odd codes), one row per GEMM row
+        # (conv: im2col or channel-last planes); signed ones also summed per GEMM row
+        xs = T.alloc_buffer(xs_shape, x_dtype)
+        if signed:
+            xsum = T.alloc_buffer((m,), "int32")
+        else:
+            xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
         if direct:
             # weights reordered to (ky, kx, channel) per row: packed bytes pair channels 2j, 2j + 1
             wp = T.alloc_buffer((n, width), w_dtype)
@@ -319,78 +349,96 @@ def gemm_kernel(
         else:
             wp = T.decl_buffer((n, width), w_dtype, data=w.data)
         if direct:
+            if signed:
+                psum = T.alloc_buffer((conv.batch, conv.height, conv.width), "int32")
+            else:
+                psum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
             for by in T.parallel(conv.batch * conv.height):
-                for xx, j in T.grid(conv.width, conv.channels // halves):
-                    for h in T.unroll(halves):
-                        xs[by // conv.height, by % conv.height, xx, h, j] = staged(
-                            x[by // conv.height, j * halves + h, by % conv.height, xx])
+                for xx in T.serial(conv.width):
+                    for j in T.serial(conv.channels // halves):
+                        for h in T.unroll(halves):
+                            xs[by // conv.height, by % conv.height, xx, h, j] = x[
+                                by // conv.height, j * halves + h, by % conv.height, xx]
+                    if signed:  # channel sums per input pixel; a GEMM row sums its taps' below
+                        psum[by // conv.height, by % conv.height, xx] = 0
+                        for c in T.serial(conv.channels):
+                            psum[by // conv.height, by % conv.height, xx] = (
+                                psum[by // conv.height, by % conv.height, xx]
+                                + T.Cast("int32", x[by // conv.height, c, by % conv.height, xx]))
+            if signed:
+                for bo in T.parallel(conv.batch * oh):
+                    for ox in T.serial(ow):
+                        xsum[bo * ow + ox] = 0
+                        for sg in T.serial(segs):
+                            xsum[bo * ow + ox] = xsum[bo * ow + ox] + psum[
+                                bo // oh, bo % oh * sh + sg // conv.kw * dh, ox * sw + sg % conv.kw * dw]
         elif conv is None:
             for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
                 for j in range(width):
                     for h in T.unroll(halves):
                         if width * halves == k:
-                            xs[i, h, j] = staged(x[i, j * halves + h])
+                            xs[i, h, j] = x[i, j * halves + h]
                         else:
-                            xs[i, h, j] = T.if_then_else(j * halves + h < k, staged(x[i, T.min(j * halves + h, k - 1)]),
-                                                         T.uint8(0))
+                            xs[i, h, j] = T.if_then_else(j * halves + h < k, x[i, T.min(j * halves + h, k - 1)], zero_x)
+                if signed:
+                    xsum[i] = 0
+                    for j in T.serial(k):
+                        xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
         else:
             # im2col in the weight's column order (contiguous stores), then (packed) the
             # even / odd split as a second, vectorizable pass: writing the two planes directly
             # from the gather measured 4x slower
             if packed:
-                cols = T.alloc_buffer((m, width * halves), "uint8")
+                cols = T.alloc_buffer((m, width * halves), x_dtype)
             else:
-                cols = T.decl_buffer((m, width), "uint8", data=xs.data)
+                cols = T.decl_buffer((m, width), x_dtype, data=xs.data)
             for bo in T.parallel(conv.batch * oh):
                 for ox, c, ky, kx in T.grid(ow, conv.channels, conv.kh, conv.kw):
-                    cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = staged(
-                        x[bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw])
+                    cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = x[
+                        bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw]
                 if width * halves > k:
                     for ox, j in T.grid(ow, width * halves - k):
-                        cols[bo * ow + ox, k + j] = T.uint8(0)
+                        cols[bo * ow + ox, k + j] = zero_x
+                if signed:
+                    for ox in T.serial(ow):
+                        xsum[bo * ow + ox] = 0
+                        for j in T.serial(k):
+                            xsum[bo * ow + ox] = xsum[bo * ow + ox] + T.Cast("int32", cols[bo * ow + ox, j])
                 if packed:
                     for ox, j in T.grid(ow, width):
                         for h in T.unroll(halves):
                             xs[bo * ow + ox, h, j] = cols[bo * ow + ox, j * halves + h]
         if pre:
             # several activation tiles meet every weight vector: decode the 4-bit rows to int8
-            # planes once per call and sum each row once (a copy twice the packed weights),
-            # instead of once per activation tile inside the MAC loop
+            # planes (offset int8 rows) once per call instead of once per tile in the MAC loop
             if packed:
                 wd = T.alloc_buffer((n, halves, width), "int8")
-            else:  # int8 rows are read from wp as they are: only their sums are needed
+            elif signed:
+                wd = T.alloc_buffer((n, halves, width), "int8")
+            else:  # unsigned activations meet int8 rows as they are
                 wd = T.decl_buffer((n, halves, width), "int8", data=wp.data)
-            rsum = T.alloc_buffer((n,), "int32")
             for rc in T.parallel(pre_chunks):
-                part = T.alloc_buffer((lanes,), "int32", scope="local")
                 table0 = T.alloc_buffer((vec,), "int8", scope="local")
                 if packed:
                     for t in T.unroll(vec):
                         table0[t] = table_byte(t)
                 for rr in range(pre_rows):
                     if rc * pre_rows + rr < n:
-                        for a in T.unroll(lanes):
-                            part[a] = 0
                         for b in T.serial(nb):
                             if packed:
-                                wv0 = wp[rc * pre_rows + rr, T.ramp(b * vec, 1, vec)]
-                                dlo0 = decode(table0, wv0, False)
-                                dhi0 = decode(table0, wv0, True)
-                                wd[rc * pre_rows + rr, 0, T.ramp(b * vec, 1, vec)] = dlo0
-                                wd[rc * pre_rows + rr, 1, T.ramp(b * vec, 1, vec)] = dhi0
-                                part[T.ramp(0, 1, lanes)] = mac(part[T.ramp(0, 1, lanes)], T.broadcast(T.uint8(1), vec),
-                                                                dlo0 + dhi0)
-                            else:
-                                part[T.ramp(0, 1, lanes)] = mac(part[T.ramp(0, 1, lanes)], T.broadcast(T.uint8(1), vec),
-                                                                wp[rc * pre_rows + rr, T.ramp(b * vec, 1, vec)])
-                        rsum[rc * pre_rows + rr] = hsum(part, 0)
+                                wd[rc * pre_rows + rr, 0, T.ramp(b * vec, 1, vec)] = decode(
+                                    table0, wp[rc * pre_rows + rr, T.ramp(b * vec, 1, vec)], False)
+                                wd[rc * pre_rows + rr, 1, T.ramp(b * vec, 1, vec)] = decode(
+                                    table0, wp[rc * pre_rows + rr, T.ramp(b * vec, 1, vec)], True)
+                            elif signed:
+                                wd[rc * pre_rows + rr, 0, T.ramp(b * vec, 1, vec)] = offset(
+                                    wp[rc * pre_rows + rr, T.ramp(b * vec, 1, vec)])
         else:
             wd = T.decl_buffer((n, halves, width), "int8", data=wp.data)  # not read
-            rsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
         for task in T.parallel(tasks):
             # local buffers in a parallel loop are heap workspaces: allocate once per task
             acc = T.alloc_buffer((mt * nt * lanes,), "int32", scope="local")
-            rowsum = T.alloc_buffer((nt * lanes,), "int32", scope="local")
+            red = T.alloc_buffer((8,), "int32", scope="local")
             table = T.alloc_buffer((vec,), "int8", scope="local")
             if packed:
                 for t in T.unroll(vec):
@@ -400,53 +448,53 @@ def gemm_kernel(
                     if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
                         for a in T.unroll(mt * nt * lanes):
                             acc[a] = 0
-                        for a in T.unroll(nt * lanes):
-                            rowsum[a] = 0
                         for sg in T.serial(segs):
                           for b in T.unroll(nbc) if unroll_k else T.serial(nbc):  # noqa: E111
                             for ni in T.unroll(nt):
-                                wv = wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1),
-                                        T.ramp((sg * nbc + b) * vec, 1, vec)]
-                                if pre and packed:
+                                if pre and (packed or signed):
                                     for mi in T.unroll(mt):
-                                        acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
-                                            mac(acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                                xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b),
-                                                wd[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1), 0,
-                                                   T.ramp((sg * nbc + b) * vec, 1, vec)]),
-                                            xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, sg, b),
-                                            wd[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1), 1,
-                                               T.ramp((sg * nbc + b) * vec, 1, vec)])
+                                        for h in T.unroll(halves):
+                                            acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
+                                                acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
+                                                xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, sg, b),
+                                                wd[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1), h,
+                                                   T.ramp((sg * nbc + b) * vec, 1, vec)])
                                 elif packed:
+                                    wv = wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1),
+                                            T.ramp((sg * nbc + b) * vec, 1, vec)]
                                     dlo = decode(table, wv, False)
                                     dhi = decode(table, wv, True)
-                                    if signed:  # |dlo + dhi| <= 16: one MAC against ones
-                                        rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
-                                            rowsum[T.ramp(ni * lanes, 1, lanes)], T.broadcast(T.uint8(1), vec), dlo + dhi)
                                     for mi in T.unroll(mt):
                                         acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
                                             mac(acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
                                                 xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), dlo),
                                             xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, sg, b), dhi)
                                 else:
-                                    if signed and not pre:
-                                        rowsum[T.ramp(ni * lanes, 1, lanes)] = mac(
-                                            rowsum[T.ramp(ni * lanes, 1, lanes)], T.broadcast(T.uint8(1), vec), wv)
+                                    wv8 = offset(wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1),
+                                                    T.ramp((sg * nbc + b) * vec, 1, vec)])
                                     for mi in T.unroll(mt):
                                         acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
                                             acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                            xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), wv)
+                                            xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), wv8)
                         for mi in T.unroll(mt):
-                            for ni in T.unroll(nt):
-                                if (((task // n_chunks) * per_block + tb) * mt + mi < m
-                                        and ((task % n_chunks) * per_chunk + tt) * nt + ni < n):
-                                    out[out_index(((task // n_chunks) * per_block + tb) * mt + mi,
-                                                  ((task % n_chunks) * per_chunk + tt) * nt + ni)] = T.Cast(
-                                        "float32",
-                                        hsum(acc, (mi * nt + ni) * lanes)
-                                        - 128 * weight_sum(rsum, rowsum, ((task % n_chunks) * per_chunk + tt) * nt + ni, ni)
-                                        + bias[((task % n_chunks) * per_chunk + tt) * nt + ni],
-                                    ) * scale[((task % n_chunks) * per_chunk + tt) * nt + ni]
+                            if quads:
+                                for g in T.unroll(nt // 4):
+                                    red[T.ramp(0, 1, 8)] = quad_sums(acc, (mi * nt + 4 * g) * lanes)
+                                    for q in T.unroll(4):
+                                        if (((task // n_chunks) * per_block + tb) * mt + mi < m
+                                                and ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + q < n):
+                                            out[out_index(((task // n_chunks) * per_block + tb) * mt + mi,
+                                                          ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + q)] = result(
+                                                (xsum, bias, scale), red[q] + red[q + 4], ((task // n_chunks) * per_block + tb) * mt + mi,
+                                                ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + q)
+                            else:
+                                for ni in T.unroll(nt):
+                                    if (((task // n_chunks) * per_block + tb) * mt + mi < m
+                                            and ((task % n_chunks) * per_chunk + tt) * nt + ni < n):
+                                        out[out_index(((task // n_chunks) * per_block + tb) * mt + mi,
+                                                      ((task % n_chunks) * per_chunk + tt) * nt + ni)] = result(
+                                            (xsum, bias, scale), hsum(acc, (mi * nt + ni) * lanes), ((task // n_chunks) * per_block + tb) * mt + mi,
+                                            ((task % n_chunks) * per_chunk + tt) * nt + ni)
 
     return kernel
 

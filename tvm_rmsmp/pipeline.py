@@ -108,11 +108,15 @@ COMPILERS: Dict[str, str] = {
 }
 
 
-def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None) -> "CompiledModel":  # noqa: A001,E501
+def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None,  # noqa: A001
+            fast_math: bool = True) -> "CompiledModel":
     """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
 
     tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
     schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
+    fast_math: on CPUs, the float operators between RMSMP layers (GELU, softmax, exp, tanh)
+    use TVM's vectorizable approximations instead of libm (errors of the order of torch's own
+    vectorized GELU); False keeps libm's results. The integer layers are exact either way.
     """
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
@@ -126,7 +130,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
 
         module, _, func = COMPILERS[target.kind.name].partition(":")
         return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
-    pipeline = schedules.build_pipeline(target)
+    pipeline = schedules.build_pipeline(target, fast_math=fast_math)
+    stats["fast_math"] = bool(fast_math and pipeline is not None)
     exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
     return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
