@@ -105,6 +105,24 @@ def test_sequence_model_dense_on_3d_inputs():
     assert exe.stats["kept"] == 1  # only the output keeps a gather
 
 
+def test_gelu_model_with_and_without_fast_math():
+    """fast_math (the default) swaps libm's erf for TVM's vectorizable one between the layers;
+    the quantized layers stay exact, so both builds agree with the reference up to the rare
+    activation that GELU's last bit moves across a rounding boundary."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 16)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(), [torch.randn(4, 32) for _ in range(4)])
+    x = torch.randn(64, 32)
+    ref = q(x).detach().numpy()
+    step = float(np.abs(ref).max()) / 127 * 4  # a few output quantization steps
+    for fast in (True, False):
+        exe = rmsmp.compile(q, (x,), fast_math=fast)
+        assert exe.stats["fast_math"] is fast
+        out = exe(x)
+        assert np.mean(out == ref) > 0.99
+        np.testing.assert_allclose(out, ref, atol=step)
+
+
 def test_a_new_scheme_is_one_registration():
     """Register a scheme and use it: row plans, passes and CPU kernels pick it up by kind."""
     register_scheme(Scheme("test_sp2_5", kind="sp2", bits=5, m1=2, m2=2), override=True)
