@@ -29,8 +29,9 @@ from .registry import OpScheduleRule, register_target
 __all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "schedule_dense", "schedule_conv2d", "check_launch_limits", "LaunchLimitError"]
 
 
-def _register_dp4a() -> str:
-    """CUDA's ``__dp4a``: four int8 x int8 products summed into an int32, for fixed rows."""
+def _register_dot4(name: str, extern: str) -> str:
+    """A tensor intrinsic: four int8 x int8 products summed into an int32 by ``extern(a, b, c)``
+    (``c`` plus the dot product of two ``char4``)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -55,30 +56,72 @@ def _register_dp4a() -> str:
         with T.sblock("root"):
             T.reads(C[0], A[0:4], B[0:4])
             T.writes(C[0])
-            C[0] = C[0] + T.call_pure_extern("int32", "__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"), T.int32(0))
+            C[0] = T.call_pure_extern("int32", extern, A.vload([0], "int8x4"), B.vload([0], "int8x4"), C[0])
 
-    name = "rmsmp_dp4a_s8s8s32"
     TensorIntrin.register(name, desc, impl, override=True)
     return name
 
 
-_DP4A: Optional[str] = None
+#: The OpenCL C helper the fixed-row kernels call for four int8 products. It is defined by
+#: :data:`OPENCL_DOT_PRELUDE`, which picks the device's built-in when the OpenCL compiler
+#: reports one (Arm's ``cl_arm_integer_dot_product_accumulate_int8``: Mali G76 and later;
+#: Khronos ``cl_khr_integer_dot_product``) and plain multiply-adds otherwise, so one source
+#: serves every device and the choice is made where the kernel is compiled, on the device.
+OPENCL_DOT = "rmsmp_dot_acc"
+OPENCL_DOT_PRELUDE = """#ifndef RMSMP_DOT_ACC
+#define RMSMP_DOT_ACC
+#if defined(cl_arm_integer_dot_product_accumulate_int8)
+#pragma OPENCL EXTENSION cl_arm_integer_dot_product_accumulate_int8 : enable
+inline int rmsmp_dot_acc(char4 a, char4 b, int c) { return arm_dot_acc(a, b, c); }
+#elif defined(__opencl_c_integer_dot_product_input_4x8bit)
+inline int rmsmp_dot_acc(char4 a, char4 b, int c) { return dot_acc_sat(a, b, c); }
+#else
+inline int rmsmp_dot_acc(char4 a, char4 b, int c) {
+  return c + (int)a.x * (int)b.x + (int)a.y * (int)b.y + (int)a.z * (int)b.z + (int)a.w * (int)b.w;
+}
+#endif
+#endif
+"""
+_DOT_INTRINS: Dict[str, str] = {}
 
 
-def _dp4a_intrin() -> str:
-    global _DP4A
-    if _DP4A is None:
-        _DP4A = _register_dp4a()
-    return _DP4A
+def _opencl_postproc(previous):
+    """TVM's OpenCL source hook: the dot-product prelude goes in front of sources that call it."""
+
+    def postproc(code, *args):
+        if previous is not None:
+            code = previous(code, *args)
+        if OPENCL_DOT + "(" in code and OPENCL_DOT_PRELUDE not in code:
+            code = OPENCL_DOT_PRELUDE + code
+        return code
+
+    return postproc
 
 
-def _use_dp4a(sch: s_tir.Schedule, target: Target) -> bool:
-    """Fixed rows with int8 activations on CUDA, K a multiple of 4: MACs become ``__dp4a``."""
+def _install_opencl_prelude() -> None:
+    """Chain onto TVM's ``tvm_callback_opencl_postproc`` (keeping any hook already there);
+    done on import, so every OpenCL build in the process, tuning workers included, gets it."""
+    previous = tvm.get_global_func("tvm_callback_opencl_postproc", allow_missing=True)
+    tvm.register_global_func("tvm_callback_opencl_postproc", _opencl_postproc(previous), override=True)
+
+
+_install_opencl_prelude()
+
+
+def _dot4_intrin(sch: s_tir.Schedule, target: Target) -> Optional[str]:
+    """The four-product intrinsic for fixed rows with int8 activations and K a multiple of 4:
+    ``__dp4a`` on CUDA, :data:`OPENCL_DOT` on OpenCL; None elsewhere (and for uint8
+    activations, which these signed x signed built-ins do not take)."""
+    kind = target.kind.name
     func = sch.mod["main"]
-    if target.kind.name != "cuda" or func.attrs is None or str(func.attrs.get("rmsmp.kind", "")) != "fixed":
-        return False
+    if kind not in ("cuda", "opencl") or func.attrs is None or str(func.attrs.get("rmsmp.kind", "")) != "fixed":
+        return None
     x, w = func.params[0], func.params[1]
-    return str(x.dtype) == "int8" and str(w.dtype) == "int8" and int(x.shape[-1]) % 4 == 0
+    if not (str(x.dtype) == "int8" and str(w.dtype) == "int8" and int(x.shape[-1]) % 4 == 0):
+        return None
+    if kind not in _DOT_INTRINS:
+        _DOT_INTRINS[kind] = _register_dot4(f"rmsmp_dot4_{kind}", "__dp4a" if kind == "cuda" else OPENCL_DOT)
+    return _DOT_INTRINS[kind]
 
 
 class LaunchLimitError(ValueError):
@@ -146,16 +189,16 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     m, n, *reduction = sch.get_loops(acc)
     k = sch.fuse(*reduction) if len(reduction) > 1 else reduction[0]  # packed rows: (byte, nibble)
-    dp4a = _use_dp4a(sch, target)
+    dot4 = _dot4_intrin(sch, target)
     k4 = None
-    if dp4a:
+    if dot4:
         k, k4 = sch.split(k, [None, 4])
     tm_cap = 4
     tn_cap = max(1, min(64, max_threads // tm_cap))
     bm, tmi, tm = _tile(sch, m, tm_cap, tunable)
     bn, tni, tn = _tile(sch, n, tn_cap, tunable)
-    ko, ki, _ = _tile(sch, k, 4 if dp4a else 16, tunable)
-    sch.reorder(bm, bn, tmi, tni, ko, ki, *([k4] if dp4a else []))
+    ko, ki, _ = _tile(sch, k, 4 if dot4 else 16, tunable)
+    sch.reorder(bm, bn, tmi, tni, ko, ki, *([k4] if dot4 else []))
     sch.bind(sch.fuse(bm, bn), "blockIdx.x")
     sch.bind(tmi, "threadIdx.y")
     sch.bind(tni, "threadIdx.x")
@@ -166,8 +209,8 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     sch.reverse_compute_at(out, tni)
     sch.set_scope(acc, 0, "local")
     sch.decompose_reduction(acc, ko)
-    if dp4a:
-        sch.tensorize(sch.get_loops(acc)[-1], _dp4a_intrin())
+    if dot4:
+        sch.tensorize(sch.get_loops(acc)[-1], dot4)
 
 
 def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:

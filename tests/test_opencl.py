@@ -179,3 +179,57 @@ def test_cuda_fixed_rows_with_int8_activations_use_dp4a():
     func, target = _scheduled("dense", "sp2_4", (5, 64), "int8", (24, 64), target=cuda)
     src = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0].inspect_source()
     assert "__dp4a(" not in src.split('extern "C" __global__')[-1]  # SP2 rows stay shift-add
+
+
+def _dot_source(func, target):
+    return tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0].inspect_source()
+
+
+def test_opencl_fixed_rows_with_int8_activations_use_the_dot_product_helper():
+    """Four int8 products per call of rmsmp_dot_acc, whose prelude picks arm_dot_acc (Mali
+    G76+), the Khronos dot_acc_sat, or plain multiply-adds where the device is compiled."""
+    from schedules.gpu import OPENCL_DOT_PRELUDE
+
+    func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64))
+    src = _dot_source(func, target)
+    assert "rmsmp_dot_acc(vload4(" in src and src.count(OPENCL_DOT_PRELUDE) == 1
+    assert "arm_dot_acc(a, b, c)" in src and "dot_acc_sat(a, b, c)" in src
+    for scheme, act in (("fixed_8", "uint8"), ("sp2_4", "int8")):  # unsigned x signed; SP2 shift-add
+        func, target = _scheduled("dense", scheme, (5, 64), act, (24, 64))
+        assert "rmsmp_dot_acc" not in _dot_source(func, target)
+
+
+@needs_pocl
+@pytest.mark.parametrize("builtin", ["plain", "arm", "khr"])
+def test_dot_product_kernel_is_integer_exact_on_pocl_with_each_prelude_branch(builtin):
+    """PoCL has neither extension: the plain branch runs as built; the Arm and Khronos
+    branches run with the extension's macro defined and the built-in emulated in OpenCL C
+    (its documented semantics), so every branch compiles and gives the numpy result."""
+    import pyopencl as cl
+
+    from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (5, 64)).astype(np.int8)
+    w_int = rng.integers(-127, 128, (24, 64)).astype(np.int8)
+    bias = rng.integers(-1000, 1000, 24).astype(np.int32)
+    scale = rng.uniform(0.5, 2, 24).astype(np.float32)
+    func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64))
+    kernel = OpenCLPrimFunc(func, target)
+    if builtin != "plain":
+        ctx, _, _ = opencl_context()
+        name, macro = {"arm": ("arm_dot_acc", "cl_arm_integer_dot_product_accumulate_int8"),
+                       "khr": ("dot_acc_sat", "__opencl_c_integer_dot_product_input_4x8bit")}[builtin]
+        # Clang's OpenCL headers declare the built-in (overloadable), so the definition must be too
+        emulated = (f"__attribute__((overloadable)) int {name}(char4 a, char4 b, int c) "
+                    "{ return c + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }\n")
+        kernel.program = cl.Program(ctx, emulated + kernel.source).build(options=["-D", macro])
+    ctx, queue, _ = opencl_context()
+    mf = cl.mem_flags
+    bufs = [cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a) for a in (x, w_int, bias, scale)]
+    out = np.zeros((5, 24), np.float32)
+    out_buf = cl.Buffer(ctx, mf.READ_WRITE, out.nbytes)
+    kernel.enqueue(queue, bufs + [out_buf])
+    cl.enqueue_copy(queue, out, out_buf)
+    queue.finish()
+    np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
