@@ -31,13 +31,15 @@ from tvm_rmsmp.schemes import get_scheme
 from tvm_rmsmp.targets import resolve_target
 
 CONV = {"strides": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
-# (name, op, x shape (padded for conv), w shape)
+# (name, op, x shape (padded for conv), w shape, activation dtype)
 SHAPES = [
-    ("fmnist conv2 (32->39 rows, 14x14)", "conv2d", (1, 32, 16, 16), (39, 32, 3, 3)),
-    ("fmnist conv3 (64->39 rows, 7x7)", "conv2d", (1, 64, 9, 9), (39, 64, 3, 3)),
-    ("fmnist fc1 (3136->77 rows), batch 1", "dense", (1, 3136), (77, 3136)),
-    ("dense 768->384 rows, batch 1", "dense", (1, 768), (384, 768)),
-    ("dense 768->384 rows, batch 16", "dense", (16, 768), (384, 768)),
+    ("fmnist conv2 (32->39 rows, 14x14)", "conv2d", (1, 32, 16, 16), (39, 32, 3, 3), "uint8"),
+    ("fmnist conv3 (64->39 rows, 7x7)", "conv2d", (1, 64, 9, 9), (39, 64, 3, 3), "uint8"),
+    ("fmnist fc1 (3136->77 rows), batch 1", "dense", (1, 3136), (77, 3136), "uint8"),
+    ("dense 768->384 rows, batch 1", "dense", (1, 768), (384, 768), "uint8"),
+    ("dense 768->384 rows, batch 16", "dense", (16, 768), (384, 768), "uint8"),
+    # signed activations (transformers): fixed rows go through rmsmp_dot_acc (plain branch on PoCL)
+    ("dense 768->384 rows, batch 16, int8 act.", "dense", (16, 768), (384, 768), "int8"),
 ]
 
 
@@ -80,11 +82,11 @@ def main(argv=None) -> int:
     rows = []
     print(f"device: {device.name} ({device.platform.name}); target mali; {args.repeat} launches, medians")
     print(f"{'kernel':40s}{'scheme':>9s}{'tvm-rmsmp':>12s}{'dlight':>12s}{'speed-up':>10s}")
-    for name, op, xs, ws in SHAPES:
+    for name, op, xs, ws, act in SHAPES:
         for scheme in ("sp2_4", "fixed_8"):
-            x = rng.integers(0, 256, xs).astype(np.uint8)
+            x = (rng.integers(0, 256, xs) if act == "uint8" else rng.integers(-128, 128, xs)).astype(act)
             w = rng.choice(get_scheme(scheme).levels, ws).astype(np.int8)
-            func = row_group_func(op, "bench", scheme, xs, "uint8", ws, CONV if op == "conv2d" else None)
+            func = row_group_func(op, "bench", scheme, xs, act, ws, CONV if op == "conv2d" else None)
             mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             ours = schedules.apply_rules(mod, target)["main"]
             with target:

@@ -186,16 +186,17 @@ def _dot_source(func, target):
 
 
 def test_opencl_fixed_rows_with_int8_activations_use_the_dot_product_helper():
-    """Four int8 products per call of rmsmp_dot_acc, whose prelude picks arm_dot_acc (Mali
-    G76+), the Khronos dot_acc_sat, or plain multiply-adds where the device is compiled."""
+    """On a target declaring an int8 dot product ("mali-dot"): four int8 products per call of
+    rmsmp_dot_acc, whose prelude picks arm_dot_acc (Mali G76+), the Khronos dot_acc_sat, or
+    plain multiply-adds where the device compiles the kernel. Plain "mali": plain MACs."""
     from schedules.gpu import OPENCL_DOT_PRELUDE
 
-    func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64))
+    func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64), target="mali-dot")
     src = _dot_source(func, target)
     assert "rmsmp_dot_acc(vload4(" in src and src.count(OPENCL_DOT_PRELUDE) == 1
     assert "arm_dot_acc(a, b, c)" in src and "dot_acc_sat(a, b, c)" in src
-    for scheme, act in (("fixed_8", "uint8"), ("sp2_4", "int8")):  # unsigned x signed; SP2 shift-add
-        func, target = _scheduled("dense", scheme, (5, 64), act, (24, 64))
+    for scheme, act, tgt in (("fixed_8", "uint8", "mali-dot"), ("sp2_4", "int8", "mali-dot"), ("fixed_8", "int8", "mali")):
+        func, target = _scheduled("dense", scheme, (5, 64), act, (24, 64), target=tgt)
         assert "rmsmp_dot_acc" not in _dot_source(func, target)
 
 
@@ -214,8 +215,9 @@ def test_dot_product_kernel_is_integer_exact_on_pocl_with_each_prelude_branch(bu
     w_int = rng.integers(-127, 128, (24, 64)).astype(np.int8)
     bias = rng.integers(-1000, 1000, 24).astype(np.int32)
     scale = rng.uniform(0.5, 2, 24).astype(np.float32)
-    func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64))
+    func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64), target="mali-dot")
     kernel = OpenCLPrimFunc(func, target)
+    assert "rmsmp_dot_acc(" in kernel.source
     if builtin != "plain":
         ctx, _, _ = opencl_context()
         name, macro = {"arm": ("arm_dot_acc", "cl_arm_integer_dot_product_accumulate_int8"),
@@ -233,3 +235,15 @@ def test_dot_product_kernel_is_integer_exact_on_pocl_with_each_prelude_branch(bu
     cl.enqueue_copy(queue, out, out_buf)
     queue.finish()
     np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
+
+
+@needs_pocl
+def test_transformer_style_model_on_mali_dot_equals_torch():
+    """Signed activations between dense layers: the fixed rows go through rmsmp_dot_acc."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 32)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(ratio={"sp2_4": 0.5, "fixed_8": 0.5}), [torch.randn(8, 64) for _ in range(2)])
+    x = torch.randn(4, 64)
+    exe = rmsmp.compile(q, (x,), target="mali-dot")
+    assert any("rmsmp_dot_acc(" in f.source for f in exe.graph.funcs.values())
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())

@@ -2,7 +2,9 @@
 
 1. quantize the built-in Fashion-MNIST CNN with RMSMP;
 2. compile it for ``target="mali"``: row-group kernels with the GPU schedules, the rest with
-   TVM's dlight GPU rules;
+   TVM's dlight GPU rules (``target="mali-dot"`` for a Mali G76 or later: fixed rows that
+   meet int8 activations use its ``arm_dot_acc``; this CNN's activations are unsigned, so
+   the two builds are the same here);
 3. run the OpenCL kernels here, on PoCL (a real OpenCL implementation on the CPU), and check
    them against the torch reference and the CPU build, bit for bit;
 4. export the library for the device. For an AArch64 Linux board with a Mali GPU, give

@@ -31,13 +31,16 @@ def _aarch64() -> Dict[str, object]:
     }
 
 
-def _opencl(device: str) -> Callable[[], Dict[str, object]]:
-    """Mobile GPU through OpenCL; the host part is this machine (for PoCL runs and RPC)."""
-    return lambda: {"kind": "opencl", "device": device, "host": host_cpu_target()}
+def _opencl(device: str, int8_dot: bool = False) -> Callable[[], Dict[str, object]]:
+    """Mobile GPU through OpenCL; the host part is this machine (for PoCL runs and RPC).
+    ``int8_dot``: the device has an int8 dot-product built-in (key ``int8_dot``)."""
+    extra = {"keys": [device, "opencl", "gpu", "int8_dot"]} if int8_dot else {}
+    return lambda: {"kind": "opencl", "device": device, **extra, "host": host_cpu_target()}
 
 
 TARGET_NAMES: Dict[str, Callable[[], Dict[str, object]]] = {
     "mali": _opencl("mali"),
+    "mali-dot": _opencl("mali", int8_dot=True),  # Mali G76 and later: arm_dot_acc
     "adreno": _opencl("adreno"),
     "opencl": _opencl("mali"),
     "cuda": lambda: {"kind": "cuda", "host": host_cpu_target()},
