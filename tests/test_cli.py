@@ -13,12 +13,13 @@ def test_schemes(capsys):
     assert "sp2_4" in out and "[-8, -6, -5, -4, -2, -1, 0, 1, 2, 4, 5, 6, 8]" in out
 
 
-def test_compile_writes_a_loadable_library(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--no-fast-math"]])
+def test_compile_writes_a_loadable_library(tmp_path, capsys, flags):
     calib = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "calib.npy", calib)
     out = tmp_path / "m.so"
     assert main(["compile", "--model", "tvm_rmsmp.models.fmnist_cnn:load_pretrained", "--input-shape", "2,1,28,28",
-                 "--calib", str(tmp_path / "calib.npy"), "--out", str(out)]) == 0
+                 "--calib", str(tmp_path / "calib.npy"), "--out", str(out)] + flags) == 0
     assert "features.4" in capsys.readouterr().out
     exe = rmsmp.load(str(out))
     assert exe(calib[:2]).shape == (2, 10)

@@ -63,7 +63,7 @@ def _cmd_compile(args) -> int:
     q = quantize(model, cfg, batches)
     for name, plan in row_plans(q).items():
         print(f"{name:30s} {plan.num_rows:6d} rows {plan.counts()}")
-    exe = rmsmp_compile(q, (torch.zeros(shape),), target=args.target)
+    exe = rmsmp_compile(q, (torch.zeros(shape),), target=args.target, fast_math=not args.no_fast_math)
     path = exe.export_library(args.out)
     print(f"wrote {path} and {path}.json (target {exe.target.kind.name})")
     return 0
@@ -82,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--ratio", default=None, help='JSON, e.g. \'{"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}\'')
     c.add_argument("--act-bits", type=int, default=8)
     c.add_argument("--target", default="llvm")
+    c.add_argument("--no-fast-math", action="store_true",
+                   help="CPU: libm's erf/exp/tanh between the layers instead of TVM's vectorizable approximations")
     c.add_argument("--out", required=True, help="output library path (.so)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
