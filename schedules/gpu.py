@@ -5,7 +5,8 @@ weights (and for dense the activations) through work-group local memory one redu
 at a time, fetched cooperatively by all threads of the work-group:
 
 * dense ``[M, K] x [N, K]``: a work-group is a ``TM x TN`` tile of outputs; ``x[tile, k-chunk]``
-  and ``w[tile, k-chunk]`` go through local memory;
+  and ``w[tile, k-chunk]`` go through local memory, copied 4 bytes per load (2 for packed
+  weights) when K is a multiple of 4;
 * conv2d NCHW: a work-group is ``TF`` output channels x ``TX`` pixels of one output row; the
   ``TF x CK x kh x kw`` weight chunk goes through local memory, the zero padding is inlined as
   a select.
@@ -153,18 +154,23 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _cooperative_fetch(sch: s_tir.Schedule, block, threads: List[tuple]):
-    """Spread a cache-read block's copy loops over the work-group's threads.
+def _cooperative_fetch(sch: s_tir.Schedule, block, threads: List[tuple], vector: int = 1):
+    """Spread a cache-read block's copy loops over the work-group's threads, ``vector``
+    contiguous elements per copy (one ``char4`` / ``uchar2`` load and store in OpenCL C).
 
     The block was placed with ``preserve_unit_loops``, so its innermost loops are exactly its
     iteration axes whatever the tile sizes: the schedule's trace replays for any sample.
+    ``vector`` must divide the innermost axis for every sample (the callers make the
+    reduction chunk a multiple of it).
     """
     n_axes = len(sch.get(block).iter_vars)
     loops = sch.get_loops(block)[-n_axes:]
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    parts = sch.split(fused, [None] + [factor for _, factor in threads])
+    parts = sch.split(fused, [None] + [factor for _, factor in threads] + ([vector] if vector > 1 else []))
     for (tag, _), loop in zip(threads, parts[1:]):
         sch.bind(loop, tag)
+    if vector > 1:
+        sch.vectorize(parts[-1])
 
 
 def _divisor(n: int, cap: int) -> int:
@@ -198,27 +204,35 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     m, n, *reduction = sch.get_loops(acc)
     k = sch.fuse(*reduction) if len(reduction) > 1 else reduction[0]  # packed rows: (byte, nibble)
     dot4 = _dot4_intrin(sch, target)
+    packed = len(reduction) > 1
+    # K a multiple of 4 (a static fact, so every tuning sample takes the same path): the
+    # reduction chunk is a multiple of 4, and tiles are copied to local memory 4 activations
+    # (2 packed weight bytes) per load
+    quad = dot4 is not None or _extent(sch, k) % 4 == 0
     k4 = None
-    if dot4:
+    if quad:
         k, k4 = sch.split(k, [None, 4])
     tm_cap = 4
     tn_cap = max(1, min(64, max_threads // tm_cap))
     bm, tmi, tm = _tile(sch, m, tm_cap, tunable)
     bn, tni, tn = _tile(sch, n, tn_cap, tunable)
-    ko, ki, _ = _tile(sch, k, 4 if dot4 else 16, tunable)
-    sch.reorder(bm, bn, tmi, tni, ko, ki, *([k4] if dot4 else []))
+    ko, ki, _ = _tile(sch, k, 4 if quad else 16, tunable)
+    sch.reorder(bm, bn, tmi, tni, ko, ki, *([k4] if quad else []))
     sch.bind(sch.fuse(bm, bn), "blockIdx.x")
     sch.bind(tmi, "threadIdx.y")
     sch.bind(tni, "threadIdx.x")
     for index in (0, 1):  # x tile and w tile through local memory
         cached = sch.cache_read(acc, index, "shared")
         sch.compute_at(cached, ko, preserve_unit_loops=True)
-        _cooperative_fetch(sch, cached, [("threadIdx.y", tm), ("threadIdx.x", tn)])
+        vector = (2 if packed and index == 1 else 4) if quad else 1
+        _cooperative_fetch(sch, cached, [("threadIdx.y", tm), ("threadIdx.x", tn)], vector)
     sch.reverse_compute_at(out, tni)
     sch.set_scope(acc, 0, "local")
     sch.decompose_reduction(acc, ko)
     if dot4:
         sch.tensorize(sch.get_loops(acc)[-1], dot4)
+    elif quad:
+        sch.unroll(sch.get_loops(acc)[-1])
 
 
 def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:
