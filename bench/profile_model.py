@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch must be at least 1, got {args.batch}")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import torch
 

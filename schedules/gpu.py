@@ -25,6 +25,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from tvm_rmsmp.targets import INT8_DOT_KEY
+
 from .registry import OpScheduleRule, register_target
 
 __all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "schedule_dense", "schedule_conv2d", "check_launch_limits", "LaunchLimitError"]
@@ -107,11 +109,6 @@ def _install_opencl_prelude() -> None:
 
 
 _install_opencl_prelude()
-
-
-#: Target key that declares an OpenCL device with an int8 dot-product built-in (target name
-#: ``"mali-dot"``: Mali G76 and later). Without it, OpenCL kernels keep plain MACs.
-INT8_DOT_KEY = "int8_dot"
 
 
 def _dot4_intrin(sch: s_tir.Schedule, target: Target) -> Optional[str]:
@@ -208,7 +205,7 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     # K a multiple of 4 (a static fact, so every tuning sample takes the same path): the
     # reduction chunk is a multiple of 4, and tiles are copied to local memory 4 activations
     # (2 packed weight bytes) per load
-    quad = dot4 is not None or _extent(sch, k) % 4 == 0
+    quad = _extent(sch, k) % 4 == 0  # always so where dot4 applies
     k4 = None
     if quad:
         k, k4 = sch.split(k, [None, 4])

@@ -28,13 +28,16 @@ def _scheduled(op, scheme, xs, act, ws, conv=None, target=MALI, packed=False):
     return schedules.apply_rules(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)["main"], target
 
 
-def _run_kernel(func, target, arrays, out_shape):
+def _run_kernel(func, target, arrays, out_shape, prepare=None):
+    """Build ``func`` for ``target`` and run it on PoCL; ``prepare(kernel)`` may swap its program."""
     import pyopencl as cl
 
     from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
 
     ctx, queue, _ = opencl_context()
     kernel = OpenCLPrimFunc(func, target)
+    if prepare is not None:
+        prepare(kernel)
     mf = cl.mem_flags
     bufs = [cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a)) for a in arrays]
     out = np.zeros(out_shape, np.float32)
@@ -208,7 +211,7 @@ def test_dot_product_kernel_is_integer_exact_on_pocl_with_each_prelude_branch(bu
     (its documented semantics), so every branch compiles and gives the numpy result."""
     import pyopencl as cl
 
-    from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
+    from tvm_rmsmp.opencl_runtime import opencl_context
 
     rng = np.random.default_rng(5)
     x = rng.integers(-128, 128, (5, 64)).astype(np.int8)
@@ -216,24 +219,19 @@ def test_dot_product_kernel_is_integer_exact_on_pocl_with_each_prelude_branch(bu
     bias = rng.integers(-1000, 1000, 24).astype(np.int32)
     scale = rng.uniform(0.5, 2, 24).astype(np.float32)
     func, target = _scheduled("dense", "fixed_8", (5, 64), "int8", (24, 64), target="mali-dot")
-    kernel = OpenCLPrimFunc(func, target)
-    assert "rmsmp_dot_acc(" in kernel.source
-    if builtin != "plain":
-        ctx, _, _ = opencl_context()
+
+    def with_builtin(kernel):
+        assert "rmsmp_dot_acc(" in kernel.source
+        if builtin == "plain":
+            return
         name, macro = {"arm": ("arm_dot_acc", "cl_arm_integer_dot_product_accumulate_int8"),
                        "khr": ("dot_acc_sat", "__opencl_c_integer_dot_product_input_4x8bit")}[builtin]
         # Clang's OpenCL headers declare the built-in (overloadable), so the definition must be too
         emulated = (f"__attribute__((overloadable)) int {name}(char4 a, char4 b, int c) "
                     "{ return c + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }\n")
-        kernel.program = cl.Program(ctx, emulated + kernel.source).build(options=["-D", macro])
-    ctx, queue, _ = opencl_context()
-    mf = cl.mem_flags
-    bufs = [cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a) for a in (x, w_int, bias, scale)]
-    out = np.zeros((5, 24), np.float32)
-    out_buf = cl.Buffer(ctx, mf.READ_WRITE, out.nbytes)
-    kernel.enqueue(queue, bufs + [out_buf])
-    cl.enqueue_copy(queue, out, out_buf)
-    queue.finish()
+        kernel.program = cl.Program(opencl_context()[0], emulated + kernel.source).build(options=["-D", macro])
+
+    out, _ = _run_kernel(func, target, [x, w_int, bias, scale], (5, 24), prepare=with_builtin)
     np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
 
 

@@ -11,7 +11,11 @@ from typing import Callable, Dict, Union
 
 import tvm
 
-__all__ = ["resolve_target", "TARGET_NAMES", "TARGET_PREFIXES", "host_cpu_target"]
+__all__ = ["resolve_target", "TARGET_NAMES", "TARGET_PREFIXES", "host_cpu_target", "INT8_DOT_KEY"]
+
+#: Target key that declares an OpenCL device with an int8 dot-product built-in (target name
+#: ``"mali-dot"``: Mali G76 and later); the GPU schedules read it.
+INT8_DOT_KEY = "int8_dot"
 
 
 def host_cpu_target() -> Dict[str, object]:
@@ -33,8 +37,8 @@ def _aarch64() -> Dict[str, object]:
 
 def _opencl(device: str, int8_dot: bool = False) -> Callable[[], Dict[str, object]]:
     """Mobile GPU through OpenCL; the host part is this machine (for PoCL runs and RPC).
-    ``int8_dot``: the device has an int8 dot-product built-in (key ``int8_dot``)."""
-    extra = {"keys": [device, "opencl", "gpu", "int8_dot"]} if int8_dot else {}
+    ``int8_dot``: the device has an int8 dot-product built-in (key :data:`INT8_DOT_KEY`)."""
+    extra = {"keys": [device, "opencl", "gpu", INT8_DOT_KEY]} if int8_dot else {}
     return lambda: {"kind": "opencl", "device": device, **extra, "host": host_cpu_target()}
 
 
