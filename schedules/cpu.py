@@ -30,8 +30,8 @@ from tvm_rmsmp.schemes import get_scheme, nibble_decode
 from .registry import OpScheduleRule, register_target
 from .x86_intrin import ConvGeometry, gemm_kernel, supports_packed_dense, warn_fallback, x86_isa
 
-__all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FAST_MATH", "schedule_dense",
-           "schedule_conv2d"]
+__all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
+           "schedule_dense", "schedule_conv2d"]
 
 
 def _largest_divisor(n: int, candidates) -> int:
@@ -253,6 +253,79 @@ class FloatElementwise(dl.ScheduleRule):
         return sch
 
 
+class FloatRowReduction(dl.ScheduleRule):
+    """Reductions along the innermost axis with their element-wise neighbours (LayerNorm,
+    softmax): one parallel loop over the rows, each row's blocks computed under it (its
+    intermediates stay in L1), single-use element-wise blocks inlined, the others vectorized.
+
+    A reduction is one chain of dependent scalar adds per row; ``reassociate`` splits it into
+    ``lanes`` vectorized partial sums added at the end (``rfactor``), which changes the float
+    rounding, so it is a fast-math rule. Max / min reductions are split either way (exact in
+    any order). LayerNorm over 128 x 768: 185 -> 22 us; softmax over 12 x 128 x 128: 230 ->
+    86 us (one thread, ``rfactor``); without it the chains bound both (195 and 208 us)."""
+
+    def __init__(self, reassociate: bool, lanes: int = 16):
+        super().__init__()
+        self.reassociate, self.lanes = reassociate, lanes
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not _glue_func(func, target, float_only=True):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks, kinds = _blocks_and_kinds(sch)
+        if len(blocks) < 2 or not any("R" in k for k in kinds) or "R" in kinds[-1]:
+            return None
+        n_rows = len(kinds[-1]) - 1  # the output's axes but the innermost index the rows
+        if n_rows < 1 or any(not re.fullmatch("S{%d}[RS]?" % n_rows, k) for k in kinds):
+            return None
+        rows = [_extent(sch, lp) for lp in sch.get_loops(blocks[-1])[:n_rows]]
+        if any([_extent(sch, lp) for lp in sch.get_loops(b)[:n_rows]] != rows for b in blocks[:-1]):
+            return None
+        try:
+            partial = {}  # name of a partial-sum block -> its lanes
+            for block, kind in zip(blocks[:-1], kinds[:-1]):
+                if kind.endswith("R"):
+                    self._split_reduction(sch, block, partial)
+                elif len(kind) > n_rows and len(sch.get_consumers(block)) == 1:
+                    sch.compute_inline(block)  # e.g. softmax's x - max, read once by its exp
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            loops = sch.get_loops(blocks[-1])
+            row = sch.fuse(*loops[:n_rows]) if n_rows > 1 else loops[0]
+            sch.parallel(row)
+            for block in reversed(blocks[:-1]):
+                sch.compute_at(block, row, preserve_unit_loops=False)
+            for block in blocks:
+                name, iters = sch.get(block).name_hint, sch.get(block).iter_vars
+                if name in partial:
+                    inner = [lp for lp in sch.get_loops(block)[1:] if _extent(sch, lp) > 1]
+                    (ki,) = [lp for lp in inner if _extent(sch, lp) == partial[name]][-1:]
+                    (ko,) = [lp for lp in inner if not sch.get(lp).same_as(sch.get(ki))]
+                    sch.reorder(ko, ki)
+                    sch.vectorize(ki)
+                    sch.decompose_reduction(block, ko)
+                elif len(iters) == n_rows + 1 and all(int(iv.iter_type) == 0 for iv in iters):
+                    inner = sch.get_loops(block)[-1]
+                    lanes = _largest_divisor(_extent(sch, inner), (self.lanes, 8, 4))
+                    if lanes > 1:
+                        sch.vectorize(sch.split(inner, [None, lanes])[1])
+        except (s_tir.ScheduleError, ValueError):  # ValueError: a loop not found as expected
+            return None
+        return sch
+
+    def _split_reduction(self, sch: s_tir.Schedule, block, partial) -> None:
+        """``lanes`` partial results of ``block`` (a new block before it), when allowed."""
+        value = getattr(sch.get(block).body, "value", None)
+        exact = isinstance(value, (tirx.Max, tirx.Min))
+        k = sch.get_loops(block)[-1]
+        lanes = _largest_divisor(_extent(sch, k), (self.lanes, 8, 4))
+        if lanes == 1 or not (exact or self.reassociate):
+            return
+        _, ki = sch.split(k, [None, lanes])
+        # the lanes as the partial buffer's innermost axis: contiguous vector stores
+        rf = sch.rfactor(ki, factor_axis=len(sch.get(block).iter_vars) - 1)
+        partial[sch.get(rf).name_hint] = lanes
+
+
 def _input_starts(sch: s_tir.Schedule, block, loop):
     """Where inputs read at a constant shift along ``loop`` start (``x[..., i - 1843]``: a
     concatenation's later inputs), sorted, inside the loop's extent."""
@@ -312,4 +385,5 @@ RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 register_target("llvm", [RowGroupDense, RowGroupConv2d],
                 spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
-                fixed=x86_replacement, float_rules=[FloatMatmul(), FloatElementwise()], fast_math=FAST_MATH)
+                fixed=x86_replacement, float_rules=[FloatMatmul(), FloatElementwise(), FloatRowReduction(reassociate=False)],
+                fast_math=FAST_MATH, fast_math_rules=[FloatRowReduction(reassociate=True)])

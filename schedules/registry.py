@@ -46,6 +46,8 @@ _FIXED: Dict[str, Callable] = {}
 _FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 # Relax op name -> legalization (bb, call) -> Expr: the target's fast-math float operators
 _FAST_MATH: Dict[str, Dict[str, Callable]] = {}
+# float rules used only by fast-math builds (they may reassociate float sums)
+_FAST_FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 
 
 def register_target(
@@ -56,6 +58,7 @@ def register_target(
     fixed: Optional[Callable] = None,
     float_rules: Sequence[dl.ScheduleRule] = (),
     fast_math: Optional[Dict[str, Callable]] = None,
+    fast_math_rules: Sequence[dl.ScheduleRule] = (),
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
     raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
@@ -65,7 +68,9 @@ def register_target(
     the float operators between RMSMP layers after the build legalizes them (see
     :func:`build_pipeline`); they must leave every result unchanged. ``fast_math`` maps Relax
     float operators (``relax.nn.gelu``, ...) to vectorizable legalizations, used unless a
-    build asks for ``fast_math=False``; they may round differently from libm."""
+    build asks for ``fast_math=False``; they may round differently from libm.
+    ``fast_math_rules`` go before ``float_rules`` in such builds and may reassociate float
+    sums (vectorized reductions)."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
@@ -76,6 +81,7 @@ def register_target(
         _FIXED[kind] = fixed
     _FLOAT[kind] = list(float_rules)
     _FAST_MATH[kind] = dict(fast_math or {})
+    _FAST_FLOAT[kind] = list(fast_math_rules)
 
 
 def fixed_kernel(func, target: tvm.target.Target):
@@ -124,6 +130,8 @@ def build_pipeline(target: tvm.target.Target, fast_math: bool = True):
     if not rules or target.kind.name != "llvm":
         return None
     fast = _FAST_MATH.get(target.kind.name) if fast_math else None
+    if fast_math:
+        rules = _FAST_FLOAT.get(target.kind.name, []) + rules
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="RMSMPBuildPipeline")

@@ -373,17 +373,79 @@ def test_float_matmul_rule_is_parallel_vectorized_and_bit_identical(host_target)
 
 
 def test_float_rules_leave_softmax_and_row_groups_alone(host_target):
-    """Reductions other than matmul (their order would change the float result) and the
-    row-group ops are not the float rules' business."""
+    """Softmax is not the matmul or element-wise rules' business, matmul not the row
+    reduction's, and the row-group ops none of theirs."""
     from tvm import relax
-    from schedules.cpu import FloatElementwise, FloatMatmul
+    from schedules.cpu import FloatElementwise, FloatMatmul, FloatRowReduction
 
     (softmax,) = _legalized(lambda a, b: relax.op.nn.softmax(a)).values()
     assert FloatMatmul().apply(softmax, host_target, False) is None
     assert FloatElementwise().apply(softmax, host_target, False) is None
+    (matmul,) = _legalized(lambda a, b: relax.op.matmul(a, b)).values()
     group = row_group_func("dense", "t", "fixed_8", (4, 256), "uint8", (16, 256))
-    assert FloatMatmul().apply(group, host_target, False) is None
-    assert FloatElementwise().apply(group, host_target, False) is None
+    for rule in (FloatMatmul(), FloatElementwise(), FloatRowReduction(True), FloatRowReduction(False)):
+        assert rule.apply(group, host_target, False) is None
+    assert FloatRowReduction(True).apply(matmul, host_target, False) is None
+
+
+def _legalized_op(build, shapes):
+    """{name: PrimFunc} of ``build(*vars)`` over float32 inputs of ``shapes``, legalized."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"a{i}", relax.TensorType(list(s), "float32")) for i, s in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(*params))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def _np_layer_norm(x, g, b):
+    x = x.astype(np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + b
+
+
+def _np_softmax(x):
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("case", ["layer_norm", "softmax"])
+def test_float_row_reduction_rule(case, host_target):
+    """LayerNorm / softmax: rows in parallel, blocks per row. Without ``reassociate`` the same
+    bits as the unscheduled function; with it (fast-math builds) each sum is split into
+    vectorized partial sums (rfactor) and the result stays within float rounding."""
+    from tvm import relax
+    from schedules.cpu import FloatElementwise, FloatMatmul, FloatRowReduction
+
+    rng = np.random.default_rng(5)
+    if case == "layer_norm":
+        shapes = [(96, 200), (200,), (200,)]
+        (func,) = _legalized_op(lambda x, g, b: relax.op.nn.layer_norm(x, g, b, axes=[-1]), shapes)
+        reference = _np_layer_norm
+    else:
+        shapes = [(3, 40, 96)]
+        (func,) = _legalized_op(lambda x: relax.op.nn.softmax(x, axis=-1), shapes)
+        reference = _np_softmax
+    inputs = [(rng.standard_normal(s) * 3 + 1).astype(np.float32) for s in shapes]
+    out = np.zeros(shapes[0], np.float32)
+    assert FloatMatmul().apply(func, host_target, False) is None
+    assert FloatElementwise().apply(func, host_target, False) is None
+    plain = _run_prim(func, host_target, *inputs, out.copy())
+    exact = FloatRowReduction(reassociate=False).apply(func, host_target, False)
+    fast = FloatRowReduction(reassociate=True).apply(func, host_target, False)
+    assert exact is not None and fast is not None
+    exact_text, fast_text = exact.mod["main"].script(), fast.mod["main"].script()
+    assert "T.parallel" in exact_text and "T.vectorized" in fast_text
+    # sums split into partial sums only with reassociate; max (softmax) either way: exact
+    assert fast_text.count("_rf_update") == 2
+    assert exact_text.count("_rf_update") == (1 if case == "softmax" else 0)
+    np.testing.assert_array_equal(_run_prim(exact.mod["main"], host_target, *inputs, out.copy()), plain)
+    result = _run_prim(fast.mod["main"], host_target, *inputs, out.copy())
+    np.testing.assert_allclose(result, plain, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(result, reference(*inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_float_elementwise_rule_runs_gelu_in_parallel(host_target):
@@ -454,3 +516,33 @@ def test_fast_math_gelu_is_vectorized_and_as_accurate_as_torch(fast_math, host_t
     y = vm["main"](tvm.runtime.tensor(x)).numpy()
     exact = x.astype(np.float64) * 0.5 * (1 + np.vectorize(math.erf)(x.astype(np.float64) / np.sqrt(2)))
     assert np.abs(y - exact).max() < 1.2e-6
+
+
+@pytest.mark.parametrize("fast_math", [True, False])
+def test_layer_norm_reassociated_only_in_fast_math_builds(fast_math, host_target):
+    """The build pipeline's row-reduction rule splits LayerNorm's sums (rfactor) only when
+    fast math is on; without it the result is bit-identical to TVM's own build."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([64, 768], "float32"))
+    g = relax.Var("g", relax.TensorType([768], "float32"))
+    b = relax.Var("b", relax.TensorType([768], "float32"))
+    with bb.function("main", [x, g, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.layer_norm(x, g, b, axes=[-1]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rng = np.random.default_rng(6)
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in ((64, 768), (768,), (768,))]
+
+    def run(exe):
+        return relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
+
+    ours = run(tvm.compile(mod, target=host_target, relax_pipeline=schedules.build_pipeline(host_target, fast_math)))
+    tvm_own = run(tvm.compile(mod, target=host_target))
+    if fast_math:
+        np.testing.assert_allclose(ours, tvm_own, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours, _np_layer_norm(*inputs), rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(ours, tvm_own)
