@@ -163,6 +163,34 @@ def bert_layer(hidden: int = 768, heads: int = 12, inter: int = 3072):
     return BertLayer()
 
 
+def minilm_l6():
+    """all-MiniLM-L6-v2 (real weights, :func:`tvm_rmsmp.models.minilm.load_minilm`) from token
+    ids to the normalized sentence embedding, every token attended (mask of ones)."""
+    torch = _torch()
+    from tvm_rmsmp.models.minilm import load_minilm
+
+    class MiniLMFromIds(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = load_minilm()
+            self.token_vocab = self.model.embeddings.word_embeddings.num_embeddings
+
+        def forward(self, ids):
+            return self.model(ids, torch.ones_like(ids))
+
+    return MiniLMFromIds()
+
+
+def example_input(model, shape, generator):
+    """Token ids for a model that reads them (``token_vocab``: the ids drawn from [1000, vocab),
+    past the special tokens), else a standard normal float tensor."""
+    torch = _torch()
+    vocab = getattr(model, "token_vocab", None)
+    if vocab is not None:
+        return torch.randint(1000, vocab, tuple(shape), generator=generator)
+    return torch.randn(shape, generator=generator)
+
+
 def workloads(quick: bool):
     """(name, group, model factory, input shape, batch-1 weight streaming case)."""
     out = []
@@ -177,6 +205,7 @@ def workloads(quick: bool):
                     lambda c_in=c_in, c_out=c_out, s=s: conv_model(c_in, c_out, s), (1, c_in, hw, hw), False))
     out.append(("ResNet-18 1x3x224x224", "model", resnet18, (1, 3, 224, 224), False))
     out.append(("BERT-base encoder layer, seq 128", "model", bert_layer, (1, 128, 768), False))
+    out.append(("MiniLM-L6 (all-MiniLM-L6-v2), seq 128", "model", minilm_l6, (1, 128), False))
     return out
 
 
@@ -333,7 +362,7 @@ def rmsmp_build(model, x, target):
     import tvm_rmsmp as rmsmp
 
     g = torch.Generator().manual_seed(1)
-    calib = [torch.randn(x.shape, generator=g) for _ in range(2)]
+    calib = [example_input(model, x.shape, g) for _ in range(2)]
     q = rmsmp_quantized(model, calib)
     exe = rmsmp.compile(q, (x,), target=target)
     args = exe._inputs((x,))
@@ -371,7 +400,7 @@ def build_contender(who: str, index: int, quick: bool, threads: int, isa: Option
     name, group, factory, shape, streaming = workloads(quick)[index]
     torch.manual_seed(0)
     model = factory().eval()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    x = example_input(model, shape, torch.Generator().manual_seed(2))
     info: Dict[str, object] = {"weights": float_weight_count(model)}
     if who == "torch fp32":
         return torch_fp32(model, x), info

@@ -546,3 +546,37 @@ def test_layer_norm_reassociated_only_in_fast_math_builds(fast_math, host_target
         np.testing.assert_allclose(ours, _np_layer_norm(*inputs), rtol=1e-4, atol=1e-5)
     else:
         np.testing.assert_array_equal(ours, tvm_own)
+
+
+@pytest.mark.parametrize("swap_last", [True, False])
+def test_float_elementwise_rule_tiles_transpositions(swap_last, host_target):
+    """Attention's head split (``[T, H*D] -> [H, T, D]``: rows of D copied whole) and K^T
+    (``-> [H, D, T]``: the two innermost axes swapped, 8 x 8 tiles): same values either way."""
+    from tvm import relax
+    from schedules.cpu import FloatElementwise
+
+    tokens, heads, dim = 64, 4, 32
+
+    def build(x):
+        y = relax.op.permute_dims(relax.op.reshape(x, [1, tokens, heads, dim]), [0, 2, 1, 3])
+        if swap_last:
+            return relax.op.reshape(relax.op.permute_dims(y, [0, 1, 3, 2]), [heads, dim, tokens])
+        return relax.op.reshape(y, [heads, tokens, dim])
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, tokens, heads * dim], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(build(x))
+        bb.emit_func_output(out)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(
+        relax.transform.LegalizeOps()(bb.get()))))
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = FloatElementwise().apply(func, host_target, False)
+    assert sch is not None
+    text = sch.mod["main"].script()
+    assert ("T.unroll(T.int64(8))" in text) == swap_last and "T.parallel" in text
+    xs = np.random.default_rng(7).standard_normal((1, tokens, heads * dim)).astype(np.float32)
+    expected = xs.reshape(tokens, heads, dim).transpose(1, 2, 0) if swap_last else xs.reshape(tokens, heads, dim).transpose(1, 0, 2)
+    result = _run_prim(sch.mod["main"], host_target, xs, np.zeros(expected.shape, np.float32))
+    np.testing.assert_array_equal(result, expected)
