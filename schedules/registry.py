@@ -46,6 +46,8 @@ _FIXED: Dict[str, Callable] = {}
 _FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 # Relax op name -> legalization (bb, call) -> Expr: the target's fast-math float operators
 _FAST_MATH: Dict[str, Dict[str, Callable]] = {}
+# fn(mod, target) -> mod run before the rules (kernels with their constants' layouts)
+_PREPARE: Dict[str, Callable] = {}
 # float rules used only by fast-math builds (they may reassociate float sums)
 _FAST_FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 
@@ -59,6 +61,7 @@ def register_target(
     float_rules: Sequence[dl.ScheduleRule] = (),
     fast_math: Optional[Dict[str, Callable]] = None,
     fast_math_rules: Sequence[dl.ScheduleRule] = (),
+    prepare: Optional[Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]] = None,
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
     raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
@@ -70,7 +73,9 @@ def register_target(
     float operators (``relax.nn.gelu``, ...) to vectorizable legalizations, used unless a
     build asks for ``fast_math=False``; they may round differently from libm.
     ``fast_math_rules`` go before ``float_rules`` in such builds and may reassociate float
-    sums (vectorized reductions)."""
+    sums (vectorized reductions). ``prepare(mod, target)`` runs before the rules on modules
+    with their Relax functions: it may put kernels in place together with the constants
+    they read in a layout of their own (weights tiled for the kernel)."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
@@ -82,6 +87,8 @@ def register_target(
     _FLOAT[kind] = list(float_rules)
     _FAST_MATH[kind] = dict(fast_math or {})
     _FAST_FLOAT[kind] = list(fast_math_rules)
+    if prepare is not None:
+        _PREPARE[kind] = prepare
 
 
 def fixed_kernel(func, target: tvm.target.Target):
@@ -113,6 +120,9 @@ def rules_for(target: tvm.target.Target) -> List[dl.ScheduleRule]:
 def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module)."""
     mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    prepare = _PREPARE.get(target.kind.name)
+    if prepare is not None:
+        mod = prepare(mod, target)
     with target:
         mod = dl.ApplyDefaultSchedule(*rules_for(target))(mod)
     verify = _VERIFY.get(target.kind.name)

@@ -56,7 +56,7 @@ from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
 __all__ = ["x86_isa", "gemm_kernel", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
-           "TargetFeatureWarning"]
+           "TargetFeatureWarning", "tile_weights"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
@@ -145,7 +145,7 @@ def packed_dense_kernel(
 def gemm_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
     tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
-    predecode: Optional[bool] = None, direct_conv: Optional[bool] = None,
+    predecode: Optional[bool] = None, direct_conv: Optional[bool] = None, tiled: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
     docstring) on x86.
@@ -156,6 +156,8 @@ def gemm_kernel(
     whole number of vector steps with zero weights (the 0 code is the 0 level).
     ``predecode`` / ``direct_conv`` force the choices the kernel otherwise makes from the
     shapes (rows decoded once per call; per-tap GEMMs instead of an im2col), for measuring.
+    ``tiled`` (dense only): the weights come already laid out by :func:`tile_weights` with the
+    kernel's ``rmsmp.weight_tiles`` attribute, so a tile's rows are one sequential stream.
     """
     if isa not in ("avx2", "avx512vnni"):
         raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
@@ -165,6 +167,8 @@ def gemm_kernel(
     signed = x_dtype == "int8"
     if not packed and isa != "avx512vnni":
         raise ValueError("gemm_kernel: int8 weights need AVX-512 VNNI (vpmaddubsw saturates on 8-bit products)")
+    if tiled and conv is not None:
+        raise ValueError("gemm_kernel: tiled weights are for dense row groups")
     if conv is not None and (conv.m != m or conv.k != k):
         raise ValueError(f"gemm_kernel: conv geometry gives m={conv.m}, k={conv.k}, not {m}, {k}")
     vec = vec or 32
@@ -245,6 +249,14 @@ def gemm_kernel(
         out_shape = (conv.batch, n, oh, ow)
         (sh, sw), (dh, dw) = conv.strides, conv.dilation
     w_shape = (n, w_bytes) if (packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
+    if tiled:
+        w_shape = wd_shape[:2] + (nt, vec)
+
+    def wvec(wp, row, step):
+        """Weight vector ``step`` of (padded) weight row ``row``."""
+        if tiled:
+            return wp[row // nt, step, row % nt, T.ramp(0, 1, vec)]
+        return wp[T.min(row, n - 1), T.ramp(step * vec, 1, vec)]
     # vector sums of four rows' accumulators at once (vphaddd) when the tile has whole fours
     quads = nt % 4 == 0
 
@@ -347,7 +359,7 @@ def gemm_kernel(
                         nibble(w, r, 2 * j * segs + sg), T.shift_left(nibble(w, r, (2 * j + 1) * segs + sg), T.uint8(4)))
                 else:
                     wp[r, sg * conv.channels + j] = w[r, j, sg // conv.kw, sg % conv.kw]
-        elif pad_w:
+        elif pad_w and not tiled:
             # weights staged once per call: zero columns up to the vector width (conv: a flat view)
             wp = T.alloc_buffer((n, width), w_dtype)
             for r in T.serial(n):
@@ -358,6 +370,8 @@ def gemm_kernel(
                         wp[r, j] = T.if_then_else(
                             j < k, w[r, T.min(j, k - 1) // (conv.kh * conv.kw), T.min(j, k - 1) // conv.kw % conv.kh,
                                      T.min(j, k - 1) % conv.kw], T.Cast(w_dtype, 0))
+        elif tiled:  # laid out (and zero-padded) at compile time
+            wp = T.decl_buffer(w_shape, w_dtype, data=w.data)
         else:
             wp = T.decl_buffer((n, width), w_dtype, data=w.data)
         if direct:
@@ -437,12 +451,12 @@ def gemm_kernel(
                         for b in T.serial(nb):
                             if packed:
                                 wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = decode(
-                                    table0, wp[T.min(rc * pre_rows + rr, n - 1), T.ramp(b * vec, 1, vec)], False)
+                                    table0, wvec(wp, rc * pre_rows + rr, b), False)
                                 wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 1, T.ramp(0, 1, vec)] = decode(
-                                    table0, wp[T.min(rc * pre_rows + rr, n - 1), T.ramp(b * vec, 1, vec)], True)
+                                    table0, wvec(wp, rc * pre_rows + rr, b), True)
                             elif signed:
                                 wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = offset(
-                                    wp[T.min(rc * pre_rows + rr, n - 1), T.ramp(b * vec, 1, vec)])
+                                    wvec(wp, rc * pre_rows + rr, b))
         else:
             wd = T.decl_buffer(wd_shape, "int8", data=wp.data)  # not read
         for task in T.parallel(tasks):
@@ -469,8 +483,7 @@ def gemm_kernel(
                                                 xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, sg, b),
                                                 wd[(task % n_chunks) * per_chunk + tt, sg * nbc + b, ni, h, T.ramp(0, 1, vec)])
                                 elif packed:
-                                    wv = wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1),
-                                            T.ramp((sg * nbc + b) * vec, 1, vec)]
+                                    wv = wvec(wp, ((task % n_chunks) * per_chunk + tt) * nt + ni, sg * nbc + b)
                                     dlo = decode(table, wv, False)
                                     dhi = decode(table, wv, True)
                                     for mi in T.unroll(mt):
@@ -479,8 +492,7 @@ def gemm_kernel(
                                                 xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), dlo),
                                             xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, sg, b), dhi)
                                 else:
-                                    wv8 = offset(wp[T.min(((task % n_chunks) * per_chunk + tt) * nt + ni, n - 1),
-                                                    T.ramp((sg * nbc + b) * vec, 1, vec)])
+                                    wv8 = offset(wvec(wp, ((task % n_chunks) * per_chunk + tt) * nt + ni, sg * nbc + b))
                                     for mi in T.unroll(mt):
                                         acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
                                             acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
@@ -515,7 +527,20 @@ def gemm_kernel(
                                             (xsum, bias, scale), hsum(acc, (mi * nt + ni) * lanes), ((task // n_chunks) * per_block + tb) * mt + mi,
                                             ((task % n_chunks) * per_chunk + tt) * nt + ni)
 
+    if tiled:
+        kernel = kernel.with_attr("rmsmp.weight_tiles", [nt, vec])
     return kernel
+
+
+def tile_weights(w: np.ndarray, rows_per_tile: int, vec: int) -> np.ndarray:
+    """``w`` (``[n, bytes]``) as the tiled kernel reads it: ``[tile, step, row, byte]``, rows
+    padded with zeros to whole tiles and bytes to whole ``vec``-byte steps, so that a tile's
+    weights for one step are contiguous and the whole matrix is read front to back."""
+    n, width = w.shape
+    n_tiles, steps = -(-n // rows_per_tile), -(-width // vec)
+    padded = np.zeros((n_tiles * rows_per_tile, steps * vec), w.dtype)
+    padded[:n, :width] = w
+    return np.ascontiguousarray(padded.reshape(n_tiles, rows_per_tile, steps, vec).transpose(0, 2, 1, 3))
 
 
 def warn_fallback(what: str, target: tvm.target.Target) -> None:

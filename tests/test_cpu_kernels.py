@@ -580,3 +580,48 @@ def test_float_elementwise_rule_tiles_transpositions(swap_last, host_target):
     expected = xs.reshape(tokens, heads, dim).transpose(1, 2, 0) if swap_last else xs.reshape(tokens, heads, dim).transpose(1, 0, 2)
     result = _run_prim(sch.mod["main"], host_target, xs, np.zeros(expected.shape, np.float32))
     np.testing.assert_array_equal(result, expected)
+
+
+def test_tile_weights_layout():
+    """[tile, step, row, byte]: rows padded to whole tiles, bytes to whole steps, with zeros."""
+    from schedules.x86_intrin import tile_weights
+
+    w = np.arange(5 * 70, dtype=np.int64).reshape(5, 70).astype(np.uint8)
+    t = tile_weights(w, 4, 32)
+    assert t.shape == (2, 3, 4, 32) and t.dtype == np.uint8 and t.flags.c_contiguous
+    for row in range(8):
+        for col in range(96):
+            expected = w[row, col] if row < 5 and col < 70 else 0
+            assert t[row // 4, col // 32, row % 4, col % 32] == expected
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
+    """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
+    and column counts: padded tiles and steps), and the model stays bit-exact."""
+    import torch
+
+    import tvm_rmsmp as rmsmp
+    from schedules.x86_intrin import x86_isa
+    from tvm import relax
+
+    if x86_isa(host_target) is None:
+        pytest.skip("no x86 kernel on this host")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(77, 37), torch.nn.Tanh(), torch.nn.Linear(37, 19)).eval()
+    calib = [torch.randn(8, 77) for _ in range(2)]
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), calib)
+    x = torch.randn(batch, 77)
+    exe = rmsmp.compile(q, (x,))
+    tiled = {gv.name_hint: [int(v) for v in f.attrs["rmsmp.weight_tiles"]] for gv, f in exe.ir.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.weight_tiles" in f.attrs}
+    groups = [gv.name_hint for gv, f in exe.ir.functions.items()
+              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.scheme" in f.attrs]
+    x86 = [g for g in groups if "rmsmp.cpu_kernel" in exe.ir[g].attrs]
+    assert x86 and sorted(tiled) == sorted(x86)
+    shapes = []
+    relax.analysis.post_order_visit(exe.ir["main"], lambda e: shapes.append(
+        [int(d) for d in e.args[1].fields[1].ty.shape]) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+        and e.op.name == "relax.call_tir" and e.args[0].name_hint in tiled else None)
+    assert len(shapes) == len(tiled) and all(len(s) == 4 and s[2:] == [4, 32] for s in shapes)
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
