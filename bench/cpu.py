@@ -640,7 +640,7 @@ def markdown(report: Dict[str, object]) -> str:
               "activation sums, taken once per call. Convolutions whose input channels fill whole vector",
               "steps run as one GEMM over the channels per kernel tap, on activations staged once per call",
               "as channel-last planes; others (the ResNet stem, C = 3) through an im2col. Dense layers read",
-              "their weight constants laid out at compile time tile by tile (4 rows x 32 bytes per step, one",
+              "their weight constants laid out at compile time tile by tile (4 or 8 rows x 32 bytes per step, one",
               "sequential stream per tile of rows). `exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Float operators between RMSMP layers: batched matmuls parallel and vectorized, element-wise",
               "chains parallel with the concatenation of the row groups split into one loop per group and",

@@ -127,9 +127,11 @@ class ConvGeometry:
 
 
 def _tiles(m: int, isa: str):
-    """(MT, NT): accumulators MT * NT vectors (AVX2 has 16 registers, AVX-512 32)."""
+    """(MT, NT): accumulators MT * NT vectors (AVX2 has 16 registers, AVX-512 32). Batch 1
+    with 32 registers: 8 rows per tile, 4-6% faster than 4 (1 x 768 x 1843 SP2 rows, tiled
+    weights, one thread)."""
     if m == 1:
-        return 1, 4
+        return (1, 8) if isa == "avx512vnni" else (1, 4)
     return (4, 4) if isa == "avx512vnni" else (2, 4)
 
 

@@ -619,9 +619,11 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.scheme" in f.attrs]
     x86 = [g for g in groups if "rmsmp.cpu_kernel" in exe.ir[g].attrs]
     assert x86 and sorted(tiled) == sorted(x86)
-    shapes = []
-    relax.analysis.post_order_visit(exe.ir["main"], lambda e: shapes.append(
-        [int(d) for d in e.args[1].fields[1].ty.shape]) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
-        and e.op.name == "relax.call_tir" and e.args[0].name_hint in tiled else None)
-    assert len(shapes) == len(tiled) and all(len(s) == 4 and s[2:] == [4, 32] for s in shapes)
+    shapes = {}
+    relax.analysis.post_order_visit(exe.ir["main"], lambda e: shapes.__setitem__(
+        e.args[0].name_hint, [int(d) for d in e.args[1].fields[1].ty.shape]) if isinstance(e, relax.Call)
+        and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" and e.args[0].name_hint in tiled else None)
+    assert sorted(shapes) == sorted(tiled)
+    for name, shape in shapes.items():  # [tiles, steps, rows per tile, 32 bytes]
+        assert len(shape) == 4 and shape[2:] == tiled[name] and tiled[name][1] == 32
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
