@@ -56,7 +56,7 @@ from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
 __all__ = ["x86_isa", "gemm_kernel", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
-           "TargetFeatureWarning", "tile_weights"]
+           "TargetFeatureWarning", "tile_weights", "taps_first_weights"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
@@ -148,6 +148,7 @@ def gemm_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
     tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
     predecode: Optional[bool] = None, direct_conv: Optional[bool] = None, tiled: bool = False,
+    taps_first: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
     docstring) on x86.
@@ -160,6 +161,9 @@ def gemm_kernel(
     shapes (rows decoded once per call; per-tap GEMMs instead of an im2col), for measuring.
     ``tiled`` (dense only): the weights come already laid out by :func:`tile_weights` with the
     kernel's ``rmsmp.weight_tiles`` attribute, so a tile's rows are one sequential stream.
+    ``taps_first`` (conv): where the per-tap GEMMs apply, the weights come already reordered
+    by :func:`taps_first_weights` (attribute ``rmsmp.weight_taps_first``), so the kernel does
+    not reorder them per call and takes that path whatever the shapes.
     """
     if isa not in ("avx2", "avx512vnni"):
         raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
@@ -188,9 +192,11 @@ def gemm_kernel(
     # per pixel: layers with more rows than half their output pixels (ResNet-18's 14x14 and
     # 7x7 stages) stage an im2col instead (0.48 vs 0.74 ms at 512 channels, 7x7, 307 rows).
     direct = conv is not None and conv.channels % (vec * halves) == 0
+    taps_first = taps_first and direct
     if direct_conv is not None:
         direct = direct and direct_conv
-    elif direct and packed:
+        taps_first = taps_first and direct
+    elif direct and packed and not taps_first:
         direct = m >= 2 * n
     segs = conv.kh * conv.kw if direct else 1
     nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
@@ -253,6 +259,8 @@ def gemm_kernel(
     w_shape = (n, w_bytes) if (packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
     if tiled:
         w_shape = wd_shape[:2] + (nt, vec)
+    if taps_first:
+        w_shape = (n, width)
 
     def wvec(wp, row, step):
         """Weight vector ``step`` of (padded) weight row ``row``."""
@@ -352,7 +360,9 @@ def gemm_kernel(
             xsum = T.alloc_buffer((m,), "int32")
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-        if direct:
+        if taps_first:  # reordered at compile time
+            wp = T.decl_buffer((n, width), w_dtype, data=w.data)
+        elif direct:
             # weights reordered to (ky, kx, channel) per row: packed bytes pair channels 2j, 2j + 1
             wp = T.alloc_buffer((n, width), w_dtype)
             for r, sg, j in T.grid(n, segs, conv.channels // halves):
@@ -531,7 +541,22 @@ def gemm_kernel(
 
     if tiled:
         kernel = kernel.with_attr("rmsmp.weight_tiles", [nt, vec])
+    if taps_first:
+        kernel = kernel.with_attr("rmsmp.weight_taps_first", [conv.channels, conv.kh, conv.kw])
     return kernel
+
+
+def taps_first_weights(w: np.ndarray, channels: int, kh: int, kw: int) -> np.ndarray:
+    """Conv weights as the per-tap kernel reads them, ``[n, (ky, kx, channel)]``: int8 rows
+    from ``[n, C, kh, kw]``; packed rows (``[n, bytes]``, code ``(c * kh + ky) * kw + kx``)
+    with the codes of channels ``2j`` and ``2j + 1`` of a tap in the low and high nibbles of
+    one byte."""
+    n, taps = w.shape[0], kh * kw
+    if w.dtype != np.uint8:  # int8 rows
+        return np.ascontiguousarray(w.reshape(n, channels, taps).transpose(0, 2, 1).reshape(n, taps * channels))
+    codes = np.stack([w & 15, w >> 4], axis=-1).reshape(n, -1)[:, :channels * taps]
+    by_tap = codes.reshape(n, channels, taps).transpose(0, 2, 1)  # [n, tap, channel]
+    return np.ascontiguousarray((by_tap[:, :, 0::2] | (by_tap[:, :, 1::2] << 4)).reshape(n, taps * channels // 2))
 
 
 def tile_weights(w: np.ndarray, rows_per_tile: int, vec: int) -> np.ndarray:

@@ -627,3 +627,57 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     for name, shape in shapes.items():  # [tiles, steps, rows per tile, 32 bytes]
         assert len(shape) == 4 and shape[2:] == tiled[name] and tiled[name][1] == 32
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+
+
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_8"])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_taps_first_conv_kernel_is_integer_exact(scheme, act, host_target):
+    """The per-tap conv kernel reading weights reordered at compile time equals numpy; with
+    few output pixels it is still the per-tap kernel (the im2col was the default there)."""
+    from schedules.x86_intrin import ConvGeometry, gemm_kernel, taps_first_weights, x86_isa
+    from tvm_rmsmp.schemes import nibble_decode
+
+    if x86_isa(host_target) != "avx512vnni":
+        pytest.skip("needs AVX-512 VNNI")
+    rng = np.random.default_rng(8)
+    c, hw, n = 64, 5, 13
+    conv = ConvGeometry(1, c, hw + 2, hw + 2, 3, 3)
+    packed = scheme != "fixed_8"
+    levels = nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
+    kernel = gemm_kernel(conv.m, conv.k, n, act, levels, "avx512vnni", conv=conv, taps_first=True)
+    assert [int(v) for v in kernel.attrs["rmsmp.weight_taps_first"]] == [c, 3, 3]
+    rows = _random_rows(rng, scheme, (n, c, 3, 3))
+    w = packed_weight(rows.reshape(n, -1), scheme) if packed else rows
+    x = _random_act(rng, act, (1, c, hw + 2, hw + 2))
+    bias = rng.integers(-500, 500, n).astype(np.int32)
+    scale = rng.random(n).astype(np.float32)
+    exe = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=host_target)
+    out = _run(exe, x, taps_first_weights(w, c, 3, 3), bias, scale, np.zeros((1, n, hw, hw), np.float32))
+    expected = np_epilogue(np_conv_acc(x, rows, (1, 1), (0, 0), (1, 1)), bias, scale, 1)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_compiled_conv_layers_read_taps_first_weight_constants(host_target):
+    """Convolutions whose channels fill whole vector steps read weight constants reordered at
+    compile time (the others keep theirs); the model stays bit-exact."""
+    import torch
+
+    import tvm_rmsmp as rmsmp
+    from schedules.x86_intrin import x86_isa
+
+    if x86_isa(host_target) != "avx512vnni":
+        pytest.skip("needs AVX-512 VNNI")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 70, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(70, 8, 3)).eval()
+    calib = [torch.randn(2, 64, 6, 6) for _ in range(2)]
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), calib)
+    x = torch.randn(1, 64, 6, 6)
+    exe = rmsmp.compile(q, (x,))
+    groups = {gv.name_hint: f for gv, f in exe.ir.functions.items()
+              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.scheme" in f.attrs}
+    first = [f for name, f in groups.items() if "_0_" in name]
+    second = [f for name, f in groups.items() if "_2_" in name]
+    assert first and second
+    assert all([int(v) for v in f.attrs["rmsmp.weight_taps_first"]] == [64, 3, 3] for f in first)
+    assert not any("rmsmp.weight_taps_first" in f.attrs for f in second)
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
