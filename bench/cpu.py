@@ -7,7 +7,8 @@ Run from the repository root::
 
 Prints the hardware and thread count, measures the DRAM read bandwidth (a sum over an array
 much larger than the last-level cache), then times each workload with every contender in the
-same run (one worker process per contender, sampled round-robin): torch fp32, torch dynamic int8 (``quantize_dynamic``, fbgemm), ONNX Runtime
+same run (one worker process per contender, sampled round-robin): torch fp32, torch dynamic int8 (``quantize_dynamic``, fbgemm),
+torchao int8 dynamic quantization under ``torch.compile`` (if ``torchao`` is installed), ONNX Runtime
 dynamic int8 and 4-bit ``MatMulNBits`` (if ``onnxruntime`` is installed: ``pip install
 .[bench]``), TVM fp32 (plain Relax build, untuned) and tvm-rmsmp (RMSMP 60:35:5, 8-bit
 activations, untuned). Every number is a median of repeated wall-clock timings of one call
@@ -33,7 +34,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
-CONTENDERS = ["torch fp32", "torch int8 dyn", "ORT int8 dyn", "ORT 4-bit MatMulNBits", "TVM fp32 untuned"]
+CONTENDERS = ["torch fp32", "torch int8 dyn", "torchao int8 + compile", "ORT int8 dyn", "ORT 4-bit MatMulNBits",
+              "TVM fp32 untuned"]
 RMSMP = "tvm-rmsmp untuned"
 
 
@@ -295,6 +297,30 @@ def torch_int8_dyn(model, x):
     return run
 
 
+def torchao_int8_compiled(model, x):
+    """torchao's int8 dynamic activation + int8 weight quantization of the Linear layers, under
+    ``torch.compile`` (inductor); None when torchao is missing or the model has no Linear."""
+    torch = _torch()
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        return None
+    if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+        return None
+    import copy
+
+    qmodel = copy.deepcopy(model)
+    quantize_(qmodel, Int8DynamicActivationInt8WeightConfig())
+    compiled = torch.compile(qmodel)
+
+    def run():
+        with torch.no_grad():
+            return compiled(x)
+
+    run()  # compiles
+    return run
+
+
 def _onnx_export(model, x, path):
     torch = _torch()
     with warnings.catch_warnings():
@@ -403,6 +429,8 @@ def build_contender(who: str, index: int, quick: bool, threads: int, isa: Option
         return torch_fp32(model, x), info
     if who == "torch int8 dyn":
         return torch_int8_dyn(model, x), info
+    if who == "torchao int8 + compile":
+        return torchao_int8_compiled(model, x), info
     if who.startswith("ORT"):
         tmp = tempfile.mkdtemp()
         fns = ort_contenders(model, x, threads, tmp, isa == "avx512vnni")
@@ -541,7 +569,7 @@ def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, obje
                 print("  tvm-rmsmp failed to build: skipped", flush=True)
                 continue
             w = infos[RMSMP]["weights"]
-            bytes_of = {"torch fp32": 4 * w, "torch int8 dyn": w, "ORT int8 dyn": w,
+            bytes_of = {"torch fp32": 4 * w, "torch int8 dyn": w, "torchao int8 + compile": w, "ORT int8 dyn": w,
                         "ORT 4-bit MatMulNBits": w * 5 // 8, "TVM fp32 untuned": 4 * w,
                         RMSMP: infos[RMSMP]["weight_bytes"]}
             rinfo = {k: v for k, v in infos[RMSMP].items() if k != "weights"}
@@ -641,7 +669,12 @@ def markdown(report: Dict[str, object]) -> str:
               "steps run as one GEMM over the channels per kernel tap, on activations staged once per call",
               "as channel-last planes; others (the ResNet stem, C = 3) through an im2col. Dense layers read",
               "their weight constants laid out at compile time tile by tile (4 or 8 rows x 32 bytes per step, one",
-              "sequential stream per tile of rows). `exe.stats['cpu_kernels']` counts the kernels of each kind.",
+              "sequential stream per tile of rows); conv weights are reordered for the per-tap GEMMs at",
+              "compile time too. `exe.stats['cpu_kernels']` counts the kernels of each kind.",
+              "Tuning: on a CPU with AVX-512 VNNI every row group is one of these hand-written kernels, which",
+              "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
+              "build is the untuned one; there is no separate tuned column. TVM fp32 tuned (a MetaSchedule",
+              "search over every float operator of each model) is not part of this run.",
               "Float operators between RMSMP layers: batched matmuls parallel and vectorized, element-wise",
               "chains parallel with the concatenation of the row groups split into one loop per group and",
               "transpositions (attention's K^T) in 8 x 8 tiles, LayerNorm and softmax one parallel row at a",
