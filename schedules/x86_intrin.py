@@ -38,9 +38,14 @@ accumulators in registers. At batch 1 each weight vector is decoded in registers
 before its MACs, so the packed weights stream once; with several activation tiles (batch
 128, conv pixels) the rows are decoded to int8 planes once per call first, which
 took the decode out of the inner loop (1.47x at 128 x 768 x 461). Rows
-past the end of a tile re-read the last row (branch-free loads); only their stores are
-guarded. Outer loop: parallel over chunks of weight-row tiles sized to stay in L2 while
-every activation tile passes over them.
+past the end of a tile re-read the last row (branch-free loads; weights laid out at compile
+time are zero-padded instead); only their stores are guarded. Outer loop: parallel over
+chunks of weight-row tiles sized to stay in L2 while every activation tile passes over them.
+
+Weight layouts made at compile time (:func:`tile_weights` for dense: a tile's rows
+interleaved step by step, one sequential stream; :func:`taps_first_weights` for the per-tap
+conv GEMMs) are read when the kernel is built with ``tiled`` / ``taps_first``; the CPU
+target's ``prepare`` step (``schedules.cpu.lay_out_weights``) rewrites the constants to match.
 """
 
 from __future__ import annotations
