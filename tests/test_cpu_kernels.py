@@ -388,8 +388,9 @@ def test_float_rules_leave_softmax_and_row_groups_alone(host_target):
     assert FloatRowReduction(True).apply(matmul, host_target, False) is None
 
 
-def _legalized_op(build, shapes):
-    """{name: PrimFunc} of ``build(*vars)`` over float32 inputs of ``shapes``, legalized."""
+def _legalized_op(build, shapes, fuse: bool = False):
+    """The PrimFuncs of ``build(*vars)`` over float32 inputs of ``shapes``, legalized (and,
+    with ``fuse``, fused as the build pipeline fuses them)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -399,6 +400,8 @@ def _legalized_op(build, shapes):
             out = bb.emit_output(build(*params))
         bb.emit_func_output(out)
     mod = relax.transform.LegalizeOps()(bb.get())
+    if fuse:
+        mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
     return [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
@@ -467,15 +470,8 @@ def test_float_elementwise_rule_splits_the_loop_where_concatenated_groups_meet(h
     from tvm import relax
     from schedules.cpu import FloatElementwise
 
-    bb = relax.BlockBuilder()
-    parts = [relax.Var(f"g{i}", relax.TensorType([2, n], "float32")) for i, n in enumerate((37, 20, 7))]
-    with bb.function("main", parts):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.nn.gelu(relax.op.concat(parts, axis=1)))
-        bb.emit_func_output(out)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(
-        relax.transform.LegalizeOps()(bb.get()))))
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    (func,) = _legalized_op(lambda *parts: relax.op.nn.gelu(relax.op.concat(list(parts), axis=1)),
+                            [(2, 37), (2, 20), (2, 7)], fuse=True)
     sch = FloatElementwise().apply(func, host_target, False)
     assert sch is not None
     text = sch.mod["main"].script()
@@ -563,15 +559,7 @@ def test_float_elementwise_rule_tiles_transpositions(swap_last, host_target):
             return relax.op.reshape(relax.op.permute_dims(y, [0, 1, 3, 2]), [heads, dim, tokens])
         return relax.op.reshape(y, [heads, tokens, dim])
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, tokens, heads * dim], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(build(x))
-        bb.emit_func_output(out)
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(
-        relax.transform.LegalizeOps()(bb.get()))))
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    (func,) = _legalized_op(build, [(1, tokens, heads * dim)], fuse=True)
     sch = FloatElementwise().apply(func, host_target, False)
     assert sch is not None
     text = sch.mod["main"].script()
