@@ -8,6 +8,9 @@ after each split layer, where ``c`` holds the rows grouped by scheme. This pass 
   emitting them on ``c`` directly;
 * through elementwise ops with a per-channel constant (a bias, a scale), permuting the
   constant once at compile time;
+* through a LayerNorm over the channel axis alone, whose mean and variance do not depend on
+  the channels' order, permuting its constant gamma and beta (the sums run in another order,
+  so the result may differ from the unpermuted one by float rounding);
 * through a flatten (``reshape`` that merges the channel axis with the axes after it), where
   the permutation becomes a block permutation of the flattened features, and through
   reshapes that keep the channel axis last;
@@ -143,6 +146,18 @@ class _Folder(PyExprMutator):
         self._emit(var, relax.Call(call.op, args, call.attrs, call.ty_args), _Permuted(None, p.order, p.axis))
         return True
 
+    def _fold_layer_norm(self, var, call) -> bool:
+        p = self.permuted[call.args[0]]
+        ndim = len(_shape(call.args[0]))
+        axes = sorted(int(a) % ndim for a in call.attrs.axes)
+        gamma, beta = _const(call.args[1]), _const(call.args[2])
+        if axes != [p.axis] or gamma is None or beta is None or gamma.shape != (p.order.size,) or beta.shape != gamma.shape:
+            return False
+        args = [p.src, relax.const(gamma[p.order], str(call.args[1].ty.dtype)),
+                relax.const(beta[p.order], str(call.args[2].ty.dtype))]
+        self._emit(var, relax.Call(call.op, args, call.attrs, call.ty_args), _Permuted(None, p.order, p.axis))
+        return True
+
     def _fold_reshape(self, var, call) -> bool:
         p = self.permuted[call.args[0]]
         src_shape, dst_shape = _shape(call.args[0]), _shape(var)
@@ -204,6 +219,8 @@ class _Folder(PyExprMutator):
             return True
         if name in _ELEMENTWISE_BINARY:
             return self._fold_binary(var, call)
+        if name == "relax.nn.layer_norm" and call.args[0] in self.permuted:
+            return self._fold_layer_norm(var, call)
         if name == "relax.reshape" and call.args[0] in self.permuted:
             return self._fold_reshape(var, call)
         if name == "relax.call_tir":

@@ -275,3 +275,46 @@ def test_pack_four_bit_rows_halves_weight_bytes_and_keeps_results(small_resnet):
     target = tvm.target.Target({"kind": "llvm"})
     run = lambda m: relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))  # noqa: E731
     np.testing.assert_array_equal(run(packed)[0].numpy(), run(mod)[0].numpy())
+
+
+def test_fold_carries_the_permutation_through_layer_norm():
+    """LayerNorm over the channels: gamma and beta permuted at compile time, no gather before
+    it; the values match the model-order LayerNorm up to float rounding."""
+    gamma = np.array([1.0, 2.0, 3.0], np.float32)
+    beta = np.array([0.5, -0.5, 0.25], np.float32)
+
+    @I.ir_module(s_tir=True)
+    class Before:
+        @R.function
+        def main(c: R.Tensor((2, 3), "float32"), inverse: R.Tensor((3,), "int64"), g: R.Tensor((3,), "float32"),
+                 b: R.Tensor((3,), "float32")) -> R.Tensor((2, 3), "float32"):
+            with R.dataflow():
+                y = R.take(c, inverse, axis=1)
+                n = R.nn.layer_norm(y, g, b, axes=[-1])
+                r = R.nn.relu(n)
+                R.output(r)
+            return r
+
+    @I.ir_module(s_tir=True)
+    class Expected:
+        @R.function
+        def main(c: R.Tensor((2, 3), "float32"), inverse: R.Tensor((3,), "int64"), g: R.Tensor((3,), "float32"),
+                 b: R.Tensor((3,), "float32")) -> R.Tensor((2, 3), "float32"):
+            with R.dataflow():
+                n = R.nn.layer_norm(c, g, b, axes=[-1])
+                n_model_order = R.take(n, inverse, axis=1)
+                r = R.nn.relu(n_model_order)
+                R.output(r)
+            return r
+
+    fold = FoldRowPermutation()
+    after = fold(_bind(Before, inverse=INVERSE, g=gamma, b=beta))
+    expected = _bind(Expected, inverse=INVERSE, g=gamma[ORDER], b=beta[ORDER])
+    tvm.ir.assert_structural_equal(after, expected)
+    x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    y = x[:, INVERSE].astype(np.float64)
+    ref = np.maximum((y - y.mean(1, keepdims=True)) / np.sqrt(y.var(1, keepdims=True) + 1e-5) * gamma + beta, 0)
+    exe = tvm.compile(after, target=tvm.target.Target({"kind": "llvm"}))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert fold.last_stats == {"folded": 0, "kept": 1}
