@@ -118,7 +118,9 @@ def rules_for(target: tvm.target.Target) -> List[dl.ScheduleRule]:
 
 
 def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module)."""
+    """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module).
+    The target's ``prepare`` step runs first: it may replace row groups together with the
+    weight constants their Relax callers pass (laid out for the new kernels)."""
     mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
     prepare = _PREPARE.get(target.kind.name)
     if prepare is not None:
