@@ -706,7 +706,7 @@ def markdown(report: Dict[str, object]) -> str:
               "  which also block the reduction for the caches and pack the activations.",
               "- Batch 1: a layer's weights (2.4 MB for the FFN) come from L3 in a model, from L2 in a",
               f"  kernel-only loop; the stack streams at {stack_pct} of the DRAM bandwidth. The FFN's six",
-              "  kernels alone take about 62 us of its time (`tvm time_evaluator`, weights in L2); the VM's",
+              "  kernels alone take about 56 us of its time (`tvm time_evaluator`, weights in L2); the VM's",
               "  calls and allocations about 3 us.",
               "- Attention's matmuls (float32) run at about one core's FMA peak (16 per cycle); at seq 128",
               "  they are 7% of the BERT layer and 10% of MiniLM-L6.",

@@ -21,11 +21,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import tvm
-from tvm import s_tir, tirx, topi
+from tvm import relax, s_tir, tirx, topi
 from tvm.s_tir import dlight as dl
 from tvm.sym.analyzer import Analyzer
 from tvm.target import Target
 
+from relay_passes._ir import callee
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
@@ -150,8 +151,9 @@ def x86_replacement(func, target: Target, relayout: bool = False):
 
 
 def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
-    """Row groups whose weights are constants get the x86 kernel that reads them in a layout
-    of its own, and their weight constants that layout, made at compile time:
+    """Row groups whose weights are constants get their x86 kernel here, before the rules, and
+    where that kernel reads the weights in a layout of its own, their weight constants that
+    layout, made at compile time:
 
     * dense: tiled (:func:`schedules.x86_intrin.tile_weights`): a tile of rows is one
       sequential stream, zero-padded. Batch 1 from L3: 1 x 3072 x 461 SP2 rows 22.2 -> 17.4 us;
@@ -160,24 +162,27 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
       the kernel otherwise made per call; with that copy gone they beat the im2col at every
       ResNet-18 stage (512 channels at 7 x 7, SP2 rows: 445 -> 383 us).
 
-    Functions called with a weight that is not a constant keep the kernel that reads the
-    weights as they are (the rules pick it as before)."""
-    from tvm import relax
+    Functions called with a weight that is not a constant are left to the rules, which give
+    them the kernel that reads the weights as they are."""
+    if x86_isa(target) is None:
+        return mod
+    original = mod
+    sites = {}  # GlobalVar of a PrimFunc -> the calls to it
 
-    sites = {}  # GlobalVar -> [call]
+    def record(expr) -> None:
+        if isinstance(expr, relax.Call) and callee(original, expr) is not None:
+            sites.setdefault(expr.args[0], []).append(expr)
+
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, lambda e: _record_call_tir(mod, e, sites))
+            relax.analysis.post_order_visit(func.body, record)
     replaced = {}
-    for callee_gv, calls in sites.items():
-        func = mod[callee_gv]
-        if func.attrs is None or "rmsmp.scheme" not in func.attrs:
-            continue
-        if not all(isinstance(call.args[1].fields[1], tvm.ir.GenericConst) for call in calls):
-            continue
-        kernel = x86_replacement(func, target, relayout=True)
-        if kernel is not None and _weight_layout(kernel) is not None:
-            replaced[callee_gv] = kernel
+    for gv, calls in sites.items():
+        if "rmsmp.scheme" in (mod[gv].attrs or {}) and all(isinstance(c.args[1].fields[1], tvm.ir.GenericConst)
+                                                            for c in calls):
+            kernel = x86_replacement(mod[gv], target, relayout=True)
+            if kernel is not None:
+                replaced[gv] = kernel
     if not replaced:
         return mod
     # new GlobalVars (an existing one keeps the signature it was made with), typed by add_func
@@ -191,12 +196,12 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     class _Relayout(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir" and call.args[0] in renamed):
+            if callee(original, call) is None or call.args[0] not in renamed:
                 return call
             gv = renamed[call.args[0]]
             fields = list(call.args[1].fields)
-            w = fields[1]
-            fields[1] = relax.const(layouts[gv](w.value.numpy()), str(w.ty.dtype))
+            if layouts[gv] is not None:
+                fields[1] = relax.const(layouts[gv](fields[1].value.numpy()), str(fields[1].ty.dtype))
             return relax.Call(call.op, [gv, relax.Tuple(fields)] + list(call.args[2:]), call.attrs, call.ty_args)
 
     for gv, func in list(mod.functions.items()):
@@ -215,15 +220,6 @@ def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
         channels, kh, kw = (int(v) for v in attrs["rmsmp.weight_taps_first"])
         return lambda w: taps_first_weights(w, channels, kh, kw)
     return None
-
-
-def _record_call_tir(mod, expr, sites) -> None:
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-        gv = expr.args[0]
-        if gv in mod.functions and isinstance(mod[gv], tirx.PrimFunc):
-            sites.setdefault(gv, []).append(expr)
 
 
 class _X86Rule(OpScheduleRule):
@@ -389,20 +385,37 @@ class FloatRowReduction(dl.ScheduleRule):
             for block in blocks:
                 name, iters = sch.get(block).name_hint, sch.get(block).iter_vars
                 if name in partial:
-                    inner = [lp for lp in sch.get_loops(block)[1:] if _extent(sch, lp) > 1]
-                    (ki,) = [lp for lp in inner if _extent(sch, lp) == partial[name]][-1:]
-                    (ko,) = [lp for lp in inner if not sch.get(lp).same_as(sch.get(ki))]
-                    sch.reorder(ko, ki)
-                    sch.vectorize(ki)
-                    sch.decompose_reduction(block, ko)
+                    sch = self._vectorize_partial(sch, block, partial[name])
                 elif len(iters) == n_rows + 1 and all(int(iv.iter_type) == 0 for iv in iters):
                     inner = sch.get_loops(block)[-1]
                     lanes = _largest_divisor(_extent(sch, inner), (self.lanes, 8, 4))
                     if lanes > 1:
                         sch.vectorize(sch.split(inner, [None, lanes])[1])
-        except (s_tir.ScheduleError, ValueError):  # ValueError: a loop not found as expected
+        except s_tir.ScheduleError:
             return None
         return sch
+
+    @staticmethod
+    def _vectorize_partial(sch: s_tir.Schedule, block, lanes: int) -> s_tir.Schedule:
+        """The partial-sum block under its row: lanes innermost and vectorized, the reduction
+        over the row's chunks outside. Two loops are left under the row; when both have
+        ``lanes`` iterations (a row of ``lanes ** 2``), only the lane loop can be vectorized,
+        so each is tried on a copy of the schedule."""
+        inner = [lp for lp in sch.get_loops(block)[1:] if _extent(sch, lp) > 1]
+        if len(inner) != 2:
+            raise s_tir.ScheduleError(f"{len(inner)} loops under the row, expected 2")
+        for ko, ki in (inner, inner[::-1]):
+            if _extent(sch, ki) != lanes:
+                continue
+            trial = sch.copy()
+            try:
+                trial.reorder(ko, ki)
+                trial.vectorize(ki)
+                trial.decompose_reduction(block, ko)
+                return trial
+            except s_tir.ScheduleError:
+                continue
+        raise s_tir.ScheduleError("no vectorizable lane loop")
 
     def _split_reduction(self, sch: s_tir.Schedule, block, partial) -> None:
         """``lanes`` partial results of ``block`` (a new block before it), when allowed."""

@@ -557,6 +557,10 @@ def taps_first_weights(w: np.ndarray, channels: int, kh: int, kw: int) -> np.nda
     with the codes of channels ``2j`` and ``2j + 1`` of a tap in the low and high nibbles of
     one byte."""
     n, taps = w.shape[0], kh * kw
+    expected = [(n, channels, kh, kw)] if w.dtype != np.uint8 else [(n, (channels * taps + 1) // 2)]
+    if tuple(w.shape) not in expected or (w.dtype == np.uint8 and channels % 2):
+        raise ValueError(f"taps_first_weights: weights of shape {expected[0]} (packed rows: an even channel "
+                         f"count) for {channels} channels and a {kh}x{kw} kernel, got {w.shape}")
     if w.dtype != np.uint8:  # int8 rows
         return np.ascontiguousarray(w.reshape(n, channels, taps).transpose(0, 2, 1).reshape(n, taps * channels))
     codes = np.stack([w & 15, w >> 4], axis=-1).reshape(n, -1)[:, :channels * taps]
@@ -568,6 +572,9 @@ def tile_weights(w: np.ndarray, rows_per_tile: int, vec: int) -> np.ndarray:
     """``w`` (``[n, bytes]``) as the tiled kernel reads it: ``[tile, step, row, byte]``, rows
     padded with zeros to whole tiles and bytes to whole ``vec``-byte steps, so that a tile's
     weights for one step are contiguous and the whole matrix is read front to back."""
+    if w.ndim != 2 or rows_per_tile < 1 or vec < 1:
+        raise ValueError(f"tile_weights: weights [rows, bytes] and positive tile sizes, got shape {w.shape}, "
+                         f"rows_per_tile={rows_per_tile}, vec={vec}")
     n, width = w.shape
     n_tiles, steps = -(-n // rows_per_tile), -(-width // vec)
     padded = np.zeros((n_tiles * rows_per_tile, steps * vec), w.dtype)
