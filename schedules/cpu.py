@@ -30,8 +30,8 @@ from relay_passes._ir import callee
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
-from .x86_intrin import (ConvGeometry, gemm_kernel, supports_packed_dense, taps_first_weights, tile_weights,
-                         warn_fallback, x86_isa)
+from .x86_intrin import (BROADCAST_MIN_ROWS, ConvGeometry, broadcast_dense_kernel, gemm_kernel, supports_packed_dense,
+                         taps_first_weights, tile_weights, warn_fallback, x86_isa)
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
            "schedule_dense", "schedule_conv2d"]
@@ -99,7 +99,10 @@ def x86_replacement(func, target: Target, relayout: bool = False):
 
     Packed 4-bit groups (fixed and SP2: table decode + MAC) on AVX2 or AVX-512 VNNI; int8
     groups (fixed_8) on AVX-512 VNNI. Convolutions run as per-tap GEMMs over channel-last
-    activations or through an im2col (see :mod:`schedules.x86_intrin`). None when the function is not a row group, the target is not x86 with
+    activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
+    weights will be laid out for the kernel at compile time (dense: tiled, and from
+    ``BROADCAST_MIN_ROWS`` activation rows on the outer-product kernel; conv: taps first).
+    None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
     instruction the target lacks is ever emitted), or the group is int8 on a target without VNNI.
     """
@@ -142,8 +145,11 @@ def x86_replacement(func, target: Target, relayout: bool = False):
             return None
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
-    kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
-                         tiled=relayout and conv is None, taps_first=relayout and conv is not None)
+    if relayout and conv is None and m >= BROADCAST_MIN_ROWS:
+        kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
+    else:
+        kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
+                             tiled=relayout and conv is None, taps_first=relayout and conv is not None)
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
     kind = "table-decode" if packed else "int8"
@@ -156,7 +162,10 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     layout, made at compile time:
 
     * dense: tiled (:func:`schedules.x86_intrin.tile_weights`): a tile of rows is one
-      sequential stream, zero-padded. Batch 1 from L3: 1 x 3072 x 461 SP2 rows 22.2 -> 17.4 us;
+      sequential stream, zero-padded. Batch 1 from L3: 1 x 3072 x 461 SP2 rows 22.2 -> 17.4 us.
+      From :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` activation rows on, tiles of
+      8 rows x 4 bytes for the outer-product kernel
+      (:func:`schedules.x86_intrin.broadcast_dense_kernel`): 1.11x at 128 x 768 x 1843;
     * conv2d whose channels fill whole vector steps: taps first
       (:func:`schedules.x86_intrin.taps_first_weights`), the order of the per-tap GEMMs, which
       the kernel otherwise made per call; with that copy gone they beat the im2col at every

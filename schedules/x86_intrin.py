@@ -60,7 +60,7 @@ import tvm
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-__all__ = ["x86_isa", "gemm_kernel", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
+__all__ = ["x86_isa", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
            "TargetFeatureWarning", "tile_weights", "taps_first_weights"]
 
 class TargetFeatureWarning(UserWarning):
@@ -129,6 +129,53 @@ class ConvGeometry:
     @property
     def k(self) -> int:
         return self.channels * self.kh * self.kw
+
+
+
+class _VectorOps:
+    """The vector operations both kernels build on, for one ISA, vector width and activation
+    signedness: the MAC of unsigned by signed bytes, and the 4-bit table decode.
+
+    Signed activations make the weights the MAC's unsigned operand, offset by ``w_off``
+    (``x * w = x * (w + w_off) - w_off * x``, the activation sums taken once per call)."""
+
+    def __init__(self, isa: str, vec: int, signed: bool, levels: Optional[Sequence[int]]):
+        self.isa, self.vec, self.signed = isa, vec, signed
+        packed = levels is not None
+        self.w_off = (8 if packed else 128) if signed else 0
+        if packed:
+            # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
+            lut = (decode_table(levels).astype(np.int16) + self.w_off).astype(np.uint8)
+            self.lut = (T.int64(int(lut[:8].view(np.int64)[0])), T.int64(int(lut[8:].view(np.int64)[0])))
+        else:
+            self.lut = (T.int64(0), T.int64(0))
+
+    def mac(self, acc, xv, wv):
+        """``acc`` plus the products of ``xv`` and ``wv``, four per int32 lane."""
+        a, b = (wv, xv) if self.signed else (xv, wv)  # the unsigned operand first
+        lanes = self.vec // 4
+        if self.isa == "avx512vnni":
+            # LLVM 22 declares the byte operands as <N x i8> (older releases: <N/4 x i32>)
+            name = "llvm.x86.avx512.vpdpbusd.512" if self.vec == 64 else "llvm.x86.avx512.vpdpbusd.256"
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), acc, a, b, dtype=f"int32x{lanes}")
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a, b,
+                                        dtype=f"int16x{self.vec // 2}")
+        return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+                                             T.broadcast(T.int16(1), self.vec // 2), dtype=f"int32x{lanes}")
+
+    def table_byte(self, t):
+        """Byte ``t`` of the decode table vector: level ``t % 16`` (the table repeats per lane)."""
+        lo, hi = self.lut
+        byte = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lo, hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
+        return T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
+
+    def decode(self, table, wv, high):
+        """The (offset) levels of the low (``high`` False: even codes) or high nibbles of ``wv``."""
+        vec = self.vec
+        nibbles = T.shift_right(wv, T.broadcast(T.uint8(4), vec)) if high else wv & T.broadcast(T.uint8(15), vec)
+        name = "llvm.x86.avx512.pshuf.b.512" if vec == 64 else "llvm.x86.avx2.pshuf.b"
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), table[T.ramp(0, 1, vec)],
+                                       T.reinterpret(nibbles, dtype=f"int8x{vec}"), dtype=f"int8x{vec}")
 
 
 def _tiles(m: int, isa: str):
@@ -206,7 +253,6 @@ def gemm_kernel(
     segs = conv.kh * conv.kw if direct else 1
     nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
     lanes = vec // 4
-    i8v, i32v, i16v = f"int8x{vec}", f"int32x{lanes}", f"int16x{vec // 2}"
     mt, nt = tiles or _tiles(m, isa)
     mt = min(mt, m)
     m_tiles = (m + mt - 1) // mt
@@ -236,23 +282,9 @@ def gemm_kernel(
     pre_chunks = min(n_pad, 4 * cores)
     pre_rows = -(-n_pad // pre_chunks)
     wd_shape = (n_tiles, nb, nt, halves, vec)
-    vnni = isa == "avx512vnni"
-    wide = vec == 64
-    pshufb = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pshuf.b.512" if wide else "llvm.x86.avx2.pshuf.b")
-    maddubs = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    ops = _VectorOps(isa, vec, signed, levels)
+    w_off = ops.w_off
     phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
-    dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512" if wide else "llvm.x86.avx512.vpdpbusd.256")
-    # signed activations: the weights are the MAC's unsigned operand, offset by w_off
-    # (x * w = x * (w + w_off) - w_off * x), the activation sums taken once per call
-    w_off = (8 if packed else 128) if signed else 0
-    if packed:
-        # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
-        lut_bytes = (decode_table(levels).astype(np.int16) + w_off).astype(np.uint8)
-        lut_lo = T.int64(int(lut_bytes[:8].view(np.int64)[0]))
-        lut_hi = T.int64(int(lut_bytes[8:].view(np.int64)[0]))
-    else:
-        lut_lo = lut_hi = T.int64(0)
     w_dtype = "uint8" if packed else "int8"
     if conv is None:
         x_shape, out_shape = (m, k), (m, n)
@@ -275,14 +307,7 @@ def gemm_kernel(
     # vector sums of four rows' accumulators at once (vphaddd) when the tile has whole fours
     quads = nt % 4 == 0
 
-    def mac(acc, xv, wv):
-        """``acc`` plus the products of ``xv`` and ``wv``, four per int32 lane."""
-        a, b = (wv, xv) if signed else (xv, wv)  # the unsigned operand first
-        if vnni:
-            # LLVM 22 declares the byte operands as <N x i8> (older releases: <N/4 x i32>)
-            return T.call_llvm_pure_intrin(dpbusd, acc, a, b, dtype=i32v)
-        pairs = T.call_llvm_pure_intrin(maddubs, a, b, dtype=i16v)
-        return acc + T.call_llvm_pure_intrin(maddwd, pairs, T.broadcast(T.int16(1), vec // 2), dtype=i32v)
+    mac = ops.mac
 
     def offset(wv):
         """int8 weights as the unsigned MAC operand (``w + 128``, a flip of the sign bit)."""
@@ -321,15 +346,7 @@ def gemm_kernel(
     xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves) if direct else (m, halves, width)
     zero_x = T.Cast(x_dtype, 0)
 
-    def table_byte(t):
-        """Byte ``t`` of the decode table vector: level ``t % 16`` (the table repeats per lane)."""
-        byte = T.bitwise_and(T.shift_right(T.Select(t % 16 < 8, lut_lo, lut_hi), T.Cast("int64", 8 * (t % 8))), T.int64(255))
-        return T.Cast("int8", byte - T.shift_left(T.shift_right(byte, T.int64(7)), T.int64(8)))
-
-    def decode(table, wv, high):
-        """The (offset) levels of the low (``high`` False: even codes) or high nibbles of ``wv``."""
-        nibbles = T.shift_right(wv, T.broadcast(T.uint8(4), vec)) if high else wv & T.broadcast(T.uint8(15), vec)
-        return T.call_llvm_pure_intrin(pshufb, table[T.ramp(0, 1, vec)], T.reinterpret(nibbles, dtype=i8v), dtype=i8v)
+    table_byte, decode = ops.table_byte, ops.decode
 
     def result(sums, acc_total, row, col):
         """``float32(acc + bias) * scale`` for GEMM row ``row`` and weight row ``col``;
@@ -550,6 +567,172 @@ def gemm_kernel(
         kernel = kernel.with_attr("rmsmp.weight_taps_first", [conv.channels, conv.kh, conv.kw])
     return kernel
 
+
+
+def _broadcast_tiles(isa: str) -> Tuple[int, int]:
+    """(activation rows, 8-row weight vectors) per register tile: 24 accumulators of 32
+    registers on AVX-512 (8 x 3 measured best of 4x6, 6x4, 12x2, 5x5, 3x8 at 128 x 768 x 1843),
+    8 of 16 on AVX2 (4 x 2 of 2x4, 3x3, 6x1)."""
+    return (8, 3) if isa == "avx512vnni" else (4, 2)
+
+
+#: Fewest activation rows for which :func:`broadcast_dense_kernel` beats :func:`gemm_kernel`
+#: (1.05x at 8 rows, 1.13x at 64, 1.10x at 128; 1 x 768 x 1843 SP2 rows, one thread).
+BROADCAST_MIN_ROWS = 8
+
+
+def broadcast_dense_kernel(
+    m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, tiles=None, num_cores: int = 1,
+) -> tvm.tirx.PrimFunc:
+    """A row-group dense for many activation rows, as outer products: each MAC multiplies one
+    activation's four bytes, broadcast, by the same four bytes of eight weight rows, so an
+    accumulator holds eight outputs of one activation row and the epilogue is one vector
+    conversion per eight outputs (:func:`gemm_kernel`'s accumulators each hold one output and
+    are summed across lanes per tile: 10% of a 128 x 768 x 1843 GEMM, 2% at K = 3072).
+
+    The weights come laid out by :func:`tile_weights` with 8 rows and 4 bytes per step
+    (attribute ``rmsmp.weight_tiles`` = ``[8, 4]``): ``[n / 8, bytes / 4, 8, 4]``, zero-padded.
+    Per call, packed rows are decoded to int8 (int8 rows meeting signed activations offset)
+    into ``[tile, step, plane, rows * 4]``, so that a register tile's weights for one step are
+    contiguous; the activations are split into even / odd planes as in :func:`gemm_kernel`.
+    Same signature and results as :func:`gemm_kernel` with ``tiled`` weights; same ISAs.
+    """
+    if isa not in ("avx2", "avx512vnni"):
+        raise ValueError(f"broadcast_dense_kernel: unknown ISA {isa!r}")
+    if x_dtype not in ("uint8", "int8"):
+        raise ValueError(f"broadcast_dense_kernel: activations must be uint8 or int8, got {x_dtype}")
+    packed = levels is not None
+    signed = x_dtype == "int8"
+    if not packed and isa != "avx512vnni":
+        raise ValueError("broadcast_dense_kernel: int8 weights need AVX-512 VNNI (vpmaddubsw saturates on 8-bit products)")
+    halves = 2 if packed else 1
+    w_bytes = (k + 1) // 2 if packed else k
+    steps = -(-w_bytes // 4)  # four bytes of every plane per step
+    width = steps * 4
+    blocks8 = -(-n // 8)  # 8-row blocks of the laid-out weights
+    mt, ntv = tiles or _broadcast_tiles(isa)
+    mt = min(mt, m)
+    rows = ntv * 8  # weight rows per register tile
+    m_tiles, n_tiles = -(-m // mt), -(-n // rows)
+    cores = max(1, num_cores)
+    # a chunk of weight tiles stays in L2 (about 96 KiB) while the activation tiles pass over it
+    per_chunk = max(1, min((n_tiles + 1) // 2, (96 * 1024) // (rows * width * halves)))
+    n_chunks = -(-n_tiles // per_chunk)
+    m_blocks = max(1, min(m_tiles, -(-4 * cores // n_chunks)))
+    per_block = -(-m_tiles // m_blocks)
+    m_blocks = -(-m_tiles // per_block)
+    tasks = m_blocks * n_chunks
+    blocks = n_tiles * ntv  # 8-row blocks the register tiles read (past blocks8: the last again, not stored)
+    pre_chunks = min(blocks, 4 * cores)
+    pre_blocks = -(-blocks // pre_chunks)
+    prepared = packed or signed  # else the laid-out int8 rows are read as they are
+    ops = _VectorOps(isa, 32, signed, levels)
+    w_off = ops.w_off
+    w_dtype = "uint8" if packed else "int8"
+
+    def weights(wd, wp, tile, step, h, v):
+        """The 8-row weight vector ``v`` of register tile ``tile``, plane ``h``, at ``step``."""
+        if prepared:
+            return wd[tile, step, h, T.ramp(v * 32, 1, 32)]
+        return wp[T.min(tile * ntv + v, blocks8 - 1), step, T.ramp(0, 1, 32)]
+
+    def offset_sum(acc, xsum, row, lanes=8):
+        """The integer sums of ``row``'s products with the weights as stored (``acc`` less the
+        offset's share, see :class:`_VectorOps`)."""
+        if not signed:
+            return acc
+        return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
+
+    def epilogue(acc, xsum, bias, scale, row, col):
+        """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
+        return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((m, k), x_dtype),
+        w: T.Buffer((blocks8, steps, 8, 4), w_dtype),
+        bias: T.Buffer((n,), "int32"),
+        scale: T.Buffer((n,), "float32"),
+        out: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xs = T.alloc_buffer((m, halves, width), x_dtype)
+        xs4 = T.decl_buffer((m, halves, steps), "int32", data=xs.data)  # four activation bytes as one word
+        wp = T.decl_buffer((blocks8, steps, 32), w_dtype, data=w.data)
+        if signed:
+            xsum = T.alloc_buffer((m,), "int32")
+        else:
+            xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
+        for i in T.serial(m) if m < 8 else T.parallel(m):
+            for j in range(width):
+                for h in T.unroll(halves):
+                    if width * halves == k:
+                        xs[i, h, j] = x[i, j * halves + h]
+                    else:
+                        xs[i, h, j] = T.if_then_else(j * halves + h < k, x[i, T.min(j * halves + h, k - 1)],
+                                                     T.Cast(x_dtype, 0))
+            if signed:
+                xsum[i] = 0
+                for j in T.serial(k):
+                    xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
+        if prepared:
+            wd = T.alloc_buffer((n_tiles, steps, halves, rows * 4), "int8")
+            for pc in T.parallel(pre_chunks):
+                table = T.alloc_buffer((32,), "int8", scope="local")
+                if packed:
+                    for t in T.unroll(32):
+                        table[t] = ops.table_byte(t)
+                for pb in range(pre_blocks):
+                    if pc * pre_blocks + pb < blocks:
+                        for b in T.serial(steps):
+                            if packed:
+                                wd[(pc * pre_blocks + pb) // ntv, b, 0, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = (
+                                    ops.decode(table, wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)], False))
+                                wd[(pc * pre_blocks + pb) // ntv, b, 1, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = (
+                                    ops.decode(table, wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)], True))
+                            else:  # int8 rows, signed activations: the rows offset to unsigned
+                                wd[(pc * pre_blocks + pb) // ntv, b, 0, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = (
+                                    T.bitwise_xor(wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)],
+                                                  T.broadcast(T.int8(-128), 32)))
+        else:
+            wd = T.decl_buffer((n_tiles, steps, halves, rows * 4), "int8", data=wp.data)  # not read
+        for task in T.parallel(tasks):
+            # local buffers in a parallel loop are heap workspaces: allocate once per task
+            acc = T.alloc_buffer((mt * ntv * 8,), "int32", scope="local")
+            for tb in range(per_block):
+                for tt in range(per_chunk):
+                    if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
+                        for a in T.unroll(mt * ntv * 8):
+                            acc[a] = 0
+                        for b in T.serial(steps):
+                            for h in T.unroll(halves):
+                                for mi in T.unroll(mt):
+                                    for v in T.unroll(ntv):
+                                        acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = ops.mac(
+                                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)],
+                                            T.reinterpret(T.broadcast(
+                                                xs4[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, b], 8),
+                                                dtype="int8x32"),
+                                            weights(wd, wp, (task % n_chunks) * per_chunk + tt, b, h, v))
+                        for mi, v in T.grid(mt, ntv):
+                            if ((task // n_chunks) * per_block + tb) * mt + mi < m:
+                                if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + 8 <= n:
+                                    out[((task // n_chunks) * per_block + tb) * mt + mi,
+                                        T.ramp(((task % n_chunks) * per_chunk + tt) * rows + v * 8, 1, 8)] = epilogue(
+                                        acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale,
+                                        ((task // n_chunks) * per_block + tb) * mt + mi,
+                                        ((task % n_chunks) * per_chunk + tt) * rows + v * 8)
+                                else:  # the last rows of the group
+                                    for q in T.serial(8):
+                                        if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q < n:
+                                            out[((task // n_chunks) * per_block + tb) * mt + mi,
+                                                ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q] = T.Cast(
+                                                "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum,
+                                                                      ((task // n_chunks) * per_block + tb) * mt + mi, 1)
+                                                + bias[((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]) * scale[
+                                                ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]
+
+    return kernel.with_attr("rmsmp.weight_tiles", [8, 4])
 
 def taps_first_weights(w: np.ndarray, channels: int, kh: int, kw: int) -> np.ndarray:
     """Conv weights as the per-tap kernel reads them, ``[n, (ky, kx, channel)]``: int8 rows

@@ -598,10 +598,48 @@ def test_weight_layouts_reject_mismatched_shapes():
         taps_first_weights(np.zeros((3, 300), np.uint8), 64, 3, 3)
 
 
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4", "fixed_8"])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+@pytest.mark.parametrize("m,k,n", [(8, 64, 8), (13, 77, 61), (17, 130, 24), (29, 256, 50)])
+def test_broadcast_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host_target):
+    """The outer-product kernel (8-row x 4-byte weight tiles laid out by ``tile_weights``)
+    equals numpy: partial activation and row tiles, odd K (a half-empty last byte and a
+    zero-padded last step), extreme values."""
+    from schedules.x86_intrin import broadcast_dense_kernel, tile_weights
+    from tvm_rmsmp.schemes import nibble_decode
+
+    if isa not in _host_isas(host_target) or (scheme == "fixed_8" and isa != "avx512vnni"):
+        pytest.skip(f"this CPU has no {isa}, or int8 rows need VNNI")
+    packed = get_scheme(scheme).bits == 4
+    rng = np.random.default_rng(abs(hash((isa, scheme, act, m, k, n))) % 2**32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    levels = nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
+    func = broadcast_dense_kernel(m, k, n, act, levels, isa)
+    assert [int(v) for v in func.attrs["rmsmp.weight_tiles"]] == [8, 4]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell" if isa == "avx2" else "znver4", "num-cores": 2})
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+    def stored(w_int):
+        return tile_weights(packed_weight(w_int, scheme) if packed else w_int.astype(np.int8), 8, 4)
+
+    x = rng.integers(lo, hi + 1, size=(m, k)).astype(act)
+    w_int = _random_rows(rng, scheme, (n, k))
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    out = _run(exe, x, stored(w_int), bias, scale, np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
+    x_max = np.full((m, k), lo if act == "int8" else hi, dtype=act)
+    w_max = np.full((n, k), get_scheme(scheme).levels.max(), dtype=np.int8)
+    out = _run(exe, x_max, stored(w_max), np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(out.astype(np.int64), np_dense_acc(x_max, w_max))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
 def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
-    and column counts: padded tiles and steps), and the model stays bit-exact."""
+    and column counts: padded tiles and steps), and the model stays bit-exact. From 8
+    activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes)."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -627,8 +665,11 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
         e.args[0].name_hint, [int(d) for d in e.args[1].fields[1].ty.shape]) if isinstance(e, relax.Call)
         and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" and e.args[0].name_hint in tiled else None)
     assert sorted(shapes) == sorted(tiled)
-    for name, shape in shapes.items():  # [tiles, steps, rows per tile, 32 bytes]
-        assert len(shape) == 4 and shape[2:] == tiled[name] and tiled[name][1] == 32
+    from schedules.x86_intrin import BROADCAST_MIN_ROWS
+
+    for name, shape in shapes.items():  # [tiles, steps, rows per tile, bytes per step]
+        assert len(shape) == 4 and shape[2:] == tiled[name]
+        assert tiled[name] == ([8, 4] if batch >= BROADCAST_MIN_ROWS else [tiled[name][0], 32])
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 
