@@ -30,6 +30,7 @@ from relay_passes._ir import callee
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
+from .x86_layers import fuse_dense_layers
 from .x86_intrin import (BROADCAST_MIN_ROWS, ConvGeometry, broadcast_dense_kernel, gemm_kernel, supports_packed_dense,
                          taps_first_weights, tile_weights, warn_fallback, x86_isa)
 
@@ -175,6 +176,7 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     them the kernel that reads the weights as they are."""
     if x86_isa(target) is None:
         return mod
+    mod = fuse_dense_layers(mod, target)
     original = mod
     sites = {}  # GlobalVar of a PrimFunc -> the calls to it
 

@@ -60,7 +60,7 @@ import tvm
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-__all__ = ["x86_isa", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
+__all__ = ["x86_isa", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
            "TargetFeatureWarning", "tile_weights", "taps_first_weights"]
 
 class TargetFeatureWarning(UserWarning):
@@ -139,10 +139,10 @@ class _VectorOps:
     Signed activations make the weights the MAC's unsigned operand, offset by ``w_off``
     (``x * w = x * (w + w_off) - w_off * x``, the activation sums taken once per call)."""
 
-    def __init__(self, isa: str, vec: int, signed: bool, levels: Optional[Sequence[int]]):
+    def __init__(self, isa: str, vec: int, signed: bool, levels: Optional[Sequence[int]], w_off: Optional[int] = None):
         self.isa, self.vec, self.signed = isa, vec, signed
         packed = levels is not None
-        self.w_off = (8 if packed else 128) if signed else 0
+        self.w_off = ((8 if packed else 128) if signed else 0) if w_off is None else w_off
         if packed:
             # the 16 table bytes as two int64 constants (byte t of the table is byte t % 8 of one)
             lut = (decode_table(levels).astype(np.int16) + self.w_off).astype(np.uint8)
@@ -581,6 +581,125 @@ def _broadcast_tiles(isa: str) -> Tuple[int, int]:
 BROADCAST_MIN_ROWS = 8
 
 
+class _OuterProductGemm:
+    """What the outer-product kernels share: the activation planes and the register-tiled MAC
+    loop with its epilogue, as TVMScript macros; the kernels differ in how they prepare the
+    weights (``wd``: ``[tile, step, plane, rows * 4]`` int8, the MAC's operand as it is)."""
+
+    def __init__(self, m: int, k: int, n: int, x_dtype: str, isa: str, halves: int, w_bytes: int, ops: _VectorOps,
+                 tiles, num_cores: int):
+        self.m, self.k, self.n, self.x_dtype, self.halves = m, k, n, x_dtype, halves
+        self.signed = x_dtype == "int8"
+        self.steps = -(-w_bytes // 4)  # four bytes of every plane per step
+        self.width = self.steps * 4
+        self.blocks8 = -(-n // 8)  # 8-row blocks of the outputs
+        mt, self.ntv = tiles or _broadcast_tiles(isa)
+        self.mt = min(mt, m)
+        self.rows = self.ntv * 8  # weight rows per register tile
+        self.m_tiles, self.n_tiles = -(-m // self.mt), -(-n // self.rows)
+        cores = max(1, num_cores)
+        # a chunk of weight tiles stays in L2 (about 96 KiB) while the activation tiles pass over it
+        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, (96 * 1024) // (self.rows * self.width * halves)))
+        self.n_chunks = -(-self.n_tiles // self.per_chunk)
+        m_blocks = max(1, min(self.m_tiles, -(-4 * cores // self.n_chunks)))
+        self.per_block = -(-self.m_tiles // m_blocks)
+        self.tasks = -(-self.m_tiles // self.per_block) * self.n_chunks
+        # 8-row blocks the register tiles read (past blocks8: the last again, never stored)
+        self.blocks = self.n_tiles * self.ntv
+        self.pre_chunks = min(self.blocks, 4 * cores)
+        self.pre_blocks = -(-self.blocks // self.pre_chunks)
+        self.ops = ops
+        self.wd_shape = (self.n_tiles, self.steps, halves, self.rows * 4)
+
+    def stage(self):
+        """Macro ``stage(x, xs, xsum)``: the activations split into ``halves`` planes (packed
+        rows: even / odd codes), zero-padded to whole steps; signed ones summed per row."""
+        m, k, halves, width, x_dtype, signed = self.m, self.k, self.halves, self.width, self.x_dtype, self.signed
+
+        @T.macro
+        def stage(x, xs, xsum):
+            for i in T.serial(m) if m < 8 else T.parallel(m):
+                for j in range(width):
+                    for h in T.unroll(halves):
+                        if width * halves == k:
+                            xs[i, h, j] = x[i, j * halves + h]
+                        else:
+                            xs[i, h, j] = T.if_then_else(j * halves + h < k, x[i, T.min(j * halves + h, k - 1)],
+                                                         T.Cast(x_dtype, 0))
+                if signed:
+                    xsum[i] = 0
+                    for j in T.serial(k):
+                        xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
+
+        return stage
+
+    def multiply(self, weights):
+        """Macro ``multiply(xs4, wd, wp, xsum, bias, scale, out)``: every register tile's MACs
+        and epilogue; ``weights(wd, wp, tile, step, plane, vector)`` is a tile's 8-row vector."""
+        m, n, mt, ntv, rows, halves = self.m, self.n, self.mt, self.ntv, self.rows, self.halves
+        steps, m_tiles, n_tiles = self.steps, self.m_tiles, self.n_tiles
+        per_chunk, per_block, n_chunks, tasks = self.per_chunk, self.per_block, self.n_chunks, self.tasks
+        signed, w_off, mac = self.signed, self.ops.w_off, self.ops.mac
+
+        def offset_sum(acc, xsum, row, lanes=8):
+            """The integer sums of ``row``'s products with the weights as stored (``acc`` less
+            the offset's share, see :class:`_VectorOps`)."""
+            if not signed:
+                return acc
+            return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
+
+        def epilogue(acc, xsum, bias, scale, row, col):
+            """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
+            return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+
+        @T.macro
+        def multiply(xs4, wd, wp, xsum, bias, scale, out):
+            for task in T.parallel(tasks):
+                # local buffers in a parallel loop are heap workspaces: allocate once per task
+                acc = T.alloc_buffer((mt * ntv * 8,), "int32", scope="local")
+                for tb in range(per_block):
+                    for tt in range(per_chunk):
+                        if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
+                            for a in T.unroll(mt * ntv * 8):
+                                acc[a] = 0
+                            for b in T.serial(steps):
+                                for h in T.unroll(halves):
+                                    for mi in T.unroll(mt):
+                                        for v in T.unroll(ntv):
+                                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = mac(
+                                                acc[T.ramp((mi * ntv + v) * 8, 1, 8)],
+                                                T.reinterpret(T.broadcast(
+                                                    xs4[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, b], 8),
+                                                    dtype="int8x32"),
+                                                weights(wd, wp, (task % n_chunks) * per_chunk + tt, b, h, v))
+                            for mi, v in T.grid(mt, ntv):
+                                if ((task // n_chunks) * per_block + tb) * mt + mi < m:
+                                    if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + 8 <= n:
+                                        out[((task // n_chunks) * per_block + tb) * mt + mi,
+                                            T.ramp(((task % n_chunks) * per_chunk + tt) * rows + v * 8, 1, 8)] = epilogue(
+                                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale,
+                                            ((task // n_chunks) * per_block + tb) * mt + mi,
+                                            ((task % n_chunks) * per_chunk + tt) * rows + v * 8)
+                                    else:  # the last rows
+                                        for q in T.serial(8):
+                                            if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q < n:
+                                                out[((task // n_chunks) * per_block + tb) * mt + mi,
+                                                    ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q] = T.Cast(
+                                                    "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum,
+                                                                          ((task // n_chunks) * per_block + tb) * mt + mi, 1)
+                                                    + bias[((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]) * scale[
+                                                    ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]
+
+        return multiply
+
+
+def _check_outer_product(who: str, isa: str, x_dtype: str) -> None:
+    if isa not in ("avx2", "avx512vnni"):
+        raise ValueError(f"{who}: unknown ISA {isa!r}")
+    if x_dtype not in ("uint8", "int8"):
+        raise ValueError(f"{who}: activations must be uint8 or int8, got {x_dtype}")
+
+
 def broadcast_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, tiles=None, num_cores: int = 1,
 ) -> tvm.tirx.PrimFunc:
@@ -597,55 +716,25 @@ def broadcast_dense_kernel(
     contiguous; the activations are split into even / odd planes as in :func:`gemm_kernel`.
     Same signature and results as :func:`gemm_kernel` with ``tiled`` weights; same ISAs.
     """
-    if isa not in ("avx2", "avx512vnni"):
-        raise ValueError(f"broadcast_dense_kernel: unknown ISA {isa!r}")
-    if x_dtype not in ("uint8", "int8"):
-        raise ValueError(f"broadcast_dense_kernel: activations must be uint8 or int8, got {x_dtype}")
+    _check_outer_product("broadcast_dense_kernel", isa, x_dtype)
     packed = levels is not None
     signed = x_dtype == "int8"
     if not packed and isa != "avx512vnni":
         raise ValueError("broadcast_dense_kernel: int8 weights need AVX-512 VNNI (vpmaddubsw saturates on 8-bit products)")
     halves = 2 if packed else 1
-    w_bytes = (k + 1) // 2 if packed else k
-    steps = -(-w_bytes // 4)  # four bytes of every plane per step
-    width = steps * 4
-    blocks8 = -(-n // 8)  # 8-row blocks of the laid-out weights
-    mt, ntv = tiles or _broadcast_tiles(isa)
-    mt = min(mt, m)
-    rows = ntv * 8  # weight rows per register tile
-    m_tiles, n_tiles = -(-m // mt), -(-n // rows)
-    cores = max(1, num_cores)
-    # a chunk of weight tiles stays in L2 (about 96 KiB) while the activation tiles pass over it
-    per_chunk = max(1, min((n_tiles + 1) // 2, (96 * 1024) // (rows * width * halves)))
-    n_chunks = -(-n_tiles // per_chunk)
-    m_blocks = max(1, min(m_tiles, -(-4 * cores // n_chunks)))
-    per_block = -(-m_tiles // m_blocks)
-    m_blocks = -(-m_tiles // per_block)
-    tasks = m_blocks * n_chunks
-    blocks = n_tiles * ntv  # 8-row blocks the register tiles read (past blocks8: the last again, not stored)
-    pre_chunks = min(blocks, 4 * cores)
-    pre_blocks = -(-blocks // pre_chunks)
-    prepared = packed or signed  # else the laid-out int8 rows are read as they are
     ops = _VectorOps(isa, 32, signed, levels)
-    w_off = ops.w_off
+    g = _OuterProductGemm(m, k, n, x_dtype, isa, halves, (k + 1) // 2 if packed else k, ops, tiles, num_cores)
+    steps, blocks8, blocks, ntv = g.steps, g.blocks8, g.blocks, g.ntv
+    pre_chunks, pre_blocks = g.pre_chunks, g.pre_blocks
+    prepared = packed or signed  # else the laid-out int8 rows are read as they are
     w_dtype = "uint8" if packed else "int8"
 
     def weights(wd, wp, tile, step, h, v):
-        """The 8-row weight vector ``v`` of register tile ``tile``, plane ``h``, at ``step``."""
         if prepared:
             return wd[tile, step, h, T.ramp(v * 32, 1, 32)]
         return wp[T.min(tile * ntv + v, blocks8 - 1), step, T.ramp(0, 1, 32)]
 
-    def offset_sum(acc, xsum, row, lanes=8):
-        """The integer sums of ``row``'s products with the weights as stored (``acc`` less the
-        offset's share, see :class:`_VectorOps`)."""
-        if not signed:
-            return acc
-        return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
-
-    def epilogue(acc, xsum, bias, scale, row, col):
-        """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
-        return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+    stage, multiply = g.stage(), g.multiply(weights)
 
     @T.prim_func(private=True)
     def kernel(
@@ -656,27 +745,16 @@ def broadcast_dense_kernel(
         out: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xs = T.alloc_buffer((m, halves, width), x_dtype)
+        xs = T.alloc_buffer((m, halves, g.width), x_dtype)
         xs4 = T.decl_buffer((m, halves, steps), "int32", data=xs.data)  # four activation bytes as one word
         wp = T.decl_buffer((blocks8, steps, 32), w_dtype, data=w.data)
         if signed:
             xsum = T.alloc_buffer((m,), "int32")
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-        for i in T.serial(m) if m < 8 else T.parallel(m):
-            for j in range(width):
-                for h in T.unroll(halves):
-                    if width * halves == k:
-                        xs[i, h, j] = x[i, j * halves + h]
-                    else:
-                        xs[i, h, j] = T.if_then_else(j * halves + h < k, x[i, T.min(j * halves + h, k - 1)],
-                                                     T.Cast(x_dtype, 0))
-            if signed:
-                xsum[i] = 0
-                for j in T.serial(k):
-                    xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
+        stage(x, xs, xsum)
         if prepared:
-            wd = T.alloc_buffer((n_tiles, steps, halves, rows * 4), "int8")
+            wd = T.alloc_buffer(g.wd_shape, "int8")
             for pc in T.parallel(pre_chunks):
                 table = T.alloc_buffer((32,), "int8", scope="local")
                 if packed:
@@ -695,44 +773,129 @@ def broadcast_dense_kernel(
                                     T.bitwise_xor(wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)],
                                                   T.broadcast(T.int8(-128), 32)))
         else:
-            wd = T.decl_buffer((n_tiles, steps, halves, rows * 4), "int8", data=wp.data)  # not read
-        for task in T.parallel(tasks):
-            # local buffers in a parallel loop are heap workspaces: allocate once per task
-            acc = T.alloc_buffer((mt * ntv * 8,), "int32", scope="local")
-            for tb in range(per_block):
-                for tt in range(per_chunk):
-                    if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
-                        for a in T.unroll(mt * ntv * 8):
-                            acc[a] = 0
-                        for b in T.serial(steps):
-                            for h in T.unroll(halves):
-                                for mi in T.unroll(mt):
-                                    for v in T.unroll(ntv):
-                                        acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = ops.mac(
-                                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)],
-                                            T.reinterpret(T.broadcast(
-                                                xs4[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, b], 8),
-                                                dtype="int8x32"),
-                                            weights(wd, wp, (task % n_chunks) * per_chunk + tt, b, h, v))
-                        for mi, v in T.grid(mt, ntv):
-                            if ((task // n_chunks) * per_block + tb) * mt + mi < m:
-                                if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + 8 <= n:
-                                    out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                        T.ramp(((task % n_chunks) * per_chunk + tt) * rows + v * 8, 1, 8)] = epilogue(
-                                        acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale,
-                                        ((task // n_chunks) * per_block + tb) * mt + mi,
-                                        ((task % n_chunks) * per_chunk + tt) * rows + v * 8)
-                                else:  # the last rows of the group
-                                    for q in T.serial(8):
-                                        if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q < n:
-                                            out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                                ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q] = T.Cast(
-                                                "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum,
-                                                                      ((task // n_chunks) * per_block + tb) * mt + mi, 1)
-                                                + bias[((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]) * scale[
-                                                ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]
+            wd = T.decl_buffer(g.wd_shape, "int8", data=wp.data)  # not read
+        multiply(xs4, wd, wp, xsum, bias, scale, out)
 
     return kernel.with_attr("rmsmp.weight_tiles", [8, 4])
+
+
+def layer_dense_kernel(
+    m: int, k: int, n: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int, tiles=None,
+    num_cores: int = 1,
+) -> tvm.tirx.PrimFunc:
+    """A whole quantized dense layer on AVX-512 VNNI, every row group in one outer-product GEMM
+    whose outputs come in the order the graph wants them (the model's row order, or the order
+    the next layer's weights were permuted to): no concatenation of row groups and no gather.
+
+    ``(x [m, k], codes [n / 8, steps, 8, 4] uint8, kinds [n / 8, 32] uint8, w8 [max(n_int8, 1),
+    steps, 2, 4] int8, cols8 [max(n_int8, 1)] int32, bias [n] int32, scale [n] f32, out [m, n] f32)``,
+    made at compile time by :func:`layer_weights`: the 4-bit rows' codes in output order (two
+    per byte, 8-row x 4-byte tiles), with each output row's table (``kinds``: 0 the first of
+    ``table_levels``, 255 the second, byte-wise over its four bytes); the ``n_int8`` 8-bit rows
+    split into the even / odd planes, and their output rows. Per call the codes are decoded by
+    both tables and blended by ``kinds``, the 8-bit rows written over their slots: the weights
+    are then one int8 matrix, offset by 128 for signed activations (VNNI sums in int32, so
+    4-bit levels + 128 need no pair bound).
+    """
+    _check_outer_product("layer_dense_kernel", "avx512vnni", x_dtype)
+    if len(table_levels) not in (1, 2):
+        raise ValueError(f"layer_dense_kernel: one or two 4-bit decode tables, got {len(table_levels)}")
+    signed = x_dtype == "int8"
+    w_off = 128 if signed else 0
+    tables = [_VectorOps("avx512vnni", 32, signed, levels, w_off=w_off) for levels in table_levels]
+    table_a, table_b = tables[0], tables[-1]
+    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores)
+    steps, blocks8, blocks, ntv, rows = g.steps, g.blocks8, g.blocks, g.ntv, g.rows
+    pre_chunks, pre_blocks = g.pre_chunks, g.pre_blocks
+    rows8 = max(n_int8, 1)
+
+    def weights(wd, wp, tile, step, h, v):
+        return wd[tile, step, h, T.ramp(v * 32, 1, 32)]
+
+    def decode(ta, tb, wp, kinds, block, step, high):
+        """The int8 (offset) levels of an 8-row block's low or high nibbles: each byte from
+        the table its row uses."""
+        mask = T.reinterpret(kinds[block, T.ramp(0, 1, 32)], dtype="int8x32")
+        a = table_a.decode(ta, wp[block, step, T.ramp(0, 1, 32)], high)
+        b = table_b.decode(tb, wp[block, step, T.ramp(0, 1, 32)], high)
+        return T.bitwise_or(T.bitwise_and(a, T.bitwise_not(mask)), T.bitwise_and(b, mask))
+
+    stage, multiply = g.stage(), g.multiply(weights)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((m, k), x_dtype),
+        codes: T.Buffer((blocks8, steps, 8, 4), "uint8"),
+        kinds: T.Buffer((blocks8, 32), "uint8"),
+        w8: T.Buffer((rows8, steps, 2, 4), "int8"),
+        cols8: T.Buffer((rows8,), "int32"),
+        bias: T.Buffer((n,), "int32"),
+        scale: T.Buffer((n,), "float32"),
+        out: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xs = T.alloc_buffer((m, 2, g.width), x_dtype)
+        xs4 = T.decl_buffer((m, 2, steps), "int32", data=xs.data)  # four activation bytes as one word
+        wp = T.decl_buffer((blocks8, steps, 32), "uint8", data=codes.data)
+        if signed:
+            xsum = T.alloc_buffer((m,), "int32")
+        else:
+            xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
+        stage(x, xs, xsum)
+        wd = T.alloc_buffer(g.wd_shape, "int8")
+        for pc in T.parallel(pre_chunks):
+            ta = T.alloc_buffer((32,), "int8", scope="local")
+            tb = T.alloc_buffer((32,), "int8", scope="local")
+            for t in T.unroll(32):
+                ta[t] = table_a.table_byte(t)
+                tb[t] = table_b.table_byte(t)
+            for pb in range(pre_blocks):
+                if pc * pre_blocks + pb < blocks:
+                    for b in T.serial(steps):
+                        wd[(pc * pre_blocks + pb) // ntv, b, 0, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = decode(
+                            ta, tb, wp, kinds, T.min(pc * pre_blocks + pb, blocks8 - 1), b, False)
+                        wd[(pc * pre_blocks + pb) // ntv, b, 1, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = decode(
+                            ta, tb, wp, kinds, T.min(pc * pre_blocks + pb, blocks8 - 1), b, True)
+        if n_int8 > 0:  # the 8-bit rows over their slots (decoded from zero codes above)
+            for r in T.parallel(n_int8):
+                for b, h in T.grid(steps, 2):
+                    wd[cols8[r] // rows, b, h, T.ramp(cols8[r] % rows * 4, 1, 4)] = (
+                        T.bitwise_xor(w8[r, b, h, T.ramp(0, 1, 4)], T.broadcast(T.int8(-128), 4)) if signed
+                        else w8[r, b, h, T.ramp(0, 1, 4)])
+        multiply(xs4, wd, wd, xsum, bias, scale, out)
+
+    return kernel
+
+
+def layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.ndarray], table_of_group: Sequence[int],
+                  k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The constants of :func:`layer_dense_kernel`: ``(codes, kinds, w8, cols8)``.
+
+    ``groups``: each row group's stored weights, packed 4-bit rows (``[rows, ceil(k / 2)]``
+    uint8) or int8 rows (``[rows, k]``); ``table_of_group``: 0 or 1 for a 4-bit group's decode
+    table, -1 for an int8 group; ``order[c] = (group, row)``: the source of output row ``c``.
+    """
+    n, w_bytes = len(order), (k + 1) // 2
+    steps = -(-w_bytes // 4)
+    packed = np.zeros((n, w_bytes), np.uint8)
+    kind = np.zeros(n, np.uint8)
+    int8_rows, cols8 = [], []
+    for c, (gi, r) in enumerate(order):
+        if table_of_group[gi] < 0:
+            row = np.zeros(2 * steps * 4, np.int8)
+            row[:k] = groups[gi][r]
+            int8_rows.append(row.reshape(steps, 4, 2).transpose(0, 2, 1))  # [step, plane, byte]
+            cols8.append(c)
+        else:
+            if groups[gi].shape[1] != w_bytes:
+                raise ValueError(f"layer_weights: group {gi} has {groups[gi].shape[1]} bytes per row, not {w_bytes}")
+            packed[c] = groups[gi][r]
+            kind[c] = 255 * table_of_group[gi]
+    codes = tile_weights(packed, 8, 4)
+    kinds = np.repeat(np.concatenate([kind, np.zeros(-n % 8, np.uint8)]).reshape(-1, 8), 4, axis=1)
+    w8 = np.stack(int8_rows) if int8_rows else np.zeros((1, steps, 2, 4), np.int8)
+    return codes, np.ascontiguousarray(kinds), np.ascontiguousarray(w8), np.array(cols8 or [0], np.int32)
+
 
 def taps_first_weights(w: np.ndarray, channels: int, kh: int, kw: int) -> np.ndarray:
     """Conv weights as the per-tap kernel reads them, ``[n, (ky, kx, channel)]``: int8 rows

@@ -639,7 +639,8 @@ def test_broadcast_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host
 def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
     and column counts: padded tiles and steps), and the model stays bit-exact. From 8
-    activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes)."""
+    activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes); built
+    for AVX2 there, since on VNNI such layers become one kernel each (tested below)."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -653,7 +654,7 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     calib = [torch.randn(8, 77) for _ in range(2)]
     q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), calib)
     x = torch.randn(batch, 77)
-    exe = rmsmp.compile(q, (x,))
+    exe = rmsmp.compile(q, (x,), _x86_target("haswell") if batch >= 8 else host_target)
     tiled = {gv.name_hint: [int(v) for v in f.attrs["rmsmp.weight_tiles"]] for gv, f in exe.ir.functions.items()
              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.weight_tiles" in f.attrs}
     groups = [gv.name_hint for gv, f in exe.ir.functions.items()
@@ -724,4 +725,84 @@ def test_compiled_conv_layers_read_taps_first_weight_constants(host_target):
     assert first and second
     assert all([int(v) for v in f.attrs["rmsmp.weight_taps_first"]] == [64, 3, 3] for f in first)
     assert not any("rmsmp.weight_taps_first" in f.attrs for f in second)
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+
+
+LAYER_CASES = [
+    # (m, k, n, activations, share of sp2_4 / fixed_4 / fixed_8 rows)
+    (8, 64, 8, "int8", (0.6, 0.35, 0.05)),
+    (13, 77, 61, "uint8", (0.6, 0.35, 0.05)),   # odd K: half-empty last byte, padded step
+    (17, 130, 50, "int8", (0.6, 0.35, 0.05)),
+    (9, 64, 40, "int8", (0.5, 0.5, 0.0)),       # no 8-bit rows
+    (9, 64, 40, "uint8", (0.0, 0.0, 1.0)),      # 8-bit rows only
+    (11, 96, 33, "int8", (1.0, 0.0, 0.0)),      # one 4-bit table
+]
+
+
+@pytest.mark.parametrize("m,k,n,act,shares", LAYER_CASES)
+def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, host_target):
+    """A whole layer (rows of three schemes, in a scattered order) in one kernel equals numpy,
+    its outputs in the order given; extreme activations included."""
+    from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
+    from tvm_rmsmp.schemes import nibble_decode
+
+    if x86_isa(host_target) != "avx512vnni":
+        pytest.skip("needs AVX-512 VNNI")
+    rng = np.random.default_rng(n * 1000 + m)
+    names = ["sp2_4", "fixed_4", "fixed_8"]
+    kind = rng.choice(3, size=n, p=shares)
+    w_int = np.zeros((n, k), np.int64)
+    groups, table_of_group, source = [], [], {}
+    tables = [s for s in names[:2] if (kind == names.index(s)).any()]
+    for gi, name in enumerate(names):
+        rows = np.nonzero(kind == gi)[0]
+        w_int[rows] = _random_rows(rng, name, (rows.size, k))
+        if name == "fixed_8":
+            groups.append(w_int[rows].astype(np.int8))
+            table_of_group.append(-1)
+        else:
+            groups.append(packed_weight(w_int[rows], name) if rows.size else np.zeros((0, (k + 1) // 2), np.uint8))
+            table_of_group.append(tables.index(name) if rows.size else 0)
+        source.update({c: (gi, r) for r, c in enumerate(rows)})
+    order = [source[c] for c in range(n)]
+    levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
+    func = layer_dense_kernel(m, k, n, act, levels, int((kind == 2).sum()))
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target)
+    consts = layer_weights(order, groups, table_of_group, k)
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    for x in (rng.integers(lo, hi + 1, size=(m, k)).astype(act), np.full((m, k), lo if act == "int8" else hi, act)):
+        out = _run(exe, x, *consts, bias, scale, np.zeros((m, n), np.float32))
+        np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, host_target):
+    """With 8+ activation rows on VNNI each split dense layer is one kernel: no concatenation
+    and no gather are left (the final gather is folded into the kernel through the reshape
+    back to 3-D); with fewer rows the row groups stay. Bit-exact either way."""
+    import torch
+    from tvm import relax
+
+    import tvm_rmsmp as rmsmp
+    from schedules.x86_intrin import BROADCAST_MIN_ROWS, x86_isa
+
+    if x86_isa(host_target) != "avx512vnni":
+        pytest.skip("needs AVX-512 VNNI")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 40)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), [torch.randn(16, 64) for _ in range(2)])
+    x = torch.randn(1, batch, 64)
+    exe = rmsmp.compile(q, (x,))
+    ops = []
+    relax.analysis.post_order_visit(exe.ir["main"], lambda e: ops.append(
+        e.args[0].name_hint if e.op.name == "relax.call_tir" else e.op.name)
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
+    fused = batch >= BROADCAST_MIN_ROWS
+    assert ("relax.concat" in ops) != fused and ("relax.take" in ops) != fused
+    layers = [op for op in ops if op.endswith("_layer")]
+    assert len(layers) == (2 if fused else 0)
+    assert exe.stats["cpu_kernels"] == ({"x86-avx512vnni-layer": 2} if fused else
+                                        {"x86-avx512vnni-table-decode": 4, "x86-avx512vnni-int8": 2})
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())

@@ -87,12 +87,14 @@ def lower(
 
 def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
     """How many row-group kernels of each kind a scheduled module has: ``rmsmp.cpu_kernel``
-    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``) or the generic schedule,
+    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``, or ``x86-avx512vnni-layer``
+    for a whole dense layer's row groups in one kernel) or the generic schedule,
     with the SP2 lowering of packed SP2 groups (``shift`` or ``decode``)."""
     kinds: Dict[str, int] = {}
     for _, func in mod.functions.items():
         attrs = getattr(func, "attrs", None)
-        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or "rmsmp.scheme" not in attrs:
+        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not ("rmsmp.scheme" in attrs or
+                                                                             "rmsmp.schemes" in attrs):
             continue
         kind = str(attrs.get("rmsmp.cpu_kernel", "generic"))
         if "rmsmp.sp2_lowering" in attrs and kind == "generic":

@@ -1,0 +1,208 @@
+"""Whole dense layers in one x86 kernel (part of the CPU target's ``prepare`` step).
+
+The passes leave a split dense layer as one row-group call per scheme, joined by a
+concatenation and, where :class:`~relay_passes.fold_row_permutation.FoldRowPermutation` could
+not fold it, a gather restoring the model's row order::
+
+    g0 = call_tir(sp2_4 rows, (x, W0, b0, s0)); g1 = ...; g2 = ...
+    c = concat((g0, g1, g2), axis=-1)
+    y = take(c, inverse, axis=-1)                  # where the order could not be folded
+                                                   # (also through reshapes keeping axis -1 last)
+
+With many activation rows (from :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` on) on
+AVX-512 VNNI the groups are decoded to int8 once per call anyway, so one kernel can decode
+them all into one matrix in the output order the graph wants and run a single GEMM
+(:func:`~schedules.x86_intrin.layer_dense_kernel`): the concatenation and the gather go away
+(128 x 3072 outputs: 35 + 141 us of a 2.0 ms layer), and so do two of three kernel launches
+and the partial register tiles at the end of each group. ``y`` (or ``c``, when no gather
+follows or something else reads it) becomes one ``call_tir`` of that kernel; the dead group
+calls are removed.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.target import Target
+
+from relay_passes._ir import callee
+from tvm_rmsmp.schemes import get_scheme, nibble_decode
+
+from .x86_intrin import BROADCAST_MIN_ROWS, layer_dense_kernel, layer_weights, x86_isa
+
+__all__ = ["fuse_dense_layers"]
+
+
+def _op(expr) -> str:
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
+
+
+def _const(expr) -> Optional[np.ndarray]:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+
+
+def _uses(func: relax.Function) -> Dict[relax.Var, int]:
+    """How many times each variable is read in ``func``."""
+    counts: Dict[relax.Var, int] = {}
+
+    def read(expr) -> None:
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+        elif isinstance(expr, relax.Call):
+            for arg in expr.args:
+                read(arg)
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                read(field)
+        elif isinstance(expr, relax.TupleGetItem):
+            read(expr.tuple_value)
+
+    body = func.body
+    for block in body.blocks:
+        for binding in block.bindings:
+            read(binding.value)
+    read(body.body)
+    return counts
+
+
+class _Layer:
+    """The row groups of one dense layer joined by a concatenation, in concatenation order."""
+
+    def __init__(self, x: relax.Expr, layer: str, groups: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]):
+        self.x, self.layer, self.groups = x, layer, groups  # groups: (scheme, stored weights, bias, scale)
+
+    @property
+    def concat_order(self) -> List[Tuple[int, int]]:
+        return [(gi, r) for gi, (_, w, _, _) in enumerate(self.groups) for r in range(w.shape[0])]
+
+
+def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
+    """The layer behind ``concat`` if one kernel can compute it, else None."""
+    if _op(concat) != "relax.concat" or not isinstance(concat.args[0], relax.Tuple):
+        return None
+    ndim = len(concat.ty.shape)
+    if ndim != 2 or concat.attrs.axis is None or int(concat.attrs.axis) % ndim != 1:
+        return None
+    x, layer, groups, tables = None, None, [], set()
+    for field in concat.args[0].fields:
+        call = var2val.get(field) if isinstance(field, relax.Var) else None
+        func = callee(mod, call) if isinstance(call, relax.Call) else None
+        attrs = func.attrs if func is not None else None
+        if attrs is None or "rmsmp.scheme" not in attrs or str(attrs.get("rmsmp.op", "")) != "dense" \
+                or "tirx.is_scheduled" in attrs:
+            return None  # not a row group, or one with a schedule of its own (tuned)
+        xq, w, bias, scale = list(call.args[1].fields)
+        values = [_const(w), _const(bias), _const(scale)]
+        if any(v is None for v in values) or (x is not None and not xq.same_as(x)) \
+                or (layer is not None and layer != str(attrs["rmsmp.layer"])):
+            return None
+        x, layer = xq, str(attrs["rmsmp.layer"])
+        scheme = str(attrs["rmsmp.scheme"])
+        if "rmsmp.packed" in attrs:
+            tables.add(scheme)
+        elif get_scheme(scheme).kind != "fixed" or values[0].dtype != np.int8:
+            return None  # unpacked SP2 codes
+        groups.append((scheme, *values))
+    shape = [int(d) for d in x.ty.shape]
+    if len(tables) > 2 or shape[0] < BROADCAST_MIN_ROWS or str(x.ty.dtype) not in ("uint8", "int8"):
+        return None
+    return _Layer(x, layer, groups)
+
+
+def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int):
+    """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``."""
+    schemes = [g[0] for g in layer.groups]
+    tables = list(dict.fromkeys(s for s, w, _, _ in layer.groups if w.dtype == np.uint8))
+    table_of_group = [tables.index(s) if w.dtype == np.uint8 else -1 for s, w, _, _ in layer.groups]
+    m, k = (int(d) for d in layer.x.ty.shape)
+    codes, kinds, w8, cols8 = layer_weights(order, [g[1] for g in layer.groups], table_of_group, k)
+    bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
+    scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
+    levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
+    n_int8 = sum(1 for gi, _ in order if table_of_group[gi] < 0)
+    kernel = layer_dense_kernel(m, k, len(order), str(layer.x.ty.dtype), levels, n_int8, num_cores=cores)
+    attrs = {"rmsmp.op": "dense", "rmsmp.layer": layer.layer, "rmsmp.schemes": schemes, "op_pattern": 8,
+             "rmsmp.cpu_kernel": "x86-avx512vnni-layer", "tirx.is_scheduled": True}
+    for key, value in attrs.items():
+        kernel = kernel.with_attr(key, value)
+    name = "rmsmp_dense_" + "".join(ch if ch.isalnum() else "_" for ch in layer.layer) + "_layer"
+    gv = builder.add_func(kernel, name)
+    consts = [relax.const(codes, "uint8"), relax.const(kinds, "uint8"), relax.const(w8, "int8"),
+              relax.const(cols8, "int32"), relax.const(bias, "int32"), relax.const(scale, "float32")]
+    return relax.call_tir(gv, [layer.x] + consts, relax.TensorType([m, len(order)], "float32"))
+
+
+def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+    """Every split dense layer with enough activation rows as one kernel (module docstring);
+    ``mod`` as it is on targets without AVX-512 VNNI."""
+    if x86_isa(target) != "avx512vnni":
+        return mod
+    cores = int(target.attrs.get("num-cores", 0) or 0) or 1
+    original = mod
+
+    @mutator
+    class _Fuse(PyExprMutator):
+        def __init__(self, mod, var2val, uses):
+            super().__init__(mod)
+            self.var2val, self.uses, self.fused = var2val, uses, 0
+            self.folded = []  # concatenations whose only reader is a gather folded into the kernel
+            for value in var2val.values():
+                data = value.args[0] if _op(value) == "relax.take" else None
+                found = self._gather(value) if isinstance(data, relax.Var) and uses.get(data, 0) == 1 else None
+                if found is not None:
+                    self.folded.append(found[2])
+
+        def _is_folded(self, concat) -> bool:
+            return any(concat.same_as(c) for c in self.folded)
+
+        def _gather(self, take: relax.Call):
+            """(layer, output order, concatenation) of a gather over a fusable layer's
+            concatenation (through reshapes that keep the channel axis last and have no other
+            reader), or None."""
+            data, indices = take.args
+            index = _const(indices)
+            ndim = len(take.ty.shape) if take.ty is not None else 0
+            if index is None or index.ndim != 1 or ndim < 2 or take.attrs.axis is None \
+                    or int(take.attrs.axis) % ndim != ndim - 1 or not isinstance(data, relax.Var):
+                return None
+            source = self.var2val.get(data)
+            while _op(source) == "relax.reshape" and isinstance(source.args[0], relax.Var) \
+                    and self.uses.get(source.args[0], 0) == 1:
+                source = self.var2val.get(source.args[0])
+            layer = _layer(original, self.var2val, source) if _op(source) == "relax.concat" else None
+            if layer is None or sorted(index.tolist()) != list(range(len(layer.concat_order))):
+                return None
+            return layer, [layer.concat_order[i] for i in index], source
+
+        def visit_call_(self, call):
+            if _op(call) == "relax.take":
+                found = self._gather(call)
+                if found is not None and self._is_folded(found[2]):
+                    self.fused += 1
+                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores))
+                    shape = [int(d) for d in call.ty.shape]
+                    return out if shape == [int(d) for d in out.ty.shape] else relax.op.reshape(out, shape)
+            if _op(call) == "relax.concat" and not self._is_folded(call):
+                layer = _layer(original, self.var2val, call)
+                if layer is not None:
+                    self.fused += 1
+                    return _kernel_call(self.builder_, layer, layer.concat_order, cores)
+            return super().visit_call_(call)
+
+    fused = 0
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, relax.Function):
+            continue
+        fuser = _Fuse(mod, relax.analysis.get_var2val(func), _uses(func))
+        new_func = fuser.visit_expr(func)
+        if fuser.fused:
+            fused += fuser.fused
+            mod = fuser.builder_.get()
+            mod[gv] = new_func
+    if not fused:
+        return original
+    return relax.transform.DeadCodeElimination()(mod)
