@@ -89,10 +89,14 @@ def decode_table(levels: Sequence[int]) -> np.ndarray:
     return table.astype(np.int8)
 
 
-def vector_bytes(isa: str, n_bytes: int) -> int:
-    """Weight bytes per vector step: 32 (ymm). The kernel also builds with 64 (zmm, VNNI, rows
-    of a multiple of 64 bytes), but on znver4, which runs 512-bit operations as two halves,
-    that measured 1.1-1.4x slower at batch 128 (``bench/cpu.py`` machine, 2 threads)."""
+def vector_bytes(isa: str, n_bytes: int, m: int, conv: bool = False) -> int:
+    """Weight bytes per vector step, for ``n_bytes`` stored bytes per row and ``m`` GEMM rows:
+    64 (zmm) for a batch-1 dense on VNNI whose rows pad by at most an eighth, else 32 (ymm).
+    znver4 runs 512-bit operations as two halves, so zmm halves the instructions, not the
+    work: at batch 1, where the decode's instructions are the bound, 1.10x (1 x 768 x 1843 and
+    1 x 3072 x 461 SP2 rows, one thread); at batch 128 1.1-1.4x slower."""
+    if isa == "avx512vnni" and m == 1 and not conv and -n_bytes % 64 <= n_bytes // 8:
+        return 64
     return 32
 
 
@@ -229,7 +233,7 @@ def gemm_kernel(
         raise ValueError("gemm_kernel: tiled weights are for dense row groups")
     if conv is not None and (conv.m != m or conv.k != k):
         raise ValueError(f"gemm_kernel: conv geometry gives m={conv.m}, k={conv.k}, not {m}, {k}")
-    vec = vec or 32
+    vec = vec or vector_bytes(isa, (k + 1) // 2 if levels is not None else k, m, conv is not None)
     halves = 2 if packed else 1  # packed: even / odd codes of a byte meet separate activation planes
     if vec not in (32, 64) or (vec == 64 and isa != "avx512vnni"):
         raise ValueError(f"gemm_kernel: {vec}-byte vectors need VNNI")

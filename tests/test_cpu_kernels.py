@@ -806,3 +806,28 @@ def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, host_target):
     assert exe.stats["cpu_kernels"] == ({"x86-avx512vnni-layer": 2} if fused else
                                         {"x86-avx512vnni-table-decode": 4, "x86-avx512vnni-int8": 2})
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+
+
+def test_batch1_dense_rows_use_512_bit_vectors_on_vnni(host_target):
+    """Batch-1 dense rows on VNNI read 64-byte steps where padding costs at most an eighth
+    (``vector_bytes``); the compiled model stays bit-exact."""
+    import torch
+
+    import tvm_rmsmp as rmsmp
+    from schedules.x86_intrin import vector_bytes, x86_isa
+
+    assert vector_bytes("avx512vnni", 384, 1) == 64 and vector_bytes("avx512vnni", 384, 128) == 32
+    assert vector_bytes("avx512vnni", 39, 1) == 32 and vector_bytes("avx2", 384, 1) == 32
+    assert vector_bytes("avx512vnni", 384, 1, conv=True) == 32
+    if x86_isa(host_target) != "avx512vnni":
+        pytest.skip("needs AVX-512 VNNI")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 24)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), [torch.randn(8, 256) for _ in range(2)])
+    x = torch.randn(1, 256)
+    exe = rmsmp.compile(q, (x,))
+    tiles = {str(f.attrs["rmsmp.scheme"]): [int(v) for v in f.attrs["rmsmp.weight_tiles"]]
+             for f in exe.ir.functions.values()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.weight_tiles" in f.attrs}
+    assert tiles["sp2_4"][1] == 64 and tiles["fixed_4"][1] == 64 and tiles["fixed_8"][1] == 64
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
