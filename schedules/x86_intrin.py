@@ -587,8 +587,12 @@ BROADCAST_MIN_ROWS = 8
 
 class _OuterProductGemm:
     """What the outer-product kernels share: the activation planes and the register-tiled MAC
-    loop with its epilogue, as TVMScript macros; the kernels differ in how they prepare the
-    weights (``wd``: ``[tile, step, plane, rows * 4]`` int8, the MAC's operand as it is)."""
+    loop with its epilogue, as TVMScript macros; the kernels differ in how they prepare a
+    chunk of weights (``[tile, step, plane, rows * 4]`` int8, the MAC's operand as it is).
+    Register tiles past the last 8-row block of weights read it again; they are never stored."""
+
+    #: bytes of prepared weights per chunk of register tiles (kept in L2)
+    L2_CHUNK = 96 * 1024
 
     def __init__(self, m: int, k: int, n: int, x_dtype: str, isa: str, halves: int, w_bytes: int, ops: _VectorOps,
                  tiles, num_cores: int):
@@ -602,18 +606,13 @@ class _OuterProductGemm:
         self.rows = self.ntv * 8  # weight rows per register tile
         self.m_tiles, self.n_tiles = -(-m // self.mt), -(-n // self.rows)
         cores = max(1, num_cores)
-        # a chunk of weight tiles stays in L2 (about 96 KiB) while the activation tiles pass over it
-        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, (96 * 1024) // (self.rows * self.width * halves)))
+        # a chunk of weight tiles stays in L2 while the activation tiles pass over it
+        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, self.L2_CHUNK // (self.rows * self.width * halves)))
         self.n_chunks = -(-self.n_tiles // self.per_chunk)
         m_blocks = max(1, min(self.m_tiles, -(-4 * cores // self.n_chunks)))
         self.per_block = -(-self.m_tiles // m_blocks)
         self.tasks = -(-self.m_tiles // self.per_block) * self.n_chunks
-        # 8-row blocks the register tiles read (past blocks8: the last again, never stored)
-        self.blocks = self.n_tiles * self.ntv
-        self.pre_chunks = min(self.blocks, 4 * cores)
-        self.pre_blocks = -(-self.blocks // self.pre_chunks)
         self.ops = ops
-        self.wd_shape = (self.n_tiles, self.steps, halves, self.rows * 4)
 
     def stage(self):
         """Macro ``stage(x, xs, xsum)``: the activations split into ``halves`` planes (packed
@@ -637,13 +636,19 @@ class _OuterProductGemm:
 
         return stage
 
-    def multiply(self, weights):
-        """Macro ``multiply(xs4, wd, wp, xsum, bias, scale, out)``: every register tile's MACs
-        and epilogue; ``weights(wd, wp, tile, step, plane, vector)`` is a tile's 8-row vector."""
+    def multiply(self, prepare):
+        """Macro ``multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3)``: every register
+        tile's MACs and epilogue. ``prepare(wc, first_tile, w0, w1, w2, w3)`` is a macro that
+        writes the int8 weights of ``per_chunk`` register tiles from ``first_tile`` on into
+        ``wc`` (``[tile, step, plane, rows * 4]``) from the kernel's weight buffers ``w0..w3``;
+        each task prepares its own chunk right before its MACs, so the chunk is still in L2
+        when they read it (decoding the whole layer first, 2.4 MB at 768 x 3072, left it in L3:
+        7% of that GEMM). None: ``w0`` (``[blocks8, steps, 32]``) is read as it is."""
         m, n, mt, ntv, rows, halves = self.m, self.n, self.mt, self.ntv, self.rows, self.halves
-        steps, m_tiles, n_tiles = self.steps, self.m_tiles, self.n_tiles
+        steps, m_tiles, n_tiles, blocks8 = self.steps, self.m_tiles, self.n_tiles, self.blocks8
         per_chunk, per_block, n_chunks, tasks = self.per_chunk, self.per_block, self.n_chunks, self.tasks
         signed, w_off, mac = self.signed, self.ops.w_off, self.ops.mac
+        chunk_shape = (per_chunk, steps, halves, rows * 4)
 
         def offset_sum(acc, xsum, row, lanes=8):
             """The integer sums of ``row``'s products with the weights as stored (``acc`` less
@@ -656,11 +661,22 @@ class _OuterProductGemm:
             """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
             return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
 
+        def weights(wc, w0, task, tt, step, h, v):
+            """The 8-row weight vector ``v`` of the task's register tile ``tt``, plane ``h``."""
+            if prepare is not None:
+                return wc[tt, step, h, T.ramp(v * 32, 1, 32)]
+            return w0[T.min(((task % n_chunks) * per_chunk + tt) * ntv + v, blocks8 - 1), step, T.ramp(0, 1, 32)]
+
         @T.macro
-        def multiply(xs4, wd, wp, xsum, bias, scale, out):
+        def multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3):
             for task in T.parallel(tasks):
-                # local buffers in a parallel loop are heap workspaces: allocate once per task
+                # buffers in a parallel loop are heap workspaces: allocated once per task
                 acc = T.alloc_buffer((mt * ntv * 8,), "int32", scope="local")
+                if prepare is not None:
+                    wc = T.alloc_buffer(chunk_shape, "int8")
+                    prepare(wc, (task % n_chunks) * per_chunk, w0, w1, w2, w3)
+                else:
+                    wc = T.decl_buffer(chunk_shape, "int8", data=w0.data)  # not read
                 for tb in range(per_block):
                     for tt in range(per_chunk):
                         if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
@@ -675,7 +691,7 @@ class _OuterProductGemm:
                                                 T.reinterpret(T.broadcast(
                                                     xs4[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, b], 8),
                                                     dtype="int8x32"),
-                                                weights(wd, wp, (task % n_chunks) * per_chunk + tt, b, h, v))
+                                                weights(wc, w0, task, tt, b, h, v))
                             for mi, v in T.grid(mt, ntv):
                                 if ((task // n_chunks) * per_block + tb) * mt + mi < m:
                                     if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + 8 <= n:
@@ -728,17 +744,31 @@ def broadcast_dense_kernel(
     halves = 2 if packed else 1
     ops = _VectorOps(isa, 32, signed, levels)
     g = _OuterProductGemm(m, k, n, x_dtype, isa, halves, (k + 1) // 2 if packed else k, ops, tiles, num_cores)
-    steps, blocks8, blocks, ntv = g.steps, g.blocks8, g.blocks, g.ntv
-    pre_chunks, pre_blocks = g.pre_chunks, g.pre_blocks
-    prepared = packed or signed  # else the laid-out int8 rows are read as they are
+    steps, blocks8, ntv, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.per_chunk, g.n_tiles
     w_dtype = "uint8" if packed else "int8"
 
-    def weights(wd, wp, tile, step, h, v):
-        if prepared:
-            return wd[tile, step, h, T.ramp(v * 32, 1, 32)]
-        return wp[T.min(tile * ntv + v, blocks8 - 1), step, T.ramp(0, 1, 32)]
+    @T.macro
+    def prepare(wc, first_tile, wp, w1, w2, w3):
+        """Packed rows decoded to int8 (offset for signed activations); int8 rows offset."""
+        table = T.alloc_buffer((32,), "int8", scope="local")
+        if packed:
+            for t in T.unroll(32):
+                table[t] = ops.table_byte(t)
+        for tt, v in T.grid(per_chunk, ntv):
+            if first_tile + tt < n_tiles:
+                for b in T.serial(steps):
+                    if packed:
+                        wc[tt, b, 0, T.ramp(v * 32, 1, 32)] = ops.decode(
+                            table, wp[T.min((first_tile + tt) * ntv + v, blocks8 - 1), b, T.ramp(0, 1, 32)], False)
+                        wc[tt, b, 1, T.ramp(v * 32, 1, 32)] = ops.decode(
+                            table, wp[T.min((first_tile + tt) * ntv + v, blocks8 - 1), b, T.ramp(0, 1, 32)], True)
+                    else:
+                        wc[tt, b, 0, T.ramp(v * 32, 1, 32)] = T.bitwise_xor(
+                            wp[T.min((first_tile + tt) * ntv + v, blocks8 - 1), b, T.ramp(0, 1, 32)],
+                            T.broadcast(T.int8(-128), 32))
 
-    stage, multiply = g.stage(), g.multiply(weights)
+    # unsigned activations meet int8 rows as they are laid out
+    stage, multiply = g.stage(), g.multiply(prepare if packed or signed else None)
 
     @T.prim_func(private=True)
     def kernel(
@@ -757,28 +787,7 @@ def broadcast_dense_kernel(
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
         stage(x, xs, xsum)
-        if prepared:
-            wd = T.alloc_buffer(g.wd_shape, "int8")
-            for pc in T.parallel(pre_chunks):
-                table = T.alloc_buffer((32,), "int8", scope="local")
-                if packed:
-                    for t in T.unroll(32):
-                        table[t] = ops.table_byte(t)
-                for pb in range(pre_blocks):
-                    if pc * pre_blocks + pb < blocks:
-                        for b in T.serial(steps):
-                            if packed:
-                                wd[(pc * pre_blocks + pb) // ntv, b, 0, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = (
-                                    ops.decode(table, wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)], False))
-                                wd[(pc * pre_blocks + pb) // ntv, b, 1, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = (
-                                    ops.decode(table, wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)], True))
-                            else:  # int8 rows, signed activations: the rows offset to unsigned
-                                wd[(pc * pre_blocks + pb) // ntv, b, 0, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = (
-                                    T.bitwise_xor(wp[T.min(pc * pre_blocks + pb, blocks8 - 1), b, T.ramp(0, 1, 32)],
-                                                  T.broadcast(T.int8(-128), 32)))
-        else:
-            wd = T.decl_buffer(g.wd_shape, "int8", data=wp.data)  # not read
-        multiply(xs4, wd, wp, xsum, bias, scale, out)
+        multiply(xs4, xsum, bias, scale, out, wp, wp, wp, wp)
 
     return kernel.with_attr("rmsmp.weight_tiles", [8, 4])
 
@@ -809,12 +818,8 @@ def layer_dense_kernel(
     tables = [_VectorOps("avx512vnni", 32, signed, levels, w_off=w_off) for levels in table_levels]
     table_a, table_b = tables[0], tables[-1]
     g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores)
-    steps, blocks8, blocks, ntv, rows = g.steps, g.blocks8, g.blocks, g.ntv, g.rows
-    pre_chunks, pre_blocks = g.pre_chunks, g.pre_blocks
+    steps, blocks8, ntv, rows, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.rows, g.per_chunk, g.n_tiles
     rows8 = max(n_int8, 1)
-
-    def weights(wd, wp, tile, step, h, v):
-        return wd[tile, step, h, T.ramp(v * 32, 1, 32)]
 
     def decode(ta, tb, wp, kinds, block, step, high):
         """The int8 (offset) levels of an 8-row block's low or high nibbles: each byte from
@@ -824,7 +829,29 @@ def layer_dense_kernel(
         b = table_b.decode(tb, wp[block, step, T.ramp(0, 1, 32)], high)
         return T.bitwise_or(T.bitwise_and(a, T.bitwise_not(mask)), T.bitwise_and(b, mask))
 
-    stage, multiply = g.stage(), g.multiply(weights)
+    @T.macro
+    def prepare(wc, first_tile, wp, kinds, w8, cols8):
+        """The chunk's 4-bit rows decoded by their tables, then its 8-bit rows over their slots."""
+        ta = T.alloc_buffer((32,), "int8", scope="local")
+        tb = T.alloc_buffer((32,), "int8", scope="local")
+        for t in T.unroll(32):
+            ta[t] = table_a.table_byte(t)
+            tb[t] = table_b.table_byte(t)
+        for tt, v in T.grid(per_chunk, ntv):
+            if first_tile + tt < n_tiles:
+                for b in T.serial(steps):
+                    wc[tt, b, 0, T.ramp(v * 32, 1, 32)] = decode(
+                        ta, tb, wp, kinds, T.min((first_tile + tt) * ntv + v, blocks8 - 1), b, False)
+                    wc[tt, b, 1, T.ramp(v * 32, 1, 32)] = decode(
+                        ta, tb, wp, kinds, T.min((first_tile + tt) * ntv + v, blocks8 - 1), b, True)
+        for r in T.serial(n_int8):
+            if first_tile * rows <= cols8[r] and cols8[r] < (first_tile + per_chunk) * rows:
+                for b, h in T.grid(steps, 2):
+                    wc[cols8[r] // rows - first_tile, b, h, T.ramp(cols8[r] % rows * 4, 1, 4)] = (
+                        T.bitwise_xor(w8[r, b, h, T.ramp(0, 1, 4)], T.broadcast(T.int8(-128), 4)) if signed
+                        else w8[r, b, h, T.ramp(0, 1, 4)])
+
+    stage, multiply = g.stage(), g.multiply(prepare)
 
     @T.prim_func(private=True)
     def kernel(
@@ -846,27 +873,7 @@ def layer_dense_kernel(
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
         stage(x, xs, xsum)
-        wd = T.alloc_buffer(g.wd_shape, "int8")
-        for pc in T.parallel(pre_chunks):
-            ta = T.alloc_buffer((32,), "int8", scope="local")
-            tb = T.alloc_buffer((32,), "int8", scope="local")
-            for t in T.unroll(32):
-                ta[t] = table_a.table_byte(t)
-                tb[t] = table_b.table_byte(t)
-            for pb in range(pre_blocks):
-                if pc * pre_blocks + pb < blocks:
-                    for b in T.serial(steps):
-                        wd[(pc * pre_blocks + pb) // ntv, b, 0, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = decode(
-                            ta, tb, wp, kinds, T.min(pc * pre_blocks + pb, blocks8 - 1), b, False)
-                        wd[(pc * pre_blocks + pb) // ntv, b, 1, T.ramp((pc * pre_blocks + pb) % ntv * 32, 1, 32)] = decode(
-                            ta, tb, wp, kinds, T.min(pc * pre_blocks + pb, blocks8 - 1), b, True)
-        if n_int8 > 0:  # the 8-bit rows over their slots (decoded from zero codes above)
-            for r in T.parallel(n_int8):
-                for b, h in T.grid(steps, 2):
-                    wd[cols8[r] // rows, b, h, T.ramp(cols8[r] % rows * 4, 1, 4)] = (
-                        T.bitwise_xor(w8[r, b, h, T.ramp(0, 1, 4)], T.broadcast(T.int8(-128), 4)) if signed
-                        else w8[r, b, h, T.ramp(0, 1, 4)])
-        multiply(xs4, wd, wd, xsum, bias, scale, out)
+        multiply(xs4, xsum, bias, scale, out, wp, kinds, w8, cols8)
 
     return kernel
 
