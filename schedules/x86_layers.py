@@ -21,6 +21,7 @@ calls are removed.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -141,7 +142,7 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     ``mod`` as it is on targets without AVX-512 VNNI."""
     if x86_isa(target) != "avx512vnni":
         return mod
-    cores = int(target.attrs.get("num-cores", 0) or 0) or 1
+    cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     original = mod
 
     @mutator
