@@ -794,7 +794,7 @@ def broadcast_dense_kernel(
 
 def layer_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int, tiles=None,
-    num_cores: int = 1,
+    num_cores: int = 1, vbmi: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """A whole quantized dense layer on AVX-512 VNNI, every row group in one outer-product GEMM
     whose outputs come in the order the graph wants them (the model's row order, or the order
@@ -808,7 +808,10 @@ def layer_dense_kernel(
     split into the even / odd planes, and their output rows. Per call the codes are decoded by
     both tables and blended by ``kinds``, the 8-bit rows written over their slots: the weights
     are then one int8 matrix, offset by 128 for signed activations (VNNI sums in int32, so
-    4-bit levels + 128 need no pair bound).
+    4-bit levels + 128 need no pair bound). ``vbmi`` (AVX-512 VBMI): both tables in one 32-byte
+    ``vpermb`` lookup indexed by the code and the row's kind, 5 vector operations per 32 bytes
+    instead of 12 (two shuffles per table and a blend): 8 x 768 x 3072 166 -> 160 us, under 1%
+    at 128 rows, where streaming the packed rows in, not decoding them, is most of the cost.
     """
     _check_outer_product("layer_dense_kernel", "avx512vnni", x_dtype)
     if len(table_levels) not in (1, 2):
@@ -823,10 +826,18 @@ def layer_dense_kernel(
 
     def decode(ta, tb, wp, kinds, block, step, high):
         """The int8 (offset) levels of an 8-row block's low or high nibbles: each byte from
-        the table its row uses."""
+        the table its row uses (``ta`` holds both tables when ``vbmi``)."""
+        codes = wp[block, step, T.ramp(0, 1, 32)]
+        if vbmi:  # index: the code, plus 16 for the second table (vpermb reads 5 bits)
+            nibbles = T.shift_right(codes, T.broadcast(T.uint8(4), 32)) if high else codes
+            index = T.bitwise_or(T.bitwise_and(nibbles, T.broadcast(T.uint8(15), 32)),
+                                 T.bitwise_and(kinds[block, T.ramp(0, 1, 32)], T.broadcast(T.uint8(16), 32)))
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.256"),
+                                           ta[T.ramp(0, 1, 32)], T.reinterpret(index, dtype="int8x32"),
+                                           dtype="int8x32")
         mask = T.reinterpret(kinds[block, T.ramp(0, 1, 32)], dtype="int8x32")
-        a = table_a.decode(ta, wp[block, step, T.ramp(0, 1, 32)], high)
-        b = table_b.decode(tb, wp[block, step, T.ramp(0, 1, 32)], high)
+        a = table_a.decode(ta, codes, high)
+        b = table_b.decode(tb, codes, high)
         return T.bitwise_or(T.bitwise_and(a, T.bitwise_not(mask)), T.bitwise_and(b, mask))
 
     @T.macro
@@ -835,7 +846,10 @@ def layer_dense_kernel(
         ta = T.alloc_buffer((32,), "int8", scope="local")
         tb = T.alloc_buffer((32,), "int8", scope="local")
         for t in T.unroll(32):
-            ta[t] = table_a.table_byte(t)
+            if vbmi:  # 16 entries of each table
+                ta[t] = T.Select(t < 16, table_a.table_byte(t), table_b.table_byte(t))
+            else:
+                ta[t] = table_a.table_byte(t)
             tb[t] = table_b.table_byte(t)
         for tt, v in T.grid(per_chunk, ntv):
             if first_tile + tt < n_tiles:

@@ -29,6 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.target import Target
+from tvm.target.codegen import target_has_features
 
 from relay_passes._ir import callee
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
@@ -114,7 +115,8 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
     return _Layer(x, layer, groups)
 
 
-def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int):
+def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
+                 vbmi: bool):
     """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``."""
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(s for s, w, _, _ in layer.groups if w.dtype == np.uint8))
@@ -125,7 +127,8 @@ def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tup
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
     levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
     n_int8 = sum(1 for gi, _ in order if table_of_group[gi] < 0)
-    kernel = layer_dense_kernel(m, k, len(order), str(layer.x.ty.dtype), levels, n_int8, num_cores=cores)
+    kernel = layer_dense_kernel(m, k, len(order), str(layer.x.ty.dtype), levels, n_int8, num_cores=cores,
+                                vbmi=vbmi)
     attrs = {"rmsmp.op": "dense", "rmsmp.layer": layer.layer, "rmsmp.schemes": schemes, "op_pattern": 8,
              "rmsmp.cpu_kernel": "x86-avx512vnni-layer", "tirx.is_scheduled": True}
     for key, value in attrs.items():
@@ -143,6 +146,7 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     if x86_isa(target) != "avx512vnni":
         return mod
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    vbmi = target_has_features("avx512vbmi", target)
     original = mod
 
     @mutator
@@ -184,14 +188,14 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
                 found = self._gather(call)
                 if found is not None and self._is_folded(found[2]):
                     self.fused += 1
-                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores))
+                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores, vbmi))
                     shape = [int(d) for d in call.ty.shape]
                     return out if shape == [int(d) for d in out.ty.shape] else relax.op.reshape(out, shape)
             if _op(call) == "relax.concat" and not self._is_folded(call):
                 layer = _layer(original, self.var2val, call)
                 if layer is not None:
                     self.fused += 1
-                    return _kernel_call(self.builder_, layer, layer.concat_order, cores)
+                    return _kernel_call(self.builder_, layer, layer.concat_order, cores, vbmi)
             return super().visit_call_(call)
 
     fused = 0

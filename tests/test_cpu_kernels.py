@@ -739,15 +739,19 @@ LAYER_CASES = [
 ]
 
 
+@pytest.mark.parametrize("vbmi", [False, True])
 @pytest.mark.parametrize("m,k,n,act,shares", LAYER_CASES)
-def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, host_target):
+def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_target):
     """A whole layer (rows of three schemes, in a scattered order) in one kernel equals numpy,
-    its outputs in the order given; extreme activations included."""
+    its outputs in the order given; extreme activations included. Both decodes: two
+    ``vpshufb`` tables blended, and one ``vpermb`` over both (VBMI)."""
+    from tvm.target.codegen import target_has_features
+
     from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
     from tvm_rmsmp.schemes import nibble_decode
 
-    if x86_isa(host_target) != "avx512vnni":
-        pytest.skip("needs AVX-512 VNNI")
+    if x86_isa(host_target) != "avx512vnni" or (vbmi and not target_has_features("avx512vbmi", host_target)):
+        pytest.skip("needs AVX-512 VNNI (and VBMI)")
     rng = np.random.default_rng(n * 1000 + m)
     names = ["sp2_4", "fixed_4", "fixed_8"]
     kind = rng.choice(3, size=n, p=shares)
@@ -766,7 +770,7 @@ def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, host_target):
         source.update({c: (gi, r) for r, c in enumerate(rows)})
     order = [source[c] for c in range(n)]
     levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
-    func = layer_dense_kernel(m, k, n, act, levels, int((kind == 2).sum()))
+    func = layer_dense_kernel(m, k, n, act, levels, int((kind == 2).sum()), vbmi=vbmi)
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target)
     consts = layer_weights(order, groups, table_of_group, k)
     bias = rng.integers(-1000, 1000, n).astype(np.int32)
