@@ -116,28 +116,31 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
 
 
 def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
-                 vbmi: bool):
-    """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``."""
+                 vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
+    """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``. Layers of
+    the same shape and schemes share one kernel (``kernels``): their weights are arguments,
+    so MiniLM-L6's 36 dense layers build 3 kernels."""
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(s for s, w, _, _ in layer.groups if w.dtype == np.uint8))
     table_of_group = [tables.index(s) if w.dtype == np.uint8 else -1 for s, w, _, _ in layer.groups]
     m, k = (int(d) for d in layer.x.ty.shape)
+    n, x_dtype = len(order), str(layer.x.ty.dtype)
     codes, kinds, w8, cols8 = layer_weights(order, [g[1] for g in layer.groups], table_of_group, k)
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
-    levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
     n_int8 = sum(1 for gi, _ in order if table_of_group[gi] < 0)
-    kernel = layer_dense_kernel(m, k, len(order), str(layer.x.ty.dtype), levels, n_int8, num_cores=cores,
-                                vbmi=vbmi)
-    attrs = {"rmsmp.op": "dense", "rmsmp.layer": layer.layer, "rmsmp.schemes": schemes, "op_pattern": 8,
-             "rmsmp.cpu_kernel": "x86-avx512vnni-layer", "tirx.is_scheduled": True}
-    for key, value in attrs.items():
-        kernel = kernel.with_attr(key, value)
-    name = "rmsmp_dense_" + "".join(ch if ch.isalnum() else "_" for ch in layer.layer) + "_layer"
-    gv = builder.add_func(kernel, name)
+    key = (m, k, n, x_dtype, tuple(schemes), tuple(tables), n_int8)
+    if key not in kernels:
+        levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
+        kernel = layer_dense_kernel(m, k, n, x_dtype, levels, n_int8, num_cores=cores, vbmi=vbmi)
+        attrs = {"rmsmp.op": "dense", "rmsmp.schemes": schemes, "op_pattern": 8,
+                 "rmsmp.cpu_kernel": "x86-avx512vnni-layer", "tirx.is_scheduled": True}
+        for name, value in attrs.items():
+            kernel = kernel.with_attr(name, value)
+        kernels[key] = builder.add_func(kernel, f"rmsmp_dense_layer_{m}x{k}x{n}")
     consts = [relax.const(codes, "uint8"), relax.const(kinds, "uint8"), relax.const(w8, "int8"),
               relax.const(cols8, "int32"), relax.const(bias, "int32"), relax.const(scale, "float32")]
-    return relax.call_tir(gv, [layer.x] + consts, relax.TensorType([m, len(order)], "float32"))
+    return relax.call_tir(kernels[key], [layer.x] + consts, relax.TensorType([m, n], "float32"))
 
 
 def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
@@ -154,6 +157,7 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
         def __init__(self, mod, var2val, uses):
             super().__init__(mod)
             self.var2val, self.uses, self.fused = var2val, uses, 0
+            self.kernels: Dict[tuple, tvm.ir.GlobalVar] = {}
             self.folded = []  # concatenations whose only reader is a gather folded into the kernel
             for value in var2val.values():
                 data = value.args[0] if _op(value) == "relax.take" else None
@@ -188,14 +192,14 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
                 found = self._gather(call)
                 if found is not None and self._is_folded(found[2]):
                     self.fused += 1
-                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores, vbmi))
+                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores, vbmi, self.kernels))
                     shape = [int(d) for d in call.ty.shape]
                     return out if shape == [int(d) for d in out.ty.shape] else relax.op.reshape(out, shape)
             if _op(call) == "relax.concat" and not self._is_folded(call):
                 layer = _layer(original, self.var2val, call)
                 if layer is not None:
                     self.fused += 1
-                    return _kernel_call(self.builder_, layer, layer.concat_order, cores, vbmi)
+                    return _kernel_call(self.builder_, layer, layer.concat_order, cores, vbmi, self.kernels)
             return super().visit_call_(call)
 
     fused = 0
