@@ -18,6 +18,12 @@ after each split layer, where ``c`` holds the rows grouped by scheme. This pass 
 * into the next quantized layer, by permuting its weights' input channels (axis 1 of the
   dense ``[out, in]`` and conv ``[out, in, kh, kw]`` weights) at compile time.
 
+Where a layer's output, as its row groups left it, meets a tensor in the model's order (a
+residual add), the layer's output gets its order back: the one gather either way, but this
+one a target can fold into the layer's kernel (x86 with many activation rows), and nothing
+downstream carries an order. Where two permuted tensors meet, one is brought into the
+other's order and the permutation keeps flowing.
+
 Anything else that reads a permuted tensor (a residual add with a differently ordered tensor,
 a function output, an op this pass does not know) gets the ``take`` back right before it, so
 the result is always correct and the gather survives only where it cannot be folded.
@@ -46,10 +52,11 @@ _POOL_NCHW = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_a
 
 
 class _Permuted:
-    """``src[..., i, ...] == original[..., order[i], ...]`` along ``axis``."""
+    """``src[..., i, ...] == original[..., order[i], ...]`` along ``axis``; ``from_layer``:
+    ``src`` is a layer's row groups as they come (concatenated, at most reshaped)."""
 
-    def __init__(self, src: relax.Expr, order: np.ndarray, axis: int):
-        self.src, self.order, self.axis = src, order, axis
+    def __init__(self, src: relax.Expr, order: np.ndarray, axis: int, from_layer: bool = False):
+        self.src, self.order, self.axis, self.from_layer = src, order, axis, from_layer
 
 
 def _const(expr) -> Optional[np.ndarray]:
@@ -105,7 +112,7 @@ class _Folder(PyExprMutator):
         axis = int(call.attrs.axis) % len(_shape(data))
         if idx.size != _shape(data)[axis] or not np.array_equal(np.sort(idx), np.arange(idx.size)):
             return None
-        return _Permuted(self.visit_expr(data), np.argsort(idx), axis)
+        return _Permuted(self.visit_expr(data), np.argsort(idx), axis, from_layer=True)
 
     def _reorder(self, expr: relax.Expr, index: np.ndarray, axis: int) -> relax.Expr:
         """One gather that puts ``expr``'s channels into another order."""
@@ -132,6 +139,12 @@ class _Folder(PyExprMutator):
         c = _const(other)
         if c is None:
             if not isinstance(other, relax.Var) or _shape(other) != out_shape:
+                return False
+            if p.from_layer:
+                # A layer's output meets a tensor in the model's order: give the layer output its
+                # order back (the same one gather), where a target can fold it into the layer's
+                # kernel, instead of permuting the other tensor and carrying the order on.
+                self._materialize(a if pa is not None else b)
                 return False
             # A tensor in the model's order meets a permuted one: permute it (one gather) and
             # keep going, so the permutation can still fold into a later consumer.
@@ -173,7 +186,8 @@ class _Folder(PyExprMutator):
         else:
             return False
         self._emit(var, relax.Call(call.op, [p.src] + [self.visit_expr(x) for x in call.args[1:]], call.attrs, call.ty_args),
-                   _Permuted(None, order, a))
+                   _Permuted(None, order, a, from_layer=p.from_layer and a == len(dst_shape) - 1
+                                                 and p.axis == len(src_shape) - 1))
         return True
 
     def _fold_into_consumer(self, var, call) -> bool:

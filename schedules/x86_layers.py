@@ -48,26 +48,13 @@ def _const(expr) -> Optional[np.ndarray]:
 
 
 def _uses(func: relax.Function) -> Dict[relax.Var, int]:
-    """How many times each variable is read in ``func``."""
+    """How many bindings (and the function's result) read each variable of ``func``."""
     counts: Dict[relax.Var, int] = {}
-
-    def read(expr) -> None:
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-        elif isinstance(expr, relax.Call):
-            for arg in expr.args:
-                read(arg)
-        elif isinstance(expr, relax.Tuple):
-            for field in expr.fields:
-                read(field)
-        elif isinstance(expr, relax.TupleGetItem):
-            read(expr.tuple_value)
-
     body = func.body
-    for block in body.blocks:
-        for binding in block.bindings:
-            read(binding.value)
-    read(body.body)
+    values = [binding.value for block in body.blocks for binding in block.bindings] + [body.body]
+    for value in values:
+        for var in relax.analysis.free_vars(value):
+            counts[var] = counts.get(var, 0) + 1
     return counts
 
 

@@ -177,9 +177,10 @@ def test_fold_row_permutation_into_next_layer():
     assert fold.last_stats == {"folded": 1, "kept": 0}
 
 
-def test_fold_keeps_one_gather_where_orders_meet():
-    """A residual add of a permuted tensor and one in model order: gather the latter once,
-    keep the permutation flowing; what leaves the dataflow block gets the model order back."""
+def test_fold_gives_a_layer_output_its_order_back_where_it_meets_model_order():
+    """A residual add of a layer's output (its row groups as they come) and a tensor in model
+    order: the layer output gets its order back, the one gather a target can fold into the
+    layer's kernel; nothing after it carries an order."""
 
     @I.ir_module(s_tir=True)
     class Before:
@@ -193,14 +194,39 @@ def test_fold_keeps_one_gather_where_orders_meet():
                 R.output(r)
             return r
 
+    fold = FoldRowPermutation()
+    after = fold(_bind(Before, inverse=INVERSE))
+    tvm.ir.assert_structural_equal(after, _bind(Before, inverse=INVERSE))
+    assert fold.last_stats == {"folded": 0, "kept": 1}
+
+
+def test_fold_keeps_one_gather_where_orders_meet():
+    """A permuted tensor that is no longer a layer's bare output (after a ReLU) meets one in
+    model order: gather the latter once, keep the permutation flowing; what leaves the dataflow
+    block gets the model order back."""
+
+    @I.ir_module(s_tir=True)
+    class Before:
+        @R.function
+        def main(a: R.Tensor((2, 1), "float32"), b: R.Tensor((2, 2), "float32"), skip: R.Tensor((2, 3), "float32"), inverse: R.Tensor((3,), "int64")) -> R.Tensor((2, 3), "float32"):
+            with R.dataflow():
+                c = R.concat((a, b), axis=1)
+                y = R.take(c, inverse, axis=1)
+                h = R.nn.relu(y)
+                s = R.add(h, skip)
+                r = R.nn.relu(s)
+                R.output(r)
+            return r
+
     @I.ir_module(s_tir=True)
     class Expected:
         @R.function
         def main(a: R.Tensor((2, 1), "float32"), b: R.Tensor((2, 2), "float32"), skip: R.Tensor((2, 3), "float32"), order: R.Tensor((3,), "int64"), inverse: R.Tensor((3,), "int64")) -> R.Tensor((2, 3), "float32"):
             with R.dataflow():
                 c = R.concat((a, b), axis=1)
+                h = R.nn.relu(c)
                 skip_p = R.take(skip, order, axis=1)
-                s = R.add(c, skip_p)
+                s = R.add(h, skip_p)
                 s_model_order = R.take(s, inverse, axis=1)
                 r = R.nn.relu(s_model_order)
                 R.output(r)
