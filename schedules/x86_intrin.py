@@ -712,6 +712,25 @@ class _OuterProductGemm:
 
         return multiply
 
+    def gemm(self, prepare):
+        """Macro ``gemm(x, bias, scale, out, w0, w1, w2, w3)``: the activations staged, then
+        :meth:`multiply` with ``prepare`` over the weight buffers ``w0..w3``."""
+        m, n, halves, width, steps, signed = self.m, self.n, self.halves, self.width, self.steps, self.signed
+        x_dtype, stage, multiply = self.x_dtype, self.stage(), self.multiply(prepare)
+
+        @T.macro
+        def gemm(x, bias, scale, out, w0, w1, w2, w3):
+            xs = T.alloc_buffer((m, halves, width), x_dtype)
+            xs4 = T.decl_buffer((m, halves, steps), "int32", data=xs.data)  # four activation bytes as one word
+            if signed:
+                xsum = T.alloc_buffer((m,), "int32")
+            else:
+                xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
+            stage(x, xs, xsum)
+            multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3)
+
+        return gemm
+
 
 def _check_outer_product(who: str, isa: str, x_dtype: str) -> None:
     if isa not in ("avx2", "avx512vnni"):
@@ -768,7 +787,7 @@ def broadcast_dense_kernel(
                             T.broadcast(T.int8(-128), 32))
 
     # unsigned activations meet int8 rows as they are laid out
-    stage, multiply = g.stage(), g.multiply(prepare if packed or signed else None)
+    gemm = g.gemm(prepare if packed or signed else None)
 
     @T.prim_func(private=True)
     def kernel(
@@ -779,15 +798,8 @@ def broadcast_dense_kernel(
         out: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xs = T.alloc_buffer((m, halves, g.width), x_dtype)
-        xs4 = T.decl_buffer((m, halves, steps), "int32", data=xs.data)  # four activation bytes as one word
         wp = T.decl_buffer((blocks8, steps, 32), w_dtype, data=w.data)
-        if signed:
-            xsum = T.alloc_buffer((m,), "int32")
-        else:
-            xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-        stage(x, xs, xsum)
-        multiply(xs4, xsum, bias, scale, out, wp, wp, wp, wp)
+        gemm(x, bias, scale, out, wp, wp, wp, wp)
 
     return kernel.with_attr("rmsmp.weight_tiles", [8, 4])
 
@@ -865,7 +877,7 @@ def layer_dense_kernel(
                         T.bitwise_xor(w8[r, b, h, T.ramp(0, 1, 4)], T.broadcast(T.int8(-128), 4)) if signed
                         else w8[r, b, h, T.ramp(0, 1, 4)])
 
-    stage, multiply = g.stage(), g.multiply(prepare)
+    gemm = g.gemm(prepare)
 
     @T.prim_func(private=True)
     def kernel(
@@ -879,15 +891,8 @@ def layer_dense_kernel(
         out: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xs = T.alloc_buffer((m, 2, g.width), x_dtype)
-        xs4 = T.decl_buffer((m, 2, steps), "int32", data=xs.data)  # four activation bytes as one word
         wp = T.decl_buffer((blocks8, steps, 32), "uint8", data=codes.data)
-        if signed:
-            xsum = T.alloc_buffer((m,), "int32")
-        else:
-            xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-        stage(x, xs, xsum)
-        multiply(xs4, xsum, bias, scale, out, wp, kinds, w8, cols8)
+        gemm(x, bias, scale, out, wp, kinds, w8, cols8)
 
     return kernel
 
