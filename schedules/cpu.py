@@ -99,13 +99,15 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     """The x86 MAC-intrinsic kernel for a row-group dense or conv2d, or None.
 
     Packed 4-bit groups (fixed and SP2: table decode + MAC) on AVX2 or AVX-512 VNNI; int8
-    groups (fixed_8) on AVX-512 VNNI. Convolutions run as per-tap GEMMs over channel-last
+    groups (fixed_8) on AVX-512 VNNI, and on AVX2 in the outer-product kernel (int16 pairs,
+    ``vpmaddwd``). Convolutions run as per-tap GEMMs over channel-last
     activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
     weights will be laid out for the kernel at compile time (dense: tiled, and from
     ``BROADCAST_MIN_ROWS`` activation rows on the outer-product kernel; conv: taps first).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
-    instruction the target lacks is ever emitted), or the group is int8 on a target without VNNI.
+    instruction the target lacks is ever emitted), or the group is int8 on a target without VNNI
+    outside the outer-product kernel.
     """
     attrs = func.attrs
     op = str(attrs.get("rmsmp.op", "")) if attrs is not None else ""
@@ -122,8 +124,9 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if target.kind.name == "llvm" and (not triple or triple.startswith("x86")):
             warn_fallback(f"{op} {attrs.get('rmsmp.layer', '')}", target)
         return None
-    if not packed and isa != "avx512vnni":
-        return None
+    int8_without_vnni = not packed and isa != "avx512vnni"
+    if int8_without_vnni and (op != "dense" or not relayout or "tirx.is_scheduled" in attrs):
+        return None  # only the outer-product kernel takes int8 rows without VNNI; a tuned schedule stays
     x_shape = [int(d) for d in x_buf.shape]
     n_rows = int(w_buf.shape[0])
     conv = None
@@ -144,9 +147,12 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         m, k = x_shape
         if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
             return None
+    outer_product = relayout and conv is None and m >= BROADCAST_MIN_ROWS
+    if int8_without_vnni and not outer_product:
+        return None
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
-    if relayout and conv is None and m >= BROADCAST_MIN_ROWS:
+    if outer_product:
         kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
     else:
         kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,

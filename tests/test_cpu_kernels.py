@@ -603,25 +603,26 @@ def test_weight_layouts_reject_mismatched_shapes():
 @pytest.mark.parametrize("act", ["uint8", "int8"])
 @pytest.mark.parametrize("m,k,n", [(8, 64, 8), (13, 77, 61), (17, 130, 24), (29, 256, 50)])
 def test_broadcast_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host_target):
-    """The outer-product kernel (8-row x 4-byte weight tiles laid out by ``tile_weights``)
-    equals numpy: partial activation and row tiles, odd K (a half-empty last byte and a
-    zero-padded last step), extreme values."""
+    """The outer-product kernel (8-row x 4-byte weight tiles laid out by ``tile_weights``;
+    int8 rows on AVX2: 8-row x 2-byte tiles, int16 pairs) equals numpy: partial activation and
+    row tiles, odd K (a half-empty last byte and a zero-padded last step), extreme values."""
     from schedules.x86_intrin import broadcast_dense_kernel, tile_weights
     from tvm_rmsmp.schemes import nibble_decode
 
-    if isa not in _host_isas(host_target) or (scheme == "fixed_8" and isa != "avx512vnni"):
-        pytest.skip(f"this CPU has no {isa}, or int8 rows need VNNI")
+    if isa not in _host_isas(host_target):
+        pytest.skip(f"this CPU has no {isa}")
     packed = get_scheme(scheme).bits == 4
     rng = np.random.default_rng(abs(hash((isa, scheme, act, m, k, n))) % 2**32)
     lo, hi = (0, 255) if act == "uint8" else (-128, 127)
     levels = nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
     func = broadcast_dense_kernel(m, k, n, act, levels, isa)
-    assert [int(v) for v in func.attrs["rmsmp.weight_tiles"]] == [8, 4]
+    tiles = [int(v) for v in func.attrs["rmsmp.weight_tiles"]]
+    assert tiles == ([8, 2] if not packed and isa == "avx2" else [8, 4])
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell" if isa == "avx2" else "znver4", "num-cores": 2})
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
 
     def stored(w_int):
-        return tile_weights(packed_weight(w_int, scheme) if packed else w_int.astype(np.int8), 8, 4)
+        return tile_weights(packed_weight(w_int, scheme) if packed else w_int.astype(np.int8), *tiles)
 
     x = rng.integers(lo, hi + 1, size=(m, k)).astype(act)
     w_int = _random_rows(rng, scheme, (n, k))
@@ -639,8 +640,9 @@ def test_broadcast_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host
 def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
     and column counts: padded tiles and steps), and the model stays bit-exact. From 8
-    activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes); built
-    for AVX2 there, since on VNNI such layers become one kernel each (tested below)."""
+    activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes; int8 rows
+    on AVX2 8 rows x 2 bytes); built for AVX2 there, since on VNNI such layers become one
+    kernel each (tested below)."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -670,7 +672,9 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
 
     for name, shape in shapes.items():  # [tiles, steps, rows per tile, bytes per step]
         assert len(shape) == 4 and shape[2:] == tiled[name]
-        assert tiled[name] == ([8, 4] if batch >= BROADCAST_MIN_ROWS else [tiled[name][0], 32])
+        int8_on_avx2 = "fixed_8" in name  # built for AVX2 at batch 16: int16 pairs
+        outer = [8, 2] if int8_on_avx2 else [8, 4]
+        assert tiled[name] == (outer if batch >= BROADCAST_MIN_ROWS else [tiled[name][0], 32])
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 
