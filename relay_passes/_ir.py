@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import tvm
 
 
@@ -21,3 +22,14 @@ def rmsmp_attr(func, key: str) -> Optional[str]:
     if func is None or func.attrs is None or key not in func.attrs:
         return None
     return str(func.attrs[key])
+
+
+def const_value(expr) -> Optional[np.ndarray]:
+    """The array of a Relax constant (None for any other expression)."""
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+
+
+def op_name(expr) -> str:
+    """The operator name of a Relax call (``"relax.concat"``; empty for anything else)."""
+    op = getattr(expr, "op", None)
+    return op.name if isinstance(op, tvm.ir.Op) else ""

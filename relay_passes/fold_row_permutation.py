@@ -39,6 +39,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._ir import callee, rmsmp_attr
+from ._ir import const_value as _const
+from ._ir import op_name as _op_name
 
 __all__ = ["FoldRowPermutation"]
 
@@ -59,16 +61,8 @@ class _Permuted:
         self.src, self.order, self.axis, self.from_layer = src, order, axis, from_layer
 
 
-def _const(expr) -> Optional[np.ndarray]:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
-
-
 def _shape(expr):
     return [int(d) for d in expr.ty.shape]
-
-
-def _op_name(call: relax.Call) -> str:
-    return call.op.name if isinstance(call.op, tvm.ir.Op) else ""
 
 
 @mutator

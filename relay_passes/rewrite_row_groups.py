@@ -29,7 +29,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_rmsmp.schemes import get_scheme, list_schemes, nibble_codes, pack_nibbles, sp2_decode, sp2_encode
 
 from . import ops
-from ._ir import callee, rmsmp_attr
+from ._ir import callee, const_value, rmsmp_attr
 
 #: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
 SP2_LOWERINGS = ("shift", "decode")
@@ -99,12 +99,6 @@ def packed_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
     return pack_nibbles(nibble_codes(w_int, scheme))
 
 
-def _const_value(expr) -> Optional[np.ndarray]:
-    if isinstance(expr, tvm.ir.GenericConst):
-        return expr.value.numpy()
-    return None
-
-
 def _name(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", text)
 
@@ -124,7 +118,7 @@ class _Rewriter(PyExprMutator):
             return call
         gv = call.args[0]
         xq, w, bias, scale = list(call.args[1].fields)
-        w_np, b_np, s_np = _const_value(w), _const_value(bias), _const_value(scale)
+        w_np, b_np, s_np = const_value(w), const_value(bias), const_value(scale)
         if w_np is None or b_np is None or s_np is None:
             self.kept.add(gv)
             return call  # weights bound late (params as inputs): nothing to split at compile time

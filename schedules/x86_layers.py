@@ -31,20 +31,12 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
-from relay_passes._ir import callee
+from relay_passes._ir import callee, const_value, op_name
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
 from .x86_intrin import BROADCAST_MIN_ROWS, layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["fuse_dense_layers"]
-
-
-def _op(expr) -> str:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
-
-
-def _const(expr) -> Optional[np.ndarray]:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
 
 
 def _uses(func: relax.Function) -> Dict[relax.Var, int]:
@@ -61,8 +53,8 @@ def _uses(func: relax.Function) -> Dict[relax.Var, int]:
 class _Layer:
     """The row groups of one dense layer joined by a concatenation, in concatenation order."""
 
-    def __init__(self, x: relax.Expr, layer: str, groups: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]):
-        self.x, self.layer, self.groups = x, layer, groups  # groups: (scheme, stored weights, bias, scale)
+    def __init__(self, x: relax.Expr, groups: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]):
+        self.x, self.groups = x, groups  # groups: (scheme, stored weights, bias, scale)
 
     @property
     def concat_order(self) -> List[Tuple[int, int]]:
@@ -71,7 +63,7 @@ class _Layer:
 
 def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
     """The layer behind ``concat`` if one kernel can compute it, else None."""
-    if _op(concat) != "relax.concat" or not isinstance(concat.args[0], relax.Tuple):
+    if op_name(concat) != "relax.concat" or not isinstance(concat.args[0], relax.Tuple):
         return None
     ndim = len(concat.ty.shape)
     if ndim != 2 or concat.attrs.axis is None or int(concat.attrs.axis) % ndim != 1:
@@ -85,7 +77,7 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
                 or "tirx.is_scheduled" in attrs:
             return None  # not a row group, or one with a schedule of its own (tuned)
         xq, w, bias, scale = list(call.args[1].fields)
-        values = [_const(w), _const(bias), _const(scale)]
+        values = [const_value(w), const_value(bias), const_value(scale)]
         if any(v is None for v in values) or (x is not None and not xq.same_as(x)) \
                 or (layer is not None and layer != str(attrs["rmsmp.layer"])):
             return None
@@ -99,7 +91,7 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
     shape = [int(d) for d in x.ty.shape]
     if len(tables) > 2 or shape[0] < BROADCAST_MIN_ROWS or str(x.ty.dtype) not in ("uint8", "int8"):
         return None
-    return _Layer(x, layer, groups)
+    return _Layer(x, groups)
 
 
 def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
@@ -147,7 +139,7 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
             self.kernels: Dict[tuple, tvm.ir.GlobalVar] = {}
             self.folded = []  # concatenations whose only reader is a gather folded into the kernel
             for value in var2val.values():
-                data = value.args[0] if _op(value) == "relax.take" else None
+                data = value.args[0] if op_name(value) == "relax.take" else None
                 found = self._gather(value) if isinstance(data, relax.Var) and uses.get(data, 0) == 1 else None
                 if found is not None:
                     self.folded.append(found[2])
@@ -160,29 +152,29 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
             concatenation (through reshapes that keep the channel axis last and have no other
             reader), or None."""
             data, indices = take.args
-            index = _const(indices)
+            index = const_value(indices)
             ndim = len(take.ty.shape) if take.ty is not None else 0
             if index is None or index.ndim != 1 or ndim < 2 or take.attrs.axis is None \
                     or int(take.attrs.axis) % ndim != ndim - 1 or not isinstance(data, relax.Var):
                 return None
             source = self.var2val.get(data)
-            while _op(source) == "relax.reshape" and isinstance(source.args[0], relax.Var) \
+            while op_name(source) == "relax.reshape" and isinstance(source.args[0], relax.Var) \
                     and self.uses.get(source.args[0], 0) == 1:
                 source = self.var2val.get(source.args[0])
-            layer = _layer(original, self.var2val, source) if _op(source) == "relax.concat" else None
+            layer = _layer(original, self.var2val, source) if op_name(source) == "relax.concat" else None
             if layer is None or sorted(index.tolist()) != list(range(len(layer.concat_order))):
                 return None
             return layer, [layer.concat_order[i] for i in index], source
 
         def visit_call_(self, call):
-            if _op(call) == "relax.take":
+            if op_name(call) == "relax.take":
                 found = self._gather(call)
                 if found is not None and self._is_folded(found[2]):
                     self.fused += 1
                     out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores, vbmi, self.kernels))
                     shape = [int(d) for d in call.ty.shape]
                     return out if shape == [int(d) for d in out.ty.shape] else relax.op.reshape(out, shape)
-            if _op(call) == "relax.concat" and not self._is_folded(call):
+            if op_name(call) == "relax.concat" and not self._is_folded(call):
                 layer = _layer(original, self.var2val, call)
                 if layer is not None:
                     self.fused += 1
