@@ -17,6 +17,10 @@ them all into one matrix in the output order the graph wants and run a single GE
 and the partial register tiles at the end of each group. ``y`` (or ``c``, when no gather
 follows or something else reads it) becomes one ``call_tir`` of that kernel; the dead group
 calls are removed.
+
+With one activation row the layer becomes one
+:func:`~schedules.x86_gemv.gemv_layer_kernel` instead (two rows' codes per byte, the batch-1
+bound being the vector operations per weight byte); with 2 to 7 rows the row groups stay.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tvm.target.codegen import target_has_features
 from relay_passes._ir import callee, const_value, op_name
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
+from .x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
 from .x86_intrin import BROADCAST_MIN_ROWS, layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["fuse_dense_layers"]
@@ -89,9 +94,51 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
             return None  # unpacked SP2 codes
         groups.append((scheme, *values))
     shape = [int(d) for d in x.ty.shape]
-    if len(tables) > 2 or shape[0] < BROADCAST_MIN_ROWS or str(x.ty.dtype) not in ("uint8", "int8"):
+    if len(tables) > 2 or 1 < shape[0] < BROADCAST_MIN_ROWS or str(x.ty.dtype) not in ("uint8", "int8"):
         return None
     return _Layer(x, groups)
+
+
+def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
+               vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
+    """:func:`_kernel_call` for one activation row: :func:`~schedules.x86_gemv.gemv_layer_kernel`."""
+    schemes = [g[0] for g in layer.groups]
+    levels = [nibble_decode(np.arange(16), get_scheme(s)) if w.dtype == np.uint8 else None
+              for s, w, _, _ in layer.groups]
+    tables: List[str] = []
+    kinds = []
+    for (scheme, w, _, _), lv in zip(layer.groups, levels):
+        if lv is None:
+            kinds.append(INT8)
+        elif lv.min() >= -8 and lv.max() <= 7:
+            kinds.append(LINEAR)
+        else:
+            if scheme not in tables:
+                tables.append(scheme)
+            kinds.append(tables.index(scheme))
+    m, k = (int(d) for d in layer.x.ty.shape)
+    x_dtype = str(layer.x.ty.dtype)
+    bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int64)
+    scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
+    gemv, w4, w8, dest, bias, scale = gemv_layer_weights(order, [g[1] for g in layer.groups], kinds, levels, bias,
+                                                         scale, k, x_dtype)
+    key = ("gemv", gemv, x_dtype, tuple(schemes), tuple(tables))
+    if key not in kernels:
+        kernel = gemv_layer_kernel(gemv, x_dtype, [nibble_decode(np.arange(16), get_scheme(s)) for s in tables],
+                                   vbmi=vbmi, num_cores=cores)
+        kernels[key] = _add_kernel(builder, kernel, schemes, "x86-avx512vnni-gemv", f"rmsmp_dense_layer_1x{k}x{len(order)}")
+    consts = [relax.const(w4, "uint8"), relax.const(w8, "int8"), relax.const(dest, "int32"),
+              relax.const(bias, "int32"), relax.const(scale, "float32")]
+    return relax.call_tir(kernels[key], [layer.x] + consts, relax.TensorType([m, len(order)], "float32"))
+
+
+def _add_kernel(builder: relax.BlockBuilder, kernel: tvm.tirx.PrimFunc, schemes: Sequence[str], cpu_kernel: str,
+                name: str) -> tvm.ir.GlobalVar:
+    attrs = {"rmsmp.op": "dense", "rmsmp.schemes": list(schemes), "op_pattern": 8,
+             "rmsmp.cpu_kernel": cpu_kernel, "tirx.is_scheduled": True}
+    for key, value in attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return builder.add_func(kernel, name)
 
 
 def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
@@ -99,6 +146,8 @@ def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tup
     """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``. Layers of
     the same shape and schemes share one kernel (``kernels``): their weights are arguments,
     so MiniLM-L6's 36 dense layers build 3 kernels."""
+    if int(layer.x.ty.shape[0]) == 1:
+        return _gemv_call(builder, layer, order, cores, vbmi, kernels)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(s for s, w, _, _ in layer.groups if w.dtype == np.uint8))
     table_of_group = [tables.index(s) if w.dtype == np.uint8 else -1 for s, w, _, _ in layer.groups]
@@ -112,18 +161,14 @@ def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tup
     if key not in kernels:
         levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
         kernel = layer_dense_kernel(m, k, n, x_dtype, levels, n_int8, num_cores=cores, vbmi=vbmi)
-        attrs = {"rmsmp.op": "dense", "rmsmp.schemes": schemes, "op_pattern": 8,
-                 "rmsmp.cpu_kernel": "x86-avx512vnni-layer", "tirx.is_scheduled": True}
-        for name, value in attrs.items():
-            kernel = kernel.with_attr(name, value)
-        kernels[key] = builder.add_func(kernel, f"rmsmp_dense_layer_{m}x{k}x{n}")
+        kernels[key] = _add_kernel(builder, kernel, schemes, "x86-avx512vnni-layer", f"rmsmp_dense_layer_{m}x{k}x{n}")
     consts = [relax.const(codes, "uint8"), relax.const(kinds, "uint8"), relax.const(w8, "int8"),
               relax.const(cols8, "int32"), relax.const(bias, "int32"), relax.const(scale, "float32")]
     return relax.call_tir(kernels[key], [layer.x] + consts, relax.TensorType([m, n], "float32"))
 
 
 def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
-    """Every split dense layer with enough activation rows as one kernel (module docstring);
+    """Every split dense layer with one or enough activation rows as one kernel (module docstring);
     ``mod`` as it is on targets without AVX-512 VNNI."""
     if x86_isa(target) != "avx512vnni":
         return mod

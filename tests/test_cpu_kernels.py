@@ -10,7 +10,7 @@ import tvm
 import schedules
 from conftest import np_conv_acc, np_dense_acc, np_epilogue
 from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
-from tvm_rmsmp.schemes import get_scheme
+from tvm_rmsmp.schemes import get_scheme, pack_nibbles
 
 
 def _build(func, target):
@@ -45,6 +45,8 @@ DENSE_CASES = [
     ((10,), 48, 7, "int8", "fixed_8"),
     ((8,), 1000, 33, "uint8", "fixed_8"),
     ((1,), 3, 1, "int8", "sp2_4"),
+    ((1,), 256, 24, "int8", "fixed_4"),   # VNNI: 64-byte steps (vector_bytes)
+    ((1,), 256, 9, "uint8", "fixed_8"),
 ]
 
 
@@ -641,8 +643,8 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
     and column counts: padded tiles and steps), and the model stays bit-exact. From 8
     activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes; int8 rows
-    on AVX2 8 rows x 2 bytes); built for AVX2 there, since on VNNI such layers become one
-    kernel each (tested below)."""
+    on AVX2 8 rows x 2 bytes); built for AVX2 at 1 and 16 rows, since on VNNI such layers
+    become one kernel each (tested below)."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -656,7 +658,7 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     calib = [torch.randn(8, 77) for _ in range(2)]
     q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), calib)
     x = torch.randn(batch, 77)
-    exe = rmsmp.compile(q, (x,), _x86_target("haswell") if batch >= 8 else host_target)
+    exe = rmsmp.compile(q, (x,), _x86_target("haswell") if batch >= 8 or batch == 1 else host_target)
     tiled = {gv.name_hint: [int(v) for v in f.attrs["rmsmp.weight_tiles"]] for gv, f in exe.ir.functions.items()
              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.weight_tiles" in f.attrs}
     groups = [gv.name_hint for gv, f in exe.ir.functions.items()
@@ -785,12 +787,87 @@ def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_ta
         np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
 
 
-@pytest.mark.parametrize("batch", [4, 16])
+#: the levels of a made-up 4-bit table scheme (a second table beside SP2's)
+_OTHER_TABLE = np.array([0, 1, -1, 2, -2, 3, -3, 4, -4, 6, -6, 8, -8, 5, -5, 7])
+
+GEMV_CASES = [
+    # (k, n, activations, share of sp2_4 / fixed_4 / fixed_8 / second-table rows)
+    (64, 8, "uint8", (0.6, 0.35, 0.05, 0.0)),
+    (200, 13, "int8", (0.6, 0.35, 0.05, 0.0)),     # partial blocks and a padded step
+    (77, 61, "uint8", (0.5, 0.3, 0.1, 0.1)),       # odd K, two tables
+    (130, 37, "int8", (0.0, 1.0, 0.0, 0.0)),       # fixed pairs only
+    (130, 37, "uint8", (1.0, 0.0, 0.0, 0.0)),      # one table only
+    (70, 40, "int8", (0.0, 0.0, 1.0, 0.0)),        # 8-bit rows only
+    (768, 300, "int8", (0.6, 0.35, 0.05, 0.0)),
+]
+
+
+@pytest.mark.parametrize("vbmi", [False, True])
+@pytest.mark.parametrize("k,n,act,shares", GEMV_CASES)
+def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target):
+    """The batch-1 layer kernel (two rows per byte: fixed pairs by two MACs, table pairs by
+    ``vpermb`` or ``vpshufb``, 8-bit rows) equals numpy for rows of every kind in a scattered
+    order, each output at its place; random and extreme activations, the epilogue bit for bit."""
+    from tvm.target.codegen import target_has_features
+
+    from schedules.x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
+    from schedules.x86_intrin import x86_isa
+    from tvm_rmsmp.schemes import nibble_decode
+
+    if x86_isa(host_target) != "avx512vnni" or (vbmi and not target_has_features("avx512vbmi", host_target)):
+        pytest.skip("needs AVX-512 VNNI (and VBMI)")
+    rng = np.random.default_rng(n * 1000 + k)
+    kind = rng.choice(4, size=n, p=shares)
+    tables = {0: nibble_decode(np.arange(16), get_scheme("sp2_4")), 3: _OTHER_TABLE}
+    table_ids = {t: i for i, t in enumerate(t for t in (0, 3) if (kind == t).any())}
+    w_int = np.zeros((n, k), np.int64)
+    groups, kinds, levels, source = [], [], [], {}
+    for gi in range(4):
+        rows = np.nonzero(kind == gi)[0]
+        if gi == 2:  # 8-bit rows
+            w_int[rows] = _random_rows(rng, "fixed_8", (rows.size, k))
+            groups.append(w_int[rows].astype(np.int8))
+            kinds.append(INT8)
+            levels.append(None)
+        else:
+            lv = nibble_decode(np.arange(16), get_scheme("fixed_4")) if gi == 1 else tables[gi]
+            codes = rng.integers(0, 16, size=(rows.size, k))
+            w_int[rows] = lv[codes]
+            groups.append(pack_nibbles(codes) if rows.size else np.zeros((0, (k + 1) // 2), np.uint8))
+            kinds.append(LINEAR if gi == 1 or gi not in table_ids else table_ids[gi])  # empty: any kind
+            levels.append(lv)
+        source.update({c: (gi, r) for r, c in enumerate(rows)})
+    order = [source[c] for c in range(n)]
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act)
+    assert layout.linear == -(-int((kind == 1).sum()) // 8) and layout.int8 == -(-int((kind == 2).sum()) // 8)
+    func = gemv_layer_kernel(layout, act, [tables[t] for t in table_ids], vbmi=vbmi)
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    for x in (rng.integers(lo, hi + 1, size=(1, k)).astype(act), np.full((1, k), lo, act), np.full((1, k), hi, act)):
+        out = _run(exe, x, *consts, np.zeros((1, n), np.float32))
+        np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
+
+
+def test_gemv_layer_weights_reject_bias_overflow():
+    """A bias that overflows int32 once the offsets are folded in is an error naming the output."""
+    from schedules.x86_gemv import LINEAR, gemv_layer_weights
+    from tvm_rmsmp.schemes import nibble_decode
+
+    codes = np.full((1, 64), 7)  # level 7 everywhere: 128 * 7 * 64 folded in for uint8 activations
+    lv = nibble_decode(np.arange(16), get_scheme("fixed_4"))
+    with pytest.raises(ValueError, match="output 0"):
+        gemv_layer_weights([(0, 0)], [pack_nibbles(codes)], [LINEAR], [lv], np.array([2**31 - 10]),
+                           np.ones(1, np.float32), 64, "uint8")
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
 def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, host_target):
-    """With 8+ activation rows on VNNI each split dense layer is one kernel: no concatenation
-    and no gather are left (the final gather is folded into the kernel through the reshape
-    back to 3-D), and the two layers of the same shape share one kernel; with fewer rows the
-    row groups stay. Bit-exact either way."""
+    """With 8+ activation rows on VNNI each split dense layer is one kernel, and so it is with
+    one row (the batch-1 kernel): no concatenation and no gather are left (the final gather is
+    folded into the kernel through the reshape back to 3-D), and the two layers of the same
+    shape share one kernel; with 2-7 rows the row groups stay. Bit-exact either way."""
     import torch
     from tvm import relax
 
@@ -809,35 +886,22 @@ def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, host_target):
     relax.analysis.post_order_visit(exe.ir["main"], lambda e: ops.append(
         e.args[0].name_hint if e.op.name == "relax.call_tir" else e.op.name)
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
-    fused = batch >= BROADCAST_MIN_ROWS
+    fused = batch >= BROADCAST_MIN_ROWS or batch == 1
     assert ("relax.concat" in ops) != fused and ("relax.take" in ops) != fused
     layers = [op for op in ops if op.startswith("rmsmp_dense_layer_")]
     assert len(layers) == (3 if fused else 0) and len(set(layers)) == (2 if fused else 0)
-    assert exe.stats["cpu_kernels"] == ({"x86-avx512vnni-layer": 2} if fused else
+    kernel = "x86-avx512vnni-gemv" if batch == 1 else "x86-avx512vnni-layer"
+    assert exe.stats["cpu_kernels"] == ({kernel: 2} if fused else
                                         {"x86-avx512vnni-table-decode": 6, "x86-avx512vnni-int8": 3})
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 
-def test_batch1_dense_rows_use_512_bit_vectors_on_vnni(host_target):
-    """Batch-1 dense rows on VNNI read 64-byte steps where padding costs at most an eighth
-    (``vector_bytes``); the compiled model stays bit-exact."""
-    import torch
-
-    import tvm_rmsmp as rmsmp
-    from schedules.x86_intrin import vector_bytes, x86_isa
+def test_batch1_dense_rows_use_512_bit_vectors_on_vnni():
+    """Batch-1 dense row groups on VNNI (where a layer is not one kernel) read 64-byte steps
+    where padding costs at most an eighth; ``DENSE_CASES`` runs such groups bit-exact."""
+    from schedules.x86_intrin import vector_bytes
 
     assert vector_bytes("avx512vnni", 384, 1) == 64 and vector_bytes("avx512vnni", 384, 128) == 32
     assert vector_bytes("avx512vnni", 39, 1) == 32 and vector_bytes("avx2", 384, 1) == 32
     assert vector_bytes("avx512vnni", 384, 1, conv=True) == 32
-    if x86_isa(host_target) != "avx512vnni":
-        pytest.skip("needs AVX-512 VNNI")
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 24)).eval()
-    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), [torch.randn(8, 256) for _ in range(2)])
-    x = torch.randn(1, 256)
-    exe = rmsmp.compile(q, (x,))
-    tiles = {str(f.attrs["rmsmp.scheme"]): [int(v) for v in f.attrs["rmsmp.weight_tiles"]]
-             for f in exe.ir.functions.values()
-             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.weight_tiles" in f.attrs}
-    assert tiles["sp2_4"][1] == 64 and tiles["fixed_4"][1] == 64 and tiles["fixed_8"][1] == 64
-    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+    assert vector_bytes("avx512vnni", 128, 1) == 64 and vector_bytes("avx512vnni", 100, 1) == 32

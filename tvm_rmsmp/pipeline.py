@@ -87,8 +87,9 @@ def lower(
 
 def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
     """How many row-group kernels of each kind a scheduled module has: ``rmsmp.cpu_kernel``
-    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``, or ``x86-avx512vnni-layer``
-    for a whole dense layer's row groups in one kernel) or the generic schedule,
+    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``, or ``x86-avx512vnni-layer`` /
+    ``x86-avx512vnni-gemv`` for a whole dense layer's row groups in one kernel, from 8 activation
+    rows on / at one) or the generic schedule,
     with the SP2 lowering of packed SP2 groups (``shift`` or ``decode``)."""
     kinds: Dict[str, int] = {}
     for _, func in mod.functions.items():

@@ -1,0 +1,312 @@
+"""A whole dense layer at batch 1 on AVX-512 VNNI, with two weight rows per byte.
+
+At batch 1 every weight is used once per call, so a layer's time is the vector instructions
+that turn its packed bytes into products. :func:`~schedules.x86_intrin.gemm_kernel` packs two
+codes *of one row* per byte (consecutive reduction elements); each 64 bytes then cost a load,
+three operations to split the nibbles, two table shuffles and two ``vpdpbusd``. Here a byte
+holds the codes of *two rows* at the same reduction element, so both nibbles meet the same
+activation:
+
+* fixed 4-bit rows store ``u = level + 8`` (0..15), a byte is ``16 * u_hi + u_lo``. One
+  ``vpdpbusd`` of the whole byte gives ``16 * hi + lo``, one of ``byte & 15`` gives ``lo``;
+  ``hi = (total - lo) / 16``, exactly. A load, an ``and`` and two MACs per 128 weights.
+* table rows (SP2): with AVX-512 VBMI, ``vpermb`` reads only the low 6 bits of an index, so
+  against a 64-byte table repeating the 16 levels it decodes the low nibble of every byte
+  without masking, and the high nibbles after one 16-bit shift (the bits shifted in from the
+  neighbouring byte land in bits 4-5, which the repeated table ignores). A load, a shift,
+  two ``vpermb`` and two MACs. Without VBMI: masks and ``vpshufb`` as elsewhere.
+* 8-bit rows: one row per 64 bytes, a load and a MAC.
+
+``vpdpbusd`` multiplies unsigned by signed bytes: here the 4-bit weights are the unsigned
+operand (``level + 8``) and the activations the signed one (unsigned activations staged as
+``x - 128``); 8-bit rows take the activations as the unsigned operand (``x' + 128``). The
+offsets come back as ``- 8 * sum(x')`` per call and, folded into each row's bias at compile
+time, ``128 * sum(level)`` (unsigned activations, 4-bit rows) or ``- 128 * sum(w)`` (signed
+activations, 8-bit rows).
+
+The rows are computed in blocks of ``P`` byte rows (``2P`` outputs) that share the activation
+loads, and each result is stored at the output position the graph wants (``dest``): the
+layer's row groups, their concatenation and any gather restoring the model's row order are
+one call. :func:`gemv_layer_weights` lays the constants out at compile time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import attrs
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from .x86_intrin import _VectorOps
+
+__all__ = ["GemvLayout", "gemv_layer_kernel", "gemv_layer_weights", "LINEAR", "INT8"]
+
+#: ``group_kinds`` entry of a 4-bit group whose levels are ``code ^ 8 - 8`` (fixed point)
+LINEAR = "linear"
+#: ``group_kinds`` entry of an 8-bit group (int8 rows)
+INT8 = "int8"
+
+_VEC = 64  # bytes per vector step (zmm)
+
+
+@attrs.frozen
+class GemvLayout:
+    """How many blocks of each kind a layer has: ``linear`` (fixed 4-bit pairs), one count per
+    decode table (4-bit pairs decoded by a table), ``int8`` (8-bit rows); a block is ``pairs``
+    byte rows, ``2 * pairs`` outputs of any kind."""
+
+    k: int
+    n: int
+    linear: int
+    tables: Tuple[int, ...]
+    int8: int
+    pairs: int = 4
+
+    @property
+    def steps(self) -> int:
+        return -(-self.k // _VEC)
+
+    @property
+    def blocks4(self) -> int:
+        return self.linear + sum(self.tables)
+
+    @property
+    def blocks(self) -> int:
+        return self.blocks4 + self.int8
+
+    @property
+    def slots(self) -> int:
+        """Outputs computed (padding included): ``2 * pairs`` per block."""
+        return self.blocks * 2 * self.pairs
+
+
+def _unpack(w: np.ndarray, k: int) -> np.ndarray:
+    """``[rows, ceil(k / 2)]`` packed bytes -> ``[rows, k]`` codes."""
+    return np.stack([w & 15, w >> 4], axis=-1).reshape(w.shape[0], -1)[:, :k].astype(np.int64)
+
+
+def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.ndarray], group_kinds: Sequence,
+                       levels_of_group: Sequence[Optional[np.ndarray]], bias: np.ndarray, scale: np.ndarray, k: int,
+                       x_dtype: str, pairs: int = 4):
+    """The constants of :func:`gemv_layer_kernel`: ``(layout, w4, w8, dest, bias, scale)``.
+
+    ``groups``: each row group's stored weights (packed 4-bit ``[rows, ceil(k / 2)]`` uint8 or
+    int8 ``[rows, k]``); ``group_kinds``: :data:`LINEAR`, :data:`INT8` or the index of the
+    group's decode table; ``levels_of_group``: the int levels of each 4-bit group's 16 codes;
+    ``order[c] = (group, row)``: the source of output ``c``, whose ``bias[c]`` / ``scale[c]``
+    are given in that order. Returned bias and scale are in the kernel's slot order, the bias
+    with the compile-time share of the offsets folded in (module docstring)."""
+    if x_dtype not in ("uint8", "int8"):
+        raise ValueError(f"gemv_layer_weights: activations must be uint8 or int8, got {x_dtype}")
+    n, steps = len(order), -(-k // _VEC)
+    signed = x_dtype == "int8"
+    kinds = list(group_kinds)
+    n_tables = max([g for g in kinds if isinstance(g, int)] + [-1]) + 1
+    by_kind = {kind: [] for kind in [LINEAR] + list(range(n_tables)) + [INT8]}
+    for c, (gi, r) in enumerate(order):
+        by_kind[kinds[gi]].append(c)
+    rows_of = {}  # output c -> (int weights, stored codes or int8 row)
+    for c, (gi, r) in enumerate(order):
+        w = groups[gi][r]
+        if kinds[gi] == INT8:
+            rows_of[c] = (w.astype(np.int64), w.astype(np.int8))
+        else:
+            codes = _unpack(w[None], k)[0]
+            rows_of[c] = (np.asarray(levels_of_group[gi], np.int64)[codes], codes)
+    per4, per8 = 2 * pairs, 2 * pairs
+    counts = {kind: -(-len(cs) // per4) for kind, cs in by_kind.items()}
+    layout = GemvLayout(k, n, counts[LINEAR], tuple(counts[t] for t in range(n_tables)), counts[INT8], pairs)
+    w4 = np.zeros((max(layout.blocks4, 1), steps, pairs, _VEC), np.uint8)
+    w8 = np.zeros((max(layout.int8, 1), steps, per8, _VEC), np.int8)
+    dest = np.full(layout.slots, -1, np.int32)
+    slot_bias = np.zeros(layout.slots, np.int32)
+    slot_scale = np.zeros(layout.slots, np.float32)
+    block = 0
+    for kind in [LINEAR] + list(range(n_tables)) + [INT8]:
+        cs = by_kind[kind]
+        for b in range(counts[kind]):
+            chunk = cs[b * per4:(b + 1) * per4]
+            for s, c in enumerate(chunk):
+                # 4-bit blocks: slot s < P is the low nibble of byte row s, slot P + s its high one
+                slot = block * per4 + s
+                level_row, stored = rows_of[c]
+                dest[slot], slot_scale[slot] = c, scale[c]
+                extra = 0
+                if kind == INT8:
+                    row = np.zeros(steps * _VEC, np.int8)
+                    row[:k] = stored
+                    w8[block - layout.blocks4, :, s] = row.reshape(steps, _VEC)
+                    extra = -128 * int(level_row.sum()) if signed else 0
+                else:
+                    nib = level_row + 8 if kind == LINEAR else stored
+                    row = np.zeros(steps * _VEC, np.uint8)
+                    row[:k] = nib
+                    pair, high = s % pairs, s // pairs
+                    w4[block, :, pair] |= (row << (4 * high)).astype(np.uint8).reshape(steps, _VEC)
+                    extra = 0 if signed else 128 * int(level_row.sum())
+                total = int(bias[c]) + extra
+                if not -2**31 <= total < 2**31:
+                    raise ValueError(f"gemv_layer_weights: output {c}'s bias {bias[c]} overflows int32 "
+                                     f"with its offset {extra}")
+                slot_bias[slot] = total
+            block += 1
+    return layout, w4, w8, dest, slot_bias, slot_scale
+
+
+def _sums4(acc, base):
+    """int32x4 totals of the four 16-lane accumulators from slot ``base`` on."""
+    phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
+
+    def eight(s):
+        return acc[T.ramp(s * 16, 1, 8)] + acc[T.ramp(s * 16 + 8, 1, 8)]
+
+    both = T.call_llvm_pure_intrin(
+        phadd,
+        T.call_llvm_pure_intrin(phadd, eight(base), eight(base + 1), dtype="int32x8"),
+        T.call_llvm_pure_intrin(phadd, eight(base + 2), eight(base + 3), dtype="int32x8"),
+        dtype="int32x8")
+    return both
+
+
+def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,
+                      num_cores: int = 1) -> tvm.tirx.PrimFunc:
+    """``(x [1, k], w4 [blocks4, steps, P, 64] uint8, w8 [int8 blocks, steps, 2P, 64] int8,
+    dest [slots] int32, bias [slots] int32, scale [slots] f32, out [1, n] f32)``, constants
+    from :func:`gemv_layer_weights` (module docstring). ``table_levels``: the 16 levels of
+    each decode table, one per entry of ``layout.tables``."""
+    if x_dtype not in ("uint8", "int8"):
+        raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
+    if len(table_levels) != len(layout.tables) or len(table_levels) > 2:
+        raise ValueError(f"gemv_layer_kernel: {len(layout.tables)} block counts for {len(table_levels)} tables "
+                         "(at most two)")
+    k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
+    if pairs % 4:
+        raise ValueError(f"gemv_layer_kernel: byte rows per block must be a multiple of 4, got {pairs}")
+    width, slots_per_block = steps * _VEC, 2 * pairs
+    linear, blocks4, blocks = layout.linear, layout.blocks4, layout.blocks
+    table_a = layout.linear + (layout.tables[0] if layout.tables else 0)  # blocks before table B's
+    unsigned = x_dtype == "uint8"
+    four = _VectorOps("avx512vnni", _VEC, True, None)  # 4-bit bytes unsigned, activations signed
+    eight_bit = _VectorOps("avx512vnni", _VEC, False, None)  # activations unsigned, int8 rows signed
+    tables = [_VectorOps("avx512vnni", _VEC, True, levels) for levels in table_levels] or [four]
+    slots = layout.slots
+    w4_shape = (max(blocks4, 1), steps, pairs, _VEC)
+    w8_shape = (max(layout.int8, 1), steps, slots_per_block, _VEC)
+    tasks = max(1, min(blocks, 4 * max(1, num_cores)))
+    per_task = -(-blocks // tasks)
+    tasks = -(-blocks // per_task)
+    perm = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512")
+
+    def low(wv):
+        return T.bitwise_and(wv, T.broadcast(T.uint8(15), _VEC))
+
+    def decode(table, ops, wv, high):
+        """``level + 8`` of the low or high nibbles of ``wv`` (module docstring)."""
+        if not vbmi:
+            return ops.decode(table, wv, high)
+        index = wv
+        if high:
+            index = T.reinterpret(T.shift_right(T.reinterpret(wv, dtype="uint16x32"), T.broadcast(T.uint16(4), 32)),
+                                  dtype="uint8x64")
+        return T.call_llvm_pure_intrin(perm, table[T.ramp(0, 1, _VEC)], T.reinterpret(index, dtype="int8x64"),
+                                       dtype="int8x64")
+
+    @T.macro
+    def table_block(acc, xs, w4, blk, tbl, ops):
+        for s in T.serial(steps):
+            for p in T.unroll(pairs):
+                acc[T.ramp(p * 16, 1, 16)] = four.mac(
+                    acc[T.ramp(p * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
+                    decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], False))
+                acc[T.ramp((pairs + p) * 16, 1, 16)] = four.mac(
+                    acc[T.ramp((pairs + p) * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
+                    decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], True))
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((1, k), x_dtype),
+        w4: T.Buffer(w4_shape, "uint8"),
+        w8: T.Buffer(w8_shape, "int8"),
+        dest: T.Buffer((slots,), "int32"),
+        bias: T.Buffer((slots,), "int32"),
+        scale: T.Buffer((slots,), "float32"),
+        out: T.Buffer((1, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        # activations twice: signed (x - 128 when unsigned) for the 4-bit bytes, unsigned
+        # (x' + 128) for the 8-bit rows; zero past k in both
+        xs = T.alloc_buffer((width,), "int8")
+        xu = T.alloc_buffer((width,), "uint8")
+        for j in T.vectorized(width):
+            xs[j] = T.if_then_else(j < k, T.reinterpret(
+                T.bitwise_xor(T.reinterpret(x[0, T.min(j, k - 1)], dtype="uint8"), T.uint8(128 if unsigned else 0)),
+                dtype="int8"), T.int8(0))
+            xu[j] = T.if_then_else(j < k, T.bitwise_xor(T.reinterpret(xs[j], dtype="uint8"), T.uint8(128)), T.uint8(0))
+        # sum(x') by MACs with ones: the 4-bit rows' offset 8 * sum(x')
+        xsum = T.alloc_buffer((16,), "int32", scope="local")
+        for lane in T.unroll(16):
+            xsum[lane] = 0
+        for s in T.serial(steps):
+            xsum[T.ramp(0, 1, 16)] = four.mac(xsum[T.ramp(0, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
+                                              T.broadcast(T.uint8(1), _VEC))
+        offset = T.alloc_buffer((1,), "int32", scope="local")
+        offset[0] = 0
+        for lane in T.unroll(16):
+            offset[0] = offset[0] + 8 * xsum[lane]
+        for task in T.parallel(tasks):
+            # buffers in a parallel loop are heap workspaces: allocated once per task
+            acc = T.alloc_buffer((slots_per_block * 16,), "int32", scope="local")
+            red = T.alloc_buffer((8,), "int32", scope="local")
+            res = T.alloc_buffer((4,), "float32", scope="local")
+            ta = T.alloc_buffer((_VEC,), "int8", scope="local")
+            tb = T.alloc_buffer((_VEC,), "int8", scope="local")
+            for t in T.unroll(_VEC):
+                ta[t] = tables[0].table_byte(t)
+                tb[t] = tables[-1].table_byte(t)
+            for tt in T.serial(per_task):
+                if task * per_task + tt < blocks:
+                    for a in T.unroll(slots_per_block * 16):
+                        acc[a] = 0
+                    if task * per_task + tt < linear:
+                        # fixed pairs: slot p sums lo, slot P + p the whole byte (16 hi + lo)
+                        for s in T.serial(steps):
+                            for p in T.unroll(pairs):
+                                acc[T.ramp(p * 16, 1, 16)] = four.mac(
+                                    acc[T.ramp(p * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
+                                    low(w4[task * per_task + tt, s, p, T.ramp(0, 1, _VEC)]))
+                                acc[T.ramp((pairs + p) * 16, 1, 16)] = four.mac(
+                                    acc[T.ramp((pairs + p) * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
+                                    w4[task * per_task + tt, s, p, T.ramp(0, 1, _VEC)])
+                        for p in T.unroll(pairs):
+                            acc[T.ramp((pairs + p) * 16, 1, 16)] = (
+                                acc[T.ramp((pairs + p) * 16, 1, 16)] - acc[T.ramp(p * 16, 1, 16)])
+                    elif task * per_task + tt < table_a:
+                        table_block(acc, xs, w4, task * per_task + tt, ta, tables[0])
+                    elif task * per_task + tt < blocks4:
+                        table_block(acc, xs, w4, task * per_task + tt, tb, tables[-1])
+                    else:
+                        for s in T.serial(steps):
+                            for r in T.unroll(slots_per_block):
+                                acc[T.ramp(r * 16, 1, 16)] = eight_bit.mac(
+                                    acc[T.ramp(r * 16, 1, 16)], xu[T.ramp(s * _VEC, 1, _VEC)],
+                                    w8[task * per_task + tt - blocks4, s, r, T.ramp(0, 1, _VEC)])
+                    for g in T.unroll(slots_per_block // 4):
+                        red[T.ramp(0, 1, 8)] = _sums4(acc, 4 * g)
+                        if task * per_task + tt < linear and 4 * g >= pairs:  # (total - lo) / 16
+                            red[T.ramp(0, 1, 4)] = T.shift_right(red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)],
+                                                                 T.broadcast(4, 4))
+                        else:
+                            red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)]
+                        if task * per_task + tt < blocks4:
+                            red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] - T.broadcast(offset[0], 4)
+                        res[T.ramp(0, 1, 4)] = T.Cast(
+                            "float32x4", red[T.ramp(0, 1, 4)]
+                            + bias[T.ramp((task * per_task + tt) * slots_per_block + 4 * g, 1, 4)]) * scale[
+                            T.ramp((task * per_task + tt) * slots_per_block + 4 * g, 1, 4)]
+                        for q in T.unroll(4):
+                            if dest[(task * per_task + tt) * slots_per_block + 4 * g + q] >= 0:
+                                out[0, dest[(task * per_task + tt) * slots_per_block + 4 * g + q]] = res[q]
+
+    return kernel
