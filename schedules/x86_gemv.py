@@ -194,6 +194,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     slots = layout.slots
     w4_shape = (max(blocks4, 1), steps, pairs, _VEC)
     w8_shape = (max(layout.int8, 1), steps, slots_per_block, _VEC)
+    work_words = slots_per_block * 16 + 16 + 2 * _VEC // 4
     tasks = max(1, min(blocks, 4 * max(1, num_cores)))
     per_task = -(-blocks // tasks)
     tasks = -(-blocks // per_task)
@@ -256,12 +257,14 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         for lane in T.unroll(16):
             offset[0] = offset[0] + 8 * xsum[lane]
         for task in T.parallel(tasks):
-            # buffers in a parallel loop are heap workspaces: allocated once per task
-            acc = T.alloc_buffer((slots_per_block * 16,), "int32", scope="local")
-            red = T.alloc_buffer((8,), "int32", scope="local")
-            res = T.alloc_buffer((4,), "float32", scope="local")
-            ta = T.alloc_buffer((_VEC,), "int8", scope="local")
-            tb = T.alloc_buffer((_VEC,), "int8", scope="local")
+            # buffers in a parallel loop are heap workspaces, each an allocation per task: one,
+            # holding the accumulators, the lane sums, four results and both tables
+            work = T.alloc_buffer((work_words,), "int32", scope="local")
+            acc = T.decl_buffer((slots_per_block * 16,), "int32", data=work.data)
+            red = T.decl_buffer((8,), "int32", data=work.data, elem_offset=slots_per_block * 16)
+            res = T.decl_buffer((4,), "float32", data=work.data, elem_offset=slots_per_block * 16 + 8)
+            ta = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(slots_per_block * 16 + 16) * 4)
+            tb = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(slots_per_block * 16 + 16) * 4 + _VEC)
             for t in T.unroll(_VEC):
                 ta[t] = tables[0].table_byte(t)
                 tb[t] = tables[-1].table_byte(t)
