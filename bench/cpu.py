@@ -718,7 +718,7 @@ def markdown(report: Dict[str, object]) -> str:
               "  rows, and their streaming in from memory (about 75 us of 1.46 ms at 768 x 3072), is the",
               "  price of keeping them 4-bit in memory. The BERT layer and MiniLM-L6 run no gather and no",
               "  concatenation at seq 128; `python -m bench.profile_model` prints the time per kind of call.",
-              "- Batch 1: a layer's weights (2.4 MB for the FFN, 1.2 MB per layer) come from L3, since",
+              "- Batch 1: a layer's weights (2.5 MB for the FFN, 1.2 MB per layer) come from L3, since",
               "  the next layer's evict them from this core's 1 MB L2; the stack streams at",
               f"  {stack_pct} of the probe's DRAM bandwidth (above 100%: part of its 45 MB stays in the",
               f"  32 MB L3 between runs). In this run {ffn_rates}: both near what one core",
