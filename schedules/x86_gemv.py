@@ -184,6 +184,9 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
     if pairs % 4:
         raise ValueError(f"gemv_layer_kernel: byte rows per block must be a multiple of 4, got {pairs}")
+    if steps * 4 * 255 * 128 >= 2**31:  # a lane's sum of whole bytes (16 hi + lo) times activations
+        raise ValueError(f"gemv_layer_kernel: k = {k} is too long for int32 sums of whole bytes "
+                         f"(at most {(2**31 - 1) // (4 * 255 * 128) * _VEC})")
     width, slots_per_block = steps * _VEC, 2 * pairs
     linear, blocks4, blocks = layout.linear, layout.blocks4, layout.blocks
     table_a = layout.linear + (layout.tables[0] if layout.tables else 0)  # blocks before table B's

@@ -851,7 +851,8 @@ def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target
 
 
 def test_gemv_layer_weights_reject_bias_overflow():
-    """A bias that overflows int32 once the offsets are folded in is an error naming the output."""
+    """A bias that overflows int32 once the offsets are folded in is an error naming the output;
+    so is a reduction too long for the kernel's int32 sums."""
     from schedules.x86_gemv import LINEAR, gemv_layer_weights
     from tvm_rmsmp.schemes import nibble_decode
 
@@ -860,6 +861,10 @@ def test_gemv_layer_weights_reject_bias_overflow():
     with pytest.raises(ValueError, match="output 0"):
         gemv_layer_weights([(0, 0)], [pack_nibbles(codes)], [LINEAR], [lv], np.array([2**31 - 10]),
                            np.ones(1, np.float32), 64, "uint8")
+    from schedules.x86_gemv import GemvLayout, gemv_layer_kernel
+
+    with pytest.raises(ValueError, match="k = 2000000 is too long"):  # int32 lane sums would wrap
+        gemv_layer_kernel(GemvLayout(2_000_000, 8, 1, (), 0), "int8", [])
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
