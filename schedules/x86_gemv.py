@@ -114,12 +114,15 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
             rows_of[c] = (w.astype(np.int64), w.astype(np.int8))
         else:
             codes = _unpack(w[None], k)[0]
-            rows_of[c] = (np.asarray(levels_of_group[gi], np.int64)[codes], codes)
-    per4, per8 = 2 * pairs, 2 * pairs
-    counts = {kind: -(-len(cs) // per4) for kind, cs in by_kind.items()}
+            levels = np.asarray(levels_of_group[gi], np.int64)
+            if kinds[gi] == LINEAR and (levels.min() < -8 or levels.max() > 7):
+                raise ValueError(f"gemv_layer_weights: group {gi} is linear but has levels outside -8..7")
+            rows_of[c] = (levels[codes], codes)
+    per_block = 2 * pairs  # outputs per block, of any kind
+    counts = {kind: -(-len(cs) // per_block) for kind, cs in by_kind.items()}
     layout = GemvLayout(k, n, counts[LINEAR], tuple(counts[t] for t in range(n_tables)), counts[INT8], pairs)
     w4 = np.zeros((max(layout.blocks4, 1), steps, pairs, _VEC), np.uint8)
-    w8 = np.zeros((max(layout.int8, 1), steps, per8, _VEC), np.int8)
+    w8 = np.zeros((max(layout.int8, 1), steps, per_block, _VEC), np.int8)
     dest = np.full(layout.slots, -1, np.int32)
     slot_bias = np.zeros(layout.slots, np.int32)
     slot_scale = np.zeros(layout.slots, np.float32)
@@ -127,10 +130,10 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
     for kind in [LINEAR] + list(range(n_tables)) + [INT8]:
         cs = by_kind[kind]
         for b in range(counts[kind]):
-            chunk = cs[b * per4:(b + 1) * per4]
+            chunk = cs[b * per_block:(b + 1) * per_block]
             for s, c in enumerate(chunk):
                 # 4-bit blocks: slot s < P is the low nibble of byte row s, slot P + s its high one
-                slot = block * per4 + s
+                slot = block * per_block + s
                 level_row, stored = rows_of[c]
                 dest[slot], slot_scale[slot] = c, scale[c]
                 extra = 0
@@ -156,18 +159,18 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
 
 
 def _sums4(acc, base):
-    """int32x4 totals of the four 16-lane accumulators from slot ``base`` on."""
+    """int32x8 whose lanes ``q`` and ``q + 4`` add up to the total of the 16-lane accumulator
+    in slot ``base + q`` (three ``vphaddd``)."""
     phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
 
     def eight(s):
         return acc[T.ramp(s * 16, 1, 8)] + acc[T.ramp(s * 16 + 8, 1, 8)]
 
-    both = T.call_llvm_pure_intrin(
+    return T.call_llvm_pure_intrin(
         phadd,
         T.call_llvm_pure_intrin(phadd, eight(base), eight(base + 1), dtype="int32x8"),
         T.call_llvm_pure_intrin(phadd, eight(base + 2), eight(base + 3), dtype="int32x8"),
         dtype="int32x8")
-    return both
 
 
 def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,

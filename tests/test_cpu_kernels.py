@@ -850,9 +850,10 @@ def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target
         np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
 
 
-def test_gemv_layer_weights_reject_bias_overflow():
+def test_gemv_layer_rejects_what_it_cannot_compute():
     """A bias that overflows int32 once the offsets are folded in is an error naming the output;
-    so is a reduction too long for the kernel's int32 sums."""
+    so are a linear group whose levels do not fit ``level + 8`` in a nibble, and a reduction
+    too long for the kernel's int32 sums."""
     from schedules.x86_gemv import LINEAR, gemv_layer_weights
     from tvm_rmsmp.schemes import nibble_decode
 
@@ -861,6 +862,10 @@ def test_gemv_layer_weights_reject_bias_overflow():
     with pytest.raises(ValueError, match="output 0"):
         gemv_layer_weights([(0, 0)], [pack_nibbles(codes)], [LINEAR], [lv], np.array([2**31 - 10]),
                            np.ones(1, np.float32), 64, "uint8")
+    with pytest.raises(ValueError, match="group 0 is linear"):  # SP2's levels reach 8
+        sp2 = nibble_decode(np.arange(16), get_scheme("sp2_4"))
+        gemv_layer_weights([(0, 0)], [pack_nibbles(codes)], [LINEAR], [sp2], np.zeros(1), np.ones(1, np.float32),
+                           64, "int8")
     from schedules.x86_gemv import GemvLayout, gemv_layer_kernel
 
     with pytest.raises(ValueError, match="k = 2000000 is too long"):  # int32 lane sums would wrap
