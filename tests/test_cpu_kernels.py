@@ -806,7 +806,7 @@ GEMV_CASES = [
 @pytest.mark.parametrize("k,n,act,shares", GEMV_CASES)
 def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target):
     """The batch-1 layer kernel (two rows per byte: fixed pairs by two MACs, table pairs by
-    ``vpermb`` or ``vpshufb``, 8-bit rows) equals numpy for rows of every kind in a scattered
+    ``vpermb``, or ``vpshufb`` built for a CPU without VBMI, 8-bit rows) equals numpy for rows of every kind in a scattered
     order, each output at its place; random and extreme activations, the epilogue bit for bit."""
     from tvm.target.codegen import target_has_features
 
@@ -843,7 +843,10 @@ def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target
     layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act)
     assert layout.linear == -(-int((kind == 1).sum()) // 8) and layout.int8 == -(-int((kind == 2).sum()) // 8)
     func = gemv_layer_kernel(layout, act, [tables[t] for t in table_ids], vbmi=vbmi)
-    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target)
+    target = host_target if vbmi else _x86_target("cascadelake")  # VNNI without VBMI
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    if table_ids:
+        assert ("vpermb" in exe.mod.inspect_source("asm")) == vbmi
     lo, hi = (0, 255) if act == "uint8" else (-128, 127)
     for x in (rng.integers(lo, hi + 1, size=(1, k)).astype(act), np.full((1, k), lo, act), np.full((1, k), hi, act)):
         out = _run(exe, x, *consts, np.zeros((1, n), np.float32))
@@ -872,12 +875,13 @@ def test_gemv_layer_rejects_what_it_cannot_compute():
         gemv_layer_kernel(GemvLayout(2_000_000, 8, 1, (), 0), "int8", [])
 
 
-@pytest.mark.parametrize("batch", [1, 4, 16])
-def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, host_target):
+@pytest.mark.parametrize("batch,mcpu", [(1, None), (1, "cascadelake"), (4, None), (16, None)])
+def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu, host_target):
     """With 8+ activation rows on VNNI each split dense layer is one kernel, and so it is with
     one row (the batch-1 kernel): no concatenation and no gather are left (the final gather is
     folded into the kernel through the reshape back to 3-D), and the two layers of the same
-    shape share one kernel; with 2-7 rows the row groups stay. Bit-exact either way."""
+    shape share one kernel; with 2-7 rows the row groups stay. Bit-exact either way, also for a
+    VNNI CPU without VBMI (``cascadelake``: the batch-1 kernel's tables by ``vpshufb``)."""
     import torch
     from tvm import relax
 
@@ -891,7 +895,7 @@ def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, host_target):
                                 torch.nn.Linear(64, 40)).eval()
     q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), [torch.randn(16, 64) for _ in range(2)])
     x = torch.randn(1, batch, 64)
-    exe = rmsmp.compile(q, (x,))
+    exe = rmsmp.compile(q, (x,), _x86_target(mcpu) if mcpu else host_target)
     ops = []
     relax.analysis.post_order_visit(exe.ir["main"], lambda e: ops.append(
         e.args[0].name_hint if e.op.name == "relax.call_tir" else e.op.name)
