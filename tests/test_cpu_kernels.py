@@ -806,8 +806,9 @@ GEMV_CASES = [
 @pytest.mark.parametrize("k,n,act,shares", GEMV_CASES)
 def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target):
     """The batch-1 layer kernel (two rows per byte: fixed pairs by two MACs, table pairs by
-    ``vpermb``, or ``vpshufb`` built for a CPU without VBMI, 8-bit rows) equals numpy for rows of every kind in a scattered
-    order, each output at its place; random and extreme activations, the epilogue bit for bit."""
+    ``vpermb``, or by ``vpshufb`` when built for a CPU without VBMI; 8-bit rows) equals numpy
+    for rows of every kind in a scattered order, each output at its place; random and extreme
+    activations, the epilogue bit for bit."""
     from tvm.target.codegen import target_has_features
 
     from schedules.x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
