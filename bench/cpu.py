@@ -198,7 +198,7 @@ def workloads(quick: bool):
     for k, n in ((768, 768), (768, 3072), (3072, 768)):
         for b in (1, 128):
             out.append((f"dense {k}x{n}, batch {b}", "kernel", lambda k=k, n=n: dense_model(k, n), (1, b, k), b == 1))
-    for b in (1, 128):
+    for b in (1, 8, 128):  # 8: a small batch, below the outer-product layer kernel's rows
         out.append((f"FFN 768-3072-768, batch {b}", "kernel", ffn_model, (1, b, 768), b == 1))
     out.append(("12 BERT-base layers' dense weights, batch 1", "kernel", bert_dense_stack, (1, 1, 768), True))
     for c_in, c_out, hw, s in ((64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1), (512, 512, 7, 1)):
@@ -680,15 +680,15 @@ def markdown(report: Dict[str, object]) -> str:
               "activation sums, taken once per call. Convolutions whose input channels fill whole vector",
               "steps run as one GEMM over the channels per kernel tap, on activations staged once per call",
               "as channel-last planes; others (the ResNet stem, C = 3) through an im2col. Dense layers read",
-              "their weight constants laid out at compile time tile by tile (batch 1: 8 rows x 64 bytes per",
-              "step on VNNI, one sequential stream per tile of rows); conv weights are reordered for the",
-              "per-tap GEMMs at compile time too. From 8 activation rows on (batch 128), a dense layer's",
-              "row groups run as one kernel on VNNI (`x86-avx512vnni-layer`: decoded per call into one int8",
-              "matrix in output order, then an outer-product GEMM; on AVX2 each group runs the",
-              "outer-product kernel). At batch 1 on VNNI a dense layer is one kernel as well",
-              "(`x86-avx512vnni-gemv`, `schedules/x86_gemv.py`): a byte holds two rows' codes at the same",
-              "reduction element, so fixed 4-bit rows cost an `and` and two `vpdpbusd` per 128 weights",
-              "(`16 * hi + lo` and `lo`), SP2 rows two VBMI `vpermb` lookups and a shift.",
+              "their weight constants laid out at compile time tile by tile (one sequential stream per",
+              "tile of rows); conv weights are reordered for the per-tap GEMMs at compile time too. On",
+              "VNNI each dense layer's row groups run as one kernel with outputs in the graph's order:",
+              "up to 23 activation rows (batch 1, 8) `x86-avx512vnni-gemv` (`schedules/x86_gemv.py`): a",
+              "byte holds two rows' codes at the same reduction element, so fixed 4-bit rows cost an `and`",
+              "and two `vpdpbusd` per 128 weights (`16 * hi + lo` and `lo`), SP2 rows two VBMI `vpermb`",
+              "lookups and a shift; from 24 rows on (batch 128) `x86-avx512vnni-layer`: decoded per call",
+              "into one int8 matrix, then an outer-product GEMM. On AVX2 each group runs its own kernel",
+              "(from 8 rows on the outer-product one).",
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX-512 VNNI every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
@@ -709,7 +709,7 @@ def markdown(report: Dict[str, object]) -> str:
               "",
               "## Where the time goes (known gaps)",
               "",
-              "- Batch 128 (from 8 activation rows on, AVX-512 VNNI): each dense layer is one kernel whose",
+              "- Batch 128 (from 24 activation rows on, AVX-512 VNNI): each dense layer is one kernel whose",
               "  row groups are decoded per call into one int8 matrix in the graph's output order, then one",
               "  outer-product GEMM (`vpdpbusd` of four broadcast activation bytes against eight weight",
               "  rows): no concatenation of groups and no row-order gather. It runs at about 205 GMAC/s",

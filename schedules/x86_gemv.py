@@ -1,4 +1,5 @@
-"""A whole dense layer at batch 1 on AVX-512 VNNI, with two weight rows per byte.
+"""A whole dense layer at batch 1 (and small batches) on AVX-512 VNNI, with two weight rows
+per byte.
 
 At batch 1 every weight is used once per call, so a layer's time is the vector instructions
 that turn its packed bytes into products. :func:`~schedules.x86_intrin.gemm_kernel` packs two
@@ -49,6 +50,20 @@ LINEAR = "linear"
 INT8 = "int8"
 
 _VEC = 64  # bytes per vector step (zmm)
+
+#: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
+#: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster. Both
+#: FFN layers (768 x 3072, 3072 x 768), one thread: 8 rows 224 vs 309 us, 16 rows 445 vs 476,
+#: 20 rows 569 vs 648, 24 rows 664 vs 646 (that kernel decodes every weight per call, then runs
+#: 8-row tiles near the MAC peak; this one decodes in registers per pass of two or three rows).
+GEMV_MAX_ROWS = 23
+
+
+def row_tile(m: int) -> int:
+    """Activation rows per pass over a block's weights (8 zmm accumulators per row): three
+    when they divide ``m`` (1 x 768 x 3072: 46.5 us for three rows in one pass, 63 in two),
+    else two (four rows spill registers)."""
+    return 1 if m == 1 else 3 if m % 3 == 0 else 2
 
 
 @attrs.frozen
@@ -174,13 +189,16 @@ def _sums4(acc, base):
 
 
 def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,
-                      num_cores: int = 1) -> tvm.tirx.PrimFunc:
-    """``(x [1, k], w4 [blocks4, steps, P, 64] uint8, w8 [int8 blocks, steps, 2P, 64] int8,
-    dest [slots] int32, bias [slots] int32, scale [slots] f32, out [1, n] f32)``, constants
+                      num_cores: int = 1, m: int = 1) -> tvm.tirx.PrimFunc:
+    """``(x [m, k], w4 [blocks4, steps, P, 64] uint8, w8 [int8 blocks, steps, 2P, 64] int8,
+    dest [slots] int32, bias [slots] int32, scale [slots] f32, out [m, n] f32)``, constants
     from :func:`gemv_layer_weights` (module docstring). ``table_levels``: the 16 levels of
-    each decode table, one per entry of ``layout.tables``."""
+    each decode table, one per entry of ``layout.tables``. Several activation rows (``m``)
+    pass over each block's weights :func:`row_tile` at a time, sharing its loads and decode."""
     if x_dtype not in ("uint8", "int8"):
         raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
+    if m < 1:
+        raise ValueError(f"gemv_layer_kernel: at least one activation row, got m = {m}")
     if len(table_levels) != len(layout.tables) or len(table_levels) > 2:
         raise ValueError(f"gemv_layer_kernel: {len(layout.tables)} block counts for {len(table_levels)} tables "
                          "(at most two)")
@@ -200,7 +218,10 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     slots = layout.slots
     w4_shape = (max(blocks4, 1), steps, pairs, _VEC)
     w8_shape = (max(layout.int8, 1), steps, slots_per_block, _VEC)
-    work_words = slots_per_block * 16 + 16 + 2 * _VEC // 4
+    mt = row_tile(m)
+    row_tiles = -(-m // mt)
+    acc_words = mt * slots_per_block * 16
+    work_words = acc_words + 16 + 2 * _VEC // 4
     tasks = max(1, min(blocks, 4 * max(1, num_cores)))
     per_task = -(-blocks // tasks)
     tasks = -(-blocks // per_task)
@@ -221,101 +242,127 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                                        dtype="int8x64")
 
     @T.macro
-    def table_block(acc, xs, w4, blk, tbl, ops):
+    def table_block(acc, xs, w4, blk, rows, tbl, ops):
         for s in T.serial(steps):
             for p in T.unroll(pairs):
-                acc[T.ramp(p * 16, 1, 16)] = four.mac(
-                    acc[T.ramp(p * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
-                    decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], False))
-                acc[T.ramp((pairs + p) * 16, 1, 16)] = four.mac(
-                    acc[T.ramp((pairs + p) * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
-                    decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], True))
+                for i in T.unroll(mt):  # slot p: the low nibbles, slot P + p: the high ones
+                    acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)] = four.mac(
+                        acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)],
+                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
+                        decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], False))
+                    acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)] = four.mac(
+                        acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)],
+                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
+                        decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], True))
+
+    @T.macro
+    def linear_block(acc, xs, w4, blk, rows):
+        """Fixed pairs: slot p sums lo, slot P + p the whole byte (16 hi + lo), then hi * 16."""
+        for s in T.serial(steps):
+            for p in T.unroll(pairs):
+                for i in T.unroll(mt):
+                    acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)] = four.mac(
+                        acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)],
+                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
+                        low(w4[blk, s, p, T.ramp(0, 1, _VEC)]))
+                    acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)] = four.mac(
+                        acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)],
+                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
+                        w4[blk, s, p, T.ramp(0, 1, _VEC)])
+        for i in T.unroll(mt):
+            for p in T.unroll(pairs):
+                acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)] = (
+                    acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)]
+                    - acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)])
+
+    @T.macro
+    def int8_block(acc, xu, w8, blk8, rows):
+        for s in T.serial(steps):
+            for r in T.unroll(slots_per_block):
+                for i in T.unroll(mt):
+                    acc[T.ramp((i * slots_per_block + r) * 16, 1, 16)] = eight_bit.mac(
+                        acc[T.ramp((i * slots_per_block + r) * 16, 1, 16)],
+                        xu[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
+                        w8[blk8, s, r, T.ramp(0, 1, _VEC)])
+
+    @T.macro
+    def store(acc, red, res, offset, dest, bias, scale, out, blk, rows):
+        """Row ``rows + i``'s outputs of the block, each at its place (rows past ``m`` repeat
+        the last one: the same values stored again)."""
+        for i in T.unroll(mt):
+            for g in T.unroll(slots_per_block // 4):
+                red[T.ramp(0, 1, 8)] = _sums4(acc, i * slots_per_block + 4 * g)
+                if blk < linear and 4 * g >= pairs:  # (total - lo) / 16
+                    red[T.ramp(0, 1, 4)] = T.shift_right(red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)],
+                                                         T.broadcast(4, 4))
+                else:
+                    red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)]
+                if blk < blocks4:
+                    red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] - T.broadcast(offset[T.min(rows + i, m - 1)], 4)
+                res[T.ramp(0, 1, 4)] = T.Cast(
+                    "float32x4", red[T.ramp(0, 1, 4)] + bias[T.ramp(blk * slots_per_block + 4 * g, 1, 4)]) * scale[
+                    T.ramp(blk * slots_per_block + 4 * g, 1, 4)]
+                for q in T.unroll(4):
+                    if dest[blk * slots_per_block + 4 * g + q] >= 0:
+                        out[T.min(rows + i, m - 1), dest[blk * slots_per_block + 4 * g + q]] = res[q]
 
     @T.prim_func(private=True)
     def kernel(
-        x: T.Buffer((1, k), x_dtype),
+        x: T.Buffer((m, k), x_dtype),
         w4: T.Buffer(w4_shape, "uint8"),
         w8: T.Buffer(w8_shape, "int8"),
         dest: T.Buffer((slots,), "int32"),
         bias: T.Buffer((slots,), "int32"),
         scale: T.Buffer((slots,), "float32"),
-        out: T.Buffer((1, n), "float32"),
+        out: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
         # activations twice: signed (x - 128 when unsigned) for the 4-bit bytes, unsigned
         # (x' + 128) for the 8-bit rows; zero past k in both
-        xs = T.alloc_buffer((width,), "int8")
-        xu = T.alloc_buffer((width,), "uint8")
-        for j in T.vectorized(width):
-            xs[j] = T.if_then_else(j < k, T.reinterpret(
-                T.bitwise_xor(T.reinterpret(x[0, T.min(j, k - 1)], dtype="uint8"), T.uint8(128 if unsigned else 0)),
-                dtype="int8"), T.int8(0))
-            xu[j] = T.if_then_else(j < k, T.bitwise_xor(T.reinterpret(xs[j], dtype="uint8"), T.uint8(128)), T.uint8(0))
-        # sum(x') by MACs with ones: the 4-bit rows' offset 8 * sum(x')
+        xs = T.alloc_buffer((m, width), "int8")
+        xu = T.alloc_buffer((m, width), "uint8")
+        offset = T.alloc_buffer((m,), "int32")
         xsum = T.alloc_buffer((16,), "int32", scope="local")
-        for lane in T.unroll(16):
-            xsum[lane] = 0
-        for s in T.serial(steps):
-            xsum[T.ramp(0, 1, 16)] = four.mac(xsum[T.ramp(0, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
-                                              T.broadcast(T.uint8(1), _VEC))
-        offset = T.alloc_buffer((1,), "int32", scope="local")
-        offset[0] = 0
-        for lane in T.unroll(16):
-            offset[0] = offset[0] + 8 * xsum[lane]
+        for r in T.serial(m):
+            for j in T.vectorized(width):
+                xs[r, j] = T.if_then_else(j < k, T.reinterpret(T.bitwise_xor(
+                    T.reinterpret(x[r, T.min(j, k - 1)], dtype="uint8"), T.uint8(128 if unsigned else 0)),
+                    dtype="int8"), T.int8(0))
+                xu[r, j] = T.if_then_else(j < k, T.bitwise_xor(T.reinterpret(xs[r, j], dtype="uint8"), T.uint8(128)),
+                                          T.uint8(0))
+            # sum(x') by MACs with ones: the 4-bit rows' offset 8 * sum(x')
+            for lane in T.unroll(16):
+                xsum[lane] = 0
+            for s in T.serial(steps):
+                xsum[T.ramp(0, 1, 16)] = four.mac(xsum[T.ramp(0, 1, 16)], xs[r, T.ramp(s * _VEC, 1, _VEC)],
+                                                  T.broadcast(T.uint8(1), _VEC))
+            offset[r] = 0
+            for lane in T.unroll(16):
+                offset[r] = offset[r] + 8 * xsum[lane]
         for task in T.parallel(tasks):
             # buffers in a parallel loop are heap workspaces, each an allocation per task: one,
             # holding the accumulators, the lane sums, four results and both tables
             work = T.alloc_buffer((work_words,), "int32", scope="local")
-            acc = T.decl_buffer((slots_per_block * 16,), "int32", data=work.data)
-            red = T.decl_buffer((8,), "int32", data=work.data, elem_offset=slots_per_block * 16)
-            res = T.decl_buffer((4,), "float32", data=work.data, elem_offset=slots_per_block * 16 + 8)
-            ta = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(slots_per_block * 16 + 16) * 4)
-            tb = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(slots_per_block * 16 + 16) * 4 + _VEC)
+            acc = T.decl_buffer((acc_words,), "int32", data=work.data)
+            red = T.decl_buffer((8,), "int32", data=work.data, elem_offset=acc_words)
+            res = T.decl_buffer((4,), "float32", data=work.data, elem_offset=acc_words + 8)
+            ta = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4)
+            tb = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4 + _VEC)
             for t in T.unroll(_VEC):
                 ta[t] = tables[0].table_byte(t)
                 tb[t] = tables[-1].table_byte(t)
-            for tt in T.serial(per_task):
+            for tt, rc in T.grid(per_task, row_tiles):
                 if task * per_task + tt < blocks:
-                    for a in T.unroll(slots_per_block * 16):
+                    for a in T.unroll(acc_words):
                         acc[a] = 0
                     if task * per_task + tt < linear:
-                        # fixed pairs: slot p sums lo, slot P + p the whole byte (16 hi + lo)
-                        for s in T.serial(steps):
-                            for p in T.unroll(pairs):
-                                acc[T.ramp(p * 16, 1, 16)] = four.mac(
-                                    acc[T.ramp(p * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
-                                    low(w4[task * per_task + tt, s, p, T.ramp(0, 1, _VEC)]))
-                                acc[T.ramp((pairs + p) * 16, 1, 16)] = four.mac(
-                                    acc[T.ramp((pairs + p) * 16, 1, 16)], xs[T.ramp(s * _VEC, 1, _VEC)],
-                                    w4[task * per_task + tt, s, p, T.ramp(0, 1, _VEC)])
-                        for p in T.unroll(pairs):
-                            acc[T.ramp((pairs + p) * 16, 1, 16)] = (
-                                acc[T.ramp((pairs + p) * 16, 1, 16)] - acc[T.ramp(p * 16, 1, 16)])
+                        linear_block(acc, xs, w4, task * per_task + tt, rc * mt)
                     elif task * per_task + tt < table_a:
-                        table_block(acc, xs, w4, task * per_task + tt, ta, tables[0])
+                        table_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                     elif task * per_task + tt < blocks4:
-                        table_block(acc, xs, w4, task * per_task + tt, tb, tables[-1])
+                        table_block(acc, xs, w4, task * per_task + tt, rc * mt, tb, tables[-1])
                     else:
-                        for s in T.serial(steps):
-                            for r in T.unroll(slots_per_block):
-                                acc[T.ramp(r * 16, 1, 16)] = eight_bit.mac(
-                                    acc[T.ramp(r * 16, 1, 16)], xu[T.ramp(s * _VEC, 1, _VEC)],
-                                    w8[task * per_task + tt - blocks4, s, r, T.ramp(0, 1, _VEC)])
-                    for g in T.unroll(slots_per_block // 4):
-                        red[T.ramp(0, 1, 8)] = _sums4(acc, 4 * g)
-                        if task * per_task + tt < linear and 4 * g >= pairs:  # (total - lo) / 16
-                            red[T.ramp(0, 1, 4)] = T.shift_right(red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)],
-                                                                 T.broadcast(4, 4))
-                        else:
-                            red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)]
-                        if task * per_task + tt < blocks4:
-                            red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] - T.broadcast(offset[0], 4)
-                        res[T.ramp(0, 1, 4)] = T.Cast(
-                            "float32x4", red[T.ramp(0, 1, 4)]
-                            + bias[T.ramp((task * per_task + tt) * slots_per_block + 4 * g, 1, 4)]) * scale[
-                            T.ramp((task * per_task + tt) * slots_per_block + 4 * g, 1, 4)]
-                        for q in T.unroll(4):
-                            if dest[(task * per_task + tt) * slots_per_block + 4 * g + q] >= 0:
-                                out[0, dest[(task * per_task + tt) * slots_per_block + 4 * g + q]] = res[q]
+                        int8_block(acc, xu, w8, task * per_task + tt - blocks4, rc * mt)
+                    store(acc, red, res, offset, dest, bias, scale, out, task * per_task + tt, rc * mt)
 
     return kernel

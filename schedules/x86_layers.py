@@ -9,18 +9,17 @@ not fold it, a gather restoring the model's row order::
     y = take(c, inverse, axis=-1)                  # where the order could not be folded
                                                    # (also through reshapes keeping axis -1 last)
 
-With many activation rows (from :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` on) on
-AVX-512 VNNI the groups are decoded to int8 once per call anyway, so one kernel can decode
-them all into one matrix in the output order the graph wants and run a single GEMM
-(:func:`~schedules.x86_intrin.layer_dense_kernel`): the concatenation and the gather go away
-(128 x 3072 outputs: 35 + 141 us of a 2.0 ms layer), and so do two of three kernel launches
-and the partial register tiles at the end of each group. ``y`` (or ``c``, when no gather
+On AVX-512 VNNI every such layer becomes one kernel whose outputs come in the order the
+graph wants them, so the concatenation and the gather go away (128 x 3072 outputs: 35 + 141
+us of a 2.0 ms layer), and so do two of three kernel launches. ``y`` (or ``c``, when no gather
 follows or something else reads it) becomes one ``call_tir`` of that kernel; the dead group
-calls are removed.
+calls are removed. The kernel:
 
-With one activation row the layer becomes one
-:func:`~schedules.x86_gemv.gemv_layer_kernel` instead (two rows' codes per byte, the batch-1
-bound being the vector operations per weight byte); with 2 to 7 rows the row groups stay.
+* up to :data:`~schedules.x86_gemv.GEMV_MAX_ROWS` activation rows (batch 1, small batches):
+  :func:`~schedules.x86_gemv.gemv_layer_kernel`, two rows' codes per byte, decoded in
+  registers, since there the vector operations per weight byte are the bound;
+* more rows: :func:`~schedules.x86_intrin.layer_dense_kernel`: the groups are decoded to int8
+  once per call, into one matrix in output order, then one outer-product GEMM.
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ from tvm.target.codegen import target_has_features
 from relay_passes._ir import callee, const_value, op_name
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
-from .x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
-from .x86_intrin import BROADCAST_MIN_ROWS, layer_dense_kernel, layer_weights, x86_isa
+from .x86_gemv import GEMV_MAX_ROWS, INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
+from .x86_intrin import layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["fuse_dense_layers"]
 
@@ -93,15 +92,14 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
         elif get_scheme(scheme).kind != "fixed" or values[0].dtype != np.int8:
             return None  # unpacked SP2 codes
         groups.append((scheme, *values))
-    shape = [int(d) for d in x.ty.shape]
-    if len(tables) > 2 or 1 < shape[0] < BROADCAST_MIN_ROWS or str(x.ty.dtype) not in ("uint8", "int8"):
+    if len(tables) > 2 or str(x.ty.dtype) not in ("uint8", "int8"):
         return None
     return _Layer(x, groups)
 
 
 def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
                vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
-    """:func:`_kernel_call` for one activation row: :func:`~schedules.x86_gemv.gemv_layer_kernel`."""
+    """:func:`_kernel_call` for a few activation rows: :func:`~schedules.x86_gemv.gemv_layer_kernel`."""
     schemes = [g[0] for g in layer.groups]
     levels = [nibble_decode(np.arange(16), get_scheme(s)) if w.dtype == np.uint8 else None
               for s, w, _, _ in layer.groups]
@@ -122,11 +120,12 @@ def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
     gemv, w4, w8, dest, bias, scale = gemv_layer_weights(order, [g[1] for g in layer.groups], kinds, levels, bias,
                                                          scale, k, x_dtype)
-    key = ("gemv", gemv, x_dtype, tuple(schemes), tuple(tables))
+    key = ("gemv", m, gemv, x_dtype, tuple(schemes), tuple(tables))
     if key not in kernels:
         kernel = gemv_layer_kernel(gemv, x_dtype, [nibble_decode(np.arange(16), get_scheme(s)) for s in tables],
-                                   vbmi=vbmi, num_cores=cores)
-        kernels[key] = _add_kernel(builder, kernel, schemes, "x86-avx512vnni-gemv", f"rmsmp_dense_layer_1x{k}x{len(order)}")
+                                   vbmi=vbmi, num_cores=cores, m=m)
+        kernels[key] = _add_kernel(builder, kernel, schemes, "x86-avx512vnni-gemv",
+                                   f"rmsmp_dense_layer_{m}x{k}x{len(order)}")
     consts = [relax.const(w4, "uint8"), relax.const(w8, "int8"), relax.const(dest, "int32"),
               relax.const(bias, "int32"), relax.const(scale, "float32")]
     return relax.call_tir(kernels[key], [layer.x] + consts, relax.TensorType([m, len(order)], "float32"))
@@ -146,7 +145,7 @@ def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tup
     """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``. Layers of
     the same shape and schemes share one kernel (``kernels``): their weights are arguments,
     so MiniLM-L6's 36 dense layers build 3 kernels."""
-    if int(layer.x.ty.shape[0]) == 1:
+    if int(layer.x.ty.shape[0]) <= GEMV_MAX_ROWS:
         return _gemv_call(builder, layer, order, cores, vbmi, kernels)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(s for s, w, _, _ in layer.groups if w.dtype == np.uint8))
@@ -168,7 +167,7 @@ def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tup
 
 
 def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
-    """Every split dense layer with one or enough activation rows as one kernel (module docstring);
+    """Every split dense layer as one kernel (module docstring);
     ``mod`` as it is on targets without AVX-512 VNNI."""
     if x86_isa(target) != "avx512vnni":
         return mod

@@ -643,8 +643,8 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
     and column counts: padded tiles and steps), and the model stays bit-exact. From 8
     activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes; int8 rows
-    on AVX2 8 rows x 2 bytes); built for AVX2 at 1 and 16 rows, since on VNNI such layers
-    become one kernel each (tested below)."""
+    on AVX2 8 rows x 2 bytes); built for AVX2, since on VNNI such layers become one kernel
+    each (tested below)."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -658,7 +658,7 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     calib = [torch.randn(8, 77) for _ in range(2)]
     q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), calib)
     x = torch.randn(batch, 77)
-    exe = rmsmp.compile(q, (x,), _x86_target("haswell") if batch >= 8 or batch == 1 else host_target)
+    exe = rmsmp.compile(q, (x,), _x86_target("haswell"))
     tiled = {gv.name_hint: [int(v) for v in f.attrs["rmsmp.weight_tiles"]] for gv, f in exe.ir.functions.items()
              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "rmsmp.weight_tiles" in f.attrs}
     groups = [gv.name_hint for gv, f in exe.ir.functions.items()
@@ -791,21 +791,24 @@ def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_ta
 _OTHER_TABLE = np.array([0, 1, -1, 2, -2, 3, -3, 4, -4, 6, -6, 8, -8, 5, -5, 7])
 
 GEMV_CASES = [
-    # (k, n, activations, share of sp2_4 / fixed_4 / fixed_8 / second-table rows)
-    (64, 8, "uint8", (0.6, 0.35, 0.05, 0.0)),
-    (200, 13, "int8", (0.6, 0.35, 0.05, 0.0)),     # partial blocks and a padded step
-    (77, 61, "uint8", (0.5, 0.3, 0.1, 0.1)),       # odd K, two tables
-    (130, 37, "int8", (0.0, 1.0, 0.0, 0.0)),       # fixed pairs only
-    (130, 37, "uint8", (1.0, 0.0, 0.0, 0.0)),      # one table only
-    (70, 40, "int8", (0.0, 0.0, 1.0, 0.0)),        # 8-bit rows only
-    (768, 300, "int8", (0.6, 0.35, 0.05, 0.0)),
+    # (m, k, n, activations, share of sp2_4 / fixed_4 / fixed_8 / second-table rows)
+    (1, 64, 8, "uint8", (0.6, 0.35, 0.05, 0.0)),
+    (1, 200, 13, "int8", (0.6, 0.35, 0.05, 0.0)),     # partial blocks and a padded step
+    (1, 77, 61, "uint8", (0.5, 0.3, 0.1, 0.1)),       # odd K, two tables
+    (1, 130, 37, "int8", (0.0, 1.0, 0.0, 0.0)),       # fixed pairs only
+    (1, 130, 37, "uint8", (1.0, 0.0, 0.0, 0.0)),      # one table only
+    (1, 70, 40, "int8", (0.0, 0.0, 1.0, 0.0)),        # 8-bit rows only
+    (1, 768, 300, "int8", (0.6, 0.35, 0.05, 0.0)),
+    (2, 77, 61, "int8", (0.5, 0.3, 0.1, 0.1)),        # one pass of two rows
+    (5, 200, 13, "uint8", (0.6, 0.35, 0.05, 0.0)),    # passes of two, the last one short
+    (6, 130, 40, "int8", (0.4, 0.3, 0.3, 0.0)),       # passes of three
 ]
 
 
 @pytest.mark.parametrize("vbmi", [False, True])
-@pytest.mark.parametrize("k,n,act,shares", GEMV_CASES)
-def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target):
-    """The batch-1 layer kernel (two rows per byte: fixed pairs by two MACs, table pairs by
+@pytest.mark.parametrize("m,k,n,act,shares", GEMV_CASES)
+def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_target):
+    """The few-rows layer kernel (two rows per byte: fixed pairs by two MACs, table pairs by
     ``vpermb``, or by ``vpshufb`` when built for a CPU without VBMI; 8-bit rows) equals numpy
     for rows of every kind in a scattered order, each output at its place; random and extreme
     activations, the epilogue bit for bit."""
@@ -817,7 +820,7 @@ def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target
 
     if x86_isa(host_target) != "avx512vnni" or (vbmi and not target_has_features("avx512vbmi", host_target)):
         pytest.skip("needs AVX-512 VNNI (and VBMI)")
-    rng = np.random.default_rng(n * 1000 + k)
+    rng = np.random.default_rng(n * 1000 + k + m)
     kind = rng.choice(4, size=n, p=shares)
     tables = {0: nibble_decode(np.arange(16), get_scheme("sp2_4")), 3: _OTHER_TABLE}
     table_ids = {t: i for i, t in enumerate(t for t in (0, 3) if (kind == t).any())}
@@ -843,14 +846,14 @@ def test_gemv_layer_kernel_is_integer_exact(k, n, act, shares, vbmi, host_target
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
     layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act)
     assert layout.linear == -(-int((kind == 1).sum()) // 8) and layout.int8 == -(-int((kind == 2).sum()) // 8)
-    func = gemv_layer_kernel(layout, act, [tables[t] for t in table_ids], vbmi=vbmi)
+    func = gemv_layer_kernel(layout, act, [tables[t] for t in table_ids], vbmi=vbmi, m=m)
     target = host_target if vbmi else _x86_target("cascadelake")  # VNNI without VBMI
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     if table_ids:
         assert ("vpermb" in exe.mod.inspect_source("asm")) == vbmi
     lo, hi = (0, 255) if act == "uint8" else (-128, 127)
-    for x in (rng.integers(lo, hi + 1, size=(1, k)).astype(act), np.full((1, k), lo, act), np.full((1, k), hi, act)):
-        out = _run(exe, x, *consts, np.zeros((1, n), np.float32))
+    for x in (rng.integers(lo, hi + 1, size=(m, k)).astype(act), np.full((m, k), lo, act), np.full((m, k), hi, act)):
+        out = _run(exe, x, *consts, np.zeros((m, n), np.float32))
         np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
 
 
@@ -876,18 +879,19 @@ def test_gemv_layer_rejects_what_it_cannot_compute():
         gemv_layer_kernel(GemvLayout(2_000_000, 8, 1, (), 0), "int8", [])
 
 
-@pytest.mark.parametrize("batch,mcpu", [(1, None), (1, "cascadelake"), (4, None), (16, None)])
+@pytest.mark.parametrize("batch,mcpu", [(1, None), (1, "cascadelake"), (4, None), (24, None)])
 def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu, host_target):
-    """With 8+ activation rows on VNNI each split dense layer is one kernel, and so it is with
-    one row (the batch-1 kernel): no concatenation and no gather are left (the final gather is
-    folded into the kernel through the reshape back to 3-D), and the two layers of the same
-    shape share one kernel; with 2-7 rows the row groups stay. Bit-exact either way, also for a
-    VNNI CPU without VBMI (``cascadelake``: the batch-1 kernel's tables by ``vpshufb``)."""
+    """On VNNI each split dense layer is one kernel, the two-rows-per-byte kernel up to
+    ``GEMV_MAX_ROWS`` activation rows, the outer-product one from there: no concatenation and
+    no gather are left (the final gather is folded into the kernel through the reshape back to
+    3-D), and the two layers of the same shape share one kernel. Bit-exact, also for a VNNI CPU
+    without VBMI (``cascadelake``: the batch-1 kernel's tables by ``vpshufb``)."""
     import torch
     from tvm import relax
 
     import tvm_rmsmp as rmsmp
-    from schedules.x86_intrin import BROADCAST_MIN_ROWS, x86_isa
+    from schedules.x86_gemv import GEMV_MAX_ROWS
+    from schedules.x86_intrin import x86_isa
 
     if x86_isa(host_target) != "avx512vnni":
         pytest.skip("needs AVX-512 VNNI")
@@ -901,13 +905,11 @@ def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu, host_targ
     relax.analysis.post_order_visit(exe.ir["main"], lambda e: ops.append(
         e.args[0].name_hint if e.op.name == "relax.call_tir" else e.op.name)
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
-    fused = batch >= BROADCAST_MIN_ROWS or batch == 1
-    assert ("relax.concat" in ops) != fused and ("relax.take" in ops) != fused
+    assert "relax.concat" not in ops and "relax.take" not in ops
     layers = [op for op in ops if op.startswith("rmsmp_dense_layer_")]
-    assert len(layers) == (3 if fused else 0) and len(set(layers)) == (2 if fused else 0)
-    kernel = "x86-avx512vnni-gemv" if batch == 1 else "x86-avx512vnni-layer"
-    assert exe.stats["cpu_kernels"] == ({kernel: 2} if fused else
-                                        {"x86-avx512vnni-table-decode": 6, "x86-avx512vnni-int8": 3})
+    assert len(layers) == 3 and len(set(layers)) == 2
+    kernel = "x86-avx512vnni-gemv" if batch <= GEMV_MAX_ROWS else "x86-avx512vnni-layer"
+    assert exe.stats["cpu_kernels"] == {kernel: 2}
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 

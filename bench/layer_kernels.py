@@ -1,0 +1,92 @@
+"""The two whole-layer x86 kernels against each other, by activation rows (AVX-512 VNNI).
+
+Run from the repository root::
+
+    python -m bench.layer_kernels                 # 1 .. 32 rows, both BERT FFN layers, one thread
+    python -m bench.layer_kernels --rows 1 8 24
+
+For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
+Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
+``x86_gemv.gemv_layer_kernel`` (two rows' codes per byte, decoded in registers) and as
+``x86_intrin.layer_dense_kernel`` (decoded per call into one int8 matrix, then an outer-product
+GEMM), and timed with TVM's ``time_evaluator`` (medians; weights in cache). The sum over both
+layers, and which kernel is faster, is what ``x86_gemv.GEMV_MAX_ROWS`` is chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = ((768, 3072), (3072, 768))
+SHARES = (0.6, 0.35, 0.05)
+
+
+def _layer(k: int, n: int, rng):
+    """(groups, order, per-group kinds) of one random layer in a shuffled row order."""
+    import numpy as np
+
+    counts = [int(n * SHARES[0]), 0, int(n * SHARES[2])]
+    counts[1] = n - counts[0] - counts[2]
+    groups = [rng.integers(0, 256, (counts[0], (k + 1) // 2)).astype(np.uint8),
+              rng.integers(0, 256, (counts[1], (k + 1) // 2)).astype(np.uint8),
+              rng.integers(-127, 128, (counts[2], k)).astype(np.int8)]
+    order = [(g, r) for g in range(3) for r in range(counts[g])]
+    rng.shuffle(order)
+    return groups, [tuple(o) for o in order]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    import tvm
+    from tvm.target.codegen import target_has_features
+
+    from schedules.x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
+    from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
+    from tvm_rmsmp.schemes import get_scheme, nibble_decode
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                                "num-cores": args.threads})
+    if x86_isa(target) != "avx512vnni":
+        print(f"needs AVX-512 VNNI; this CPU ({target.attrs.get('mcpu')}) has {x86_isa(target)}")
+        return 1
+    vbmi = target_has_features("avx512vbmi", target)
+    sp2, fixed4 = (nibble_decode(np.arange(16), get_scheme(s)) for s in ("sp2_4", "fixed_4"))
+    rng = np.random.default_rng(0)
+    layers = [(k, n, *_layer(k, n, rng)) for k, n in LAYERS]
+
+    def timed(func, arrays):
+        exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        tensors = [tvm.runtime.tensor(a) for a in arrays]
+        return float(np.median(exe.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*tensors).results))
+
+    print(f"{target.attrs.get('mcpu')}, {args.threads} thread(s), VBMI {vbmi}; microseconds, both FFN layers")
+    print(f"{'rows':>5} {'gemv':>9} {'layer':>9} {'layer/gemv':>11}")
+    for m in args.rows:
+        total = {"gemv": 0.0, "layer": 0.0}
+        for k, n, groups, order in layers:
+            x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+            bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
+            layout, *consts = gemv_layer_weights(order, groups, [0, LINEAR, INT8], [sp2, fixed4, None], bias, scale,
+                                                 k, "int8")
+            total["gemv"] += timed(gemv_layer_kernel(layout, "int8", [sp2], vbmi=vbmi, num_cores=args.threads, m=m),
+                                   [x, *consts, np.zeros((m, n), np.float32)])
+            n8 = groups[2].shape[0]
+            func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi)
+            total["layer"] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
+                                           scale, np.zeros((m, n), np.float32)])
+        print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total['layer'] * 1e6:>9.1f} {total['layer'] / total['gemv']:>10.2f}x",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
