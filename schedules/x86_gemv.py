@@ -52,10 +52,11 @@ INT8 = "int8"
 _VEC = 64  # bytes per vector step (zmm)
 
 #: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
-#: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster. Both
-#: FFN layers (768 x 3072, 3072 x 768), one thread: 8 rows 224 vs 309 us, 16 rows 445 vs 476,
-#: 20 rows 569 vs 648, 24 rows 664 vs 646 (that kernel decodes every weight per call, then runs
-#: 8-row tiles near the MAC peak; this one decodes in registers per pass of two or three rows).
+#: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster.
+#: ``python -m bench.layer_kernels`` (both FFN layers, znver4, one thread): 8 rows 224 vs 313 us,
+#: 16 rows 446 vs 480, 20 rows 554 vs 651, 24 rows 654 vs 655, 32 rows 885 vs 820 (that kernel
+#: decodes every weight per call, then runs 8-row tiles near the MAC peak; this one decodes in
+#: registers per pass of two or three rows).
 GEMV_MAX_ROWS = 23
 
 
