@@ -723,6 +723,11 @@ def markdown(report: Dict[str, object]) -> str:
               f"  {stack_pct} of the probe's DRAM bandwidth (above 100%: part of its 45 MB stays in the",
               f"  32 MB L3 between runs). In this run {ffn_rates}: both near what one core",
               "  draws from L3, so the 4-bit rows gain their halved bytes less the decode's extra work.",
+              "- Batch 8: the FFN's layer kernels pass over each block of packed weights once per two",
+              "  activation rows, decoding it again each time (four rows would spill AVX-512's 32",
+              "  registers; three per pass are no faster per row), so at 8 rows they take about as long as ONNX Runtime's int8",
+              "  GEMM, whose weights need no decode; the outer-product kernel, which decodes once per",
+              "  call, is faster only from about 24 rows on (`python -m bench.layer_kernels`).",
               "- Attention's matmuls (float32) run at about one core's FMA peak (16 per cycle); at seq 128",
               "  they are 7% of the BERT layer and 10% of MiniLM-L6.",
               ""]
