@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import tvm
     from tvm.target.codegen import target_has_features
 
-    from schedules.x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
+    from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
     from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             x = rng.integers(-128, 128, (m, k)).astype(np.int8)
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             layout, *consts = gemv_layer_weights(order, groups, [0, LINEAR, INT8], [sp2, fixed4, None], bias, scale,
-                                                 k, "int8")
+                                                 k, "int8", pairs=block_pairs(m))
             total["gemv"] += timed(gemv_layer_kernel(layout, "int8", [sp2], vbmi=vbmi, num_cores=args.threads, m=m),
                                    [x, *consts, np.zeros((m, n), np.float32)])
             n8 = groups[2].shape[0]

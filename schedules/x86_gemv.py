@@ -53,18 +53,30 @@ _VEC = 64  # bytes per vector step (zmm)
 
 #: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
 #: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster.
-#: ``python -m bench.layer_kernels`` (both FFN layers, znver4, one thread): 8 rows 224 vs 313 us,
-#: 16 rows 446 vs 480, 20 rows 554 vs 651, 24 rows 654 vs 655, 32 rows 885 vs 820 (that kernel
+#: ``python -m bench.layer_kernels`` (both FFN layers, znver4, one thread): 8 rows 209 vs 314 us,
+#: 16 rows 419 vs 481, 20 rows 524 vs 652, 24 rows 631 vs 649, 32 rows 845 vs 819 (that kernel
 #: decodes every weight per call, then runs 8-row tiles near the MAC peak; this one decodes in
-#: registers per pass of two or three rows).
+#: registers once per pass of one to five rows).
 GEMV_MAX_ROWS = 23
 
 
-def row_tile(m: int) -> int:
-    """Activation rows per pass over a block's weights (8 zmm accumulators per row): three
-    when they divide ``m`` (1 x 768 x 3072: 46.5 us for three rows in one pass, 63 in two),
-    else two (four rows spill registers)."""
-    return 1 if m == 1 else 3 if m % 3 == 0 else 2
+#: Time of one pass over a layer's blocks, by (byte rows per block, activation rows per pass):
+#: ``python -m bench.layer_kernels`` (both FFN layers, znver4, one thread; microseconds). A pass
+#: keeps ``2 * pairs`` zmm accumulators per activation row; 24 of them with two pairs spilled.
+PASS_US = {(4, 1): 37.0, (4, 2): 57.0, (4, 3): 82.0, (2, 4): 105.0, (2, 5): 135.0}
+
+
+def row_tile(m: int, pairs: int = 4) -> int:
+    """Activation rows per pass for ``m`` rows in blocks of ``pairs`` byte rows: the fewest
+    microseconds in :data:`PASS_US` (the last pass repeats rows to fill its tile)."""
+    tiles = [t for p, t in PASS_US if p == pairs] or [max(1, 8 // pairs)]
+    return min(tiles, key=lambda t: (-(-m // t) * PASS_US.get((pairs, t), t), t))
+
+
+def block_pairs(m: int) -> int:
+    """Byte rows per block for ``m`` activation rows: whichever of 4 and 2 makes the passes
+    shortest (4 up to three rows; 2 lets four or five rows pass together)."""
+    return min((4, 2), key=lambda p: -(-m // row_tile(m, p)) * PASS_US[(p, row_tile(m, p))])
 
 
 @attrs.frozen
@@ -195,7 +207,8 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     dest [slots] int32, bias [slots] int32, scale [slots] f32, out [m, n] f32)``, constants
     from :func:`gemv_layer_weights` (module docstring). ``table_levels``: the 16 levels of
     each decode table, one per entry of ``layout.tables``. Several activation rows (``m``)
-    pass over each block's weights :func:`row_tile` at a time, sharing its loads and decode."""
+    pass over each block's weights :func:`row_tile` at a time, sharing its loads and decode
+    (weights laid out with ``pairs=block_pairs(m)`` pass fastest)."""
     if x_dtype not in ("uint8", "int8"):
         raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
     if m < 1:
@@ -204,8 +217,8 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         raise ValueError(f"gemv_layer_kernel: {len(layout.tables)} block counts for {len(table_levels)} tables "
                          "(at most two)")
     k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
-    if pairs % 4:
-        raise ValueError(f"gemv_layer_kernel: byte rows per block must be a multiple of 4, got {pairs}")
+    if pairs % 2:
+        raise ValueError(f"gemv_layer_kernel: byte rows per block must be even, got {pairs}")
     if steps * 4 * 255 * 128 >= 2**31:  # a lane's sum of whole bytes (16 hi + lo) times activations
         raise ValueError(f"gemv_layer_kernel: k = {k} is too long for int32 sums of whole bytes "
                          f"(at most {(2**31 - 1) // (4 * 255 * 128) * _VEC})")
@@ -219,7 +232,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     slots = layout.slots
     w4_shape = (max(blocks4, 1), steps, pairs, _VEC)
     w8_shape = (max(layout.int8, 1), steps, slots_per_block, _VEC)
-    mt = row_tile(m)
+    mt = row_tile(m, pairs)
     row_tiles = -(-m // mt)
     acc_words = mt * slots_per_block * 16
     work_words = acc_words + 16 + 2 * _VEC // 4
@@ -293,11 +306,11 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         for i in T.unroll(mt):
             for g in T.unroll(slots_per_block // 4):
                 red[T.ramp(0, 1, 8)] = _sums4(acc, i * slots_per_block + 4 * g)
-                if blk < linear and 4 * g >= pairs:  # (total - lo) / 16
-                    red[T.ramp(0, 1, 4)] = T.shift_right(red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)],
-                                                         T.broadcast(4, 4))
-                else:
-                    red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)]
+                red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)]
+                if blk < linear:  # slots P.. of fixed pairs: (total - lo) / 16
+                    red[T.ramp(0, 1, 4)] = T.Select(
+                        T.ramp(4 * g, 1, 4) >= T.broadcast(pairs, 4),
+                        T.shift_right(red[T.ramp(0, 1, 4)], T.broadcast(4, 4)), red[T.ramp(0, 1, 4)])
                 if blk < blocks4:
                     red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] - T.broadcast(offset[T.min(rows + i, m - 1)], 4)
                 res[T.ramp(0, 1, 4)] = T.Cast(

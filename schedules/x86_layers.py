@@ -37,7 +37,7 @@ from tvm.target.codegen import target_has_features
 from relay_passes._ir import callee, const_value, op_name
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
-from .x86_gemv import GEMV_MAX_ROWS, INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
+from .x86_gemv import GEMV_MAX_ROWS, INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
 from .x86_intrin import layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["fuse_dense_layers"]
@@ -119,7 +119,7 @@ def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int64)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
     gemv, w4, w8, dest, bias, scale = gemv_layer_weights(order, [g[1] for g in layer.groups], kinds, levels, bias,
-                                                         scale, k, x_dtype)
+                                                         scale, k, x_dtype, pairs=block_pairs(m))
     key = ("gemv", m, gemv, x_dtype, tuple(schemes), tuple(tables))
     if key not in kernels:
         kernel = gemv_layer_kernel(gemv, x_dtype, [nibble_decode(np.arange(16), get_scheme(s)) for s in tables],

@@ -800,8 +800,10 @@ GEMV_CASES = [
     (1, 70, 40, "int8", (0.0, 0.0, 1.0, 0.0)),        # 8-bit rows only
     (1, 768, 300, "int8", (0.6, 0.35, 0.05, 0.0)),
     (2, 77, 61, "int8", (0.5, 0.3, 0.1, 0.1)),        # one pass of two rows
-    (5, 200, 13, "uint8", (0.6, 0.35, 0.05, 0.0)),    # passes of two, the last one short
+    (4, 130, 37, "uint8", (0.5, 0.4, 0.1, 0.0)),      # blocks of two byte rows, four rows a pass
+    (5, 200, 13, "uint8", (0.6, 0.35, 0.05, 0.0)),    # five rows a pass
     (6, 130, 40, "int8", (0.4, 0.3, 0.3, 0.0)),       # passes of three
+    (7, 77, 61, "int8", (0.5, 0.3, 0.1, 0.1)),        # passes of four, the last one short
 ]
 
 
@@ -814,7 +816,7 @@ def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_tar
     activations, the epilogue bit for bit."""
     from tvm.target.codegen import target_has_features
 
-    from schedules.x86_gemv import INT8, LINEAR, gemv_layer_kernel, gemv_layer_weights
+    from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import x86_isa
     from tvm_rmsmp.schemes import nibble_decode
 
@@ -844,8 +846,11 @@ def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_tar
     order = [source[c] for c in range(n)]
     bias = rng.integers(-1000, 1000, n).astype(np.int32)
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
-    layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act)
-    assert layout.linear == -(-int((kind == 1).sum()) // 8) and layout.int8 == -(-int((kind == 2).sum()) // 8)
+    pairs = block_pairs(m)
+    layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act, pairs=pairs)
+    per_block = 2 * pairs
+    assert layout.linear == -(-int((kind == 1).sum()) // per_block)
+    assert layout.int8 == -(-int((kind == 2).sum()) // per_block)
     func = gemv_layer_kernel(layout, act, [tables[t] for t in table_ids], vbmi=vbmi, m=m)
     target = host_target if vbmi else _x86_target("cascadelake")  # VNNI without VBMI
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
@@ -941,3 +946,13 @@ def test_layer_kernel_benchmark_runs(host_target):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (row,) = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
     assert len(row) == 4 and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+
+
+def test_gemv_tiling_follows_measured_pass_costs():
+    """Blocks of four byte rows up to three activation rows (one pass), two byte rows where four
+    or five rows can pass together; the last pass may repeat rows rather than add a pass."""
+    from schedules.x86_gemv import block_pairs, row_tile
+
+    assert [(block_pairs(m), row_tile(m, block_pairs(m))) for m in (1, 2, 3, 4, 5, 6, 8)] == [
+        (4, 1), (4, 2), (4, 3), (2, 4), (2, 5), (4, 3), (2, 4)]
+    assert row_tile(7, 4) == 2 and row_tile(1, 2) == 4
