@@ -255,49 +255,44 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         return T.call_llvm_pure_intrin(perm, table[T.ramp(0, 1, _VEC)], T.reinterpret(index, dtype="int8x64"),
                                        dtype="int8x64")
 
-    @T.macro
-    def table_block(acc, xs, w4, blk, rows, tbl, ops):
-        for s in T.serial(steps):
-            for p in T.unroll(pairs):
-                for i in T.unroll(mt):  # slot p: the low nibbles, slot P + p: the high ones
-                    acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)] = four.mac(
-                        acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)],
-                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
-                        decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], False))
-                    acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)] = four.mac(
-                        acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)],
-                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
-                        decode(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], True))
+    def acc_at(i, slot):
+        """Accumulator of activation row ``i`` of the pass, output slot ``slot`` of the block."""
+        return T.ramp((i * slots_per_block + slot) * 16, 1, 16)
 
-    @T.macro
-    def linear_block(acc, xs, w4, blk, rows):
-        """Fixed pairs: slot p sums lo, slot P + p the whole byte (16 hi + lo), then hi * 16."""
-        for s in T.serial(steps):
-            for p in T.unroll(pairs):
-                for i in T.unroll(mt):
-                    acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)] = four.mac(
-                        acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)],
-                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
-                        low(w4[blk, s, p, T.ramp(0, 1, _VEC)]))
-                    acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)] = four.mac(
-                        acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)],
-                        xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
-                        w4[blk, s, p, T.ramp(0, 1, _VEC)])
-        for i in T.unroll(mt):
-            for p in T.unroll(pairs):
-                acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)] = (
-                    acc[T.ramp((i * slots_per_block + pairs + p) * 16, 1, 16)]
-                    - acc[T.ramp((i * slots_per_block + p) * 16, 1, 16)])
+    def x_at(xs, rows, i, s):
+        """Step ``s`` of activation row ``rows + i`` (past ``m``: the last row again)."""
+        return xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)]
+
+    def pair_block(nibbles):
+        """Macro ``block(acc, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each row sums the
+        products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those of
+        ``nibbles(..., True)``."""
+
+        @T.macro
+        def block(acc, xs, w4, blk, rows, tbl, ops):
+            for s in T.serial(steps):
+                for p in T.unroll(pairs):
+                    for i in T.unroll(mt):
+                        acc[acc_at(i, p)] = four.mac(acc[acc_at(i, p)], x_at(xs, rows, i, s),
+                                                     nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], False))
+                        acc[acc_at(i, pairs + p)] = four.mac(
+                            acc[acc_at(i, pairs + p)], x_at(xs, rows, i, s),
+                            nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], True))
+
+        return block
+
+    table_block = pair_block(decode)
+    # fixed pairs: slot p sums lo, slot P + p the whole byte (16 hi + lo); the kernel then
+    # subtracts lo, and the store divides by 16
+    linear_block = pair_block(lambda tbl, ops, wv, high: wv if high else low(wv))
 
     @T.macro
     def int8_block(acc, xu, w8, blk8, rows):
         for s in T.serial(steps):
             for r in T.unroll(slots_per_block):
                 for i in T.unroll(mt):
-                    acc[T.ramp((i * slots_per_block + r) * 16, 1, 16)] = eight_bit.mac(
-                        acc[T.ramp((i * slots_per_block + r) * 16, 1, 16)],
-                        xu[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)],
-                        w8[blk8, s, r, T.ramp(0, 1, _VEC)])
+                    acc[acc_at(i, r)] = eight_bit.mac(acc[acc_at(i, r)], x_at(xu, rows, i, s),
+                                                      w8[blk8, s, r, T.ramp(0, 1, _VEC)])
 
     @T.macro
     def store(acc, red, res, offset, dest, bias, scale, out, blk, rows):
@@ -370,7 +365,10 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                     for a in T.unroll(acc_words):
                         acc[a] = 0
                     if task * per_task + tt < linear:
-                        linear_block(acc, xs, w4, task * per_task + tt, rc * mt)
+                        linear_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
+                        for i in T.unroll(mt):
+                            for p in T.unroll(pairs):
+                                acc[acc_at(i, pairs + p)] = acc[acc_at(i, pairs + p)] - acc[acc_at(i, p)]
                     elif task * per_task + tt < table_a:
                         table_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                     elif task * per_task + tt < blocks4:
