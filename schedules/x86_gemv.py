@@ -8,7 +8,7 @@ three operations to split the nibbles, two table shuffles and two ``vpdpbusd``. 
 holds the codes of *two rows* at the same reduction element, so both nibbles meet the same
 activation:
 
-* fixed 4-bit rows store ``u = level + 8`` (0..15), a byte is ``16 * u_hi + u_lo``. One
+* fixed 4-bit rows (any levels within -8..7) store ``u = level + 8`` (0..15), a byte is ``16 * u_hi + u_lo``. One
   ``vpdpbusd`` of the whole byte gives ``16 * hi + lo``, one of ``byte & 15`` gives ``lo``;
   ``hi = (total - lo) / 16``, exactly. A load, an ``and`` and two MACs per 128 weights.
 * table rows (SP2): with AVX-512 VBMI, ``vpermb`` reads only the low 6 bits of an index, so
@@ -28,7 +28,9 @@ activations, 8-bit rows).
 The rows are computed in blocks of ``P`` byte rows (``2P`` outputs) that share the activation
 loads, and each result is stored at the output position the graph wants (``dest``): the
 layer's row groups, their concatenation and any gather restoring the model's row order are
-one call. :func:`gemv_layer_weights` lays the constants out at compile time.
+one call. With several activation rows (up to :data:`GEMV_MAX_ROWS`), one to five of them pass
+over a block together, sharing its loads and decode (:func:`block_pairs`, :func:`row_tile`).
+:func:`gemv_layer_weights` lays the constants out at compile time.
 """
 
 from __future__ import annotations
