@@ -8,9 +8,9 @@ three operations to split the nibbles, two table shuffles and two ``vpdpbusd``. 
 holds the codes of *two rows* at the same reduction element, so both nibbles meet the same
 activation:
 
-* fixed 4-bit rows (any levels within -8..7) store ``u = level + 8`` (0..15), a byte is ``16 * u_hi + u_lo``. One
-  ``vpdpbusd`` of the whole byte gives ``16 * hi + lo``, one of ``byte & 15`` gives ``lo``;
-  ``hi = (total - lo) / 16``, exactly. A load, an ``and`` and two MACs per 128 weights.
+* fixed 4-bit rows (any levels within -8..7) store ``u = level + 8`` (0..15), a byte is
+  ``16 * u_hi + u_lo``. One ``vpdpbusd`` of the whole byte gives ``16 * hi + lo``, one of
+  ``byte & 15`` gives ``lo``; ``hi = (total - lo) / 16``, exactly. A load, an ``and`` and two MACs per 128 weights.
 * table rows (SP2): with AVX-512 VBMI, ``vpermb`` reads only the low 6 bits of an index, so
   against a 64-byte table repeating the 16 levels it decodes the low nibble of every byte
   without masking, and the high nibbles after one 16-bit shift (the bits shifted in from the
