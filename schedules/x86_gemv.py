@@ -42,6 +42,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from tvm_rmsmp.schemes import unpack_nibbles
+
 from .x86_intrin import _VectorOps
 
 __all__ = ["GemvLayout", "gemv_layer_kernel", "gemv_layer_weights", "LINEAR", "INT8"]
@@ -112,11 +114,6 @@ class GemvLayout:
         return self.blocks * 2 * self.pairs
 
 
-def _unpack(w: np.ndarray, k: int) -> np.ndarray:
-    """``[rows, ceil(k / 2)]`` packed bytes -> ``[rows, k]`` codes."""
-    return np.stack([w & 15, w >> 4], axis=-1).reshape(w.shape[0], -1)[:, :k].astype(np.int64)
-
-
 def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.ndarray], group_kinds: Sequence,
                        levels_of_group: Sequence[Optional[np.ndarray]], bias: np.ndarray, scale: np.ndarray, k: int,
                        x_dtype: str, pairs: int = 4):
@@ -137,17 +134,17 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
     by_kind = {kind: [] for kind in [LINEAR] + list(range(n_tables)) + [INT8]}
     for c, (gi, r) in enumerate(order):
         by_kind[kinds[gi]].append(c)
-    rows_of = {}  # output c -> (int weights, stored codes or int8 row)
-    for c, (gi, r) in enumerate(order):
-        w = groups[gi][r]
-        if kinds[gi] == INT8:
-            rows_of[c] = (w.astype(np.int64), w.astype(np.int8))
-        else:
-            codes = _unpack(w[None], k)[0]
-            levels = np.asarray(levels_of_group[gi], np.int64)
-            if kinds[gi] == LINEAR and (levels.min() < -8 or levels.max() > 7):
-                raise ValueError(f"gemv_layer_weights: group {gi} is linear but has levels outside -8..7")
-            rows_of[c] = (levels[codes], codes)
+    stored, level_rows = [], []  # per group: codes (4-bit) or the int8 rows, and their int levels
+    for gi, (w, kind) in enumerate(zip(groups, kinds)):
+        if kind == INT8:
+            stored.append(np.asarray(w, np.int8))
+            level_rows.append(stored[-1].astype(np.int64))
+            continue
+        levels = np.asarray(levels_of_group[gi], np.int64)
+        if kind == LINEAR and len(w) and (levels.min() < -8 or levels.max() > 7):
+            raise ValueError(f"gemv_layer_weights: group {gi} is linear but has levels outside -8..7")
+        stored.append(unpack_nibbles(w, k))
+        level_rows.append(levels[stored[-1]])
     per_block = 2 * pairs  # outputs per block, of any kind
     counts = {kind: -(-len(cs) // per_block) for kind, cs in by_kind.items()}
     layout = GemvLayout(k, n, counts[LINEAR], tuple(counts[t] for t in range(n_tables)), counts[INT8], pairs)
@@ -164,16 +161,17 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
             for s, c in enumerate(chunk):
                 # 4-bit blocks: slot s < P is the low nibble of byte row s, slot P + s its high one
                 slot = block * per_block + s
-                level_row, stored = rows_of[c]
+                gi, r = order[c]
+                level_row, codes = level_rows[gi][r], stored[gi][r]
                 dest[slot], slot_scale[slot] = c, scale[c]
                 extra = 0
                 if kind == INT8:
                     row = np.zeros(steps * _VEC, np.int8)
-                    row[:k] = stored
+                    row[:k] = codes
                     w8[block - layout.blocks4, :, s] = row.reshape(steps, _VEC)
                     extra = -128 * int(level_row.sum()) if signed else 0
                 else:
-                    nib = level_row + 8 if kind == LINEAR else stored
+                    nib = level_row + 8 if kind == LINEAR else codes
                     row = np.zeros(steps * _VEC, np.uint8)
                     row[:k] = nib
                     pair, high = s % pairs, s // pairs

@@ -59,6 +59,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
+from tvm_rmsmp.schemes import unpack_nibbles
 
 __all__ = ["x86_isa", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
            "TargetFeatureWarning", "tile_weights", "taps_first_weights"]
@@ -958,7 +959,7 @@ def taps_first_weights(w: np.ndarray, channels: int, kh: int, kw: int) -> np.nda
                          f"count) for {channels} channels and a {kh}x{kw} kernel, got {w.shape}")
     if w.dtype != np.uint8:  # int8 rows
         return np.ascontiguousarray(w.reshape(n, channels, taps).transpose(0, 2, 1).reshape(n, taps * channels))
-    codes = np.stack([w & 15, w >> 4], axis=-1).reshape(n, -1)[:, :channels * taps]
+    codes = unpack_nibbles(w, channels * taps)
     by_tap = codes.reshape(n, channels, taps).transpose(0, 2, 1)  # [n, tap, channel]
     return np.ascontiguousarray((by_tap[:, :, 0::2] | (by_tap[:, :, 1::2] << 4)).reshape(n, taps * channels // 2))
 

@@ -122,8 +122,8 @@ def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple
                                                          scale, k, x_dtype, pairs=block_pairs(m))
     key = ("gemv", m, gemv, x_dtype, tuple(schemes), tuple(tables))
     if key not in kernels:
-        kernel = gemv_layer_kernel(gemv, x_dtype, [nibble_decode(np.arange(16), get_scheme(s)) for s in tables],
-                                   vbmi=vbmi, num_cores=cores, m=m)
+        kernel = gemv_layer_kernel(gemv, x_dtype, [levels[schemes.index(s)] for s in tables], vbmi=vbmi,
+                                   num_cores=cores, m=m)
         kernels[key] = _add_kernel(builder, kernel, schemes, "x86-avx512vnni-gemv",
                                    f"rmsmp_dense_layer_{m}x{k}x{len(order)}")
     consts = [relax.const(w4, "uint8"), relax.const(w8, "int8"), relax.const(dest, "int32"),

@@ -154,3 +154,17 @@ def test_table_lookup_encoding_equals_binary_search():
         edge = [0.0, -0.0, 1e-300, -1e-300, np.nextafter(0.5, 1), np.nextafter(0.5, 0), 1e30, -1e30]
         v = np.concatenate([rng.uniform(-m - 3, m + 3, 20000), ties, edge])
         np.testing.assert_array_equal(_nearest_level(v, lv), _nearest_level_search(v, lv))
+
+
+def test_unpack_nibbles_inverts_pack_nibbles():
+    """Odd and even code counts come back as packed; asking for more codes than the bytes hold
+    is an error."""
+    from tvm_rmsmp.schemes import pack_nibbles, unpack_nibbles
+
+    rng = np.random.default_rng(0)
+    for count in (1, 6, 7):
+        codes = rng.integers(0, 16, size=(3, count)).astype(np.uint8)
+        np.testing.assert_array_equal(unpack_nibbles(pack_nibbles(codes), count), codes)
+    assert unpack_nibbles(np.zeros((0, 4), np.uint8), 7).shape == (0, 7)
+    with pytest.raises(ValueError, match="at least 9 codes"):
+        unpack_nibbles(np.zeros((2, 4), np.uint8), 9)

@@ -321,6 +321,15 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
 
 
+def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: ``[rows, bytes]`` -> the first ``count`` codes of each
+    row, ``[rows, count]`` uint8."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.ndim != 2 or not 0 <= count <= 2 * packed.shape[1]:
+        raise ValueError(f"unpack_nibbles: [rows, bytes] holding at least {count} codes per row, got {packed.shape}")
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(packed.shape[0], 2 * packed.shape[1])[:, :count]
+
+
 # ----- registry -----------------------------------------------------------------------------
 _REGISTRY: Dict[str, Scheme] = {}
 
