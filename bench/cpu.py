@@ -4,14 +4,16 @@ Run from the repository root::
 
     python -m bench.cpu            # full run (about 15-25 min on 2 cores)
     python -m bench.cpu --quick    # fewer repeats, smaller DRAM probe, no batch-128 TVM fp32
+    python -m bench.cpu --tvm-trials 0   # without the MetaSchedule search of TVM fp32 tuned
 
 Prints the hardware and thread count, measures the DRAM read bandwidth (a sum over an array
 much larger than the last-level cache), then times each workload with every contender in the
 same run (one worker process per contender, sampled round-robin): torch fp32, torch dynamic int8 (``quantize_dynamic``, fbgemm),
 torchao int8 dynamic quantization under ``torch.compile`` (if ``torchao`` is installed), ONNX Runtime
 dynamic int8 and 4-bit ``MatMulNBits`` (if ``onnxruntime`` is installed: ``pip install
-.[bench]``), TVM fp32 (plain Relax build, untuned) and tvm-rmsmp (RMSMP 60:35:5, 8-bit
-activations, untuned). Every number is a median of repeated wall-clock timings of one call
+.[bench]``), TVM fp32 (plain Relax build, untuned; and tuned by MetaSchedule with the XGBoost
+cost model, ``--tvm-trials`` per task, records kept in ``--tuning-dir`` for later runs) and
+tvm-rmsmp (RMSMP 60:35:5, 8-bit activations, untuned). Every number is a median of repeated wall-clock timings of one call
 with pre-made inputs. Writes ``bench/results/cpu.json`` and the tables of
 ``docs/performance.md``.
 """
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -35,8 +38,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
 CONTENDERS = ["torch fp32", "torch int8 dyn", "torchao int8 + compile", "ORT int8 dyn", "ORT 4-bit MatMulNBits",
-              "TVM fp32 untuned"]
+              "TVM fp32 untuned", "TVM fp32 tuned"]
 RMSMP = "tvm-rmsmp untuned"
+TVM_TRIALS = 16  # MetaSchedule trials per task for "TVM fp32 tuned" (2-3 s each on 2 cores)
+TUNING_DIR = os.path.join(ROOT, "bench", ".tuning", "tvm_fp32")  # its records, reused by later runs
 
 
 # ----- models --------------------------------------------------------------------------------
@@ -367,13 +372,70 @@ def ort_contenders(model, x, threads: int, tmp: str, has_vnni: bool) -> Dict[str
 
 
 def tvm_fp32(model, x, target):
-    import torch
     import tvm
     from tvm import relax
+
+    exe = tvm.compile(_fp32_relax(model, x), target=target)
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    args = [tvm.runtime.tensor(x.numpy())]
+    return lambda: vm["main"](*args)
+
+
+def _fp32_relax(model, x):
+    import torch
     from tvm.relax.frontend.torch import from_exported_program
 
     with torch.no_grad():
-        mod = from_exported_program(torch.export.export(model, (x,)))
+        return from_exported_program(torch.export.export(model, (x,)))
+
+
+def tvm_fp32_tuned(model, x, target, work_dir: str, trials_per_task: int):
+    """TVM fp32 tuned by MetaSchedule (XGBoost cost model, TVM's default CPU search space):
+    every fused operator of the model is a task with ``trials_per_task`` measurements.
+
+    Records go to ``work_dir`` (a MetaSchedule JSON database); a later run whose tasks and
+    budget match the ``done.json`` written after the last tuning reuses them without tuning."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_rmsmp.fileio import atomic_write
+    from tvm_rmsmp.tuning import light_tensor_intrin
+
+    light_tensor_intrin()  # else TuneContext and each builder worker spend 30-77 s importing it
+    with target, tvm.transform.PassContext(opt_level=3):
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings(),
+                                        relax.get_pipeline("zero")])(_fp32_relax(model, x))
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    budget = {"target": str(target), "trials_per_task": trials_per_task, "tasks": sorted(t.task_name for t in tasks)}
+    done_path = os.path.join(work_dir, "done.json")
+    try:
+        with open(done_path) as fh:
+            done = json.load(fh) == budget
+    except (OSError, ValueError):
+        done = False
+    if not done:
+        import shutil
+
+        os.makedirs(work_dir, exist_ok=True)
+        for name in ("done.json", "database_workload.json", "database_tuning_record.json"):
+            if os.path.exists(os.path.join(work_dir, name)):  # records of another budget or target
+                os.remove(os.path.join(work_dir, name))
+        shutil.rmtree(os.path.join(work_dir, "logs"), ignore_errors=True)
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir, seed=0)
+        t0 = time.perf_counter()
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                      max_trials_global=trials_per_task * len(tasks), max_trials_per_task=trials_per_task,
+                      num_trials_per_iter=16, cost_model="xgb",
+                      builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=120,
+                                                      initializer=light_tensor_intrin),
+                      runner=ms.runner.LocalRunner(), database=ms.database.JSONDatabase(work_dir=work_dir))
+        print(f"  TVM fp32 tuned: {len(tasks)} tasks x {trials_per_task} trials in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        atomic_write(done_path, json.dumps(budget))
+    with target, tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
     exe = tvm.compile(mod, target=target)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     args = [tvm.runtime.tensor(x.numpy())]
@@ -416,7 +478,8 @@ def float_weight_count(model) -> int:
 
 
 # ----- the run -------------------------------------------------------------------------------
-def build_contender(who: str, index: int, quick: bool, threads: int, isa: Optional[str]):
+def build_contender(who: str, index: int, quick: bool, threads: int, isa: Optional[str], tvm_trials: int = 0,
+                    tuning_dir: str = TUNING_DIR):
     """(callable, info) for contender ``who`` on workload ``index``; (None, info) where it
     does not apply. Every process builds the same model and input (fixed seeds)."""
     torch = _torch()
@@ -438,16 +501,21 @@ def build_contender(who: str, index: int, quick: bool, threads: int, isa: Option
     from tvm_rmsmp.targets import resolve_target
 
     target = resolve_target("llvm")
-    if who == "TVM fp32 untuned":
+    if who.startswith("TVM fp32"):
         if quick and shape[1] == 128 and group == "kernel":
             return None, info
-        return tvm_fp32(model, x, target), info
+        if who == "TVM fp32 untuned":
+            return tvm_fp32(model, x, target), info
+        if tvm_trials < 1:
+            return None, info
+        slug = re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+        return tvm_fp32_tuned(model, x, target, os.path.join(tuning_dir, slug), tvm_trials), info
     fn, rinfo = rmsmp_build(model, x, target)
     info.update(rinfo)
     return fn, info
 
 
-def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str]) -> None:
+def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str], tvm_trials: int, tuning_dir: str) -> None:
     """One contender in its own process: builds a workload on request, times ``n`` calls."""
     os.environ["TVM_NUM_THREADS"] = str(threads)
     # unpinned TVM workers: on a shared machine a worker pinned to a busy core stalls every
@@ -468,7 +536,7 @@ def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str]) -> No
         try:
             if msg[0] == "build":
                 fn = None
-                fn, info = build_contender(who, msg[1], quick, threads, isa)
+                fn, info = build_contender(who, msg[1], quick, threads, isa, tvm_trials, tuning_dir)
                 conn.send(("ok", fn is not None, info))
             elif msg[0] == "time":
                 t0 = time.perf_counter()
@@ -483,13 +551,15 @@ def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str]) -> No
 class Contender:
     """A contender's worker process (spawned: its own thread pools, nothing shared)."""
 
-    def __init__(self, who: str, quick: bool, threads: int, isa: Optional[str]):
+    def __init__(self, who: str, quick: bool, threads: int, isa: Optional[str], tvm_trials: int = 0,
+                 tuning_dir: str = ""):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.who = who
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, who, quick, threads, isa), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, who, quick, threads, isa, tvm_trials, tuning_dir),
+                                daemon=True)
         self.proc.start()
 
     def ask(self, *msg):
@@ -528,7 +598,8 @@ def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float 
     return {who: statistics.median(v) for who, v in samples.items()}
 
 
-def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, object]:
+def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int = TVM_TRIALS,
+        tuning_dir: str = TUNING_DIR) -> Dict[str, object]:
     torch = _torch()
     torch.set_num_threads(threads)
     hw = hardware(threads)
@@ -548,7 +619,7 @@ def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, obje
         print("onnxruntime is not installed (pip install .[bench]): ONNX Runtime contenders skipped", flush=True)
     repeat = 7 if quick else 21
     results = []
-    workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"]) for who in names}
+    workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"], tvm_trials, tuning_dir) for who in names}
     try:
         for index, (name, group, _factory, shape, streaming) in enumerate(workloads(quick)):
             if only and only.lower() not in name.lower():
@@ -570,7 +641,7 @@ def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, obje
                 continue
             w = infos[RMSMP]["weights"]
             bytes_of = {"torch fp32": 4 * w, "torch int8 dyn": w, "torchao int8 + compile": w, "ORT int8 dyn": w,
-                        "ORT 4-bit MatMulNBits": w * 5 // 8, "TVM fp32 untuned": 4 * w,
+                        "ORT 4-bit MatMulNBits": w * 5 // 8, "TVM fp32 untuned": 4 * w, "TVM fp32 tuned": 4 * w,
                         RMSMP: infos[RMSMP]["weight_bytes"]}
             rinfo = {k: v for k, v in infos[RMSMP].items() if k != "weights"}
             row: Dict[str, object] = {"workload": name, "group": group, "input_shape": list(shape), "weights": w,
@@ -591,7 +662,7 @@ def run(quick: bool, threads: int, only: Optional[str] = None) -> Dict[str, obje
     finally:
         for c in workers.values():
             c.stop()
-    return {"hardware": hw, "dram": bw, "quick": quick, "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
+    return {"hardware": hw, "dram": bw, "quick": quick, "tvm_fp32_trials_per_task": tvm_trials, "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "results": results}
 
 
@@ -599,6 +670,14 @@ def _fmt(seconds: Optional[float]) -> str:
     if seconds is None:
         return "–"
     return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.1f}"
+
+
+def _trials_text(report: Dict[str, object]) -> str:
+    trials = report.get("tvm_fp32_trials_per_task")
+    if not trials:
+        return "not in this run"
+    return (f"{trials} times per task ({trials} trials; on these 2 cores a trial takes 2-3 s, so the "
+            "models' 10-20 tasks each take minutes; more trials may find faster schedules: `--tvm-trials`)")
 
 
 def markdown(report: Dict[str, object]) -> str:
@@ -692,8 +771,9 @@ def markdown(report: Dict[str, object]) -> str:
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX-512 VNNI every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
-              "build is the untuned one; there is no separate tuned column. TVM fp32 tuned (a MetaSchedule",
-              "search over every float operator of each model) is not part of this run.",
+              "build is the untuned one; there is no separate tvm-rmsmp tuned column. TVM fp32 tuned: every",
+              "fused operator of the float model is a MetaSchedule task (TVM's default CPU search space,",
+              f"XGBoost cost model), measured {_trials_text(report)}.",
               "Float operators between RMSMP layers: batched matmuls parallel and vectorized, element-wise",
               "chains parallel with the concatenation of the row groups split into one loop per group and",
               "transpositions (attention's K^T) in 8 x 8 tiles, LayerNorm and softmax one parallel row at a",
@@ -739,6 +819,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller DRAM probe, no batch-128 TVM fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="run the workloads whose name contains this text")
+    ap.add_argument("--tvm-trials", type=int, default=TVM_TRIALS,
+                    help="MetaSchedule trials per task for TVM fp32 tuned (0: leave that contender out)")
+    ap.add_argument("--tuning-dir", default=TUNING_DIR,
+                    help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "cpu.json"))
     ap.add_argument("--markdown", default=os.path.join(ROOT, "docs", "performance.md"))
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -754,7 +838,9 @@ def main(argv=None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
     warnings.filterwarnings("ignore")
-    report = run(args.quick, args.threads, args.only)
+    if args.tvm_trials < 0:
+        ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
+    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir)
     if not args.no_write:
         from tvm_rmsmp.fileio import atomic_write
 

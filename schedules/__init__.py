@@ -3,6 +3,6 @@
 from . import cpu  # noqa: F401  (registers "llvm")
 from . import gpu  # noqa: F401  (registers "opencl" and "cuda")
 from . import fpga  # noqa: F401  (registers "ext_dev": the RMSMP FPGA accelerator)
-from .registry import apply_rules, build_pipeline, fixed_kernel, register_target, registered_kinds, rules_for, space_for
+from .registry import apply_rules, build_pipeline, fixed_kernel, prepare, register_target, registered_kinds, rules_for, space_for
 
-__all__ = ["apply_rules", "build_pipeline", "fixed_kernel", "registered_kinds", "register_target", "rules_for", "space_for"]
+__all__ = ["apply_rules", "build_pipeline", "fixed_kernel", "prepare", "registered_kinds", "register_target", "rules_for", "space_for"]

@@ -16,7 +16,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight as dl
 
-__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "space_for", "fixed_kernel",
+__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "prepare", "space_for", "fixed_kernel",
            "OpScheduleRule", "build_pipeline"]
 
 
@@ -117,14 +117,19 @@ def rules_for(target: tvm.target.Target) -> List[dl.ScheduleRule]:
         ) from None
 
 
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """``mod`` after the target's ``prepare`` step (a new module): the row groups it replaces
+    or fuses (whole dense layers on x86) are the target's own kernels, marked scheduled."""
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    step = _PREPARE.get(target.kind.name)
+    return mod if step is None else step(mod, target)
+
+
 def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module).
     The target's ``prepare`` step runs first: it may replace row groups together with the
     weight constants their Relax callers pass (laid out for the new kernels)."""
-    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    prepare = _PREPARE.get(target.kind.name)
-    if prepare is not None:
-        mod = prepare(mod, target)
+    mod = prepare(mod, target)
     with target:
         mod = dl.ApplyDefaultSchedule(*rules_for(target))(mod)
     verify = _VERIFY.get(target.kind.name)

@@ -1,5 +1,5 @@
-"""A whole dense layer at batch 1 (and small batches) on AVX-512 VNNI, with two weight rows
-per byte.
+"""A whole dense layer at batch 1 (and small batches) on AVX-512 VNNI or AVX2, with two
+weight rows per byte.
 
 At batch 1 every weight is used once per call, so a layer's time is the vector instructions
 that turn its packed bytes into products. :func:`~schedules.x86_intrin.gemm_kernel` packs two
@@ -18,12 +18,18 @@ activation:
   two ``vpermb`` and two MACs. Without VBMI: masks and ``vpshufb`` as elsewhere.
 * 8-bit rows: one row per 64 bytes, a load and a MAC.
 
+AVX2 (32-byte steps) has no ``vpdpbusd``: ``vpmaddubsw`` multiplies the pairs and ``vpmaddwd``
+with ones widens them. Its 16-bit pair sums would saturate on whole bytes (``255 * 127 * 2``),
+so fixed pairs split both nibbles (an ``and``, a shift and an ``and``, two MACs per 64
+weights); table pairs decode both nibbles by ``vpshufb``. 8-bit rows, whose products would
+saturate too, are sign-extended to 16 bits and multiplied by ``vpmaddwd`` (exact).
+
 ``vpdpbusd`` multiplies unsigned by signed bytes: here the 4-bit weights are the unsigned
 operand (``level + 8``) and the activations the signed one (unsigned activations staged as
-``x - 128``); 8-bit rows take the activations as the unsigned operand (``x' + 128``). The
-offsets come back as ``- 8 * sum(x')`` per call and, folded into each row's bias at compile
-time, ``128 * sum(level)`` (unsigned activations, 4-bit rows) or ``- 128 * sum(w)`` (signed
-activations, 8-bit rows).
+``x' = x - 128``); on VNNI 8-bit rows take the activations as the unsigned operand
+(``x' + 128``), on AVX2 ``x'`` in 16 bits. The offsets come back as ``- 8 * sum(x')`` per call
+and, folded into each row's bias at compile time, ``128 * sum(level)`` (unsigned activations,
+4-bit rows; AVX2 8-bit rows too) or ``- 128 * sum(w)`` (VNNI, signed activations, 8-bit rows).
 
 The rows are computed in blocks of ``P`` byte rows (``2P`` outputs) that share the activation
 loads, and each result is stored at the output position the graph wants (``dest``): the
@@ -46,14 +52,14 @@ from tvm_rmsmp.schemes import unpack_nibbles
 
 from .x86_intrin import _VectorOps
 
-__all__ = ["GemvLayout", "gemv_layer_kernel", "gemv_layer_weights", "LINEAR", "INT8"]
+__all__ = ["GemvLayout", "gemv_layer_kernel", "gemv_layer_weights", "gemv_max_rows", "LINEAR", "INT8"]
 
 #: ``group_kinds`` entry of a 4-bit group whose levels are ``code ^ 8 - 8`` (fixed point)
 LINEAR = "linear"
 #: ``group_kinds`` entry of an 8-bit group (int8 rows)
 INT8 = "int8"
 
-_VEC = 64  # bytes per vector step (zmm)
+_VEC = {"avx512vnni": 64, "avx2": 32}  # bytes per vector step (zmm, ymm)
 
 #: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
 #: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster.
@@ -62,32 +68,46 @@ _VEC = 64  # bytes per vector step (zmm)
 #: decodes every weight per call, then runs 8-row tiles near the MAC peak; this one decodes in
 #: registers once per pass of one to five rows).
 GEMV_MAX_ROWS = 23
+#: The same on AVX2, where from 8 rows on each row group runs the outer-product kernel
+#: (``x86_intrin.BROADCAST_MIN_ROWS``) and no layer kernel exists.
+GEMV_MAX_ROWS_AVX2 = 7
 
 
-#: Time of one pass over a layer's blocks, by (byte rows per block, activation rows per pass):
-#: ``python -m bench.layer_kernels`` (both FFN layers, znver4, one thread; microseconds). A pass
-#: keeps ``2 * pairs`` zmm accumulators per activation row; 24 of them with two pairs spilled.
-PASS_US = {(4, 1): 37.0, (4, 2): 57.0, (4, 3): 82.0, (2, 4): 105.0, (2, 5): 135.0}
+def gemv_max_rows(isa: str) -> int:
+    """Most activation rows :func:`gemv_layer_kernel` is used for on ``isa``."""
+    return GEMV_MAX_ROWS if isa == "avx512vnni" else GEMV_MAX_ROWS_AVX2
 
 
-def row_tile(m: int, pairs: int = 4) -> int:
+#: Time of one pass over a layer's blocks, by ISA and (byte rows per block, activation rows per
+#: pass): ``python -m bench.layer_kernels`` (both FFN layers, one thread; microseconds; VNNI on
+#: znver4, AVX2 on znver3). A pass keeps ``2 * pairs`` accumulators per activation row (AVX-512:
+#: 32 registers, 24 accumulators with two pairs spill; AVX2: 16 registers).
+PASS_US = {
+    "avx512vnni": {(4, 1): 37.0, (4, 2): 57.0, (4, 3): 82.0, (2, 4): 105.0, (2, 5): 135.0},
+    "avx2": {(4, 1): 90.0, (2, 1): 100.0, (2, 2): 170.0},
+}
+
+
+def row_tile(m: int, pairs: int = 4, isa: str = "avx512vnni") -> int:
     """Activation rows per pass for ``m`` rows in blocks of ``pairs`` byte rows: the fewest
     microseconds in :data:`PASS_US` (the last pass repeats rows to fill its tile)."""
-    tiles = [t for p, t in PASS_US if p == pairs] or [max(1, 8 // pairs)]
-    return min(tiles, key=lambda t: (-(-m // t) * PASS_US.get((pairs, t), t), t))
+    cost = PASS_US[isa]
+    tiles = [t for p, t in cost if p == pairs] or [max(1, 8 // pairs)]
+    return min(tiles, key=lambda t: (-(-m // t) * cost.get((pairs, t), t), t))
 
 
-def block_pairs(m: int) -> int:
+def block_pairs(m: int, isa: str = "avx512vnni") -> int:
     """Byte rows per block for ``m`` activation rows: whichever of 4 and 2 makes the passes
-    shortest (4 up to three rows; 2 lets four or five rows pass together)."""
-    return min((4, 2), key=lambda p: -(-m // row_tile(m, p)) * PASS_US[(p, row_tile(m, p))])
+    shortest (on VNNI 4 up to three rows; 2 lets four or five rows pass together)."""
+    cost = PASS_US[isa]
+    return min((4, 2), key=lambda p: -(-m // row_tile(m, p, isa)) * cost[(p, row_tile(m, p, isa))])
 
 
 @attrs.frozen
 class GemvLayout:
     """How many blocks of each kind a layer has: ``linear`` (fixed 4-bit pairs), one count per
     decode table (4-bit pairs decoded by a table), ``int8`` (8-bit rows); a block is ``pairs``
-    byte rows, ``2 * pairs`` outputs of any kind."""
+    byte rows, ``2 * pairs`` outputs of any kind, in steps of ``vec`` bytes."""
 
     k: int
     n: int
@@ -95,10 +115,15 @@ class GemvLayout:
     tables: Tuple[int, ...]
     int8: int
     pairs: int = 4
+    vec: int = 64
+
+    @property
+    def isa(self) -> str:
+        return "avx512vnni" if self.vec == 64 else "avx2"
 
     @property
     def steps(self) -> int:
-        return -(-self.k // _VEC)
+        return -(-self.k // self.vec)
 
     @property
     def blocks4(self) -> int:
@@ -116,8 +141,8 @@ class GemvLayout:
 
 def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.ndarray], group_kinds: Sequence,
                        levels_of_group: Sequence[Optional[np.ndarray]], bias: np.ndarray, scale: np.ndarray, k: int,
-                       x_dtype: str, pairs: int = 4):
-    """The constants of :func:`gemv_layer_kernel`: ``(layout, w4, w8, dest, bias, scale)``.
+                       x_dtype: str, pairs: int = 4, isa: str = "avx512vnni"):
+    """The constants of :func:`gemv_layer_kernel` for ``isa``: ``(layout, w4, w8, dest, bias, scale)``.
 
     ``groups``: each row group's stored weights (packed 4-bit ``[rows, ceil(k / 2)]`` uint8 or
     int8 ``[rows, k]``); ``group_kinds``: :data:`LINEAR`, :data:`INT8` or the index of the
@@ -127,7 +152,10 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
     with the compile-time share of the offsets folded in (module docstring)."""
     if x_dtype not in ("uint8", "int8"):
         raise ValueError(f"gemv_layer_weights: activations must be uint8 or int8, got {x_dtype}")
-    n, steps = len(order), -(-k // _VEC)
+    if isa not in _VEC:
+        raise ValueError(f"gemv_layer_weights: unknown ISA {isa!r} (known: {sorted(_VEC)})")
+    vec = _VEC[isa]
+    n, steps = len(order), -(-k // vec)
     signed = x_dtype == "int8"
     kinds = list(group_kinds)
     n_tables = max([g for g in kinds if isinstance(g, int)] + [-1]) + 1
@@ -147,9 +175,9 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
         level_rows.append(levels[stored[-1]])
     per_block = 2 * pairs  # outputs per block, of any kind
     counts = {kind: -(-len(cs) // per_block) for kind, cs in by_kind.items()}
-    layout = GemvLayout(k, n, counts[LINEAR], tuple(counts[t] for t in range(n_tables)), counts[INT8], pairs)
-    w4 = np.zeros((max(layout.blocks4, 1), steps, pairs, _VEC), np.uint8)
-    w8 = np.zeros((max(layout.int8, 1), steps, per_block, _VEC), np.int8)
+    layout = GemvLayout(k, n, counts[LINEAR], tuple(counts[t] for t in range(n_tables)), counts[INT8], pairs, vec)
+    w4 = np.zeros((max(layout.blocks4, 1), steps, pairs, vec), np.uint8)
+    w8 = np.zeros((max(layout.int8, 1), steps, per_block, vec), np.int8)
     dest = np.full(layout.slots, -1, np.int32)
     slot_bias = np.zeros(layout.slots, np.int32)
     slot_scale = np.zeros(layout.slots, np.float32)
@@ -166,16 +194,19 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
                 dest[slot], slot_scale[slot] = c, scale[c]
                 extra = 0
                 if kind == INT8:
-                    row = np.zeros(steps * _VEC, np.int8)
+                    row = np.zeros(steps * vec, np.int8)
                     row[:k] = codes
-                    w8[block - layout.blocks4, :, s] = row.reshape(steps, _VEC)
-                    extra = -128 * int(level_row.sum()) if signed else 0
+                    w8[block - layout.blocks4, :, s] = row.reshape(steps, vec)
+                    if isa == "avx512vnni":  # activations x' + 128
+                        extra = -128 * int(level_row.sum()) if signed else 0
+                    else:  # activations x' (x - 128 when unsigned)
+                        extra = 0 if signed else 128 * int(level_row.sum())
                 else:
                     nib = level_row + 8 if kind == LINEAR else codes
-                    row = np.zeros(steps * _VEC, np.uint8)
+                    row = np.zeros(steps * vec, np.uint8)
                     row[:k] = nib
                     pair, high = s % pairs, s // pairs
-                    w4[block, :, pair] |= (row << (4 * high)).astype(np.uint8).reshape(steps, _VEC)
+                    w4[block, :, pair] |= (row << (4 * high)).astype(np.uint8).reshape(steps, vec)
                     extra = 0 if signed else 128 * int(level_row.sum())
                 total = int(bias[c]) + extra
                 if not -2**31 <= total < 2**31:
@@ -186,12 +217,14 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
     return layout, w4, w8, dest, slot_bias, slot_scale
 
 
-def _sums4(acc, base):
-    """int32x8 whose lanes ``q`` and ``q + 4`` add up to the total of the 16-lane accumulator
-    in slot ``base + q`` (three ``vphaddd``)."""
+def _sums4(acc, base, lanes):
+    """int32x8 whose lanes ``q`` and ``q + 4`` add up to the total of the ``lanes``-lane (16
+    or 8) accumulator in slot ``base + q`` (two ``vphaddd``, after adding halves of 16)."""
     phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
 
     def eight(s):
+        if lanes == 8:
+            return acc[T.ramp(s * 8, 1, 8)]
         return acc[T.ramp(s * 16, 1, 8)] + acc[T.ramp(s * 16 + 8, 1, 8)]
 
     return T.call_llvm_pure_intrin(
@@ -202,13 +235,15 @@ def _sums4(acc, base):
 
 
 def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,
-                      num_cores: int = 1, m: int = 1) -> tvm.tirx.PrimFunc:
-    """``(x [m, k], w4 [blocks4, steps, P, 64] uint8, w8 [int8 blocks, steps, 2P, 64] int8,
+                      num_cores: int = 1, m: int = 1, rows_per_pass: Optional[int] = None) -> tvm.tirx.PrimFunc:
+    """``(x [m, k], w4 [blocks4, steps, P, vec] uint8, w8 [int8 blocks, steps, 2P, vec] int8,
     dest [slots] int32, bias [slots] int32, scale [slots] f32, out [m, n] f32)``, constants
-    from :func:`gemv_layer_weights` (module docstring). ``table_levels``: the 16 levels of
-    each decode table, one per entry of ``layout.tables``. Several activation rows (``m``)
-    pass over each block's weights :func:`row_tile` at a time, sharing its loads and decode
-    (weights laid out with ``pairs=block_pairs(m)`` pass fastest)."""
+    from :func:`gemv_layer_weights` (module docstring), for the ISA of ``layout.vec``.
+    ``table_levels``: the 16 levels of each decode table, one per entry of ``layout.tables``.
+    Several activation rows (``m``) pass over each block's weights :func:`row_tile` at a time,
+    sharing its loads and decode (weights laid out with ``pairs=block_pairs(m, isa)`` pass
+    fastest). ``vbmi``: decode tables by ``vpermb`` (AVX-512 VBMI). ``rows_per_pass`` forces
+    the rows of a pass instead (for measuring :data:`PASS_US`)."""
     if x_dtype not in ("uint8", "int8"):
         raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
     if m < 1:
@@ -216,33 +251,41 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     if len(table_levels) != len(layout.tables) or len(table_levels) > 2:
         raise ValueError(f"gemv_layer_kernel: {len(layout.tables)} block counts for {len(table_levels)} tables "
                          "(at most two)")
+    if layout.vec not in _VEC.values():
+        raise ValueError(f"gemv_layer_kernel: {layout.vec}-byte steps; known: {sorted(_VEC.values())}")
+    isa, vec = layout.isa, layout.vec
+    vnni = isa == "avx512vnni"
+    if vbmi and not vnni:
+        raise ValueError("gemv_layer_kernel: vpermb (vbmi) needs AVX-512 steps")
     k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
     if pairs % 2:
         raise ValueError(f"gemv_layer_kernel: byte rows per block must be even, got {pairs}")
     if steps * 4 * 255 * 128 >= 2**31:  # a lane's sum of whole bytes (16 hi + lo) times activations
         raise ValueError(f"gemv_layer_kernel: k = {k} is too long for int32 sums of whole bytes "
-                         f"(at most {(2**31 - 1) // (4 * 255 * 128) * _VEC})")
-    width, slots_per_block = steps * _VEC, 2 * pairs
+                         f"(at most {(2**31 - 1) // (4 * 255 * 128) * vec})")
+    width, slots_per_block, lanes = steps * vec, 2 * pairs, vec // 4
     linear, blocks4, blocks = layout.linear, layout.blocks4, layout.blocks
     table_a = layout.linear + (layout.tables[0] if layout.tables else 0)  # blocks before table B's
     unsigned = x_dtype == "uint8"
-    four = _VectorOps("avx512vnni", _VEC, True, None)  # 4-bit bytes unsigned, activations signed
-    eight_bit = _VectorOps("avx512vnni", _VEC, False, None)  # activations unsigned, int8 rows signed
-    tables = [_VectorOps("avx512vnni", _VEC, True, levels) for levels in table_levels] or [four]
+    four = _VectorOps(isa, vec, True, None)  # 4-bit bytes unsigned, activations signed
+    eight_bit = _VectorOps(isa, vec, False, None)  # VNNI: activations unsigned, int8 rows signed
+    tables = [_VectorOps(isa, vec, True, levels) for levels in table_levels] or [four]
     slots = layout.slots
-    w4_shape = (max(blocks4, 1), steps, pairs, _VEC)
-    w8_shape = (max(layout.int8, 1), steps, slots_per_block, _VEC)
-    mt = row_tile(m, pairs)
+    w4_shape = (max(blocks4, 1), steps, pairs, vec)
+    w8_shape = (max(layout.int8, 1), steps, slots_per_block, vec)
+    mt = rows_per_pass or row_tile(m, pairs, isa)
     row_tiles = -(-m // mt)
-    acc_words = mt * slots_per_block * 16
-    work_words = acc_words + 16 + 2 * _VEC // 4
+    acc_words = mt * slots_per_block * lanes
+    work_words = acc_words + 16 + 2 * vec // 4
     tasks = max(1, min(blocks, 4 * max(1, num_cores)))
     per_task = -(-blocks // tasks)
     tasks = -(-blocks // per_task)
-    perm = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512")
+    # activations of the 8-bit rows: VNNI x' + 128 (the MAC's unsigned operand), AVX2 x' in 16 bits
+    xe_dtype = "uint8" if vnni else "int16"
+    pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
 
     def low(wv):
-        return T.bitwise_and(wv, T.broadcast(T.uint8(15), _VEC))
+        return T.bitwise_and(wv, T.broadcast(T.uint8(15), vec))
 
     def decode(table, ops, wv, high):
         """``level + 8`` of the low or high nibbles of ``wv`` (module docstring)."""
@@ -252,16 +295,30 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         if high:
             index = T.reinterpret(T.shift_right(T.reinterpret(wv, dtype="uint16x32"), T.broadcast(T.uint16(4), 32)),
                                   dtype="uint8x64")
-        return T.call_llvm_pure_intrin(perm, table[T.ramp(0, 1, _VEC)], T.reinterpret(index, dtype="int8x64"),
+        perm = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512")
+        return T.call_llvm_pure_intrin(perm, table[T.ramp(0, 1, vec)], T.reinterpret(index, dtype="int8x64"),
                                        dtype="int8x64")
+
+    def fixed(tbl, ops, wv, high):
+        """VNNI: slot p sums ``lo``, slot P + p the whole byte (``16 hi + lo``: the kernel then
+        subtracts ``lo`` and the store divides by 16). AVX2: the nibbles (whole bytes saturate)."""
+        if vnni:
+            return wv if high else low(wv)
+        return T.shift_right(wv, T.broadcast(T.uint8(4), vec)) if high else low(wv)
+
+    def eight_bit_x(xs_value, j):
+        if vnni:
+            return T.if_then_else(j < k, T.bitwise_xor(T.reinterpret(xs_value, dtype="uint8"), T.uint8(128)),
+                                  T.uint8(0))
+        return T.Cast("int16", xs_value)
 
     def acc_at(i, slot):
         """Accumulator of activation row ``i`` of the pass, output slot ``slot`` of the block."""
-        return T.ramp((i * slots_per_block + slot) * 16, 1, 16)
+        return T.ramp((i * slots_per_block + slot) * lanes, 1, lanes)
 
-    def x_at(xs, rows, i, s):
+    def x_at(xs, rows, i, s, step=vec):
         """Step ``s`` of activation row ``rows + i`` (past ``m``: the last row again)."""
-        return xs[T.min(rows + i, m - 1), T.ramp(s * _VEC, 1, _VEC)]
+        return xs[T.min(rows + i, m - 1), T.ramp(s * step, 1, step)]
 
     def pair_block(nibbles):
         """Macro ``block(acc, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each row sums the
@@ -274,25 +331,35 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                 for p in T.unroll(pairs):
                     for i in T.unroll(mt):
                         acc[acc_at(i, p)] = four.mac(acc[acc_at(i, p)], x_at(xs, rows, i, s),
-                                                     nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], False))
+                                                     nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], False))
                         acc[acc_at(i, pairs + p)] = four.mac(
                             acc[acc_at(i, pairs + p)], x_at(xs, rows, i, s),
-                            nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, _VEC)], True))
+                            nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], True))
 
         return block
 
     table_block = pair_block(decode)
-    # fixed pairs: slot p sums lo, slot P + p the whole byte (16 hi + lo); the kernel then
-    # subtracts lo, and the store divides by 16
-    linear_block = pair_block(lambda tbl, ops, wv, high: wv if high else low(wv))
+    linear_block = pair_block(fixed)
 
     @T.macro
-    def int8_block(acc, xu, w8, blk8, rows):
+    def int8_block_vnni(acc, xe, w8, blk8, rows):
         for s in T.serial(steps):
             for r in T.unroll(slots_per_block):
                 for i in T.unroll(mt):
-                    acc[acc_at(i, r)] = eight_bit.mac(acc[acc_at(i, r)], x_at(xu, rows, i, s),
-                                                      w8[blk8, s, r, T.ramp(0, 1, _VEC)])
+                    acc[acc_at(i, r)] = eight_bit.mac(acc[acc_at(i, r)], x_at(xe, rows, i, s),
+                                                      w8[blk8, s, r, T.ramp(0, 1, vec)])
+
+    @T.macro
+    def int8_block_avx2(acc, xe, w8, blk8, rows):
+        """16-bit products (``vpmovsxbw`` of the weights, ``vpmaddwd``): exact, no offsets."""
+        for s, h in T.grid(steps, 2):
+            for r in T.unroll(slots_per_block):
+                for i in T.unroll(mt):
+                    acc[acc_at(i, r)] = acc[acc_at(i, r)] + T.call_llvm_pure_intrin(
+                        pmaddwd, x_at(xe, rows, i, 2 * s + h, 16),
+                        T.Cast("int16x16", w8[blk8, s, r, T.ramp(h * 16, 1, 16)]), dtype="int32x8")
+
+    int8_block = int8_block_vnni if vnni else int8_block_avx2
 
     @T.macro
     def store(acc, red, res, offset, dest, bias, scale, out, blk, rows):
@@ -300,9 +367,9 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         the last one: the same values stored again)."""
         for i in T.unroll(mt):
             for g in T.unroll(slots_per_block // 4):
-                red[T.ramp(0, 1, 8)] = _sums4(acc, i * slots_per_block + 4 * g)
+                red[T.ramp(0, 1, 8)] = _sums4(acc, i * slots_per_block + 4 * g, lanes)
                 red[T.ramp(0, 1, 4)] = red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)]
-                if blk < linear:  # slots P.. of fixed pairs: (total - lo) / 16
+                if vnni and blk < linear:  # slots P.. of fixed pairs: (total - lo) / 16
                     red[T.ramp(0, 1, 4)] = T.Select(
                         T.ramp(4 * g, 1, 4) >= T.broadcast(pairs, 4),
                         T.shift_right(red[T.ramp(0, 1, 4)], T.broadcast(4, 4)), red[T.ramp(0, 1, 4)])
@@ -326,27 +393,26 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         out: T.Buffer((m, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        # activations twice: signed (x - 128 when unsigned) for the 4-bit bytes, unsigned
-        # (x' + 128) for the 8-bit rows; zero past k in both
+        # activations twice: signed (x' = x - 128 when unsigned) for the 4-bit bytes, and for
+        # the 8-bit rows (``eight_bit_x``); zero past k in both
         xs = T.alloc_buffer((m, width), "int8")
-        xu = T.alloc_buffer((m, width), "uint8")
+        xe = T.alloc_buffer((m, width), xe_dtype)
         offset = T.alloc_buffer((m,), "int32")
-        xsum = T.alloc_buffer((16,), "int32", scope="local")
+        xsum = T.alloc_buffer((lanes,), "int32", scope="local")
         for r in T.serial(m):
             for j in T.vectorized(width):
                 xs[r, j] = T.if_then_else(j < k, T.reinterpret(T.bitwise_xor(
                     T.reinterpret(x[r, T.min(j, k - 1)], dtype="uint8"), T.uint8(128 if unsigned else 0)),
                     dtype="int8"), T.int8(0))
-                xu[r, j] = T.if_then_else(j < k, T.bitwise_xor(T.reinterpret(xs[r, j], dtype="uint8"), T.uint8(128)),
-                                          T.uint8(0))
+                xe[r, j] = eight_bit_x(xs[r, j], j)
             # sum(x') by MACs with ones: the 4-bit rows' offset 8 * sum(x')
-            for lane in T.unroll(16):
+            for lane in T.unroll(lanes):
                 xsum[lane] = 0
             for s in T.serial(steps):
-                xsum[T.ramp(0, 1, 16)] = four.mac(xsum[T.ramp(0, 1, 16)], xs[r, T.ramp(s * _VEC, 1, _VEC)],
-                                                  T.broadcast(T.uint8(1), _VEC))
+                xsum[T.ramp(0, 1, lanes)] = four.mac(xsum[T.ramp(0, 1, lanes)], xs[r, T.ramp(s * vec, 1, vec)],
+                                                     T.broadcast(T.uint8(1), vec))
             offset[r] = 0
-            for lane in T.unroll(16):
+            for lane in T.unroll(lanes):
                 offset[r] = offset[r] + 8 * xsum[lane]
         for task in T.parallel(tasks):
             # buffers in a parallel loop are heap workspaces, each an allocation per task: one,
@@ -355,9 +421,9 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
             acc = T.decl_buffer((acc_words,), "int32", data=work.data)
             red = T.decl_buffer((8,), "int32", data=work.data, elem_offset=acc_words)
             res = T.decl_buffer((4,), "float32", data=work.data, elem_offset=acc_words + 8)
-            ta = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4)
-            tb = T.decl_buffer((_VEC,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4 + _VEC)
-            for t in T.unroll(_VEC):
+            ta = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4)
+            tb = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4 + vec)
+            for t in T.unroll(vec):
                 ta[t] = tables[0].table_byte(t)
                 tb[t] = tables[-1].table_byte(t)
             for tt, rc in T.grid(per_task, row_tiles):
@@ -366,15 +432,16 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                         acc[a] = 0
                     if task * per_task + tt < linear:
                         linear_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
-                        for i in T.unroll(mt):
-                            for p in T.unroll(pairs):
-                                acc[acc_at(i, pairs + p)] = acc[acc_at(i, pairs + p)] - acc[acc_at(i, p)]
+                        if vnni:
+                            for i in T.unroll(mt):
+                                for p in T.unroll(pairs):
+                                    acc[acc_at(i, pairs + p)] = acc[acc_at(i, pairs + p)] - acc[acc_at(i, p)]
                     elif task * per_task + tt < table_a:
                         table_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                     elif task * per_task + tt < blocks4:
                         table_block(acc, xs, w4, task * per_task + tt, rc * mt, tb, tables[-1])
                     else:
-                        int8_block(acc, xu, w8, task * per_task + tt - blocks4, rc * mt)
+                        int8_block(acc, xe, w8, task * per_task + tt - blocks4, rc * mt)
                     store(acc, red, res, offset, dest, bias, scale, out, task * per_task + tt, rc * mt)
 
     return kernel

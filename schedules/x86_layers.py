@@ -10,16 +10,18 @@ not fold it, a gather restoring the model's row order::
                                                    # (also through reshapes keeping axis -1 last)
 
 On AVX-512 VNNI every such layer becomes one kernel whose outputs come in the order the
-graph wants them, so the concatenation and the gather go away (128 x 3072 outputs: 35 + 141
+graph wants them (on AVX2 every layer with at most
+:data:`~schedules.x86_gemv.GEMV_MAX_ROWS_AVX2` activation rows), so the concatenation and the gather go away (128 x 3072 outputs: 35 + 141
 us of a 2.0 ms layer), and so do two of three kernel launches. ``y`` (or ``c``, when no gather
 follows or something else reads it) becomes one ``call_tir`` of that kernel; the dead group
 calls are removed. The kernel:
 
-* up to :data:`~schedules.x86_gemv.GEMV_MAX_ROWS` activation rows (batch 1, small batches):
+* up to :func:`~schedules.x86_gemv.gemv_max_rows` activation rows (batch 1, small batches):
   :func:`~schedules.x86_gemv.gemv_layer_kernel`, two rows' codes per byte, decoded in
   registers, since there the vector operations per weight byte are the bound;
-* more rows: :func:`~schedules.x86_intrin.layer_dense_kernel`: the groups are decoded to int8
-  once per call, into one matrix in output order, then one outer-product GEMM.
+* more rows (VNNI): :func:`~schedules.x86_intrin.layer_dense_kernel`: the groups are decoded
+  to int8 once per call, into one matrix in output order, then one outer-product GEMM. (On
+  AVX2 such layers keep a kernel per row group, the outer-product one from 8 rows on.)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tvm.target.codegen import target_has_features
 from relay_passes._ir import callee, const_value, op_name
 from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
-from .x86_gemv import GEMV_MAX_ROWS, INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
+from .x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights, gemv_max_rows
 from .x86_intrin import layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["fuse_dense_layers"]
@@ -65,8 +67,9 @@ class _Layer:
         return [(gi, r) for gi, (_, w, _, _) in enumerate(self.groups) for r in range(w.shape[0])]
 
 
-def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
-    """The layer behind ``concat`` if one kernel can compute it, else None."""
+def _layer(mod: tvm.IRModule, var2val, concat: relax.Call, max_rows: Optional[int]) -> Optional[_Layer]:
+    """The layer behind ``concat`` if one kernel can compute it (with at most ``max_rows``
+    activation rows, None: any), else None."""
     if op_name(concat) != "relax.concat" or not isinstance(concat.args[0], relax.Tuple):
         return None
     ndim = len(concat.ty.shape)
@@ -94,11 +97,13 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[_Layer]:
         groups.append((scheme, *values))
     if len(tables) > 2 or str(x.ty.dtype) not in ("uint8", "int8"):
         return None
+    if max_rows is not None and int(x.ty.shape[0]) > max_rows:
+        return None
     return _Layer(x, groups)
 
 
 def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
-               vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
+               isa: str, vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
     """:func:`_kernel_call` for a few activation rows: :func:`~schedules.x86_gemv.gemv_layer_kernel`."""
     schemes = [g[0] for g in layer.groups]
     levels = [nibble_decode(np.arange(16), get_scheme(s)) if w.dtype == np.uint8 else None
@@ -119,12 +124,12 @@ def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int64)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
     gemv, w4, w8, dest, bias, scale = gemv_layer_weights(order, [g[1] for g in layer.groups], kinds, levels, bias,
-                                                         scale, k, x_dtype, pairs=block_pairs(m))
+                                                         scale, k, x_dtype, pairs=block_pairs(m, isa), isa=isa)
     key = ("gemv", m, gemv, x_dtype, tuple(schemes), tuple(tables))
     if key not in kernels:
         kernel = gemv_layer_kernel(gemv, x_dtype, [levels[schemes.index(s)] for s in tables], vbmi=vbmi,
                                    num_cores=cores, m=m)
-        kernels[key] = _add_kernel(builder, kernel, schemes, "x86-avx512vnni-gemv",
+        kernels[key] = _add_kernel(builder, kernel, schemes, f"x86-{isa}-gemv",
                                    f"rmsmp_dense_layer_{m}x{k}x{len(order)}")
     consts = [relax.const(w4, "uint8"), relax.const(w8, "int8"), relax.const(dest, "int32"),
               relax.const(bias, "int32"), relax.const(scale, "float32")]
@@ -141,12 +146,12 @@ def _add_kernel(builder: relax.BlockBuilder, kernel: tvm.tirx.PrimFunc, schemes:
 
 
 def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple[int, int]], cores: int,
-                 vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
+                 isa: str, vbmi: bool, kernels: Dict[tuple, tvm.ir.GlobalVar]):
     """``call_tir`` of the layer kernel producing output row ``c`` from ``order[c]``. Layers of
     the same shape and schemes share one kernel (``kernels``): their weights are arguments,
     so MiniLM-L6's 36 dense layers build 3 kernels."""
-    if int(layer.x.ty.shape[0]) <= GEMV_MAX_ROWS:
-        return _gemv_call(builder, layer, order, cores, vbmi, kernels)
+    if int(layer.x.ty.shape[0]) <= gemv_max_rows(isa):
+        return _gemv_call(builder, layer, order, cores, isa, vbmi, kernels)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(s for s, w, _, _ in layer.groups if w.dtype == np.uint8))
     table_of_group = [tables.index(s) if w.dtype == np.uint8 else -1 for s, w, _, _ in layer.groups]
@@ -167,10 +172,12 @@ def _kernel_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tup
 
 
 def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
-    """Every split dense layer as one kernel (module docstring);
-    ``mod`` as it is on targets without AVX-512 VNNI."""
-    if x86_isa(target) != "avx512vnni":
+    """Every split dense layer as one kernel (module docstring); ``mod`` as it is on targets
+    without AVX2."""
+    isa = x86_isa(target)
+    if isa not in ("avx512vnni", "avx2"):
         return mod
+    max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa)
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     vbmi = target_has_features("avx512vbmi", target)
     original = mod
@@ -205,7 +212,7 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
             while op_name(source) == "relax.reshape" and isinstance(source.args[0], relax.Var) \
                     and self.uses.get(source.args[0], 0) == 1:
                 source = self.var2val.get(source.args[0])
-            layer = _layer(original, self.var2val, source) if op_name(source) == "relax.concat" else None
+            layer = _layer(original, self.var2val, source, max_rows) if op_name(source) == "relax.concat" else None
             if layer is None or sorted(index.tolist()) != list(range(len(layer.concat_order))):
                 return None
             return layer, [layer.concat_order[i] for i in index], source
@@ -215,14 +222,15 @@ def fuse_dense_layers(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
                 found = self._gather(call)
                 if found is not None and self._is_folded(found[2]):
                     self.fused += 1
-                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores, vbmi, self.kernels))
+                    out = self.builder_.emit(_kernel_call(self.builder_, found[0], found[1], cores, isa, vbmi,
+                                                                  self.kernels))
                     shape = [int(d) for d in call.ty.shape]
                     return out if shape == [int(d) for d in out.ty.shape] else relax.op.reshape(out, shape)
             if op_name(call) == "relax.concat" and not self._is_folded(call):
-                layer = _layer(original, self.var2val, call)
+                layer = _layer(original, self.var2val, call, max_rows)
                 if layer is not None:
                     self.fused += 1
-                    return _kernel_call(self.builder_, layer, layer.concat_order, cores, vbmi, self.kernels)
+                    return _kernel_call(self.builder_, layer, layer.concat_order, cores, isa, vbmi, self.kernels)
             return super().visit_call_(call)
 
     fused = 0

@@ -807,21 +807,22 @@ GEMV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("vbmi", [False, True])
+@pytest.mark.parametrize("isa,vbmi", [("avx2", False), ("avx512vnni", False), ("avx512vnni", True)])
 @pytest.mark.parametrize("m,k,n,act,shares", GEMV_CASES)
-def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_target):
-    """The few-rows layer kernel (two rows per byte: fixed pairs by two MACs, table pairs by
-    ``vpermb``, or by ``vpshufb`` when built for a CPU without VBMI; 8-bit rows) equals numpy
-    for rows of every kind in a scattered order, each output at its place; random and extreme
-    activations, the epilogue bit for bit."""
+def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, isa, vbmi, host_target):
+    """The few-rows layer kernel (two rows per byte: VNNI fixed pairs by two MACs of whole
+    bytes and low nibbles, AVX2 ones nibble by nibble; table pairs by ``vpermb``, or by
+    ``vpshufb`` on AVX2 and when built for a CPU without VBMI; 8-bit rows by ``vpdpbusd``, on
+    AVX2 in 16 bits) equals numpy for rows of every kind in a scattered order, each output at
+    its place; random and extreme activations, the epilogue bit for bit."""
     from tvm.target.codegen import target_has_features
 
     from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import x86_isa
     from tvm_rmsmp.schemes import nibble_decode
 
-    if x86_isa(host_target) != "avx512vnni" or (vbmi and not target_has_features("avx512vbmi", host_target)):
-        pytest.skip("needs AVX-512 VNNI (and VBMI)")
+    if x86_isa(host_target) not in (isa, "avx512vnni") or (vbmi and not target_has_features("avx512vbmi", host_target)):
+        pytest.skip(f"needs {isa}" + (" and VBMI" if vbmi else ""))
     rng = np.random.default_rng(n * 1000 + k + m)
     kind = rng.choice(4, size=n, p=shares)
     tables = {0: nibble_decode(np.arange(16), get_scheme("sp2_4")), 3: _OTHER_TABLE}
@@ -846,16 +847,19 @@ def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_tar
     order = [source[c] for c in range(n)]
     bias = rng.integers(-1000, 1000, n).astype(np.int32)
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
-    pairs = block_pairs(m)
-    layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act, pairs=pairs)
+    pairs = block_pairs(m, isa)
+    layout, *consts = gemv_layer_weights(order, groups, kinds, levels, bias, scale, k, act, pairs=pairs, isa=isa)
     per_block = 2 * pairs
     assert layout.linear == -(-int((kind == 1).sum()) // per_block)
     assert layout.int8 == -(-int((kind == 2).sum()) // per_block)
     func = gemv_layer_kernel(layout, act, [tables[t] for t in table_ids], vbmi=vbmi, m=m)
-    target = host_target if vbmi else _x86_target("cascadelake")  # VNNI without VBMI
+    # cascadelake: VNNI without VBMI; haswell: AVX2 alone
+    target = host_target if vbmi else _x86_target("cascadelake" if isa == "avx512vnni" else "haswell")
     exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    asm = exe.mod.inspect_source("asm")
     if table_ids:
-        assert ("vpermb" in exe.mod.inspect_source("asm")) == vbmi
+        assert ("vpermb" in asm) == vbmi
+    assert ("zmm" in asm) == (isa == "avx512vnni")
     lo, hi = (0, 255) if act == "uint8" else (-128, 127)
     for x in (rng.integers(lo, hi + 1, size=(m, k)).astype(act), np.full((m, k), lo, act), np.full((m, k), hi, act)):
         out = _run(exe, x, *consts, np.zeros((m, n), np.float32))
@@ -884,22 +888,26 @@ def test_gemv_layer_rejects_what_it_cannot_compute():
         gemv_layer_kernel(GemvLayout(2_000_000, 8, 1, (), 0), "int8", [])
 
 
-@pytest.mark.parametrize("batch,mcpu", [(1, None), (1, "cascadelake"), (4, None), (24, None)])
+@pytest.mark.parametrize("batch,mcpu", [(1, None), (1, "cascadelake"), (4, None), (24, None), (1, "haswell"),
+                                        (7, "haswell"), (8, "haswell")])
 def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu, host_target):
     """On VNNI each split dense layer is one kernel, the two-rows-per-byte kernel up to
     ``GEMV_MAX_ROWS`` activation rows, the outer-product one from there: no concatenation and
     no gather are left (the final gather is folded into the kernel through the reshape back to
     3-D), and the two layers of the same shape share one kernel. Bit-exact, also for a VNNI CPU
-    without VBMI (``cascadelake``: the batch-1 kernel's tables by ``vpshufb``)."""
+    without VBMI (``cascadelake``: the batch-1 kernel's tables by ``vpshufb``). On AVX2
+    (``haswell``) the same up to ``GEMV_MAX_ROWS_AVX2`` rows; from there each row group keeps
+    its own kernel."""
     import torch
     from tvm import relax
 
     import tvm_rmsmp as rmsmp
-    from schedules.x86_gemv import GEMV_MAX_ROWS
+    from schedules.x86_gemv import GEMV_MAX_ROWS, GEMV_MAX_ROWS_AVX2
     from schedules.x86_intrin import x86_isa
 
-    if x86_isa(host_target) != "avx512vnni":
-        pytest.skip("needs AVX-512 VNNI")
+    avx2 = mcpu == "haswell"
+    if x86_isa(host_target) not in ("avx512vnni", "avx2" if avx2 else "avx512vnni"):
+        pytest.skip("needs AVX-512 VNNI" if not avx2 else "needs AVX2")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
                                 torch.nn.Linear(64, 40)).eval()
@@ -910,11 +918,15 @@ def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu, host_targ
     relax.analysis.post_order_visit(exe.ir["main"], lambda e: ops.append(
         e.args[0].name_hint if e.op.name == "relax.call_tir" else e.op.name)
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
-    assert "relax.concat" not in ops and "relax.take" not in ops
     layers = [op for op in ops if op.startswith("rmsmp_dense_layer_")]
-    assert len(layers) == 3 and len(set(layers)) == 2
-    kernel = "x86-avx512vnni-gemv" if batch <= GEMV_MAX_ROWS else "x86-avx512vnni-layer"
-    assert exe.stats["cpu_kernels"] == {kernel: 2}
+    if avx2 and batch > GEMV_MAX_ROWS_AVX2:
+        assert not layers and "relax.concat" in ops
+        assert set(exe.stats["cpu_kernels"]) == {"x86-avx2-table-decode", "x86-avx2-int8"}
+    else:
+        assert "relax.concat" not in ops and "relax.take" not in ops
+        assert len(layers) == 3 and len(set(layers)) == 2
+        kernel = "x86-avx512vnni-gemv" if batch <= GEMV_MAX_ROWS else "x86-avx512vnni-layer"
+        assert exe.stats["cpu_kernels"] == {kernel.replace("avx512vnni", "avx2") if avx2 else kernel: 2}
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 

@@ -269,8 +269,9 @@ def tune(
     ``tvm.s_tir.meta_schedule.runner.RPCRunner(...)`` to measure on a board through TVM's RPC
     (its tracker is checked first: unreachable, or no server of the key, is a ConnectionError).
     Kernels that the target realizes with a hand-written intrinsic kernel (on x86: packed
-    4-bit rows with AVX2, int8 rows with AVX-512 VNNI, dense and conv2d) have nothing to tune
-    and are left out; on a VNNI CPU that is every row group.
+    4-bit rows with AVX2, int8 rows with AVX-512 VNNI, dense and conv2d, and whole dense layers
+    at small batches) have nothing to tune and are left out; on a VNNI CPU that is every row
+    group.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -284,7 +285,11 @@ def tune(
     if target.kind.name == "llvm":
         light_tensor_intrin()
     mod, _ = lower(model, example_inputs, target, schedule=False)
-    kernels = [k for k in _kernels(mod) if not _has_fixed_kernel(k[2], target)]
+    # the target's own kernels in place first: groups it replaces or fuses (whole dense layers
+    # on x86) are not tuned, since a tuned schedule would only keep them from it
+    mod = schedules.prepare(mod, target)
+    kernels = [k for k in _kernels(mod)
+               if "tirx.is_scheduled" not in k[2].attrs and not _has_fixed_kernel(k[2], target)]
     check_tracker(runner)
     unique: Dict[str, Tuple[str, str, tirx.PrimFunc]] = {}
     for name, op, func in kernels:
