@@ -60,6 +60,10 @@ LINEAR = "linear"
 INT8 = "int8"
 
 _VEC = {"avx512vnni": 64, "avx2": 32}  # bytes per vector step (zmm, ymm)
+#: AVX2 4-bit pairs: steps whose ``vpmaddubsw`` pair sums add up in 16 bits before they are
+#: widened. A pair sum is within ``2 * 16 * [-128, 127]`` (weights ``level + 8`` <= 16), so
+#: eight of them stay within int16.
+SUMS16_STEPS = 8
 
 #: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
 #: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster.
@@ -69,7 +73,9 @@ _VEC = {"avx512vnni": 64, "avx2": 32}  # bytes per vector step (zmm, ymm)
 #: registers once per pass of one to five rows).
 GEMV_MAX_ROWS = 23
 #: The same on AVX2, where from 8 rows on each row group runs the outer-product kernel
-#: (``x86_intrin.BROADCAST_MIN_ROWS``) and no layer kernel exists.
+#: (``x86_intrin.BROADCAST_MIN_ROWS``) and no layer kernel exists. BERT FFN compiled with
+#: ``rmsmp.compile`` (znver3, one thread): 7 rows 530 us (row-group kernels: 704), 8 rows 646
+#: (outer-product row groups: 608).
 GEMV_MAX_ROWS_AVX2 = 7
 
 
@@ -84,7 +90,7 @@ def gemv_max_rows(isa: str) -> int:
 #: 32 registers, 24 accumulators with two pairs spill; AVX2: 16 registers).
 PASS_US = {
     "avx512vnni": {(4, 1): 37.0, (4, 2): 57.0, (4, 3): 82.0, (2, 4): 105.0, (2, 5): 135.0},
-    "avx2": {(4, 1): 90.0, (2, 1): 100.0, (2, 2): 170.0},
+    "avx2": {(4, 1): 80.0, (2, 1): 76.0, (2, 2): 120.0},
 }
 
 
@@ -276,7 +282,10 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     mt = rows_per_pass or row_tile(m, pairs, isa)
     row_tiles = -(-m // mt)
     acc_words = mt * slots_per_block * lanes
-    work_words = acc_words + 16 + 2 * vec // 4
+    # AVX2: the 4-bit pairs' 16-bit sums, widened every SUMS16_STEPS steps (module docstring)
+    acc16_words = 0 if vnni else mt * slots_per_block * 8
+    work_words = acc_words + 16 + 2 * vec // 4 + acc16_words
+    chunks16 = -(-steps // SUMS16_STEPS)
     tasks = max(1, min(blocks, 4 * max(1, num_cores)))
     per_task = -(-blocks // tasks)
     tasks = -(-blocks // per_task)
@@ -320,13 +329,41 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         """Step ``s`` of activation row ``rows + i`` (past ``m``: the last row again)."""
         return xs[T.min(rows + i, m - 1), T.ramp(s * step, 1, step)]
 
+    pmaddubsw = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+
+    def pairs16(wv, xv):
+        return T.call_llvm_pure_intrin(pmaddubsw, wv, xv, dtype="int16x16")
+
+    def a16_at(i, slot):
+        return T.ramp((i * slots_per_block + slot) * 16, 1, 16)
+
     def pair_block(nibbles):
-        """Macro ``block(acc, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each row sums the
-        products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those of
-        ``nibbles(..., True)``."""
+        """Macro ``block(acc, acc16, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each row sums
+        the products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those of
+        ``nibbles(..., True)``. AVX2: ``vpmaddubsw`` pair sums added in 16 bits for
+        :data:`SUMS16_STEPS` steps, then widened by one ``vpmaddwd`` each."""
 
         @T.macro
-        def block(acc, xs, w4, blk, rows, tbl, ops):
+        def block16(acc, acc16, xs, w4, blk, rows, tbl, ops):
+            for so in T.serial(chunks16):
+                for a in T.unroll(mt * slots_per_block):
+                    acc16[T.ramp(a * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                for si in T.serial(T.min(SUMS16_STEPS, steps - so * SUMS16_STEPS)):
+                    for p in T.unroll(pairs):
+                        for i in T.unroll(mt):
+                            acc16[a16_at(i, p)] = acc16[a16_at(i, p)] + pairs16(
+                                nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], False),
+                                x_at(xs, rows, i, so * SUMS16_STEPS + si))
+                            acc16[a16_at(i, pairs + p)] = acc16[a16_at(i, pairs + p)] + pairs16(
+                                nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], True),
+                                x_at(xs, rows, i, so * SUMS16_STEPS + si))
+                for i in T.unroll(mt):
+                    for slot in T.unroll(slots_per_block):
+                        acc[acc_at(i, slot)] = acc[acc_at(i, slot)] + T.call_llvm_pure_intrin(
+                            pmaddwd, acc16[a16_at(i, slot)], T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+        @T.macro
+        def block(acc, acc16, xs, w4, blk, rows, tbl, ops):
             for s in T.serial(steps):
                 for p in T.unroll(pairs):
                     for i in T.unroll(mt):
@@ -336,7 +373,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                             acc[acc_at(i, pairs + p)], x_at(xs, rows, i, s),
                             nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], True))
 
-        return block
+        return block if vnni else block16
 
     table_block = pair_block(decode)
     linear_block = pair_block(fixed)
@@ -423,6 +460,8 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
             res = T.decl_buffer((4,), "float32", data=work.data, elem_offset=acc_words + 8)
             ta = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4)
             tb = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4 + vec)
+            acc16 = T.decl_buffer((acc16_words * 2 + 16,), "int16", data=work.data,
+                                  elem_offset=(acc_words + 16) * 2 + vec)
             for t in T.unroll(vec):
                 ta[t] = tables[0].table_byte(t)
                 tb[t] = tables[-1].table_byte(t)
@@ -431,15 +470,15 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                     for a in T.unroll(acc_words):
                         acc[a] = 0
                     if task * per_task + tt < linear:
-                        linear_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
+                        linear_block(acc, acc16, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                         if vnni:
                             for i in T.unroll(mt):
                                 for p in T.unroll(pairs):
                                     acc[acc_at(i, pairs + p)] = acc[acc_at(i, pairs + p)] - acc[acc_at(i, p)]
                     elif task * per_task + tt < table_a:
-                        table_block(acc, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
+                        table_block(acc, acc16, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                     elif task * per_task + tt < blocks4:
-                        table_block(acc, xs, w4, task * per_task + tt, rc * mt, tb, tables[-1])
+                        table_block(acc, acc16, xs, w4, task * per_task + tt, rc * mt, tb, tables[-1])
                     else:
                         int8_block(acc, xe, w8, task * per_task + tt - blocks4, rc * mt)
                     store(acc, red, res, offset, dest, bias, scale, out, task * per_task + tt, rc * mt)
