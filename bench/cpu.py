@@ -680,7 +680,86 @@ def _trials_text(report: Dict[str, object]) -> str:
             "models' 10-20 tasks each take minutes; more trials may find faster schedules: `--tvm-trials`)")
 
 
-def markdown(report: Dict[str, object]) -> str:
+def _vs_fastest(row) -> Optional[float]:
+    return min(row["speedup"].values()) if row.get("speedup") else None
+
+
+def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, object]]) -> List[str]:
+    """A table of earlier committed runs on other CPUs (``bench/results/cpu-*.json``) next to
+    this one: tvm-rmsmp's latency and its ratio to the fastest contender of each run."""
+    if not others:
+        return []
+    runs = [("this run", report)] + sorted(others.items())
+    head = [f"{r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}, {r['date_utc'][:10]})"
+            for name, r in runs]
+    lines = ["## Other CPUs", "",
+             "Committed runs of the same command on other machines (JSON in `bench/results/`): tvm-rmsmp",
+             "untuned in ms, and in parentheses its speedup over the fastest contender of that run.", "",
+             "| workload | " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
+    names = [row["workload"] for row in report["results"]]
+    for _, r in runs[1:]:
+        names += [row["workload"] for row in r["results"] if row["workload"] not in names]
+    for name in names:
+        cells = []
+        for _, r in runs:
+            row = next((x for x in r["results"] if x["workload"] == name), None)
+            best = _vs_fastest(row) if row else None
+            cells.append("–" if row is None else f"{_fmt(row['seconds'][RMSMP])} ({best:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _ratio_text(report: Dict[str, object], workload: str) -> str:
+    row = next((r for r in report["results"] if r["workload"] == workload), None)
+    if row is None or not row.get("speedup"):
+        return "not measured in this run"
+    best = min(row["speedup"], key=row["speedup"].get)
+    return f"{row['speedup'][best]:.2f}x of {best} ({_fmt(row['seconds'][RMSMP])} vs {_fmt(row['seconds'][best])} ms)"
+
+
+def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str]:
+    """The known gaps, for the kernels of the run's ISA."""
+    batch1 = ["- Batch 1: a layer's weights (2.5 MB for the FFN, 1.2 MB per layer) come from L3, since",
+              "  the next layer's evict them from this core's L2; the stack streams at",
+              f"  {stack_pct} of the probe's DRAM bandwidth (above 100%: part of its 45 MB stays in the",
+              f"  32 MB L3 between runs). In this run {ffn_rates}."]
+    attention = ["- Attention's matmuls (float32) run at about one core's FMA peak (16 per cycle); at seq 128",
+                 "  they are 7% of the BERT layer and 10% of MiniLM-L6 (AVX-512 run)."]
+    if report["hardware"].get("x86_kernel_isa") != "avx512vnni":
+        return [
+            "- Batch 128 (AVX2): each row group runs its own outer-product kernel (eight weight rows of",
+            "  four bytes per step against broadcast activations, `vpmaddubsw` + `vpmaddwd`; int8 rows as",
+            "  int16 pairs), joined by a concatenation: AVX2 has no whole-layer kernel at this size, and",
+            "  the per-call decode of the 4-bit rows is not shared between groups. FFN at batch 128:",
+            f"  {_ratio_text(report, 'FFN 768-3072-768, batch 128')}.",
+            "- Batch 8 (AVX2): from 8 activation rows the same outer-product row-group kernels; the",
+            "  two-rows-per-byte layer kernel is faster only up to 7 rows (`GEMV_MAX_ROWS_AVX2`). FFN at",
+            f"  batch 8: {_ratio_text(report, 'FFN 768-3072-768, batch 8')}.",
+            "- Batch 1 (AVX2): the layer kernel issues about seven vector operations per 64 weights of",
+            "  fixed rows (a split of both nibbles, two `vpmaddubsw`, two 16-bit adds) and nine for SP2",
+            "  rows (two `vpshufb` more); on its own it runs at about 60-70 G weights/s here whether the",
+            "  weights sit in L2 or in L3, so its instructions, not memory, are the bound.",
+        ] + batch1 + attention
+    return [
+        "- Batch 128 (from 24 activation rows on, AVX-512 VNNI): each dense layer is one kernel whose",
+        "  row groups are decoded per call into one int8 matrix in the graph's output order, then one",
+        "  outer-product GEMM (`vpdpbusd` of four broadcast activation bytes against eight weight",
+        "  rows): no concatenation of groups and no row-order gather. It runs at about 205 GMAC/s",
+        "  alone (128 x 768 x 3072, one thread), as fast as the int8 contenders' GEMMs (MLAS,",
+        "  fbgemm), which also block the reduction for the caches; the per-call decode of the 4-bit",
+        "  rows, and their streaming in from memory (about 75 us of 1.46 ms at 768 x 3072), is the",
+        "  price of keeping them 4-bit in memory. The BERT layer and MiniLM-L6 run no gather and no",
+        "  concatenation at seq 128; `python -m bench.profile_model` prints the time per kind of call.",
+    ] + batch1 + [
+        "- Batch 8: the FFN's layer kernels pass over each block of packed weights once per four",
+        "  activation rows, decoding it again each time (more rows per pass spill AVX-512's 32",
+        "  registers), so at 8 rows they take about as long as ONNX Runtime's int8 GEMM, whose",
+        "  weights need no decode; the outer-product kernel, which decodes once per call, is",
+        "  faster only from about 24 rows on (`python -m bench.layer_kernels`).",
+    ] + attention
+
+
+def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, object]]] = None) -> str:
     hw, bw = report["hardware"], report["dram"]
     cols = CONTENDERS + [RMSMP]
     lines = [
@@ -751,23 +830,25 @@ def markdown(report: Dict[str, object]) -> str:
               "Every row group, dense or conv2d, runs the x86 kernel of `schedules/x86_intrin.py` where the",
               "CPU has the instructions: packed 4-bit rows (fixed and SP2) decoded to int8 by a 16-entry",
               "`vpshufb` table, then `vpdpbusd` (AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2); int8",
-              "(Fixed-8) rows straight into `vpdpbusd` (VNNI; `vpmaddubsw` would saturate on 8-bit",
-              "products, so AVX2 keeps the portable schedule for them at batch 1 and multiplies them as",
-              "int16 pairs, `vpmaddwd`, from 8 activation rows on). SP2 rows are decoded and multiplied",
+              "(Fixed-8) rows straight into `vpdpbusd` (VNNI) or, on AVX2, where `vpmaddubsw` would",
+              "saturate on 8-bit products, as int16 pairs (`vpmaddwd`). SP2 rows are decoded and multiplied",
               "(not shift-added) on these targets. Signed activations are the MAC's signed operand and the",
               "weights its unsigned one (4-bit levels offset by 8, int8 rows by 128), corrected by the",
               "activation sums, taken once per call. Convolutions whose input channels fill whole vector",
               "steps run as one GEMM over the channels per kernel tap, on activations staged once per call",
               "as channel-last planes; others (the ResNet stem, C = 3) through an im2col. Dense layers read",
               "their weight constants laid out at compile time tile by tile (one sequential stream per",
-              "tile of rows); conv weights are reordered for the per-tap GEMMs at compile time too. On",
-              "VNNI each dense layer's row groups run as one kernel with outputs in the graph's order:",
-              "up to 23 activation rows (batch 1, 8) `x86-avx512vnni-gemv` (`schedules/x86_gemv.py`): a",
-              "byte holds two rows' codes at the same reduction element, so fixed 4-bit rows cost an `and`",
-              "and two `vpdpbusd` per 128 weights (`16 * hi + lo` and `lo`), SP2 rows two VBMI `vpermb`",
-              "lookups and a shift; from 24 rows on (batch 128) `x86-avx512vnni-layer`: decoded per call",
-              "into one int8 matrix, then an outer-product GEMM. On AVX2 each group runs its own kernel",
-              "(from 8 rows on the outer-product one).",
+              "tile of rows); conv weights are reordered for the per-tap GEMMs at compile time too.",
+              "At small batches each dense layer's row groups run as one kernel with outputs in the graph's",
+              "order (`x86-<isa>-gemv`, `schedules/x86_gemv.py`; up to 23 activation rows on VNNI, 7 on",
+              "AVX2): a byte holds two rows' codes at the same reduction element, so both nibbles meet the",
+              "same activation vector. On VNNI fixed 4-bit rows cost an `and` and two `vpdpbusd` per 128",
+              "weights (`16 * hi + lo` and `lo`), SP2 rows two VBMI `vpermb` lookups and a shift; on AVX2",
+              "(whole bytes would saturate `vpmaddubsw`) each nibble is split out and multiplied, SP2 ones",
+              "through `vpshufb`, and the 16-bit pair sums are added for eight steps before `vpmaddwd`",
+              "widens them. From 24 rows on (batch 128) VNNI runs `x86-avx512vnni-layer`: the layer decoded",
+              "per call into one int8 matrix, then an outer-product GEMM; AVX2 runs from 8 rows on each",
+              "group's own outer-product kernel.",
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX-512 VNNI every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
@@ -788,30 +869,20 @@ def markdown(report: Dict[str, object]) -> str:
               + " (layers with GELU, LayerNorm, softmax or average pooling in float differ by float rounding only).",
               "",
               "## Where the time goes (known gaps)",
-              "",
-              "- Batch 128 (from 24 activation rows on, AVX-512 VNNI): each dense layer is one kernel whose",
-              "  row groups are decoded per call into one int8 matrix in the graph's output order, then one",
-              "  outer-product GEMM (`vpdpbusd` of four broadcast activation bytes against eight weight",
-              "  rows): no concatenation of groups and no row-order gather. It runs at about 205 GMAC/s",
-              "  alone (128 x 768 x 3072, one thread), as fast as the int8 contenders' GEMMs (MLAS,",
-              "  fbgemm), which also block the reduction for the caches; the per-call decode of the 4-bit",
-              "  rows, and their streaming in from memory (about 75 us of 1.46 ms at 768 x 3072), is the",
-              "  price of keeping them 4-bit in memory. The BERT layer and MiniLM-L6 run no gather and no",
-              "  concatenation at seq 128; `python -m bench.profile_model` prints the time per kind of call.",
-              "- Batch 1: a layer's weights (2.5 MB for the FFN, 1.2 MB per layer) come from L3, since",
-              "  the next layer's evict them from this core's 1 MB L2; the stack streams at",
-              f"  {stack_pct} of the probe's DRAM bandwidth (above 100%: part of its 45 MB stays in the",
-              f"  32 MB L3 between runs). In this run {ffn_rates}: both near what one core",
-              "  draws from L3, so the 4-bit rows gain their halved bytes less the decode's extra work.",
-              "- Batch 8: the FFN's layer kernels pass over each block of packed weights once per four",
-              "  activation rows, decoding it again each time (more rows per pass spill AVX-512's 32",
-              "  registers), so at 8 rows they take about as long as ONNX Runtime's int8 GEMM, whose",
-              "  weights need no decode; the outer-product kernel, which decodes once per call, is",
-              "  faster only from about 24 rows on (`python -m bench.layer_kernels`).",
-              "- Attention's matmuls (float32) run at about one core's FMA peak (16 per cycle); at seq 128",
-              "  they are 7% of the BERT layer and 10% of MiniLM-L6.",
-              ""]
+              ""] + _gaps(report, stack_pct, ffn_rates) + [""] + other_runs_markdown(report, others or {})
     return "\n".join(lines)
+
+
+def other_runs(json_path: str) -> Dict[str, Dict[str, object]]:
+    """The committed runs on other CPUs beside ``json_path``: ``cpu-<name>.json``."""
+    import glob
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(json_path), "cpu-*.json"))):
+        if os.path.abspath(path) != os.path.abspath(json_path):
+            with open(path) as fh:
+                out[os.path.basename(path)] = json.load(fh)
+    return out
 
 
 def main(argv=None) -> int:
@@ -833,7 +904,7 @@ def main(argv=None) -> int:
         from tvm_rmsmp.fileio import atomic_write
 
         with open(args.json) as fh:
-            atomic_write(args.markdown, markdown(json.load(fh)))
+            atomic_write(args.markdown, markdown(json.load(fh), other_runs(args.json)))
         return 0
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
@@ -846,7 +917,7 @@ def main(argv=None) -> int:
 
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         atomic_write(args.json, json.dumps(report, indent=1))
-        atomic_write(args.markdown, markdown(report))
+        atomic_write(args.markdown, markdown(report, other_runs(args.json)))
         print(f"\nwrote {args.json} and {args.markdown}")
     return 0
 
