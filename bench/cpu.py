@@ -737,8 +737,13 @@ def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str
             f"  batch 8: {_ratio_text(report, 'FFN 768-3072-768, batch 8')}.",
             "- Batch 1 (AVX2): the layer kernel issues about seven vector operations per 64 weights of",
             "  fixed rows (a split of both nibbles, two `vpmaddubsw`, two 16-bit adds) and nine for SP2",
-            "  rows (two `vpshufb` more); on its own it runs at about 60-70 G weights/s here whether the",
-            "  weights sit in L2 or in L3, so its instructions, not memory, are the bound.",
+            "  rows (two `vpshufb` more); one pass over both FFN layers' 4.7 M weights took 76 us on",
+            "  its own (`python -m bench.layer_kernels --passes`, about 60 G weights/s).",
+            "- ResNet-18 at batch 1 (AVX2): `python -m bench.profile_model` puts 32 of 77 ms in the stem",
+            "  (3 input channels: each row group stages its own im2col of 12544 x 147 bytes per call,",
+            "  with scalar index arithmetic) and 13 ms in the 8-bit conv rows (5% of the rows), which",
+            "  AVX2 leaves to the portable schedule (`vpmaddubsw` would saturate on 8-bit products; the",
+            "  dense layers' int16 `vpmaddwd` path is not there for convolutions yet).",
         ] + batch1 + attention
     return [
         "- Batch 128 (from 24 activation rows on, AVX-512 VNNI): each dense layer is one kernel whose",

@@ -1,16 +1,19 @@
-"""The two whole-layer x86 kernels against each other, by activation rows (AVX-512 VNNI).
+"""The two whole-layer x86 kernels against each other, by activation rows.
 
 Run from the repository root::
 
     python -m bench.layer_kernels                 # 1 .. 32 rows, both BERT FFN layers, one thread
     python -m bench.layer_kernels --rows 1 8 24
+    python -m bench.layer_kernels --passes        # one pass of each tiling in x86_gemv.PASS_US
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
 ``x86_gemv.gemv_layer_kernel`` (two rows' codes per byte, decoded in registers) and as
 ``x86_intrin.layer_dense_kernel`` (decoded per call into one int8 matrix, then an outer-product
-GEMM), and timed with TVM's ``time_evaluator`` (medians; weights in cache). The sum over both
-layers, and which kernel is faster, is what ``x86_gemv.GEMV_MAX_ROWS`` is chosen from.
+GEMM; AVX-512 VNNI only), and timed with TVM's ``time_evaluator`` (medians; weights in cache).
+The sum over both layers, and which kernel is faster, is what ``x86_gemv.GEMV_MAX_ROWS`` is
+chosen from. ``--passes`` times one pass of the first kernel for each (byte rows per block,
+activation rows per pass) of this CPU's ISA: the table ``x86_gemv.PASS_US`` holds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
@@ -49,14 +53,15 @@ def main(argv=None) -> int:
     import tvm
     from tvm.target.codegen import target_has_features
 
-    from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
+    from schedules.x86_gemv import INT8, LINEAR, PASS_US, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
     from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "num-cores": args.threads})
-    if x86_isa(target) != "avx512vnni":
-        print(f"needs AVX-512 VNNI; this CPU ({target.attrs.get('mcpu')}) has {x86_isa(target)}")
+    isa = x86_isa(target)
+    if isa is None:
+        print(f"needs AVX2; this CPU ({target.attrs.get('mcpu')}) has no x86 kernel")
         return 1
     vbmi = target_has_features("avx512vbmi", target)
     sp2, fixed4 = (nibble_decode(np.arange(16), get_scheme(s)) for s in ("sp2_4", "fixed_4"))
@@ -68,21 +73,40 @@ def main(argv=None) -> int:
         tensors = [tvm.runtime.tensor(a) for a in arrays]
         return float(np.median(exe.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*tensors).results))
 
-    print(f"{target.attrs.get('mcpu')}, {args.threads} thread(s), VBMI {vbmi}; microseconds, both FFN layers")
-    print(f"{'rows':>5} {'gemv':>9} {'layer':>9} {'layer/gemv':>11}")
-    for m in args.rows:
-        total = {"gemv": 0.0, "layer": 0.0}
+    print(f"{target.attrs.get('mcpu')} ({isa}), {args.threads} thread(s), VBMI {vbmi}; microseconds, both FFN layers")
+
+    def gemv(m, pairs, rows_per_pass=None):
+        total = 0.0
         for k, n, groups, order in layers:
             x = rng.integers(-128, 128, (m, k)).astype(np.int8)
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             layout, *consts = gemv_layer_weights(order, groups, [0, LINEAR, INT8], [sp2, fixed4, None], bias, scale,
-                                                 k, "int8", pairs=block_pairs(m))
-            total["gemv"] += timed(gemv_layer_kernel(layout, "int8", [sp2], vbmi=vbmi, num_cores=args.threads, m=m),
-                                   [x, *consts, np.zeros((m, n), np.float32)])
+                                                 k, "int8", pairs=pairs, isa=isa)
+            func = gemv_layer_kernel(layout, "int8", [sp2], vbmi=vbmi, num_cores=args.threads, m=m,
+                                     rows_per_pass=rows_per_pass)
+            total += timed(func, [x, *consts, np.zeros((m, n), np.float32)])
+        return total
+
+    if args.passes:
+        print(f"{'byte rows/block':>15} {'rows/pass':>9} {'us/pass':>9} {'PASS_US':>9}")
+        for (pairs, rows), us in sorted(PASS_US[isa].items()):
+            print(f"{pairs:>15} {rows:>9} {gemv(rows, pairs, rows) * 1e6:>9.1f} {us:>9.1f}", flush=True)
+        return 0
+    print(f"{'rows':>5} {'gemv':>9} {'layer':>9} {'layer/gemv':>11}")
+    for m in args.rows:
+        total = {"gemv": gemv(m, block_pairs(m, isa)), "layer": 0.0}
+        for k, n, groups, order in layers:
+            if isa != "avx512vnni":
+                break
+            x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+            bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             n8 = groups[2].shape[0]
             func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi)
             total["layer"] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
                                            scale, np.zeros((m, n), np.float32)])
+        if isa != "avx512vnni":
+            print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {'-':>9} {'-':>11}", flush=True)
+            continue
         print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total['layer'] * 1e6:>9.1f} {total['layer'] / total['gemv']:>10.2f}x",
               flush=True)
     return 0

@@ -85,7 +85,7 @@ def gemv_max_rows(isa: str) -> int:
 
 
 #: Time of one pass over a layer's blocks, by ISA and (byte rows per block, activation rows per
-#: pass): ``python -m bench.layer_kernels`` (both FFN layers, one thread; microseconds; VNNI on
+#: pass): ``python -m bench.layer_kernels --passes`` (both FFN layers, one thread; microseconds; VNNI on
 #: znver4, AVX2 on znver3). A pass keeps ``2 * pairs`` accumulators per activation row (AVX-512:
 #: 32 registers, 24 accumulators with two pairs spill; AVX2: 16 registers).
 PASS_US = {

@@ -945,21 +945,26 @@ def test_batch1_dense_rows_use_512_bit_vectors_on_vnni():
 
 def test_layer_kernel_benchmark_runs(host_target):
     """``python -m bench.layer_kernels`` (what ``GEMV_MAX_ROWS`` is chosen from) runs and
-    prints one row of both kernels' times per row count."""
+    prints one row of both kernels' times per row count (on AVX2 the first kernel's only)."""
     import os
     import subprocess
     import sys
 
     from schedules.x86_intrin import x86_isa
 
-    if x86_isa(host_target) != "avx512vnni":
-        pytest.skip("needs AVX-512 VNNI")
+    isa = x86_isa(host_target)
+    if isa is None:
+        pytest.skip("needs an x86 CPU with AVX2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "bench.layer_kernels", "--rows", "2"], cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (row,) = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
-    assert len(row) == 4 and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+    assert len(row) == 4 and float(row[1]) > 0
+    if isa == "avx512vnni":  # the outer-product layer kernel exists on VNNI only
+        assert float(row[2]) > 0 and row[3].endswith("x")
+    else:
+        assert row[2:] == ["-", "-"]
 
 
 def test_gemv_tiling_follows_measured_pass_costs():

@@ -1,0 +1,35 @@
+"""``python -m bench.cpu`` end to end on one small workload, TVM fp32 tuned included."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_cpu_bench_runs_every_contender(tmp_path):
+    """Every contender that applies is timed in the same run, tvm-rmsmp bit-exact; TVM fp32
+    tuned searches once (2 trials per task) and a second run reuses its records; the JSON and
+    the Markdown are written where asked, with the speedup table."""
+    out, md, tuning = tmp_path / "cpu.json", tmp_path / "performance.md", tmp_path / "tuning"
+    cmd = [sys.executable, "-m", "bench.cpu", "--quick", "--threads", "1", "--only", "dense 768x768, batch 1",
+           "--tvm-trials", "2", "--tuning-dir", str(tuning), "--json", str(out), "--markdown", str(md)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TVM fp32 tuned: " in proc.stdout  # it tuned
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["rmsmp"]["bit_exact"] and report["tvm_fp32_trials_per_task"] == 2
+    for who in ("torch fp32", "torch int8 dyn", "TVM fp32 untuned", "TVM fp32 tuned", "tvm-rmsmp untuned"):
+        assert row["seconds"][who] > 0, who
+    assert set(row["speedup"]) == set(row["seconds"]) - {"tvm-rmsmp untuned"}
+    text = md.read_text()
+    assert "| dense 768x768, batch 1 |" in text and "TVM fp32 tuned" in text and "vs fastest contender" in text
+    done = json.loads((tuning / "dense_768x768_batch_1" / "done.json").read_text())
+    assert done["trials_per_task"] == 2
+    again = subprocess.run(cmd + ["--no-write"], cwd=ROOT, capture_output=True, text=True, timeout=840)
+    assert again.returncode == 0 and "TVM fp32 tuned: " not in again.stdout  # records reused
