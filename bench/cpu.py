@@ -621,8 +621,10 @@ def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int =
     results = []
     workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"], tvm_trials, tuning_dir) for who in names}
     try:
+        names_all = [w[0].lower() for w in workloads(quick)]
+        exact = only is not None and only.lower() in names_all  # "batch 1" is also in "batch 128"
         for index, (name, group, _factory, shape, streaming) in enumerate(workloads(quick)):
-            if only and only.lower() not in name.lower():
+            if only and (name.lower() != only.lower() if exact else only.lower() not in name.lower()):
                 continue
             print(f"\n{name}", flush=True)
             live: Dict[str, Contender] = {}
@@ -894,7 +896,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller DRAM probe, no batch-128 TVM fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", help="run the workloads whose name contains this text")
+    ap.add_argument("--only", help="run the workload of this name, else those whose name contains this text")
     ap.add_argument("--tvm-trials", type=int, default=TVM_TRIALS,
                     help="MetaSchedule trials per task for TVM fp32 tuned (0: leave that contender out)")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,

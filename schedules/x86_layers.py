@@ -11,8 +11,9 @@ not fold it, a gather restoring the model's row order::
 
 On AVX-512 VNNI every such layer becomes one kernel whose outputs come in the order the
 graph wants them (on AVX2 every layer with at most
-:data:`~schedules.x86_gemv.GEMV_MAX_ROWS_AVX2` activation rows), so the concatenation and the gather go away (128 x 3072 outputs: 35 + 141
-us of a 2.0 ms layer), and so do two of three kernel launches. ``y`` (or ``c``, when no gather
+:data:`~schedules.x86_gemv.GEMV_MAX_ROWS_AVX2` activation rows), so the concatenation and
+the gather go away (128 x 3072 outputs: 35 + 141 us of a 2.0 ms layer), and so do two of
+three kernel launches. ``y`` (or ``c``, when no gather
 follows or something else reads it) becomes one ``call_tir`` of that kernel; the dead group
 calls are removed. The kernel:
 
