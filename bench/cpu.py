@@ -552,7 +552,7 @@ class Contender:
     """A contender's worker process (spawned: its own thread pools, nothing shared)."""
 
     def __init__(self, who: str, quick: bool, threads: int, isa: Optional[str], tvm_trials: int = 0,
-                 tuning_dir: str = ""):
+                 tuning_dir: str = TUNING_DIR):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -664,7 +664,8 @@ def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int =
     finally:
         for c in workers.values():
             c.stop()
-    return {"hardware": hw, "dram": bw, "quick": quick, "tvm_fp32_trials_per_task": tvm_trials, "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
+    return {"hardware": hw, "dram": bw, "quick": quick, "tvm_fp32_trials_per_task": tvm_trials,
+            "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "results": results}
 
 
@@ -678,8 +679,8 @@ def _trials_text(report: Dict[str, object]) -> str:
     trials = report.get("tvm_fp32_trials_per_task")
     if not trials:
         return "not in this run"
-    return (f"{trials} times per task ({trials} trials; on these 2 cores a trial takes 2-3 s, so the "
-            "models' 10-20 tasks each take minutes; more trials may find faster schedules: `--tvm-trials`)")
+    return (f"with {trials} trials per task (on these 2 cores a trial takes 2-3 s, so the models' 10-20 "
+            "tasks take minutes each; more trials may find faster schedules: `--tvm-trials`)")
 
 
 def _vs_fastest(row) -> Optional[float]:
@@ -861,7 +862,7 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
               "build is the untuned one; there is no separate tvm-rmsmp tuned column. TVM fp32 tuned: every",
               "fused operator of the float model is a MetaSchedule task (TVM's default CPU search space,",
-              f"XGBoost cost model), measured {_trials_text(report)}.",
+              f"XGBoost cost model), tuned {_trials_text(report)}.",
               "Float operators between RMSMP layers: batched matmuls parallel and vectorized, element-wise",
               "chains parallel with the concatenation of the row groups split into one loop per group and",
               "transpositions (attention's K^T) in 8 x 8 tiles, LayerNorm and softmax one parallel row at a",

@@ -283,7 +283,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     row_tiles = -(-m // mt)
     acc_words = mt * slots_per_block * lanes
     # AVX2: the 4-bit pairs' 16-bit sums, widened every SUMS16_STEPS steps (module docstring)
-    acc16_words = 0 if vnni else mt * slots_per_block * 8
+    acc16_words = 8 if vnni else mt * slots_per_block * 8  # VNNI: declared, never read
     work_words = acc_words + 16 + 2 * vec // 4 + acc16_words
     chunks16 = -(-steps // SUMS16_STEPS)
     tasks = max(1, min(blocks, 4 * max(1, num_cores)))
@@ -460,7 +460,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
             res = T.decl_buffer((4,), "float32", data=work.data, elem_offset=acc_words + 8)
             ta = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4)
             tb = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4 + vec)
-            acc16 = T.decl_buffer((acc16_words * 2 + 16,), "int16", data=work.data,
+            acc16 = T.decl_buffer((acc16_words * 2,), "int16", data=work.data,
                                   elem_offset=(acc_words + 16) * 2 + vec)
             for t in T.unroll(vec):
                 ta[t] = tables[0].table_byte(t)
