@@ -32,7 +32,7 @@ from tvm_rmsmp.schemes import get_scheme, nibble_decode
 from .registry import OpScheduleRule, register_target
 from .x86_layers import fuse_dense_layers
 from .x86_intrin import (BROADCAST_MIN_ROWS, ConvGeometry, broadcast_dense_kernel, gemm_kernel, supports_packed_dense,
-                         taps_first_weights, tile_weights, warn_fallback, x86_isa)
+                         tap_order_weights, taps_first_weights, tile_weights, warn_fallback, x86_isa)
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
            "schedule_dense", "schedule_conv2d"]
@@ -177,6 +177,8 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
       (:func:`schedules.x86_intrin.taps_first_weights`), the order of the per-tap GEMMs, which
       the kernel otherwise made per call; with that copy gone they beat the im2col at every
       ResNet-18 stage (512 channels at 7 x 7, SP2 rows: 445 -> 383 us).
+      The other convolutions (a 3-channel stem): tap order
+      (:func:`schedules.x86_intrin.tap_order_weights`), the columns of their im2col.
 
     Functions called with a weight that is not a constant are left to the rules, which give
     them the kernel that reads the weights as they are."""
@@ -236,6 +238,9 @@ def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     if "rmsmp.weight_taps_first" in attrs:
         channels, kh, kw = (int(v) for v in attrs["rmsmp.weight_taps_first"])
         return lambda w: taps_first_weights(w, channels, kh, kw)
+    if "rmsmp.weight_tap_order" in attrs:
+        channels, kh, kw, vec = (int(v) for v in attrs["rmsmp.weight_tap_order"])
+        return lambda w: tap_order_weights(w, channels, kh, kw, vec)
     return None
 
 

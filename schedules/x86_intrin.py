@@ -31,7 +31,11 @@ and, for packed rows, the output has at least twice as many pixels as the group 
 the activations are staged once per call as channel-last planes and each kernel tap
 ``(ky, kx)`` is a GEMM over the channels, reading the planes at the shifted pixel (the
 weights are reordered to ``(ky, kx, channel)`` per call: a copy of the group's weights, small
-next to an im2col, which is ``kh * kw`` times the activations). Otherwise an im2col is staged.
+next to an im2col, which is ``kh * kw`` times the activations). Otherwise an im2col is staged,
+in tap order (``(ky, kx, channel)`` columns: one vector copy of ``kw * C`` contiguous
+channel-last activations per kernel row and output pixel; weights laid out to match by
+:func:`tap_order_weights`) unless the weights would have to be reordered per call for more
+rows than pixels.
 
 Tiles of ``NT`` weight rows x ``MT`` activation rows keep ``MT * NT`` int32 vector
 accumulators in registers. At batch 1 each weight vector is decoded in registers right
@@ -44,7 +48,7 @@ chunks of weight-row tiles sized to stay in L2 while every activation tile passe
 
 Weight layouts made at compile time (:func:`tile_weights` for dense: a tile's rows
 interleaved step by step, one sequential stream; :func:`taps_first_weights` for the per-tap
-conv GEMMs) are read when the kernel is built with ``tiled`` / ``taps_first``; the CPU
+conv GEMMs, :func:`tap_order_weights` for the tap-order im2col) are read when the kernel is built with ``tiled`` / ``taps_first``; the CPU
 target's ``prepare`` step (``schedules.cpu.lay_out_weights``) rewrites the constants to match.
 """
 
@@ -62,7 +66,7 @@ from tvm.target.codegen import target_has_features
 from tvm_rmsmp.schemes import unpack_nibbles
 
 __all__ = ["x86_isa", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
-           "TargetFeatureWarning", "tile_weights", "taps_first_weights"]
+           "TargetFeatureWarning", "tile_weights", "taps_first_weights", "tap_order_weights"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
@@ -249,12 +253,21 @@ def gemm_kernel(
     # per pixel: layers with more rows than half their output pixels (ResNet-18's 14x14 and
     # 7x7 stages) stage an im2col instead (0.48 vs 0.74 ms at 512 channels, 7x7, 307 rows).
     direct = conv is not None and conv.channels % (vec * halves) == 0
+    laid_out = taps_first  # the weights come in the layout of whichever conv path applies
     taps_first = taps_first and direct
     if direct_conv is not None:
         direct = direct and direct_conv
         taps_first = taps_first and direct
     elif direct and packed and not taps_first:
         direct = m >= 2 * n
+    # the other convs: an im2col in tap order ((ky, kx, channel) columns), one vector copy of
+    # kw * C contiguous channel-last activations per kernel row and pixel, packed bytes pairing
+    # the two halves of a step's columns, so no even / odd split either (ResNet-18's stem, 38
+    # SP2 rows, one thread: 14.9 -> 2.4 ms; the scalar gather was 80% of the call). Its weights
+    # are reordered to match, per call when they do not come laid out: cheap where the rows are
+    # fewer than the pixels, else the channel-order im2col below stays
+    tap_order = conv is not None and not direct and conv.dilation[1] == 1 and (laid_out or n <= m)
+    tap_laid_out = tap_order and laid_out
     segs = conv.kh * conv.kw if direct else 1
     nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
     lanes = vec // 4
@@ -301,7 +314,7 @@ def gemm_kernel(
     w_shape = (n, w_bytes) if (packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
     if tiled:
         w_shape = wd_shape[:2] + (nt, vec)
-    if taps_first:
+    if taps_first or tap_laid_out:
         w_shape = (n, width)
 
     def wvec(wp, row, step):
@@ -318,9 +331,9 @@ def gemm_kernel(
         """int8 weights as the unsigned MAC operand (``w + 128``, a flip of the sign bit)."""
         return T.bitwise_xor(wv, T.broadcast(T.int8(-128), vec)) if signed else wv
 
-    def hsum(buf, base):
+    def hsum(buf, base, count=lanes):
         total = buf[base]
-        for lane in range(1, lanes):
+        for lane in range(1, count):
             total = total + buf[base + lane]
         return total
 
@@ -340,6 +353,8 @@ def gemm_kernel(
 
     def xvec(xs, row, h, seg, step):
         """The activation vector of GEMM row ``row``, plane ``h``, segment ``seg``, step ``step``."""
+        if tap_order:
+            return xs[row, step, h, T.ramp(0, 1, vec)]
         if not direct:
             return xs[row, h, T.ramp((seg * nbc + step) * vec, 1, vec)]
         return xs[row // (oh * ow), (row // ow) % oh * sh + seg // conv.kw * dh, row % ow * sw + seg % conv.kw * dw, h,
@@ -349,6 +364,14 @@ def gemm_kernel(
         return T.bitwise_and(T.shift_right(w[r, kk // 2], T.Cast("uint8", kk % 2 * 4)), T.uint8(15))
 
     xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves) if direct else (m, halves, width)
+    if tap_order:
+        xs_shape = (m, nb, halves, vec)  # im2col rows in tap order, each step's columns split in halves
+        span = conv.kw * conv.channels  # contiguous channel-last activations per kernel row
+        cl_width = conv.width * conv.channels
+
+        def tap_column(j):
+            """The weight's own column of tap-order column ``j < k``."""
+            return (j % conv.channels * conv.kh + j // span) * conv.kw + j // conv.channels % conv.kw
     zero_x = T.Cast(x_dtype, 0)
 
     table_byte, decode = ops.table_byte, ops.decode
@@ -387,8 +410,25 @@ def gemm_kernel(
             xsum = T.alloc_buffer((m,), "int32")
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-        if taps_first:  # reordered at compile time
+        if taps_first or tap_laid_out:  # reordered at compile time
             wp = T.decl_buffer((n, width), w_dtype, data=w.data)
+        elif tap_order:
+            # weights reordered to the im2col's tap order; packed: the low nibble of byte j of
+            # a step meets column j of its first half, the high nibble column j of the second
+            wp = T.alloc_buffer((n, width), w_dtype)
+            for r, j in T.grid(n, width):
+                if packed:
+                    wp[r, j] = T.bitwise_or(
+                        T.if_then_else(j // vec * 2 * vec + j % vec < k,
+                                       nibble(w, r, tap_column(T.min(j // vec * 2 * vec + j % vec, k - 1))), T.uint8(0)),
+                        T.shift_left(T.if_then_else(
+                            j // vec * 2 * vec + vec + j % vec < k,
+                            nibble(w, r, tap_column(T.min(j // vec * 2 * vec + vec + j % vec, k - 1))), T.uint8(0)),
+                            T.uint8(4)))
+                else:
+                    wp[r, j] = T.if_then_else(
+                        j < k, w[r, T.min(j, k - 1) % conv.channels, T.min(j, k - 1) // span,
+                                 T.min(j, k - 1) // conv.channels % conv.kw], T.int8(0))
         elif direct:
             # weights reordered to (ky, kx, channel) per row: packed bytes pair channels 2j, 2j + 1
             wp = T.alloc_buffer((n, width), w_dtype)
@@ -449,6 +489,32 @@ def gemm_kernel(
                     xsum[i] = 0
                     for j in T.serial(k):
                         xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
+        elif tap_order:
+            # activations channel-last ([image, y, (x, channel)]), then per pixel and kernel row
+            # one copy of its kw * C contiguous values
+            xcl = T.alloc_buffer((conv.batch, conv.height, cl_width), x_dtype)
+            cols = T.decl_buffer((m, nb * halves * vec), x_dtype, data=xs.data)
+            for by in T.parallel(conv.batch * conv.height):
+                for xx in T.serial(conv.width):
+                    for c in T.unroll(conv.channels):
+                        xcl[by // conv.height, by % conv.height, xx * conv.channels + c] = x[
+                            by // conv.height, c, by % conv.height, xx]
+            for bo in T.parallel(conv.batch * oh):
+                vsum = T.alloc_buffer((vec,), "int32", scope="local")
+                for ox in T.serial(ow):
+                    for ky in T.unroll(conv.kh):
+                        for t in T.vectorized(span):
+                            cols[bo * ow + ox, ky * span + t] = xcl[
+                                bo // oh, bo % oh * sh + ky * dh, ox * sw * conv.channels + t]
+                    if nb * halves * vec > k:
+                        for t in T.vectorized(nb * halves * vec - k):
+                            cols[bo * ow + ox, k + t] = zero_x
+                    if signed:
+                        vsum[T.ramp(0, 1, vec)] = T.broadcast(0, vec)
+                        for b in T.serial(nb * halves):
+                            vsum[T.ramp(0, 1, vec)] = vsum[T.ramp(0, 1, vec)] + T.Cast(
+                                f"int32x{vec}", cols[bo * ow + ox, T.ramp(b * vec, 1, vec)])
+                        xsum[bo * ow + ox] = hsum(vsum, 0, vec)
         else:
             # im2col in the weight's column order (contiguous stores), then (packed) the
             # even / odd split as a second, vectorizable pass: writing the two planes directly
@@ -570,6 +636,8 @@ def gemm_kernel(
         kernel = kernel.with_attr("rmsmp.weight_tiles", [nt, vec])
     if taps_first:
         kernel = kernel.with_attr("rmsmp.weight_taps_first", [conv.channels, conv.kh, conv.kw])
+    if tap_laid_out:
+        kernel = kernel.with_attr("rmsmp.weight_tap_order", [conv.channels, conv.kh, conv.kw, vec])
     return kernel
 
 
@@ -962,6 +1030,29 @@ def taps_first_weights(w: np.ndarray, channels: int, kh: int, kw: int) -> np.nda
     codes = unpack_nibbles(w, channels * taps)
     by_tap = codes.reshape(n, channels, taps).transpose(0, 2, 1)  # [n, tap, channel]
     return np.ascontiguousarray((by_tap[:, :, 0::2] | (by_tap[:, :, 1::2] << 4)).reshape(n, taps * channels // 2))
+
+
+def tap_order_weights(w: np.ndarray, channels: int, kh: int, kw: int, vec: int) -> np.ndarray:
+    """Conv weights as the tap-order im2col kernel reads them, ``[n, steps * vec]``: columns in
+    ``(ky, kx, channel)`` order, zero-padded to whole steps; int8 rows from ``[n, C, kh, kw]``,
+    one byte per column; packed rows (``[n, bytes]``, code ``(c * kh + ky) * kw + kx``) with
+    columns ``j`` and ``vec + j`` of each ``2 * vec``-column step in the low and high nibbles
+    of byte ``j`` of the step."""
+    n, k = w.shape[0], channels * kh * kw
+    packed = w.dtype == np.uint8
+    expected = (n, (k + 1) // 2) if packed else (n, channels, kh, kw)
+    if tuple(w.shape) != expected or vec < 1:
+        raise ValueError(f"tap_order_weights: weights of shape {expected} for {channels} channels and a "
+                         f"{kh}x{kw} kernel, and a positive vector width; got {w.shape}, vec={vec}")
+    per_step = 2 * vec if packed else vec
+    steps = -(-k // per_step)
+    codes = unpack_nibbles(w, k).reshape(n, channels, kh, kw) if packed else w
+    cols = np.zeros((n, steps * per_step), w.dtype)
+    cols[:, :k] = codes.transpose(0, 2, 3, 1).reshape(n, k)
+    if not packed:
+        return cols
+    halves = cols.reshape(n, steps, 2, vec)
+    return np.ascontiguousarray((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, steps * vec))
 
 
 def tile_weights(w: np.ndarray, rows_per_tile: int, vec: int) -> np.ndarray:

@@ -590,7 +590,7 @@ def test_tile_weights_layout():
 
 
 def test_weight_layouts_reject_mismatched_shapes():
-    from schedules.x86_intrin import taps_first_weights, tile_weights
+    from schedules.x86_intrin import tap_order_weights, taps_first_weights, tile_weights
 
     with pytest.raises(ValueError, match="tile_weights"):
         tile_weights(np.zeros((4, 8, 2), np.uint8), 4, 32)
@@ -598,6 +598,8 @@ def test_weight_layouts_reject_mismatched_shapes():
         taps_first_weights(np.zeros((3, 64, 9), np.int8), 64, 3, 3)
     with pytest.raises(ValueError, match=r"shape \(3, 288\)"):
         taps_first_weights(np.zeros((3, 300), np.uint8), 64, 3, 3)
+    with pytest.raises(ValueError, match=r"tap_order_weights: weights of shape \(3, 74\)"):
+        tap_order_weights(np.zeros((3, 147), np.uint8), 3, 7, 7, 32)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
@@ -733,6 +735,81 @@ def test_compiled_conv_layers_read_taps_first_weight_constants(host_target):
     assert first and second
     assert all([int(v) for v in f.attrs["rmsmp.weight_taps_first"]] == [64, 3, 3] for f in first)
     assert not any("rmsmp.weight_taps_first" in f.attrs for f in second)
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+
+
+def test_tap_order_weights_layout():
+    """Column (ky, kx, c) of the tap-order layout holds weight column (c, ky, kx); packed: byte
+    j of a step holds columns j and 32 + j of the step's 64, zero past the last column."""
+    from schedules.x86_intrin import tap_order_weights
+    from tvm_rmsmp.schemes import pack_nibbles
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 16, (2, 3, 7, 7)).astype(np.uint8)
+    packed = tap_order_weights(pack_nibbles(codes.reshape(2, -1)), 3, 7, 7, 32)
+    int8 = tap_order_weights(codes.astype(np.int8), 3, 7, 7, 32)
+    assert packed.shape == (2, 96) and int8.shape == (2, 160)
+    for j in range(192):
+        ky, kx, c = j // 21, j // 3 % 7, j % 3
+        expected = codes[:, c, ky, kx] if j < 147 else 0
+        step, half, byte = j // 64, j % 64 // 32, j % 32
+        np.testing.assert_array_equal(packed[:, step * 32 + byte] >> (4 * half) & 15, expected)
+        if j < 160:
+            np.testing.assert_array_equal(int8[:, j], expected)
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer rows than pixels (25), and more
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4", "fixed_8"])
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_tap_order_conv_kernel_is_integer_exact(n, scheme, act, host_target):
+    """Convolutions whose channels do not fill vector steps (a 7x7 stem, 3 channels) stage an
+    im2col in tap order: with weights laid out at compile time, and (rows fewer than pixels)
+    reordered per call, equal to numpy."""
+    from schedules.x86_intrin import ConvGeometry, gemm_kernel, tap_order_weights, x86_isa
+    from tvm_rmsmp.schemes import nibble_decode
+
+    isa = x86_isa(host_target)
+    if isa is None or (scheme == "fixed_8" and isa != "avx512vnni"):
+        pytest.skip(f"this CPU has no kernel for {scheme} rows")
+    rng = np.random.default_rng(n)
+    conv = ConvGeometry(1, 3, 15, 15, 7, 7, (2, 2))
+    packed = scheme != "fixed_8"
+    levels = nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
+    rows = _random_rows(rng, scheme, (n, 3, 7, 7))
+    w = packed_weight(rows.reshape(n, -1), scheme) if packed else rows
+    x = _random_act(rng, act, (1, 3, 15, 15))
+    bias = rng.integers(-500, 500, n).astype(np.int32)
+    scale = rng.random(n).astype(np.float32)
+    expected = np_epilogue(np_conv_acc(x, rows, (2, 2), (0, 0), (1, 1)), bias, scale, 1)
+    laid_out = gemm_kernel(conv.m, conv.k, n, act, levels, isa, conv=conv, taps_first=True)
+    assert [int(v) for v in laid_out.attrs["rmsmp.weight_tap_order"]] == [3, 7, 7, 32]
+    kernels = [(laid_out, tap_order_weights(w, 3, 7, 7, 32))]
+    if n <= conv.m:
+        kernels.append((gemm_kernel(conv.m, conv.k, n, act, levels, isa, conv=conv), w))
+    for kernel, weights in kernels:
+        exe = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=host_target)
+        out = _run(exe, x, weights, bias, scale, np.zeros((1, n, 5, 5), np.float32))
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_compiled_stem_reads_tap_order_weight_constants(host_target):
+    """A 7x7 stem over 3 channels reads weight constants laid out in tap order at compile time
+    wherever it has an x86 kernel; the model stays bit-exact."""
+    import torch
+
+    import tvm_rmsmp as rmsmp
+    from schedules.x86_intrin import x86_isa
+
+    if x86_isa(host_target) is None:
+        pytest.skip("not an x86 CPU with AVX2")
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 40, 7, stride=2, padding=3), torch.nn.ReLU()).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_bits=8), [torch.randn(2, 3, 20, 20) for _ in range(8)])
+    x = torch.randn(1, 3, 20, 20)
+    exe = rmsmp.compile(q, (x,))
+    kernels = [f for f in exe.ir.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and str(f.attrs.get("rmsmp.cpu_kernel", "")).startswith("x86-")]
+    assert kernels and all([int(v) for v in f.attrs["rmsmp.weight_tap_order"]] == [3, 7, 7, 32] for f in kernels)
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 
