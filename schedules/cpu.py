@@ -99,19 +99,18 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     """The x86 MAC-intrinsic kernel for a row-group dense or conv2d, or None.
 
     Packed 4-bit groups (fixed and SP2: table decode + MAC) on AVX2 or AVX-512 VNNI; int8
-    groups (fixed_8) on AVX-512 VNNI, and on AVX2 in the outer-product kernel (int16 pairs,
-    ``vpmaddwd``). Convolutions run as per-tap GEMMs over channel-last
+    groups (fixed_8) with VNNI's byte MAC, on AVX2 as int16 pairs (``vpmaddwd``). Convolutions
+    run as per-tap GEMMs over channel-last
     activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
     weights will be laid out for the kernel at compile time (dense: tiled, and from
     ``BROADCAST_MIN_ROWS`` activation rows on the outer-product kernel; conv: taps first).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
-    instruction the target lacks is ever emitted), or the group is int8 on a target without VNNI
-    outside the outer-product kernel.
+    instruction the target lacks is ever emitted), or the group has a (tuned) schedule already.
     """
     attrs = func.attrs
     op = str(attrs.get("rmsmp.op", "")) if attrs is not None else ""
-    if op not in ("dense", "conv2d") or attrs.get("rmsmp.scheme") is None:
+    if op not in ("dense", "conv2d") or attrs.get("rmsmp.scheme") is None or "tirx.is_scheduled" in attrs:
         return None
     packed = attrs.get("rmsmp.packed") is not None
     scheme = get_scheme(str(attrs["rmsmp.scheme"]))
@@ -124,9 +123,6 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if target.kind.name == "llvm" and (not triple or triple.startswith("x86")):
             warn_fallback(f"{op} {attrs.get('rmsmp.layer', '')}", target)
         return None
-    int8_without_vnni = not packed and isa != "avx512vnni"
-    if int8_without_vnni and (op != "dense" or not relayout or "tirx.is_scheduled" in attrs):
-        return None  # only the outer-product kernel takes int8 rows without VNNI; a tuned schedule stays
     x_shape = [int(d) for d in x_buf.shape]
     n_rows = int(w_buf.shape[0])
     conv = None
@@ -148,8 +144,6 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
             return None
     outer_product = relayout and conv is None and m >= BROADCAST_MIN_ROWS
-    if int8_without_vnni and not outer_product:
-        return None
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     if outer_product:

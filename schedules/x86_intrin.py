@@ -146,10 +146,13 @@ class _VectorOps:
     signedness: the MAC of unsigned by signed bytes, and the 4-bit table decode.
 
     Signed activations make the weights the MAC's unsigned operand, offset by ``w_off``
-    (``x * w = x * (w + w_off) - w_off * x``, the activation sums taken once per call)."""
+    (``x * w = x * (w + w_off) - w_off * x``, the activation sums taken once per call).
+    ``pairs`` (int8 rows on AVX2): both operands int16, ``vec`` of them per vector, multiplied
+    and summed in pairs by ``vpmaddwd`` (exact: ``2 * 255 * 128`` fits int32)."""
 
-    def __init__(self, isa: str, vec: int, signed: bool, levels: Optional[Sequence[int]], w_off: Optional[int] = None):
-        self.isa, self.vec, self.signed = isa, vec, signed
+    def __init__(self, isa: str, vec: int, signed: bool, levels: Optional[Sequence[int]], w_off: Optional[int] = None,
+                 pairs: bool = False):
+        self.isa, self.vec, self.signed, self.pairs = isa, vec, signed, pairs
         packed = levels is not None
         self.w_off = ((8 if packed else 128) if signed else 0) if w_off is None else w_off
         if packed:
@@ -161,6 +164,9 @@ class _VectorOps:
 
     def mac(self, acc, xv, wv):
         """``acc`` plus the products of ``xv`` and ``wv``, four per int32 lane."""
+        if self.pairs:  # int16 x int16 pairs (``vec`` elements), summed to int32 by vpmaddwd
+            return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), xv, wv,
+                                                 dtype=f"int32x{self.vec // 2}")
         a, b = (wv, xv) if self.signed else (xv, wv)  # the unsigned operand first
         lanes = self.vec // 4
         if self.isa == "avx512vnni":
@@ -215,8 +221,9 @@ def gemm_kernel(
     docstring) on x86.
 
     ``levels``: the 16 int8 levels of a packed 4-bit scheme (weights ``[n, ceil(k/2)]`` uint8),
-    or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; AVX-512 VNNI only, since
-    ``vpmaddubsw`` would saturate on 8-bit products). Any ``k``: the reduction is padded to a
+    or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; on AVX2, where
+    ``vpmaddubsw`` would saturate on 8-bit products, as int16 pairs multiplied by ``vpmaddwd``:
+    half the products per instruction, for the 5% of rows that are 8-bit). Any ``k``: the reduction is padded to a
     whole number of vector steps with zero weights (the 0 code is the 0 level).
     ``predecode`` / ``direct_conv`` force the choices the kernel otherwise makes from the
     shapes (rows decoded once per call; per-tap GEMMs instead of an im2col), for measuring.
@@ -231,9 +238,11 @@ def gemm_kernel(
     if x_dtype not in ("uint8", "int8"):
         raise ValueError(f"gemm_kernel: activations must be uint8 or int8, got {x_dtype}")
     packed = levels is not None
-    signed = x_dtype == "int8"
-    if not packed and isa != "avx512vnni":
-        raise ValueError("gemm_kernel: int8 weights need AVX-512 VNNI (vpmaddubsw saturates on 8-bit products)")
+    # int8 rows on AVX2 (vpmaddubsw would saturate on 8-bit products): activations and weights
+    # as int16, multiplied in pairs by vpmaddwd, exact for either signedness without offsets
+    pairs = not packed and isa == "avx2"
+    signed = x_dtype == "int8" and not pairs  # signed activations: offset weights, activation sums
+    stage_dtype = "int16" if pairs else x_dtype
     if tiled and conv is not None:
         raise ValueError("gemm_kernel: tiled weights are for dense row groups")
     if conv is not None and (conv.m != m or conv.k != k):
@@ -242,6 +251,8 @@ def gemm_kernel(
     halves = 2 if packed else 1  # packed: even / odd codes of a byte meet separate activation planes
     if vec not in (32, 64) or (vec == 64 and isa != "avx512vnni"):
         raise ValueError(f"gemm_kernel: {vec}-byte vectors need VNNI")
+    if pairs:
+        vec = 16  # int16 elements per step from here on (32 bytes)
     w_bytes = (k + 1) // 2 if packed else k  # stored bytes per weight row
     nb = -(-w_bytes // vec)  # vector steps per row
     width = nb * vec  # staged bytes per row (zero-padded past w_bytes)
@@ -270,7 +281,7 @@ def gemm_kernel(
     tap_laid_out = tap_order and laid_out
     segs = conv.kh * conv.kw if direct else 1
     nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
-    lanes = vec // 4
+    lanes = vec // 2 if pairs else vec // 4  # int32 lanes of an accumulator
     mt, nt = tiles or _tiles(m, isa)
     mt = min(mt, m)
     m_tiles = (m + mt - 1) // mt
@@ -292,7 +303,8 @@ def gemm_kernel(
     tasks = m_blocks * n_chunks
     # weights prepared once per call when several activation tiles will read them (packed:
     # decoded to int8 planes; int8 rows meeting signed activations: offset to unsigned)
-    pre = m_tiles > 1 and (packed or signed) if predecode is None else bool(predecode)
+    converts = packed or signed or pairs  # weights change form before the MAC
+    pre = m_tiles > 1 and converts if predecode is None else bool(predecode)
     # prepared rows are laid out tile by tile, step by step ([tile, step, row, plane, byte]):
     # a tile's weights for one step are one contiguous 256-byte read instead of eight
     # streams (1.09x at 128 x 768 x 1843, 1.28x for the int8 rows at 128 x 768 x 154)
@@ -300,7 +312,8 @@ def gemm_kernel(
     pre_chunks = min(n_pad, 4 * cores)
     pre_rows = -(-n_pad // pre_chunks)
     wd_shape = (n_tiles, nb, nt, halves, vec)
-    ops = _VectorOps(isa, vec, signed, levels)
+    wd_dtype = "int16" if pairs else "int8"
+    ops = _VectorOps(isa, vec, signed, levels, pairs=pairs)
     w_off = ops.w_off
     phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
     w_dtype = "uint8" if packed else "int8"
@@ -328,7 +341,10 @@ def gemm_kernel(
     mac = ops.mac
 
     def offset(wv):
-        """int8 weights as the unsigned MAC operand (``w + 128``, a flip of the sign bit)."""
+        """int8 weights as the MAC's operand: unsigned (``w + 128``, a flip of the sign bit)
+        for signed activations, int16 for the pairs."""
+        if pairs:
+            return T.Cast(f"int16x{vec}", wv)
         return T.bitwise_xor(wv, T.broadcast(T.int8(-128), vec)) if signed else wv
 
     def hsum(buf, base, count=lanes):
@@ -372,7 +388,7 @@ def gemm_kernel(
         def tap_column(j):
             """The weight's own column of tap-order column ``j < k``."""
             return (j % conv.channels * conv.kh + j // span) * conv.kw + j // conv.channels % conv.kw
-    zero_x = T.Cast(x_dtype, 0)
+    zero_x = T.Cast(stage_dtype, 0)
 
     table_byte, decode = ops.table_byte, ops.decode
 
@@ -405,7 +421,7 @@ def gemm_kernel(
         T.func_attr({"tirx.noalias": True})
         # activations in `halves` planes (packed: even / odd codes), one row per GEMM row
         # (conv: im2col or channel-last planes); signed ones also summed per GEMM row
-        xs = T.alloc_buffer(xs_shape, x_dtype)
+        xs = T.alloc_buffer(xs_shape, stage_dtype)
         if signed:
             xsum = T.alloc_buffer((m,), "int32")
         else:
@@ -462,8 +478,8 @@ def gemm_kernel(
                 for xx in T.serial(conv.width):
                     for j in T.serial(conv.channels // halves):
                         for h in T.unroll(halves):
-                            xs[by // conv.height, by % conv.height, xx, h, j] = x[
-                                by // conv.height, j * halves + h, by % conv.height, xx]
+                            xs[by // conv.height, by % conv.height, xx, h, j] = T.Cast(stage_dtype, x[
+                                by // conv.height, j * halves + h, by % conv.height, xx])
                     if signed:  # channel sums per input pixel; a GEMM row sums its taps' below
                         psum[by // conv.height, by % conv.height, xx] = 0
                         for c in T.serial(conv.channels):
@@ -482,9 +498,10 @@ def gemm_kernel(
                 for j in range(width):
                     for h in T.unroll(halves):
                         if width * halves == k:
-                            xs[i, h, j] = x[i, j * halves + h]
+                            xs[i, h, j] = T.Cast(stage_dtype, x[i, j * halves + h])
                         else:
-                            xs[i, h, j] = T.if_then_else(j * halves + h < k, x[i, T.min(j * halves + h, k - 1)], zero_x)
+                            xs[i, h, j] = T.if_then_else(j * halves + h < k,
+                                                         T.Cast(stage_dtype, x[i, T.min(j * halves + h, k - 1)]), zero_x)
                 if signed:
                     xsum[i] = 0
                     for j in T.serial(k):
@@ -493,7 +510,7 @@ def gemm_kernel(
             # activations channel-last ([image, y, (x, channel)]), then per pixel and kernel row
             # one copy of its kw * C contiguous values
             xcl = T.alloc_buffer((conv.batch, conv.height, cl_width), x_dtype)
-            cols = T.decl_buffer((m, nb * halves * vec), x_dtype, data=xs.data)
+            cols = T.decl_buffer((m, nb * halves * vec), stage_dtype, data=xs.data)
             for by in T.parallel(conv.batch * conv.height):
                 for xx in T.serial(conv.width):
                     for c in T.unroll(conv.channels):
@@ -504,8 +521,8 @@ def gemm_kernel(
                 for ox in T.serial(ow):
                     for ky in T.unroll(conv.kh):
                         for t in T.vectorized(span):
-                            cols[bo * ow + ox, ky * span + t] = xcl[
-                                bo // oh, bo % oh * sh + ky * dh, ox * sw * conv.channels + t]
+                            cols[bo * ow + ox, ky * span + t] = T.Cast(stage_dtype, xcl[
+                                bo // oh, bo % oh * sh + ky * dh, ox * sw * conv.channels + t])
                     if nb * halves * vec > k:
                         for t in T.vectorized(nb * halves * vec - k):
                             cols[bo * ow + ox, k + t] = zero_x
@@ -522,11 +539,11 @@ def gemm_kernel(
             if packed:
                 cols = T.alloc_buffer((m, width * halves), x_dtype)
             else:
-                cols = T.decl_buffer((m, width), x_dtype, data=xs.data)
+                cols = T.decl_buffer((m, width), stage_dtype, data=xs.data)
             for bo in T.parallel(conv.batch * oh):
                 for ox, c, ky, kx in T.grid(ow, conv.channels, conv.kh, conv.kw):
-                    cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = x[
-                        bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw]
+                    cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = T.Cast(stage_dtype, x[
+                        bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw])
                 if width * halves > k:
                     for ox, j in T.grid(ow, width * halves - k):
                         cols[bo * ow + ox, k + j] = zero_x
@@ -541,11 +558,12 @@ def gemm_kernel(
                             xs[bo * ow + ox, h, j] = cols[bo * ow + ox, j * halves + h]
         if pre:
             # several activation tiles meet every weight vector: decode the 4-bit rows to int8
-            # planes (offset int8 rows) once per call instead of once per tile in the MAC loop
-            if packed or signed:
-                wd = T.alloc_buffer(wd_shape, "int8")
+            # planes (offset int8 rows, int16 pairs) once per call instead of once per tile in the
+            # MAC loop
+            if converts:
+                wd = T.alloc_buffer(wd_shape, wd_dtype)
             else:  # unsigned activations meet int8 rows as they are
-                wd = T.decl_buffer(wd_shape, "int8", data=wp.data)  # not read
+                wd = T.decl_buffer(wd_shape, wd_dtype, data=wp.data)  # not read
             for rc in T.parallel(pre_chunks):
                 table0 = T.alloc_buffer((vec,), "int8", scope="local")
                 if packed:
@@ -559,11 +577,11 @@ def gemm_kernel(
                                     table0, wvec(wp, rc * pre_rows + rr, b), False)
                                 wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 1, T.ramp(0, 1, vec)] = decode(
                                     table0, wvec(wp, rc * pre_rows + rr, b), True)
-                            elif signed:
+                            elif converts:
                                 wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = offset(
                                     wvec(wp, rc * pre_rows + rr, b))
         else:
-            wd = T.decl_buffer(wd_shape, "int8", data=wp.data)  # not read
+            wd = T.decl_buffer(wd_shape, wd_dtype, data=wp.data)  # not read
         for task in T.parallel(tasks):
             # local buffers in a parallel loop are heap workspaces: allocate once per task
             acc = T.alloc_buffer((mt * nt * lanes,), "int32", scope="local")
@@ -580,7 +598,7 @@ def gemm_kernel(
                         for sg in T.serial(segs):
                           for b in T.unroll(nbc) if unroll_k else T.serial(nbc):  # noqa: E111
                             for ni in T.unroll(nt):
-                                if pre and (packed or signed):
+                                if pre and converts:
                                     for mi in T.unroll(mt):
                                         for h in T.unroll(halves):
                                             acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
