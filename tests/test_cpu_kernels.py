@@ -694,7 +694,7 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
 
 
-@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_8"])
+@pytest.mark.parametrize("scheme", ["sp2_4", "fixed_4", "fixed_8"])
 @pytest.mark.parametrize("act", ["uint8", "int8"])
 def test_taps_first_conv_kernel_is_integer_exact(scheme, act, host_target):
     """The per-tap conv kernel reading weights reordered at compile time equals numpy; with
@@ -721,6 +721,17 @@ def test_taps_first_conv_kernel_is_integer_exact(scheme, act, host_target):
     out = _run(exe, x, taps_first_weights(w, c, 3, 3), bias, scale, np.zeros((1, n, hw, hw), np.float32))
     expected = np_epilogue(np_conv_acc(x, rows, (1, 1), (0, 0), (1, 1)), bias, scale, 1)
     np.testing.assert_array_equal(out, expected)
+    # extreme values (AVX2 adds eight 4-bit pair sums in 16 bits): every activation at the
+    # bound, the rows at the largest and the smallest level
+    x_max = np.full(x.shape, -128 if act == "int8" else 255, dtype=act)
+    levels_int = get_scheme(scheme).levels
+    rows = np.where(np.arange(n)[:, None, None, None] % 2, levels_int.max(), levels_int.min()) * np.ones(
+        (n, c, 3, 3), np.int64)
+    rows = rows.astype(np.int8)
+    w = packed_weight(rows.reshape(n, -1), scheme) if packed else rows
+    out = _run(exe, x_max, taps_first_weights(w, c, 3, 3), np.zeros(n, np.int32), np.ones(n, np.float32),
+               np.zeros((1, n, hw, hw), np.float32))
+    np.testing.assert_array_equal(out.astype(np.int64), np_conv_acc(x_max, rows, (1, 1), (0, 0), (1, 1)))
 
 
 def test_compiled_conv_layers_read_taps_first_weight_constants(host_target):
