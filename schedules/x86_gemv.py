@@ -50,7 +50,7 @@ from tvm.script import tirx as T
 
 from tvm_rmsmp.schemes import unpack_nibbles
 
-from .x86_intrin import _VectorOps
+from .x86_intrin import PAIR_SUMS16, _VectorOps
 
 __all__ = ["GemvLayout", "gemv_layer_kernel", "gemv_layer_weights", "gemv_max_rows", "LINEAR", "INT8"]
 
@@ -61,9 +61,8 @@ INT8 = "int8"
 
 _VEC = {"avx512vnni": 64, "avx2": 32}  # bytes per vector step (zmm, ymm)
 #: AVX2 4-bit pairs: steps whose ``vpmaddubsw`` pair sums add up in 16 bits before they are
-#: widened. A pair sum is within ``2 * 16 * [-128, 127]`` (weights ``level + 8`` <= 16), so
-#: eight of them stay within int16.
-SUMS16_STEPS = 8
+#: widened (each slot takes one pair sum per step: the bound of ``x86_intrin.PAIR_SUMS16``).
+SUMS16_STEPS = PAIR_SUMS16
 
 #: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
 #: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster.
