@@ -427,23 +427,13 @@ def gemm_kernel(
     # steps in order) before one vpmaddwd widens them (PAIR_SUMS16): one multiply per 32
     # products instead of two
     sums16 = isa == "avx2" and packed and pre
-    group = PAIR_SUMS16 // halves
-    full16, rest16 = divmod(segs * nbc, group)
 
-    @T.macro
-    def steps16(xs, wd, acc, acc16, task, tb, tt, first, count):
-        for a in T.unroll(mt * nt):
-            acc16[T.ramp(a * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
-        for si in T.unroll(count):
-            for ni in T.unroll(nt):
-                for mi in T.unroll(mt):
-                    for h in T.unroll(halves):
-                        acc16[T.ramp((mi * nt + ni) * 16, 1, 16)] = acc16[T.ramp((mi * nt + ni) * 16, 1, 16)] + ops.pair_sums(
-                            xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h,
-                                 (first + si) // nbc, (first + si) % nbc),
-                            wd[(task % n_chunks) * per_chunk + tt, first + si, ni, h, T.ramp(0, 1, vec)])
-        for a in T.unroll(mt * nt):
-            acc[T.ramp(a * lanes, 1, lanes)] = acc[T.ramp(a * lanes, 1, lanes)] + ops.widen(acc16[T.ramp(a * 16, 1, 16)])
+    def tile_operands(xs, wd, _, task, tb, tt, step, h, mi, ni):
+        """Activation row ``mi`` and weight row ``ni`` of a tile, plane ``h``, step ``step`` (of all segments)."""
+        return (xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, step // nbc, step % nbc),
+                wd[(task % n_chunks) * per_chunk + tt, step, ni, h, T.ramp(0, 1, vec)])
+
+    steps16 = _int16_steps(ops, segs * nbc, mt, nt, halves, lanes, tile_operands)
 
     @T.prim_func(private=True)
     def kernel(
@@ -632,10 +622,7 @@ def gemm_kernel(
                         for a in T.unroll(mt * nt * lanes):
                             acc[a] = 0
                         if sums16:
-                            for so in T.serial(full16):
-                                steps16(xs, wd, acc, acc16, task, tb, tt, so * group, group)
-                            if rest16 > 0:
-                                steps16(xs, wd, acc, acc16, task, tb, tt, full16 * group, rest16)
+                            steps16(xs, wd, wd, acc, acc16, task, tb, tt)
                         else:
                             for sg in T.serial(segs):
                               for b in T.unroll(nbc) if unroll_k else T.serial(nbc):  # noqa: E111
@@ -706,6 +693,38 @@ def gemm_kernel(
 #: ``vpmaddwd`` widens them. A pair sum is within ``2 * 255 * [-8, 8]`` (unsigned activations)
 #: or ``2 * [-128, 127] * [0, 16]`` (signed ones, offset levels), so eight stay within int16.
 PAIR_SUMS16 = 8
+
+
+def _int16_steps(ops: "_VectorOps", steps: int, rows: int, cols: int, halves: int, lanes: int, operands):
+    """Macro ``steps16(a, b, c, acc, acc16, task, tb, tt)`` (AVX2 byte MACs): over ``steps``
+    steps, every plane ``h`` and every accumulator ``(i, j)`` of a ``rows x cols`` register
+    tile, the pair sums of ``operands(a, b, c, task, tb, tt, step, h, i, j)`` (an activation
+    and a weight vector, 32 bytes each) added up in ``acc16`` (int16, :data:`PAIR_SUMS16` per
+    lane at most), widened into ``acc`` (``lanes`` int32 each) once per group of steps."""
+    group = PAIR_SUMS16 // halves
+    full, rest = divmod(steps, group)
+
+    @T.macro
+    def block(a, b, c, acc, acc16, task, tb, tt, first, count):
+        for t in T.unroll(rows * cols):
+            acc16[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+        for st in T.unroll(count):
+            for h in T.unroll(halves):
+                for i in T.unroll(rows):
+                    for j in T.unroll(cols):
+                        acc16[T.ramp((i * cols + j) * 16, 1, 16)] = acc16[T.ramp((i * cols + j) * 16, 1, 16)] + \
+                            ops.pair_sums(*operands(a, b, c, task, tb, tt, first + st, h, i, j))
+        for t in T.unroll(rows * cols):
+            acc[T.ramp(t * lanes, 1, lanes)] = acc[T.ramp(t * lanes, 1, lanes)] + ops.widen(acc16[T.ramp(t * 16, 1, 16)])
+
+    @T.macro
+    def steps16(a, b, c, acc, acc16, task, tb, tt):
+        for g in T.serial(full):
+            block(a, b, c, acc, acc16, task, tb, tt, g * group, group)
+        if rest > 0:
+            block(a, b, c, acc, acc16, task, tb, tt, full * group, rest)
+
+    return steps16
 
 
 def _broadcast_tiles(isa: str) -> Tuple[int, int]:
@@ -821,22 +840,11 @@ class _OuterProductGemm:
         # AVX2 byte MACs: pair sums added in 16 bits over `group` steps of every plane, then
         # widened once (vpmaddwd per MAC would be two multiplies per 32 products; see PAIR_SUMS16)
         sums16 = self.ops.isa == "avx2" and not self.pairs
-        group = PAIR_SUMS16 // halves
-        full, rest = divmod(steps, group)
 
-        @T.macro
-        def steps16(xs4, wc, w0, acc, acc16, task, tb, tt, first, count):
-            for a in T.unroll(mt * ntv):
-                acc16[T.ramp(a * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
-            for bi in T.unroll(count):
-                for h in T.unroll(halves):
-                    for mi in T.unroll(mt):
-                        for v in T.unroll(ntv):
-                            acc16[T.ramp((mi * ntv + v) * 16, 1, 16)] = acc16[T.ramp((mi * ntv + v) * 16, 1, 16)] + \
-                                self.ops.pair_sums(T.reinterpret(x_word(xs4, task, tb, mi, h, first + bi), dtype="int8x32"),
-                                                   weights(wc, w0, task, tt, first + bi, h, v))
-            for a in T.unroll(mt * ntv):
-                acc[T.ramp(a * 8, 1, 8)] = acc[T.ramp(a * 8, 1, 8)] + self.ops.widen(acc16[T.ramp(a * 16, 1, 16)])
+        def tile_operands(xs4, wc, w0, task, tb, tt, step, h, mi, v):
+            return (T.reinterpret(x_word(xs4, task, tb, mi, h, step), dtype="int8x32"), weights(wc, w0, task, tt, step, h, v))
+
+        steps16 = _int16_steps(self.ops, steps, mt, ntv, halves, 8, tile_operands)
 
         @T.macro
         def multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3):
@@ -855,10 +863,7 @@ class _OuterProductGemm:
                             for a in T.unroll(mt * ntv * 8):
                                 acc[a] = 0
                             if sums16:
-                                for bo in T.serial(full):
-                                    steps16(xs4, wc, w0, acc, acc16, task, tb, tt, bo * group, group)
-                                if rest > 0:
-                                    steps16(xs4, wc, w0, acc, acc16, task, tb, tt, full * group, rest)
+                                steps16(xs4, wc, w0, acc, acc16, task, tb, tt)
                             else:
                                 for b in T.serial(steps):
                                     for h in T.unroll(halves):
