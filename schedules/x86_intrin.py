@@ -16,7 +16,8 @@ shuffle of the weights. Products are summed with
   2 * 16 * 128 = 4096 (signed ones, offset weights): exact. Where the rows were decoded
   once per call (many activation rows), eight such pair sums are added in int16 before one
   ``vpmaddwd`` widens them (:data:`PAIR_SUMS16`): one multiply per 32 products instead of
-  two (128 x 768 x 1843 SP2 rows, outer-product kernel, one thread: 2.02 -> 1.47 ms).
+  two (ResNet-18's 3x3 conv SP2 groups 15.0 -> 12.5 ms per model run, one thread,
+  ``python -m bench.profile_model``).
   int8 rows on AVX2 are multiplied as int16 pairs (``vpmaddwd``).
 
 Both MACs multiply an unsigned byte by a signed one. Unsigned activations (after ReLU) are
@@ -52,8 +53,8 @@ chunks of weight-row tiles sized to stay in L2 while every activation tile passe
 
 Weight layouts made at compile time (:func:`tile_weights` for dense: a tile's rows
 interleaved step by step, one sequential stream; :func:`taps_first_weights` for the per-tap
-conv GEMMs, :func:`tap_order_weights` for the tap-order im2col) are read when the kernel is built with ``tiled`` / ``taps_first``; the CPU
-target's ``prepare`` step (``schedules.cpu.lay_out_weights``) rewrites the constants to match.
+conv GEMMs, :func:`tap_order_weights` for the tap-order im2col) are read when the kernel is
+built with ``tiled`` / ``taps_first``; the CPU target's ``prepare`` step (``schedules.cpu.lay_out_weights``) rewrites the constants to match.
 """
 
 from __future__ import annotations
@@ -401,6 +402,10 @@ def gemm_kernel(
         def tap_column(j):
             """The weight's own column of tap-order column ``j < k``."""
             return (j % conv.channels * conv.kh + j // span) * conv.kw + j // conv.channels % conv.kw
+
+        def tap_code(w, r, j):
+            """Row ``r``'s code at tap-order column ``j`` (the 0 code past ``k``)."""
+            return T.if_then_else(j < k, nibble(w, r, tap_column(T.min(j, k - 1))), T.uint8(0))
     zero_x = T.Cast(stage_dtype, 0)
 
     table_byte, decode = ops.table_byte, ops.decode
@@ -423,7 +428,7 @@ def gemm_kernel(
             return row, col
         return row // (oh * ow), col, (row // ow) % oh, row % ow
 
-    # AVX2, decoded 4-bit rows: pair sums added in 16 bits over `group` steps (segments and
+    # AVX2, decoded 4-bit rows: pair sums added in 16 bits over several steps (segments and
     # steps in order) before one vpmaddwd widens them (PAIR_SUMS16): one multiply per 32
     # products instead of two
     sums16 = isa == "avx2" and packed and pre
@@ -459,13 +464,8 @@ def gemm_kernel(
             wp = T.alloc_buffer((n, width), w_dtype)
             for r, j in T.grid(n, width):
                 if packed:
-                    wp[r, j] = T.bitwise_or(
-                        T.if_then_else(j // vec * 2 * vec + j % vec < k,
-                                       nibble(w, r, tap_column(T.min(j // vec * 2 * vec + j % vec, k - 1))), T.uint8(0)),
-                        T.shift_left(T.if_then_else(
-                            j // vec * 2 * vec + vec + j % vec < k,
-                            nibble(w, r, tap_column(T.min(j // vec * 2 * vec + vec + j % vec, k - 1))), T.uint8(0)),
-                            T.uint8(4)))
+                    wp[r, j] = T.bitwise_or(tap_code(w, r, j // vec * 2 * vec + j % vec), T.shift_left(
+                        tap_code(w, r, j // vec * 2 * vec + vec + j % vec), T.uint8(4)))
                 else:
                     wp[r, j] = T.if_then_else(
                         j < k, w[r, T.min(j, k - 1) % conv.channels, T.min(j, k - 1) // span,
@@ -811,9 +811,7 @@ class _OuterProductGemm:
             """``acc`` plus the products of an activation word (broadcast) and a weight vector."""
             if not self.pairs:
                 return self.ops.mac(acc, T.reinterpret(word, dtype="int8x32"), wv)
-            return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                                                 T.reinterpret(word, dtype="int16x16"),
-                                                 T.reinterpret(wv, dtype="int16x16"), dtype="int32x8")
+            return self.ops.mac(acc, T.reinterpret(word, dtype="int16x16"), T.reinterpret(wv, dtype="int16x16"))
         chunk_shape = (per_chunk, steps, halves, rows * 4)
 
         def offset_sum(acc, xsum, row, lanes=8):
@@ -837,7 +835,7 @@ class _OuterProductGemm:
             """Activation row ``mi`` of the tile: its four bytes of step ``b``, plane ``h``, broadcast."""
             return T.broadcast(xs4[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, b], 8)
 
-        # AVX2 byte MACs: pair sums added in 16 bits over `group` steps of every plane, then
+        # AVX2 byte MACs: pair sums added in 16 bits over several steps of every plane, then
         # widened once (vpmaddwd per MAC would be two multiplies per 32 products; see PAIR_SUMS16)
         sums16 = self.ops.isa == "avx2" and not self.pairs
 
@@ -943,7 +941,7 @@ def broadcast_dense_kernel(
     pairs = not packed and isa != "avx512vnni"  # int8 rows on AVX2: int16 pairs (vpmaddubsw would saturate)
     signed = x_dtype == "int8" and not pairs
     halves = 2 if packed else 1
-    ops = _VectorOps(isa, 32, signed, levels)
+    ops = _VectorOps(isa, 16 if pairs else 32, signed, levels, pairs=pairs)  # pairs: 16 int16 per vector
     g = _OuterProductGemm(m, k, n, x_dtype, isa, halves, (k + 1) // 2 if packed else k, ops, tiles, num_cores,
                           pairs=pairs)
     steps, blocks8, ntv, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.per_chunk, g.n_tiles
