@@ -8,12 +8,15 @@ Run from the repository root::
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
-``x86_gemv.gemv_layer_kernel`` (two rows' codes per byte, decoded in registers) and as
-``x86_intrin.layer_dense_kernel`` (decoded per call into one int8 matrix, then an outer-product
-GEMM; AVX-512 VNNI only), and timed with TVM's ``time_evaluator`` (medians; weights in cache).
-The sum over both layers, and which kernel is faster, is what ``x86_gemv.GEMV_MAX_ROWS`` is
-chosen from. ``--passes`` times one pass of the first kernel for each (byte rows per block,
-activation rows per pass) of this CPU's ISA: the table ``x86_gemv.PASS_US`` holds.
+``x86_gemv.gemv_layer_kernel`` (two rows' codes per byte, decoded in registers) and as what
+runs instead from more rows on: on AVX-512 VNNI ``x86_intrin.layer_dense_kernel`` (decoded per
+call into one int8 matrix, then an outer-product GEMM), on AVX2 one
+``x86_intrin.broadcast_dense_kernel`` per row group (outer products too; the concatenation and
+gather after them are not timed), and timed with TVM's ``time_evaluator`` (medians; weights in
+cache). The sum over both layers, and which is faster, is what ``x86_gemv.GEMV_MAX_ROWS`` and
+``GEMV_MAX_ROWS_AVX2`` are chosen from. ``--passes`` times one pass of the first kernel for each
+(byte rows per block, activation rows per pass) of this CPU's ISA: the table
+``x86_gemv.PASS_US`` holds.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     from tvm.target.codegen import target_has_features
 
     from schedules.x86_gemv import INT8, LINEAR, PASS_US, block_pairs, gemv_layer_kernel, gemv_layer_weights
-    from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
+    from schedules.x86_intrin import broadcast_dense_kernel, layer_dense_kernel, layer_weights, x86_isa
     from tvm_rmsmp.schemes import get_scheme, nibble_decode
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
@@ -92,22 +95,31 @@ def main(argv=None) -> int:
         for (pairs, rows), us in sorted(PASS_US[isa].items()):
             print(f"{pairs:>15} {rows:>9} {gemv(rows, pairs, rows) * 1e6:>9.1f} {us:>9.1f}", flush=True)
         return 0
-    print(f"{'rows':>5} {'gemv':>9} {'layer':>9} {'layer/gemv':>11}")
+    def row_groups(m, k, groups):
+        """The AVX2 alternative: each group's outer-product kernel (random weights as laid out)."""
+        total = 0.0
+        for w, levels in zip(groups, (sp2, fixed4, None)):
+            func = broadcast_dense_kernel(m, k, w.shape[0], "int8", levels, isa, num_cores=args.threads)
+            arrays = [rng.integers(-128, 128, [int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params[:2]]
+            total += timed(func, arrays + [np.zeros(w.shape[0], np.int32), np.ones(w.shape[0], np.float32),
+                                           np.zeros((m, w.shape[0]), np.float32)])
+        return total
+
+    other = "layer" if isa == "avx512vnni" else "groups"
+    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}")
     for m in args.rows:
-        total = {"gemv": gemv(m, block_pairs(m, isa)), "layer": 0.0}
+        total = {"gemv": gemv(m, block_pairs(m, isa)), other: 0.0}
         for k, n, groups, order in layers:
-            if isa != "avx512vnni":
-                break
             x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+            if isa != "avx512vnni":
+                total[other] += row_groups(m, k, groups)
+                continue
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             n8 = groups[2].shape[0]
             func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi)
-            total["layer"] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
-                                           scale, np.zeros((m, n), np.float32)])
-        if isa != "avx512vnni":
-            print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {'-':>9} {'-':>11}", flush=True)
-            continue
-        print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total['layer'] * 1e6:>9.1f} {total['layer'] / total['gemv']:>10.2f}x",
+            total[other] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
+                                         scale, np.zeros((m, n), np.float32)])
+        print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x",
               flush=True)
     return 0
 

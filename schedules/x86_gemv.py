@@ -71,11 +71,12 @@ SUMS16_STEPS = PAIR_SUMS16
 #: decodes every weight per call, then runs 8-row tiles near the MAC peak; this one decodes in
 #: registers once per pass of one to five rows).
 GEMV_MAX_ROWS = 23
-#: The same on AVX2, where from 8 rows on each row group runs the outer-product kernel
-#: (``x86_intrin.BROADCAST_MIN_ROWS``) and no layer kernel exists. BERT FFN compiled with
-#: ``rmsmp.compile`` (znver3, one thread): 7 rows 530 us (row-group kernels: 704), 8 rows 646
-#: (outer-product row groups: 608).
-GEMV_MAX_ROWS_AVX2 = 7
+#: The same on AVX2, where past it each row group runs the outer-product kernel
+#: (``x86_intrin.broadcast_dense_kernel``) and no layer kernel exists: ``python -m
+#: bench.layer_kernels`` (both FFN layers, znver3, one thread; the row groups' kernels alone,
+#: without the concatenation and gather they also need): 8 rows 433 vs 520 us, 12 rows 638 vs
+#: 629, 14 rows 800 vs 779, 16 rows 851 vs 819.
+GEMV_MAX_ROWS_AVX2 = 12
 
 
 def gemv_max_rows(isa: str) -> int:
@@ -89,7 +90,7 @@ def gemv_max_rows(isa: str) -> int:
 #: 32 registers, 24 accumulators with two pairs spill; AVX2: 16 registers).
 PASS_US = {
     "avx512vnni": {(4, 1): 37.0, (4, 2): 57.0, (4, 3): 82.0, (2, 4): 105.0, (2, 5): 135.0},
-    "avx2": {(4, 1): 80.0, (2, 1): 76.0, (2, 2): 120.0},
+    "avx2": {(4, 1): 84.0, (2, 1): 78.0, (2, 2): 110.0, (4, 2): 136.0, (2, 3): 183.0},
 }
 
 
@@ -283,8 +284,10 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     acc_words = mt * slots_per_block * lanes
     # AVX2: the 4-bit pairs' 16-bit sums, widened every SUMS16_STEPS steps (module docstring)
     acc16_words = 8 if vnni else mt * slots_per_block * 8  # VNNI: declared, never read
-    work_words = acc_words + 16 + 2 * vec // 4 + acc16_words
     chunks16 = -(-steps // SUMS16_STEPS)
+    # AVX2: each group of steps' widened sums, added up after the block (``pair_block``)
+    part_words = 8 if vnni else chunks16 * acc_words  # VNNI: declared, never read
+    work_words = acc_words + 16 + 2 * vec // 4 + acc16_words + part_words
     tasks = max(1, min(blocks, 4 * max(1, num_cores)))
     per_task = -(-blocks // tasks)
     tasks = -(-blocks // per_task)
@@ -336,14 +339,22 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     def a16_at(i, slot):
         return T.ramp((i * slots_per_block + slot) * 16, 1, 16)
 
+    def part_at(chunk, a):
+        """Widened sums of step group ``chunk``, accumulator ``a`` (AVX2)."""
+        return T.ramp((chunk * mt * slots_per_block + a) * lanes, 1, lanes)
+
     def pair_block(nibbles):
-        """Macro ``block(acc, acc16, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each row sums
-        the products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those of
-        ``nibbles(..., True)``. AVX2: ``vpmaddubsw`` pair sums added in 16 bits for
-        :data:`SUMS16_STEPS` steps, then widened by one ``vpmaddwd`` each."""
+        """Macro ``block(acc, acc16, parts, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each
+        row sums the products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those
+        of ``nibbles(..., True)``. AVX2: ``vpmaddubsw`` pair sums added in 16 bits for
+        :data:`SUMS16_STEPS` steps, then widened by one ``vpmaddwd`` each and stored per group
+        of steps (``parts``), summed into ``acc`` after the block: with the 32-bit sums carried
+        from group to group in registers as well as the 16-bit ones, LLVM spilled the 16-bit
+        ones inside the step loop once two rows passed together (8 + 8 of 16 registers;
+        ``python -m bench.layer_kernels --passes``: 2 rows a pass 125 -> 113 us)."""
 
         @T.macro
-        def block16(acc, acc16, xs, w4, blk, rows, tbl, ops):
+        def block16(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
             for so in T.serial(chunks16):
                 for a in T.unroll(mt * slots_per_block):
                     acc16[T.ramp(a * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
@@ -356,13 +367,15 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                             acc16[a16_at(i, pairs + p)] = acc16[a16_at(i, pairs + p)] + pairs16(
                                 nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], True),
                                 x_at(xs, rows, i, so * SUMS16_STEPS + si))
-                for i in T.unroll(mt):
-                    for slot in T.unroll(slots_per_block):
-                        acc[acc_at(i, slot)] = acc[acc_at(i, slot)] + T.call_llvm_pure_intrin(
-                            pmaddwd, acc16[a16_at(i, slot)], T.broadcast(T.int16(1), 16), dtype="int32x8")
+                for a in T.unroll(mt * slots_per_block):
+                    parts[part_at(so, a)] = T.call_llvm_pure_intrin(
+                        pmaddwd, acc16[T.ramp(a * 16, 1, 16)], T.broadcast(T.int16(1), 16), dtype="int32x8")
+            for so in T.serial(chunks16):
+                for a in T.unroll(mt * slots_per_block):
+                    acc[T.ramp(a * lanes, 1, lanes)] = acc[T.ramp(a * lanes, 1, lanes)] + parts[part_at(so, a)]
 
         @T.macro
-        def block(acc, acc16, xs, w4, blk, rows, tbl, ops):
+        def block(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
             for s in T.serial(steps):
                 for p in T.unroll(pairs):
                     for i in T.unroll(mt):
@@ -452,7 +465,8 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                 offset[r] = offset[r] + 8 * xsum[lane]
         for task in T.parallel(tasks):
             # buffers in a parallel loop are heap workspaces, each an allocation per task: one,
-            # holding the accumulators, the lane sums, four results and both tables
+            # holding the accumulators, the lane sums, four results, both tables and (AVX2) the
+            # 16-bit sums and the widened sums per group of steps
             work = T.alloc_buffer((work_words,), "int32", scope="local")
             acc = T.decl_buffer((acc_words,), "int32", data=work.data)
             red = T.decl_buffer((8,), "int32", data=work.data, elem_offset=acc_words)
@@ -461,6 +475,8 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
             tb = T.decl_buffer((vec,), "int8", data=work.data, elem_offset=(acc_words + 16) * 4 + vec)
             acc16 = T.decl_buffer((acc16_words * 2,), "int16", data=work.data,
                                   elem_offset=(acc_words + 16) * 2 + vec)
+            parts = T.decl_buffer((part_words,), "int32", data=work.data,
+                                  elem_offset=acc_words + 16 + vec // 2 + acc16_words)
             for t in T.unroll(vec):
                 ta[t] = tables[0].table_byte(t)
                 tb[t] = tables[-1].table_byte(t)
@@ -469,15 +485,15 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                     for a in T.unroll(acc_words):
                         acc[a] = 0
                     if task * per_task + tt < linear:
-                        linear_block(acc, acc16, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
+                        linear_block(acc, acc16, parts, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                         if vnni:
                             for i in T.unroll(mt):
                                 for p in T.unroll(pairs):
                                     acc[acc_at(i, pairs + p)] = acc[acc_at(i, pairs + p)] - acc[acc_at(i, p)]
                     elif task * per_task + tt < table_a:
-                        table_block(acc, acc16, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
+                        table_block(acc, acc16, parts, xs, w4, task * per_task + tt, rc * mt, ta, tables[0])
                     elif task * per_task + tt < blocks4:
-                        table_block(acc, acc16, xs, w4, task * per_task + tt, rc * mt, tb, tables[-1])
+                        table_block(acc, acc16, parts, xs, w4, task * per_task + tt, rc * mt, tb, tables[-1])
                     else:
                         int8_block(acc, xe, w8, task * per_task + tt - blocks4, rc * mt)
                     store(acc, red, res, offset, dest, bias, scale, out, task * per_task + tt, rc * mt)

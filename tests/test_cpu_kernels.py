@@ -902,6 +902,8 @@ GEMV_CASES = [
     (1, 70, 40, "int8", (0.0, 0.0, 1.0, 0.0)),        # 8-bit rows only
     (1, 768, 300, "int8", (0.6, 0.35, 0.05, 0.0)),
     (2, 77, 61, "int8", (0.5, 0.3, 0.1, 0.1)),        # one pass of two rows
+    (2, 600, 24, "int8", (0.6, 0.3, 0.1, 0.0)),       # AVX2: three groups of 16-bit sums, the last short
+    (3, 130, 40, "uint8", (0.5, 0.4, 0.1, 0.0)),      # AVX2: one pass of three rows
     (4, 130, 37, "uint8", (0.5, 0.4, 0.1, 0.0)),      # blocks of two byte rows, four rows a pass
     (5, 200, 13, "uint8", (0.6, 0.35, 0.05, 0.0)),    # five rows a pass
     (6, 130, 40, "int8", (0.4, 0.3, 0.3, 0.0)),       # passes of three
@@ -991,7 +993,7 @@ def test_gemv_layer_rejects_what_it_cannot_compute():
 
 
 @pytest.mark.parametrize("batch,mcpu", [(1, None), (1, "cascadelake"), (4, None), (24, None), (1, "haswell"),
-                                        (7, "haswell"), (8, "haswell")])
+                                        (12, "haswell"), (13, "haswell")])
 def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu, host_target):
     """On VNNI each split dense layer is one kernel, the two-rows-per-byte kernel up to
     ``GEMV_MAX_ROWS`` activation rows, the outer-product one from there: no concatenation and
@@ -1044,8 +1046,8 @@ def test_batch1_dense_rows_use_512_bit_vectors_on_vnni():
 
 
 def test_layer_kernel_benchmark_runs(host_target):
-    """``python -m bench.layer_kernels`` (what ``GEMV_MAX_ROWS`` is chosen from) runs and
-    prints one row of both kernels' times per row count (on AVX2 the first kernel's only)."""
+    """``python -m bench.layer_kernels`` (what ``GEMV_MAX_ROWS`` and ``GEMV_MAX_ROWS_AVX2`` are
+    chosen from) runs and prints one row of both alternatives' times per row count."""
     import os
     import subprocess
     import sys
@@ -1060,11 +1062,9 @@ def test_layer_kernel_benchmark_runs(host_target):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (row,) = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
-    assert len(row) == 4 and float(row[1]) > 0
-    if isa == "avx512vnni":  # the outer-product layer kernel exists on VNNI only
-        assert float(row[2]) > 0 and row[3].endswith("x")
-    else:
-        assert row[2:] == ["-", "-"]
+    assert len(row) == 4 and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+    # what runs past the layer kernel's rows: one outer-product kernel on VNNI, one per row group on AVX2
+    assert ("layer/gemv" if isa == "avx512vnni" else "groups/gemv") in proc.stdout
 
 
 def test_gemv_tiling_follows_measured_pass_costs():
@@ -1075,3 +1075,6 @@ def test_gemv_tiling_follows_measured_pass_costs():
     assert [(block_pairs(m), row_tile(m, block_pairs(m))) for m in (1, 2, 3, 4, 5, 6, 8)] == [
         (4, 1), (4, 2), (4, 3), (2, 4), (2, 5), (4, 3), (2, 4)]
     assert row_tile(7, 4) == 2 and row_tile(1, 2) == 4
+    # AVX2 (16 registers): blocks of two byte rows, two rows a pass, three where that saves a pass
+    assert [(block_pairs(m, "avx2"), row_tile(m, block_pairs(m, "avx2"), "avx2")) for m in (1, 2, 3, 8, 9, 12)] == [
+        (2, 1), (2, 2), (2, 3), (2, 2), (2, 3), (2, 2)]
