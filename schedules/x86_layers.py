@@ -22,7 +22,7 @@ calls are removed. The kernel:
   registers, since there the vector operations per weight byte are the bound;
 * more rows (VNNI): :func:`~schedules.x86_intrin.layer_dense_kernel`: the groups are decoded
   to int8 once per call, into one matrix in output order, then one outer-product GEMM. (On
-  AVX2 such layers keep a kernel per row group, the outer-product one from 8 rows on.)
+  AVX2 such layers keep a kernel per row group, the outer-product one.)
 """
 
 from __future__ import annotations
