@@ -351,7 +351,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
         of steps (``parts``), summed into ``acc`` after the block: with the 32-bit sums carried
         from group to group in registers as well as the 16-bit ones, LLVM spilled the 16-bit
         ones inside the step loop once two rows passed together (8 + 8 of 16 registers;
-        ``python -m bench.layer_kernels --passes``: 2 rows a pass 125 -> 113 us)."""
+        ``python -m bench.layer_kernels --passes``: 2 rows a pass 125 -> 110 us)."""
 
         @T.macro
         def block16(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
