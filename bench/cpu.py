@@ -722,6 +722,8 @@ def _ratio_text(report: Dict[str, object], workload: str) -> str:
 
 def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str]:
     """The known gaps, for the kernels of the run's ISA."""
+    from schedules.x86_gemv import GEMV_MAX_ROWS_AVX2
+
     batch1 = ["- Batch 1: a layer's weights (2.5 MB for the FFN, 1.2 MB per layer) come from L3, since",
               "  the next layer's evict them from this core's L2; the stack streams at",
               f"  {stack_pct} of the probe's DRAM bandwidth (above 100%: part of its 45 MB stays in the",
@@ -736,9 +738,10 @@ def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str
             "  concatenation: AVX2 has no whole-layer kernel at this size, and the per-call decode of",
             "  the 4-bit rows is not shared between groups. FFN at batch 128:",
             f"  {_ratio_text(report, 'FFN 768-3072-768, batch 128')}.",
-            "- Batch 8 (AVX2): each dense layer is the two-rows-per-byte layer kernel (up to 12 rows,",
-            "  `GEMV_MAX_ROWS_AVX2`), two activation rows per pass over the packed weights, each pass",
-            "  decoding them again (more rows per pass would spill AVX2's 16 registers). FFN at batch 8:",
+            "- Batch 8 (AVX2): each dense layer is the two-rows-per-byte layer kernel (up to",
+            f"  {GEMV_MAX_ROWS_AVX2} rows, `GEMV_MAX_ROWS_AVX2`), two activation rows per pass over the packed",
+            "  weights, each pass decoding them again (more rows per pass would spill AVX2's 16",
+            "  registers). FFN at batch 8:",
             f"  {_ratio_text(report, 'FFN 768-3072-768, batch 8')}.",
             "- Batch 1 (AVX2): the layer kernel issues about seven vector operations per 64 weights of",
             "  fixed rows (a split of both nibbles, two `vpmaddubsw`, two 16-bit adds) and nine for SP2",
@@ -771,6 +774,8 @@ def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str
 
 
 def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, object]]] = None) -> str:
+    from schedules.x86_gemv import GEMV_MAX_ROWS, GEMV_MAX_ROWS_AVX2
+
     hw, bw = report["hardware"], report["dram"]
     cols = CONTENDERS + [RMSMP]
     lines = [
@@ -852,15 +857,16 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               "their weight constants laid out at compile time tile by tile (one sequential stream per",
               "tile of rows); conv weights are reordered at compile time too (taps first, or tap order).",
               "At small batches each dense layer's row groups run as one kernel with outputs in the graph's",
-              "order (`x86-<isa>-gemv`, `schedules/x86_gemv.py`; up to 23 activation rows on VNNI, 7 on",
-              "AVX2): a byte holds two rows' codes at the same reduction element, so both nibbles meet the",
-              "same activation vector. On VNNI fixed 4-bit rows cost an `and` and two `vpdpbusd` per 128",
-              "weights (`16 * hi + lo` and `lo`), SP2 rows two VBMI `vpermb` lookups and a shift; on AVX2",
+              f"order (`x86-<isa>-gemv`, `schedules/x86_gemv.py`; up to {GEMV_MAX_ROWS} activation rows on VNNI,",
+              f"{GEMV_MAX_ROWS_AVX2} on AVX2): a byte holds two rows' codes at the same reduction element,",
+              "so both nibbles meet the same activation vector. On VNNI fixed 4-bit rows cost an `and`",
+              "and two `vpdpbusd` per 128 weights (`16 * hi + lo` and `lo`), SP2 rows two VBMI `vpermb`",
+              "lookups and a shift; on AVX2",
               "(whole bytes would saturate `vpmaddubsw`) each nibble is split out and multiplied, SP2 ones",
               "through `vpshufb`, and the 16-bit pair sums are added for eight steps before `vpmaddwd`",
-              "widens them. From 24 rows on (batch 128) VNNI runs `x86-avx512vnni-layer`: the layer decoded",
-              "per call into one int8 matrix, then an outer-product GEMM; AVX2 runs from 8 rows on each",
-              "group's own outer-product kernel.",
+              f"widens them. From {GEMV_MAX_ROWS + 1} rows on (batch 128) VNNI runs `x86-avx512vnni-layer`: the layer",
+              "decoded per call into one int8 matrix, then an outer-product GEMM; AVX2 runs from",
+              f"{GEMV_MAX_ROWS_AVX2 + 1} rows on each group's own outer-product kernel.",
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX2 or AVX-512 every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",

@@ -110,10 +110,10 @@ def main(argv=None) -> int:
     for m in args.rows:
         total = {"gemv": gemv(m, block_pairs(m, isa)), other: 0.0}
         for k, n, groups, order in layers:
-            x = rng.integers(-128, 128, (m, k)).astype(np.int8)
             if isa != "avx512vnni":
                 total[other] += row_groups(m, k, groups)
                 continue
+            x = rng.integers(-128, 128, (m, k)).astype(np.int8)
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             n8 = groups[2].shape[0]
             func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi)

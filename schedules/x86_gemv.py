@@ -368,8 +368,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                                 nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], True),
                                 x_at(xs, rows, i, so * SUMS16_STEPS + si))
                 for a in T.unroll(mt * slots_per_block):
-                    parts[part_at(so, a)] = T.call_llvm_pure_intrin(
-                        pmaddwd, acc16[T.ramp(a * 16, 1, 16)], T.broadcast(T.int16(1), 16), dtype="int32x8")
+                    parts[part_at(so, a)] = four.widen(acc16[T.ramp(a * 16, 1, 16)])
             for so in T.serial(chunks16):
                 for a in T.unroll(mt * slots_per_block):
                     acc[T.ramp(a * lanes, 1, lanes)] = acc[T.ramp(a * lanes, 1, lanes)] + parts[part_at(so, a)]
