@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.fileio import atomic_write
-from tvm_rmsmp.layerwise import layerwise_config
+from tvm_rmsmp.runtime.fileio import atomic_write
+from tvm_rmsmp.nn.layerwise import layerwise_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -103,7 +103,7 @@ def _fmnist_batches(x, y, steps, batch, seed):
 
 
 def run_fmnist(res: Results, quick: bool, assign: str, plot_path: Optional[str]) -> Dict:
-    from tvm_rmsmp.data import load_fashion_mnist
+    from tvm_rmsmp.models.data import load_fashion_mnist
     from tvm_rmsmp.models.fmnist_resnet import load_pretrained
     from tvm_rmsmp.models.training import evaluate
 
@@ -187,7 +187,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_minilm(res: Results, quick: bool, assign: str) -> Dict:
-    from tvm_rmsmp.data import load_uci_sentiment, load_word_similarity
+    from tvm_rmsmp.models.data import load_uci_sentiment, load_word_similarity
     from tvm_rmsmp.models.minilm import encode_texts, load_minilm, load_tokenizer
 
     model, tok = load_minilm(), load_tokenizer(max_length=64)
@@ -272,7 +272,7 @@ def plot_rows(q, traces: Dict[str, np.ndarray], layer: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tvm_rmsmp.assign import row_kurtosis
+    from tvm_rmsmp.quant.assign import row_kurtosis
 
     plans = rmsmp.row_plans(q)
     plan = plans[layer]

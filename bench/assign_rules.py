@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.fileio import atomic_write
+from tvm_rmsmp.runtime.fileio import atomic_write
 
 from .accuracy import ROOT, VARIANTS, _embed
 
@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "assign_rules.json"))
     args = ap.parse_args(argv)
-    from tvm_rmsmp.data import load_fashion_mnist, load_uci_sentiment
+    from tvm_rmsmp.models.data import load_fashion_mnist, load_uci_sentiment
     from tvm_rmsmp.models.fmnist_resnet import load_pretrained
     from tvm_rmsmp.models.minilm import encode_texts, load_minilm, load_tokenizer
     from tvm_rmsmp.models.training import evaluate

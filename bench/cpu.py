@@ -261,7 +261,7 @@ def _l3_bytes() -> Optional[int]:
 def hardware(threads: int) -> Dict[str, object]:
     from tvm.target import codegen
 
-    from tvm_rmsmp.targets import resolve_target
+    from tvm_rmsmp.compiler.targets import resolve_target
     from schedules.x86_intrin import x86_isa
 
     model = platform.processor() or "unknown"
@@ -399,8 +399,8 @@ def tvm_fp32_tuned(model, x, target, work_dir: str, trials_per_task: int):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_rmsmp.fileio import atomic_write
-    from tvm_rmsmp.tuning import light_tensor_intrin
+    from tvm_rmsmp.runtime.fileio import atomic_write
+    from tvm_rmsmp.compiler.tuning import light_tensor_intrin
 
     light_tensor_intrin()  # else TuneContext and each builder worker spend 30-77 s importing it
     with target, tvm.transform.PassContext(opt_level=3):
@@ -498,7 +498,7 @@ def build_contender(who: str, index: int, quick: bool, threads: int, isa: Option
         tmp = tempfile.mkdtemp()
         fns = ort_contenders(model, x, threads, tmp, isa == "avx512vnni")
         return fns.get(who), info
-    from tvm_rmsmp.targets import resolve_target
+    from tvm_rmsmp.compiler.targets import resolve_target
 
     target = resolve_target("llvm")
     if who.startswith("TVM fp32"):
@@ -919,7 +919,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.render:
         sys.path.insert(0, ROOT)
-        from tvm_rmsmp.fileio import atomic_write
+        from tvm_rmsmp.runtime.fileio import atomic_write
 
         with open(args.json) as fh:
             atomic_write(args.markdown, markdown(json.load(fh), other_runs(args.json)))
@@ -931,7 +931,7 @@ def main(argv=None) -> int:
         ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
     report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir)
     if not args.no_write:
-        from tvm_rmsmp.fileio import atomic_write
+        from tvm_rmsmp.runtime.fileio import atomic_write
 
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         atomic_write(args.json, json.dumps(report, indent=1))

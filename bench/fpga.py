@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.fileio import atomic_write
+from tvm_rmsmp.runtime.fileio import atomic_write
 from tvm_rmsmp.fpga import derive_ratio, load_board
 from tvm_rmsmp.models.resnet import resnet18
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     from schedules.x86_gemv import INT8, LINEAR, PASS_US, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import broadcast_dense_kernel, layer_dense_kernel, layer_weights, x86_isa
-    from tvm_rmsmp.schemes import get_scheme, nibble_decode
+    from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "num-cores": args.threads})

@@ -25,10 +25,10 @@ from tvm.s_tir import dlight as dl
 
 import schedules
 from relay_passes.rewrite_row_groups import group_weight, row_group_func
-from tvm_rmsmp.fileio import atomic_write
-from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
-from tvm_rmsmp.schemes import get_scheme
-from tvm_rmsmp.targets import resolve_target
+from tvm_rmsmp.runtime.fileio import atomic_write
+from tvm_rmsmp.runtime.opencl import OpenCLPrimFunc, opencl_context
+from tvm_rmsmp.quant.schemes import get_scheme
+from tvm_rmsmp.compiler.targets import resolve_target
 
 CONV = {"strides": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
 # (name, op, x shape (padded for conv), w shape, activation dtype)

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     import schedules
     from relay_passes.rewrite_row_groups import packed_weight, row_group_func
     from schedules.x86_intrin import packed_dense_kernel, x86_isa
-    from tvm_rmsmp.fileio import atomic_write
-    from tvm_rmsmp.schemes import get_scheme, nibble_decode
-    from tvm_rmsmp.targets import resolve_target
+    from tvm_rmsmp.runtime.fileio import atomic_write
+    from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
+    from tvm_rmsmp.compiler.targets import resolve_target
 
     target = resolve_target("llvm")
     portable_target = tvm.target.Target({"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "num-cores": 1})

@@ -38,9 +38,10 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._ir import callee, rmsmp_attr
-from ._ir import const_value as _const
-from ._ir import op_name as _op_name
+from . import contract
+from .contract import callee, rmsmp_attr
+from .contract import const_value as _const
+from .contract import op_name as _op_name
 
 __all__ = ["FoldRowPermutation"]
 
@@ -242,7 +243,7 @@ class _Folder(PyExprMutator):
         return False
 
     def _callee_op(self, call: relax.Call) -> Optional[str]:
-        return rmsmp_attr(callee(self.mod_, call), "rmsmp.op")
+        return rmsmp_attr(callee(self.mod_, call), contract.OP)
 
     # ----- the mutator hook ---------------------------------------------------------------
     def _fold_tuple(self, var, value) -> bool:

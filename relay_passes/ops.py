@@ -6,7 +6,7 @@ ops, one per scheme, whose products are written the way the scheme's hardware co
 
 * fixed rows: ``int32(x) * int32(w)`` (multiply-accumulate);
 * SP2 rows: two masked shifts, an add and a branch-free conditional negate, decoded from the
-  per-weight code of :func:`tvm_rmsmp.schemes.sp2_encode` (no multiply on the data path).
+  per-weight code of :func:`tvm_rmsmp.quant.schemes.sp2_encode` (no multiply on the data path).
 
 Every op computes ``out = float32(acc + bias_int) * out_scale`` with ``acc`` the int32 sum.
 The PrimFuncs carry attributes that say what they are, so per-target schedules can find
@@ -27,7 +27,8 @@ from typing import Callable, Dict, Sequence
 import tvm
 from tvm import te, tirx, topi
 
-from tvm_rmsmp.schemes import SP2_TERM_BITS
+from tvm_rmsmp.quant.schemes import SP2_TERM_BITS
+from . import contract
 
 __all__ = [
     "OP_PATTERN_OPAQUE",
@@ -108,7 +109,7 @@ def quantize_func(
     else:
         out = te.compute(tuple(i64(d) for d in shape), q, name="xq")
         pattern = OP_PATTERN_ELEMWISE
-    attrs = {"rmsmp.op": "quantize", "rmsmp.layer": layer, "op_pattern": pattern}
+    attrs = {contract.OP: "quantize", contract.LAYER: layer, "op_pattern": pattern}
     return _finish([x, out], attrs)
 
 
@@ -184,11 +185,11 @@ def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: i
         c = idx[channel_axis]
         return (acc(*idx) + bias[c]).astype("float32") * scale[c]
 
-    return te.compute(acc.shape, f, name="out")
+    return te.compute(acc.shape, f, name=contract.OUT_BLOCK)
 
 
 def rmsmp_attrs(op: str, layer: str, **extra) -> Dict[str, object]:
-    attrs = {"rmsmp.op": op, "rmsmp.layer": layer, "op_pattern": OP_PATTERN_OPAQUE}
+    attrs = {contract.OP: op, contract.LAYER: layer, "op_pattern": OP_PATTERN_OPAQUE}
     attrs.update(extra)
     return attrs
 
@@ -224,16 +225,16 @@ def dense_func(
             nibble = (w[n, j].astype("int32") >> (h * 4)) & 15
             return te.sum(product(x[m, 2 * j + h], nibble), axis=[j, h])
 
-        acc = te.compute((x_shape[0], n_rows), packed_sum, name="acc")
+        acc = te.compute((x_shape[0], n_rows), packed_sum, name=contract.ACC_BLOCK)
     elif packed:  # odd K: one code per reduction step, the last byte half empty
         w = te.placeholder((n_rows, (k_dim + 1) // 2), "uint8", name="w")
         k = te.reduce_axis((0, k_dim), name="k")
         acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], nibble_at(w, n, k)), axis=k),
-                         name="acc")
+                         name=contract.ACC_BLOCK)
     else:
         k = te.reduce_axis((0, k_dim), name="k")
         w = te.placeholder(tuple(w_shape), w_dtype, name="w")
-        acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], w[n, k]), axis=k), name="acc")
+        acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], w[n, k]), axis=k), name=contract.ACC_BLOCK)
     out = _epilogue(acc, bias, scale, 1)
     return _finish([x, w, bias, scale, out], attrs)
 
@@ -278,7 +279,7 @@ def conv2d_func(
         lambda b, o, y, z: te.sum(
             product(xp[b, rc, y * sh + ry * dh, z * sw + rx * dw], code(o, rc, ry, rx)), axis=[rc, ry, rx]
         ),
-        name="acc",
+        name=contract.ACC_BLOCK,
     )
     out = _epilogue(acc, bias, scale, 1)
     return _finish([x, w, bias, scale, out], attrs)

@@ -4,7 +4,7 @@ Runs after :class:`~relay_passes.fold_row_permutation.FoldRowPermutation` (which
 weight columns, one code per column). Each row-group op whose scheme has at most 4 bits is
 replaced by its packed form: the same computation reading ``[rows, ceil(R / 2)]`` bytes
 (fixed rows as 4-bit two's complement, SP2 rows as term indices and a sign; see
-:func:`tvm_rmsmp.schemes.nibble_codes`). Half the weight bytes: at batch 1 a dense layer is
+:func:`tvm_rmsmp.quant.schemes.nibble_codes`). Half the weight bytes: at batch 1 a dense layer is
 bound by streaming its weights. Rows of 8-bit schemes are left as they are.
 """
 
@@ -14,17 +14,18 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_rmsmp.schemes import get_scheme
+from tvm_rmsmp.quant.schemes import get_scheme
 
-from ._ir import callee, rmsmp_attr
-from .rewrite_row_groups import packed_weight, row_group_func, stored_to_int
+from . import contract
+from .contract import callee, packed_weight, rmsmp_attr, stored_to_int
+from .rewrite_row_groups import row_group_func
 
 __all__ = ["PackFourBitRows"]
 
 
 def _packable(func) -> bool:
-    scheme = rmsmp_attr(func, "rmsmp.scheme")
-    return scheme is not None and rmsmp_attr(func, "rmsmp.packed") is None and get_scheme(scheme).bits <= 4
+    scheme = rmsmp_attr(func, contract.SCHEME)
+    return scheme is not None and rmsmp_attr(func, contract.PACKED) is None and get_scheme(scheme).bits <= 4
 
 
 @mutator
@@ -44,19 +45,19 @@ class _Packer(PyExprMutator):
         x, w, bias, scale = list(call.args[1].fields)
         if not isinstance(w, tvm.ir.GenericConst):
             return call
-        scheme = str(func.attrs["rmsmp.scheme"])
-        op = str(func.attrs["rmsmp.op"])
+        scheme = str(func.attrs[contract.SCHEME])
+        op = str(func.attrs[contract.OP])
         stored = w.value.numpy()
         packed = packed_weight(stored_to_int(stored, scheme), scheme)
         key = (gv.name_hint,)
         if key not in self.cache:
             conv = None
             if op == "conv2d":
-                c = func.attrs["rmsmp.conv"]
+                c = func.attrs[contract.CONV]
                 conv = {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
             x_ty = x.ty
             new_func = row_group_func(
-                op, str(func.attrs["rmsmp.layer"]), scheme, [int(d) for d in x_ty.shape], str(x_ty.dtype),
+                op, str(func.attrs[contract.LAYER]), scheme, [int(d) for d in x_ty.shape], str(x_ty.dtype),
                 list(stored.shape), conv, packed=True,
             )
             self.cache[key] = self.builder_.add_func(new_func, gv.name_hint + "_packed")

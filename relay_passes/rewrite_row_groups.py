@@ -26,34 +26,17 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_rmsmp.schemes import get_scheme, list_schemes, nibble_codes, pack_nibbles, sp2_decode, sp2_encode
+from tvm_rmsmp.quant.schemes import (
+    get_scheme,
+    list_schemes,
+)
 
 from . import ops
-from ._ir import callee, const_value, rmsmp_attr
+from . import contract
+from .contract import SP2_LOWERINGS, callee, channel_axis, const_value, group_weight, packed_weight, rmsmp_attr, stored_to_int
 
-#: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
-SP2_LOWERINGS = ("shift", "decode")
 
 __all__ = ["SP2_LOWERINGS", "RewriteRowGroups", "group_weight", "packed_weight", "row_group_func", "channel_axis", "stored_to_int"]
-
-
-def channel_axis(op: str, ndim: int) -> int:
-    """Axis of the output rows in the op's result: last for dense, 1 (NCHW) for conv2d."""
-    return ndim - 1 if op == "dense" else 1
-
-
-def group_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
-    """The stored form of a group's weights: SP2 codes for SP2 schemes, integers otherwise."""
-    scheme = get_scheme(scheme_name)
-    if scheme.kind == "sp2":
-        return sp2_encode(w_int, scheme).astype(np.int8)
-    return np.asarray(w_int, dtype=np.int8)
-
-
-def stored_to_int(stored: np.ndarray, scheme_name: str) -> np.ndarray:
-    """Inverse of :func:`group_weight`: the integer levels of a group's stored weights."""
-    scheme = get_scheme(scheme_name)
-    return sp2_decode(stored.astype(np.uint8)) if scheme.kind == "sp2" else stored.astype(np.int64)
 
 
 def row_group_func(
@@ -63,12 +46,12 @@ def row_group_func(
     """The target-neutral row-group PrimFunc for ``scheme_name`` rows of a layer.
 
     ``w_shape`` is the logical weight shape; ``packed`` stores 4-bit codes two per byte
-    (``[rows, ceil(R / 2)]`` uint8, see :func:`tvm_rmsmp.schemes.pack_nibbles`).
+    (``[rows, ceil(R / 2)]`` uint8, see :func:`tvm_rmsmp.quant.schemes.pack_nibbles`).
     ``sp2_lowering`` (packed SP2 rows): ``"shift"`` (two masked shifts of the activation)
     or ``"decode"`` (the code decoded to its integer, then a multiply); recorded in the
     function's ``rmsmp.sp2_lowering`` attribute."""
     scheme = get_scheme(scheme_name)
-    extra = {"rmsmp.scheme": scheme_name, "rmsmp.kind": scheme.kind}
+    extra = {contract.SCHEME: scheme_name, contract.KIND: scheme.kind}
     if sp2_lowering not in SP2_LOWERINGS:
         raise ValueError(f"sp2_lowering must be one of {SP2_LOWERINGS}, got {sp2_lowering!r}")
     if packed:
@@ -77,26 +60,20 @@ def row_group_func(
         if scheme.kind == "sp2":
             make = ops.sp2_nibble_decode_product if sp2_lowering == "decode" else ops.sp2_nibble_product
             product = make(scheme.m1, scheme.m2)
-            extra["rmsmp.sp2_lowering"] = sp2_lowering
+            extra[contract.SP2_LOWERING] = sp2_lowering
         else:
             product = ops.fixed_nibble_product
-        extra["rmsmp.packed"] = 2
+        extra[contract.PACKED] = 2
     else:
         product = ops.sp2_product if scheme.kind == "sp2" else ops.fixed_product
     attrs = ops.rmsmp_attrs(op, layer, **extra)
     if op == "dense":
         return ops.dense_func(x_shape, x_dtype, w_shape, "int8", product, attrs, packed=packed)
-    attrs["rmsmp.conv"] = conv
+    attrs[contract.CONV] = conv
     return ops.conv2d_func(
         x_shape, x_dtype, w_shape, "int8", conv["strides"], conv["padding"], conv["dilation"], product, attrs,
         packed=packed,
     )
-
-
-def packed_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
-    """The stored form of a group's weights, two 4-bit codes per byte."""
-    scheme = get_scheme(scheme_name)
-    return pack_nibbles(nibble_codes(w_int, scheme))
 
 
 def _name(text: str) -> str:
@@ -114,7 +91,7 @@ class _Rewriter(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         func = callee(self.mod_, call)
-        if func is None or rmsmp_attr(func, "rmsmp.row_schemes") is None:
+        if func is None or rmsmp_attr(func, contract.ROW_SCHEMES) is None:
             return call
         gv = call.args[0]
         xq, w, bias, scale = list(call.args[1].fields)
@@ -122,13 +99,13 @@ class _Rewriter(PyExprMutator):
         if w_np is None or b_np is None or s_np is None:
             self.kept.add(gv)
             return call  # weights bound late (params as inputs): nothing to split at compile time
-        op = str(func.attrs["rmsmp.op"])
-        layer = str(func.attrs["rmsmp.layer"])
+        op = str(func.attrs[contract.OP])
+        layer = str(func.attrs[contract.LAYER])
         conv = None
         if op == "conv2d":
-            c = func.attrs["rmsmp.conv"]
+            c = func.attrs[contract.CONV]
             conv = {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
-        schemes = np.array([str(s) for s in func.attrs["rmsmp.row_schemes"]], dtype=object)
+        schemes = np.array([str(s) for s in func.attrs[contract.ROW_SCHEMES]], dtype=object)
         x_ty = xq.ty
         x_shape = [int(d) for d in x_ty.shape]
         x_dtype = str(x_ty.dtype)

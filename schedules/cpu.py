@@ -26,13 +26,24 @@ from tvm.s_tir import dlight as dl
 from tvm.sym.analyzer import Analyzer
 from tvm.target import Target
 
-from relay_passes._ir import callee
-from tvm_rmsmp.schemes import get_scheme, nibble_decode
+from relay_passes import contract
+from relay_passes.contract import callee
+from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
+from .x86_intrin import (
+    BROADCAST_MIN_ROWS,
+    ConvGeometry,
+    broadcast_dense_kernel,
+    gemm_kernel,
+    supports_packed_dense,
+    tap_order_weights,
+    taps_first_weights,
+    tile_weights,
+    warn_fallback,
+    x86_isa,
+)
 from .x86_layers import fuse_dense_layers
-from .x86_intrin import (BROADCAST_MIN_ROWS, ConvGeometry, broadcast_dense_kernel, gemm_kernel, supports_packed_dense,
-                         tap_order_weights, taps_first_weights, tile_weights, warn_fallback, x86_isa)
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
            "schedule_dense", "schedule_conv2d"]
@@ -51,7 +62,7 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
 
 def schedule_dense(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
     """Row-group dense on a CPU; ``tunable`` samples the tile sizes (MetaSchedule search)."""
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     m, n, *reduction = sch.get_loops(acc)  # packed 4-bit rows: (byte, nibble)
     if tunable:
         mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=8))
@@ -70,7 +81,7 @@ def schedule_dense(sch: s_tir.Schedule, target: Optional[Target] = None, tunable
 
 def schedule_conv2d(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
     """Row-group conv2d (NCHW) on a CPU; ``tunable`` samples the channel and pixel tiles."""
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     n, f, y, x, rc, ry, rx = sch.get_loops(acc)
     ow = _extent(sch, x)
     if tunable:
@@ -109,11 +120,11 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     instruction the target lacks is ever emitted), or the group has a (tuned) schedule already.
     """
     attrs = func.attrs
-    op = str(attrs.get("rmsmp.op", "")) if attrs is not None else ""
-    if op not in ("dense", "conv2d") or attrs.get("rmsmp.scheme") is None or "tirx.is_scheduled" in attrs:
+    op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
+    if op not in ("dense", "conv2d") or attrs.get(contract.SCHEME) is None or "tirx.is_scheduled" in attrs:
         return None
-    packed = attrs.get("rmsmp.packed") is not None
-    scheme = get_scheme(str(attrs["rmsmp.scheme"]))
+    packed = attrs.get(contract.PACKED) is not None
+    scheme = get_scheme(str(attrs[contract.SCHEME]))
     x_buf, w_buf, out_buf = func.params[0], func.params[1], func.params[-1]
     if not packed and (scheme.kind != "fixed" or str(w_buf.dtype) != "int8"):
         return None  # unpacked SP2 codes: the portable shift-add schedule
@@ -127,11 +138,11 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     n_rows = int(w_buf.shape[0])
     conv = None
     if op == "conv2d":
-        geometry = attrs["rmsmp.conv"]
+        geometry = attrs[contract.CONV]
         if any(int(p) for p in geometry["padding"]):
             return None  # the activation quantizer pads; a padded row group is not ours
         sch = s_tir.Schedule(func)
-        *_, ry, rx = sch.get_loops(sch.get_sblock("acc"))
+        *_, ry, rx = sch.get_loops(sch.get_sblock(contract.ACC_BLOCK))
         conv = ConvGeometry(*x_shape, _extent(sch, ry), _extent(sch, rx),
                             tuple(int(v) for v in geometry["strides"]), tuple(int(v) for v in geometry["dilation"]))
         if [conv.batch, n_rows, *conv.out_hw] != [int(d) for d in out_buf.shape]:
@@ -154,7 +165,7 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
     kind = "table-decode" if packed else "int8"
-    return kernel.with_attr("rmsmp.cpu_kernel", f"x86-{isa}-{kind}").with_attr("tirx.is_scheduled", True)
+    return kernel.with_attr(contract.CPU_KERNEL, f"x86-{isa}-{kind}").with_attr("tirx.is_scheduled", True)
 
 
 def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
@@ -191,7 +202,7 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
             relax.analysis.post_order_visit(func.body, record)
     replaced = {}
     for gv, calls in sites.items():
-        if "rmsmp.scheme" in (mod[gv].attrs or {}) and all(isinstance(c.args[1].fields[1], tvm.ir.GenericConst)
+        if contract.SCHEME in (mod[gv].attrs or {}) and all(isinstance(c.args[1].fields[1], tvm.ir.GenericConst)
                                                             for c in calls):
             kernel = x86_replacement(mod[gv], target, relayout=True)
             if kernel is not None:
@@ -226,14 +237,14 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
 def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     """numpy function giving the weights in the layout ``kernel`` reads (None: as they are)."""
     attrs = kernel.attrs
-    if "rmsmp.weight_tiles" in attrs:
-        rows, vec = (int(v) for v in attrs["rmsmp.weight_tiles"])
+    if contract.WEIGHT_TILES in attrs:
+        rows, vec = (int(v) for v in attrs[contract.WEIGHT_TILES])
         return lambda w: tile_weights(w, rows, vec)
-    if "rmsmp.weight_taps_first" in attrs:
-        channels, kh, kw = (int(v) for v in attrs["rmsmp.weight_taps_first"])
+    if contract.WEIGHT_TAPS_FIRST in attrs:
+        channels, kh, kw = (int(v) for v in attrs[contract.WEIGHT_TAPS_FIRST])
         return lambda w: taps_first_weights(w, channels, kh, kw)
-    if "rmsmp.weight_tap_order" in attrs:
-        channels, kh, kw, vec = (int(v) for v in attrs["rmsmp.weight_tap_order"])
+    if contract.WEIGHT_TAP_ORDER in attrs:
+        channels, kh, kw, vec = (int(v) for v in attrs[contract.WEIGHT_TAP_ORDER])
         return lambda w: tap_order_weights(w, channels, kh, kw, vec)
     return None
 
@@ -244,7 +255,7 @@ class _X86Rule(OpScheduleRule):
     def apply(self, func, target: Target, _tunable: bool):
         if target.kind.name in self.kinds:
             attrs = getattr(func, "attrs", None)
-            if attrs is not None and str(attrs.get("rmsmp.op", "")) == self.op:
+            if attrs is not None and str(attrs.get(contract.OP, "")) == self.op:
                 kernel = x86_replacement(func, target)
                 if kernel is not None:
                     return s_tir.Schedule(kernel)
@@ -256,7 +267,7 @@ def _glue_func(func, target: Target, float_only: bool) -> bool:
     every buffer float."""
     if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
         return False
-    if func.attrs is not None and str(func.attrs.get("rmsmp.op", "")) in ("dense", "conv2d"):
+    if func.attrs is not None and str(func.attrs.get(contract.OP, "")) in ("dense", "conv2d"):
         return False
     buffers = [p for p in func.params if hasattr(p, "shape")]
     return bool(buffers) and (not float_only or all(str(b.dtype).startswith("float") for b in buffers))

@@ -32,6 +32,7 @@ from tvm_rmsmp.fpga.config import load_board
 from tvm_rmsmp.fpga.target import FPGA_DEVICE
 
 from .registry import register_target
+from relay_passes import contract
 
 __all__ = ["FPGARowGroupRule", "plan_tiles", "schedule_row_group", "FPGA_DEVICE", "INTRIN"]
 
@@ -78,25 +79,25 @@ def _attr(func, key, default=None):
 
 
 def _core(func) -> str:
-    return "lut" if str(_attr(func, "rmsmp.kind", "")) == "sp2" else "dsp"
+    return "lut" if str(_attr(func, contract.KIND, "")) == "sp2" else "dsp"
 
 
 def _bits(func) -> int:
-    return 4 if _attr(func, "rmsmp.packed") is not None else 8
+    return 4 if _attr(func, contract.PACKED) is not None else 8
 
 
 def _kernel(func) -> Tuple[int, int]:
     """Kernel height and width of an unscheduled conv2d: its ``acc`` block's last two axes."""
     sch = s_tir.Schedule(func)
-    block = sch.get(sch.get_sblock("acc"))
+    block = sch.get(sch.get_sblock(contract.ACC_BLOCK))
     dims = [int(iv.dom.extent) for iv in block.iter_vars]
     return dims[-2], dims[-1]
 
 
 def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], str]:
     """Tile sizes for a row-group PrimFunc on accelerator ``accel``, or ``(None, reason)``."""
-    op = str(_attr(func, "rmsmp.op", ""))
-    if op not in ("dense", "conv2d") or _attr(func, "rmsmp.scheme") is None:
+    op = str(_attr(func, contract.OP, ""))
+    if op not in ("dense", "conv2d") or _attr(func, contract.SCHEME) is None:
         return None, "not a row-group op"
     bits = _bits(func)
     packed = bits == 4
@@ -110,7 +111,7 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
         return tf * ((codes * bits + 7) // 8)
 
     if op == "conv2d":
-        conv = _attr(func, "rmsmp.conv")
+        conv = _attr(func, contract.CONV)
         strides = [int(v) for v in conv["strides"]]
         padding = [int(v) for v in conv["padding"]]
         dilation = [int(v) for v in conv["dilation"]]
@@ -155,7 +156,7 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
 
 def schedule_row_group(sch: s_tir.Schedule, plan: Dict[str, int], core: str) -> None:
     """Tile, reorder and blockize a row-group PrimFunc as described in the module docstring."""
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     if plan["op"] == "conv2d":
         b, f, y, x, rc, ry, rx = sch.get_loops(acc)
         fo, fi = sch.split(f, [None, plan["tf"]])
@@ -190,9 +191,9 @@ class FPGARowGroupRule(s_tir.dlight.ScheduleRule):
     """Schedules a row-group op for the board of the target; None (host fallback) when no tile fits."""
 
     def apply(self, func, target: Target, _tunable: bool):
-        if target.kind.name != "ext_dev" or _attr(func, "rmsmp.scheme") is None:
+        if target.kind.name != "ext_dev" or _attr(func, contract.SCHEME) is None:
             return None
-        if str(_attr(func, "rmsmp.op", "")) not in ("dense", "conv2d"):
+        if str(_attr(func, contract.OP, "")) not in ("dense", "conv2d"):
             return None
         plan, _ = plan_tiles(func, board_of(target).accelerator)
         if plan is None:

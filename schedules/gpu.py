@@ -25,9 +25,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from tvm_rmsmp.targets import INT8_DOT_KEY
-
-from .registry import OpScheduleRule, register_target
+from .registry import INT8_DOT_KEY, OpScheduleRule, register_target
+from relay_passes import contract
 
 __all__ = ["GPURowGroupDense", "GPURowGroupConv2d", "schedule_dense", "schedule_conv2d", "check_launch_limits", "LaunchLimitError"]
 
@@ -118,7 +117,7 @@ def _dot4_intrin(sch: s_tir.Schedule, target: Target) -> Optional[str]:
     signed built-ins do not take)."""
     kind = target.kind.name
     func = sch.mod["main"]
-    if kind not in ("cuda", "opencl") or func.attrs is None or str(func.attrs.get("rmsmp.kind", "")) != "fixed":
+    if kind not in ("cuda", "opencl") or func.attrs is None or str(func.attrs.get(contract.KIND, "")) != "fixed":
         return None
     if kind == "opencl" and INT8_DOT_KEY not in [str(k) for k in target.keys]:
         return None  # no built-in declared: plain MACs (on PoCL, 2.9x faster than the helper's fallback)
@@ -135,9 +134,9 @@ class LaunchLimitError(ValueError):
 
 
 def _rmsmp_op(func) -> Optional[str]:
-    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "rmsmp.op" not in func.attrs:
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or contract.OP not in func.attrs:
         return None
-    return str(func.attrs["rmsmp.op"])
+    return str(func.attrs[contract.OP])
 
 
 def _limit(target: Target, key: str, default: int) -> int:
@@ -197,7 +196,7 @@ def _tile(sch: s_tir.Schedule, loop, cap: int, tunable: bool):
 def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:
     """Row-group dense on a GPU: ``TM x TN`` output tiles per work-group, k-chunks in local memory."""
     max_threads = _limit(target, "max_num_threads", 256)
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     m, n, *reduction = sch.get_loops(acc)
     k = sch.fuse(*reduction) if len(reduction) > 1 else reduction[0]  # packed rows: (byte, nibble)
     dot4 = _dot4_intrin(sch, target)
@@ -235,7 +234,7 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
 def schedule_conv2d(sch: s_tir.Schedule, target: Target, tunable: bool = False) -> None:
     """Row-group conv2d (NCHW) on a GPU: ``TF`` channels x ``TX`` pixels per work-group."""
     max_threads = _limit(target, "max_num_threads", 256)
-    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     try:
         sch.compute_inline(sch.get_sblock("pad"))
     except Exception:  # noqa: BLE001  (no "pad" block: the quantizer padded already)

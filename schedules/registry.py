@@ -15,9 +15,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight as dl
+from relay_passes import contract
 
 __all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "prepare", "space_for", "fixed_kernel",
-           "OpScheduleRule", "build_pipeline"]
+           "OpScheduleRule", "build_pipeline", "INT8_DOT_KEY"]
+
+#: Target key that declares an OpenCL device with an int8 dot-product built-in (target name
+#: ``"mali-dot"``: Mali G76 and later); the GPU schedules read it.
+INT8_DOT_KEY = "int8_dot"
 
 
 class OpScheduleRule(dl.ScheduleRule):
@@ -30,7 +35,7 @@ class OpScheduleRule(dl.ScheduleRule):
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
         attrs = getattr(func, "attrs", None)
-        if target.kind.name not in self.kinds or attrs is None or str(attrs.get("rmsmp.op", "")) != self.op:
+        if target.kind.name not in self.kinds or attrs is None or str(attrs.get(contract.OP, "")) != self.op:
             return None
         sch = s_tir.Schedule(func)
         self.schedule(sch, target)

@@ -48,7 +48,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from tvm_rmsmp.schemes import unpack_nibbles
+from tvm_rmsmp.quant.schemes import unpack_nibbles
 
 from .x86_intrin import PAIR_SUMS16, _VectorOps
 

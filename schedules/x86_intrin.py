@@ -63,12 +63,13 @@ import warnings
 from typing import Optional, Sequence, Tuple
 
 import attrs
-
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
-from tvm_rmsmp.schemes import unpack_nibbles
+
+from tvm_rmsmp.quant.schemes import unpack_nibbles
+from relay_passes import contract
 
 __all__ = ["x86_isa", "PAIR_SUMS16", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
            "TargetFeatureWarning", "tile_weights", "taps_first_weights", "tap_order_weights"]
@@ -680,11 +681,11 @@ def gemm_kernel(
                                             ((task % n_chunks) * per_chunk + tt) * nt + ni)
 
     if tiled:
-        kernel = kernel.with_attr("rmsmp.weight_tiles", [nt, vec])
+        kernel = kernel.with_attr(contract.WEIGHT_TILES, [nt, vec])
     if taps_first:
-        kernel = kernel.with_attr("rmsmp.weight_taps_first", [conv.channels, conv.kh, conv.kw])
+        kernel = kernel.with_attr(contract.WEIGHT_TAPS_FIRST, [conv.channels, conv.kh, conv.kw])
     if tap_laid_out:
-        kernel = kernel.with_attr("rmsmp.weight_tap_order", [conv.channels, conv.kh, conv.kw, vec])
+        kernel = kernel.with_attr(contract.WEIGHT_TAP_ORDER, [conv.channels, conv.kh, conv.kw, vec])
     return kernel
 
 
@@ -987,7 +988,7 @@ def broadcast_dense_kernel(
         wp = T.decl_buffer((blocks8, steps, step_bytes), w_dtype, data=w.data)
         gemm(x, bias, scale, out, wp, wp, wp, wp)
 
-    return kernel.with_attr("rmsmp.weight_tiles", [8, step_bytes // 8])
+    return kernel.with_attr(contract.WEIGHT_TILES, [8, step_bytes // 8])
 
 
 def layer_dense_kernel(

@@ -37,10 +37,18 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
-from relay_passes._ir import callee, const_value, op_name
-from tvm_rmsmp.schemes import get_scheme, nibble_decode
+from relay_passes import contract
+from relay_passes.contract import callee, const_value, op_name
+from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
-from .x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights, gemv_max_rows
+from .x86_gemv import (
+    INT8,
+    LINEAR,
+    block_pairs,
+    gemv_layer_kernel,
+    gemv_layer_weights,
+    gemv_max_rows,
+)
 from .x86_intrin import layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["fuse_dense_layers"]
@@ -81,17 +89,17 @@ def _layer(mod: tvm.IRModule, var2val, concat: relax.Call, max_rows: Optional[in
         call = var2val.get(field) if isinstance(field, relax.Var) else None
         func = callee(mod, call) if isinstance(call, relax.Call) else None
         attrs = func.attrs if func is not None else None
-        if attrs is None or "rmsmp.scheme" not in attrs or str(attrs.get("rmsmp.op", "")) != "dense" \
+        if attrs is None or contract.SCHEME not in attrs or str(attrs.get(contract.OP, "")) != "dense" \
                 or "tirx.is_scheduled" in attrs:
             return None  # not a row group, or one with a schedule of its own (tuned)
         xq, w, bias, scale = list(call.args[1].fields)
         values = [const_value(w), const_value(bias), const_value(scale)]
         if any(v is None for v in values) or (x is not None and not xq.same_as(x)) \
-                or (layer is not None and layer != str(attrs["rmsmp.layer"])):
+                or (layer is not None and layer != str(attrs[contract.LAYER])):
             return None
-        x, layer = xq, str(attrs["rmsmp.layer"])
-        scheme = str(attrs["rmsmp.scheme"])
-        if "rmsmp.packed" in attrs:
+        x, layer = xq, str(attrs[contract.LAYER])
+        scheme = str(attrs[contract.SCHEME])
+        if contract.PACKED in attrs:
             tables.add(scheme)
         elif get_scheme(scheme).kind != "fixed" or values[0].dtype != np.int8:
             return None  # unpacked SP2 codes
@@ -139,8 +147,8 @@ def _gemv_call(builder: relax.BlockBuilder, layer: _Layer, order: Sequence[Tuple
 
 def _add_kernel(builder: relax.BlockBuilder, kernel: tvm.tirx.PrimFunc, schemes: Sequence[str], cpu_kernel: str,
                 name: str) -> tvm.ir.GlobalVar:
-    attrs = {"rmsmp.op": "dense", "rmsmp.schemes": list(schemes), "op_pattern": 8,
-             "rmsmp.cpu_kernel": cpu_kernel, "tirx.is_scheduled": True}
+    attrs = {contract.OP: "dense", contract.SCHEMES: list(schemes), "op_pattern": 8,
+             contract.CPU_KERNEL: cpu_kernel, "tirx.is_scheduled": True}
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
     return builder.add_func(kernel, name)

@@ -13,7 +13,7 @@ from conftest import np_conv_acc, np_dense_acc, np_epilogue  # noqa: E402
 
 import schedules  # noqa: E402
 from relay_passes.rewrite_row_groups import group_weight, row_group_func  # noqa: E402
-from tvm_rmsmp.schemes import get_scheme  # noqa: E402
+from tvm_rmsmp.quant.schemes import get_scheme  # noqa: E402
 
 CASES = [
     ("dense", (1, 768), (64, 768), None),

@@ -100,7 +100,7 @@ def small_resnet():
 
 @pytest.fixture(scope="session")
 def host_target():
-    from tvm_rmsmp.targets import resolve_target
+    from tvm_rmsmp.compiler.targets import resolve_target
 
     return resolve_target("llvm")
 
@@ -108,7 +108,7 @@ def host_target():
 def opencl_available() -> bool:
     """True if an OpenCL device (PoCL here) and pyopencl are usable."""
     try:
-        from tvm_rmsmp.opencl_runtime import opencl_context
+        from tvm_rmsmp.runtime.opencl import opencl_context
 
         opencl_context()
         return True

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.cli import main
+from tvm_rmsmp.cli.main import main
 
 
 def test_schemes(capsys):

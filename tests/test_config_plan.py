@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.assign import assign_rows, get_assign_rule, row_kurtosis
-from tvm_rmsmp.plan import RowPlan, row_counts
+from tvm_rmsmp.quant.assign import assign_rows, get_assign_rule, row_kurtosis
+from tvm_rmsmp.quant.plan import RowPlan, row_counts
 
 
 @pytest.mark.parametrize(

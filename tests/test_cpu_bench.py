@@ -36,7 +36,7 @@ def test_cpu_bench_runs_every_contender(tmp_path, capsys):
     import torch
 
     from bench.cpu import dense_model, tvm_fp32_tuned
-    from tvm_rmsmp.targets import resolve_target
+    from tvm_rmsmp.compiler.targets import resolve_target
 
     capsys.readouterr()
     run = tvm_fp32_tuned(dense_model(768, 768).eval(), torch.randn(1, 1, 768), resolve_target("llvm"),

@@ -10,7 +10,7 @@ import tvm
 import schedules
 from conftest import np_conv_acc, np_dense_acc, np_epilogue
 from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
-from tvm_rmsmp.schemes import get_scheme, pack_nibbles
+from tvm_rmsmp.quant.schemes import get_scheme, pack_nibbles
 
 
 def _build(func, target):
@@ -206,7 +206,7 @@ def _host_isas(host_target):
 def test_x86_packed_dense_kernel_is_integer_exact(isa, vec, scheme, act, m, k, n, host_target):
     """vpshufb decode + vpdpbusd / vpmaddubsw+vpmaddwd, with partial row and batch tiles."""
     from schedules.x86_intrin import packed_dense_kernel
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     if isa not in _host_isas(host_target):
         pytest.skip(f"this CPU has no {isa}")
@@ -621,7 +621,7 @@ def test_broadcast_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n, host
     int8 rows on AVX2: 8-row x 2-byte tiles, int16 pairs) equals numpy: partial activation and
     row tiles, odd K (a half-empty last byte and a zero-padded last step), extreme values."""
     from schedules.x86_intrin import broadcast_dense_kernel, tile_weights
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     if isa not in _host_isas(host_target):
         pytest.skip(f"this CPU has no {isa}")
@@ -700,7 +700,7 @@ def test_taps_first_conv_kernel_is_integer_exact(scheme, act, host_target):
     """The per-tap conv kernel reading weights reordered at compile time equals numpy; with
     few output pixels it is still the per-tap kernel (the im2col was the default there)."""
     from schedules.x86_intrin import ConvGeometry, gemm_kernel, taps_first_weights, x86_isa
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     isa = x86_isa(host_target)
     if isa is None:
@@ -764,7 +764,7 @@ def test_tap_order_weights_layout():
     """Column (ky, kx, c) of the tap-order layout holds weight column (c, ky, kx); packed: byte
     j of a step holds columns j and 32 + j of the step's 64, zero past the last column."""
     from schedules.x86_intrin import tap_order_weights
-    from tvm_rmsmp.schemes import pack_nibbles
+    from tvm_rmsmp.quant.schemes import pack_nibbles
 
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 16, (2, 3, 7, 7)).astype(np.uint8)
@@ -788,7 +788,7 @@ def test_tap_order_conv_kernel_is_integer_exact(n, scheme, act, host_target):
     im2col in tap order: with weights laid out at compile time, and (rows fewer than pixels)
     reordered per call, equal to numpy."""
     from schedules.x86_intrin import ConvGeometry, gemm_kernel, tap_order_weights, x86_isa
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     isa = x86_isa(host_target)
     if isa is None:
@@ -856,7 +856,7 @@ def test_layer_dense_kernel_is_integer_exact(m, k, n, act, shares, vbmi, host_ta
     from tvm.target.codegen import target_has_features
 
     from schedules.x86_intrin import layer_dense_kernel, layer_weights, x86_isa
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     if x86_isa(host_target) != "avx512vnni" or (vbmi and not target_has_features("avx512vbmi", host_target)):
         pytest.skip("needs AVX-512 VNNI (and VBMI)")
@@ -923,7 +923,7 @@ def test_gemv_layer_kernel_is_integer_exact(m, k, n, act, shares, isa, vbmi, hos
 
     from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import x86_isa
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     if x86_isa(host_target) not in (isa, "avx512vnni") or (vbmi and not target_has_features("avx512vbmi", host_target)):
         pytest.skip(f"needs {isa}" + (" and VBMI" if vbmi else ""))
@@ -975,7 +975,7 @@ def test_gemv_layer_rejects_what_it_cannot_compute():
     so are a linear group whose levels do not fit ``level + 8`` in a nibble, and a reduction
     too long for the kernel's int32 sums."""
     from schedules.x86_gemv import LINEAR, gemv_layer_weights
-    from tvm_rmsmp.schemes import nibble_decode
+    from tvm_rmsmp.quant.schemes import nibble_decode
 
     codes = np.full((1, 64), 7)  # level 7 everywhere: 128 * 7 * 64 folded in for uint8 activations
     lv = nibble_decode(np.arange(16), get_scheme("fixed_4"))

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import opencl_available, run_tutorial
-from tvm_rmsmp.data import FASHION_MNIST_DIR
+from tvm_rmsmp.models.data import FASHION_MNIST_DIR
 
 needs_data = pytest.mark.skipif(
     not os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")),
@@ -16,7 +16,7 @@ needs_data = pytest.mark.skipif(
 @needs_data
 @pytest.mark.slow
 def test_demo_tvm_equals_reference_and_keeps_accuracy():
-    from tvm_rmsmp.demo import run
+    from tvm_rmsmp.cli.demo import run
 
     r = run(limit=2000, batch=100, repeat=5, quiet=True)
     acc = r["accuracy"]

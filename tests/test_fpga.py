@@ -21,8 +21,8 @@ from tvm_rmsmp.fpga.isa import Alu, GemmDSP, GemmLUT, Load, Store
 from tvm_rmsmp.fpga.ratio import core_balance
 from tvm_rmsmp.fpga.runtime import FPGAFallbackWarning
 from tvm_rmsmp.fpga.simulator import DeadlockError, HazardError, Simulator, WeightTensor
-from tvm_rmsmp.schemes import get_scheme
-from tvm_rmsmp.targets import resolve_target
+from tvm_rmsmp.quant.schemes import get_scheme
+from tvm_rmsmp.compiler.targets import resolve_target
 
 torch.set_num_threads(1)
 

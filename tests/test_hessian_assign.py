@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.assign import assign_rows, hessian_row_error, row_kurtosis
-from tvm_rmsmp.config import HessianConfig
-from tvm_rmsmp.hessian import row_hessian_traces
-from tvm_rmsmp.plan import row_counts
+from tvm_rmsmp.quant.assign import assign_rows, hessian_row_error, row_kurtosis
+from tvm_rmsmp.quant.config import HessianConfig
+from tvm_rmsmp.nn.hessian import row_hessian_traces
+from tvm_rmsmp.quant.plan import row_counts
 
 RATIO = {"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}
 

@@ -12,7 +12,7 @@ import tvm_rmsmp as rmsmp
 from conftest import np_conv_acc, np_dense_acc, np_epilogue, opencl_available
 from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
 from schedules.gpu import LaunchLimitError, check_launch_limits
-from tvm_rmsmp.schemes import get_scheme
+from tvm_rmsmp.quant.schemes import get_scheme
 
 MALI = {"kind": "opencl", "device": "mali", "host": {"kind": "llvm"}}
 
@@ -32,7 +32,7 @@ def _run_kernel(func, target, arrays, out_shape, prepare=None):
     """Build ``func`` for ``target`` and run it on PoCL; ``prepare(kernel)`` may swap its program."""
     import pyopencl as cl
 
-    from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc, opencl_context
+    from tvm_rmsmp.runtime.opencl import OpenCLPrimFunc, opencl_context
 
     ctx, queue, _ = opencl_context()
     kernel = OpenCLPrimFunc(func, target)
@@ -87,7 +87,7 @@ def test_every_kernel_variant_is_integer_exact_on_pocl(op, xs, ws, conv, scheme,
 @needs_pocl
 @pytest.mark.parametrize("op,xs,ws,conv", [CASES[1], CASES[5]])
 def test_sp2_kernel_source_is_branch_free_shift_add(op, xs, ws, conv):
-    from tvm_rmsmp.opencl_runtime import OpenCLPrimFunc
+    from tvm_rmsmp.runtime.opencl import OpenCLPrimFunc
 
     func, target = _scheduled(op, "sp2_4", xs, "uint8", ws, conv)
     src = OpenCLPrimFunc(func, target).source  # built by PoCL too
@@ -211,7 +211,7 @@ def test_dot_product_kernel_is_integer_exact_on_pocl_with_each_prelude_branch(bu
     (its documented semantics), so every branch compiles and gives the numpy result."""
     import pyopencl as cl
 
-    from tvm_rmsmp.opencl_runtime import opencl_context
+    from tvm_rmsmp.runtime.opencl import opencl_context
 
     rng = np.random.default_rng(5)
     x = rng.integers(-128, 128, (5, 64)).astype(np.int8)

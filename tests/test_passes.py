@@ -8,7 +8,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from relay_passes import FoldRowPermutation, RewriteRowGroups
-from tvm_rmsmp.schemes import get_scheme, sp2_encode
+from tvm_rmsmp.quant.schemes import get_scheme, sp2_encode
 
 # Weights of a 3-row dense layer whose rows are fixed_4, sp2_4, fixed_4.
 W = np.array([[1, -7, 3], [5, -8, 0], [-2, 6, 7]], np.int8)
@@ -273,7 +273,7 @@ def test_pack_four_bit_rows_halves_weight_bytes_and_keeps_results(small_resnet):
 
     import tvm_rmsmp as rmsmp
     from relay_passes import PackFourBitRows
-    from tvm_rmsmp.frontend import import_model
+    from tvm_rmsmp.compiler.frontend import import_model
 
     model, calib = small_resnet
     q = rmsmp.quantize(model, rmsmp.RMSMPConfig(), calib)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.schemes import Scheme, register_scheme
+from tvm_rmsmp.quant.schemes import Scheme, register_scheme
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.qat import QATConfig, convert_qat, prepare_qat, qat_layers, reassign_rows, train_qat
+from tvm_rmsmp.nn.qat import QATConfig, convert_qat, prepare_qat, qat_layers, reassign_rows, train_qat
 
 CFG = rmsmp.RMSMPConfig(assign="hessian", hessian=rmsmp.HessianConfig(probes=2, batches=2))
 

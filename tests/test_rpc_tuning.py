@@ -9,7 +9,7 @@ from torch import nn
 
 import tvm_rmsmp as rmsmp
 from conftest import tunable_cpu_target
-from tvm_rmsmp.rpc_loopback import LoopbackRPC, free_port
+from tvm_rmsmp.runtime.rpc import LoopbackRPC, free_port
 
 TARGET = tunable_cpu_target()
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tvm_rmsmp.schemes import Scheme, get_scheme, list_schemes, register_scheme, sp2_decode, sp2_encode
+from tvm_rmsmp.quant.schemes import Scheme, get_scheme, list_schemes, register_scheme, sp2_decode, sp2_encode
 
 
 def test_sp2_4_levels_are_sums_of_two_powers_of_two():
@@ -123,7 +123,7 @@ def test_quantize_keeps_all_zero_rows_exact():
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(["sp2_4", "fixed_4"]), data=st.data())
 def test_nibble_codes_round_trip_and_pack_two_per_byte(name, data):
-    from tvm_rmsmp.schemes import nibble_codes, nibble_decode, pack_nibbles
+    from tvm_rmsmp.quant.schemes import nibble_codes, nibble_decode, pack_nibbles
 
     s = get_scheme(name)
     w_int = data.draw(hnp.arrays(np.int64, (3, data.draw(st.integers(1, 9))), elements=st.sampled_from(s.levels.tolist())))
@@ -137,14 +137,14 @@ def test_nibble_codes_round_trip_and_pack_two_per_byte(name, data):
 
 
 def test_8_bit_schemes_have_no_nibble_code():
-    from tvm_rmsmp.schemes import nibble_codes
+    from tvm_rmsmp.quant.schemes import nibble_codes
 
     with pytest.raises(ValueError, match="8 bits"):
         nibble_codes(np.zeros((1, 2), np.int64), get_scheme("fixed_8"))
 
 
 def test_table_lookup_encoding_equals_binary_search():
-    from tvm_rmsmp.schemes import _nearest_level, _nearest_level_search
+    from tvm_rmsmp.quant.schemes import _nearest_level, _nearest_level_search
 
     rng = np.random.default_rng(0)
     for name in ("sp2_4", "fixed_4", "fixed_8"):
@@ -159,7 +159,7 @@ def test_table_lookup_encoding_equals_binary_search():
 def test_unpack_nibbles_inverts_pack_nibbles():
     """Odd and even code counts come back as packed; asking for more codes than the bytes hold
     is an error."""
-    from tvm_rmsmp.schemes import pack_nibbles, unpack_nibbles
+    from tvm_rmsmp.quant.schemes import pack_nibbles, unpack_nibbles
 
     rng = np.random.default_rng(0)
     for count in (1, 6, 7):

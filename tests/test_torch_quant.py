@@ -8,7 +8,7 @@ from torch import nn
 
 import tvm_rmsmp as rmsmp
 from conftest import np_conv_acc, np_dense_acc, np_epilogue
-from tvm_rmsmp.torch_quant import ActQuant, rmsmp_layers
+from tvm_rmsmp.nn.layers import ActQuant, rmsmp_layers
 
 
 def _np_layer(layer, x: np.ndarray) -> np.ndarray:
@@ -175,7 +175,7 @@ def test_row_with_tiny_weights_and_a_large_bias_stays_in_int32():
 def test_reference_products_are_exact_on_every_path():
     """float32 direct, base-16 digits (large inputs, 8-bit weights), float64 (small inputs),
     a weight changed in place, and weights made under torch.inference_mode."""
-    from tvm_rmsmp.torch_ops import _exact_product, _linear
+    from tvm_rmsmp.nn.ops import _exact_product, _linear
 
     g = torch.Generator().manual_seed(0)
     for fan in (64, 576, 4608):

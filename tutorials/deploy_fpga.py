@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.data import load_fashion_mnist
+from tvm_rmsmp.models.data import load_fashion_mnist
 from tvm_rmsmp.fpga import derive_ratio, load_board
 from tvm_rmsmp.models.fmnist_cnn import load_pretrained
 

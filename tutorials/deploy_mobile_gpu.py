@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.data import load_fashion_mnist
+from tvm_rmsmp.models.data import load_fashion_mnist
 from tvm_rmsmp.models.fmnist_cnn import load_pretrained
-from tvm_rmsmp.targets import TARGET_NAMES, host_cpu_target
+from tvm_rmsmp.compiler.targets import TARGET_NAMES, host_cpu_target
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out_dir", nargs="?", default=None)

@@ -26,7 +26,7 @@ from torch import nn
 
 import tvm_rmsmp as rmsmp
 from schedules.x86_intrin import TargetFeatureWarning, x86_isa
-from tvm_rmsmp.rpc_loopback import LoopbackRPC
+from tvm_rmsmp.runtime.rpc import LoopbackRPC
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out_dir", nargs="?", default=None)

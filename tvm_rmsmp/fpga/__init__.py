@@ -12,7 +12,14 @@ cycle-level simulator, and the hardware-informed row ratio.
 See docs/fpga.md.
 """
 
-from .config import AcceleratorConfig, ArrayShape, Board, FPGAConfig, known_boards, load_board
+from .config import (
+    AcceleratorConfig,
+    ArrayShape,
+    Board,
+    FPGAConfig,
+    known_boards,
+    load_board,
+)
 from .ratio import core_balance, derive_ratio
 from .target import fpga_target
 

@@ -25,6 +25,7 @@ from tvm import tirx
 from tvm.sym import Analyzer
 
 from .isa import Alu, GemmDSP, GemmLUT, Load, Store, region_size
+from relay_passes import contract
 
 __all__ = ["TileEvent", "tile_events", "RowGroup", "layer_stream"]
 
@@ -165,7 +166,7 @@ def _tiles(events: List[TileEvent]):
         elif ev.intrin == "alu_store":
             if not gemms:
                 raise ValueError("an epilogue tile without GEMM tiles before it")
-            acc = ev.reads["acc"]
+            acc = ev.reads[contract.ACC_BLOCK]
             band = tuple(d for i, d in enumerate(acc) if i != 1)
             tiles.append((band, gemms, ev))
             gemms = []
@@ -179,7 +180,7 @@ def _tiles(events: List[TileEvent]):
 def _estimate(g: RowGroup, gemms, accel) -> float:
     arr = accel.dsp_array if g.core == "dsp" else accel.lut_array
     rate = arr.units * (accel.dsp_products_4bit if g.core == "dsp" and g.bits <= 4 else 1)
-    return sum(region_size(ev.writes["acc"]) * _reduction(g, ev) for ev in gemms) / rate
+    return sum(region_size(ev.writes[contract.ACC_BLOCK]) * _reduction(g, ev) for ev in gemms) / rate
 
 
 def _reduction(g: RowGroup, ev: TileEvent) -> int:
@@ -254,7 +255,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
             wait = (f"{core}->load:wgt",) if n_wgt[core] >= 2 else ()
             stream.append(Load(buffer=f"wgt_{core}", tensor=g.weight, region=wregion, slot=n_wgt[core] % 2,
                                nbytes=region_size(wregion), wait=wait, signal=(f"load->{core}:data",), layer=layer))
-            acc = ev.writes["acc"]
+            acc = ev.writes[contract.ACC_BLOCK]
             rows = acc[1][1]
             if g.op == "conv2d":
                 out_hw = (acc[2][1], acc[3][1])
@@ -278,7 +279,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
                 raise ValueError(f"layer {layer!r}: a GEMM tile starts an accumulation mid-reduction")
             n_wgt[core] += 1
             p += 1
-        out_region = epi.writes["out"]
+        out_region = epi.writes[contract.OUT_BLOCK]
         row0 = epi.reads["bias"][0][0]
         stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=region_size(out_region),
                           operand=g.bias, row0=row0, row_axis=0 if g.op == "conv2d" else 1,
@@ -292,8 +293,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
 
 def weight_levels(stored: np.ndarray, scheme_name: str, packed: bool) -> np.ndarray:
     """Integer levels ``[rows, R]`` of a row group's stored weights (packed nibbles or int8 codes)."""
-    from tvm_rmsmp.schemes import get_scheme, nibble_decode
-    from relay_passes.rewrite_row_groups import stored_to_int
+    from relay_passes.contract import stored_to_int
+    from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
     if packed:
         flat = stored.reshape(stored.shape[0], -1).astype(np.uint8)

@@ -3,7 +3,7 @@ every other op on the host CPU through TVM.
 
 After the RMSMP passes and the FPGA schedules, the Relax module is legalized as for a CPU;
 its ``main`` is a static sequence of ``call_tir`` bindings (like the OpenCL executor in
-:mod:`tvm_rmsmp.opencl_runtime`). Each layer's row-group calls become one
+:mod:`tvm_rmsmp.runtime.opencl`). Each layer's row-group calls become one
 :class:`LayerProgram` (an instruction stream, its packed weights and biases); the other
 calls are PrimFuncs built for the host (``llvm``) on first use. A row-group op the
 accelerator cannot run (no tile fits, unsupported geometry) is built for the host instead,
@@ -24,11 +24,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..relax_graph import bind_alias, shape_dtype, unsupported_binding
+from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import RowGroup, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
+from relay_passes import contract
 
 __all__ = ["FPGACompiledModel", "FPGAFallbackWarning", "LayerProgram", "compile_fpga"]
 
@@ -61,8 +62,8 @@ def _attr(func, key, default=None):
 
 
 def _is_row_group(func) -> bool:
-    return isinstance(func, tvm.tirx.PrimFunc) and _attr(func, "rmsmp.scheme") is not None and str(
-        _attr(func, "rmsmp.op", "")) in ("dense", "conv2d")
+    return isinstance(func, tvm.tirx.PrimFunc) and _attr(func, contract.SCHEME) is not None and str(
+        _attr(func, contract.OP, "")) in ("dense", "conv2d")
 
 
 def _scheduled_for_fpga(func) -> bool:
@@ -133,7 +134,7 @@ class FPGACompiledModel:
         groups_of: Dict[tuple, list] = {}
         for binding in row_calls:
             func = self.lowered[binding.value.args[0]]
-            key = (str(func.attrs["rmsmp.layer"]), binding.value.args[1].fields[0])
+            key = (str(func.attrs[contract.LAYER]), binding.value.args[1].fields[0])
             groups_of.setdefault(key, []).append(binding)
         emitted = set()
         self.consts = consts
@@ -143,7 +144,7 @@ class FPGACompiledModel:
                 gv = value.args[0]
                 func = self.lowered[gv]
                 if _is_row_group(func) and _scheduled_for_fpga(func):
-                    key = (str(func.attrs["rmsmp.layer"]), value.args[1].fields[0])
+                    key = (str(func.attrs[contract.LAYER]), value.args[1].fields[0])
                     if key not in emitted:
                         emitted.add(key)
                         prog = self._layer_program(key[0], groups_of[key], ref)
@@ -174,25 +175,25 @@ class FPGACompiledModel:
         groups, outputs, schemes = [], [], []
         for binding in bindings:
             func = self.lowered[binding.value.args[0]]
-            scheme = str(func.attrs["rmsmp.scheme"])
+            scheme = str(func.attrs[contract.SCHEME])
             _, w, bias, scale = list(binding.value.args[1].fields)
             if not all(isinstance(c, tvm.ir.GenericConst) for c in (w, bias, scale)):
                 raise NotImplementedError(f"layer {layer!r}: weights must be constants for the accelerator")
             stored = w.value.numpy()
-            packed = _attr(func, "rmsmp.packed") is not None
+            packed = _attr(func, contract.PACKED) is not None
             base = f"{layer}.{scheme}"
-            op = str(func.attrs["rmsmp.op"])
+            op = str(func.attrs[contract.OP])
             kernel, stride = (1, 1), (1, 1)
             if op == "conv2d":
                 kernel = _kernel_of(func)
-                s = [int(v) for v in func.attrs["rmsmp.conv"]["strides"]]
+                s = [int(v) for v in func.attrs[contract.CONV]["strides"]]
                 stride = (s[0], s[1])
             codes = int(x_var.ty.shape[1]) * kernel[0] * kernel[1]
             levels = weight_levels(stored, scheme, packed)[:, :codes]
             constants[base + ".w"] = WeightTensor(stored=stored, levels=np.ascontiguousarray(levels),
                                                   codes_per_byte=2 if packed else 1)
             constants[base + ".bias"] = bias.value.numpy().astype(np.int64)
-            core = "lut" if str(func.attrs["rmsmp.kind"]) == "sp2" else "dsp"
+            core = "lut" if str(func.attrs[contract.KIND]) == "sp2" else "dsp"
             groups.append(RowGroup(scheme=scheme, core=core, bits=4 if packed else 8, op=op, weight=base + ".w",
                                    bias=base + ".bias", output=base + ".out", events=tile_events(func),
                                    kernel=kernel, stride=stride))
@@ -212,7 +213,7 @@ class FPGACompiledModel:
         return self._host_funcs[name]
 
     def _inputs(self, inputs) -> List[np.ndarray]:
-        from ..pipeline import checked_inputs
+        from ..runtime.library import checked_inputs
 
         return checked_inputs(inputs, self.input_specs)
 

@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 
 from .config import AcceleratorConfig, FPGAConfig
-from .isa import Alu, Instruction, Load, QUEUES, Store, _Gemm
+from .isa import QUEUES, Alu, Instruction, Load, Store, _Gemm
 
 __all__ = ["Simulator", "SimResult", "WeightTensor", "DependencyError", "DeadlockError", "HazardError"]
 

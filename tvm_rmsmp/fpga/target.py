@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+from ..runtime.host import host_cpu_target
 from .config import load_board
 
 __all__ = ["fpga_target", "FPGA_DEVICE"]
@@ -13,8 +14,6 @@ FPGA_DEVICE = "rmsmp_fpga"
 
 def fpga_target(board: str) -> Dict[str, object]:
     """TVM's ``ext_dev`` kind (the one VTA used), the board as its ``model``, this CPU as host."""
-    from ..targets import host_cpu_target
-
     cfg = load_board(board)  # raises for an unknown board, listing the known ones
     return {"kind": "ext_dev", "device": FPGA_DEVICE, "model": board if board.endswith(".json") else cfg.name,
             "host": host_cpu_target()}

@@ -1,0 +1,1 @@
+"""Built-in models (their weights ship in the package) and the readers of offline data."""

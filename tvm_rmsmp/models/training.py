@@ -26,7 +26,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
 def train_classifier(model: nn.Module, epochs: int, seed: int = 0, batch: int = 128, lr: float = 2e-3,
                      log: Callable[[str], None] = print) -> float:
     """AdamW + one-cycle on the Fashion-MNIST training set (random horizontal flips); returns test accuracy."""
-    from tvm_rmsmp.data import load_fashion_mnist
+    from tvm_rmsmp.models.data import load_fashion_mnist
 
     torch.manual_seed(seed)
     xtr, ytr = load_fashion_mnist("train")

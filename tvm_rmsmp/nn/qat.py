@@ -28,12 +28,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from .assign import assign_rows, rule_needs_hessian
-from .config import RMSMPConfig
+from ..quant.assign import assign_rows, rule_needs_hessian
+from ..quant.config import RMSMPConfig
+from ..quant.plan import RowPlan
+from ..quant.schemes import get_scheme
 from .hessian import row_hessian_traces
-from .plan import RowPlan
-from .schemes import get_scheme
-from .torch_quant import ActQuant, RMSMPConv2d, RMSMPLinear, _InputStats, _quantize_layer, _set_submodule, calibrate
+from .layers import (
+    ActQuant,
+    RMSMPConv2d,
+    RMSMPLinear,
+    _InputStats,
+    _quantize_layer,
+    _set_submodule,
+    calibrate,
+)
+
+
+def nearest_level(scheme, v: torch.Tensor) -> torch.Tensor:
+    """Each value of ``v`` (already divided by its row scale) moved to the nearest level of
+    ``scheme`` (torch counterpart of :meth:`Scheme.encode` at scale 1; no gradient)."""
+    levels = torch.tensor(np.array(scheme.levels), dtype=v.dtype, device=v.device)
+    return levels[torch.bucketize(v, (levels[1:] + levels[:-1]) / 2)]
 
 __all__ = ["QATConfig", "FakeQuantLayer", "prepare_qat", "train_qat", "convert_qat", "reassign_rows", "qat_layers"]
 
@@ -122,7 +137,7 @@ class FakeQuantLayer(nn.Module):
             scales.append(scale)
             scale = scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
             v = (self.weight[idx] / scale).clamp(-scheme.max_level, scheme.max_level)
-            nearest = scheme.encode_torch(v.detach(), torch.ones(v.shape[0], dtype=v.dtype))
+            nearest = nearest_level(scheme, v.detach())
             parts.append(((nearest - v).detach() + v) * scale)
         return torch.cat(parts)[self._inverse], torch.cat(scales)[self._inverse]
 

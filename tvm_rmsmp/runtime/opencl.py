@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from .relax_graph import bind_alias, shape_dtype, unsupported_binding
+from .graph import bind_alias, shape_dtype, unsupported_binding
 
 __all__ = ["OpenCLUnavailable", "opencl_context", "KernelLaunch", "OpenCLPrimFunc", "OpenCLGraph"]
 

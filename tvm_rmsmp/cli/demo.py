@@ -2,7 +2,7 @@
 
 Prints test accuracy of the float model, of the RMSMP torch reference and of the RMSMP TVM
 build (the last two must agree: the TVM build is integer-exact), batch-1 latency of each,
-and the per-layer row counts by scheme. ``python -m tvm_rmsmp.demo --help`` for options.
+and the per-layer row counts by scheme. ``python -m tvm_rmsmp.cli.demo --help`` for options.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import tvm_rmsmp as rmsmp
-from tvm_rmsmp.data import load_fashion_mnist
+from tvm_rmsmp.models.data import load_fashion_mnist
 from tvm_rmsmp.models.fmnist_cnn import load_pretrained
 
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     result = run(args.limit, args.batch, args.calib_batches, args.repeat, ratio=ratio, act_bits=args.act_bits,
                  target=args.target)
     if args.json:
-        from .fileio import atomic_write
+        from ..runtime.fileio import atomic_write
 
         atomic_write(args.json, json.dumps(result, indent=1))
     return 0 if result["tvm_equals_reference_bitwise"] else 1

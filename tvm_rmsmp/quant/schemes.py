@@ -147,17 +147,6 @@ class Scheme:
         row_scale = self.choose_row_scale(w)
         return self.encode(w, row_scale).astype(np.int8), row_scale
 
-    # ----- torch (quantization-aware training uses these) ------------------------------------
-    def encode_torch(self, w, row_scale):
-        """Torch version of :meth:`encode` (nearest level, no gradient)."""
-        import torch
-
-        levels = torch.tensor(np.array(self.levels), dtype=w.dtype, device=w.device)
-        mids = (levels[1:] + levels[:-1]) / 2
-        scale = row_scale.reshape((-1,) + (1,) * (w.dim() - 1))
-        idx = torch.bucketize(w / scale, mids)
-        return levels[idx]
-
     def __repr__(self) -> str:
         return f"Scheme({self.name!r}, kind={self.kind!r}, bits={self.bits})"
 

@@ -2,7 +2,7 @@
 
 :func:`quantize` returns a copy of a model whose Linear/Conv2d layers are
 :class:`RMSMPLinear`/:class:`RMSMPConv2d`. In eval mode they compute exactly the integer
-pipeline of :mod:`tvm_rmsmp.torch_ops`, so the quantized torch model is the reference that
+pipeline of :mod:`tvm_rmsmp.nn.ops`, so the quantized torch model is the reference that
 every compiled target must reproduce.
 """
 
@@ -18,18 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import torch_ops  # noqa: F401  (registers rmsmp:: custom ops)
-from .assign import assign_rows, rule_needs_hessian
-from .config import RMSMPConfig
+from ..quant.assign import assign_rows, rule_needs_hessian
+from ..quant.config import RMSMPConfig, RMSMPWarning
+from ..quant.plan import RowPlan
+from ..quant.schemes import get_scheme
+from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
-from .plan import RowPlan
-from .schemes import get_scheme
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning"]
-
-
-class RMSMPWarning(UserWarning):
-    """Something was left in float or fell back; the result is still correct."""
 
 
 # --------------------------------------------------------------------------------------------

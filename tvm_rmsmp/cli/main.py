@@ -15,7 +15,7 @@ from typing import List, Optional
 
 
 def _cmd_schemes(_args) -> int:
-    from .schemes import get_scheme, list_schemes
+    from ..quant.schemes import get_scheme, list_schemes
 
     for name in list_schemes():
         s = get_scheme(name)
@@ -43,7 +43,8 @@ def _cmd_compile(args) -> int:
     import numpy as np
     import torch
 
-    from . import RMSMPConfig, compile as rmsmp_compile, quantize, row_plans
+    from tvm_rmsmp import RMSMPConfig, quantize, row_plans
+    from tvm_rmsmp import compile as rmsmp_compile
 
     model = _load_factory(args.model).eval()
     try:

@@ -16,7 +16,7 @@ a float64 convolution (small inputs, where it is not, run in float64). Only when
 could overflow does it always run in float64 (exact below 2^53). The result never depends on
 summation order. Step 3 has no add after the multiply, so no target can contract it into a
 fused multiply-add and round differently. ``torch.export`` keeps each call as one node,
-which the TVM importer turns into a quantized op (see :mod:`tvm_rmsmp.frontend`).
+which the TVM importer turns into a quantized op (see :mod:`tvm_rmsmp.compiler.frontend`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from tvm.s_tir import meta_schedule as ms
 
 import schedules
 
-from .opencl_runtime import OpenCLPrimFunc, opencl_context
+from ..runtime.opencl import OpenCLPrimFunc, opencl_context
 
 __all__ = ["OpenCLArtifactBuilder", "PyOpenCLRunner"]
 

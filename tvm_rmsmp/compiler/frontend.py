@@ -17,7 +17,9 @@ import tvm
 from tvm import relax
 
 from relay_passes import ops
-from .torch_quant import _RMSMPLayer, rmsmp_layers
+
+from ..nn.layers import _RMSMPLayer, rmsmp_layers
+from relay_passes import contract
 
 __all__ = ["import_model", "quantized_op_func", "emit_quantized_layer"]
 
@@ -30,12 +32,12 @@ def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.Pr
     """The layer's quantized op: all rows, plain integer products, schemes as an attribute."""
     x_dtype = "int8" if layer.act_signed else "uint8"
     w_shape = tuple(layer.weight_int.shape)
-    attrs = ops.rmsmp_attrs(layer.op, layer.layer_name, **{"rmsmp.row_schemes": list(layer.schemes)})
+    attrs = ops.rmsmp_attrs(layer.op, layer.layer_name, **{contract.ROW_SCHEMES: list(layer.schemes)})
     if layer.op == "dense":
         return ops.dense_func(x_shape, x_dtype, w_shape, "int8", ops.fixed_product, attrs)
     # The activation quantizer already zero-padded x (see emit_quantize_activation).
     conv = {"strides": list(layer.stride), "padding": [0, 0], "dilation": list(layer.dilation)}
-    attrs["rmsmp.conv"] = conv
+    attrs[contract.CONV] = conv
     return ops.conv2d_func(
         x_shape, x_dtype, w_shape, "int8", layer.stride, (0, 0), layer.dilation, ops.fixed_product, attrs
     )

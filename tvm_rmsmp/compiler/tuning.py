@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import attrs
 import tvm
@@ -27,14 +27,23 @@ from tvm import tirx
 
 import schedules
 
-from .fileio import atomic_write
+from ..quant.config import RMSMPWarning
+from ..runtime.fileio import atomic_write
+from .pipeline import lower
+from .records import (
+    apply_tuning,
+    check_records,
+    has_fixed_kernel,
+    manifest_path,
+    open_database,
+    read_manifest,
+    row_group_kernels,
+    target_key,
+    workload,
+)
 from .targets import resolve_target
-from .torch_quant import RMSMPWarning
 
 __all__ = ["tune", "TuningReport", "apply_tuning", "open_database"]
-
-_MANIFEST = "rmsmp_tuning.json"
-_RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 @attrs.frozen
@@ -45,21 +54,6 @@ class TuningReport:
     target: str
     tasks: Dict[str, Optional[float]]
     trials: int
-
-
-def _workload(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The tuning identity of a kernel: its computation, not the layer it came from."""
-    return func.without_attr("rmsmp.layer").with_attr("global_symbol", "main")
-
-
-def _kernels(mod: tvm.IRModule) -> List[Tuple[str, str, tirx.PrimFunc]]:
-    out = []
-    for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "rmsmp.op" in func.attrs:
-            op = str(func.attrs["rmsmp.op"])
-            if op in ("dense", "conv2d"):
-                out.append((gv.name_hint, op, func))
-    return out
 
 
 def light_tensor_intrin() -> None:
@@ -93,12 +87,6 @@ def light_tensor_intrin() -> None:
     import tvm.s_tir.tensor_intrin.x86  # noqa: F401
 
 
-def _has_fixed_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the schedule rules warn once, at compile time
-        return schedules.fixed_kernel(func, target) is not None
-
-
 def check_tracker(runner) -> None:
     """Fail early, naming the address, when an RPC runner's tracker does not answer."""
     config = getattr(runner, "rpc_config", None)
@@ -124,91 +112,6 @@ def check_tracker(runner) -> None:
             f"RPC tracker {config.tracker_host}:{config.tracker_port} has no server with key "
             f"{config.tracker_key!r} (keys: {sorted(keys)})"
         )
-
-
-def _check_records(work_dir: str) -> None:
-    """Refuse corrupt record files by name and line; drop a torn last line left by a kill."""
-    for name in _RECORD_FILES:
-        path = os.path.join(work_dir, name)
-        if not os.path.exists(path):
-            continue
-        with open(path, "rb") as fh:
-            data = fh.read()
-        lines = data.split(b"\n")
-        torn = data and not data.endswith(b"\n")
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except ValueError:
-                if torn and i == len(lines):
-                    warnings.warn(f"{path}: dropping a torn last record (line {i}) from an interrupted run",
-                                  RMSMPWarning, stacklevel=3)
-                    keep = b"\n".join(lines[:-1]) + b"\n"
-                    atomic_write(path, keep)
-                    break
-                raise ValueError(f"tuning database {path} is corrupt at line {i}: not a JSON record") from None
-
-
-def _manifest_path(work_dir: str) -> str:
-    return os.path.join(work_dir, _MANIFEST)
-
-
-def _read_manifest(work_dir: str) -> Optional[dict]:
-    path = _manifest_path(work_dir)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-        if meta.get("format") != "tvm-rmsmp-tuning":
-            raise ValueError("not a tvm-rmsmp tuning manifest")
-        return meta
-    except (ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is corrupt: {err}") from err
-
-
-def _target_key(target: tvm.target.Target) -> str:
-    t = target.export() if hasattr(target, "export") else json.loads(str(target))
-    keep = {k: t[k] for k in ("kind", "mcpu", "mtriple", "device", "arch") if k in t}
-    return json.dumps(keep, sort_keys=True)
-
-
-def open_database(work_dir: str, target: tvm.target.Target):
-    """The JSON database of ``work_dir`` after checking it belongs to ``target``."""
-    from tvm.s_tir import meta_schedule as ms
-
-    meta = _read_manifest(work_dir)
-    if meta is not None and meta.get("target") != _target_key(target):
-        raise ValueError(
-            f"tuning directory {work_dir!r} was tuned for {meta.get('target')}, not for {_target_key(target)}"
-        )
-    _check_records(work_dir)
-    return ms.database.JSONDatabase(
-        os.path.join(work_dir, _RECORD_FILES[0]), os.path.join(work_dir, _RECORD_FILES[1]), allow_missing=True
-    )
-
-
-def apply_tuning(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> Tuple[tvm.IRModule, Dict[str, bool]]:
-    """Replace each row-group kernel by its best tuned schedule from ``work_dir``, where one exists."""
-    if not os.path.isdir(work_dir):
-        raise FileNotFoundError(f"tuning directory {work_dir!r} does not exist")
-    db = open_database(work_dir, target)
-    used: Dict[str, bool] = {}
-    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    for name, _op, func in _kernels(mod):
-        if _has_fixed_kernel(func, target):
-            continue  # a hand-written intrinsic kernel replaces it: nothing tuned applies
-        sch = db.query_schedule(tvm.IRModule({"main": _workload(func)}), target=target, workload_name="main")
-        used[name] = sch is not None
-        if sch is not None:
-            tuned = sch.mod["main"].with_attrs(dict(func.attrs)).without_attr("global_symbol")
-            mod[mod.get_global_var(name)] = tuned.with_attr("tirx.is_scheduled", True)
-    if used and not any(used.values()):
-        warnings.warn(f"tuning directory {work_dir!r} has no record for any kernel of this model and target",
-                      RMSMPWarning, stacklevel=3)
-    return mod, used
 
 
 class _Progress:
@@ -275,7 +178,6 @@ def tune(
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from .pipeline import lower
 
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
@@ -288,19 +190,19 @@ def tune(
     # the target's own kernels in place first: groups it replaces or fuses (whole dense layers
     # on x86) are not tuned, since a tuned schedule would only keep them from it
     mod = schedules.prepare(mod, target)
-    kernels = [k for k in _kernels(mod)
-               if "tirx.is_scheduled" not in k[2].attrs and not _has_fixed_kernel(k[2], target)]
+    kernels = [k for k in row_group_kernels(mod)
+               if "tirx.is_scheduled" not in k[2].attrs and not has_fixed_kernel(k[2], target)]
     check_tracker(runner)
     unique: Dict[str, Tuple[str, str, tirx.PrimFunc]] = {}
     for name, op, func in kernels:
-        wl = _workload(func)
+        wl = workload(func)
         key = hashlib.sha256(str(tvm_ffi.structural_hash(wl)).encode()).hexdigest()[:16]
         unique.setdefault(key, (name, op, wl))
     os.makedirs(work_dir, exist_ok=True)
-    meta = _read_manifest(work_dir)
-    if meta is not None and meta.get("target") != _target_key(target):
+    meta = read_manifest(work_dir)
+    if meta is not None and meta.get("target") != target_key(target):
         raise ValueError(f"tuning directory {work_dir!r} was tuned for {meta.get('target')}; use another directory")
-    _check_records(work_dir)
+    check_records(work_dir)
 
     tasks = []
     names = []
@@ -324,11 +226,11 @@ def tune(
         names.append(name)
     if not tasks:
         warnings.warn("no row-group kernel to tune in this model", RMSMPWarning, stacklevel=2)
-        return TuningReport(work_dir, _target_key(target), {}, 0)
+        return TuningReport(work_dir, target_key(target), {}, 0)
 
-    manifest = {"format": "tvm-rmsmp-tuning", "version": 1, "target": _target_key(target),
+    manifest = {"format": "tvm-rmsmp-tuning", "version": 1, "target": target_key(target),
                 "kernels": sorted(set((meta or {}).get("kernels", [])) | set(names))}
-    atomic_write(_manifest_path(work_dir), json.dumps(manifest, indent=1).encode())
+    atomic_write(manifest_path(work_dir), json.dumps(manifest, indent=1).encode())
     if target.kind.name == "opencl" and runner is None:
         # No OpenCL runtime in the TVM wheel: measure on the local OpenCL device (PoCL here).
         from .opencl_tuning import OpenCLArtifactBuilder, PyOpenCLRunner
@@ -362,7 +264,7 @@ def tune(
                       RMSMPWarning, stacklevel=2)
     best = {}
     for i, task in enumerate(tasks):
-        top = db.get_top_k(db.commit_workload(task.mod), 1)
+        top = db.get_top_k(db.commitworkload(task.mod), 1)
         secs = [float(s) for s in top[0].run_secs] if top and top[0].run_secs else []
         best[names[i]] = sum(secs) / len(secs) if secs else bar.best.get(i)
-    return TuningReport(work_dir, _target_key(target), best, bar.done)
+    return TuningReport(work_dir, target_key(target), best, bar.done)

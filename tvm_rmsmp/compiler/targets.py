@@ -6,23 +6,15 @@ A target is a name from :data:`TARGET_NAMES`, a ``tvm.target.Target``, or a TVM 
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, Union
 
 import tvm
 
 __all__ = ["resolve_target", "TARGET_NAMES", "TARGET_PREFIXES", "host_cpu_target", "INT8_DOT_KEY"]
 
-#: Target key that declares an OpenCL device with an int8 dot-product built-in (target name
-#: ``"mali-dot"``: Mali G76 and later); the GPU schedules read it.
-INT8_DOT_KEY = "int8_dot"
+from schedules.registry import INT8_DOT_KEY
 
-
-def host_cpu_target() -> Dict[str, object]:
-    """The machine this runs on: LLVM with its CPU model, so the kernels use its vector ISA."""
-    from tvm.target import codegen
-
-    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+from ..runtime.host import host_cpu_target
 
 
 def _aarch64() -> Dict[str, object]:

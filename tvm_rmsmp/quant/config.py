@@ -9,7 +9,11 @@ import attrs
 
 from .schemes import get_scheme
 
-__all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio"]
+__all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio", "RMSMPWarning"]
+
+
+class RMSMPWarning(UserWarning):
+    """Something was left in float or fell back; the result is still correct."""
 
 #: The paper's ratio for a Zynq XC7Z020: SP2-4 : Fixed-4 : Fixed-8 = 60:35:5.
 DEFAULT_RATIO: Dict[str, float] = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
@@ -49,7 +53,7 @@ def _positive_int(instance, attribute, value):
 
 @attrs.frozen
 class HessianConfig:
-    """How row sensitivities are estimated (see :mod:`tvm_rmsmp.hessian`).
+    """How row sensitivities are estimated (see :mod:`tvm_rmsmp.nn.hessian`).
 
     probes: Rademacher probes (Hessian-vector products) per calibration batch.
     batches: calibration batches used (the first ones); cost grows linearly with both.
@@ -83,7 +87,7 @@ class RMSMPConfig:
 
     ratio: share of rows per scheme, the same in every quantized layer.
     act_bits: activation bit-width (static per-tensor scales from calibration; unsigned after ReLU).
-    assign: name of the row-assignment rule (see :mod:`tvm_rmsmp.assign`); rules that need
+    assign: name of the row-assignment rule (see :mod:`tvm_rmsmp.quant.assign`); rules that need
         the loss Hessian estimate it from the calibration batches as ``hessian`` says.
     fold_bn: fold Conv2d + BatchNorm2d before quantizing the weights.
     skip: layer names (module paths) to leave in float.

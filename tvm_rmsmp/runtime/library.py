@@ -1,7 +1,7 @@
-"""From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
+"""A compiled model as the runtime sees it: run, time, export and load a TVM library.
 
-import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
--> the target's row-group schedules -> TVM's default Relax build for the target.
+Needs TVM and numpy, never torch: a deployment machine loads an exported library with
+:func:`load` and runs it on numpy arrays (torch tensors are accepted where torch is present).
 """
 
 from __future__ import annotations
@@ -9,32 +9,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
-import torch
 import tvm
 from tvm import relax
 
-import schedules
-from relay_passes import FoldRowPermutation, PackFourBitRows, RewriteRowGroups
-
 from .fileio import atomic_write
-from .frontend import import_model
-from .targets import resolve_target
-from .torch_quant import RMSMPWarning, rmsmp_layers
+from .host import host_cpu_target
 
-__all__ = ["compile", "load", "CompiledModel", "OpenCLCompiledModel", "lower"]
+__all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "as_numpy"]
 
 _FORMAT_VERSION = 1
 
 
-def _as_numpy(x, where: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+def as_numpy(x, where: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
+    if type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach"):  # a torch.Tensor, torch not imported here
+        return x.detach().cpu().numpy()
     raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
@@ -45,7 +38,7 @@ def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
         raise ValueError(f"model was compiled for {len(specs)} input(s), got {len(inputs)}")
     out = []
     for i, (x, spec) in enumerate(zip(inputs, specs)):
-        arr = _as_numpy(x, f"input {i}")
+        arr = as_numpy(x, f"input {i}")
         if list(arr.shape) != spec["shape"]:
             raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
         if str(arr.dtype) != spec["dtype"]:
@@ -55,88 +48,6 @@ def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
                 raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
         out.append(np.ascontiguousarray(arr))
     return out
-
-
-def lower(
-    model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None
-) -> Tuple[tvm.IRModule, Dict[str, int]]:
-    """The Relax module after the RMSMP passes and (``schedule``) the target's schedules,
-    tuned ones from the ``tuning`` directory where it has them; not yet built."""
-    target = resolve_target(target)
-    inputs = tuple(torch.from_numpy(_as_numpy(x, f"example_inputs[{i}]")) for i, x in enumerate(example_inputs))
-    if not rmsmp_layers(model):
-        warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
-    mod = import_model(model, inputs)
-    mod = RewriteRowGroups()(mod)
-    fold = FoldRowPermutation()
-    mod = fold(mod)
-    pack = PackFourBitRows()
-    mod = pack(mod)
-    stats = dict(fold.last_stats, packed=pack.last_packed)
-    if not schedule:
-        return mod, stats
-    if tuning is not None:
-        from .tuning import apply_tuning
-
-        mod, used = apply_tuning(mod, target, tuning)
-        stats["tuned"] = sum(used.values())
-    mod = schedules.apply_rules(mod, target)
-    stats["cpu_kernels"] = kernel_kinds(mod)
-    return mod, stats
-
-
-def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
-    """How many row-group kernels of each kind a scheduled module has: ``rmsmp.cpu_kernel``
-    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``, or ``x86-avx512vnni-layer`` /
-    ``x86-avx512vnni-gemv`` for a whole dense layer's row groups in one kernel, from 8 activation
-    rows on / at one) or the generic schedule,
-    with the SP2 lowering of packed SP2 groups (``shift`` or ``decode``)."""
-    kinds: Dict[str, int] = {}
-    for _, func in mod.functions.items():
-        attrs = getattr(func, "attrs", None)
-        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not ("rmsmp.scheme" in attrs or
-                                                                             "rmsmp.schemes" in attrs):
-            continue
-        kind = str(attrs.get("rmsmp.cpu_kernel", "generic"))
-        if "rmsmp.sp2_lowering" in attrs and kind == "generic":
-            kind += f" (sp2 {attrs['rmsmp.sp2_lowering']})"
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return kinds
-
-
-#: Target kinds whose compiled model is not a TVM build -> "module:function(mod, target, input_specs,
-#: stats)" returning it (imported on first use). ``ext_dev`` is the FPGA accelerator ("fpga:<board>").
-COMPILERS: Dict[str, str] = {
-    "ext_dev": "tvm_rmsmp.fpga.runtime:compile_fpga",
-}
-
-
-def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None,  # noqa: A001
-            fast_math: bool = True) -> "CompiledModel":
-    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
-
-    tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
-    schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
-    fast_math: on CPUs, the float operators between RMSMP layers (GELU, softmax, exp, tanh)
-    use TVM's vectorizable approximations instead of libm (errors of the order of torch's own
-    vectorized GELU); False keeps libm's results. The integer layers are exact either way.
-    """
-    if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
-    target = resolve_target(target)
-    mod, stats = lower(model, example_inputs, target, tuning=tuning)
-    specs = [{"shape": list(_as_numpy(x, "").shape), "dtype": str(_as_numpy(x, "").dtype)} for x in example_inputs]
-    if target.kind.name == "opencl":
-        return OpenCLCompiledModel(mod, target, specs, stats=stats)
-    if target.kind.name in COMPILERS:
-        import importlib
-
-        module, _, func = COMPILERS[target.kind.name].partition(":")
-        return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
-    pipeline = schedules.build_pipeline(target, fast_math=fast_math)
-    stats["fast_math"] = bool(fast_math and pipeline is not None)
-    exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
-    return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
 
 def _to_numpy_outputs(value) -> Union[np.ndarray, tuple]:
@@ -221,7 +132,7 @@ class OpenCLCompiledModel(CompiledModel):
     def __init__(self, mod: tvm.IRModule, target, input_specs, stats=None):
         from tvm.relax.backend.gpu_generic import legalize_passes
 
-        from .opencl_runtime import OpenCLGraph
+        from ..runtime.opencl import OpenCLGraph
 
         super().__init__(None, target, input_specs, ir=mod, stats=stats)
         self.device = tvm.cpu()  # inputs are checked and staged on the host; the graph uploads them
@@ -265,5 +176,5 @@ def load(path: str) -> CompiledModel:
         lib = tvm.runtime.load_module(path)
     except Exception as err:
         raise ValueError(f"{path!r} is not a loadable TVM library: {err}") from err
-    target = tvm.target.Target(json.loads(meta["target"])) if meta["target"].startswith("{") else resolve_target("llvm")
+    target = tvm.target.Target(json.loads(meta["target"])) if meta["target"].startswith("{") else tvm.target.Target(host_cpu_target())
     return CompiledModel(lib, target, meta["inputs"])

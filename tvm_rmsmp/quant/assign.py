@@ -4,7 +4,7 @@ A rule is a function ``rule(weight, ratio, *, input_sq=None, row_hessian=None) -
 scheme names`` (one per output row), registered by name. ``weight`` is the float weight with
 the output row on axis 0; ``input_sq`` is the calibration mean square of the layer's input
 per input feature (per input channel for convolutions); ``row_hessian`` is the per-row trace
-of the loss Hessian's diagonal block (:mod:`tvm_rmsmp.hessian`), given to rules registered
+of the loss Hessian's diagonal block (:mod:`tvm_rmsmp.nn.hessian`), given to rules registered
 with ``needs_hessian=True``.
 
 Every rule first gives the rows that hurt the output most at 4 bits to the wider schemes
@@ -162,7 +162,7 @@ def assign_by_variance(weight: np.ndarray, ratio: Dict[str, float], *, input_sq=
 
 def _check_hessian(weight: np.ndarray, row_hessian) -> np.ndarray:
     if row_hessian is None:
-        raise ValueError("this rule needs row_hessian (per-row Hessian traces from tvm_rmsmp.hessian)")
+        raise ValueError("this rule needs row_hessian (per-row Hessian traces from tvm_rmsmp.nn.hessian)")
     h = np.asarray(row_hessian, dtype=np.float64)
     if h.shape != (weight.shape[0],):
         raise ValueError(f"row_hessian has shape {h.shape}, the weight has {weight.shape[0]} rows")

@@ -14,9 +14,9 @@ import attrs
 import numpy as np
 from torch import nn
 
-from .assign import hessian_row_error
-from .config import RMSMPConfig
-from .torch_quant import calibrate
+from ..quant.assign import hessian_row_error
+from ..quant.config import RMSMPConfig
+from .layers import calibrate
 
 __all__ = ["layerwise_config"]
 

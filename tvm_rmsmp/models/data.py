@@ -58,7 +58,7 @@ def load_fashion_mnist(split: str = "test", normalize: bool = True) -> Tuple[np.
 
 
 # ------------------------------------------------------------------------------------------
-# Text data carried by registry packages (fetched once, see tvm_rmsmp.offline)
+# Text data carried by registry packages (fetched once, see tvm_rmsmp.models.offline)
 # ------------------------------------------------------------------------------------------
 UCI_SOURCES = ("amazon", "imdb", "yelp")
 

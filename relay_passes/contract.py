@@ -1,0 +1,214 @@
+"""The row-group op contract: what the graph passes emit and what every schedule may rely on.
+
+The passes (``RewriteRowGroups``, ``FoldRowPermutation``, ``PackFourBitRows``, the target
+layout passes) write PrimFuncs and graphs of this form; the schedules of every target and the
+FPGA code generator read them through the names below and nothing else. :func:`verify` checks
+a module against it after the passes and before the schedules (the pipeline calls it), and
+names the function and the rule it breaks.
+
+A *row-group op* is a PrimFunc with attribute :data:`OP` in :data:`OPS`:
+
+* parameters, in this order (:data:`PARAMS`): activations ``x`` (int8 or uint8: dense
+  ``[M, K]``, conv2d ``[N, C, H, W]``), weights ``w`` (int8 ``[rows, K]`` / ``[rows, C, kh, kw]``;
+  uint8 ``[rows, ceil(K / 2)]`` two 4-bit codes per byte when :data:`PACKED` is 2), ``bias``
+  (int32 ``[rows]``), ``scale`` (float32 ``[rows]``) and the output ``out`` (float32, rows on the
+  :func:`channel_axis`);
+* two blocks: :data:`ACC_BLOCK` writes the int32 sums into the buffer of the same name, and
+  :data:`OUT_BLOCK` computes ``float32(acc + bias) * scale`` (one multiply: never fused into
+  an FMA);
+* attributes: :data:`LAYER` (the torch module path); before ``RewriteRowGroups``
+  :data:`ROW_SCHEMES` (one scheme per output row: the *quantized* op), after it :data:`SCHEME`
+  and :data:`KIND` (one registered scheme for all rows: a *row-group* op); :data:`CONV`
+  (strides, padding, dilation) for conv2d; :data:`PACKED` = 2 for 4-bit rows packed two per
+  byte; :data:`SP2_LOWERING` in :data:`SP2_LOWERINGS` for packed SP2 rows.
+
+In the graph, the row groups of one layer each take the same activations and their outputs
+are joined by one ``relax.concat`` along the channel axis; ``FoldRowPermutation`` moves the
+gather that restores the layer's row order into the consumers' constants where it can
+(``relax.take`` after the concat where it cannot). Target layout passes may replace a
+layer's row groups by one kernel, which then carries :data:`SCHEMES` (the groups' schemes in
+order) and :data:`CPU_KERNEL`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import tvm
+from tvm.sym import Analyzer
+
+from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack_nibbles, sp2_decode, sp2_encode
+
+__all__ = [
+    "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
+    "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
+    "PARAMS", "ContractError", "verify", "verify_func", "callee", "rmsmp_attr", "const_value", "op_name",
+    "channel_axis", "group_weight", "stored_to_int", "packed_weight",
+]
+
+# ----- attribute keys -------------------------------------------------------------------------
+OP = "rmsmp.op"                        #: "dense" | "conv2d" (and "quantize" for the activation quantizer)
+LAYER = "rmsmp.layer"                  #: the torch module path of the layer
+ROW_SCHEMES = "rmsmp.row_schemes"      #: quantized op: one scheme name per output row
+SCHEME = "rmsmp.scheme"                #: row-group op: the scheme of all its rows
+KIND = "rmsmp.kind"                    #: row-group op: that scheme's kind ("sp2" | "fixed")
+CONV = "rmsmp.conv"                    #: conv2d: {"strides", "padding", "dilation"}
+PACKED = "rmsmp.packed"                #: 2: two 4-bit codes per weight byte
+SP2_LOWERING = "rmsmp.sp2_lowering"    #: packed SP2 rows: one of SP2_LOWERINGS
+SCHEMES = "rmsmp.schemes"              #: a target kernel for a whole layer: its groups' schemes in order
+CPU_KERNEL = "rmsmp.cpu_kernel"        #: the intrinsic kernel that realizes a group or layer
+WEIGHT_TILES = "rmsmp.weight_tiles"    #: x86 layout pass: weights stored in row tiles
+WEIGHT_TAPS_FIRST = "rmsmp.weight_taps_first"  #: x86 layout pass: conv weights taps first
+WEIGHT_TAP_ORDER = "rmsmp.weight_tap_order"    #: x86 layout pass: conv weights in im2col tap order
+
+# ----- values ---------------------------------------------------------------------------------
+OPS = ("dense", "conv2d")
+#: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
+SP2_LOWERINGS = ("shift", "decode")
+ACC_BLOCK = "acc"
+OUT_BLOCK = "out"
+PARAMS = ("x", "w", "bias", "scale", "out")
+_RANK = {"dense": 2, "conv2d": 4}
+
+
+class ContractError(ValueError):
+    """A module breaks the row-group op contract (the message names the function and the rule)."""
+
+
+# ----- IR queries -----------------------------------------------------------------------------
+def callee(mod: tvm.IRModule, call) -> Optional[tvm.tirx.PrimFunc]:
+    """The PrimFunc a ``relax.call_tir`` calls (None for any other call)."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.call_tir":
+        return None
+    gv = call.args[0]
+    func = mod[gv] if gv in mod.functions else None
+    return func if isinstance(func, tvm.tirx.PrimFunc) else None
+
+
+def rmsmp_attr(func, key: str) -> Optional[str]:
+    """A string attribute of an RMSMP PrimFunc (None when absent)."""
+    if func is None or func.attrs is None or key not in func.attrs:
+        return None
+    return str(func.attrs[key])
+
+
+def const_value(expr) -> Optional[np.ndarray]:
+    """The array of a Relax constant (None for any other expression)."""
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+
+
+def op_name(expr) -> str:
+    """The operator name of a Relax call (``"relax.concat"``; empty for anything else)."""
+    op = getattr(expr, "op", None)
+    return op.name if isinstance(op, tvm.ir.Op) else ""
+
+
+# ----- weight forms ---------------------------------------------------------------------------
+def channel_axis(op: str, ndim: int) -> int:
+    """Axis of the output rows in the op's result: last for dense, 1 (NCHW) for conv2d."""
+    return ndim - 1 if op == "dense" else 1
+
+
+def group_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
+    """The stored form of a group's weights: SP2 codes for SP2 schemes, integers otherwise."""
+    scheme = get_scheme(scheme_name)
+    if scheme.kind == "sp2":
+        return sp2_encode(w_int, scheme).astype(np.int8)
+    return np.asarray(w_int, dtype=np.int8)
+
+
+def stored_to_int(stored: np.ndarray, scheme_name: str) -> np.ndarray:
+    """Inverse of :func:`group_weight`: the integer levels of a group's stored weights."""
+    scheme = get_scheme(scheme_name)
+    return sp2_decode(stored.astype(np.uint8)) if scheme.kind == "sp2" else stored.astype(np.int64)
+
+
+def packed_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
+    """The stored form of a group's weights, two 4-bit codes per byte."""
+    scheme = get_scheme(scheme_name)
+    return pack_nibbles(nibble_codes(w_int, scheme))
+
+
+# ----- the verifier ---------------------------------------------------------------------------
+def _has_block(func: tvm.tirx.PrimFunc, name: str) -> bool:
+    from tvm import s_tir
+
+    try:
+        s_tir.Schedule(func).get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001  (TVM raises its own error types for a missing block)
+        return False
+
+
+def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one PrimFunc with an :data:`OP` attribute of :data:`OPS`; raise :class:`ContractError`."""
+    op = rmsmp_attr(func, OP)
+
+    def broken(rule: str, detail: str):
+        layer = rmsmp_attr(func, LAYER)
+        raise ContractError(f"{name}{f' (layer {layer})' if layer else ''} breaks the row-group op contract, "
+                            f"rule '{rule}': {detail}")
+
+    if op not in OPS:
+        broken("op", f"{OP} is {op!r}, not one of {OPS}")
+    if rmsmp_attr(func, LAYER) is None:
+        broken("layer", f"no {LAYER} attribute")
+    row_schemes, scheme = func.attrs.get(ROW_SCHEMES), rmsmp_attr(func, SCHEME)
+    if (row_schemes is None) == (scheme is None):
+        broken("scheme", f"exactly one of {ROW_SCHEMES} (quantized op) and {SCHEME} (row-group op) is required")
+    known = set(list_schemes())
+    for s in ([str(v) for v in row_schemes] if row_schemes is not None else [scheme]):
+        if s not in known:
+            broken("scheme", f"scheme {s!r} is not registered")
+    if scheme is not None and rmsmp_attr(func, KIND) != get_scheme(scheme).kind:
+        broken("kind", f"{KIND} is {rmsmp_attr(func, KIND)!r}, scheme {scheme!r} is {get_scheme(scheme).kind!r}")
+    if len(func.params) != len(PARAMS):
+        broken("params", f"{len(func.params)} parameters, the contract has {len(PARAMS)}: {PARAMS}")
+    bufs = list(func.params)  # TVM 0.27: a parameter is its buffer var (dtype and shape)
+    x, w, bias, scale, out = bufs
+    rank = _RANK[op]
+    packed = rmsmp_attr(func, PACKED)
+    rows = w.shape[0]
+    checks = [
+        ("x", str(x.dtype) in ("int8", "uint8") and len(x.shape) == rank, f"int8/uint8 of rank {rank}"),
+        ("w", str(w.dtype) == ("uint8" if packed else "int8") and len(w.shape) == (2 if packed else rank),
+         f"{'uint8 [rows, ceil(K/2)]' if packed else 'int8'} weights"),
+        ("bias", str(bias.dtype) == "int32" and len(bias.shape) == 1, "int32 [rows]"),
+        ("scale", str(scale.dtype) == "float32" and len(scale.shape) == 1, "float32 [rows]"),
+        ("out", str(out.dtype) == "float32" and len(out.shape) == rank, f"float32 of rank {rank}"),
+    ]
+    for pname, ok, want in checks:
+        if not ok:
+            b = bufs[PARAMS.index(pname)]
+            broken("params", f"parameter {PARAMS.index(pname)} ({pname}) is {b.dtype}{list(b.shape)}, expected {want}")
+    analyzer = Analyzer()
+    for pname, b in (("bias", bias), ("scale", scale)):
+        if not analyzer.can_prove_equal(b.shape[0], rows):
+            broken("params", f"{pname} has {b.shape[0]} entries for {rows} rows")
+    if not analyzer.can_prove_equal(out.shape[channel_axis(op, rank)], rows):
+        broken("params", f"out has {out.shape[channel_axis(op, rank)]} channels on axis "
+                         f"{channel_axis(op, rank)} for {rows} rows")
+    if packed is not None:
+        if packed != "2" or scheme is None or get_scheme(scheme).bits > 4:
+            broken("packed", f"{PACKED}={packed} needs a row-group op of a scheme of at most 4 bits, value 2")
+    lowering = rmsmp_attr(func, SP2_LOWERING)
+    if lowering is not None and (lowering not in SP2_LOWERINGS or packed is None or get_scheme(scheme).kind != "sp2"):
+        broken("sp2_lowering", f"{SP2_LOWERING}={lowering!r} is for packed SP2 rows, one of {SP2_LOWERINGS}")
+    if op == "conv2d":
+        conv = func.attrs.get(CONV)
+        if conv is None or any(k not in conv for k in ("strides", "padding", "dilation")):
+            broken("conv", f"conv2d needs {CONV} with strides, padding and dilation")
+    if "tirx.is_scheduled" not in func.attrs:
+        for block in (ACC_BLOCK, OUT_BLOCK):
+            if not _has_block(func, block):
+                broken("blocks", f"no block named {block!r}")
+
+
+def verify(mod: tvm.IRModule) -> tvm.IRModule:
+    """Check every row-group op of ``mod`` (and every quantized op); returns ``mod`` unchanged."""
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and OP in func.attrs \
+                and str(func.attrs[OP]) != "quantize":
+            verify_func(gv.name_hint, func)
+    return mod

@@ -1,0 +1,108 @@
+"""From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
+
+import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
+-> the row-group op contract's verifier -> the target's row-group schedules -> TVM's default Relax build for the target.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import tvm
+
+import schedules
+from relay_passes import FoldRowPermutation, PackFourBitRows, RewriteRowGroups
+
+from ..nn.layers import RMSMPWarning, rmsmp_layers
+from ..runtime.library import CompiledModel, OpenCLCompiledModel, as_numpy, load
+from .frontend import import_model
+from .records import apply_tuning
+from .targets import resolve_target
+from relay_passes import contract
+
+__all__ = ["compile", "load", "CompiledModel", "OpenCLCompiledModel", "lower"]
+
+
+def lower(
+    model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None
+) -> Tuple[tvm.IRModule, Dict[str, int]]:
+    """The Relax module after the RMSMP passes and (``schedule``) the target's schedules,
+    tuned ones from the ``tuning`` directory where it has them; not yet built."""
+    target = resolve_target(target)
+    inputs = tuple(torch.from_numpy(as_numpy(x, f"example_inputs[{i}]")) for i, x in enumerate(example_inputs))
+    if not rmsmp_layers(model):
+        warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
+    mod = import_model(model, inputs)
+    mod = RewriteRowGroups()(mod)
+    fold = FoldRowPermutation()
+    mod = fold(mod)
+    pack = PackFourBitRows()
+    mod = pack(mod)
+    stats = dict(fold.last_stats, packed=pack.last_packed)
+    contract.verify(mod)  # what the schedules may rely on, checked before any of them runs
+    if not schedule:
+        return mod, stats
+    if tuning is not None:
+        mod, used = apply_tuning(mod, target, tuning)
+        stats["tuned"] = sum(used.values())
+    mod = schedules.apply_rules(mod, target)
+    stats["cpu_kernels"] = kernel_kinds(mod)
+    return mod, stats
+
+
+def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
+    """How many row-group kernels of each kind a scheduled module has: ``rmsmp.cpu_kernel``
+    (an intrinsic kernel, e.g. ``x86-avx512vnni-table-decode``, or ``x86-avx512vnni-layer`` /
+    ``x86-avx512vnni-gemv`` for a whole dense layer's row groups in one kernel, from 8 activation
+    rows on / at one) or the generic schedule,
+    with the SP2 lowering of packed SP2 groups (``shift`` or ``decode``)."""
+    kinds: Dict[str, int] = {}
+    for _, func in mod.functions.items():
+        attrs = getattr(func, "attrs", None)
+        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not (contract.SCHEME in attrs or
+                                                                             contract.SCHEMES in attrs):
+            continue
+        kind = str(attrs.get(contract.CPU_KERNEL, "generic"))
+        if contract.SP2_LOWERING in attrs and kind == "generic":
+            kind += f" (sp2 {attrs['rmsmp.sp2_lowering']})"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+#: Target kinds whose compiled model is not a TVM build -> "module:function(mod, target, input_specs,
+#: stats)" returning it (imported on first use). ``ext_dev`` is the FPGA accelerator ("fpga:<board>").
+COMPILERS: Dict[str, str] = {
+    "ext_dev": "tvm_rmsmp.fpga.runtime:compile_fpga",
+}
+
+
+def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None,  # noqa: A001
+            fast_math: bool = True) -> "CompiledModel":
+    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
+
+    tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
+    schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
+    fast_math: on CPUs, the float operators between RMSMP layers (GELU, softmax, exp, tanh)
+    use TVM's vectorizable approximations instead of libm (errors of the order of torch's own
+    vectorized GELU); False keeps libm's results. The integer layers are exact either way.
+    """
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
+    target = resolve_target(target)
+    mod, stats = lower(model, example_inputs, target, tuning=tuning)
+    specs = [{"shape": list(as_numpy(x, "").shape), "dtype": str(as_numpy(x, "").dtype)} for x in example_inputs]
+    if target.kind.name == "opencl":
+        return OpenCLCompiledModel(mod, target, specs, stats=stats)
+    if target.kind.name in COMPILERS:
+        import importlib
+
+        module, _, func = COMPILERS[target.kind.name].partition(":")
+        return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
+    pipeline = schedules.build_pipeline(target, fast_math=fast_math)
+    stats["fast_math"] = bool(fast_math and pipeline is not None)
+    exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
+    return CompiledModel(exe, target, specs, ir=mod, stats=stats)
+
+
