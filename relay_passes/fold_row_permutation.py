@@ -81,7 +81,7 @@ class _Folder(PyExprMutator):
     def _materialize(self, var: relax.Var):
         p = self.permuted.pop(var)
         inverse = np.argsort(p.order).astype("int64")
-        restored = self.builder_.emit(relax.op.take(p.src, relax.const(inverse, "int64"), axis=p.axis))
+        restored = self.builder_.emit(relax.op.take(p.src, relax.const(inverse, "int64"), axis=p.axis, mode="clip"))
         self.set_var_remap(var, restored)
         self.kept += 1
 
@@ -112,7 +112,7 @@ class _Folder(PyExprMutator):
     def _reorder(self, expr: relax.Expr, index: np.ndarray, axis: int) -> relax.Expr:
         """One gather that puts ``expr``'s channels into another order."""
         self.kept += 1
-        return self.builder_.emit(relax.op.take(expr, relax.const(index.astype("int64"), "int64"), axis=axis))
+        return self.builder_.emit(relax.op.take(expr, relax.const(index.astype("int64"), "int64"), axis=axis, mode="clip"))
 
     def _fold_binary(self, var, call) -> bool:
         a, b = call.args

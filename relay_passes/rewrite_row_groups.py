@@ -144,7 +144,7 @@ class _Rewriter(PyExprMutator):
         if np.array_equal(order, np.arange(order.size)):
             return joined
         inverse = np.argsort(order).astype("int64")
-        return relax.op.take(joined, relax.const(inverse, "int64"), axis=axis)
+        return relax.op.take(joined, relax.const(inverse, "int64"), axis=axis, mode="clip")
 
 
 @tvm.transform.module_pass(opt_level=0, name="RewriteRowGroups")

@@ -485,6 +485,8 @@ def _input_starts(sch: s_tir.Schedule, block, loop):
     extent = _extent(sch, loop)
     starts = set()
     for region in sch.get(block).reads:
+        if not region.region:  # a 0-d buffer (a scalar index such as ``t[0]``)
+            continue
         low = region.region[-1].min
         if isinstance(low, tirx.Sub) and isinstance(low.b, tirx.IntImm) and 0 < int(low.b.value) < extent:
             starts.add(int(low.b.value))

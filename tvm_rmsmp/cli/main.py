@@ -33,7 +33,13 @@ def _load_factory(spec: str):
         raise SystemExit(f"--model {spec!r}: {err}") from None
     import torch
 
-    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not (isinstance(factory, torch.nn.Module) or callable(factory)):
+        raise SystemExit(f"--model {spec!r} names a {type(factory).__name__}: it must be a torch.nn.Module or a "
+                         "function returning one")
+    try:
+        model = factory if isinstance(factory, torch.nn.Module) else factory()
+    except TypeError as err:
+        raise SystemExit(f"--model {spec!r}: calling it with no arguments failed: {err}") from None
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -57,10 +63,21 @@ def _cmd_compile(args) -> int:
         raise SystemExit(f"--calib {args.calib!r} is not a readable .npy array: {err}") from None
     if calib.ndim != len(shape) or calib.shape[1:] != shape[1:]:
         raise SystemExit(f"--calib {args.calib!r} has shape {calib.shape}, the model input is {shape}")
+    if args.calib_batch < 1:
+        raise SystemExit(f"--calib-batch must be at least 1, got {args.calib_batch}")
+    if calib.shape[0] == 0:
+        raise SystemExit(f"--calib {args.calib!r} holds no samples (shape {calib.shape})")
     calib_t = torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32))
     batches = list(torch.split(calib_t, args.calib_batch))
-    ratio = json.loads(args.ratio) if args.ratio else None
-    cfg = RMSMPConfig(ratio=ratio, act_bits=args.act_bits) if ratio else RMSMPConfig(act_bits=args.act_bits)
+    try:
+        ratio = json.loads(args.ratio) if args.ratio else None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--ratio {args.ratio!r} is not JSON ({err}); "
+                         'e.g. \'{"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}\'') from None
+    try:
+        cfg = RMSMPConfig(ratio=ratio, act_bits=args.act_bits) if ratio else RMSMPConfig(act_bits=args.act_bits)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--ratio / --act-bits: {err}") from None
     q = quantize(model, cfg, batches)
     for name, plan in row_plans(q).items():
         print(f"{name:30s} {plan.num_rows:6d} rows {plan.counts()}")

@@ -9,7 +9,7 @@ layer's row schemes. Everything else goes through TVM's own torch frontend.
 from __future__ import annotations
 
 import re
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from relay_passes import ops
 from ..nn.layers import _RMSMPLayer, rmsmp_layers
 from relay_passes import contract
 
-__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer"]
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "index_bounds"]
 
 
 def _sanitize(name: str) -> str:
@@ -59,6 +59,12 @@ def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSM
 def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
     x_shape = [int(d) for d in x.ty.shape]
     lead = x_shape[:-1]
+    w_shape = list(layer.weight_int.shape)
+    axis, rank = (-1, None) if layer.op == "dense" else (1, 4)
+    if (rank is not None and len(x_shape) != rank) or x_shape[axis] != w_shape[1]:
+        what = "features (last axis)" if layer.op == "dense" else "channels (axis 1 of NCHW)"
+        raise ValueError(f"layer {layer.layer_name!r} ({layer.op}) takes {w_shape[1]} input {what}, "
+                         f"the example inputs give it shape {x_shape}")
     if layer.op == "dense" and len(x_shape) != 2:
         # Dense ops are 2-D ([rows of activations, K]); batch/sequence axes fold into the first.
         x = bb.emit(relax.op.reshape(x, [int(np.prod(lead)), x_shape[-1]]))
@@ -114,3 +120,29 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
                 raise ValueError(f"the TVM importer does not support these torch ops: {err}") from err
             raise
     return mod
+
+
+#: Ops that move an integer input's values unchanged on their way to a gather.
+_VALUE_PRESERVING = {"relax.astype", "relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze",
+                     "relax.expand_dims"}
+
+
+def index_bounds(mod: tvm.IRModule) -> Dict[int, int]:
+    """``{input position: n}`` for the integer inputs of ``main`` that index a constant table
+    (an embedding: ``take(table, indices)``): valid values are ``0 <= i < n``. TVM's gather
+    does not check its indices (torch raises), so the compiled model checks these inputs."""
+    main = mod["main"]
+    origin: Dict[relax.Var, int] = {p: i for i, p in enumerate(main.params)}
+    bounds: Dict[int, int] = {}
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            name = contract.op_name(value)
+            if name in _VALUE_PRESERVING and value.args and value.args[0] in origin:
+                origin[binding.var] = origin[value.args[0]]
+            elif name == "relax.take" and value.args[1] in origin and isinstance(value.args[0], tvm.ir.GenericConst):
+                axis = int(value.attrs.axis) if value.attrs.axis is not None else 0
+                n = int(value.args[0].ty.shape[axis])
+                i = origin[value.args[1]]
+                bounds[i] = min(bounds.get(i, n), n)
+    return bounds

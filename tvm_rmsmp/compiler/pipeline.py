@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import tvm
 
@@ -16,13 +17,31 @@ import schedules
 from relay_passes import FoldRowPermutation, PackFourBitRows, RewriteRowGroups
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
+from ..runtime.native_log import filtered_native_log
 from ..runtime.library import CompiledModel, OpenCLCompiledModel, as_numpy, load
-from .frontend import import_model
+from .frontend import import_model, index_bounds
 from .records import apply_tuning
 from .targets import resolve_target
 from relay_passes import contract
 
 __all__ = ["compile", "load", "CompiledModel", "OpenCLCompiledModel", "lower"]
+
+
+def example_tensors(model: torch.nn.Module, example_inputs: Sequence) -> Tuple[torch.Tensor, ...]:
+    """The example inputs as torch tensors, checked: no zero-size dimension; float inputs in
+    the model's float dtype (a float64 array for a float32 model is cast, as calls are)."""
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
+    floats = [p.dtype for p in list(model.parameters()) + list(model.buffers()) if p.dtype.is_floating_point]
+    dtype = floats[0] if floats else torch.float32
+    out = []
+    for i, x in enumerate(example_inputs):
+        t = torch.from_numpy(np.ascontiguousarray(as_numpy(x, f"example_inputs[{i}]")))
+        if 0 in t.shape:
+            raise ValueError(f"example_inputs[{i}] has shape {list(t.shape)}: every dimension must be at least 1 "
+                             "(the compiled model's shapes are those of the example inputs)")
+        out.append(t.to(dtype) if t.dtype.is_floating_point and t.dtype != dtype else t)
+    return tuple(out)
 
 
 def lower(
@@ -31,7 +50,7 @@ def lower(
     """The Relax module after the RMSMP passes and (``schedule``) the target's schedules,
     tuned ones from the ``tuning`` directory where it has them; not yet built."""
     target = resolve_target(target)
-    inputs = tuple(torch.from_numpy(as_numpy(x, f"example_inputs[{i}]")) for i, x in enumerate(example_inputs))
+    inputs = example_tensors(model, example_inputs)
     if not rmsmp_layers(model):
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
     mod = import_model(model, inputs)
@@ -88,11 +107,12 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     use TVM's vectorizable approximations instead of libm (errors of the order of torch's own
     vectorized GELU); False keeps libm's results. The integer layers are exact either way.
     """
-    if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
     target = resolve_target(target)
+    example_inputs = example_tensors(model, example_inputs)
     mod, stats = lower(model, example_inputs, target, tuning=tuning)
-    specs = [{"shape": list(as_numpy(x, "").shape), "dtype": str(as_numpy(x, "").dtype)} for x in example_inputs]
+    specs = [{"shape": list(x.shape), "dtype": str(x.numpy().dtype)} for x in example_inputs]
+    for i, n in index_bounds(mod).items():
+        specs[i]["index_bound"] = n  # embedding indices: checked at call time, as torch does
     if target.kind.name == "opencl":
         return OpenCLCompiledModel(mod, target, specs, stats=stats)
     if target.kind.name in COMPILERS:
@@ -102,7 +122,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
         return getattr(importlib.import_module(module), func)(mod, target, specs, stats)
     pipeline = schedules.build_pipeline(target, fast_math=fast_math)
     stats["fast_math"] = bool(fast_math and pipeline is not None)
-    exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
+    with filtered_native_log():
+        exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
     return CompiledModel(exe, target, specs, ir=mod, stats=stats)
 
 

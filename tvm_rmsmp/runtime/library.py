@@ -33,7 +33,8 @@ def as_numpy(x, where: str) -> np.ndarray:
 
 def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
     """Contiguous numpy inputs matching the compiled specs (float inputs are cast between
-    float types; any other mismatch is an error naming the input)."""
+    float types; any other mismatch is an error naming the input). Float inputs with NaN are
+    refused (ValueError), and so are embedding indices outside the table (IndexError, as torch)."""
     if len(inputs) != len(specs):
         raise ValueError(f"model was compiled for {len(specs)} input(s), got {len(inputs)}")
     out = []
@@ -46,6 +47,15 @@ def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
                 arr = arr.astype(spec["dtype"])
             else:
                 raise ValueError(f"input {i} has dtype {arr.dtype}, the model was compiled for {spec['dtype']}")
+        if arr.dtype.kind == "f" and np.isnan(arr).any():
+            where = tuple(int(v) for v in np.argwhere(np.isnan(arr))[0])
+            raise ValueError(f"input {i} has NaN at index {where}: the integer layers cannot carry NaN (the torch "
+                             "reference would return NaN for the outputs it reaches); clean the input first")
+        bound = spec.get("index_bound")
+        if bound is not None and arr.size and (arr.min() < 0 or arr.max() >= bound):
+            bad = arr.min() if arr.min() < 0 else arr.max()
+            raise IndexError(f"input {i} indexes a table of {bound} rows (an embedding) with {int(bad)}: "
+                             f"indices must be in [0, {bound})")
         out.append(np.ascontiguousarray(arr))
     return out
 
