@@ -378,10 +378,10 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
         raise TypeError(f"config must be an RMSMPConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    done = _quantized_layer_names(model)
-    if done:
+    quantized = _quantized_layer_names(model)
+    if quantized:
         raise ValueError(
-            f"model is already quantized: it has RMSMP layers {_names_hint(done)}; quantize the float model "
+            f"model is already quantized: it has RMSMP layers {_names_hint(quantized)}; quantize the float model "
             "instead (quantize and prepare_qat leave their input untouched)"
         )
     if calib_data is None:
