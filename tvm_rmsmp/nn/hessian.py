@@ -56,11 +56,40 @@ def output_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 
 def _output_tensor(out) -> torch.Tensor:
+    """The output the loss compares: the tensor itself, or the first tensor of a tuple/list,
+    or of a dict's values in key order (e.g. ``{"logits": ..., "hidden": ...}``), nested ones
+    included."""
+    found = _first_tensor(out)
+    if found is None:
+        raise TypeError(
+            "the Hessian estimate (assign rules 'hessian*') needs the model's output to be a tensor, or a "
+            f"tuple/list/dict of tensors (its first tensor is used), got {_describe(out)}; return tensors "
+            "from forward or use assign='variance'"
+        )
+    if not found.is_floating_point():
+        raise TypeError(f"the Hessian estimate needs a floating-point output tensor, got dtype {found.dtype}")
+    return found
+
+
+def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"the Hessian estimate needs a tensor output (or a tuple starting with one), got {type(out).__name__}")
+    if isinstance(out, dict):
+        out = tuple(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(out) -> str:
+    if isinstance(out, dict):
+        return f"a {type(out).__name__} with keys {list(out)[:8]} and no tensor value"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {[type(o).__name__ for o in out][:8]}"
+    return f"a {type(out).__name__}"
 
 
 def row_hessian_traces(

@@ -23,6 +23,7 @@ from ..quant.config import RMSMPConfig, RMSMPWarning
 from ..quant.plan import RowPlan
 from ..quant.schemes import get_scheme
 from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
+from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning"]
@@ -73,6 +74,8 @@ class ActQuant:
 # --------------------------------------------------------------------------------------------
 class _RMSMPLayer(nn.Module):
     op = ""
+    #: marks a layer of an already quantized (or QAT-prepared) model
+    rmsmp_quantized_layer = True
 
     def __init__(self, name: str, plan: RowPlan, bias: Optional[np.ndarray], act: ActQuant):
         super().__init__()
@@ -99,6 +102,13 @@ class _RMSMPLayer(nn.Module):
         self.register_buffer("bias", torch.from_numpy(bias))
         self.register_buffer("bias_int", torch.from_numpy(bias_int.astype(np.int32)))
         self.register_buffer("out_scale", torch.from_numpy(acc_scale.astype(np.float32)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``row_scale * weight_int`` (float32, read-only): for code that
+        reads ``.weight`` (e.g. torch's Transformer fast-path checks); ``forward`` never uses it."""
+        shape = (-1,) + (1,) * (self.weight_int.dim() - 1)
+        return self.weight_int.to(torch.float32) * self.row_scale.reshape(shape)
 
     @property
     def plan(self) -> RowPlan:
@@ -206,9 +216,6 @@ def _supported(name: str, mod: nn.Module) -> Optional[str]:
     return f"{type(mod).__name__} is not a supported quantized layer type"
 
 
-_OTHER_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
-
-
 def _check_finite(name: str, what: str, t: torch.Tensor):
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).sum().item()
@@ -269,11 +276,29 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
         w_int[rows], row_scale[rows] = wi, sc
     op = "dense" if isinstance(mod, nn.Linear) else "conv2d"
     plan = RowPlan(layer=name, op=op, schemes=schemes, weight_int=w_int, row_scale=row_scale)
-    act = ActQuant.calibrate(np.concatenate(stats.samples), cfg.act_bits)
+    act = _calibrate_act(name, stats, cfg.act_bits)
     bias = None if mod.bias is None else mod.bias.detach().to(torch.float32).numpy()
     if op == "dense":
         return RMSMPLinear(name, plan, bias, act)
     return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
+
+
+def _calibrate_act(name: str, stats: "_InputStats", bits: int) -> ActQuant:
+    """The layer's activation quantizer; says so when its calibration inputs cannot set a scale."""
+    samples = np.concatenate(stats.samples) if stats.samples else np.zeros(0, np.float32)
+    if samples.size == 0:
+        raise ValueError(f"layer {name!r}: its inputs were empty in every calibration batch (0 elements); "
+                         "calibration needs batches in which the layer sees data")
+    act = ActQuant.calibrate(samples, bits)
+    if not np.any(samples):
+        warnings.warn(
+            f"layer {name!r}: its calibration inputs were all zero, so they cannot set an activation scale "
+            f"(it would be 0); using scale {act.scale:g} ({'signed' if act.signed else 'unsigned'}, {bits} bits). "
+            "Calibrate with representative, non-zero data",
+            RMSMPWarning,
+            stacklevel=4,
+        )
+    return act
 
 
 def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
@@ -317,14 +342,48 @@ class Calibration:
         return self.model.eval()
 
 
+def _names_hint(names: List[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return f"[{shown}{more}]" if names else "(none)"
+
+
+def _quantized_layer_names(model: nn.Module) -> List[str]:
+    """Names of the RMSMP (or QAT fake-quantized) layers already in ``model``."""
+    return [getattr(m, "layer_name", n) for n, m in model.named_modules() if getattr(m, "rmsmp_quantized_layer", False)]
+
+
+def _weight_bearing(mod: nn.Module) -> bool:
+    """Holds its own matrix (or larger) parameter: a layer with weights, not a norm's scale."""
+    return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
+
+
+def _skipped(skip: Tuple[str, ...]):
+    """``name -> bool``: the module is named in ``skip`` or lies inside one that is."""
+    names = set(skip)
+
+    def check(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
+
+    return check
+
+
 def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Iterable,
               row_hessian: Optional[Dict[str, np.ndarray]] = None) -> Calibration:
-    """Copy ``model``, fold BN, run the calibration batches and estimate what the rule needs."""
+    """Copy ``model``, fold BN, decompose attention, run the calibration batches and estimate
+    what the rule needs."""
     cfg = config if config is not None else RMSMPConfig()
     if not isinstance(cfg, RMSMPConfig):
         raise TypeError(f"config must be an RMSMPConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    quantized = _quantized_layer_names(model)
+    if quantized:
+        raise ValueError(
+            f"model is already quantized: it has RMSMP layers {_names_hint(quantized)}; quantize the float model "
+            "instead (quantize and prepare_qat leave their input untouched)"
+        )
     if calib_data is None:
         raise ValueError("calib_data is required: static activation scales come from calibration batches")
     batches = [_as_tuple(b) for b in calib_data]
@@ -332,16 +391,36 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
         raise ValueError("calib_data is empty: give at least one input batch")
     for i, b in enumerate(batches):
         for j, t in enumerate(b):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0:
+                raise ValueError(
+                    f"calib_data batch {i}, input {j} has no samples (shape {list(t.shape)}): "
+                    "every calibration batch needs at least one sample"
+                )
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"calib_data batch {i}, input {j} has NaN/Inf values")
 
+    skipped = _skipped(cfg.skip)
     q = copy.deepcopy(model).eval()
     if cfg.fold_bn:
         q = _fold_batchnorm(q).eval()
+    # nn.MultiheadAttention runs its projections from packed weights: as separate Linear
+    # layers they are quantized like any other (and the quantized model still exports)
+    q, _ = decompose_attention(q, skipped)
+    q.eval()
+
+    known = {n for n, _ in q.named_modules() if n} | {n for n, _ in model.named_modules() if n}
+    layer_names = [n for n, m in q.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    unknown = [n for n in cfg.skip if n not in known]
+    if unknown:
+        raise ValueError(
+            f"skip names layers that are not modules of the model: {unknown}; "
+            f"layers of the model: {_names_hint(layer_names)}"
+        )
 
     targets: Dict[str, nn.Module] = {}
+    floats: List[str] = []
     for name, mod in q.named_modules():
-        if name in cfg.skip:
+        if skipped(name):
             continue
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             why = _supported(name, mod)
@@ -352,15 +431,21 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
                 targets[name] = mod
             else:
                 warnings.warn(f"layer {name!r} left in float: {why}", RMSMPWarning, stacklevel=3)
-        elif isinstance(mod, _OTHER_WEIGHT_LAYERS):
-            warnings.warn(
-                f"layer {name!r} left in float: {type(mod).__name__} is not a supported quantized layer type",
-                RMSMPWarning,
-                stacklevel=3,
-            )
-    unknown = set(cfg.layer_ratios) - set(targets)
+        elif _weight_bearing(mod) and not isinstance(mod, DecomposedMultiheadAttention):
+            floats.append(f"{name or '<model>'!r} ({type(mod).__name__})")
+    if floats:
+        warnings.warn(
+            f"layers left in float (not a supported quantized layer type; only Linear, Conv2d and "
+            f"MultiheadAttention projections are quantized): {', '.join(floats)}",
+            RMSMPWarning,
+            stacklevel=3,
+        )
+    unknown = sorted(set(cfg.layer_ratios) - set(targets))
     if unknown:
-        raise ValueError(f"layer_ratios names layers that are not quantizable layers of the model: {sorted(unknown)}")
+        raise ValueError(
+            f"layer_ratios names layers that are not quantizable layers of the model: {unknown}; "
+            f"quantizable layers: {_names_hint(list(targets))}"
+        )
     if not targets:
         warnings.warn("model has no quantizable layer (Linear / Conv2d); it stays in float", RMSMPWarning, stacklevel=3)
         return Calibration(q, cfg, {}, {}, batches)

@@ -105,6 +105,9 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class FakeQuantLayer(nn.Module):
     """A Linear or Conv2d (groups=1) trained with RMSMP fake quantization of weights and input."""
 
+    #: marks a layer of an already quantized (or QAT-prepared) model
+    rmsmp_quantized_layer = True
+
     def __init__(self, name: str, layer: nn.Module, plan: RowPlan, act: ActQuant):
         super().__init__()
         self.layer_name, self.op = name, plan.op
@@ -258,6 +261,97 @@ def reassign_rows(model: nn.Module, calib_data: Iterable) -> int:
     return moved
 
 
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a Tensor of shape {list(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} ({', '.join(type(i).__name__ for i in x[:4])}{', ...' if len(x) > 4 else ''})"
+    return f"a {type(x).__name__}"
+
+
+def _epoch_batches(batches, epoch: int, epochs: int):
+    """The iterable of one epoch: ``batches(epoch)``, or ``batches`` itself (a list, a DataLoader)."""
+    if callable(batches) and not isinstance(batches, nn.Module):
+        return batches(epoch)
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(
+            "train_qat: batches must be a callable epoch -> iterable of (inputs, target) pairs, or such an "
+            f"iterable (a list, a DataLoader), got {_describe(batches)}"
+        ) from None
+    if it is batches and epochs > 1:
+        raise TypeError(
+            f"train_qat: batches is a one-shot iterator ({type(batches).__name__}) but epochs={epochs}: it would "
+            "be used up after the first epoch; pass a list, a DataLoader or a callable epoch -> batches"
+        )
+    return it
+
+
+def _step_batch(batch, epoch: int, step: int) -> Tuple[tuple, object]:
+    """``(inputs tuple, target)`` of one training batch, or a TypeError naming the step."""
+    where = f"epoch {epoch + 1}, step {step + 1}"
+    if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"train_qat: the batch at {where} must be an (inputs, target) pair, got {_describe(batch)}; "
+            "batches yield (inputs, target) with inputs a tensor or a tuple of the model's inputs"
+        )
+    inputs, target = batch
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        inputs = (inputs,)  # one input: ``net(*tensor)`` would split it along its first axis
+    elif isinstance(inputs, list):
+        inputs = tuple(inputs)
+    elif not isinstance(inputs, tuple):
+        raise TypeError(f"train_qat: the inputs of the batch at {where} must be a tensor or a tuple of tensors, "
+                        f"got {_describe(inputs)}")
+    inputs = tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in inputs)
+    if isinstance(target, np.ndarray):
+        target = torch.from_numpy(target)
+    return inputs, target
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            yield from _tensors(v)
+
+
+def _all_finite(out) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(out) if t.is_floating_point())
+
+
+def _first_nonfinite(model: nn.Module, inputs: tuple) -> str:
+    """Where a forward pass first produces NaN/Inf: the inputs or the first module (in the order
+    modules finish) whose output is not finite."""
+    if not _all_finite(inputs):
+        return "the batch's inputs have NaN/Inf values"
+    found = []
+
+    def hook(name):
+        def check(module, args, out):
+            if not found and not _all_finite(out):
+                found.append(f"layer {name!r} ({type(module).__name__})")
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return f"the first non-finite output is that of {found[0]}"
+    if not _all_finite(out):
+        return "the model's output is not finite"
+    return "the model's output is finite: loss_fn made the NaN/Inf (or it came from the target)"
+
+
 def train_qat(
     model: nn.Module,
     batches: Callable[[int], Iterable[Tuple[tuple, torch.Tensor]]],
@@ -269,7 +363,13 @@ def train_qat(
     """Train a :func:`prepare_qat` model in place.
 
     batches(epoch) yields ``(inputs tuple, target)``; under torch.distributed each rank
-    yields its own shard. calib_data: input batches for re-assignment (``reassign_every``).
+    yields its own shard. ``batches`` may also be the iterable itself (a list of pairs, a
+    DataLoader), used every epoch; inputs may be one tensor. calib_data: input batches for
+    re-assignment (``reassign_every``).
+
+    Raises TypeError for a batch that is no (inputs, target) pair, FloatingPointError as soon
+    as the loss is NaN/Inf (naming the step and the first layer whose output was not finite)
+    and ValueError for an epoch without batches.
     """
     cfg = config if config is not None else QATConfig()
     if not qat_layers(model):
@@ -292,13 +392,34 @@ def train_qat(
     for epoch in range(cfg.epochs):
         net.train()
         t0, steps, total = time.perf_counter(), 0, 0.0
-        for inputs, target in batches(epoch):
+        for batch in _epoch_batches(batches, epoch, cfg.epochs):
+            inputs, target = _step_batch(batch, epoch, steps)
             loss = loss_fn(net(*inputs), target)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"train_qat: loss_fn must return a scalar tensor, got {_describe(loss)} at "
+                                f"epoch {epoch + 1}, step {steps + 1}")
+            if not torch.isfinite(loss.detach()).all():
+                raise FloatingPointError(
+                    f"train_qat: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1}: "
+                    f"{_first_nonfinite(model, inputs)}; the weights are those before this step "
+                    "(try a lower lr or scale_lr, or check the data)"
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()
             steps += 1
             total += float(loss.detach())
+        if steps == 0:
+            raise ValueError(
+                f"train_qat: epoch {epoch + 1} has no batches (0 steps trained"
+                + (f", {epoch} epoch(s) done" if epoch else "")
+                + "); give batches that yield (inputs, target) pairs every epoch"
+                + (" (an iterator or generator is used up after one epoch)" if epoch else "")
+            )
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise FloatingPointError(f"train_qat: after epoch {epoch + 1}, parameters {bad[:8]} have NaN/Inf "
+                                     "values (a non-finite gradient); try a lower lr or scale_lr")
         if log is not None:
             log(f"QAT epoch {epoch + 1}/{cfg.epochs}: {steps} steps, mean loss {total / max(steps, 1):.4f}, "
                 f"{time.perf_counter() - t0:.0f}s")

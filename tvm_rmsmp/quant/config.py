@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import attrs
@@ -26,7 +27,10 @@ def validate_ratio(ratio) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for name, share in ratio.items():
         get_scheme(name)  # raises KeyError naming the unknown scheme
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share):
+        # any real scalar (Python or numpy: np.float32(0.35) too); bools are not shares
+        if isinstance(share, bool) or not isinstance(share, numbers.Real):
+            raise ValueError(f"ratio[{name!r}] must be a finite number, got {share!r} ({type(share).__name__})")
+        if not math.isfinite(float(share)):
             raise ValueError(f"ratio[{name!r}] must be a finite number, got {share!r}")
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"ratio[{name!r}] = {share} is outside [0, 1]")
@@ -67,6 +71,22 @@ class HessianConfig:
     seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
 
 
+def _skip_converter(value) -> Tuple[str, ...]:
+    """Layer names to skip: one name (a string) or an iterable of names."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)  # one layer name, not its characters
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise TypeError(f"skip must be a layer name or an iterable of layer names, got {value!r}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"skip must hold layer names (strings), got {bad!r} in {value!r}")
+    return names
+
+
 def _layer_ratios_converter(value):
     if value is None:
         return {}
@@ -90,7 +110,9 @@ class RMSMPConfig:
     assign: name of the row-assignment rule (see :mod:`tvm_rmsmp.quant.assign`); rules that need
         the loss Hessian estimate it from the calibration batches as ``hessian`` says.
     fold_bn: fold Conv2d + BatchNorm2d before quantizing the weights.
-    skip: layer names (module paths) to leave in float.
+    skip: layer names (module paths) to leave in float: one name or several; a name of a
+        module that holds layers (e.g. an attention block) leaves all of them in float.
+        Names that are no module of the model raise an error in ``quantize``.
     layer_ratios: per-layer ratios replacing ``ratio`` for the named layers, e.g. the first
         and last layer at ``{"fixed_8": 1.0}``, or whole layers at 8 bits (layer-wise mixing).
     edge_scheme: if set, the first and last quantized layers (in execution order) use only
@@ -101,7 +123,7 @@ class RMSMPConfig:
     act_bits: int = attrs.field(default=8, validator=_check_act_bits)
     assign: str = attrs.field(default="hessian_error")
     fold_bn: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    skip: Tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    skip: Tuple[str, ...] = attrs.field(default=(), converter=_skip_converter)
     hessian: HessianConfig = attrs.field(factory=HessianConfig, validator=attrs.validators.instance_of(HessianConfig))
     layer_ratios: Dict[str, Dict[str, float]] = attrs.field(factory=dict, converter=_layer_ratios_converter)
     edge_scheme: Optional[str] = attrs.field(default=None)
