@@ -32,8 +32,9 @@ order) and :data:`CPU_KERNEL`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import attrs
 import numpy as np
 import tvm
 from tvm.sym import Analyzer
@@ -44,7 +45,8 @@ __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
     "PARAMS", "ContractError", "verify", "verify_func", "callee", "rmsmp_attr", "const_value", "op_name",
-    "channel_axis", "group_weight", "stored_to_int", "packed_weight",
+    "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
+    "ConstantKernel",
 ]
 
 # ----- attribute keys -------------------------------------------------------------------------
@@ -128,6 +130,50 @@ def packed_weight(w_int: np.ndarray, scheme_name: str) -> np.ndarray:
     """The stored form of a group's weights, two 4-bit codes per byte."""
     scheme = get_scheme(scheme_name)
     return pack_nibbles(nibble_codes(w_int, scheme))
+
+
+# ----- what targets offer the graph passes ------------------------------------------------------
+@attrs.frozen
+class DenseLayer:
+    """The row groups of one dense layer, as ``FuseDenseLayers`` hands them to a target: the
+    activations' shape and dtype (``[M, K]``, int8 or uint8) and, per group in concatenation
+    order, ``(scheme, stored weights, bias, scale)`` (numpy arrays as the groups' constants
+    hold them: packed uint8 for :data:`PACKED` groups, int8 otherwise)."""
+
+    x_shape: Tuple[int, int]
+    x_dtype: str
+    groups: Tuple[Tuple[str, np.ndarray, np.ndarray, np.ndarray], ...]
+    packed: Tuple[bool, ...]
+
+    @property
+    def concat_order(self) -> List[Tuple[int, int]]:
+        """(group, row) of each output channel of the concatenation."""
+        return [(gi, r) for gi, (_, w, _, _) in enumerate(self.groups) for r in range(w.shape[0])]
+
+
+#: ``build(layer, order)``: ``(key, name, make_kernel, constants)``: a kernel computing output
+#: channel ``c`` from ``order[c]`` (a ``(group, row)``), called as ``kernel(x, *constants, out)``;
+#: ``constants`` are ``(array, dtype)``; layers with equal ``key`` share one kernel (named
+#: ``name``), so ``make_kernel()`` runs once per key. The kernel carries its own attributes (:data:`OP`,
+#: :data:`SCHEMES`, :data:`CPU_KERNEL`, ``tirx.is_scheduled``).
+LayerBuild = Callable[[DenseLayer, Sequence[Tuple[int, int]]],
+                      Tuple[tuple, str, Callable[[], "tvm.tirx.PrimFunc"], List[Tuple[np.ndarray, str]]]]
+
+
+@attrs.frozen
+class LayerKernels:
+    """A target's kernels for whole dense layers (read by ``FuseDenseLayers``): ``accepts(layer)``
+    says whether one kernel can compute the layer; ``build`` makes it (see :data:`LayerBuild`)."""
+
+    accepts: Callable[[DenseLayer], bool]
+    build: LayerBuild
+
+
+#: ``kernel_for(row_group_func)``: ``(kernel, weight_layout)`` where the target has a kernel of its
+#: own for a row group whose weights are constants, ``weight_layout(w)`` giving the weights in
+#: the layout it reads (None: as they are); None where it has none (read by ``UseTargetKernels``).
+ConstantKernel = Callable[["tvm.tirx.PrimFunc"],
+                          Optional[Tuple["tvm.tirx.PrimFunc", Optional[Callable[[np.ndarray], np.ndarray]]]]]
 
 
 # ----- the verifier ---------------------------------------------------------------------------

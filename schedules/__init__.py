@@ -9,11 +9,11 @@ from .registry import (
     apply_rules,
     build_pipeline,
     fixed_kernel,
-    prepare,
+    graph_kernels,
     register_target,
     registered_kinds,
     rules_for,
     space_for,
 )
 
-__all__ = ["apply_rules", "build_pipeline", "fixed_kernel", "prepare", "registered_kinds", "register_target", "rules_for", "space_for"]
+__all__ = ["apply_rules", "build_pipeline", "fixed_kernel", "graph_kernels", "registered_kinds", "register_target", "rules_for", "space_for"]

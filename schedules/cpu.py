@@ -21,13 +21,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import tvm
-from tvm import relax, s_tir, tirx, topi
+from tvm import s_tir, tirx, topi
 from tvm.s_tir import dlight as dl
 from tvm.sym.analyzer import Analyzer
 from tvm.target import Target
 
 from relay_passes import contract
-from relay_passes.contract import callee
+from relay_passes.contract import ConstantKernel
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
@@ -43,7 +43,7 @@ from .x86_intrin import (
     warn_fallback,
     x86_isa,
 )
-from .x86_layers import fuse_dense_layers
+from .x86_layers import x86_layer_kernels
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
            "schedule_dense", "schedule_conv2d"]
@@ -168,10 +168,10 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     return kernel.with_attr(contract.CPU_KERNEL, f"x86-{isa}-{kind}").with_attr("tirx.is_scheduled", True)
 
 
-def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
-    """Row groups whose weights are constants get their x86 kernel here, before the rules, and
-    where that kernel reads the weights in a layout of its own, their weight constants that
-    layout, made at compile time:
+def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
+    """The x86 kernel of a row group whose weights are constants, with the layout it reads
+    them in (the :data:`~relay_passes.contract.ConstantKernel` of the CPU target, for
+    ``relay_passes.UseTargetKernels``), or None where the target has none:
 
     * dense: tiled (:func:`schedules.x86_intrin.tile_weights`): a tile of rows is one
       sequential stream, zero-padded. Batch 1 from L3: 1 x 3072 x 461 SP2 rows 22.2 -> 17.4 us.
@@ -185,53 +185,16 @@ def lay_out_weights(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
       The other convolutions (a 3-channel stem): tap order
       (:func:`schedules.x86_intrin.tap_order_weights`), the columns of their im2col.
 
-    Functions called with a weight that is not a constant are left to the rules, which give
-    them the kernel that reads the weights as they are."""
+    The pass leaves functions called with a weight that is not a constant to the rules, which
+    give them the kernel that reads the weights as they are."""
     if x86_isa(target) is None:
-        return mod
-    mod = fuse_dense_layers(mod, target)
-    original = mod
-    sites = {}  # GlobalVar of a PrimFunc -> the calls to it
+        return None
 
-    def record(expr) -> None:
-        if isinstance(expr, relax.Call) and callee(original, expr) is not None:
-            sites.setdefault(expr.args[0], []).append(expr)
+    def kernel_for(func):
+        kernel = x86_replacement(func, target, relayout=True)
+        return None if kernel is None else (kernel, _weight_layout(kernel))
 
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, record)
-    replaced = {}
-    for gv, calls in sites.items():
-        if contract.SCHEME in (mod[gv].attrs or {}) and all(isinstance(c.args[1].fields[1], tvm.ir.GenericConst)
-                                                            for c in calls):
-            kernel = x86_replacement(mod[gv], target, relayout=True)
-            if kernel is not None:
-                replaced[gv] = kernel
-    if not replaced:
-        return mod
-    # new GlobalVars (an existing one keeps the signature it was made with), typed by add_func
-    builder = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in replaced},
-                                              attrs=mod.attrs, global_infos=mod.global_infos))
-    renamed = {gv: builder.add_func(kernel, gv.name_hint) for gv, kernel in replaced.items()}
-    mod = builder.get()
-    layouts = {renamed[gv]: _weight_layout(kernel) for gv, kernel in replaced.items()}
-
-    @relax.expr_functor.mutator
-    class _Relayout(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if callee(original, call) is None or call.args[0] not in renamed:
-                return call
-            gv = renamed[call.args[0]]
-            fields = list(call.args[1].fields)
-            if layouts[gv] is not None:
-                fields[1] = relax.const(layouts[gv](fields[1].value.numpy()), str(fields[1].ty.dtype))
-            return relax.Call(call.op, [gv, relax.Tuple(fields)] + list(call.args[2:]), call.attrs, call.ty_args)
-
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = _Relayout(mod).visit_expr(func)
-    return mod
+    return kernel_for
 
 
 def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
@@ -541,4 +504,4 @@ RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 register_target("llvm", [RowGroupDense, RowGroupConv2d],
                 spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
                 fixed=x86_replacement, float_rules=[FloatMatmul(), FloatElementwise(), FloatRowReduction(reassociate=False)],
-                fast_math=FAST_MATH, fast_math_rules=[FloatRowReduction(reassociate=True)], prepare=lay_out_weights)
+                fast_math=FAST_MATH, fast_math_rules=[FloatRowReduction(reassociate=True)], layer_kernels=x86_layer_kernels, constant_kernels=x86_constant_kernel)

@@ -10,14 +10,15 @@ module here plus its import in ``schedules/__init__.py``; nothing outside ``sche
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight as dl
 from relay_passes import contract
+from relay_passes.contract import ConstantKernel, LayerKernels
 
-__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "prepare", "space_for", "fixed_kernel",
+__all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "graph_kernels", "space_for", "fixed_kernel",
            "OpScheduleRule", "build_pipeline", "INT8_DOT_KEY"]
 
 #: Target key that declares an OpenCL device with an int8 dot-product built-in (target name
@@ -51,8 +52,8 @@ _FIXED: Dict[str, Callable] = {}
 _FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 # Relax op name -> legalization (bb, call) -> Expr: the target's fast-math float operators
 _FAST_MATH: Dict[str, Dict[str, Callable]] = {}
-# fn(mod, target) -> mod run before the rules (kernels with their constants' layouts)
-_PREPARE: Dict[str, Callable] = {}
+# (layer_kernels, constant_kernels) factories: what the target offers the graph passes
+_GRAPH: Dict[str, Tuple[Optional[Callable], Optional[Callable]]] = {}
 # float rules used only by fast-math builds (they may reassociate float sums)
 _FAST_FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
 
@@ -66,7 +67,8 @@ def register_target(
     float_rules: Sequence[dl.ScheduleRule] = (),
     fast_math: Optional[Dict[str, Callable]] = None,
     fast_math_rules: Sequence[dl.ScheduleRule] = (),
-    prepare: Optional[Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]] = None,
+    layer_kernels: Optional[Callable[[tvm.target.Target], Optional[LayerKernels]]] = None,
+    constant_kernels: Optional[Callable[[tvm.target.Target], Optional[ConstantKernel]]] = None,
 ) -> None:
     """``rules`` schedule the row-group ops for ``kind``; ``verify(mod, target)`` (optional)
     raises if a scheduled kernel breaks a limit of the target; ``spaces`` maps an op to the
@@ -78,9 +80,12 @@ def register_target(
     float operators (``relax.nn.gelu``, ...) to vectorizable legalizations, used unless a
     build asks for ``fast_math=False``; they may round differently from libm.
     ``fast_math_rules`` go before ``float_rules`` in such builds and may reassociate float
-    sums (vectorized reductions). ``prepare(mod, target)`` runs before the rules on modules
-    with their Relax functions: it may put kernels in place together with the constants
-    they read in a layout of their own (weights tiled for the kernel)."""
+    sums (vectorized reductions). ``layer_kernels(target)`` and ``constant_kernels(target)``
+    are the target properties the pipeline hands to the graph passes that put target kernels
+    in place (``relay_passes.FuseDenseLayers``: whole dense layers in one kernel;
+    ``relay_passes.UseTargetKernels``: row groups with constant weights as the target's
+    kernels, weights laid out for them at compile time); each returns None for a target
+    without such kernels."""
     if kind in _RULES:
         raise ValueError(f"schedules for target kind {kind!r} are already registered")
     _RULES[kind] = list(rules)
@@ -92,8 +97,7 @@ def register_target(
     _FLOAT[kind] = list(float_rules)
     _FAST_MATH[kind] = dict(fast_math or {})
     _FAST_FLOAT[kind] = list(fast_math_rules)
-    if prepare is not None:
-        _PREPARE[kind] = prepare
+    _GRAPH[kind] = (layer_kernels, constant_kernels)
 
 
 def fixed_kernel(func, target: tvm.target.Target):
@@ -122,19 +126,18 @@ def rules_for(target: tvm.target.Target) -> List[dl.ScheduleRule]:
         ) from None
 
 
-def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """``mod`` after the target's ``prepare`` step (a new module): the row groups it replaces
-    or fuses (whole dense layers on x86) are the target's own kernels, marked scheduled."""
-    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    step = _PREPARE.get(target.kind.name)
-    return mod if step is None else step(mod, target)
+def graph_kernels(target: tvm.target.Target) -> Tuple[Optional[LayerKernels], Optional[ConstantKernel]]:
+    """What ``target`` offers the graph passes that put its kernels in place (see
+    :func:`register_target`): its layer kernels and its constant-weight kernels, each None
+    where it has none."""
+    rules_for(target)
+    layer, constant = _GRAPH.get(target.kind.name, (None, None))
+    return (None if layer is None else layer(target)), (None if constant is None else constant(target))
 
 
 def apply_rules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Schedule every row-group PrimFunc of ``mod`` for ``target`` (returns a new module).
-    The target's ``prepare`` step runs first: it may replace row groups together with the
-    weight constants their Relax callers pass (laid out for the new kernels)."""
-    mod = prepare(mod, target)
+    Kernels the graph passes put in place (marked ``tirx.is_scheduled``) are left as they are."""
     with target:
         mod = dl.ApplyDefaultSchedule(*rules_for(target))(mod)
     verify = _VERIFY.get(target.kind.name)

@@ -54,7 +54,8 @@ chunks of weight-row tiles sized to stay in L2 while every activation tile passe
 Weight layouts made at compile time (:func:`tile_weights` for dense: a tile's rows
 interleaved step by step, one sequential stream; :func:`taps_first_weights` for the per-tap
 conv GEMMs, :func:`tap_order_weights` for the tap-order im2col) are read when the kernel is
-built with ``tiled`` / ``taps_first``; the CPU target's ``prepare`` step (``schedules.cpu.lay_out_weights``) rewrites the constants to match.
+built with ``tiled`` / ``taps_first``; the ``relay_passes.UseTargetKernels`` pass, given
+:func:`schedules.cpu.x86_constant_kernel`, rewrites the constants to match.
 """
 
 from __future__ import annotations

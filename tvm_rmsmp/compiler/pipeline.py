@@ -1,20 +1,22 @@
 """From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
 
 import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
--> the row-group op contract's verifier -> the target's row-group schedules -> TVM's default Relax build for the target.
+-> the row-group op contract's verifier -> tuned schedules (if any) -> the target's graph passes
+(FuseDenseLayers, UseTargetKernels, from what its schedules offer) -> the target's row-group
+schedules -> TVM's default Relax build for the target.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import tvm
 
 import schedules
-from relay_passes import FoldRowPermutation, PackFourBitRows, RewriteRowGroups
+from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, RewriteRowGroups, UseTargetKernels
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
 from ..runtime.native_log import filtered_native_log
@@ -66,9 +68,31 @@ def lower(
     if tuning is not None:
         mod, used = apply_tuning(mod, target, tuning)
         stats["tuned"] = sum(used.values())
+    mod = apply_target_passes(mod, target)
     mod = schedules.apply_rules(mod, target)
     stats["cpu_kernels"] = kernel_kinds(mod)
     return mod, stats
+
+
+def target_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
+    """The graph passes that put ``target``'s own kernels in place, from what its schedules
+    offer (``schedules.graph_kernels``): whole dense layers in one kernel, then row groups with
+    constant weights as the target's kernels with their weights laid out at compile time."""
+    layer_kernels, constant_kernel = schedules.graph_kernels(target)
+    passes: List[tvm.transform.Pass] = []
+    if layer_kernels is not None:
+        passes.append(FuseDenseLayers(layer_kernels))
+    if constant_kernel is not None:
+        passes.append(UseTargetKernels(constant_kernel))
+    return passes
+
+
+def apply_target_passes(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """``mod`` after :func:`target_passes` (a new module; ``mod`` itself is left as it is)."""
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    for p in target_passes(target):
+        mod = p(mod)
+    return mod
 
 
 def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:

@@ -29,7 +29,7 @@ import schedules
 
 from ..quant.config import RMSMPWarning
 from ..runtime.fileio import atomic_write
-from .pipeline import lower
+from .pipeline import apply_target_passes, lower
 from .records import (
     apply_tuning,
     check_records,
@@ -189,7 +189,7 @@ def tune(
     mod, _ = lower(model, example_inputs, target, schedule=False)
     # the target's own kernels in place first: groups it replaces or fuses (whole dense layers
     # on x86) are not tuned, since a tuned schedule would only keep them from it
-    mod = schedules.prepare(mod, target)
+    mod = apply_target_passes(mod, target)
     kernels = [k for k in row_group_kernels(mod)
                if "tirx.is_scheduled" not in k[2].attrs and not has_fixed_kernel(k[2], target)]
     check_tracker(runner)
