@@ -273,6 +273,30 @@ def test_library_for_cpu_features_this_host_lacks(tmp_path):
         rmsmp.load(path)
 
 
+def test_device_library_checks_its_host_part(models, tmp_path):
+    """A cuda/opencl library's sidecar describes its host code: that is what is checked
+    (the sidecar is edited here: its checksum covers the library, not itself)."""
+    feats = host.host_cpu_features()
+    if "avx512f" not in feats or feats.get("avx10.2"):
+        pytest.skip("not an x86 host without AVX10.2")
+    a, _ = models
+    path = a.export_library(str(tmp_path / "gpu.so"))
+    meta = json.loads(open(path + ".json").read())
+    dmr = {"kind": "llvm", "mcpu": "diamondrapids"}
+    meta["target"] = {"kind": "cuda", "host": dmr}
+    meta["cpu_features"] = host.target_cpu_features(tvm.target.Target(dmr))
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="gpu.so' \\(the host code of a cuda library\\) was built for a CPU "
+                                         "\\(mcpu 'diamondrapids'\\) with features this machine lacks: .*avx10.2"):
+        rmsmp.load(path)
+    meta.update(arch="riscv64", triple="riscv64-unknown-linux-gnu")
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="\\(the host code of a cuda library\\) was built for riscv64"):
+        rmsmp.load(path)
+
+
 @pytest.mark.skipif(CROSS is None, reason="apt-get install g++-aarch64-linux-gnu")
 def test_library_for_another_architecture(tmp_path):
     if host.triple_arch(host.host_triple()) == "aarch64":

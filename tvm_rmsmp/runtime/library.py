@@ -170,6 +170,7 @@ class CompiledModel:
             raise
         return path
 
+
 class OpenCLCompiledModel(CompiledModel):
     """A model compiled for an OpenCL target (Mali, Adreno, any OpenCL device).
 
@@ -272,18 +273,19 @@ def check_host_compatible(meta: Dict[str, Any], path: str) -> None:
     """Raise ValueError if this machine cannot run the code a sidecar describes: another
     architecture, or CPU features this CPU lacks (instead of SIGILL at the first kernel)."""
     target = meta["target"]
-    cpu = target if target.get("kind") == "llvm" else target.get("host") or {}
-    part = "" if target.get("kind") == "llvm" else f"its host part ({target.get('kind')} target) "
+    cpu = target if target.get("kind") == "llvm" else target.get("host")
+    cpu = cpu if isinstance(cpu, dict) else {}
+    part = "" if target.get("kind") == "llvm" else f" (the host code of a {target.get('kind')} library)"
     here = host_triple()
     if meta["arch"] != triple_arch(here):
         raise ValueError(
-            f"{path!r} {part}was built for {meta['arch']} ({meta['triple']}); this machine is "
+            f"{path!r}{part} was built for {meta['arch']} ({meta['triple']}); this machine is "
             f"{triple_arch(here)} ({here}): run it on a {meta['arch']} machine or recompile it for this one"
         )
     missing = missing_host_features(meta["cpu_features"])
     if missing:
         raise ValueError(
-            f"{path!r} {part}was built for a CPU (mcpu {cpu.get('mcpu', 'generic')!r}) with features this "
+            f"{path!r}{part} was built for a CPU (mcpu {cpu.get('mcpu', 'generic')!r}) with features this "
             f"machine lacks: {', '.join(missing)}; recompile it for this machine (target 'llvm') or run it "
             f"on a CPU that has them"
         )
