@@ -70,7 +70,14 @@ def test_corrupt_artifacts_get_clear_errors(compiled_resnet, tmp_path):
     with pytest.raises(ValueError, match="m.so.json' is corrupt"):
         rmsmp.load(path)
     (tmp_path / "junk.so").write_bytes(b"\x7fELF junk")
-    (tmp_path / "junk.so.json").write_text(json.dumps({"format": "tvm-rmsmp", "inputs": [], "target": "{}"}))
+    import hashlib
+
+    from tvm_rmsmp.runtime.host import host_triple, triple_arch
+
+    junk = {"format": "tvm-rmsmp", "version": 2, "inputs": [], "target": json.loads(str(exe.target)),
+            "size": 9, "sha256": hashlib.sha256(b"\x7fELF junk").hexdigest(), "arch": triple_arch(host_triple()),
+            "triple": host_triple(), "cpu_features": []}
+    (tmp_path / "junk.so.json").write_text(json.dumps(junk))  # a sidecar that checks out, for a library that does not
     with pytest.raises(ValueError, match="junk.so' is not a loadable TVM library"):
         rmsmp.load(str(tmp_path / "junk.so"))
     with pytest.raises(FileNotFoundError):

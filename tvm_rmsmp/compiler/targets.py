@@ -10,7 +10,7 @@ from typing import Callable, Dict, Union
 
 import tvm
 
-__all__ = ["resolve_target", "TARGET_NAMES", "TARGET_PREFIXES", "host_cpu_target", "INT8_DOT_KEY"]
+__all__ = ["resolve_target", "check_cpu", "TARGET_NAMES", "TARGET_PREFIXES", "host_cpu_target", "INT8_DOT_KEY"]
 
 from schedules.registry import INT8_DOT_KEY
 
@@ -65,7 +65,42 @@ def _prefixed(name: str) -> Dict[str, object]:
     return getattr(importlib.import_module(module), func)(arg)
 
 
+def check_cpu(target: "tvm.target.Target") -> "tvm.target.Target":
+    """Raise ValueError if an LLVM target (or a device target's LLVM host) names a CPU that
+    LLVM does not know for its triple: LLVM would otherwise compile for a generic CPU silently."""
+    import difflib
+
+    from tvm.target import codegen
+
+    parts = [target] + ([target.host] if target.host is not None else [])
+    for part in parts:
+        if part.kind.name != "llvm" or not part.attrs.get("mcpu"):
+            continue
+        mcpu = str(part.attrs["mcpu"])
+        triple = str(part.attrs.get("mtriple") or codegen.llvm_get_system_triple())
+        if codegen.llvm_is_valid_cpu(mcpu, triple):
+            continue
+        try:
+            known = [str(c) for c in codegen.llvm_get_cpu_archlist(part)]
+        except Exception:  # noqa: BLE001 - the list is a hint only
+            known = []
+        close = difflib.get_close_matches(mcpu, known, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        where = "" if part is target else f" (the host of the {target.kind.name} target)"
+        raise ValueError(
+            f"unknown CPU {mcpu!r}{where}: LLVM {codegen.llvm_version_major()} has no CPU of that name for "
+            f"{triple}{hint} (tvm.target.codegen.llvm_get_cpu_archlist lists them)"
+        )
+    return target
+
+
 def resolve_target(target: Union[str, dict, "tvm.target.Target"]) -> "tvm.target.Target":
+    """The ``tvm.target.Target`` for a name, a TVM target dict or a Target, with its CPU
+    (``mcpu``, the host's too) checked against LLVM's list (:func:`check_cpu`)."""
+    return check_cpu(_resolve(target))
+
+
+def _resolve(target: Union[str, dict, "tvm.target.Target"]) -> "tvm.target.Target":
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, str) and target.partition(":")[0] in TARGET_PREFIXES and ":" in target:

@@ -6,21 +6,29 @@ Needs TVM and numpy, never torch: a deployment machine loads an exported library
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from .fileio import atomic_write
-from .host import host_cpu_target
+from .fileio import atomic_output
+from .host import cpu_part, host_triple, missing_host_features, target_cpu_features, target_triple, triple_arch
 
-__all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "as_numpy"]
+__all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "as_numpy", "check_host_compatible",
+           "cache_dir"]
 
-_FORMAT_VERSION = 1
+_FORMAT = "tvm-rmsmp"
+#: 2: the target as a JSON object, the library's size and sha256, its arch, triple and CPU features
+_FORMAT_VERSION = 2
+_DEVICE_NAMES = {"cuda": "CUDA", "rocm": "ROCm", "opencl": "OpenCL", "vulkan": "Vulkan", "metal": "Metal"}
+_REQUIRED = ("size", "sha256", "inputs", "target", "arch", "triple", "cpu_features")
 
 
 def as_numpy(x, where: str) -> np.ndarray:
@@ -80,17 +88,34 @@ class CompiledModel:
         self.device = tvm.device(target.kind.name if target.kind.name != "llvm" else "cpu", 0)
         self._vm = None
 
+    def _require_device(self) -> None:
+        """Raise a clear error where this machine lacks the device the model was compiled for
+        (compiling for one, e.g. CUDA, works anywhere; running needs the device)."""
+        kind = self.target.kind.name
+        if kind == "llvm" or self.device.exist:
+            return
+        name = _DEVICE_NAMES.get(kind, kind)
+        raise RuntimeError(
+            f"no {name} device on this machine: this model was compiled for target kind {kind!r} and runs only "
+            f"where one is. Export it here with export_library(path) and load and run it on a machine with a "
+            f"{name} device (tvm_rmsmp.load(path))"
+        )
+
     @property
     def vm(self) -> relax.VirtualMachine:
         if self._vm is None:
+            self._require_device()
             self._vm = relax.VirtualMachine(self.executable, self.device)
         return self._vm
 
     def _inputs(self, inputs) -> List[tvm.runtime.Tensor]:
-        return [tvm.runtime.tensor(arr, self.device) for arr in checked_inputs(inputs, self.input_specs)]
+        arrays = checked_inputs(inputs, self.input_specs)
+        self._require_device()
+        return [tvm.runtime.tensor(arr, self.device) for arr in arrays]
 
     def __call__(self, *inputs):
-        return _to_numpy_outputs(self.vm["main"](*self._inputs(inputs)))
+        args = self._inputs(inputs)  # input errors first, then a missing device
+        return _to_numpy_outputs(self.vm["main"](*args))
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 20) -> float:
         """Median seconds per call over ``repeat`` measurements (TVM's time evaluator)."""
@@ -101,32 +126,58 @@ class CompiledModel:
         return float(timer(*args).median)
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
-        """Write the compiled library to ``path`` (and its input specs to ``path + '.json'``), atomically.
+        """Write the compiled library to ``path`` and then its sidecar ``path + '.json'``.
+
+        Each file is written to a temporary name and renamed into place, with the permissions
+        a plain write would give it (``0o666`` less the umask). The sidecar holds what
+        :func:`load` checks before it runs anything: the input specs, the target, the
+        library's size and sha256, and the architecture (triple) and CPU features the code was
+        compiled for. If anything fails, neither file is left behind (nor a temporary one).
 
         cc: a (cross) C++ compiler to link with, e.g. ``aarch64-linux-gnu-g++`` for an AArch64 target.
         """
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        meta_path = path + ".json"
+        for p in (path, meta_path):
+            if os.path.isdir(p):
+                raise IsADirectoryError(f"cannot export the library to {path!r}: {p!r} is a directory")
+        cpu = cpu_part(self.target)
+        triple = target_triple(cpu)
         suffix = os.path.splitext(path)[1] or ".so"
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix)
-        os.close(fd)
-        meta = {"format": "tvm-rmsmp", "version": _FORMAT_VERSION, "inputs": self.input_specs,
-                "target": str(self.target)}
+        placed = False
         try:
-            if cc is None:
-                self.executable.export_library(tmp)
-            else:
-                from tvm.support import cc as _cc
+            with atomic_output(meta_path) as meta_tmp:
+                with atomic_output(path, suffix=suffix) as lib_tmp:
+                    if cc is None:
+                        self.executable.export_library(lib_tmp)
+                    else:
+                        from tvm.support import cc as _cc
 
-                self.executable.export_library(
-                    tmp, fcompile=lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)
-                )
-            atomic_write(path + ".json", json.dumps(meta, indent=1))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                        self.executable.export_library(
+                            lib_tmp, fcompile=lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)
+                        )
+                    size, sha = _digest(lib_tmp, sync=True)
+                    meta = {
+                        "format": _FORMAT,
+                        "version": _FORMAT_VERSION,
+                        "library": os.path.basename(path),
+                        "size": size,
+                        "sha256": sha,
+                        "inputs": self.input_specs,
+                        "target": json.loads(str(self.target)),
+                        "arch": triple_arch(triple),
+                        "triple": triple,
+                        "cpu_features": target_cpu_features(cpu),
+                    }
+                    with open(meta_tmp, "w") as fh:
+                        json.dump(meta, fh, indent=1)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                placed = True  # the library is in place; its sidecar follows
+        except BaseException:
+            if placed and os.path.lexists(path):
+                os.unlink(path)  # a library without its sidecar is no export
+            raise
         return path
 
 
@@ -168,23 +219,163 @@ class OpenCLCompiledModel(CompiledModel):
         return super().export_library(path, cc=cc)
 
 
-def load(path: str) -> CompiledModel:
-    """Load a library written by :meth:`CompiledModel.export_library`."""
-    meta_path = os.fspath(path) + ".json"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no compiled library at {path!r}")
+def _digest(path: str, sync: bool = False) -> Tuple[int, str]:
+    """(size, sha256 hex) of a file; ``sync`` also flushes it to disk."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(fh.fileno())
+    return size, h.hexdigest()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _read_sidecar(path: str) -> Dict[str, Any]:
+    """The sidecar of the library at ``path``, checked key by key; errors name the file."""
+    meta_path = path + ".json"
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != "tvm-rmsmp" or not isinstance(meta.get("inputs"), list):
-            raise ValueError("not a tvm-rmsmp metadata file")
+        with open(meta_path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{meta_path!r} is missing: it holds the input specs written with the library") from None
-    except (ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"{meta_path!r} is corrupt: {err}") from err
+        raise FileNotFoundError(
+            f"{meta_path!r} is missing: it holds the input specs, target and checksum written with the library"
+        ) from None
     try:
-        lib = tvm.runtime.load_module(path)
-    except Exception as err:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path!r} is corrupt: not JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path!r} is corrupt: expected a JSON object, got a {type(meta).__name__}")
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{meta_path!r} is not a tvm-rmsmp sidecar (format {meta.get('format')!r}, expected {_FORMAT!r})")
+    if meta.get("version") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path!r} has sidecar version {meta.get('version')!r}; this tvm-rmsmp reads version "
+            f"{_FORMAT_VERSION}: export the library again with this version"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path!r} is corrupt: missing {', '.join(repr(k) for k in missing)}")
+    checks = {
+        "size": _is_int(meta["size"]) and meta["size"] >= 0,
+        "sha256": isinstance(meta["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]) is not None,
+        "inputs": isinstance(meta["inputs"], list) and all(
+            isinstance(s, dict) and isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list)
+            and all(_is_int(d) for d in s["shape"]) for s in meta["inputs"]),
+        "target": isinstance(meta["target"], dict) and isinstance(meta["target"].get("kind"), str),
+        "arch": isinstance(meta["arch"], str) and bool(meta["arch"]),
+        "triple": isinstance(meta["triple"], str) and bool(meta["triple"]),
+        "cpu_features": isinstance(meta["cpu_features"], list) and all(isinstance(f, str) for f in meta["cpu_features"]),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"{meta_path!r} is corrupt: invalid {', '.join(repr(k) for k in bad)}")
+    return meta
+
+
+def check_host_compatible(meta: Dict[str, Any], path: str) -> None:
+    """Raise ValueError if this machine cannot run the code a sidecar describes: another
+    architecture, or CPU features this CPU lacks (instead of SIGILL at the first kernel)."""
+    target = meta["target"]
+    cpu = target if target.get("kind") == "llvm" else target.get("host")
+    cpu = cpu if isinstance(cpu, dict) else {}
+    part = "" if target.get("kind") == "llvm" else f" (the host code of a {target.get('kind')} library)"
+    here = host_triple()
+    if meta["arch"] != triple_arch(here):
+        raise ValueError(
+            f"{path!r}{part} was built for {meta['arch']} ({meta['triple']}); this machine is "
+            f"{triple_arch(here)} ({here}): run it on a {meta['arch']} machine or recompile it for this one"
+        )
+    missing = missing_host_features(meta["cpu_features"])
+    if missing:
+        raise ValueError(
+            f"{path!r}{part} was built for a CPU (mcpu {cpu.get('mcpu', 'generic')!r}) with features this "
+            f"machine lacks: {', '.join(missing)}; recompile it for this machine (target 'llvm') or run it "
+            f"on a CPU that has them"
+        )
+
+
+def cache_dir() -> str:
+    """The private directory (this user's only, mode 0700) that :func:`load` copies libraries
+    into, one file per content (named by its sha256): ``$TVM_RMSMP_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/tvm-rmsmp/libraries`` (``~/.cache``), else one in the temp directory."""
+    env = os.environ.get("TVM_RMSMP_CACHE_DIR")
+    if env:
+        candidates = [env]
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        candidates = [os.path.join(base, "tvm-rmsmp", "libraries"),
+                      os.path.join(tempfile.gettempdir(), f"tvm-rmsmp-libraries-{uid}")]
+    errors = []
+    for d in candidates:
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError("not a directory")
+            if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+                raise PermissionError("not owned by this user, or writable by others")
+            return d
+        except OSError as err:
+            errors.append(f"{d!r}: {err}")
+    raise OSError(f"no private directory to load libraries from: {'; '.join(errors)}")
+
+
+def load(path: str) -> CompiledModel:
+    """Load a library written by :meth:`CompiledModel.export_library`.
+
+    Before anything is mapped: the sidecar is validated, the library's size and sha256 must
+    be the sidecar's (a truncated library or a sidecar of another one is refused, not a
+    SIGBUS), and the code must suit this machine (architecture, CPU features: an error, not a
+    SIGILL). The library then runs from a private copy named by its content, so a library
+    re-exported to the same path and loaded again in this process is the new one (the
+    dynamic loader caches by path).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no compiled library at {path!r}")
+    meta = _read_sidecar(path)
+    meta_path = path + ".json"
+    try:
+        target = tvm.target.Target(meta["target"])
+    except Exception as err:  # noqa: BLE001 - TVM's error types vary
+        raise ValueError(f"{meta_path!r} is corrupt: its target is not a TVM target ({err})") from err
+    actual = os.path.getsize(path)
+    if actual != meta["size"]:
+        raise ValueError(
+            f"{path!r} is {actual} bytes but its sidecar {meta_path!r} says {meta['size']}: the library is "
+            f"truncated or the sidecar belongs to another library; export it again"
+        )
+    suffix = os.path.splitext(path)[1] or ".so"
+    private = os.path.join(cache_dir(), meta["sha256"] + suffix)
+    with atomic_output(private, suffix=suffix, mode=0o600) as tmp:
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+        if size != meta["size"] or h.hexdigest() != meta["sha256"]:
+            raise ValueError(
+                f"{path!r} does not match its sidecar {meta_path!r} (sha256 {h.hexdigest()[:16]}..., the sidecar "
+                f"says {meta['sha256'][:16]}...): the sidecar belongs to another library or the library was "
+                f"changed; export it again"
+            )
+        check_host_compatible(meta, path)
+    try:
+        lib = tvm.runtime.load_module(private)
+    except Exception as err:  # noqa: BLE001
+        try:
+            os.unlink(private)  # it never loaded: keep no copy of it
+        except OSError:
+            pass
         raise ValueError(f"{path!r} is not a loadable TVM library: {err}") from err
-    target = tvm.target.Target(json.loads(meta["target"])) if meta["target"].startswith("{") else tvm.target.Target(host_cpu_target())
     return CompiledModel(lib, target, meta["inputs"])
