@@ -157,3 +157,14 @@ def test_cli_model_that_is_not_callable(tmp_path):
     with pytest.raises(SystemExit, match="names a str: it must be a torch.nn.Module or a function"):
         cli_main(["compile", "--model", "tvm_rmsmp:__version__", "--input-shape", "2,16", "--calib",
                   str(tmp_path / "calib.npy"), "--out", str(tmp_path / "m.so")])
+
+
+def test_export_and_load_print_no_native_scope_lines(mlp, tmp_path, capfd, monkeypatch):
+    """TVM 0.27 logs 'Scope Saving:' / 'Scope Loaded:' from C++ per function; kept off stderr."""
+    monkeypatch.setenv("TVM_RMSMP_CACHE_DIR", str(tmp_path / "cache"))
+    q, exe = mlp
+    path = exe.export_library(str(tmp_path / "m.so"))
+    loaded = rmsmp.load(path)
+    x = np.random.default_rng(7).standard_normal((2, 16)).astype(np.float32)
+    assert np.array_equal(loaded(x), exe(x))
+    assert "Scope" not in capfd.readouterr().err

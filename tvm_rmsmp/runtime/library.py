@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from .fileio import atomic_output
+from .native_log import filtered_native_log
 from .host import cpu_part, host_triple, missing_host_features, target_cpu_features, target_triple, triple_arch
 
 __all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "as_numpy", "check_host_compatible",
@@ -148,14 +149,15 @@ class CompiledModel:
         try:
             with atomic_output(meta_path) as meta_tmp:
                 with atomic_output(path, suffix=suffix) as lib_tmp:
-                    if cc is None:
-                        self.executable.export_library(lib_tmp)
-                    else:
-                        from tvm.support import cc as _cc
+                    with filtered_native_log():  # TVM 0.27 logs one line per function saved
+                        if cc is None:
+                            self.executable.export_library(lib_tmp)
+                        else:
+                            from tvm.support import cc as _cc
 
-                        self.executable.export_library(
-                            lib_tmp, fcompile=lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)
-                        )
+                            self.executable.export_library(
+                                lib_tmp, fcompile=lambda out, files, **kw: _cc.create_shared(out, files, cc=cc, **kw)
+                            )
                     size, sha = _digest(lib_tmp, sync=True)
                     meta = {
                         "format": _FORMAT,
@@ -371,7 +373,8 @@ def load(path: str) -> CompiledModel:
             )
         check_host_compatible(meta, path)
     try:
-        lib = tvm.runtime.load_module(private)
+        with filtered_native_log():  # and one per function loaded
+            lib = tvm.runtime.load_module(private)
     except Exception as err:  # noqa: BLE001
         try:
             os.unlink(private)  # it never loaded: keep no copy of it
