@@ -13,7 +13,8 @@ A *row-group op* is a PrimFunc with attribute :data:`OP` in :data:`OPS`:
   uint8 ``[rows, ceil(K / 2)]`` two 4-bit codes per byte when :data:`PACKED` is 2), ``bias``
   (int32 ``[rows]``), ``scale`` (float32 ``[rows]``) and the output ``out`` (float32, rows on the
   :func:`channel_axis`);
-* two blocks: :data:`ACC_BLOCK` writes the int32 sums into the buffer of the same name, and
+* two blocks: :data:`ACC_BLOCK` writes the int32 sums into the buffer of the same name (``K``
+  products of activations and levels: their worst case must fit int32, :data:`INT32_MAX`), and
   :data:`OUT_BLOCK` computes ``float32(acc + bias) * scale`` (one multiply: never fused into
   an FMA);
 * attributes: :data:`LAYER` (the torch module path); before ``RewriteRowGroups``
@@ -44,7 +45,7 @@ from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack
 __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
-    "PARAMS", "ContractError", "verify", "verify_func", "callee", "rmsmp_attr", "const_value", "op_name",
+    "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "rmsmp_attr", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel",
 ]
@@ -71,6 +72,8 @@ SP2_LOWERINGS = ("shift", "decode")
 ACC_BLOCK = "acc"
 OUT_BLOCK = "out"
 PARAMS = ("x", "w", "bias", "scale", "out")
+#: The ``acc`` sums are int32: ``K * max|x| * max|level|`` must stay within it (rule "acc_bound").
+INT32_MAX = 2**31 - 1
 _RANK = {"dense": 2, "conv2d": 4}
 
 
@@ -241,6 +244,14 @@ def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     lowering = rmsmp_attr(func, SP2_LOWERING)
     if lowering is not None and (lowering not in SP2_LOWERINGS or packed is None or get_scheme(scheme).kind != "sp2"):
         broken("sp2_lowering", f"{SP2_LOWERING}={lowering!r} is for packed SP2 rows, one of {SP2_LOWERINGS}")
+    if scheme is not None or row_schemes is not None:
+        names = [scheme] if scheme is not None else sorted({str(v) for v in row_schemes})
+        level = max(int(np.abs(get_scheme(n).levels).max()) for n in names)
+        k = int(np.prod([int(d) for d in w.shape[1:]])) * (2 if packed else 1)
+        worst = k * (255 if str(x.dtype) == "uint8" else 128) * level
+        if worst > INT32_MAX:
+            broken("acc_bound", f"{k} products of activations up to {255 if str(x.dtype) == 'uint8' else 128} "
+                                f"and levels up to {level} can reach {worst}, past int32 ({INT32_MAX})")
     if op == "conv2d":
         conv = func.attrs.get(CONV)
         if conv is None or any(k not in conv for k in ("strides", "padding", "dilation")):

@@ -124,3 +124,13 @@ def test_pipeline_runs_the_verifier(monkeypatch):
     monkeypatch.setattr(PackFourBitRows, "__call__", breaking)
     with pytest.raises(contract.ContractError, match=r"layer 0\) .* rule 'kind'"):
         rmsmp.compile(q, (torch.zeros(2, 16),))
+
+
+def test_accumulator_bound_is_checked_against_k():
+    """int32 sums: K * 255 * 127 for uint8 activations and Fixed-8 rows (levels -127..127) must fit int32."""
+    k_max = (2**31 - 1) // (255 * 127)  # 66311
+    ok = row_group_func("dense", "fc1", "fixed_8", [1, k_max], "uint8", [2, k_max])
+    contract.verify(_module(ok))
+    too_big = row_group_func("dense", "fc1", "fixed_8", [1, k_max + 1], "uint8", [2, k_max + 1])
+    with pytest.raises(contract.ContractError, match=rf"rule 'acc_bound': {k_max + 1} products .* up to 255 .* 127"):
+        contract.verify(_module(too_big))
