@@ -168,3 +168,31 @@ def test_export_and_load_print_no_native_scope_lines(mlp, tmp_path, capfd, monke
     x = np.random.default_rng(7).standard_normal((2, 16)).astype(np.float32)
     assert np.array_equal(loaded(x), exe(x))
     assert "Scope" not in capfd.readouterr().err
+
+
+def _workload_json():
+    from tvm.s_tir import meta_schedule as ms
+    from tvm import te
+    import tvm
+
+    a = te.placeholder((4,), "float32", name="a")
+    b = te.compute((4,), lambda i: a[i] * 2.0, name="b")
+    return ms.database.Workload(tvm.IRModule({"main": te.create_prim_func([a, b])})).as_json()
+
+
+@pytest.mark.parametrize("workloads, records, message", [
+    (['["abc", 5]'], [], r"database_workload.json line 1 is not a MetaSchedule workload"),
+    ([None], ['{"x": 1}'], r"database_tuning_record.json line 1 is not \[workload index, record\]"),
+    ([None], ['[3, [[], [1.0]]]'], r"line 1 is not \[workload index, record\] with an index below 1"),
+    ([None], ['[0, {"x": 1}]'], r"database_tuning_record.json line 1 is not a MetaSchedule tuning record"),
+])
+def test_tuning_records_of_the_wrong_structure_name_file_and_line(tmp_path, workloads, records, message):
+    import json
+
+    from tvm_rmsmp.compiler.records import check_records
+
+    lines = [json.dumps(_workload_json()) if w is None else w for w in workloads]
+    (tmp_path / "database_workload.json").write_text("".join(line + "\n" for line in lines))
+    (tmp_path / "database_tuning_record.json").write_text("".join(r + "\n" for r in records))
+    with pytest.raises(ValueError, match=message):
+        check_records(str(tmp_path))

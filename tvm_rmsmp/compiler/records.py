@@ -68,6 +68,42 @@ def check_records(work_dir: str) -> None:
                     atomic_write(path, keep)
                     break
                 raise ValueError(f"tuning database {path} is corrupt at line {i}: not a JSON record") from None
+    check_record_structure(work_dir)
+
+
+def check_record_structure(work_dir: str) -> None:
+    """Every workload line must parse as a MetaSchedule workload and every record line as
+    ``[workload index, record]`` of a known workload; a clear error names the file and line
+    (TVM's own reader fails deep in C++ on such files)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    workloads = []
+    wl_path, rec_path = (os.path.join(work_dir, n) for n in RECORD_FILES)
+    for i, item in _json_lines(wl_path):
+        try:
+            workloads.append(ms.database.Workload.from_json(item))
+        except Exception as err:  # noqa: BLE001  (TVM raises its own error types)
+            raise ValueError(f"tuning database {wl_path} line {i} is not a MetaSchedule workload: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    for i, item in _json_lines(rec_path):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and 0 <= item[0] < len(workloads)):
+            raise ValueError(f"tuning database {rec_path} line {i} is not [workload index, record] with an index "
+                             f"below {len(workloads)} (the workloads in {os.path.basename(wl_path)})")
+        try:
+            ms.database.TuningRecord.from_json(item[1], workloads[item[0]])
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"tuning database {rec_path} line {i} is not a MetaSchedule tuning record: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _json_lines(path: str):
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                yield i, json.loads(line)
 
 
 def manifest_path(work_dir: str) -> str:
