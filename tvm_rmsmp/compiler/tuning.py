@@ -264,7 +264,7 @@ def tune(
                       RMSMPWarning, stacklevel=2)
     best = {}
     for i, task in enumerate(tasks):
-        top = db.get_top_k(db.commitworkload(task.mod), 1)
+        top = db.get_top_k(db.commit_workload(task.mod), 1)
         secs = [float(s) for s in top[0].run_secs] if top and top[0].run_secs else []
         best[names[i]] = sum(secs) / len(secs) if secs else bar.best.get(i)
     return TuningReport(work_dir, target_key(target), best, bar.done)
