@@ -196,3 +196,44 @@ def test_tuning_records_of_the_wrong_structure_name_file_and_line(tmp_path, work
     (tmp_path / "database_tuning_record.json").write_text("".join(r + "\n" for r in records))
     with pytest.raises(ValueError, match=message):
         check_records(str(tmp_path))
+
+
+class _DictOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return {"logits": self.head(h), "hidden": h}
+
+
+def test_dict_outputs_come_back_with_their_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_RMSMP_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(8)
+    q = rmsmp.quantize(_DictOut().eval(), rmsmp.RMSMPConfig(assign="variance"), [torch.randn(32, 16)])
+    x = np.random.default_rng(8).standard_normal((2, 16)).astype(np.float32)
+    exe = rmsmp.compile(q, (x,))
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x))
+    for got in (exe(x), rmsmp.load(exe.export_library(str(tmp_path / "d.so")))(x)):
+        assert isinstance(got, dict) and list(got) == ["logits", "hidden"]
+        for key in got:
+            assert np.array_equal(got[key], ref[key].numpy()), key
+
+
+def test_transformer_encoder_layer_quantizes_compiles_and_matches():
+    """nn.TransformerEncoderLayer: its attention projections and feed-forward become RMSMP layers,
+    and the compiled model equals the quantized torch model."""
+    torch.manual_seed(9)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True,
+                                             dropout=0.0).eval()
+    calib = [torch.randn(4, 6, 32) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rmsmp.RMSMPWarning)
+        q = rmsmp.quantize(layer, rmsmp.RMSMPConfig(assign="variance"), calib)
+    assert len(rmsmp.row_plans(q)) == 6  # q, k, v, out projections; linear1, linear2
+    x = np.random.default_rng(9).standard_normal((2, 6, 32)).astype(np.float32)
+    exe = rmsmp.compile(q, (x,))
+    np.testing.assert_allclose(exe(x), _reference(q, x), rtol=0, atol=2e-5)

@@ -20,7 +20,7 @@ from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, R
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
 from ..runtime.native_log import filtered_native_log
-from ..runtime.library import CompiledModel, OpenCLCompiledModel, as_numpy, load
+from ..runtime.library import CompiledModel, OpenCLCompiledModel, as_numpy, check_output_structure, load
 from .frontend import import_model, index_bounds
 from .records import apply_tuning
 from .targets import resolve_target
@@ -44,6 +44,39 @@ def example_tensors(model: torch.nn.Module, example_inputs: Sequence) -> Tuple[t
                              "(the compiled model's shapes are those of the example inputs)")
         out.append(t.to(dtype) if t.dtype.is_floating_point and t.dtype != dtype else t)
     return tuple(out)
+
+
+def _structure(value):
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, dict):
+        return {"dict": [[str(k), _structure(v)] for k, v in value.items()]}
+    if isinstance(value, (tuple, list)):
+        return {"tuple": [_structure(v) for v in value]}
+    raise TypeError(type(value).__name__)
+
+
+def _has_dict(spec) -> bool:
+    return isinstance(spec, dict) and ("dict" in spec or any(_has_dict(v) for v in spec["tuple"]))
+
+
+def _relax_leaves(ty) -> int:
+    fields = getattr(ty, "fields", None)
+    return 1 if fields is None else sum(_relax_leaves(f) for f in fields)
+
+
+def output_structure(model: torch.nn.Module, example_inputs: Sequence, mod: tvm.IRModule):
+    """The structure of the model's result where it has a dict (``{"logits": ..., "hidden": ...}``),
+    for the compiled model to return the same keys; None otherwise (an array, or a tuple)."""
+    with torch.no_grad():
+        try:
+            spec = _structure(model(*example_inputs))
+        except TypeError:  # a result with something other than tensors: returned as a tuple
+            return None
+    if not _has_dict(spec):
+        return None
+    leaves = check_output_structure(spec)
+    return spec if leaves == _relax_leaves(mod["main"].ret_ty) else None
 
 
 def lower(
@@ -148,6 +181,6 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     stats["fast_math"] = bool(fast_math and pipeline is not None)
     with filtered_native_log():
         exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
-    return CompiledModel(exe, target, specs, ir=mod, stats=stats)
+    return CompiledModel(exe, target, specs, ir=mod, stats=stats, outputs=output_structure(model, example_inputs, mod))
 
 

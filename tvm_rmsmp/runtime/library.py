@@ -76,11 +76,44 @@ def _to_numpy_outputs(value) -> Union[np.ndarray, tuple]:
     return items[0] if len(items) == 1 else tuple(items)
 
 
+def _leaves(value) -> List[np.ndarray]:
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value.numpy()]
+    return [leaf for v in value for leaf in _leaves(v)]
+
+
+def check_output_structure(spec, where: str = "outputs") -> int:
+    """Validate an output structure (see :class:`CompiledModel`); the number of its leaves."""
+    if spec == "tensor":
+        return 1
+    if isinstance(spec, dict) and isinstance(spec.get("dict"), list) and all(
+            isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) for item in spec["dict"]):
+        return sum(check_output_structure(v, where) for _, v in spec["dict"])
+    if isinstance(spec, dict) and isinstance(spec.get("tuple"), list):
+        return sum(check_output_structure(v, where) for v in spec["tuple"])
+    raise ValueError(f"{where}: not an output structure: {spec!r}")
+
+
+def _rebuild(spec, leaves):
+    if spec == "tensor":
+        return leaves.pop(0)
+    if "dict" in spec:
+        return {k: _rebuild(v, leaves) for k, v in spec["dict"]}
+    return tuple(_rebuild(v, leaves) for v in spec["tuple"])
+
+
 class CompiledModel:
-    """A compiled model: ``model(x)`` runs it (numpy or torch in, numpy out)."""
+    """A compiled model: ``model(x)`` runs it (numpy or torch in, numpy out).
+
+    ``outputs``: the structure of the model's result, as the torch model returned it
+    (``"tensor"``, ``{"tuple": [...]}`` or ``{"dict": [[key, ...], ...]}``); calls return the
+    same structure of numpy arrays. None: a single array, or a tuple of them."""
 
     def __init__(self, executable, target, input_specs: List[Dict[str, Any]], ir: Optional[tvm.IRModule] = None,
-                 stats: Optional[Dict[str, int]] = None):
+                 stats: Optional[Dict[str, int]] = None, outputs=None):
+        if outputs is not None:
+            check_output_structure(outputs)
+        self.outputs = outputs
         self.executable = executable
         self.target = target
         self.input_specs = input_specs
@@ -116,7 +149,12 @@ class CompiledModel:
 
     def __call__(self, *inputs):
         args = self._inputs(inputs)  # input errors first, then a missing device
-        return _to_numpy_outputs(self.vm["main"](*args))
+        return self._structured(self.vm["main"](*args))
+
+    def _structured(self, value):
+        if self.outputs is None:
+            return _to_numpy_outputs(value)
+        return _rebuild(self.outputs, _leaves(value))
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 20) -> float:
         """Median seconds per call over ``repeat`` measurements (TVM's time evaluator)."""
@@ -166,6 +204,7 @@ class CompiledModel:
                         "size": size,
                         "sha256": sha,
                         "inputs": self.input_specs,
+                        "outputs": self.outputs,
                         "target": json.loads(str(self.target)),
                         "arch": triple_arch(triple),
                         "triple": triple,
@@ -275,6 +314,11 @@ def _read_sidecar(path: str) -> Dict[str, Any]:
         "triple": isinstance(meta["triple"], str) and bool(meta["triple"]),
         "cpu_features": isinstance(meta["cpu_features"], list) and all(isinstance(f, str) for f in meta["cpu_features"]),
     }
+    if meta.get("outputs") is not None:
+        try:
+            check_output_structure(meta["outputs"])
+        except ValueError:
+            checks["outputs"] = False
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise ValueError(f"{meta_path!r} is corrupt: invalid {', '.join(repr(k) for k in bad)}")
@@ -381,4 +425,4 @@ def load(path: str) -> CompiledModel:
         except OSError:
             pass
         raise ValueError(f"{path!r} is not a loadable TVM library: {err}") from err
-    return CompiledModel(lib, target, meta["inputs"])
+    return CompiledModel(lib, target, meta["inputs"], outputs=meta.get("outputs"))
