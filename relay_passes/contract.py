@@ -45,7 +45,7 @@ from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack
 __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
-    "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "rmsmp_attr", "const_value", "op_name",
+    "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel",
 ]
@@ -96,6 +96,14 @@ def rmsmp_attr(func, key: str) -> Optional[str]:
     if func is None or func.attrs is None or key not in func.attrs:
         return None
     return str(func.attrs[key])
+
+
+def attr(func, key: str, default=None):
+    """An attribute of a PrimFunc as stored (``default`` when the function has none of that key)."""
+    attrs_ = getattr(func, "attrs", None)
+    if attrs_ is None or key not in attrs_:
+        return default
+    return attrs_[key]
 
 
 def const_value(expr) -> Optional[np.ndarray]:

@@ -71,19 +71,12 @@ def _row_tiles(rows: int):
     return below
 
 
-def _attr(func, key, default=None):
-    attrs = getattr(func, "attrs", None)
-    if attrs is None or key not in attrs:
-        return default
-    return attrs[key]
-
-
 def _core(func) -> str:
-    return "lut" if str(_attr(func, contract.KIND, "")) == "sp2" else "dsp"
+    return "lut" if str(contract.attr(func, contract.KIND, "")) == "sp2" else "dsp"
 
 
 def _bits(func) -> int:
-    return 4 if _attr(func, contract.PACKED) is not None else 8
+    return 4 if contract.attr(func, contract.PACKED) is not None else 8
 
 
 def _kernel(func) -> Tuple[int, int]:
@@ -96,8 +89,8 @@ def _kernel(func) -> Tuple[int, int]:
 
 def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], str]:
     """Tile sizes for a row-group PrimFunc on accelerator ``accel``, or ``(None, reason)``."""
-    op = str(_attr(func, contract.OP, ""))
-    if op not in ("dense", "conv2d") or _attr(func, contract.SCHEME) is None:
+    op = str(contract.attr(func, contract.OP, ""))
+    if op not in ("dense", "conv2d") or contract.attr(func, contract.SCHEME) is None:
         return None, "not a row-group op"
     bits = _bits(func)
     packed = bits == 4
@@ -111,7 +104,7 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
         return tf * ((codes * bits + 7) // 8)
 
     if op == "conv2d":
-        conv = _attr(func, contract.CONV)
+        conv = contract.attr(func, contract.CONV)
         strides = [int(v) for v in conv["strides"]]
         padding = [int(v) for v in conv["padding"]]
         dilation = [int(v) for v in conv["dilation"]]
@@ -191,9 +184,9 @@ class FPGARowGroupRule(s_tir.dlight.ScheduleRule):
     """Schedules a row-group op for the board of the target; None (host fallback) when no tile fits."""
 
     def apply(self, func, target: Target, _tunable: bool):
-        if target.kind.name != "ext_dev" or _attr(func, contract.SCHEME) is None:
+        if target.kind.name != "ext_dev" or contract.attr(func, contract.SCHEME) is None:
             return None
-        if str(_attr(func, contract.OP, "")) not in ("dense", "conv2d"):
+        if str(contract.attr(func, contract.OP, "")) not in ("dense", "conv2d"):
             return None
         plan, _ = plan_tiles(func, board_of(target).accelerator)
         if plan is None:

@@ -34,16 +34,20 @@ def _x_var():
     return relax.Var("x", relax.TensorType([M, K], "int8"))
 
 
-def _before(groups, gather=True):
+def _before(groups, gather=True, kernel=None, layout=lambda w: w):
+    """The passes' output for one dense layer of two fixed_8 groups; ``kernel(rows)`` and
+    ``layout(w)`` give other group functions and weight constants (an expected module)."""
     bb = relax.BlockBuilder()
     x = _x_var()
     with bb.function("main", [x]):
         with bb.dataflow():
             outs = []
             for i, (w, b, s) in enumerate(groups):
-                gv = bb.add_func(row_group_func("dense", "fc", "fixed_8", [M, K], "int8", list(w.shape)), f"g{i}")
-                outs.append(bb.emit(relax.call_tir(gv, [x, relax.const(w, "int8"), relax.const(b, "int32"),
-                                                        relax.const(s, "float32")],
+                func = kernel(w.shape[0]) if kernel else row_group_func("dense", "fc", "fixed_8", [M, K], "int8",
+                                                                      list(w.shape))
+                gv = bb.add_func(func, f"g{i}")
+                outs.append(bb.emit(relax.call_tir(gv, [x, relax.const(np.ascontiguousarray(layout(w)), "int8"),
+                                                        relax.const(b, "int32"), relax.const(s, "float32")],
                                                    relax.TensorType([M, w.shape[0]], "float32"))))
             y = bb.emit(relax.op.concat(outs, axis=1))
             if gather:
@@ -53,18 +57,24 @@ def _before(groups, gather=True):
     return bb.get()
 
 
-def _plain_dense(n):
-    """A stand-in layer kernel: int8 x int8 sums over all ``n`` outputs, the contract's epilogue."""
+def _stand_in_dense(n, transposed=False, **attrs):
+    """A stand-in target kernel: int8 x int8 sums over ``n`` outputs and the contract's
+    epilogue, reading its weights as ``[n, K]`` (or ``[K, n]``, ``transposed``)."""
     x = te.placeholder((M, K), "int8", name="x")
-    w = te.placeholder((n, K), "int8", name="w")
+    w = te.placeholder((K, n) if transposed else (n, K), "int8", name="w")
     b = te.placeholder((n,), "int32", name="bias")
     s = te.placeholder((n,), "float32", name="scale")
     k = te.reduce_axis((0, K), "k")
-    acc = te.compute((M, n), lambda i, j: te.sum(x[i, k].astype("int32") * w[j, k].astype("int32"), axis=k),
+    weight = (lambda j: w[k, j]) if transposed else (lambda j: w[j, k])
+    acc = te.compute((M, n), lambda i, j: te.sum(x[i, k].astype("int32") * weight(j).astype("int32"), axis=k),
                      name="acc")
     out = te.compute((M, n), lambda i, j: (acc[i, j] + b[j]).astype("float32") * s[j], name="out")
     return te.create_prim_func([x, w, b, s, out]).without_attr("global_symbol").with_attrs(
-        {contract.OP: "dense", contract.SCHEMES: ["fixed_8", "fixed_8"], "tirx.is_scheduled": True})
+        {contract.OP: "dense", "tirx.is_scheduled": True, **attrs})
+
+
+def _plain_dense(n):
+    return _stand_in_dense(n, **{contract.SCHEMES: ["fixed_8", "fixed_8"]})
 
 
 def _layer_kernels(accept=True):
@@ -134,18 +144,8 @@ def test_fuse_dense_layers_leaves_layers_the_target_refuses():
 
 
 def _transposed_dense(n):
-    """A stand-in target kernel that reads its weights as ``[K, n]``."""
-    x = te.placeholder((M, K), "int8", name="x")
-    wt = te.placeholder((K, n), "int8", name="w")
-    b = te.placeholder((n,), "int32", name="bias")
-    s = te.placeholder((n,), "float32", name="scale")
-    k = te.reduce_axis((0, K), "k")
-    acc = te.compute((M, n), lambda i, j: te.sum(x[i, k].astype("int32") * wt[k, j].astype("int32"), axis=k),
-                     name="acc")
-    out = te.compute((M, n), lambda i, j: (acc[i, j] + b[j]).astype("float32") * s[j], name="out")
-    return te.create_prim_func([x, wt, b, s, out]).without_attr("global_symbol").with_attrs(
-        {contract.OP: "dense", contract.SCHEME: "fixed_8", contract.KIND: "fixed", contract.LAYER: "fc",
-         contract.CPU_KERNEL: "transposed", "tirx.is_scheduled": True})
+    return _stand_in_dense(n, transposed=True, **{contract.SCHEME: "fixed_8", contract.KIND: "fixed",
+                                                  contract.LAYER: "fc", contract.CPU_KERNEL: "transposed"})
 
 
 def test_use_target_kernels_swaps_kernels_and_lays_out_their_weights():
@@ -153,21 +153,7 @@ def test_use_target_kernels_swaps_kernels_and_lays_out_their_weights():
     use = UseTargetKernels(lambda func: (_transposed_dense(int(func.params[1].shape[0])), np.transpose))
     after = use(_before(groups))
     assert use.last_replaced == 2
-    bb = relax.BlockBuilder()
-    x = _x_var()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            outs = []
-            for i, (w, b, s) in enumerate(groups):
-                gv = bb.add_func(_transposed_dense(w.shape[0]), f"g{i}")
-                outs.append(bb.emit(relax.call_tir(gv, [x, relax.const(np.ascontiguousarray(w.T), "int8"),
-                                                        relax.const(b, "int32"), relax.const(s, "float32")],
-                                                   relax.TensorType([M, w.shape[0]], "float32"))))
-            y = bb.emit(relax.op.concat(outs, axis=1))
-            y = bb.emit(relax.op.take(y, relax.const(PERM.astype("int64"), "int64"), axis=1, mode="clip"))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(after, bb.get())
+    tvm.ir.assert_structural_equal(after, _before(groups, kernel=_transposed_dense, layout=np.transpose))
     x_val = np.random.default_rng(5).integers(-128, 128, (M, K)).astype(np.int8)
     np.testing.assert_array_equal(_run(after, x_val), _reference(groups, x_val, PERM))
 

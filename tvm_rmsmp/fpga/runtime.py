@@ -54,16 +54,9 @@ class LayerProgram:
         return stream_summary(self.stream)
 
 
-def _attr(func, key, default=None):
-    attrs_ = getattr(func, "attrs", None)
-    if attrs_ is None or key not in attrs_:
-        return default
-    return attrs_[key]
-
-
 def _is_row_group(func) -> bool:
-    return isinstance(func, tvm.tirx.PrimFunc) and _attr(func, contract.SCHEME) is not None and str(
-        _attr(func, contract.OP, "")) in ("dense", "conv2d")
+    return isinstance(func, tvm.tirx.PrimFunc) and contract.attr(func, contract.SCHEME) is not None and str(
+        contract.attr(func, contract.OP, "")) in ("dense", "conv2d")
 
 
 def _scheduled_for_fpga(func) -> bool:
@@ -180,7 +173,7 @@ class FPGACompiledModel:
             if not all(isinstance(c, tvm.ir.GenericConst) for c in (w, bias, scale)):
                 raise NotImplementedError(f"layer {layer!r}: weights must be constants for the accelerator")
             stored = w.value.numpy()
-            packed = _attr(func, contract.PACKED) is not None
+            packed = contract.attr(func, contract.PACKED) is not None
             base = f"{layer}.{scheme}"
             op = str(func.attrs[contract.OP])
             kernel, stride = (1, 1), (1, 1)
