@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,6 +32,7 @@ from relay_passes.contract import ConstantKernel
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
+from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     BROADCAST_MIN_ROWS,
     ConvGeometry,
@@ -117,7 +119,10 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     ``BROADCAST_MIN_ROWS`` activation rows on the outer-product kernel; conv: taps first).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
-    instruction the target lacks is ever emitted), or the group has a (tuned) schedule already.
+    instruction the target lacks is ever emitted), the reduction is too long for the kernel's
+    integer sums (:mod:`schedules.x86_bounds`; a :class:`~schedules.x86_bounds.KernelBoundWarning`,
+    and the portable schedule, which sums exact int32 products), or the group has a (tuned)
+    schedule already.
     """
     attrs = func.attrs
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
@@ -157,11 +162,16 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     outer_product = relayout and conv is None and m >= BROADCAST_MIN_ROWS
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
-    if outer_product:
-        kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
-    else:
-        kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
-                             tiled=relayout and conv is None, taps_first=relayout and conv is not None)
+    try:
+        if outer_product:
+            kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
+        else:
+            kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
+                                 tiled=relayout and conv is None, taps_first=relayout and conv is not None)
+    except KernelBoundError as err:  # the reduction is too long for the kernel's integer sums
+        warnings.warn(f"{op} {attrs.get('rmsmp.layer', '')} ({scheme.name}): {err}; using the portable schedule",
+                      KernelBoundWarning, stacklevel=2)
+        return None
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
     kind = "table-decode" if packed else "int8"

@@ -50,9 +50,12 @@ from tvm.script import tirx as T
 
 from tvm_rmsmp.quant.schemes import unpack_nibbles
 
+from .x86_bounds import INT8 as INT8_RANGE
+from .x86_bounds import UINT8 as UINT8_RANGE
+from .x86_bounds import check_accumulators, operand_range
 from .x86_intrin import PAIR_SUMS16, _VectorOps
 
-__all__ = ["GemvLayout", "gemv_layer_kernel", "gemv_layer_weights", "gemv_max_rows", "LINEAR", "INT8"]
+__all__ = ["GemvLayout", "gemv_layer_bounds", "gemv_layer_kernel", "gemv_layer_weights", "gemv_max_rows", "LINEAR", "INT8"]
 
 #: ``group_kinds`` entry of a 4-bit group whose levels are ``code ^ 8 - 8`` (fixed point)
 LINEAR = "linear"
@@ -223,6 +226,43 @@ def gemv_layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.nda
     return layout, w4, w8, dest, slot_bias, slot_scale
 
 
+def gemv_layer_bounds(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]]) -> None:
+    """Refuse (:class:`~schedules.x86_bounds.KernelBoundError`) a :func:`gemv_layer_kernel`
+    whose integer sums could overflow. The activations are ``x'`` (-128..127: ``x - 128`` when
+    unsigned), the signed operand of the 4-bit bytes, with the offset ``8 * sum(x')``:
+
+    * fixed pairs, VNNI: a lane sums whole bytes (0..255, 4 products a step) before the low
+      nibbles' sum is taken off per lane; the lanes then add up ``16 * hi`` (0..240 per byte);
+    * table pairs: ``level + 8``; on AVX2 either kind's nibbles in :data:`SUMS16_STEPS`
+      ``vpmaddubsw`` pair sums added in int16;
+    * 8-bit rows: VNNI ``(x' + 128) * w``, AVX2 ``x' * w`` (int16 pairs, ``vpmaddwd``)."""
+    k, isa = layout.k, layout.isa
+    xs = INT8_RANGE
+    name = "gemv_layer_kernel"
+    int16_pairs = 0 if isa == "avx512vnni" else SUMS16_STEPS
+    checks = []  # (what, the 4-bit operand's range)
+    if layout.linear:
+        if isa == "avx512vnni":
+            lane = layout.steps * 4  # products of whole bytes in one lane
+            check_accumulators(name, k, xs, UINT8_RANGE, f"whole bytes of fixed pairs in one lane ({x_dtype} "
+                               f"activations as x' {list(xs)} x 0..255)", terms=lane)
+            checks.append(("16 x the high nibbles of fixed pairs", (0, 240)))
+        else:
+            checks.append(("the nibbles of fixed pairs", (0, 15)))
+    for levels, count in zip(table_levels, layout.tables):
+        if count:
+            checks.append((f"4-bit levels {min(levels)}..{max(levels)} + 8", operand_range(levels, 8)))
+    for what, w in checks:
+        check_accumulators(name, k, xs, w, f"{x_dtype} activations as x' {list(xs)} x {what} {list(w)}", offset=8,
+                           int16_pairs=int16_pairs)
+    if layout.int8:
+        vnni = isa == "avx512vnni"
+        x8 = UINT8_RANGE if vnni else INT8_RANGE
+        shown = "x' + 128" if vnni else "x'"
+        check_accumulators(name, k, x8, INT8_RANGE, f"{x_dtype} activations as {shown} {list(x8)} x int8 rows "
+                           "-128..127", wide_pairs=not vnni)
+
+
 def _sums4(acc, base, lanes):
     """int32x8 whose lanes ``q`` and ``q + 4`` add up to the total of the ``lanes``-lane (16
     or 8) accumulator in slot ``base + q`` (two ``vphaddd``, after adding halves of 16)."""
@@ -266,9 +306,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
     if pairs % 2:
         raise ValueError(f"gemv_layer_kernel: byte rows per block must be even, got {pairs}")
-    if steps * 4 * 255 * 128 >= 2**31:  # a lane's sum of whole bytes (16 hi + lo) times activations
-        raise ValueError(f"gemv_layer_kernel: k = {k} is too long for int32 sums of whole bytes "
-                         f"(at most {(2**31 - 1) // (4 * 255 * 128) * vec})")
+    gemv_layer_bounds(layout, x_dtype, table_levels)
     width, slots_per_block, lanes = steps * vec, 2 * pairs, vec // 4
     linear, blocks4, blocks = layout.linear, layout.blocks4, layout.blocks
     table_a = layout.linear + (layout.tables[0] if layout.tables else 0)  # blocks before table B's

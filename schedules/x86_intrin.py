@@ -72,8 +72,17 @@ from tvm.target.codegen import target_has_features
 from tvm_rmsmp.quant.schemes import unpack_nibbles
 from relay_passes import contract
 
+from .x86_bounds import (
+    KernelBoundError,
+    activation_range,
+    check_accumulators,
+    check_pair_sums16,
+    describe,
+    operand_range,
+)
+
 __all__ = ["x86_isa", "PAIR_SUMS16", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
-           "TargetFeatureWarning", "tile_weights", "taps_first_weights", "tap_order_weights"]
+           "TargetFeatureWarning", "KernelBoundError", "layer_dense_bounds", "tile_weights", "taps_first_weights", "tap_order_weights"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
@@ -184,7 +193,9 @@ class _VectorOps:
 
     def pair_sums(self, xv, wv):
         """AVX2: the products of ``xv`` and ``wv`` summed in adjacent pairs, int16 (``vpmaddubsw``,
-        exact for 4-bit levels and for int8 rows meeting unsigned activations)."""
+        which saturates: exact for 4-bit levels only, a pair within ``2 * 255 * 8`` or
+        ``2 * 128 * 16``; an int8 row's pair reaches ``2 * 255 * 127``, past int16, so int8 rows
+        take the int16 pairs of ``vpmaddwd`` instead; :mod:`schedules.x86_bounds`)."""
         a, b = (wv, xv) if self.signed else (xv, wv)  # the unsigned operand first
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a, b,
                                        dtype=f"int16x{self.vec // 2}")
@@ -331,6 +342,11 @@ def gemm_kernel(
     wd_dtype = "int16" if pairs else "int8"
     ops = _VectorOps(isa, vec, signed, levels, pairs=pairs)
     w_off = ops.w_off
+    # AVX2, decoded 4-bit rows: pair sums added in 16 bits over several steps (segments and
+    # steps in order) before one vpmaddwd widens them (PAIR_SUMS16): one multiply per 32
+    # products instead of two
+    sums16 = isa == "avx2" and packed and pre
+    _check_bounds("gemm_kernel", k, x_dtype, levels, isa, w_off, pairs, sums16)
     phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
     w_dtype = "uint8" if packed else "int8"
     if conv is None:
@@ -429,11 +445,6 @@ def gemm_kernel(
         if conv is None:
             return row, col
         return row // (oh * ow), col, (row // ow) % oh, row % ow
-
-    # AVX2, decoded 4-bit rows: pair sums added in 16 bits over several steps (segments and
-    # steps in order) before one vpmaddwd widens them (PAIR_SUMS16): one multiply per 32
-    # products instead of two
-    sums16 = isa == "avx2" and packed and pre
 
     def tile_operands(xs, wd, _, task, tb, tt, step, h, mi, ni):
         """Activation row ``mi`` and weight row ``ni`` of a tile, plane ``h``, step ``step`` (of all segments)."""
@@ -693,8 +704,23 @@ def gemm_kernel(
 
 #: AVX2 byte MACs (4-bit levels): ``vpmaddubsw`` pair sums that add up in int16 before one
 #: ``vpmaddwd`` widens them. A pair sum is within ``2 * 255 * [-8, 8]`` (unsigned activations)
-#: or ``2 * [-128, 127] * [0, 16]`` (signed ones, offset levels), so eight stay within int16.
+#: or ``2 * [-128, 127] * [0, 16]`` (signed ones, offset levels), so eight stay within int16
+#: (the signed ones reach exactly -32768): checked here for the level bound, and per kernel for
+#: its levels (:mod:`schedules.x86_bounds`).
 PAIR_SUMS16 = 8
+check_pair_sums16(PAIR_SUMS16)
+
+
+def _check_bounds(kernel: str, k: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, w_off: int,
+                  pairs: bool, sums16: bool) -> None:
+    """:func:`~schedules.x86_bounds.check_accumulators` for a byte-MAC kernel: activations
+    ``x_dtype`` (the signed MAC operand when ``w_off``, the weights then offset by it), weights
+    the 4-bit ``levels`` or int8 rows (None); AVX2 byte MACs sum pairs in int16 (``sums16``:
+    :data:`PAIR_SUMS16` of them), int8 rows on AVX2 are int16 pairs (``pairs``, ``vpmaddwd``)."""
+    x, w = activation_range(x_dtype), operand_range(levels, w_off)
+    int16_pairs = (PAIR_SUMS16 if sums16 else 1) if isa == "avx2" and not pairs else 0
+    check_accumulators(kernel, k, x, w, describe(x_dtype, levels, x, w), offset=w_off, int16_pairs=int16_pairs,
+                       wide_pairs=pairs)
 
 
 def _int16_steps(ops: "_VectorOps", steps: int, rows: int, cols: int, halves: int, lanes: int, operands):
@@ -944,6 +970,7 @@ def broadcast_dense_kernel(
     signed = x_dtype == "int8" and not pairs
     halves = 2 if packed else 1
     ops = _VectorOps(isa, 16 if pairs else 32, signed, levels, pairs=pairs)  # pairs: 16 int16 per vector
+    _check_bounds("broadcast_dense_kernel", k, x_dtype, levels, isa, ops.w_off, pairs, isa == "avx2" and not pairs)
     g = _OuterProductGemm(m, k, n, x_dtype, isa, halves, (k + 1) // 2 if packed else k, ops, tiles, num_cores,
                           pairs=pairs)
     steps, blocks8, ntv, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.per_chunk, g.n_tiles
@@ -1019,6 +1046,7 @@ def layer_dense_kernel(
     signed = x_dtype == "int8"
     w_off = 128 if signed else 0
     tables = [_VectorOps("avx512vnni", 32, signed, levels, w_off=w_off) for levels in table_levels]
+    layer_dense_bounds(k, x_dtype, table_levels, n_int8)
     table_a, table_b = tables[0], tables[-1]
     g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores)
     steps, blocks8, ntv, rows, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.rows, g.per_chunk, g.n_tiles
@@ -1083,6 +1111,18 @@ def layer_dense_kernel(
         gemm(x, bias, scale, out, wp, kinds, w8, cols8)
 
     return kernel
+
+
+def layer_dense_bounds(k: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int) -> None:
+    """Refuse (:class:`~schedules.x86_bounds.KernelBoundError`) a :func:`layer_dense_kernel`
+    whose int32 sums could overflow: one int8 matrix of every table's levels and the int8 rows,
+    all offset by 128 for signed activations (``vpdpbusd``)."""
+    w_off = 128 if x_dtype == "int8" else 0
+    levels = [int(v) for lv in table_levels for v in lv] + ([-128, 127] if n_int8 else []) or [0]
+    x, w = activation_range(x_dtype), operand_range(levels, w_off)
+    what = (f"{x_dtype} activations x 4-bit levels {min(levels)}..{max(levels)}"
+            f"{' and int8 rows' if n_int8 else ''} (MAC operands {list(x)} x {list(w)})")
+    check_accumulators("layer_dense_kernel", k, x, w, what, offset=w_off)
 
 
 def layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.ndarray], table_of_group: Sequence[int],

@@ -19,6 +19,7 @@ three kernel launches. The kernel:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,30 +31,58 @@ from relay_passes import contract
 from relay_passes.contract import DenseLayer, LayerKernels
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
+from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_gemv import (
     INT8,
     LINEAR,
+    GemvLayout,
     block_pairs,
+    gemv_layer_bounds,
     gemv_layer_kernel,
     gemv_layer_weights,
     gemv_max_rows,
 )
-from .x86_intrin import layer_dense_kernel, layer_weights, x86_isa
+from .x86_intrin import layer_dense_bounds, layer_dense_kernel, layer_weights, x86_isa
 
 __all__ = ["x86_layer_kernels"]
 
 
-def _accepts(layer: DenseLayer, max_rows: Optional[int]) -> bool:
+def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str) -> bool:
     """Whether one x86 layer kernel computes ``layer``: packed 4-bit groups of at most two
     decode tables, int8 fixed-point groups, int8/uint8 activations, at most ``max_rows``
-    activation rows (None: any)."""
+    activation rows (None: any), a reduction within the kernel's integer bounds."""
     tables = {scheme for (scheme, _, _, _), packed in zip(layer.groups, layer.packed) if packed}
     for (scheme, w, _, _), packed in zip(layer.groups, layer.packed):
         if not packed and (get_scheme(scheme).kind != "fixed" or w.dtype != np.int8):
             return False  # unpacked SP2 codes
     if len(tables) > 2 or layer.x_dtype not in ("uint8", "int8"):
         return False
-    return max_rows is None or layer.x_shape[0] <= max_rows
+    return (max_rows is None or layer.x_shape[0] <= max_rows) and _within_bounds(layer, isa)
+
+
+def _within_bounds(layer: DenseLayer, isa: str) -> bool:
+    """Whether the layer kernel's integer sums fit for this layer's reduction length
+    (:mod:`schedules.x86_bounds`); if not, a warning, and the row groups keep their own kernels
+    (which fall back to the portable schedule the same way)."""
+    m, k = (int(d) for d in layer.x_shape)
+    levels = [nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
+              for (scheme, _, _, _), packed in zip(layer.groups, layer.packed)]
+    tables = list(dict.fromkeys(g[0] for g, lv in zip(layer.groups, levels)
+                                if lv is not None and not (lv.min() >= -8 and lv.max() <= 7)))
+    try:
+        if m <= gemv_max_rows(isa):
+            linear = any(lv is not None and lv.min() >= -8 and lv.max() <= 7 for lv in levels)
+            layout = GemvLayout(k, 1, int(linear), (1,) * len(tables), int(any(lv is None for lv in levels)),
+                                vec=64 if isa == "avx512vnni" else 32)
+            gemv_layer_bounds(layout, layer.x_dtype, [levels[[g[0] for g in layer.groups].index(t)] for t in tables])
+        else:
+            layer_dense_bounds(k, layer.x_dtype, [lv for lv in levels if lv is not None],
+                               sum(lv is None for lv in levels))
+    except KernelBoundError as err:
+        warnings.warn(f"dense layer {m}x{k}: {err}; its row groups keep their own kernels", KernelBoundWarning,
+                      stacklevel=2)
+        return False
+    return True
 
 
 def _gemv_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool):
@@ -131,5 +160,5 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
     max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa)
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     vbmi = target_has_features("avx512vbmi", target)
-    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows),
+    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa),
                         build=lambda layer, order: _build(layer, order, cores, isa, vbmi))
