@@ -34,7 +34,6 @@ from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 from .registry import OpScheduleRule, register_target
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
-    BROADCAST_MIN_ROWS,
     ConvGeometry,
     broadcast_dense_kernel,
     gemm_kernel,
@@ -46,6 +45,7 @@ from .x86_intrin import (
     x86_isa,
 )
 from .x86_layers import x86_layer_kernels
+from .x86_tuning_table import target_cpu, x86_constants
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
            "schedule_dense", "schedule_conv2d"]
@@ -116,7 +116,8 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     run as per-tap GEMMs over channel-last
     activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
     weights will be laid out for the kernel at compile time (dense: tiled, and from
-    ``BROADCAST_MIN_ROWS`` activation rows on the outer-product kernel; conv: taps first).
+    the target's ``broadcast_min_rows`` activation rows on the outer-product kernel
+    (:func:`~schedules.x86_tuning_table.x86_constants`); conv: taps first).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
     instruction the target lacks is ever emitted), the reduction is too long for the kernel's
@@ -159,15 +160,17 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         m, k = x_shape
         if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
             return None
-    outer_product = relayout and conv is None and m >= BROADCAST_MIN_ROWS
+    cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
+    outer_product = relayout and conv is None and m >= x86_constants(target)["broadcast_min_rows"]
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     try:
         if outer_product:
-            kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
+            kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores, cpu=cpu)
         else:
             kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
-                                 tiled=relayout and conv is None, taps_first=relayout and conv is not None)
+                                 tiled=relayout and conv is None, taps_first=relayout and conv is not None,
+                                 cpu=cpu)
     except KernelBoundError as err:  # the reduction is too long for the kernel's integer sums
         warnings.warn(f"{op} {attrs.get('rmsmp.layer', '')} ({scheme.name}): {err}; using the portable schedule",
                       KernelBoundWarning, stacklevel=2)
@@ -185,7 +188,8 @@ def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
 
     * dense: tiled (:func:`schedules.x86_intrin.tile_weights`): a tile of rows is one
       sequential stream, zero-padded. Batch 1 from L3: 1 x 3072 x 461 SP2 rows 22.2 -> 17.4 us.
-      From :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` activation rows on, tiles of
+      From the target's ``broadcast_min_rows`` (:mod:`schedules.x86_tuning_table`;
+      :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` by default) activation rows on, tiles of
       8 rows x 4 bytes for the outer-product kernel
       (:func:`schedules.x86_intrin.broadcast_dense_kernel`): 1.11x at 128 x 768 x 1843;
     * conv2d whose channels fill whole vector steps: taps first

@@ -54,6 +54,7 @@ from .x86_bounds import INT8 as INT8_RANGE
 from .x86_bounds import UINT8 as UINT8_RANGE
 from .x86_bounds import check_accumulators, operand_range
 from .x86_intrin import PAIR_SUMS16, _VectorOps
+from .x86_tuning_table import ISA_DEFAULTS, X86_CONSTANTS, constants_for
 
 __all__ = ["GemvLayout", "gemv_layer_bounds", "gemv_layer_kernel", "gemv_layer_weights", "gemv_max_rows", "LINEAR", "INT8"]
 
@@ -68,48 +69,44 @@ _VEC = {"avx512vnni": 64, "avx2": 32}  # bytes per vector step (zmm, ymm)
 SUMS16_STEPS = PAIR_SUMS16
 
 #: Most activation rows a dense layer on VNNI runs with :func:`gemv_layer_kernel`; from one more
-#: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster.
-#: ``python -m bench.layer_kernels`` (both FFN layers, znver4, one thread): 8 rows 209 vs 314 us,
-#: 16 rows 419 vs 481, 20 rows 524 vs 652, 24 rows 631 vs 649, 32 rows 845 vs 819 (that kernel
-#: decodes every weight per call, then runs 8-row tiles near the MAC peak; this one decodes in
-#: registers once per pass of one to five rows).
-GEMV_MAX_ROWS = 23
+#: on the outer-product layer kernel (``x86_intrin.layer_dense_kernel``) is as fast or faster
+#: (that kernel decodes every weight per call, then runs 8-row tiles near the MAC peak; this one
+#: decodes in registers once per pass of one to five rows). The default row's ``gemv_max_rows``
+#: (:mod:`schedules.x86_tuning_table`, with the measurements); :func:`gemv_max_rows` reads a CPU's own.
+GEMV_MAX_ROWS = X86_CONSTANTS["default-avx512vnni"]["gemv_max_rows"]
 #: The same on AVX2, where past it each row group runs the outer-product kernel
-#: (``x86_intrin.broadcast_dense_kernel``) and no layer kernel exists: ``python -m
-#: bench.layer_kernels`` (both FFN layers, znver3, one thread; the row groups' kernels alone,
-#: without the concatenation and gather they also need): 8 rows 433 vs 520 us, 12 rows 638 vs
-#: 629, 14 rows 800 vs 779, 16 rows 851 vs 819.
-GEMV_MAX_ROWS_AVX2 = 12
+#: (``x86_intrin.broadcast_dense_kernel``) and no layer kernel exists.
+GEMV_MAX_ROWS_AVX2 = X86_CONSTANTS["default-avx2"]["gemv_max_rows"]
 
 
-def gemv_max_rows(isa: str) -> int:
-    """Most activation rows :func:`gemv_layer_kernel` is used for on ``isa``."""
-    return GEMV_MAX_ROWS if isa == "avx512vnni" else GEMV_MAX_ROWS_AVX2
+def gemv_max_rows(isa: str, cpu: Optional[str] = None) -> int:
+    """Most activation rows :func:`gemv_layer_kernel` is used for on ``isa`` (LLVM CPU ``cpu``'s
+    row of :mod:`schedules.x86_tuning_table`, else the ISA's default)."""
+    return constants_for(isa, cpu)["gemv_max_rows"]
 
 
 #: Time of one pass over a layer's blocks, by ISA and (byte rows per block, activation rows per
-#: pass): ``python -m bench.layer_kernels --passes`` (both FFN layers, one thread; microseconds; VNNI on
-#: znver4, AVX2 on znver3). A pass keeps ``2 * pairs`` accumulators per activation row (AVX-512:
-#: 32 registers, 24 accumulators with two pairs spill; AVX2: 16 registers).
-PASS_US = {
-    "avx512vnni": {(4, 1): 37.0, (4, 2): 57.0, (4, 3): 82.0, (2, 4): 105.0, (2, 5): 135.0},
-    "avx2": {(4, 1): 84.0, (2, 1): 78.0, (2, 2): 110.0, (4, 2): 136.0, (2, 3): 183.0},
-}
+#: pass), of the default rows of :mod:`schedules.x86_tuning_table` (``pass_us``: ``python -m
+#: bench.layer_kernels --passes``, both FFN layers, one thread; microseconds; VNNI on znver4,
+#: AVX2 on znver3). A pass keeps ``2 * pairs`` accumulators per activation row (AVX-512: 32
+#: registers, 24 accumulators with two pairs spill; AVX2: 16 registers).
+PASS_US = {isa: X86_CONSTANTS[row]["pass_us"] for isa, row in ISA_DEFAULTS.items()}
 
 
-def row_tile(m: int, pairs: int = 4, isa: str = "avx512vnni") -> int:
+def row_tile(m: int, pairs: int = 4, isa: str = "avx512vnni", cpu: Optional[str] = None) -> int:
     """Activation rows per pass for ``m`` rows in blocks of ``pairs`` byte rows: the fewest
-    microseconds in :data:`PASS_US` (the last pass repeats rows to fill its tile)."""
-    cost = PASS_US[isa]
+    microseconds in ``cpu``'s ``pass_us`` (:data:`PASS_US` by default; the last pass repeats
+    rows to fill its tile)."""
+    cost = constants_for(isa, cpu)["pass_us"]
     tiles = [t for p, t in cost if p == pairs] or [max(1, 8 // pairs)]
     return min(tiles, key=lambda t: (-(-m // t) * cost.get((pairs, t), t), t))
 
 
-def block_pairs(m: int, isa: str = "avx512vnni") -> int:
+def block_pairs(m: int, isa: str = "avx512vnni", cpu: Optional[str] = None) -> int:
     """Byte rows per block for ``m`` activation rows: whichever of 4 and 2 makes the passes
     shortest (on VNNI 4 up to three rows; 2 lets four or five rows pass together)."""
-    cost = PASS_US[isa]
-    return min((4, 2), key=lambda p: -(-m // row_tile(m, p, isa)) * cost[(p, row_tile(m, p, isa))])
+    cost = constants_for(isa, cpu)["pass_us"]
+    return min((4, 2), key=lambda p: -(-m // row_tile(m, p, isa, cpu)) * cost[(p, row_tile(m, p, isa, cpu))])
 
 
 @attrs.frozen
@@ -281,7 +278,8 @@ def _sums4(acc, base, lanes):
 
 
 def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,
-                      num_cores: int = 1, m: int = 1, rows_per_pass: Optional[int] = None) -> tvm.tirx.PrimFunc:
+                      num_cores: int = 1, m: int = 1, rows_per_pass: Optional[int] = None,
+                      cpu: Optional[str] = None) -> tvm.tirx.PrimFunc:
     """``(x [m, k], w4 [blocks4, steps, P, vec] uint8, w8 [int8 blocks, steps, 2P, vec] int8,
     dest [slots] int32, bias [slots] int32, scale [slots] f32, out [m, n] f32)``, constants
     from :func:`gemv_layer_weights` (module docstring), for the ISA of ``layout.vec``.
@@ -289,7 +287,8 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     Several activation rows (``m``) pass over each block's weights :func:`row_tile` at a time,
     sharing its loads and decode (weights laid out with ``pairs=block_pairs(m, isa)`` pass
     fastest). ``vbmi``: decode tables by ``vpermb`` (AVX-512 VBMI). ``rows_per_pass`` forces
-    the rows of a pass instead (for measuring :data:`PASS_US`)."""
+    the rows of a pass instead (for measuring :data:`PASS_US`). ``cpu``: the LLVM CPU whose
+    ``pass_us`` picks the rows per pass (:mod:`schedules.x86_tuning_table`; None: the ISA's default)."""
     if x_dtype not in ("uint8", "int8"):
         raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
     if m < 1:
@@ -317,7 +316,7 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
     slots = layout.slots
     w4_shape = (max(blocks4, 1), steps, pairs, vec)
     w8_shape = (max(layout.int8, 1), steps, slots_per_block, vec)
-    mt = rows_per_pass or row_tile(m, pairs, isa)
+    mt = rows_per_pass or row_tile(m, pairs, isa, cpu)
     row_tiles = -(-m // mt)
     acc_words = mt * slots_per_block * lanes
     # AVX2: the 4-bit pairs' 16-bit sums, widened every SUMS16_STEPS steps (module docstring)

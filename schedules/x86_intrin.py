@@ -67,7 +67,6 @@ import attrs
 import numpy as np
 import tvm
 from tvm.script import tirx as T
-from tvm.target.codegen import target_has_features
 
 from tvm_rmsmp.quant.schemes import unpack_nibbles
 from relay_passes import contract
@@ -80,26 +79,13 @@ from .x86_bounds import (
     describe,
     operand_range,
 )
+from .x86_tuning_table import X86_CONSTANTS, constants_for, x86_isa
 
 __all__ = ["x86_isa", "PAIR_SUMS16", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
            "TargetFeatureWarning", "KernelBoundError", "layer_dense_bounds", "tile_weights", "taps_first_weights", "tap_order_weights"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
-
-
-def x86_isa(target: tvm.target.Target) -> Optional[str]:
-    """``"avx512vnni"``, ``"avx2"`` or None (not x86, or no AVX2) for an LLVM target."""
-    if target.kind.name != "llvm":
-        return None
-    triple = str(target.attrs.get("mtriple", "") or "")
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
-        return None
-    if target_has_features("avx512vnni", target) and target_has_features("avx512vl", target):
-        return "avx512vnni"
-    if target_has_features("avx2", target):
-        return "avx2"
-    return None
 
 
 def decode_table(levels: Sequence[int]) -> np.ndarray:
@@ -110,13 +96,15 @@ def decode_table(levels: Sequence[int]) -> np.ndarray:
     return table.astype(np.int8)
 
 
-def vector_bytes(isa: str, n_bytes: int, m: int, conv: bool = False) -> int:
+def vector_bytes(isa: str, n_bytes: int, m: int, conv: bool = False, cpu: Optional[str] = None) -> int:
     """Weight bytes per vector step, for ``n_bytes`` stored bytes per row and ``m`` GEMM rows:
-    64 (zmm) for a batch-1 dense on VNNI whose rows pad by at most an eighth, else 32 (ymm).
+    64 (zmm) for a batch-1 dense on VNNI whose rows pad by at most ``1 / zmm_pad_divisor``
+    (an eighth) of ``cpu``'s row of :mod:`schedules.x86_tuning_table`, else 32 (ymm).
     znver4 runs 512-bit operations as two halves, so zmm halves the instructions, not the
     work: at batch 1, where the decode's instructions are the bound, 1.10x (1 x 768 x 1843 and
     1 x 3072 x 461 SP2 rows, one thread); at batch 128 1.1-1.4x slower."""
-    if isa == "avx512vnni" and m == 1 and not conv and -n_bytes % 64 <= n_bytes // 8:
+    divisor = constants_for(isa, cpu)["zmm_pad_divisor"] if isa in ("avx2", "avx512vnni") else None
+    if isa == "avx512vnni" and divisor and m == 1 and not conv and -n_bytes % 64 <= n_bytes // divisor:
         return 64
     return 32
 
@@ -231,18 +219,18 @@ def _tiles(m: int, isa: str):
 
 def packed_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Sequence[int], isa: str, tiles=None, vec: Optional[int] = None,
-    chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
+    chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1, cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(x [m, k], w [n, ceil(k/2)] uint8, bias [n] int32, scale [n] f32, out [m, n] f32)``."""
     return gemm_kernel(m, k, n, x_dtype, levels, isa, tiles=tiles, vec=vec, chunks=chunks, unroll_k=unroll_k,
-                       num_cores=num_cores)
+                       num_cores=num_cores, cpu=cpu)
 
 
 def gemm_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
     tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
     predecode: Optional[bool] = None, direct_conv: Optional[bool] = None, tiled: bool = False,
-    taps_first: bool = False,
+    taps_first: bool = False, cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
     docstring) on x86.
@@ -259,6 +247,8 @@ def gemm_kernel(
     ``taps_first`` (conv): where the per-tap GEMMs apply, the weights come already reordered
     by :func:`taps_first_weights` (attribute ``rmsmp.weight_taps_first``), so the kernel does
     not reorder them per call and takes that path whatever the shapes.
+    ``cpu``: the target's LLVM CPU name, for its row of :mod:`schedules.x86_tuning_table`
+    (None: the ISA's default row).
     """
     if isa not in ("avx2", "avx512vnni"):
         raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
@@ -274,7 +264,7 @@ def gemm_kernel(
         raise ValueError("gemm_kernel: tiled weights are for dense row groups")
     if conv is not None and (conv.m != m or conv.k != k):
         raise ValueError(f"gemm_kernel: conv geometry gives m={conv.m}, k={conv.k}, not {m}, {k}")
-    vec = vec or vector_bytes(isa, (k + 1) // 2 if levels is not None else k, m, conv is not None)
+    vec = vec or vector_bytes(isa, (k + 1) // 2 if levels is not None else k, m, conv is not None, cpu)
     halves = 2 if packed else 1  # packed: even / odd codes of a byte meet separate activation planes
     if vec not in (32, 64) or (vec == 64 and isa != "avx512vnni"):
         raise ValueError(f"gemm_kernel: {vec}-byte vectors need VNNI")
@@ -321,7 +311,7 @@ def gemm_kernel(
         chunks = 4 * cores if m_tiles == 1 else n_tiles
     per_chunk = max(1, (n_tiles + chunks - 1) // chunks)
     if m_tiles > 1:
-        per_chunk = max(per_chunk, min((n_tiles + 1) // 2, (96 * 1024) // (nt * width)))
+        per_chunk = max(per_chunk, min((n_tiles + 1) // 2, constants_for(isa, cpu)["l2_chunk_bytes"] // (nt * width)))
     n_chunks = (n_tiles + per_chunk - 1) // per_chunk
     # many activation rows (conv pixels, large batches): also split them, 4 tasks per core
     m_blocks = 1 if m_tiles == 1 else max(1, min(m_tiles, -(-4 * cores // n_chunks)))
@@ -763,8 +753,11 @@ def _broadcast_tiles(isa: str) -> Tuple[int, int]:
 
 
 #: Fewest activation rows for which :func:`broadcast_dense_kernel` beats :func:`gemm_kernel`
-#: (1.05x at 8 rows, 1.13x at 64, 1.10x at 128; 1 x 768 x 1843 SP2 rows, one thread).
-BROADCAST_MIN_ROWS = 8
+#: (1.05x at 8 rows, 1.13x at 64, 1.10x at 128; 1 x 768 x 1843 SP2 rows, one thread): the
+#: default rows' ``broadcast_min_rows`` (:mod:`schedules.x86_tuning_table`; a target's own row
+#: through :func:`~schedules.x86_tuning_table.x86_constants`).
+BROADCAST_MIN_ROWS = X86_CONSTANTS["default-avx512vnni"]["broadcast_min_rows"]
+assert BROADCAST_MIN_ROWS == X86_CONSTANTS["default-avx2"]["broadcast_min_rows"]
 
 
 class _OuterProductGemm:
@@ -773,11 +766,8 @@ class _OuterProductGemm:
     chunk of weights (``[tile, step, plane, rows * 4]`` int8, the MAC's operand as it is).
     Register tiles past the last 8-row block of weights read it again; they are never stored."""
 
-    #: bytes of prepared weights per chunk of register tiles (kept in L2)
-    L2_CHUNK = 96 * 1024
-
     def __init__(self, m: int, k: int, n: int, x_dtype: str, isa: str, halves: int, w_bytes: int, ops: _VectorOps,
-                 tiles, num_cores: int, pairs: bool = False):
+                 tiles, num_cores: int, pairs: bool = False, cpu: Optional[str] = None):
         self.m, self.k, self.n, self.x_dtype, self.halves, self.pairs = m, k, n, x_dtype, halves, pairs
         # pairs: int8 rows on AVX2 as int16 pairs (vpmaddwd): exact without offsets or sums
         self.signed = x_dtype == "int8" and not pairs
@@ -791,8 +781,10 @@ class _OuterProductGemm:
         self.rows = self.ntv * 8  # weight rows per register tile
         self.m_tiles, self.n_tiles = -(-m // self.mt), -(-n // self.rows)
         cores = max(1, num_cores)
-        # a chunk of weight tiles stays in L2 while the activation tiles pass over it
-        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, self.L2_CHUNK // (self.rows * self.steps * 4 * halves)))
+        # a chunk of weight tiles (bytes of prepared weights: ``l2_chunk_bytes`` of the CPU's
+        # constants) stays in L2 while the activation tiles pass over it
+        l2_chunk = constants_for(isa, cpu)["l2_chunk_bytes"]
+        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, l2_chunk // (self.rows * self.steps * 4 * halves)))
         self.n_chunks = -(-self.n_tiles // self.per_chunk)
         m_blocks = max(1, min(self.m_tiles, -(-4 * cores // self.n_chunks)))
         self.per_block = -(-self.m_tiles // m_blocks)
@@ -947,6 +939,7 @@ def _check_outer_product(who: str, isa: str, x_dtype: str) -> None:
 
 def broadcast_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, tiles=None, num_cores: int = 1,
+    cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense for many activation rows, as outer products: each MAC multiplies one
     activation's four bytes, broadcast, by the same four bytes of eight weight rows, so an
@@ -972,7 +965,7 @@ def broadcast_dense_kernel(
     ops = _VectorOps(isa, 16 if pairs else 32, signed, levels, pairs=pairs)  # pairs: 16 int16 per vector
     _check_bounds("broadcast_dense_kernel", k, x_dtype, levels, isa, ops.w_off, pairs, isa == "avx2" and not pairs)
     g = _OuterProductGemm(m, k, n, x_dtype, isa, halves, (k + 1) // 2 if packed else k, ops, tiles, num_cores,
-                          pairs=pairs)
+                          pairs=pairs, cpu=cpu)
     steps, blocks8, ntv, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.per_chunk, g.n_tiles
     w_dtype = "uint8" if packed else "int8"
     step_bytes = 16 if pairs else 32  # an 8-row block's stored bytes per step
@@ -1021,7 +1014,7 @@ def broadcast_dense_kernel(
 
 def layer_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int, tiles=None,
-    num_cores: int = 1, vbmi: bool = False,
+    num_cores: int = 1, vbmi: bool = False, cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """A whole quantized dense layer on AVX-512 VNNI, every row group in one outer-product GEMM
     whose outputs come in the order the graph wants them (the model's row order, or the order
@@ -1048,7 +1041,7 @@ def layer_dense_kernel(
     tables = [_VectorOps("avx512vnni", 32, signed, levels, w_off=w_off) for levels in table_levels]
     layer_dense_bounds(k, x_dtype, table_levels, n_int8)
     table_a, table_b = tables[0], tables[-1]
-    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores)
+    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores, cpu=cpu)
     steps, blocks8, ntv, rows, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.rows, g.per_chunk, g.n_tiles
     rows8 = max(n_int8, 1)
 

@@ -235,3 +235,53 @@ def test_avx2_int16_pair_sums_exact_at_their_bound(x_dtype):
                                          scale, k, x_dtype, pairs=2, isa="avx2")
     out = _run(gemv_layer_kernel(layout, x_dtype, [SP2], m=2), _haswell(), x[:2], *consts, np.zeros((2, n), np.float32))
     np.testing.assert_array_equal(out, expected[:2])
+
+
+def test_constants_table_rows_are_complete():
+    from schedules.x86_tuning_table import ISA_DEFAULTS, KEYS, X86_CONSTANTS
+
+    assert set(ISA_DEFAULTS.values()) <= set(X86_CONSTANTS)
+    for name, row in X86_CONSTANTS.items():
+        assert set(row) == set(KEYS), name
+        assert row["isa"] in ISA_DEFAULTS, name
+        assert row["pass_us"] and all(us > 0 for us in row["pass_us"].values()), name
+        assert row["gemv_max_rows"] >= 1 and row["broadcast_min_rows"] >= 1 and row["l2_chunk_bytes"] > 0, name
+        assert row["zmm_pad_divisor"] is None or row["isa"] == "avx512vnni", name
+    # the values measured before the table existed (znver3 AVX2, znver4 VNNI) are the defaults
+    from schedules.x86_gemv import GEMV_MAX_ROWS, GEMV_MAX_ROWS_AVX2, PASS_US
+    from schedules.x86_intrin import BROADCAST_MIN_ROWS
+
+    assert (GEMV_MAX_ROWS, GEMV_MAX_ROWS_AVX2, BROADCAST_MIN_ROWS) == (23, 12, 8)
+    assert PASS_US["avx512vnni"][(4, 1)] == 37.0 and PASS_US["avx2"][(2, 1)] == 78.0
+    assert X86_CONSTANTS["default-avx2"] == X86_CONSTANTS["znver3"]
+    assert X86_CONSTANTS["default-avx512vnni"] == X86_CONSTANTS["znver4"]
+
+
+@pytest.mark.parametrize("mcpu,row", [("znver3", "znver3"), ("znver4", "znver4"), ("rocketlake", "rocketlake"),
+                                      ("haswell", "default-avx2"), ("cascadelake", "default-avx512vnni"),
+                                      ("skylake-avx512", "default-avx2")])
+def test_constants_fall_back_to_the_isa_default(mcpu, row):
+    """A CPU not in the table gets its ISA class's row (skylake-avx512: AVX-512 without VNNI,
+    so the AVX2 kernels and their row); a non-x86 target gets none."""
+    from schedules.x86_tuning_table import X86_CONSTANTS, constants_for, x86_constants
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    assert x86_constants(target) is X86_CONSTANTS[row]
+    assert constants_for("avx2", "znver4") is X86_CONSTANTS["default-avx2"]  # the row's ISA must match
+    assert x86_constants(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) is None
+
+
+def test_kernels_read_the_cpu_row():
+    """The zmm rule, the L2 chunk and the gemv tiling come from the CPU's row."""
+    from schedules.x86_gemv import block_pairs, gemv_max_rows, row_tile
+    from schedules.x86_intrin import vector_bytes
+    from schedules.x86_tuning_table import X86_CONSTANTS
+
+    assert vector_bytes("avx512vnni", 384, 1, cpu="znver4") == 64
+    assert gemv_max_rows("avx2", "znver3") == 12 and gemv_max_rows("avx512vnni", "unknown-cpu") == 23
+    rl = X86_CONSTANTS["rocketlake"]["pass_us"]
+    for m in range(1, 24):
+        pairs = block_pairs(m, "avx512vnni", "rocketlake")
+        t = row_tile(m, pairs, "avx512vnni", "rocketlake")
+        best = min(-(-m // tt) * us for (p, tt), us in rl.items())
+        assert -(-m // t) * rl[(pairs, t)] == best
