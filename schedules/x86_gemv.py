@@ -277,154 +277,157 @@ def _sums4(acc, base, lanes):
         dtype="int32x8")
 
 
-def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,
-                      num_cores: int = 1, m: int = 1, rows_per_pass: Optional[int] = None,
-                      cpu: Optional[str] = None) -> tvm.tirx.PrimFunc:
-    """``(x [m, k], w4 [blocks4, steps, P, vec] uint8, w8 [int8 blocks, steps, 2P, vec] int8,
-    dest [slots] int32, bias [slots] int32, scale [slots] f32, out [m, n] f32)``, constants
-    from :func:`gemv_layer_weights` (module docstring), for the ISA of ``layout.vec``.
-    ``table_levels``: the 16 levels of each decode table, one per entry of ``layout.tables``.
-    Several activation rows (``m``) pass over each block's weights :func:`row_tile` at a time,
-    sharing its loads and decode (weights laid out with ``pairs=block_pairs(m, isa)`` pass
-    fastest). ``vbmi``: decode tables by ``vpermb`` (AVX-512 VBMI). ``rows_per_pass`` forces
-    the rows of a pass instead (for measuring :data:`PASS_US`). ``cpu``: the LLVM CPU whose
-    ``pass_us`` picks the rows per pass (:mod:`schedules.x86_tuning_table`; None: the ISA's default)."""
-    if x_dtype not in ("uint8", "int8"):
-        raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
-    if m < 1:
-        raise ValueError(f"gemv_layer_kernel: at least one activation row, got m = {m}")
-    if len(table_levels) != len(layout.tables) or len(table_levels) > 2:
-        raise ValueError(f"gemv_layer_kernel: {len(layout.tables)} block counts for {len(table_levels)} tables "
-                         "(at most two)")
-    if layout.vec not in _VEC.values():
-        raise ValueError(f"gemv_layer_kernel: {layout.vec}-byte steps; known: {sorted(_VEC.values())}")
-    isa, vec = layout.isa, layout.vec
-    vnni = isa == "avx512vnni"
-    if vbmi and not vnni:
-        raise ValueError("gemv_layer_kernel: vpermb (vbmi) needs AVX-512 steps")
-    k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
-    if pairs % 2:
-        raise ValueError(f"gemv_layer_kernel: byte rows per block must be even, got {pairs}")
-    gemv_layer_bounds(layout, x_dtype, table_levels)
-    width, slots_per_block, lanes = steps * vec, 2 * pairs, vec // 4
-    linear, blocks4, blocks = layout.linear, layout.blocks4, layout.blocks
-    table_a = layout.linear + (layout.tables[0] if layout.tables else 0)  # blocks before table B's
-    unsigned = x_dtype == "uint8"
-    four = _VectorOps(isa, vec, True, None)  # 4-bit bytes unsigned, activations signed
-    eight_bit = _VectorOps(isa, vec, False, None)  # VNNI: activations unsigned, int8 rows signed
-    tables = [_VectorOps(isa, vec, True, levels) for levels in table_levels] or [four]
-    slots = layout.slots
-    w4_shape = (max(blocks4, 1), steps, pairs, vec)
-    w8_shape = (max(layout.int8, 1), steps, slots_per_block, vec)
-    mt = rows_per_pass or row_tile(m, pairs, isa, cpu)
-    row_tiles = -(-m // mt)
-    acc_words = mt * slots_per_block * lanes
-    # AVX2: the 4-bit pairs' 16-bit sums, widened every SUMS16_STEPS steps (module docstring)
-    acc16_words = 8 if vnni else mt * slots_per_block * 8  # VNNI: declared, never read
-    chunks16 = -(-steps // SUMS16_STEPS)
-    # AVX2: each group of steps' widened sums, added up after the block (``pair_block``)
-    part_words = 8 if vnni else chunks16 * acc_words  # VNNI: declared, never read
-    work_words = acc_words + 16 + 2 * vec // 4 + acc16_words + part_words
-    tasks = max(1, min(blocks, 4 * max(1, num_cores)))
-    per_task = -(-blocks // tasks)
-    tasks = -(-blocks // per_task)
-    # activations of the 8-bit rows: VNNI x' + 128 (the MAC's unsigned operand), AVX2 x' in 16 bits
-    xe_dtype = "uint8" if vnni else "int16"
-    pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+class _GemvPlan:
+    """The sizes of :func:`gemv_layer_kernel` for a layout, and the expressions its macros
+    share: operand vectors, accumulator slots, the nibble decoders."""
 
-    def low(wv):
-        return T.bitwise_and(wv, T.broadcast(T.uint8(15), vec))
+    def __init__(self, layout: GemvLayout, x_dtype: str, table_levels, vbmi: bool, num_cores: int, m: int,
+                 rows_per_pass: Optional[int], cpu: Optional[str]):
+        if x_dtype not in ("uint8", "int8"):
+            raise ValueError(f"gemv_layer_kernel: activations must be uint8 or int8, got {x_dtype}")
+        if m < 1:
+            raise ValueError(f"gemv_layer_kernel: at least one activation row, got m = {m}")
+        if len(table_levels) != len(layout.tables) or len(table_levels) > 2:
+            raise ValueError(f"gemv_layer_kernel: {len(layout.tables)} block counts for {len(table_levels)} tables "
+                             "(at most two)")
+        if layout.vec not in _VEC.values():
+            raise ValueError(f"gemv_layer_kernel: {layout.vec}-byte steps; known: {sorted(_VEC.values())}")
+        self.isa, self.vec = isa, vec = layout.isa, layout.vec
+        self.vnni = vnni = isa == "avx512vnni"
+        if vbmi and not vnni:
+            raise ValueError("gemv_layer_kernel: vpermb (vbmi) needs AVX-512 steps")
+        self.k, self.n, self.steps, self.pairs = k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
+        if pairs % 2:
+            raise ValueError(f"gemv_layer_kernel: byte rows per block must be even, got {pairs}")
+        gemv_layer_bounds(layout, x_dtype, table_levels)
+        self.m, self.x_dtype, self.vbmi = m, x_dtype, vbmi
+        self.width, self.slots_per_block, self.lanes = steps * vec, 2 * pairs, vec // 4
+        self.linear, self.blocks4, self.blocks = layout.linear, layout.blocks4, layout.blocks
+        self.table_a = layout.linear + (layout.tables[0] if layout.tables else 0)  # blocks before table B's
+        self.unsigned = x_dtype == "uint8"
+        self.four = _VectorOps(isa, vec, True, None)  # 4-bit bytes unsigned, activations signed
+        self.eight_bit = _VectorOps(isa, vec, False, None)  # VNNI: activations unsigned, int8 rows signed
+        self.tables = [_VectorOps(isa, vec, True, levels) for levels in table_levels] or [self.four]
+        self.slots = layout.slots
+        self.w4_shape = (max(self.blocks4, 1), steps, pairs, vec)
+        self.w8_shape = (max(layout.int8, 1), steps, self.slots_per_block, vec)
+        self.mt = mt = rows_per_pass or row_tile(m, pairs, isa, cpu)
+        self.row_tiles = -(-m // mt)
+        self.acc_words = acc_words = mt * self.slots_per_block * self.lanes
+        # AVX2: the 4-bit pairs' 16-bit sums, widened every SUMS16_STEPS steps (module docstring)
+        self.acc16_words = 8 if vnni else mt * self.slots_per_block * 8  # VNNI: declared, never read
+        self.chunks16 = -(-steps // SUMS16_STEPS)
+        # AVX2: each group of steps' widened sums, added up after the block (``pair_block``)
+        self.part_words = 8 if vnni else self.chunks16 * acc_words  # VNNI: declared, never read
+        self.work_words = acc_words + 16 + 2 * vec // 4 + self.acc16_words + self.part_words
+        tasks = max(1, min(self.blocks, 4 * max(1, num_cores)))
+        self.per_task = -(-self.blocks // tasks)
+        self.tasks = -(-self.blocks // self.per_task)
+        # activations of the 8-bit rows: VNNI x' + 128 (the MAC's unsigned operand), AVX2 x' in 16 bits
+        self.xe_dtype = "uint8" if vnni else "int16"
 
-    def decode(table, ops, wv, high):
+    def low(self, wv):
+        return T.bitwise_and(wv, T.broadcast(T.uint8(15), self.vec))
+
+    def decode(self, table, ops, wv, high):
         """``level + 8`` of the low or high nibbles of ``wv`` (module docstring)."""
-        if not vbmi:
+        if not self.vbmi:
             return ops.decode(table, wv, high)
         index = wv
         if high:
             index = T.reinterpret(T.shift_right(T.reinterpret(wv, dtype="uint16x32"), T.broadcast(T.uint16(4), 32)),
                                   dtype="uint8x64")
         perm = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512")
-        return T.call_llvm_pure_intrin(perm, table[T.ramp(0, 1, vec)], T.reinterpret(index, dtype="int8x64"),
+        return T.call_llvm_pure_intrin(perm, table[T.ramp(0, 1, self.vec)], T.reinterpret(index, dtype="int8x64"),
                                        dtype="int8x64")
 
-    def fixed(tbl, ops, wv, high):
+    def fixed(self, tbl, ops, wv, high):
         """VNNI: slot p sums ``lo``, slot P + p the whole byte (``16 hi + lo``: the kernel then
         subtracts ``lo`` and the store divides by 16). AVX2: the nibbles (whole bytes saturate)."""
-        if vnni:
-            return wv if high else low(wv)
-        return T.shift_right(wv, T.broadcast(T.uint8(4), vec)) if high else low(wv)
+        if self.vnni:
+            return wv if high else self.low(wv)
+        return T.shift_right(wv, T.broadcast(T.uint8(4), self.vec)) if high else self.low(wv)
 
-    def eight_bit_x(xs_value, j):
-        if vnni:
-            return T.if_then_else(j < k, T.bitwise_xor(T.reinterpret(xs_value, dtype="uint8"), T.uint8(128)),
+    def eight_bit_x(self, xs_value, j):
+        if self.vnni:
+            return T.if_then_else(j < self.k, T.bitwise_xor(T.reinterpret(xs_value, dtype="uint8"), T.uint8(128)),
                                   T.uint8(0))
         return T.Cast("int16", xs_value)
 
-    def acc_at(i, slot):
+    def acc_at(self, i, slot):
         """Accumulator of activation row ``i`` of the pass, output slot ``slot`` of the block."""
-        return T.ramp((i * slots_per_block + slot) * lanes, 1, lanes)
+        return T.ramp((i * self.slots_per_block + slot) * self.lanes, 1, self.lanes)
 
-    def x_at(xs, rows, i, s, step=vec):
+    def x_at(self, xs, rows, i, s, step=None):
         """Step ``s`` of activation row ``rows + i`` (past ``m``: the last row again)."""
-        return xs[T.min(rows + i, m - 1), T.ramp(s * step, 1, step)]
+        step = step or self.vec
+        return xs[T.min(rows + i, self.m - 1), T.ramp(s * step, 1, step)]
 
-    pmaddubsw = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+    def pairs16(self, wv, xv):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), wv, xv,
+                                       dtype="int16x16")
 
-    def pairs16(wv, xv):
-        return T.call_llvm_pure_intrin(pmaddubsw, wv, xv, dtype="int16x16")
+    def a16_at(self, i, slot):
+        return T.ramp((i * self.slots_per_block + slot) * 16, 1, 16)
 
-    def a16_at(i, slot):
-        return T.ramp((i * slots_per_block + slot) * 16, 1, 16)
-
-    def part_at(chunk, a):
+    def part_at(self, chunk, a):
         """Widened sums of step group ``chunk``, accumulator ``a`` (AVX2)."""
-        return T.ramp((chunk * mt * slots_per_block + a) * lanes, 1, lanes)
+        return T.ramp((chunk * self.mt * self.slots_per_block + a) * self.lanes, 1, self.lanes)
 
-    def pair_block(nibbles):
-        """Macro ``block(acc, acc16, parts, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each
-        row sums the products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those
-        of ``nibbles(..., True)``. AVX2: ``vpmaddubsw`` pair sums added in 16 bits for
-        :data:`SUMS16_STEPS` steps, then widened by one ``vpmaddwd`` each and stored per group
-        of steps (``parts``), summed into ``acc`` after the block: with the 32-bit sums carried
-        from group to group in registers as well as the 16-bit ones, LLVM spilled the 16-bit
-        ones inside the step loop once two rows passed together (8 + 8 of 16 registers;
-        ``python -m bench.layer_kernels --passes``: 2 rows a pass 125 -> 110 us)."""
 
-        @T.macro
-        def block16(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
-            for so in T.serial(chunks16):
-                for a in T.unroll(mt * slots_per_block):
-                    acc16[T.ramp(a * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
-                for si in T.serial(T.min(SUMS16_STEPS, steps - so * SUMS16_STEPS)):
-                    for p in T.unroll(pairs):
-                        for i in T.unroll(mt):
-                            acc16[a16_at(i, p)] = acc16[a16_at(i, p)] + pairs16(
-                                nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], False),
-                                x_at(xs, rows, i, so * SUMS16_STEPS + si))
-                            acc16[a16_at(i, pairs + p)] = acc16[a16_at(i, pairs + p)] + pairs16(
-                                nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], True),
-                                x_at(xs, rows, i, so * SUMS16_STEPS + si))
-                for a in T.unroll(mt * slots_per_block):
-                    parts[part_at(so, a)] = four.widen(acc16[T.ramp(a * 16, 1, 16)])
-            for so in T.serial(chunks16):
-                for a in T.unroll(mt * slots_per_block):
-                    acc[T.ramp(a * lanes, 1, lanes)] = acc[T.ramp(a * lanes, 1, lanes)] + parts[part_at(so, a)]
+def _gemv_pair_block(plan: _GemvPlan, nibbles):
+    """Macro ``block(acc, acc16, parts, xs, w4, blk, rows, tbl, ops)``: slot ``p`` of each
+    row sums the products of ``nibbles(tbl, ops, byte row p, False)``, slot ``P + p`` those
+    of ``nibbles(..., True)``. AVX2: ``vpmaddubsw`` pair sums added in 16 bits for
+    :data:`SUMS16_STEPS` steps, then widened by one ``vpmaddwd`` each and stored per group
+    of steps (``parts``), summed into ``acc`` after the block: with the 32-bit sums carried
+    from group to group in registers as well as the 16-bit ones, LLVM spilled the 16-bit
+    ones inside the step loop once two rows passed together (8 + 8 of 16 registers;
+    ``python -m bench.layer_kernels --passes``: 2 rows a pass 125 -> 110 us)."""
+    vec, steps, pairs, mt, lanes, slots_per_block = plan.vec, plan.steps, plan.pairs, plan.mt, plan.lanes, plan.slots_per_block
+    chunks16, four = plan.chunks16, plan.four
+    acc_at, x_at, a16_at, part_at, pairs16 = plan.acc_at, plan.x_at, plan.a16_at, plan.part_at, plan.pairs16
 
-        @T.macro
-        def block(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
-            for s in T.serial(steps):
+    @T.macro
+    def block16(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
+        for so in T.serial(chunks16):
+            for a in T.unroll(mt * slots_per_block):
+                acc16[T.ramp(a * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+            for si in T.serial(T.min(SUMS16_STEPS, steps - so * SUMS16_STEPS)):
                 for p in T.unroll(pairs):
                     for i in T.unroll(mt):
-                        acc[acc_at(i, p)] = four.mac(acc[acc_at(i, p)], x_at(xs, rows, i, s),
-                                                     nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], False))
-                        acc[acc_at(i, pairs + p)] = four.mac(
-                            acc[acc_at(i, pairs + p)], x_at(xs, rows, i, s),
-                            nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], True))
+                        acc16[a16_at(i, p)] = acc16[a16_at(i, p)] + pairs16(
+                            nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], False),
+                            x_at(xs, rows, i, so * SUMS16_STEPS + si))
+                        acc16[a16_at(i, pairs + p)] = acc16[a16_at(i, pairs + p)] + pairs16(
+                            nibbles(tbl, ops, w4[blk, so * SUMS16_STEPS + si, p, T.ramp(0, 1, vec)], True),
+                            x_at(xs, rows, i, so * SUMS16_STEPS + si))
+            for a in T.unroll(mt * slots_per_block):
+                parts[part_at(so, a)] = four.widen(acc16[T.ramp(a * 16, 1, 16)])
+        for so in T.serial(chunks16):
+            for a in T.unroll(mt * slots_per_block):
+                acc[T.ramp(a * lanes, 1, lanes)] = acc[T.ramp(a * lanes, 1, lanes)] + parts[part_at(so, a)]
 
-        return block if vnni else block16
+    @T.macro
+    def block(acc, acc16, parts, xs, w4, blk, rows, tbl, ops):
+        for s in T.serial(steps):
+            for p in T.unroll(pairs):
+                for i in T.unroll(mt):
+                    acc[acc_at(i, p)] = four.mac(acc[acc_at(i, p)], x_at(xs, rows, i, s),
+                                                 nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], False))
+                    acc[acc_at(i, pairs + p)] = four.mac(
+                        acc[acc_at(i, pairs + p)], x_at(xs, rows, i, s),
+                        nibbles(tbl, ops, w4[blk, s, p, T.ramp(0, 1, vec)], True))
 
-    table_block = pair_block(decode)
-    linear_block = pair_block(fixed)
+    return block if plan.vnni else block16
+
+
+def _gemv_int8_block(plan: _GemvPlan):
+    """Macro ``int8_block(acc, xe, w8, blk8, rows)``: a block of 8-bit rows, one row per slot
+    (VNNI: ``vpdpbusd`` of ``x' + 128`` and the rows; AVX2: int16 products by ``vpmaddwd``)."""
+    vec, steps, mt, slots_per_block, eight_bit = plan.vec, plan.steps, plan.mt, plan.slots_per_block, plan.eight_bit
+    acc_at, x_at = plan.acc_at, plan.x_at
+    pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
 
     @T.macro
     def int8_block_vnni(acc, xe, w8, blk8, rows):
@@ -444,12 +447,18 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                         pmaddwd, x_at(xe, rows, i, 2 * s + h, 16),
                         T.Cast("int16x16", w8[blk8, s, r, T.ramp(h * 16, 1, 16)]), dtype="int32x8")
 
-    int8_block = int8_block_vnni if vnni else int8_block_avx2
+    return int8_block_vnni if plan.vnni else int8_block_avx2
+
+
+def _gemv_store(plan: _GemvPlan):
+    """Macro ``store(acc, red, res, offset, dest, bias, scale, out, blk, rows)``: row
+    ``rows + i``'s outputs of the block, each at its place (rows past ``m`` repeat the last
+    one: the same values stored again)."""
+    m, mt, slots_per_block, lanes, vnni, pairs = plan.m, plan.mt, plan.slots_per_block, plan.lanes, plan.vnni, plan.pairs
+    linear, blocks4 = plan.linear, plan.blocks4
 
     @T.macro
     def store(acc, red, res, offset, dest, bias, scale, out, blk, rows):
-        """Row ``rows + i``'s outputs of the block, each at its place (rows past ``m`` repeat
-        the last one: the same values stored again)."""
         for i in T.unroll(mt):
             for g in T.unroll(slots_per_block // 4):
                 red[T.ramp(0, 1, 8)] = _sums4(acc, i * slots_per_block + 4 * g, lanes)
@@ -467,22 +476,19 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                     if dest[blk * slots_per_block + 4 * g + q] >= 0:
                         out[T.min(rows + i, m - 1), dest[blk * slots_per_block + 4 * g + q]] = res[q]
 
-    @T.prim_func(private=True)
-    def kernel(
-        x: T.Buffer((m, k), x_dtype),
-        w4: T.Buffer(w4_shape, "uint8"),
-        w8: T.Buffer(w8_shape, "int8"),
-        dest: T.Buffer((slots,), "int32"),
-        bias: T.Buffer((slots,), "int32"),
-        scale: T.Buffer((slots,), "float32"),
-        out: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        # activations twice: signed (x' = x - 128 when unsigned) for the 4-bit bytes, and for
-        # the 8-bit rows (``eight_bit_x``); zero past k in both
-        xs = T.alloc_buffer((m, width), "int8")
-        xe = T.alloc_buffer((m, width), xe_dtype)
-        offset = T.alloc_buffer((m,), "int32")
+    return store
+
+
+def _gemv_stage(plan: _GemvPlan):
+    """Macro ``stage(x, xs, xe, offset)``: the activations twice, signed (``x' = x - 128`` when
+    unsigned) for the 4-bit bytes and as the 8-bit rows meet them (``eight_bit_x``), zero past
+    ``k`` in both; and each row's offset ``8 * sum(x')``, summed by MACs with ones."""
+    m, k, vec, width, steps, lanes, unsigned, four = (plan.m, plan.k, plan.vec, plan.width, plan.steps, plan.lanes,
+                                                      plan.unsigned, plan.four)
+    eight_bit_x = plan.eight_bit_x
+
+    @T.macro
+    def stage(x, xs, xe, offset):
         xsum = T.alloc_buffer((lanes,), "int32", scope="local")
         for r in T.serial(m):
             for j in T.vectorized(width):
@@ -490,7 +496,6 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
                     T.reinterpret(x[r, T.min(j, k - 1)], dtype="uint8"), T.uint8(128 if unsigned else 0)),
                     dtype="int8"), T.int8(0))
                 xe[r, j] = eight_bit_x(xs[r, j], j)
-            # sum(x') by MACs with ones: the 4-bit rows' offset 8 * sum(x')
             for lane in T.unroll(lanes):
                 xsum[lane] = 0
             for s in T.serial(steps):
@@ -499,6 +504,49 @@ def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[S
             offset[r] = 0
             for lane in T.unroll(lanes):
                 offset[r] = offset[r] + 8 * xsum[lane]
+
+    return stage
+
+
+def gemv_layer_kernel(layout: GemvLayout, x_dtype: str, table_levels: Sequence[Sequence[int]], vbmi: bool = False,
+                      num_cores: int = 1, m: int = 1, rows_per_pass: Optional[int] = None,
+                      cpu: Optional[str] = None) -> tvm.tirx.PrimFunc:
+    """``(x [m, k], w4 [blocks4, steps, P, vec] uint8, w8 [int8 blocks, steps, 2P, vec] int8,
+    dest [slots] int32, bias [slots] int32, scale [slots] f32, out [m, n] f32)``, constants
+    from :func:`gemv_layer_weights` (module docstring), for the ISA of ``layout.vec``.
+    ``table_levels``: the 16 levels of each decode table, one per entry of ``layout.tables``.
+    Several activation rows (``m``) pass over each block's weights :func:`row_tile` at a time,
+    sharing its loads and decode (weights laid out with ``pairs=block_pairs(m, isa)`` pass
+    fastest). ``vbmi``: decode tables by ``vpermb`` (AVX-512 VBMI). ``rows_per_pass`` forces
+    the rows of a pass instead (for measuring :data:`PASS_US`). ``cpu``: the LLVM CPU whose
+    ``pass_us`` picks the rows per pass (:mod:`schedules.x86_tuning_table`; None: the ISA's default).
+
+    Assembled from :class:`_GemvPlan` and per-path macros: :func:`_gemv_stage`,
+    :func:`_gemv_pair_block` (fixed and table pairs), :func:`_gemv_int8_block`, :func:`_gemv_store`."""
+    g = _GemvPlan(layout, x_dtype, table_levels, vbmi, num_cores, m, rows_per_pass, cpu)
+    k, n, vec, width, slots, mt, tables = g.k, g.n, g.vec, g.width, g.slots, g.mt, g.tables
+    acc_words, acc16_words, part_words, work_words = g.acc_words, g.acc16_words, g.part_words, g.work_words
+    tasks, per_task, row_tiles, blocks, linear, table_a, blocks4 = (g.tasks, g.per_task, g.row_tiles, g.blocks,
+                                                                    g.linear, g.table_a, g.blocks4)
+    vnni, pairs, acc_at = g.vnni, g.pairs, g.acc_at
+    stage, int8_block, store = _gemv_stage(g), _gemv_int8_block(g), _gemv_store(g)
+    table_block, linear_block = _gemv_pair_block(g, g.decode), _gemv_pair_block(g, g.fixed)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((m, k), x_dtype),
+        w4: T.Buffer(g.w4_shape, "uint8"),
+        w8: T.Buffer(g.w8_shape, "int8"),
+        dest: T.Buffer((slots,), "int32"),
+        bias: T.Buffer((slots,), "int32"),
+        scale: T.Buffer((slots,), "float32"),
+        out: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xs = T.alloc_buffer((m, width), "int8")
+        xe = T.alloc_buffer((m, width), g.xe_dtype)
+        offset = T.alloc_buffer((m,), "int32")
+        stage(x, xs, xe, offset)
         for task in T.parallel(tasks):
             # buffers in a parallel loop are heap workspaces, each an allocation per task: one,
             # holding the accumulators, the lane sums, four results, both tables and (AVX2) the
