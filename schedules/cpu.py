@@ -124,6 +124,16 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     integer sums (:mod:`schedules.x86_bounds`; a :class:`~schedules.x86_bounds.KernelBoundWarning`,
     and the portable schedule, which sums exact int32 products), or the group has a (tuned)
     schedule already.
+
+    A packed SP2 group's ``rmsmp.sp2_lowering`` (``"shift"``, the pipeline's, or ``"decode"``)
+    does not change the kernel built here: it is the product of the portable schedule only.
+    ``python -m bench.sp2_lowering`` (1 x 768 x 3072 SP2 rows, one thread): portable shift-add
+    980 us, decode 371 us, this kernel 36 us (AVX2) / 19 us (VNNI) on rocketlake (2026-12-05);
+    874 / 669 / 46 / 36 us on znver4 (bench/results/sp2_lowering_cpu.json). So on x86 with
+    AVX2 the lowering only matters where the portable schedule runs (no AVX2, a reduction past
+    the kernel's integer bounds); ``"decode"`` stays an option the bench (and
+    tests/test_cpu_kernels.py) use, and would be the better default for portable targets
+    (a change to ``relay_passes``, which picks it).
     """
     attrs = func.attrs
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""

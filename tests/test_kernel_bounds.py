@@ -285,3 +285,19 @@ def test_kernels_read_the_cpu_row():
         t = row_tile(m, pairs, "avx512vnni", "rocketlake")
         best = min(-(-m // tt) * us for (p, tt), us in rl.items())
         assert -(-m // t) * rl[(pairs, t)] == best
+
+
+def test_sp2_lowering_does_not_change_the_x86_kernel():
+    """``sp2_lowering="decode"`` is the portable schedule's product only (measured by
+    ``bench.sp2_lowering``; schedules/cpu.py ``x86_replacement``): on x86 with AVX2 both
+    lowerings get the same table-decode kernel, the attribute carried along."""
+    from schedules.cpu import x86_replacement
+
+    made = {}
+    for lowering in ("shift", "decode"):
+        func = row_group_func("dense", "t", "sp2_4", (1, 96), "int8", (8, 96), packed=True, sp2_lowering=lowering)
+        made[lowering] = x86_replacement(func, _haswell())
+        assert str(made[lowering].attrs["rmsmp.sp2_lowering"]) == lowering
+        assert str(made[lowering].attrs["rmsmp.cpu_kernel"]) == "x86-avx2-table-decode"
+    same = [f.with_attr("rmsmp.sp2_lowering", "either") for f in made.values()]
+    tvm.ir.assert_structural_equal(same[0], same[1])
