@@ -301,3 +301,29 @@ def test_sp2_lowering_does_not_change_the_x86_kernel():
         assert str(made[lowering].attrs["rmsmp.cpu_kernel"]) == "x86-avx2-table-decode"
     same = [f.with_attr("rmsmp.sp2_lowering", "either") for f in made.values()]
     tvm.ir.assert_structural_equal(same[0], same[1])
+
+
+@pytest.mark.parametrize("mcpu,rows", [("haswell", 1), ("cascadelake", 1), ("cascadelake", 64)])
+def test_layer_kernels_decline_a_layer_past_the_bound(mcpu, rows):
+    """The whole-layer kernels (batch-1 gemv, VNNI's outer-product layer) do not take a layer
+    whose reduction their sums cannot hold: a warning, and the row groups keep their kernels
+    (which fall back the same way); one step shorter, they take it."""
+    from relay_passes.contract import DenseLayer
+    from schedules.x86_bounds import KernelBoundWarning
+    from schedules.x86_layers import x86_layer_kernels
+
+    limit = 2**31 // (255 * 128)  # VNNI: uint8 activations (x' + 128 = x) x int8 rows
+    kernels = x86_layer_kernels(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+
+    def layer(k):
+        groups = (("sp2_4", np.zeros((8, (k + 1) // 2), np.uint8), np.zeros(8), np.ones(8)),
+                  ("fixed_8", np.zeros((8, k), np.int8), np.zeros(8), np.ones(8)))
+        return DenseLayer((rows, k), "uint8", groups, (True, False))
+
+    avx2_gemv = mcpu == "haswell"  # x' (-128..127) times int8 rows: products up to 128 * 128
+    k_max = (2**31 - 1) // (128 * 128) if avx2_gemv else limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelBoundWarning)
+        assert kernels.accepts(layer(k_max))
+    with pytest.warns(KernelBoundWarning, match=rf"k = {k_max + 1} is too long"):
+        assert not kernels.accepts(layer(k_max + 1))
