@@ -296,7 +296,8 @@ class _GemvPlan:
         self.vnni = vnni = isa == "avx512vnni"
         if vbmi and not vnni:
             raise ValueError("gemv_layer_kernel: vpermb (vbmi) needs AVX-512 steps")
-        self.k, self.n, self.steps, self.pairs = k, n, steps, pairs = layout.k, layout.n, layout.steps, layout.pairs
+        self.k, self.n = layout.k, layout.n
+        self.steps, self.pairs = steps, pairs = layout.steps, layout.pairs
         if pairs % 2:
             raise ValueError(f"gemv_layer_kernel: byte rows per block must be even, got {pairs}")
         gemv_layer_bounds(layout, x_dtype, table_levels)

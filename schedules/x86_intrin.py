@@ -963,28 +963,16 @@ class _OuterProductGemm:
         each task prepares its own chunk right before its MACs, so the chunk is still in L2
         when they read it (decoding the whole layer first, 2.4 MB at 768 x 3072, left it in L3:
         7% of that GEMM). None: ``w0`` (``[blocks8, steps, 32]``) is read as it is."""
-        m, n, mt, ntv, rows, halves = self.m, self.n, self.mt, self.ntv, self.rows, self.halves
+        m, mt, ntv, halves = self.m, self.mt, self.ntv, self.halves
         steps, m_tiles, n_tiles, blocks8 = self.steps, self.m_tiles, self.n_tiles, self.blocks8
         per_chunk, per_block, n_chunks, tasks = self.per_chunk, self.per_block, self.n_chunks, self.tasks
-        signed, w_off = self.signed, self.ops.w_off
 
         def mac(acc, word, wv):
             """``acc`` plus the products of an activation word (broadcast) and a weight vector."""
             if not self.pairs:
                 return self.ops.mac(acc, T.reinterpret(word, dtype="int8x32"), wv)
             return self.ops.mac(acc, T.reinterpret(word, dtype="int16x16"), T.reinterpret(wv, dtype="int16x16"))
-        chunk_shape = (per_chunk, steps, halves, rows * 4)
-
-        def offset_sum(acc, xsum, row, lanes=8):
-            """The integer sums of ``row``'s products with the weights as stored (``acc`` less
-            the offset's share, see :class:`_VectorOps`)."""
-            if not signed:
-                return acc
-            return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
-
-        def epilogue(acc, xsum, bias, scale, row, col):
-            """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
-            return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+        chunk_shape = (per_chunk, steps, halves, self.rows * 4)
 
         def weights(wc, w0, task, tt, step, h, v):
             """The 8-row weight vector ``v`` of the task's register tile ``tt``, plane ``h``."""
@@ -1004,6 +992,7 @@ class _OuterProductGemm:
             return (T.reinterpret(x_word(xs4, task, tb, mi, h, step), dtype="int8x32"), weights(wc, w0, task, tt, step, h, v))
 
         steps16 = _int16_steps(self.ops, steps, mt, ntv, halves, 8, tile_operands)
+        store_tile = self.store()
 
         @T.macro
         def multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3):
@@ -1031,25 +1020,52 @@ class _OuterProductGemm:
                                                 acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = mac(
                                                     acc[T.ramp((mi * ntv + v) * 8, 1, 8)], x_word(xs4, task, tb, mi, h, b),
                                                     weights(wc, w0, task, tt, b, h, v))
-                            for mi, v in T.grid(mt, ntv):
-                                if ((task // n_chunks) * per_block + tb) * mt + mi < m:
-                                    if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + 8 <= n:
-                                        out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                            T.ramp(((task % n_chunks) * per_chunk + tt) * rows + v * 8, 1, 8)] = epilogue(
-                                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale,
-                                            ((task // n_chunks) * per_block + tb) * mt + mi,
-                                            ((task % n_chunks) * per_chunk + tt) * rows + v * 8)
-                                    else:  # the last rows
-                                        for q in T.serial(8):
-                                            if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q < n:
-                                                out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                                    ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q] = T.Cast(
-                                                    "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum,
-                                                                          ((task // n_chunks) * per_block + tb) * mt + mi, 1)
-                                                    + bias[((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]) * scale[
-                                                    ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]
+                            store_tile(acc, xsum, bias, scale, out, task, tb, tt)
 
         return multiply
+
+    def store(self):
+        """Macro ``store_tile(acc, xsum, bias, scale, out, task, tb, tt)``: a register tile's
+        outputs, ``float32(acc - w_off * xsum + bias) * scale``, eight per vector store; the
+        last rows one by one, rows and columns past the end not stored."""
+        m, n, mt, ntv, rows = self.m, self.n, self.mt, self.ntv, self.rows
+        per_chunk, per_block, n_chunks = self.per_chunk, self.per_block, self.n_chunks
+        signed, w_off = self.signed, self.ops.w_off
+
+        def row(task, tb, mi):
+            """GEMM row of activation row ``mi`` of the task's activation tile ``tb``."""
+            return ((task // n_chunks) * per_block + tb) * mt + mi
+
+        def col(task, tt, v):
+            """First output of the 8-row weight vector ``v`` of the task's register tile ``tt``."""
+            return ((task % n_chunks) * per_chunk + tt) * rows + v * 8
+
+        def offset_sum(acc, xsum, row, lanes=8):
+            """The integer sums of ``row``'s products with the weights as stored (``acc`` less
+            the offset's share, see :class:`_VectorOps`)."""
+            if not signed:
+                return acc
+            return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
+
+        def epilogue(acc, xsum, bias, scale, row, col):
+            """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
+            return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+
+        @T.macro
+        def store_tile(acc, xsum, bias, scale, out, task, tb, tt):
+            for mi, v in T.grid(mt, ntv):
+                if row(task, tb, mi) < m:
+                    if col(task, tt, v) + 8 <= n:
+                        out[row(task, tb, mi), T.ramp(col(task, tt, v), 1, 8)] = epilogue(
+                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale, row(task, tb, mi), col(task, tt, v))
+                    else:  # the last rows
+                        for q in T.serial(8):
+                            if col(task, tt, v) + q < n:
+                                out[row(task, tb, mi), col(task, tt, v) + q] = T.Cast(
+                                    "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum, row(task, tb, mi), 1)
+                                    + bias[col(task, tt, v) + q]) * scale[col(task, tt, v) + q]
+
+        return store_tile
 
     def gemm(self, prepare):
         """Macro ``gemm(x, bias, scale, out, w0, w1, w2, w3)``: the activations staged, then
