@@ -20,6 +20,12 @@ shuffle of the weights. Products are summed with
   ``python -m bench.profile_model``).
   int8 rows on AVX2 are multiplied as int16 pairs (``vpmaddwd``).
 
+Every integer sum (int32 accumulators with the offsets, int16 pair sums) is bounded when a
+kernel is built (:mod:`schedules.x86_bounds`): a reduction too long for them is refused
+(``KernelBoundError``; int8 rows: at most 65793 products) and ``schedules.cpu.x86_replacement``
+leaves the group to the portable schedule. Machine-measured constants (tilings, the zmm rule,
+the L2 chunk) come from the target CPU's row of :mod:`schedules.x86_tuning_table`.
+
 Both MACs multiply an unsigned byte by a signed one. Unsigned activations (after ReLU) are
 the unsigned operand. Signed (int8) activations are the signed operand, and the weights
 become the unsigned one, offset into it: the 4-bit tables hold ``level + 8`` (0..16), int8
