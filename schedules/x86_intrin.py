@@ -1274,10 +1274,10 @@ def layer_dense_bounds(k: int, x_dtype: str, table_levels: Sequence[Sequence[int
     whose int32 sums could overflow: one int8 matrix of every table's levels and the int8 rows,
     all offset by 128 for signed activations (``vpdpbusd``)."""
     w_off = 128 if x_dtype == "int8" else 0
-    levels = [int(v) for lv in table_levels for v in lv] + ([-128, 127] if n_int8 else []) or [0]
-    x, w = activation_range(x_dtype), operand_range(levels, w_off)
-    what = (f"{x_dtype} activations x 4-bit levels {min(levels)}..{max(levels)}"
-            f"{' and int8 rows' if n_int8 else ''} (MAC operands {list(x)} x {list(w)})")
+    four = [int(v) for lv in table_levels for v in lv] or [0]
+    x, w = activation_range(x_dtype), operand_range(four + ([-128, 127] if n_int8 else []), w_off)
+    what = (f"{x_dtype} activations x 4-bit levels {min(four)}..{max(four)}"
+            f"{' and int8 rows -128..127' if n_int8 else ''} (MAC operands {list(x)} x {list(w)})")
     check_accumulators("layer_dense_kernel", k, x, w, what, offset=w_off)
 
 
