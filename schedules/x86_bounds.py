@@ -17,17 +17,17 @@ intervals, not magnitudes: with signed activations and the level ``+8``, a pair 
 ``2 * (-128) * 16 = -4096`` but only ``2 * 127 * 16 = 4064`` upwards, and eight of them reach
 exactly ``-32768``, the least int16.
 
-Worst cases (``python -c "from schedules.x86_bounds import *; ..."`` reproduces them):
+Worst cases (:func:`max_k`; the int16 column: pair sums that fit, :func:`max_terms` over 2):
 
-==========================================  =====================  ============  ==========
-activations x weights (as the MAC sees them)  product range          int32: max K  int16 pairs
-==========================================  =====================  ============  ==========
+==========================================  =====================  ============  =============
+MAC operands (activations x weights)        product range          int32: max K  int16 pairs
+==========================================  =====================  ============  =============
 uint8 x 4-bit levels -8..8                  [-2040, 2040]          1052688       8 (32640)
 int8 x 4-bit levels + 8 (0..16)             [-2048, 2032]          1048576       8 (-32768)
 uint8 x int8 rows -128..127                 [-32640, 32385]        65793         -- (vpmaddwd)
 int8 x int8 rows + 128 (0..255, VNNI)       [-32640, 32385]        65793         --
 int8 x int8 rows (AVX2 int16 pairs)         [-16256, 16384]        131071        --
-==========================================  =====================  ============  ==========
+==========================================  =====================  ============  =============
 
 Where a kernel's ``K`` is past its bound it is refused with :class:`KernelBoundError` (a
 ``ValueError``); ``schedules.cpu.x86_replacement`` then falls back to the portable schedule
