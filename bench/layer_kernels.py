@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m bench.layer_kernels                 # 1 .. 32 rows, both BERT FFN layers, one thread
     python -m bench.layer_kernels --rows 1 8 24
-    python -m bench.layer_kernels --passes        # one pass of each tiling in x86_gemv.PASS_US
+    python -m bench.layer_kernels --passes        # one pass of each tiling in this CPU's pass_us
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
@@ -13,10 +13,11 @@ runs instead from more rows on: on AVX-512 VNNI ``x86_intrin.layer_dense_kernel`
 call into one int8 matrix, then an outer-product GEMM), on AVX2 one
 ``x86_intrin.broadcast_dense_kernel`` per row group (outer products too; the concatenation and
 gather after them are not timed), and timed with TVM's ``time_evaluator`` (medians; weights in
-cache). The sum over both layers, and which is faster, is what ``x86_gemv.GEMV_MAX_ROWS`` and
-``GEMV_MAX_ROWS_AVX2`` are chosen from. ``--passes`` times one pass of the first kernel for each
-(byte rows per block, activation rows per pass) of this CPU's ISA: the table
-``x86_gemv.PASS_US`` holds.
+cache). The sum over both layers, and which is faster, is what a CPU's ``gemv_max_rows`` in
+``schedules/x86_tuning_table.py`` (``x86_gemv.GEMV_MAX_ROWS`` and ``GEMV_MAX_ROWS_AVX2`` by
+default) is chosen from. ``--passes`` times one pass of the first kernel for each (byte rows
+per block, activation rows per pass) of this CPU's row of that table (``pass_us``; the row of
+its ISA class where the table has none for the CPU), next to the table's value.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def main(argv=None) -> int:
     import tvm
     from tvm.target.codegen import target_has_features
 
-    from schedules.x86_gemv import INT8, LINEAR, PASS_US, block_pairs, gemv_layer_kernel, gemv_layer_weights
+    from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import broadcast_dense_kernel, layer_dense_kernel, layer_weights, x86_isa
+    from schedules.x86_tuning_table import X86_CONSTANTS, x86_constants
     from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
@@ -67,6 +69,9 @@ def main(argv=None) -> int:
         print(f"needs AVX2; this CPU ({target.attrs.get('mcpu')}) has no x86 kernel")
         return 1
     vbmi = target_has_features("avx512vbmi", target)
+    cpu = str(target.attrs.get("mcpu"))
+    constants = x86_constants(target)
+    row = cpu if X86_CONSTANTS.get(cpu) is constants else f"default-{isa}"
     sp2, fixed4 = (nibble_decode(np.arange(16), get_scheme(s)) for s in ("sp2_4", "fixed_4"))
     rng = np.random.default_rng(0)
     layers = [(k, n, *_layer(k, n, rng)) for k, n in LAYERS]
@@ -86,20 +91,21 @@ def main(argv=None) -> int:
             layout, *consts = gemv_layer_weights(order, groups, [0, LINEAR, INT8], [sp2, fixed4, None], bias, scale,
                                                  k, "int8", pairs=pairs, isa=isa)
             func = gemv_layer_kernel(layout, "int8", [sp2], vbmi=vbmi, num_cores=args.threads, m=m,
-                                     rows_per_pass=rows_per_pass)
+                                     rows_per_pass=rows_per_pass, cpu=cpu)
             total += timed(func, [x, *consts, np.zeros((m, n), np.float32)])
         return total
 
     if args.passes:
-        print(f"{'byte rows/block':>15} {'rows/pass':>9} {'us/pass':>9} {'PASS_US':>9}")
-        for (pairs, rows), us in sorted(PASS_US[isa].items()):
+        print(f"constants row: {row}")
+        print(f"{'byte rows/block':>15} {'rows/pass':>9} {'us/pass':>9} {'pass_us':>9}")
+        for (pairs, rows), us in sorted(constants["pass_us"].items()):
             print(f"{pairs:>15} {rows:>9} {gemv(rows, pairs, rows) * 1e6:>9.1f} {us:>9.1f}", flush=True)
         return 0
     def row_groups(m, k, groups):
         """The AVX2 alternative: each group's outer-product kernel (random weights as laid out)."""
         total = 0.0
         for w, levels in zip(groups, (sp2, fixed4, None)):
-            func = broadcast_dense_kernel(m, k, w.shape[0], "int8", levels, isa, num_cores=args.threads)
+            func = broadcast_dense_kernel(m, k, w.shape[0], "int8", levels, isa, num_cores=args.threads, cpu=cpu)
             arrays = [rng.integers(-128, 128, [int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params[:2]]
             total += timed(func, arrays + [np.zeros(w.shape[0], np.int32), np.ones(w.shape[0], np.float32),
                                            np.zeros((m, w.shape[0]), np.float32)])
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
     other = "layer" if isa == "avx512vnni" else "groups"
     print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}")
     for m in args.rows:
-        total = {"gemv": gemv(m, block_pairs(m, isa)), other: 0.0}
+        total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0}
         for k, n, groups, order in layers:
             if isa != "avx512vnni":
                 total[other] += row_groups(m, k, groups)
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
             x = rng.integers(-128, 128, (m, k)).astype(np.int8)
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             n8 = groups[2].shape[0]
-            func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi)
+            func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi, cpu=cpu)
             total[other] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
                                          scale, np.zeros((m, n), np.float32)])
         print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x",

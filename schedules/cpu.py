@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,8 +32,8 @@ from relay_passes.contract import ConstantKernel
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target
+from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
-    BROADCAST_MIN_ROWS,
     ConvGeometry,
     broadcast_dense_kernel,
     gemm_kernel,
@@ -44,6 +45,7 @@ from .x86_intrin import (
     x86_isa,
 )
 from .x86_layers import x86_layer_kernels
+from .x86_tuning_table import target_cpu, x86_constants
 
 __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise", "FloatRowReduction", "FAST_MATH",
            "schedule_dense", "schedule_conv2d"]
@@ -114,10 +116,24 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     run as per-tap GEMMs over channel-last
     activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
     weights will be laid out for the kernel at compile time (dense: tiled, and from
-    ``BROADCAST_MIN_ROWS`` activation rows on the outer-product kernel; conv: taps first).
+    the target's ``broadcast_min_rows`` activation rows on the outer-product kernel
+    (:func:`~schedules.x86_tuning_table.x86_constants`); conv: taps first).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
-    instruction the target lacks is ever emitted), or the group has a (tuned) schedule already.
+    instruction the target lacks is ever emitted), the reduction is too long for the kernel's
+    integer sums (:mod:`schedules.x86_bounds`; a :class:`~schedules.x86_bounds.KernelBoundWarning`,
+    and the portable schedule, which sums exact int32 products), or the group has a (tuned)
+    schedule already.
+
+    A packed SP2 group's ``rmsmp.sp2_lowering`` (``"shift"``, the pipeline's, or ``"decode"``)
+    does not change the kernel built here: it is the product of the portable schedule only.
+    ``python -m bench.sp2_lowering`` (1 x 768 x 3072 SP2 rows, one thread): portable shift-add
+    980 us, decode 371 us, this kernel 36 us (AVX2) / 19 us (VNNI) on rocketlake (2026-12-05);
+    874 / 669 / 46 / 36 us on znver4 (bench/results/sp2_lowering_cpu.json). So on x86 with
+    AVX2 the lowering only matters where the portable schedule runs (no AVX2, a reduction past
+    the kernel's integer bounds); ``"decode"`` stays an option the bench (and
+    tests/test_cpu_kernels.py) use, and would be the better default for portable targets
+    (a change to ``relay_passes``, which picks it).
     """
     attrs = func.attrs
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
@@ -154,14 +170,21 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         m, k = x_shape
         if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
             return None
-    outer_product = relayout and conv is None and m >= BROADCAST_MIN_ROWS
+    cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
+    outer_product = relayout and conv is None and m >= x86_constants(target)["broadcast_min_rows"]
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
-    if outer_product:
-        kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores)
-    else:
-        kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
-                             tiled=relayout and conv is None, taps_first=relayout and conv is not None)
+    try:
+        if outer_product:
+            kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores, cpu=cpu)
+        else:
+            kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
+                                 tiled=relayout and conv is None, taps_first=relayout and conv is not None,
+                                 cpu=cpu)
+    except KernelBoundError as err:  # the reduction is too long for the kernel's integer sums
+        warnings.warn(f"{op} {attrs.get('rmsmp.layer', '')} ({scheme.name}): {err}; using the portable schedule",
+                      KernelBoundWarning, stacklevel=2)
+        return None
     for key, value in attrs.items():
         kernel = kernel.with_attr(key, value)
     kind = "table-decode" if packed else "int8"
@@ -175,7 +198,8 @@ def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
 
     * dense: tiled (:func:`schedules.x86_intrin.tile_weights`): a tile of rows is one
       sequential stream, zero-padded. Batch 1 from L3: 1 x 3072 x 461 SP2 rows 22.2 -> 17.4 us.
-      From :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` activation rows on, tiles of
+      From the target's ``broadcast_min_rows`` (:mod:`schedules.x86_tuning_table`;
+      :data:`~schedules.x86_intrin.BROADCAST_MIN_ROWS` by default) activation rows on, tiles of
       8 rows x 4 bytes for the outer-product kernel
       (:func:`schedules.x86_intrin.broadcast_dense_kernel`): 1.11x at 128 x 768 x 1843;
     * conv2d whose channels fill whole vector steps: taps first

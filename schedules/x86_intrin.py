@@ -20,6 +20,12 @@ shuffle of the weights. Products are summed with
   ``python -m bench.profile_model``).
   int8 rows on AVX2 are multiplied as int16 pairs (``vpmaddwd``).
 
+Every integer sum (int32 accumulators with the offsets, int16 pair sums) is bounded when a
+kernel is built (:mod:`schedules.x86_bounds`): a reduction too long for them is refused
+(``KernelBoundError``; int8 rows: at most 65793 products) and ``schedules.cpu.x86_replacement``
+leaves the group to the portable schedule. Machine-measured constants (tilings, the zmm rule,
+the L2 chunk) come from the target CPU's row of :mod:`schedules.x86_tuning_table`.
+
 Both MACs multiply an unsigned byte by a signed one. Unsigned activations (after ReLU) are
 the unsigned operand. Signed (int8) activations are the signed operand, and the weights
 become the unsigned one, offset into it: the 4-bit tables hold ``level + 8`` (0..16), int8
@@ -67,30 +73,25 @@ import attrs
 import numpy as np
 import tvm
 from tvm.script import tirx as T
-from tvm.target.codegen import target_has_features
 
 from tvm_rmsmp.quant.schemes import unpack_nibbles
 from relay_passes import contract
 
+from .x86_bounds import (
+    KernelBoundError,
+    activation_range,
+    check_accumulators,
+    check_pair_sums16,
+    describe,
+    operand_range,
+)
+from .x86_tuning_table import X86_CONSTANTS, constants_for, x86_isa
+
 __all__ = ["x86_isa", "PAIR_SUMS16", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
-           "TargetFeatureWarning", "tile_weights", "taps_first_weights", "tap_order_weights"]
+           "TargetFeatureWarning", "KernelBoundError", "layer_dense_bounds", "tile_weights", "taps_first_weights", "tap_order_weights"]
 
 class TargetFeatureWarning(UserWarning):
     """The target lacks the vector features a fast kernel needs: a portable schedule is used."""
-
-
-def x86_isa(target: tvm.target.Target) -> Optional[str]:
-    """``"avx512vnni"``, ``"avx2"`` or None (not x86, or no AVX2) for an LLVM target."""
-    if target.kind.name != "llvm":
-        return None
-    triple = str(target.attrs.get("mtriple", "") or "")
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
-        return None
-    if target_has_features("avx512vnni", target) and target_has_features("avx512vl", target):
-        return "avx512vnni"
-    if target_has_features("avx2", target):
-        return "avx2"
-    return None
 
 
 def decode_table(levels: Sequence[int]) -> np.ndarray:
@@ -101,13 +102,15 @@ def decode_table(levels: Sequence[int]) -> np.ndarray:
     return table.astype(np.int8)
 
 
-def vector_bytes(isa: str, n_bytes: int, m: int, conv: bool = False) -> int:
+def vector_bytes(isa: str, n_bytes: int, m: int, conv: bool = False, cpu: Optional[str] = None) -> int:
     """Weight bytes per vector step, for ``n_bytes`` stored bytes per row and ``m`` GEMM rows:
-    64 (zmm) for a batch-1 dense on VNNI whose rows pad by at most an eighth, else 32 (ymm).
+    64 (zmm) for a batch-1 dense on VNNI whose rows pad by at most ``1 / zmm_pad_divisor``
+    (an eighth) of ``cpu``'s row of :mod:`schedules.x86_tuning_table`, else 32 (ymm).
     znver4 runs 512-bit operations as two halves, so zmm halves the instructions, not the
     work: at batch 1, where the decode's instructions are the bound, 1.10x (1 x 768 x 1843 and
     1 x 3072 x 461 SP2 rows, one thread); at batch 128 1.1-1.4x slower."""
-    if isa == "avx512vnni" and m == 1 and not conv and -n_bytes % 64 <= n_bytes // 8:
+    divisor = constants_for(isa, cpu)["zmm_pad_divisor"] if isa in ("avx2", "avx512vnni") else None
+    if isa == "avx512vnni" and divisor and m == 1 and not conv and -n_bytes % 64 <= n_bytes // divisor:
         return 64
     return 32
 
@@ -184,7 +187,9 @@ class _VectorOps:
 
     def pair_sums(self, xv, wv):
         """AVX2: the products of ``xv`` and ``wv`` summed in adjacent pairs, int16 (``vpmaddubsw``,
-        exact for 4-bit levels and for int8 rows meeting unsigned activations)."""
+        which saturates: exact for 4-bit levels only, a pair within ``2 * 255 * 8`` or
+        ``2 * 128 * 16``; an int8 row's pair reaches ``2 * 255 * 127``, past int16, so int8 rows
+        take the int16 pairs of ``vpmaddwd`` instead; :mod:`schedules.x86_bounds`)."""
         a, b = (wv, xv) if self.signed else (xv, wv)  # the unsigned operand first
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a, b,
                                        dtype=f"int16x{self.vec // 2}")
@@ -220,148 +225,449 @@ def _tiles(m: int, isa: str):
 
 def packed_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Sequence[int], isa: str, tiles=None, vec: Optional[int] = None,
-    chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
+    chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1, cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(x [m, k], w [n, ceil(k/2)] uint8, bias [n] int32, scale [n] f32, out [m, n] f32)``."""
     return gemm_kernel(m, k, n, x_dtype, levels, isa, tiles=tiles, vec=vec, chunks=chunks, unroll_k=unroll_k,
-                       num_cores=num_cores)
+                       num_cores=num_cores, cpu=cpu)
 
 
-def gemm_kernel(
-    m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
-    tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
-    predecode: Optional[bool] = None, direct_conv: Optional[bool] = None, tiled: bool = False,
-    taps_first: bool = False,
-) -> tvm.tirx.PrimFunc:
-    """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
-    docstring) on x86.
+class _GemmPlan:
+    """The shapes and choices of :func:`gemm_kernel` (module docstring): which conv path, the
+    vector steps, the register tiles and how they are split into parallel tasks."""
 
-    ``levels``: the 16 int8 levels of a packed 4-bit scheme (weights ``[n, ceil(k/2)]`` uint8),
-    or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; on AVX2, where
-    ``vpmaddubsw`` would saturate on 8-bit products, as int16 pairs multiplied by ``vpmaddwd``:
-    half the products per instruction, for the 5% of rows that are 8-bit). Any ``k``: the reduction is padded to a
-    whole number of vector steps with zero weights (the 0 code is the 0 level).
-    ``predecode`` / ``direct_conv`` force the choices the kernel otherwise makes from the
-    shapes (rows decoded once per call; per-tap GEMMs instead of an im2col), for measuring.
-    ``tiled`` (dense only): the weights come already laid out by :func:`tile_weights` with the
-    kernel's ``rmsmp.weight_tiles`` attribute, so a tile's rows are one sequential stream.
-    ``taps_first`` (conv): where the per-tap GEMMs apply, the weights come already reordered
-    by :func:`taps_first_weights` (attribute ``rmsmp.weight_taps_first``), so the kernel does
-    not reorder them per call and takes that path whatever the shapes.
-    """
-    if isa not in ("avx2", "avx512vnni"):
-        raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
-    if x_dtype not in ("uint8", "int8"):
-        raise ValueError(f"gemm_kernel: activations must be uint8 or int8, got {x_dtype}")
-    packed = levels is not None
-    # int8 rows on AVX2 (vpmaddubsw would saturate on 8-bit products): activations and weights
-    # as int16, multiplied in pairs by vpmaddwd, exact for either signedness without offsets
-    pairs = not packed and isa == "avx2"
-    signed = x_dtype == "int8" and not pairs  # signed activations: offset weights, activation sums
-    stage_dtype = "int16" if pairs else x_dtype
-    if tiled and conv is not None:
-        raise ValueError("gemm_kernel: tiled weights are for dense row groups")
-    if conv is not None and (conv.m != m or conv.k != k):
-        raise ValueError(f"gemm_kernel: conv geometry gives m={conv.m}, k={conv.k}, not {m}, {k}")
-    vec = vec or vector_bytes(isa, (k + 1) // 2 if levels is not None else k, m, conv is not None)
-    halves = 2 if packed else 1  # packed: even / odd codes of a byte meet separate activation planes
-    if vec not in (32, 64) or (vec == 64 and isa != "avx512vnni"):
-        raise ValueError(f"gemm_kernel: {vec}-byte vectors need VNNI")
-    if pairs:
-        vec = 16  # int16 elements per step from here on (32 bytes)
-    w_bytes = (k + 1) // 2 if packed else k  # stored bytes per weight row
-    nb = -(-w_bytes // vec)  # vector steps per row
-    width = nb * vec  # staged bytes per row (zero-padded past w_bytes)
-    pad_w = width != w_bytes
-    # conv whose channels fill whole vector steps: no im2col; activations staged once as
-    # channel-last planes and each (ky, kx) is a GEMM over the channels (weights reordered
-    # per call to (ky, kx, channel), a small copy next to a 9x larger im2col)
-    # Packed rows are reordered nibble by nibble, which costs more per row than an im2col
-    # per pixel: layers with more rows than half their output pixels (ResNet-18's 14x14 and
-    # 7x7 stages) stage an im2col instead (0.48 vs 0.74 ms at 512 channels, 7x7, 307 rows).
-    direct = conv is not None and conv.channels % (vec * halves) == 0
-    laid_out = taps_first  # the weights come in the layout of whichever conv path applies
-    taps_first = taps_first and direct
-    if direct_conv is not None:
-        direct = direct and direct_conv
+    def __init__(self, m, k, n, x_dtype, levels, isa, conv, tiles, vec, chunks, unroll_k, num_cores, predecode,
+                 direct_conv, tiled, taps_first, cpu):
+        self.m, self.k, self.n, self.x_dtype, self.levels, self.isa, self.conv = m, k, n, x_dtype, levels, isa, conv
+        self.tiled, self.unroll_k = tiled, unroll_k
+        self.packed = packed = levels is not None
+        # int8 rows on AVX2 (vpmaddubsw would saturate on 8-bit products): activations and weights
+        # as int16, multiplied in pairs by vpmaddwd, exact for either signedness without offsets
+        self.pairs = pairs = not packed and isa == "avx2"
+        self.signed = x_dtype == "int8" and not pairs  # signed activations: offset weights, activation sums
+        self.stage_dtype = "int16" if pairs else x_dtype
+        if tiled and conv is not None:
+            raise ValueError("gemm_kernel: tiled weights are for dense row groups")
+        if conv is not None and (conv.m != m or conv.k != k):
+            raise ValueError(f"gemm_kernel: conv geometry gives m={conv.m}, k={conv.k}, not {m}, {k}")
+        vec = vec or vector_bytes(isa, (k + 1) // 2 if levels is not None else k, m, conv is not None, cpu)
+        self.halves = 2 if packed else 1  # packed: even / odd codes of a byte meet separate activation planes
+        if vec not in (32, 64) or (vec == 64 and isa != "avx512vnni"):
+            raise ValueError(f"gemm_kernel: {vec}-byte vectors need VNNI")
+        self.vec = vec = 16 if pairs else vec  # pairs: int16 elements per step from here on (32 bytes)
+        self.w_bytes = (k + 1) // 2 if packed else k  # stored bytes per weight row
+        self.nb = -(-self.w_bytes // vec)  # vector steps per row
+        self.width = self.nb * vec  # staged bytes per row (zero-padded past w_bytes)
+        self.pad_w = self.width != self.w_bytes
+        self._conv_paths(taps_first, direct_conv)
+        self.lanes = vec // 2 if pairs else vec // 4  # int32 lanes of an accumulator
+        self._tasks(tiles, chunks, num_cores, predecode, cpu)
+        self.ops = _VectorOps(isa, vec, self.signed, levels, pairs=pairs)
+        self.w_off = self.ops.w_off
+        # AVX2, decoded 4-bit rows: pair sums added in 16 bits over several steps (segments and
+        # steps in order) before one vpmaddwd widens them (PAIR_SUMS16): one multiply per 32
+        # products instead of two
+        self.sums16 = isa == "avx2" and packed and self.pre
+        _check_bounds("gemm_kernel", k, x_dtype, levels, isa, self.w_off, pairs, self.sums16)
+        self._buffer_shapes()
+
+    def _conv_paths(self, taps_first, direct_conv):
+        conv, vec, halves, packed, m, n = self.conv, self.vec, self.halves, self.packed, self.m, self.n
+        # conv whose channels fill whole vector steps: no im2col; activations staged once as
+        # channel-last planes and each (ky, kx) is a GEMM over the channels (weights reordered
+        # per call to (ky, kx, channel), a small copy next to a 9x larger im2col)
+        # Packed rows are reordered nibble by nibble, which costs more per row than an im2col
+        # per pixel: layers with more rows than half their output pixels (ResNet-18's 14x14 and
+        # 7x7 stages) stage an im2col instead (0.48 vs 0.74 ms at 512 channels, 7x7, 307 rows).
+        direct = conv is not None and conv.channels % (vec * halves) == 0
+        laid_out = taps_first  # the weights come in the layout of whichever conv path applies
         taps_first = taps_first and direct
-    elif direct and packed and not taps_first:
-        direct = m >= 2 * n
-    # the other convs: an im2col in tap order ((ky, kx, channel) columns), one vector copy of
-    # kw * C contiguous channel-last activations per kernel row and pixel, packed bytes pairing
-    # the two halves of a step's columns, so no even / odd split either (ResNet-18's stem, 38
-    # SP2 rows, one thread: 14.9 -> 2.4 ms; the scalar gather was 80% of the call). Its weights
-    # are reordered to match, per call when they do not come laid out: cheap where the rows are
-    # fewer than the pixels, else the channel-order im2col below stays
-    tap_order = conv is not None and not direct and conv.dilation[1] == 1 and (laid_out or n <= m)
-    tap_laid_out = tap_order and laid_out
-    segs = conv.kh * conv.kw if direct else 1
-    nbc = conv.channels // halves // vec if direct else nb  # vector steps per segment
-    lanes = vec // 2 if pairs else vec // 4  # int32 lanes of an accumulator
-    mt, nt = tiles or _tiles(m, isa)
-    mt = min(mt, m)
-    m_tiles = (m + mt - 1) // mt
-    n_tiles = (n + nt - 1) // nt
-    cores = max(1, num_cores)
-    # a chunk of row tiles keeps its weights (about 96 KiB) in L2 while activation tiles pass
-    # over them; batch 1: 4 chunks per core (each allocates its accumulators once, and 64
-    # chunks of a 1843-row group cost 3x the kernel itself in allocations)
-    if chunks is None:
-        chunks = 4 * cores if m_tiles == 1 else n_tiles
-    per_chunk = max(1, (n_tiles + chunks - 1) // chunks)
-    if m_tiles > 1:
-        per_chunk = max(per_chunk, min((n_tiles + 1) // 2, (96 * 1024) // (nt * width)))
-    n_chunks = (n_tiles + per_chunk - 1) // per_chunk
-    # many activation rows (conv pixels, large batches): also split them, 4 tasks per core
-    m_blocks = 1 if m_tiles == 1 else max(1, min(m_tiles, -(-4 * cores // n_chunks)))
-    per_block = -(-m_tiles // m_blocks)
-    m_blocks = -(-m_tiles // per_block)
-    tasks = m_blocks * n_chunks
-    # weights prepared once per call when several activation tiles will read them (packed:
-    # decoded to int8 planes; int8 rows meeting signed activations: offset to unsigned)
-    converts = packed or signed or pairs  # weights change form before the MAC
-    pre = m_tiles > 1 and converts if predecode is None else bool(predecode)
-    # prepared rows are laid out tile by tile, step by step ([tile, step, row, plane, byte]):
-    # a tile's weights for one step are one contiguous 256-byte read instead of eight
-    # streams (1.09x at 128 x 768 x 1843, 1.28x for the int8 rows at 128 x 768 x 154)
-    n_pad = n_tiles * nt
-    pre_chunks = min(n_pad, 4 * cores)
-    pre_rows = -(-n_pad // pre_chunks)
-    wd_shape = (n_tiles, nb, nt, halves, vec)
-    wd_dtype = "int16" if pairs else "int8"
-    ops = _VectorOps(isa, vec, signed, levels, pairs=pairs)
-    w_off = ops.w_off
-    phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
-    w_dtype = "uint8" if packed else "int8"
-    if conv is None:
-        x_shape, out_shape = (m, k), (m, n)
-    else:
-        x_shape = (conv.batch, conv.channels, conv.height, conv.width)
-        oh, ow = conv.out_hw
-        out_shape = (conv.batch, n, oh, ow)
-        (sh, sw), (dh, dw) = conv.strides, conv.dilation
-    w_shape = (n, w_bytes) if (packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
-    if tiled:
-        w_shape = wd_shape[:2] + (nt, vec)
-    if taps_first or tap_laid_out:
-        w_shape = (n, width)
+        if direct_conv is not None:
+            direct = direct and direct_conv
+            taps_first = taps_first and direct
+        elif direct and packed and not taps_first:
+            direct = m >= 2 * n
+        # the other convs: an im2col in tap order ((ky, kx, channel) columns), one vector copy of
+        # kw * C contiguous channel-last activations per kernel row and pixel, packed bytes pairing
+        # the two halves of a step's columns, so no even / odd split either (ResNet-18's stem, 38
+        # SP2 rows, one thread: 14.9 -> 2.4 ms; the scalar gather was 80% of the call). Its weights
+        # are reordered to match, per call when they do not come laid out: cheap where the rows are
+        # fewer than the pixels, else the channel-order im2col below stays
+        self.tap_order = conv is not None and not direct and conv.dilation[1] == 1 and (laid_out or n <= m)
+        self.tap_laid_out = self.tap_order and laid_out
+        self.direct, self.taps_first = direct, taps_first
+        self.segs = conv.kh * conv.kw if direct else 1
+        self.nbc = conv.channels // halves // vec if direct else self.nb  # vector steps per segment
 
-    def wvec(wp, row, step):
+    def _tasks(self, tiles, chunks, num_cores, predecode, cpu):
+        m, n = self.m, self.n
+        mt, nt = tiles or _tiles(m, self.isa)
+        self.mt, self.nt = mt, nt = min(mt, m), nt
+        self.m_tiles = m_tiles = (m + mt - 1) // mt
+        self.n_tiles = n_tiles = (n + nt - 1) // nt
+        self.cores = cores = max(1, num_cores)
+        # a chunk of row tiles keeps its weights (about 96 KiB) in L2 while activation tiles pass
+        # over them; batch 1: 4 chunks per core (each allocates its accumulators once, and 64
+        # chunks of a 1843-row group cost 3x the kernel itself in allocations)
+        if chunks is None:
+            chunks = 4 * cores if m_tiles == 1 else n_tiles
+        per_chunk = max(1, (n_tiles + chunks - 1) // chunks)
+        if m_tiles > 1:
+            l2_chunk = constants_for(self.isa, cpu)["l2_chunk_bytes"]
+            per_chunk = max(per_chunk, min((n_tiles + 1) // 2, l2_chunk // (nt * self.width)))
+        self.per_chunk = per_chunk
+        self.n_chunks = n_chunks = (n_tiles + per_chunk - 1) // per_chunk
+        # many activation rows (conv pixels, large batches): also split them, 4 tasks per core
+        m_blocks = 1 if m_tiles == 1 else max(1, min(m_tiles, -(-4 * cores // n_chunks)))
+        self.per_block = -(-m_tiles // m_blocks)
+        self.tasks = -(-m_tiles // self.per_block) * n_chunks
+        # weights prepared once per call when several activation tiles will read them (packed:
+        # decoded to int8 planes; int8 rows meeting signed activations: offset to unsigned)
+        self.converts = self.packed or self.signed or self.pairs  # weights change form before the MAC
+        self.pre = m_tiles > 1 and self.converts if predecode is None else bool(predecode)
+        # prepared rows are laid out tile by tile, step by step ([tile, step, row, plane, byte]):
+        # a tile's weights for one step are one contiguous 256-byte read instead of eight
+        # streams (1.09x at 128 x 768 x 1843, 1.28x for the int8 rows at 128 x 768 x 154)
+        self.n_pad = n_tiles * nt
+        self.pre_chunks = min(self.n_pad, 4 * cores)
+        self.pre_rows = -(-self.n_pad // self.pre_chunks)
+
+    def _buffer_shapes(self):
+        conv, m, n, nt, vec, halves = self.conv, self.m, self.n, self.nt, self.vec, self.halves
+        self.wd_shape = (self.n_tiles, self.nb, nt, halves, vec)
+        self.wd_dtype = "int16" if self.pairs else "int8"
+        self.w_dtype = "uint8" if self.packed else "int8"
+        if conv is None:
+            self.x_shape, self.out_shape = (m, self.k), (m, n)
+        else:
+            self.x_shape = (conv.batch, conv.channels, conv.height, conv.width)
+            self.oh, self.ow = conv.out_hw
+            self.out_shape = (conv.batch, n, self.oh, self.ow)
+            (self.sh, self.sw), (self.dh, self.dw) = conv.strides, conv.dilation
+        w_shape = (n, self.w_bytes) if (self.packed or conv is None) else (n, conv.channels, conv.kh, conv.kw)
+        if self.tiled:
+            w_shape = self.wd_shape[:2] + (nt, vec)
+        if self.taps_first or self.tap_laid_out:
+            w_shape = (n, self.width)
+        self.w_shape = w_shape
+        if self.direct:
+            self.xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves)
+        elif self.tap_order:
+            self.xs_shape = (m, self.nb, halves, vec)  # im2col rows in tap order, each step's columns split in halves
+        else:
+            self.xs_shape = (m, halves, self.width)
+
+    # indexing: the GEMM row / weight row of a tile's accumulator, the operands' vectors
+
+    def row(self, task, tb, mi):
+        """GEMM row of activation row ``mi`` of the task's activation tile ``tb`` (maybe past ``m``)."""
+        return ((task // self.n_chunks) * self.per_block + tb) * self.mt + mi
+
+    def col(self, task, tt, ni):
+        """Weight row ``ni`` of the task's weight tile ``tt`` (maybe past ``n``)."""
+        return ((task % self.n_chunks) * self.per_chunk + tt) * self.nt + ni
+
+    def wvec(self, wp, row, step):
         """Weight vector ``step`` of (padded) weight row ``row``."""
-        if tiled:
-            return wp[row // nt, step, row % nt, T.ramp(0, 1, vec)]
-        return wp[T.min(row, n - 1), T.ramp(step * vec, 1, vec)]
-    # vector sums of four rows' accumulators at once (vphaddd) when the tile has whole fours
-    quads = nt % 4 == 0
+        if self.tiled:
+            return wp[row // self.nt, step, row % self.nt, T.ramp(0, 1, self.vec)]
+        return wp[T.min(row, self.n - 1), T.ramp(step * self.vec, 1, self.vec)]
 
-    mac = ops.mac
+    def xvec(self, xs, row, h, seg, step):
+        """The activation vector of GEMM row ``row``, plane ``h``, segment ``seg``, step ``step``."""
+        vec, conv = self.vec, self.conv
+        if self.tap_order:
+            return xs[row, step, h, T.ramp(0, 1, vec)]
+        if not self.direct:
+            return xs[row, h, T.ramp((seg * self.nbc + step) * vec, 1, vec)]
+        oh, ow = self.oh, self.ow
+        return xs[row // (oh * ow), (row // ow) % oh * self.sh + seg // conv.kw * self.dh,
+                  row % ow * self.sw + seg % conv.kw * self.dw, h, T.ramp(step * vec, 1, vec)]
 
-    def offset(wv):
+    def offset(self, wv):
         """int8 weights as the MAC's operand: unsigned (``w + 128``, a flip of the sign bit)
         for signed activations, int16 for the pairs."""
-        if pairs:
-            return T.Cast(f"int16x{vec}", wv)
-        return T.bitwise_xor(wv, T.broadcast(T.int8(-128), vec)) if signed else wv
+        if self.pairs:
+            return T.Cast(f"int16x{self.vec}", wv)
+        return T.bitwise_xor(wv, T.broadcast(T.int8(-128), self.vec)) if self.signed else wv
+
+    def out_index(self, row, col):
+        if self.conv is None:
+            return row, col
+        oh, ow = self.oh, self.ow
+        return row // (oh * ow), col, (row // ow) % oh, row % ow
+
+
+def _nibble(w, r, kk):
+    """Code ``kk`` of packed row ``r``."""
+    return T.bitwise_and(T.shift_right(w[r, kk // 2], T.Cast("uint8", kk % 2 * 4)), T.uint8(15))
+
+
+def _gemm_weight_fills(g: _GemmPlan):
+    """Macros ``fill(wp, w)`` writing the weights ``[n, width]`` per call where they do not
+    come laid out: ``tap_order`` (the im2col's tap order), ``direct`` ((ky, kx, channel) per
+    row), ``padded`` (zero columns up to the vector width)."""
+    n, k, vec, width, w_bytes, w_dtype, packed, conv = g.n, g.k, g.vec, g.width, g.w_bytes, g.w_dtype, g.packed, g.conv
+    segs, halves = g.segs, g.halves
+    if g.tap_order:
+        span = conv.kw * conv.channels  # contiguous channel-last activations per kernel row
+
+        def tap_column(j):
+            """The weight's own column of tap-order column ``j < k``."""
+            return (j % conv.channels * conv.kh + j // span) * conv.kw + j // conv.channels % conv.kw
+
+        def tap_code(w, r, j):
+            """Row ``r``'s code at tap-order column ``j`` (the 0 code past ``k``)."""
+            return T.if_then_else(j < k, _nibble(w, r, tap_column(T.min(j, k - 1))), T.uint8(0))
+
+    @T.macro
+    def tap_order(wp, w):
+        # packed: the low nibble of byte j of a step meets column j of its first half, the
+        # high nibble column j of the second
+        for r, j in T.grid(n, width):
+            if packed:
+                wp[r, j] = T.bitwise_or(tap_code(w, r, j // vec * 2 * vec + j % vec), T.shift_left(
+                    tap_code(w, r, j // vec * 2 * vec + vec + j % vec), T.uint8(4)))
+            else:
+                wp[r, j] = T.if_then_else(
+                    j < k, w[r, T.min(j, k - 1) % conv.channels, T.min(j, k - 1) // span,
+                             T.min(j, k - 1) // conv.channels % conv.kw], T.int8(0))
+
+    @T.macro
+    def direct(wp, w):
+        # packed bytes pair channels 2j, 2j + 1
+        for r, sg, j in T.grid(n, segs, conv.channels // halves):
+            if packed:
+                wp[r, sg * (conv.channels // 2) + j] = T.bitwise_or(
+                    _nibble(w, r, 2 * j * segs + sg), T.shift_left(_nibble(w, r, (2 * j + 1) * segs + sg), T.uint8(4)))
+            else:
+                wp[r, sg * conv.channels + j] = w[r, j, sg // conv.kw, sg % conv.kw]
+
+    @T.macro
+    def padded(wp, w):
+        # conv: a flat view
+        for r in T.serial(n):
+            for j in range(width):
+                if packed or conv is None:
+                    wp[r, j] = T.if_then_else(j < w_bytes, w[r, T.min(j, w_bytes - 1)], T.Cast(w_dtype, 0))
+                else:
+                    wp[r, j] = T.if_then_else(
+                        j < k, w[r, T.min(j, k - 1) // (conv.kh * conv.kw), T.min(j, k - 1) // conv.kw % conv.kh,
+                                 T.min(j, k - 1) % conv.kw], T.Cast(w_dtype, 0))
+
+    return tap_order, direct, padded
+
+
+def _gemm_activation_stages(g: _GemmPlan):
+    """Macros ``stage(x, xs, xsum, bias)`` putting the activations in ``halves`` planes, one row
+    per GEMM row, and (signed) summing each GEMM row into ``xsum``: ``direct`` (channel-last
+    planes, the taps' sums from per-pixel channel sums), ``dense``, ``tap_order`` (the tap-order
+    im2col) and ``im2col`` (the weight's column order, then the even / odd split)."""
+    m, n, k, vec, width, nb, halves, conv = g.m, g.n, g.k, g.vec, g.width, g.nb, g.halves, g.conv
+    signed, packed, stage_dtype, x_dtype, segs = g.signed, g.packed, g.stage_dtype, g.x_dtype, g.segs
+    zero_x = T.Cast(stage_dtype, 0)
+    if conv is not None:
+        oh, ow, sh, sw, dh, dw = g.oh, g.ow, g.sh, g.sw, g.dh, g.dw
+        span = conv.kw * conv.channels  # contiguous channel-last activations per kernel row
+        cl_width = conv.width * conv.channels
+
+    def hsum(buf, base, count):
+        total = buf[base]
+        for lane in range(1, count):
+            total = total + buf[base + lane]
+        return total
+
+    @T.macro
+    def direct(x, xs, xsum, bias):
+        if signed:
+            psum = T.alloc_buffer((conv.batch, conv.height, conv.width), "int32")
+        else:
+            psum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
+        for by in T.parallel(conv.batch * conv.height):
+            for xx in T.serial(conv.width):
+                for j in T.serial(conv.channels // halves):
+                    for h in T.unroll(halves):
+                        xs[by // conv.height, by % conv.height, xx, h, j] = T.Cast(stage_dtype, x[
+                            by // conv.height, j * halves + h, by % conv.height, xx])
+                if signed:  # channel sums per input pixel; a GEMM row sums its taps' below
+                    psum[by // conv.height, by % conv.height, xx] = 0
+                    for c in T.serial(conv.channels):
+                        psum[by // conv.height, by % conv.height, xx] = (
+                            psum[by // conv.height, by % conv.height, xx]
+                            + T.Cast("int32", x[by // conv.height, c, by % conv.height, xx]))
+        if signed:
+            for bo in T.parallel(conv.batch * oh):
+                for ox in T.serial(ow):
+                    xsum[bo * ow + ox] = 0
+                    for sg in T.serial(segs):
+                        xsum[bo * ow + ox] = xsum[bo * ow + ox] + psum[
+                            bo // oh, bo % oh * sh + sg // conv.kw * dh, ox * sw + sg % conv.kw * dw]
+
+    @T.macro
+    def dense(x, xs, xsum, bias):
+        for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
+            for j in range(width):
+                for h in T.unroll(halves):
+                    if width * halves == k:
+                        xs[i, h, j] = T.Cast(stage_dtype, x[i, j * halves + h])
+                    else:
+                        xs[i, h, j] = T.if_then_else(j * halves + h < k,
+                                                     T.Cast(stage_dtype, x[i, T.min(j * halves + h, k - 1)]), zero_x)
+            if signed:
+                xsum[i] = 0
+                for j in T.serial(k):
+                    xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
+
+    @T.macro
+    def tap_order(x, xs, xsum, bias):
+        # activations channel-last ([image, y, (x, channel)]), then per pixel and kernel row
+        # one copy of its kw * C contiguous values
+        xcl = T.alloc_buffer((conv.batch, conv.height, cl_width), x_dtype)
+        cols = T.decl_buffer((m, nb * halves * vec), stage_dtype, data=xs.data)
+        for by in T.parallel(conv.batch * conv.height):
+            for xx in T.serial(conv.width):
+                for c in T.unroll(conv.channels):
+                    xcl[by // conv.height, by % conv.height, xx * conv.channels + c] = x[
+                        by // conv.height, c, by % conv.height, xx]
+        for bo in T.parallel(conv.batch * oh):
+            vsum = T.alloc_buffer((vec,), "int32", scope="local")
+            for ox in T.serial(ow):
+                for ky in T.unroll(conv.kh):
+                    for t in T.vectorized(span):
+                        cols[bo * ow + ox, ky * span + t] = T.Cast(stage_dtype, xcl[
+                            bo // oh, bo % oh * sh + ky * dh, ox * sw * conv.channels + t])
+                if nb * halves * vec > k:
+                    for t in T.vectorized(nb * halves * vec - k):
+                        cols[bo * ow + ox, k + t] = zero_x
+                if signed:
+                    vsum[T.ramp(0, 1, vec)] = T.broadcast(0, vec)
+                    for b in T.serial(nb * halves):
+                        vsum[T.ramp(0, 1, vec)] = vsum[T.ramp(0, 1, vec)] + T.Cast(
+                            f"int32x{vec}", cols[bo * ow + ox, T.ramp(b * vec, 1, vec)])
+                    xsum[bo * ow + ox] = hsum(vsum, 0, vec)
+
+    @T.macro
+    def im2col(x, xs, xsum, bias):
+        # the weight's column order (contiguous stores), then (packed) the even / odd split as
+        # a second, vectorizable pass: writing the two planes directly from the gather
+        # measured 4x slower
+        if packed:
+            cols = T.alloc_buffer((m, width * halves), x_dtype)
+        else:
+            cols = T.decl_buffer((m, width), stage_dtype, data=xs.data)
+        for bo in T.parallel(conv.batch * oh):
+            for ox, c, ky, kx in T.grid(ow, conv.channels, conv.kh, conv.kw):
+                cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = T.Cast(stage_dtype, x[
+                    bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw])
+            if width * halves > k:
+                for ox, j in T.grid(ow, width * halves - k):
+                    cols[bo * ow + ox, k + j] = zero_x
+            if signed:
+                for ox in T.serial(ow):
+                    xsum[bo * ow + ox] = 0
+                    for j in T.serial(k):
+                        xsum[bo * ow + ox] = xsum[bo * ow + ox] + T.Cast("int32", cols[bo * ow + ox, j])
+            if packed:
+                for ox, j in T.grid(ow, width):
+                    for h in T.unroll(halves):
+                        xs[bo * ow + ox, h, j] = cols[bo * ow + ox, j * halves + h]
+
+    if g.direct:
+        return direct
+    if conv is None:
+        return dense
+    return tap_order if g.tap_order else im2col
+
+
+def _gemm_predecode(g: _GemmPlan):
+    """Macro ``predecode(wd, wp)``: the weights in the MAC's form, tile by tile and step by
+    step (packed: decoded to int8 planes; int8 rows offset or widened to int16 pairs), once per
+    call, for when several activation tiles meet every weight vector."""
+    vec, nt, nb, n_pad, pre_rows, packed, converts, ops = g.vec, g.nt, g.nb, g.n_pad, g.pre_rows, g.packed, g.converts, g.ops
+
+    @T.macro
+    def predecode(wd, wp):
+        for rc in T.parallel(g.pre_chunks):
+            table0 = T.alloc_buffer((vec,), "int8", scope="local")
+            if packed:
+                for t in T.unroll(vec):
+                    table0[t] = ops.table_byte(t)
+            for rr in range(pre_rows):
+                if rc * pre_rows + rr < n_pad:  # rows past n repeat the last one (not stored)
+                    for b in T.serial(nb):
+                        if packed:
+                            wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = ops.decode(
+                                table0, g.wvec(wp, rc * pre_rows + rr, b), False)
+                            wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 1, T.ramp(0, 1, vec)] = ops.decode(
+                                table0, g.wvec(wp, rc * pre_rows + rr, b), True)
+                        elif converts:
+                            wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = g.offset(
+                                g.wvec(wp, rc * pre_rows + rr, b))
+
+    return predecode
+
+
+def _gemm_mac_tile(g: _GemmPlan):
+    """Macro ``mac_tile(acc, acc16, table, xs, wd, wp, task, tb, tt)``: one register tile's
+    MACs over the whole reduction, by path: AVX2 int16 pair sums of predecoded rows
+    (``sums16``), predecoded rows, packed rows decoded in registers, int8 rows."""
+    m, mt, nt, lanes, halves, segs, nbc = g.m, g.mt, g.nt, g.lanes, g.halves, g.segs, g.nbc
+    n_chunks, per_chunk, pre, converts, packed, ops = g.n_chunks, g.per_chunk, g.pre, g.converts, g.packed, g.ops
+    mac, decode, xvec, vec, sums16, unroll_k = ops.mac, ops.decode, g.xvec, g.vec, g.sums16, g.unroll_k
+
+    def xrow(task, tb, mi):
+        return T.min(g.row(task, tb, mi), m - 1)
+
+    def acc_at(mi, ni):
+        return T.ramp((mi * nt + ni) * lanes, 1, lanes)
+
+    def tile_operands(xs, wd, _, task, tb, tt, step, h, mi, ni):
+        """Activation row ``mi`` and weight row ``ni`` of a tile, plane ``h``, step ``step`` (of all segments)."""
+        return (xvec(xs, xrow(task, tb, mi), h, step // nbc, step % nbc),
+                wd[(task % n_chunks) * per_chunk + tt, step, ni, h, T.ramp(0, 1, vec)])
+
+    steps16 = _int16_steps(ops, segs * nbc, mt, nt, halves, lanes, tile_operands)
+
+    @T.macro
+    def mac_tile(acc, acc16, table, xs, wd, wp, task, tb, tt):
+        if sums16:
+            steps16(xs, wd, wd, acc, acc16, task, tb, tt)
+        else:
+            for sg in T.serial(segs):
+                for b in T.unroll(nbc) if unroll_k else T.serial(nbc):
+                    for ni in T.unroll(nt):
+                        if pre and converts:
+                            for mi in T.unroll(mt):
+                                for h in T.unroll(halves):
+                                    acc[acc_at(mi, ni)] = mac(
+                                        acc[acc_at(mi, ni)], xvec(xs, xrow(task, tb, mi), h, sg, b),
+                                        wd[(task % n_chunks) * per_chunk + tt, sg * nbc + b, ni, h, T.ramp(0, 1, vec)])
+                        elif packed:
+                            wv = g.wvec(wp, g.col(task, tt, ni), sg * nbc + b)
+                            dlo = decode(table, wv, False)
+                            dhi = decode(table, wv, True)
+                            for mi in T.unroll(mt):
+                                acc[acc_at(mi, ni)] = mac(mac(acc[acc_at(mi, ni)], xvec(xs, xrow(task, tb, mi), 0, sg, b),
+                                                              dlo), xvec(xs, xrow(task, tb, mi), 1, sg, b), dhi)
+                        else:
+                            wv8 = g.offset(g.wvec(wp, g.col(task, tt, ni), sg * nbc + b))
+                            for mi in T.unroll(mt):
+                                acc[acc_at(mi, ni)] = mac(acc[acc_at(mi, ni)], xvec(xs, xrow(task, tb, mi), 0, sg, b),
+                                                          wv8)
+
+    return mac_tile
+
+
+def _gemm_store_tile(plan: _GemmPlan):
+    """Macro ``store_tile(acc, red, out, xsum, bias, scale, task, tb, tt)``: a register tile's
+    outputs, ``float32(acc - w_off * xsum + bias) * scale``; four weight rows' lanes summed
+    together by ``vphaddd`` where the tile has whole fours (dense: one vector store of four
+    contiguous outputs), rows and columns past the end not stored."""
+    m, n, mt, nt, lanes, conv, signed, w_off = plan.m, plan.n, plan.mt, plan.nt, plan.lanes, plan.conv, plan.signed, plan.w_off
+    phadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
+    # vector sums of four rows' accumulators at once (vphaddd) when the tile has whole fours
+    quads = nt % 4 == 0
+    row, col, out_index = plan.row, plan.col, plan.out_index
 
     def hsum(buf, base, count=lanes):
         total = buf[base]
@@ -383,35 +689,6 @@ def gemm_kernel(
             T.call_llvm_pure_intrin(phadd, eight(acc, base + 2 * lanes), eight(acc, base + 3 * lanes), dtype="int32x8"),
             dtype="int32x8")
 
-    def xvec(xs, row, h, seg, step):
-        """The activation vector of GEMM row ``row``, plane ``h``, segment ``seg``, step ``step``."""
-        if tap_order:
-            return xs[row, step, h, T.ramp(0, 1, vec)]
-        if not direct:
-            return xs[row, h, T.ramp((seg * nbc + step) * vec, 1, vec)]
-        return xs[row // (oh * ow), (row // ow) % oh * sh + seg // conv.kw * dh, row % ow * sw + seg % conv.kw * dw, h,
-                  T.ramp(step * vec, 1, vec)]
-
-    def nibble(w, r, kk):
-        return T.bitwise_and(T.shift_right(w[r, kk // 2], T.Cast("uint8", kk % 2 * 4)), T.uint8(15))
-
-    xs_shape = (conv.batch, conv.height, conv.width, halves, conv.channels // halves) if direct else (m, halves, width)
-    if tap_order:
-        xs_shape = (m, nb, halves, vec)  # im2col rows in tap order, each step's columns split in halves
-        span = conv.kw * conv.channels  # contiguous channel-last activations per kernel row
-        cl_width = conv.width * conv.channels
-
-        def tap_column(j):
-            """The weight's own column of tap-order column ``j < k``."""
-            return (j % conv.channels * conv.kh + j // span) * conv.kw + j // conv.channels % conv.kw
-
-        def tap_code(w, r, j):
-            """Row ``r``'s code at tap-order column ``j`` (the 0 code past ``k``)."""
-            return T.if_then_else(j < k, nibble(w, r, tap_column(T.min(j, k - 1))), T.uint8(0))
-    zero_x = T.Cast(stage_dtype, 0)
-
-    table_byte, decode = ops.table_byte, ops.decode
-
     def result(sums, acc_total, row, col):
         """``float32(acc + bias) * scale`` for GEMM row ``row`` and weight row ``col``;
         ``sums``: (activation sums, bias, scale)."""
@@ -425,191 +702,118 @@ def gemm_kernel(
         total = acc_totals - T.broadcast(w_off * xsum[row], 4) if signed else acc_totals
         return T.Cast("float32x4", total + bias[T.ramp(col, 1, 4)]) * scale[T.ramp(col, 1, 4)]
 
-    def out_index(row, col):
-        if conv is None:
-            return row, col
-        return row // (oh * ow), col, (row // ow) % oh, row % ow
+    @T.macro
+    def store_tile(acc, red, out, xsum, bias, scale, task, tb, tt):
+        for mi in T.unroll(mt):
+            if quads:
+                for g in T.unroll(nt // 4):
+                    red[T.ramp(0, 1, 8)] = quad_sums(acc, (mi * nt + 4 * g) * lanes)
+                    if conv is None and row(task, tb, mi) < m and col(task, tt, 4 * g) + 4 <= n:
+                        # dense: the four outputs are contiguous, one vector epilogue
+                        out[row(task, tb, mi), T.ramp(col(task, tt, 4 * g), 1, 4)] = result4(
+                            (xsum, bias, scale), red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)], row(task, tb, mi),
+                            col(task, tt, 4 * g))
+                    else:
+                        for q in T.unroll(4):
+                            if row(task, tb, mi) < m and col(task, tt, 4 * g) + q < n:
+                                out[out_index(row(task, tb, mi), col(task, tt, 4 * g) + q)] = result(
+                                    (xsum, bias, scale), red[q] + red[q + 4], row(task, tb, mi),
+                                    col(task, tt, 4 * g) + q)
+            else:
+                for ni in T.unroll(nt):
+                    if row(task, tb, mi) < m and col(task, tt, ni) < n:
+                        out[out_index(row(task, tb, mi), col(task, tt, ni))] = result(
+                            (xsum, bias, scale), hsum(acc, (mi * nt + ni) * lanes), row(task, tb, mi),
+                            col(task, tt, ni))
 
-    # AVX2, decoded 4-bit rows: pair sums added in 16 bits over several steps (segments and
-    # steps in order) before one vpmaddwd widens them (PAIR_SUMS16): one multiply per 32
-    # products instead of two
-    sums16 = isa == "avx2" and packed and pre
+    return store_tile
 
-    def tile_operands(xs, wd, _, task, tb, tt, step, h, mi, ni):
-        """Activation row ``mi`` and weight row ``ni`` of a tile, plane ``h``, step ``step`` (of all segments)."""
-        return (xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, step // nbc, step % nbc),
-                wd[(task % n_chunks) * per_chunk + tt, step, ni, h, T.ramp(0, 1, vec)])
 
-    steps16 = _int16_steps(ops, segs * nbc, mt, nt, halves, lanes, tile_operands)
+def gemm_kernel(
+    m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
+    tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
+    predecode: Optional[bool] = None, direct_conv: Optional[bool] = None, tiled: bool = False,
+    taps_first: bool = False, cpu: Optional[str] = None,
+) -> tvm.tirx.PrimFunc:
+    """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
+    docstring) on x86.
+
+    ``levels``: the 16 int8 levels of a packed 4-bit scheme (weights ``[n, ceil(k/2)]`` uint8),
+    or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; on AVX2, where
+    ``vpmaddubsw`` would saturate on 8-bit products, as int16 pairs multiplied by ``vpmaddwd``:
+    half the products per instruction, for the 5% of rows that are 8-bit). Any ``k`` within the
+    integer bounds (:mod:`schedules.x86_bounds`): the reduction is padded to a
+    whole number of vector steps with zero weights (the 0 code is the 0 level).
+    ``predecode`` / ``direct_conv`` force the choices the kernel otherwise makes from the
+    shapes (rows decoded once per call; per-tap GEMMs instead of an im2col), for measuring.
+    ``tiled`` (dense only): the weights come already laid out by :func:`tile_weights` with the
+    kernel's ``rmsmp.weight_tiles`` attribute, so a tile's rows are one sequential stream.
+    ``taps_first`` (conv): where the per-tap GEMMs apply, the weights come already reordered
+    by :func:`taps_first_weights` (attribute ``rmsmp.weight_taps_first``), so the kernel does
+    not reorder them per call and takes that path whatever the shapes.
+    ``cpu``: the target's LLVM CPU name, for its row of :mod:`schedules.x86_tuning_table`
+    (None: the ISA's default row).
+
+    The kernel is assembled from :class:`_GemmPlan` (shapes and choices) and per-path macros:
+    weight fills (:func:`_gemm_weight_fills`), activation staging
+    (:func:`_gemm_activation_stages`), :func:`_gemm_predecode`, the register tile's MACs
+    (:func:`_gemm_mac_tile`) and its stores (:func:`_gemm_store_tile`).
+    """
+    if isa not in ("avx2", "avx512vnni"):
+        raise ValueError(f"gemm_kernel: unknown ISA {isa!r}")
+    if x_dtype not in ("uint8", "int8"):
+        raise ValueError(f"gemm_kernel: activations must be uint8 or int8, got {x_dtype}")
+    g = _GemmPlan(m, k, n, x_dtype, levels, isa, conv, tiles, vec, chunks, unroll_k, num_cores, predecode, direct_conv,
+                  tiled, taps_first, cpu)
+    fill_tap_order, fill_direct, fill_padded = _gemm_weight_fills(g)
+    stage, predecode_weights = _gemm_activation_stages(g), _gemm_predecode(g)
+    mac_tile, store_tile = _gemm_mac_tile(g), _gemm_store_tile(g)
+    mt, nt, lanes, vec, width, w_dtype, wd_shape, wd_dtype = g.mt, g.nt, g.lanes, g.vec, g.width, g.w_dtype, g.wd_shape, g.wd_dtype
+    n_chunks, per_chunk, per_block, m_tiles, n_tiles = g.n_chunks, g.per_chunk, g.per_block, g.m_tiles, g.n_tiles
+    signed, packed, pre, converts, tap_order, direct = g.signed, g.packed, g.pre, g.converts, g.tap_order, g.direct
+    laid_out_taps = g.taps_first or g.tap_laid_out
 
     @T.prim_func(private=True)
     def kernel(
-        x: T.Buffer(x_shape, x_dtype),
-        w: T.Buffer(w_shape, w_dtype),
+        x: T.Buffer(g.x_shape, x_dtype),
+        w: T.Buffer(g.w_shape, w_dtype),
         bias: T.Buffer((n,), "int32"),
         scale: T.Buffer((n,), "float32"),
-        out: T.Buffer(out_shape, "float32"),
+        out: T.Buffer(g.out_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
         # activations in `halves` planes (packed: even / odd codes), one row per GEMM row
         # (conv: im2col or channel-last planes); signed ones also summed per GEMM row
-        xs = T.alloc_buffer(xs_shape, stage_dtype)
+        xs = T.alloc_buffer(g.xs_shape, g.stage_dtype)
         if signed:
             xsum = T.alloc_buffer((m,), "int32")
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-        if taps_first or tap_laid_out:  # reordered at compile time
+        if laid_out_taps:  # reordered at compile time
             wp = T.decl_buffer((n, width), w_dtype, data=w.data)
-        elif tap_order:
-            # weights reordered to the im2col's tap order; packed: the low nibble of byte j of
-            # a step meets column j of its first half, the high nibble column j of the second
+        elif tap_order:  # weights reordered to the im2col's tap order
             wp = T.alloc_buffer((n, width), w_dtype)
-            for r, j in T.grid(n, width):
-                if packed:
-                    wp[r, j] = T.bitwise_or(tap_code(w, r, j // vec * 2 * vec + j % vec), T.shift_left(
-                        tap_code(w, r, j // vec * 2 * vec + vec + j % vec), T.uint8(4)))
-                else:
-                    wp[r, j] = T.if_then_else(
-                        j < k, w[r, T.min(j, k - 1) % conv.channels, T.min(j, k - 1) // span,
-                                 T.min(j, k - 1) // conv.channels % conv.kw], T.int8(0))
-        elif direct:
-            # weights reordered to (ky, kx, channel) per row: packed bytes pair channels 2j, 2j + 1
+            fill_tap_order(wp, w)
+        elif direct:  # weights reordered to (ky, kx, channel) per row
             wp = T.alloc_buffer((n, width), w_dtype)
-            for r, sg, j in T.grid(n, segs, conv.channels // halves):
-                if packed:
-                    wp[r, sg * (conv.channels // 2) + j] = T.bitwise_or(
-                        nibble(w, r, 2 * j * segs + sg), T.shift_left(nibble(w, r, (2 * j + 1) * segs + sg), T.uint8(4)))
-                else:
-                    wp[r, sg * conv.channels + j] = w[r, j, sg // conv.kw, sg % conv.kw]
-        elif pad_w and not tiled:
-            # weights staged once per call: zero columns up to the vector width (conv: a flat view)
+            fill_direct(wp, w)
+        elif g.pad_w and not g.tiled:  # weights staged once per call: zero columns up to the vector width
             wp = T.alloc_buffer((n, width), w_dtype)
-            for r in T.serial(n):
-                for j in range(width):
-                    if packed or conv is None:
-                        wp[r, j] = T.if_then_else(j < w_bytes, w[r, T.min(j, w_bytes - 1)], T.Cast(w_dtype, 0))
-                    else:
-                        wp[r, j] = T.if_then_else(
-                            j < k, w[r, T.min(j, k - 1) // (conv.kh * conv.kw), T.min(j, k - 1) // conv.kw % conv.kh,
-                                     T.min(j, k - 1) % conv.kw], T.Cast(w_dtype, 0))
-        elif tiled:  # laid out (and zero-padded) at compile time
-            wp = T.decl_buffer(w_shape, w_dtype, data=w.data)
+            fill_padded(wp, w)
+        elif g.tiled:  # laid out (and zero-padded) at compile time
+            wp = T.decl_buffer(g.w_shape, w_dtype, data=w.data)
         else:
             wp = T.decl_buffer((n, width), w_dtype, data=w.data)
-        if direct:
-            if signed:
-                psum = T.alloc_buffer((conv.batch, conv.height, conv.width), "int32")
-            else:
-                psum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
-            for by in T.parallel(conv.batch * conv.height):
-                for xx in T.serial(conv.width):
-                    for j in T.serial(conv.channels // halves):
-                        for h in T.unroll(halves):
-                            xs[by // conv.height, by % conv.height, xx, h, j] = T.Cast(stage_dtype, x[
-                                by // conv.height, j * halves + h, by % conv.height, xx])
-                    if signed:  # channel sums per input pixel; a GEMM row sums its taps' below
-                        psum[by // conv.height, by % conv.height, xx] = 0
-                        for c in T.serial(conv.channels):
-                            psum[by // conv.height, by % conv.height, xx] = (
-                                psum[by // conv.height, by % conv.height, xx]
-                                + T.Cast("int32", x[by // conv.height, c, by % conv.height, xx]))
-            if signed:
-                for bo in T.parallel(conv.batch * oh):
-                    for ox in T.serial(ow):
-                        xsum[bo * ow + ox] = 0
-                        for sg in T.serial(segs):
-                            xsum[bo * ow + ox] = xsum[bo * ow + ox] + psum[
-                                bo // oh, bo % oh * sh + sg // conv.kw * dh, ox * sw + sg % conv.kw * dw]
-        elif conv is None:
-            for i in T.serial(m) if m < 8 else T.parallel(m):  # a parallel launch costs more than a few rows
-                for j in range(width):
-                    for h in T.unroll(halves):
-                        if width * halves == k:
-                            xs[i, h, j] = T.Cast(stage_dtype, x[i, j * halves + h])
-                        else:
-                            xs[i, h, j] = T.if_then_else(j * halves + h < k,
-                                                         T.Cast(stage_dtype, x[i, T.min(j * halves + h, k - 1)]), zero_x)
-                if signed:
-                    xsum[i] = 0
-                    for j in T.serial(k):
-                        xsum[i] = xsum[i] + T.Cast("int32", x[i, j])
-        elif tap_order:
-            # activations channel-last ([image, y, (x, channel)]), then per pixel and kernel row
-            # one copy of its kw * C contiguous values
-            xcl = T.alloc_buffer((conv.batch, conv.height, cl_width), x_dtype)
-            cols = T.decl_buffer((m, nb * halves * vec), stage_dtype, data=xs.data)
-            for by in T.parallel(conv.batch * conv.height):
-                for xx in T.serial(conv.width):
-                    for c in T.unroll(conv.channels):
-                        xcl[by // conv.height, by % conv.height, xx * conv.channels + c] = x[
-                            by // conv.height, c, by % conv.height, xx]
-            for bo in T.parallel(conv.batch * oh):
-                vsum = T.alloc_buffer((vec,), "int32", scope="local")
-                for ox in T.serial(ow):
-                    for ky in T.unroll(conv.kh):
-                        for t in T.vectorized(span):
-                            cols[bo * ow + ox, ky * span + t] = T.Cast(stage_dtype, xcl[
-                                bo // oh, bo % oh * sh + ky * dh, ox * sw * conv.channels + t])
-                    if nb * halves * vec > k:
-                        for t in T.vectorized(nb * halves * vec - k):
-                            cols[bo * ow + ox, k + t] = zero_x
-                    if signed:
-                        vsum[T.ramp(0, 1, vec)] = T.broadcast(0, vec)
-                        for b in T.serial(nb * halves):
-                            vsum[T.ramp(0, 1, vec)] = vsum[T.ramp(0, 1, vec)] + T.Cast(
-                                f"int32x{vec}", cols[bo * ow + ox, T.ramp(b * vec, 1, vec)])
-                        xsum[bo * ow + ox] = hsum(vsum, 0, vec)
-        else:
-            # im2col in the weight's column order (contiguous stores), then (packed) the
-            # even / odd split as a second, vectorizable pass: writing the two planes directly
-            # from the gather measured 4x slower
-            if packed:
-                cols = T.alloc_buffer((m, width * halves), x_dtype)
-            else:
-                cols = T.decl_buffer((m, width), stage_dtype, data=xs.data)
-            for bo in T.parallel(conv.batch * oh):
-                for ox, c, ky, kx in T.grid(ow, conv.channels, conv.kh, conv.kw):
-                    cols[bo * ow + ox, (c * conv.kh + ky) * conv.kw + kx] = T.Cast(stage_dtype, x[
-                        bo // oh, c, bo % oh * sh + ky * dh, ox * sw + kx * dw])
-                if width * halves > k:
-                    for ox, j in T.grid(ow, width * halves - k):
-                        cols[bo * ow + ox, k + j] = zero_x
-                if signed:
-                    for ox in T.serial(ow):
-                        xsum[bo * ow + ox] = 0
-                        for j in T.serial(k):
-                            xsum[bo * ow + ox] = xsum[bo * ow + ox] + T.Cast("int32", cols[bo * ow + ox, j])
-                if packed:
-                    for ox, j in T.grid(ow, width):
-                        for h in T.unroll(halves):
-                            xs[bo * ow + ox, h, j] = cols[bo * ow + ox, j * halves + h]
+        stage(x, xs, xsum, bias)
         if pre:
-            # several activation tiles meet every weight vector: decode the 4-bit rows to int8
-            # planes (offset int8 rows, int16 pairs) once per call instead of once per tile in the
-            # MAC loop
             if converts:
                 wd = T.alloc_buffer(wd_shape, wd_dtype)
             else:  # unsigned activations meet int8 rows as they are
                 wd = T.decl_buffer(wd_shape, wd_dtype, data=wp.data)  # not read
-            for rc in T.parallel(pre_chunks):
-                table0 = T.alloc_buffer((vec,), "int8", scope="local")
-                if packed:
-                    for t in T.unroll(vec):
-                        table0[t] = table_byte(t)
-                for rr in range(pre_rows):
-                    if rc * pre_rows + rr < n_pad:  # rows past n repeat the last one (not stored)
-                        for b in T.serial(nb):
-                            if packed:
-                                wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = decode(
-                                    table0, wvec(wp, rc * pre_rows + rr, b), False)
-                                wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 1, T.ramp(0, 1, vec)] = decode(
-                                    table0, wvec(wp, rc * pre_rows + rr, b), True)
-                            elif converts:
-                                wd[(rc * pre_rows + rr) // nt, b, (rc * pre_rows + rr) % nt, 0, T.ramp(0, 1, vec)] = offset(
-                                    wvec(wp, rc * pre_rows + rr, b))
+            predecode_weights(wd, wp)
         else:
             wd = T.decl_buffer(wd_shape, wd_dtype, data=wp.data)  # not read
-        for task in T.parallel(tasks):
+        for task in T.parallel(g.tasks):
             # local buffers in a parallel loop are heap workspaces: allocate once per task
             acc = T.alloc_buffer((mt * nt * lanes,), "int32", scope="local")
             acc16 = T.alloc_buffer((mt * nt * 16,), "int16", scope="local")
@@ -617,84 +821,43 @@ def gemm_kernel(
             table = T.alloc_buffer((vec,), "int8", scope="local")
             if packed:
                 for t in T.unroll(vec):
-                    table[t] = table_byte(t)
+                    table[t] = g.ops.table_byte(t)
             for tb in range(per_block):
                 for tt in range(per_chunk):
                     if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
                         for a in T.unroll(mt * nt * lanes):
                             acc[a] = 0
-                        if sums16:
-                            steps16(xs, wd, wd, acc, acc16, task, tb, tt)
-                        else:
-                            for sg in T.serial(segs):
-                              for b in T.unroll(nbc) if unroll_k else T.serial(nbc):  # noqa: E111
-                                for ni in T.unroll(nt):
-                                    if pre and converts:
-                                        for mi in T.unroll(mt):
-                                            for h in T.unroll(halves):
-                                                acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
-                                                    acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                                    xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, sg, b),
-                                                    wd[(task % n_chunks) * per_chunk + tt, sg * nbc + b, ni, h, T.ramp(0, 1, vec)])
-                                    elif packed:
-                                        wv = wvec(wp, ((task % n_chunks) * per_chunk + tt) * nt + ni, sg * nbc + b)
-                                        dlo = decode(table, wv, False)
-                                        dhi = decode(table, wv, True)
-                                        for mi in T.unroll(mt):
-                                            acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
-                                                mac(acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                                    xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), dlo),
-                                                xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 1, sg, b), dhi)
-                                    else:
-                                        wv8 = offset(wvec(wp, ((task % n_chunks) * per_chunk + tt) * nt + ni, sg * nbc + b))
-                                        for mi in T.unroll(mt):
-                                            acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)] = mac(
-                                                acc[T.ramp((mi * nt + ni) * lanes, 1, lanes)],
-                                                xvec(xs, T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), 0, sg, b), wv8)
-                        for mi in T.unroll(mt):
-                            if quads:
-                                for g in T.unroll(nt // 4):
-                                    red[T.ramp(0, 1, 8)] = quad_sums(acc, (mi * nt + 4 * g) * lanes)
-                                    if (conv is None and ((task // n_chunks) * per_block + tb) * mt + mi < m
-                                            and ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + 4 <= n):
-                                        # dense: the four outputs are contiguous, one vector epilogue
-                                        out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                            T.ramp(((task % n_chunks) * per_chunk + tt) * nt + 4 * g, 1, 4)] = result4(
-                                            (xsum, bias, scale), red[T.ramp(0, 1, 4)] + red[T.ramp(4, 1, 4)],
-                                            ((task // n_chunks) * per_block + tb) * mt + mi,
-                                            ((task % n_chunks) * per_chunk + tt) * nt + 4 * g)
-                                    else:
-                                        for q in T.unroll(4):
-                                            if (((task // n_chunks) * per_block + tb) * mt + mi < m
-                                                    and ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + q < n):
-                                                out[out_index(((task // n_chunks) * per_block + tb) * mt + mi,
-                                                              ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + q)] = result(
-                                                    (xsum, bias, scale), red[q] + red[q + 4],
-                                                    ((task // n_chunks) * per_block + tb) * mt + mi,
-                                                    ((task % n_chunks) * per_chunk + tt) * nt + 4 * g + q)
-                            else:
-                                for ni in T.unroll(nt):
-                                    if (((task // n_chunks) * per_block + tb) * mt + mi < m
-                                            and ((task % n_chunks) * per_chunk + tt) * nt + ni < n):
-                                        out[out_index(((task // n_chunks) * per_block + tb) * mt + mi,
-                                                      ((task % n_chunks) * per_chunk + tt) * nt + ni)] = result(
-                                            (xsum, bias, scale), hsum(acc, (mi * nt + ni) * lanes), ((task // n_chunks) * per_block + tb) * mt + mi,
-                                            ((task % n_chunks) * per_chunk + tt) * nt + ni)
+                        mac_tile(acc, acc16, table, xs, wd, wp, task, tb, tt)
+                        store_tile(acc, red, out, xsum, bias, scale, task, tb, tt)
 
     if tiled:
         kernel = kernel.with_attr(contract.WEIGHT_TILES, [nt, vec])
-    if taps_first:
+    if g.taps_first:
         kernel = kernel.with_attr(contract.WEIGHT_TAPS_FIRST, [conv.channels, conv.kh, conv.kw])
-    if tap_laid_out:
+    if g.tap_laid_out:
         kernel = kernel.with_attr(contract.WEIGHT_TAP_ORDER, [conv.channels, conv.kh, conv.kw, vec])
     return kernel
 
 
-
 #: AVX2 byte MACs (4-bit levels): ``vpmaddubsw`` pair sums that add up in int16 before one
 #: ``vpmaddwd`` widens them. A pair sum is within ``2 * 255 * [-8, 8]`` (unsigned activations)
-#: or ``2 * [-128, 127] * [0, 16]`` (signed ones, offset levels), so eight stay within int16.
+#: or ``2 * [-128, 127] * [0, 16]`` (signed ones, offset levels), so eight stay within int16
+#: (the signed ones reach exactly -32768): checked here for the level bound, and per kernel for
+#: its levels (:mod:`schedules.x86_bounds`).
 PAIR_SUMS16 = 8
+check_pair_sums16(PAIR_SUMS16)
+
+
+def _check_bounds(kernel: str, k: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, w_off: int,
+                  pairs: bool, sums16: bool) -> None:
+    """:func:`~schedules.x86_bounds.check_accumulators` for a byte-MAC kernel: activations
+    ``x_dtype`` (the signed MAC operand when ``w_off``, the weights then offset by it), weights
+    the 4-bit ``levels`` or int8 rows (None); AVX2 byte MACs sum pairs in int16 (``sums16``:
+    :data:`PAIR_SUMS16` of them), int8 rows on AVX2 are int16 pairs (``pairs``, ``vpmaddwd``)."""
+    x, w = activation_range(x_dtype), operand_range(levels, w_off)
+    int16_pairs = (PAIR_SUMS16 if sums16 else 1) if isa == "avx2" and not pairs else 0
+    check_accumulators(kernel, k, x, w, describe(x_dtype, levels, x, w), offset=w_off, int16_pairs=int16_pairs,
+                       wide_pairs=pairs)
 
 
 def _int16_steps(ops: "_VectorOps", steps: int, rows: int, cols: int, halves: int, lanes: int, operands):
@@ -737,8 +900,11 @@ def _broadcast_tiles(isa: str) -> Tuple[int, int]:
 
 
 #: Fewest activation rows for which :func:`broadcast_dense_kernel` beats :func:`gemm_kernel`
-#: (1.05x at 8 rows, 1.13x at 64, 1.10x at 128; 1 x 768 x 1843 SP2 rows, one thread).
-BROADCAST_MIN_ROWS = 8
+#: (1.05x at 8 rows, 1.13x at 64, 1.10x at 128; 1 x 768 x 1843 SP2 rows, one thread): the
+#: default rows' ``broadcast_min_rows`` (:mod:`schedules.x86_tuning_table`; a target's own row
+#: through :func:`~schedules.x86_tuning_table.x86_constants`).
+BROADCAST_MIN_ROWS = X86_CONSTANTS["default-avx512vnni"]["broadcast_min_rows"]
+assert BROADCAST_MIN_ROWS == X86_CONSTANTS["default-avx2"]["broadcast_min_rows"]
 
 
 class _OuterProductGemm:
@@ -747,11 +913,8 @@ class _OuterProductGemm:
     chunk of weights (``[tile, step, plane, rows * 4]`` int8, the MAC's operand as it is).
     Register tiles past the last 8-row block of weights read it again; they are never stored."""
 
-    #: bytes of prepared weights per chunk of register tiles (kept in L2)
-    L2_CHUNK = 96 * 1024
-
     def __init__(self, m: int, k: int, n: int, x_dtype: str, isa: str, halves: int, w_bytes: int, ops: _VectorOps,
-                 tiles, num_cores: int, pairs: bool = False):
+                 tiles, num_cores: int, pairs: bool = False, cpu: Optional[str] = None):
         self.m, self.k, self.n, self.x_dtype, self.halves, self.pairs = m, k, n, x_dtype, halves, pairs
         # pairs: int8 rows on AVX2 as int16 pairs (vpmaddwd): exact without offsets or sums
         self.signed = x_dtype == "int8" and not pairs
@@ -765,8 +928,10 @@ class _OuterProductGemm:
         self.rows = self.ntv * 8  # weight rows per register tile
         self.m_tiles, self.n_tiles = -(-m // self.mt), -(-n // self.rows)
         cores = max(1, num_cores)
-        # a chunk of weight tiles stays in L2 while the activation tiles pass over it
-        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, self.L2_CHUNK // (self.rows * self.steps * 4 * halves)))
+        # a chunk of weight tiles (bytes of prepared weights: ``l2_chunk_bytes`` of the CPU's
+        # constants) stays in L2 while the activation tiles pass over it
+        l2_chunk = constants_for(isa, cpu)["l2_chunk_bytes"]
+        self.per_chunk = max(1, min((self.n_tiles + 1) // 2, l2_chunk // (self.rows * self.steps * 4 * halves)))
         self.n_chunks = -(-self.n_tiles // self.per_chunk)
         m_blocks = max(1, min(self.m_tiles, -(-4 * cores // self.n_chunks)))
         self.per_block = -(-self.m_tiles // m_blocks)
@@ -804,28 +969,16 @@ class _OuterProductGemm:
         each task prepares its own chunk right before its MACs, so the chunk is still in L2
         when they read it (decoding the whole layer first, 2.4 MB at 768 x 3072, left it in L3:
         7% of that GEMM). None: ``w0`` (``[blocks8, steps, 32]``) is read as it is."""
-        m, n, mt, ntv, rows, halves = self.m, self.n, self.mt, self.ntv, self.rows, self.halves
+        m, mt, ntv, halves = self.m, self.mt, self.ntv, self.halves
         steps, m_tiles, n_tiles, blocks8 = self.steps, self.m_tiles, self.n_tiles, self.blocks8
         per_chunk, per_block, n_chunks, tasks = self.per_chunk, self.per_block, self.n_chunks, self.tasks
-        signed, w_off = self.signed, self.ops.w_off
 
         def mac(acc, word, wv):
             """``acc`` plus the products of an activation word (broadcast) and a weight vector."""
             if not self.pairs:
                 return self.ops.mac(acc, T.reinterpret(word, dtype="int8x32"), wv)
             return self.ops.mac(acc, T.reinterpret(word, dtype="int16x16"), T.reinterpret(wv, dtype="int16x16"))
-        chunk_shape = (per_chunk, steps, halves, rows * 4)
-
-        def offset_sum(acc, xsum, row, lanes=8):
-            """The integer sums of ``row``'s products with the weights as stored (``acc`` less
-            the offset's share, see :class:`_VectorOps`)."""
-            if not signed:
-                return acc
-            return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
-
-        def epilogue(acc, xsum, bias, scale, row, col):
-            """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
-            return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+        chunk_shape = (per_chunk, steps, halves, self.rows * 4)
 
         def weights(wc, w0, task, tt, step, h, v):
             """The 8-row weight vector ``v`` of the task's register tile ``tt``, plane ``h``."""
@@ -845,6 +998,7 @@ class _OuterProductGemm:
             return (T.reinterpret(x_word(xs4, task, tb, mi, h, step), dtype="int8x32"), weights(wc, w0, task, tt, step, h, v))
 
         steps16 = _int16_steps(self.ops, steps, mt, ntv, halves, 8, tile_operands)
+        store_tile = self.store()
 
         @T.macro
         def multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3):
@@ -872,25 +1026,52 @@ class _OuterProductGemm:
                                                 acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = mac(
                                                     acc[T.ramp((mi * ntv + v) * 8, 1, 8)], x_word(xs4, task, tb, mi, h, b),
                                                     weights(wc, w0, task, tt, b, h, v))
-                            for mi, v in T.grid(mt, ntv):
-                                if ((task // n_chunks) * per_block + tb) * mt + mi < m:
-                                    if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + 8 <= n:
-                                        out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                            T.ramp(((task % n_chunks) * per_chunk + tt) * rows + v * 8, 1, 8)] = epilogue(
-                                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale,
-                                            ((task // n_chunks) * per_block + tb) * mt + mi,
-                                            ((task % n_chunks) * per_chunk + tt) * rows + v * 8)
-                                    else:  # the last rows
-                                        for q in T.serial(8):
-                                            if ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q < n:
-                                                out[((task // n_chunks) * per_block + tb) * mt + mi,
-                                                    ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q] = T.Cast(
-                                                    "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum,
-                                                                          ((task // n_chunks) * per_block + tb) * mt + mi, 1)
-                                                    + bias[((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]) * scale[
-                                                    ((task % n_chunks) * per_chunk + tt) * rows + v * 8 + q]
+                            store_tile(acc, xsum, bias, scale, out, task, tb, tt)
 
         return multiply
+
+    def store(self):
+        """Macro ``store_tile(acc, xsum, bias, scale, out, task, tb, tt)``: a register tile's
+        outputs, ``float32(acc - w_off * xsum + bias) * scale``, eight per vector store; the
+        last rows one by one, rows and columns past the end not stored."""
+        m, n, mt, ntv, rows = self.m, self.n, self.mt, self.ntv, self.rows
+        per_chunk, per_block, n_chunks = self.per_chunk, self.per_block, self.n_chunks
+        signed, w_off = self.signed, self.ops.w_off
+
+        def row(task, tb, mi):
+            """GEMM row of activation row ``mi`` of the task's activation tile ``tb``."""
+            return ((task // n_chunks) * per_block + tb) * mt + mi
+
+        def col(task, tt, v):
+            """First output of the 8-row weight vector ``v`` of the task's register tile ``tt``."""
+            return ((task % n_chunks) * per_chunk + tt) * rows + v * 8
+
+        def offset_sum(acc, xsum, row, lanes=8):
+            """The integer sums of ``row``'s products with the weights as stored (``acc`` less
+            the offset's share, see :class:`_VectorOps`)."""
+            if not signed:
+                return acc
+            return acc - (T.broadcast(w_off * xsum[row], lanes) if lanes > 1 else w_off * xsum[row])
+
+        def epilogue(acc, xsum, bias, scale, row, col):
+            """``float32(acc + bias) * scale`` of eight int32 sums, outputs ``col`` on of ``row``."""
+            return T.Cast("float32x8", offset_sum(acc, xsum, row) + bias[T.ramp(col, 1, 8)]) * scale[T.ramp(col, 1, 8)]
+
+        @T.macro
+        def store_tile(acc, xsum, bias, scale, out, task, tb, tt):
+            for mi, v in T.grid(mt, ntv):
+                if row(task, tb, mi) < m:
+                    if col(task, tt, v) + 8 <= n:
+                        out[row(task, tb, mi), T.ramp(col(task, tt, v), 1, 8)] = epilogue(
+                            acc[T.ramp((mi * ntv + v) * 8, 1, 8)], xsum, bias, scale, row(task, tb, mi), col(task, tt, v))
+                    else:  # the last rows
+                        for q in T.serial(8):
+                            if col(task, tt, v) + q < n:
+                                out[row(task, tb, mi), col(task, tt, v) + q] = T.Cast(
+                                    "float32", offset_sum(acc[(mi * ntv + v) * 8 + q], xsum, row(task, tb, mi), 1)
+                                    + bias[col(task, tt, v) + q]) * scale[col(task, tt, v) + q]
+
+        return store_tile
 
     def gemm(self, prepare):
         """Macro ``gemm(x, bias, scale, out, w0, w1, w2, w3)``: the activations staged, then
@@ -921,6 +1102,7 @@ def _check_outer_product(who: str, isa: str, x_dtype: str) -> None:
 
 def broadcast_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, tiles=None, num_cores: int = 1,
+    cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense for many activation rows, as outer products: each MAC multiplies one
     activation's four bytes, broadcast, by the same four bytes of eight weight rows, so an
@@ -944,8 +1126,9 @@ def broadcast_dense_kernel(
     signed = x_dtype == "int8" and not pairs
     halves = 2 if packed else 1
     ops = _VectorOps(isa, 16 if pairs else 32, signed, levels, pairs=pairs)  # pairs: 16 int16 per vector
+    _check_bounds("broadcast_dense_kernel", k, x_dtype, levels, isa, ops.w_off, pairs, isa == "avx2" and not pairs)
     g = _OuterProductGemm(m, k, n, x_dtype, isa, halves, (k + 1) // 2 if packed else k, ops, tiles, num_cores,
-                          pairs=pairs)
+                          pairs=pairs, cpu=cpu)
     steps, blocks8, ntv, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.per_chunk, g.n_tiles
     w_dtype = "uint8" if packed else "int8"
     step_bytes = 16 if pairs else 32  # an 8-row block's stored bytes per step
@@ -994,7 +1177,7 @@ def broadcast_dense_kernel(
 
 def layer_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int, tiles=None,
-    num_cores: int = 1, vbmi: bool = False,
+    num_cores: int = 1, vbmi: bool = False, cpu: Optional[str] = None,
 ) -> tvm.tirx.PrimFunc:
     """A whole quantized dense layer on AVX-512 VNNI, every row group in one outer-product GEMM
     whose outputs come in the order the graph wants them (the model's row order, or the order
@@ -1019,8 +1202,9 @@ def layer_dense_kernel(
     signed = x_dtype == "int8"
     w_off = 128 if signed else 0
     tables = [_VectorOps("avx512vnni", 32, signed, levels, w_off=w_off) for levels in table_levels]
+    layer_dense_bounds(k, x_dtype, table_levels, n_int8)
     table_a, table_b = tables[0], tables[-1]
-    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores)
+    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores, cpu=cpu)
     steps, blocks8, ntv, rows, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.rows, g.per_chunk, g.n_tiles
     rows8 = max(n_int8, 1)
 
@@ -1083,6 +1267,18 @@ def layer_dense_kernel(
         gemm(x, bias, scale, out, wp, kinds, w8, cols8)
 
     return kernel
+
+
+def layer_dense_bounds(k: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int) -> None:
+    """Refuse (:class:`~schedules.x86_bounds.KernelBoundError`) a :func:`layer_dense_kernel`
+    whose int32 sums could overflow: one int8 matrix of every table's levels and the int8 rows,
+    all offset by 128 for signed activations (``vpdpbusd``)."""
+    w_off = 128 if x_dtype == "int8" else 0
+    four = [int(v) for lv in table_levels for v in lv] or [0]
+    x, w = activation_range(x_dtype), operand_range(four + ([-128, 127] if n_int8 else []), w_off)
+    what = (f"{x_dtype} activations x 4-bit levels {min(four)}..{max(four)}"
+            f"{' and int8 rows -128..127' if n_int8 else ''} (MAC operands {list(x)} x {list(w)})")
+    check_accumulators("layer_dense_kernel", k, x, w, what, offset=w_off)
 
 
 def layer_weights(order: Sequence[Tuple[int, int]], groups: Sequence[np.ndarray], table_of_group: Sequence[int],

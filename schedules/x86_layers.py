@@ -19,6 +19,7 @@ three kernel launches. The kernel:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,33 +31,63 @@ from relay_passes import contract
 from relay_passes.contract import DenseLayer, LayerKernels
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
+from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_gemv import (
     INT8,
     LINEAR,
+    GemvLayout,
     block_pairs,
+    gemv_layer_bounds,
     gemv_layer_kernel,
     gemv_layer_weights,
     gemv_max_rows,
 )
-from .x86_intrin import layer_dense_kernel, layer_weights, x86_isa
+from .x86_intrin import layer_dense_bounds, layer_dense_kernel, layer_weights, x86_isa
+from .x86_tuning_table import target_cpu
 
 __all__ = ["x86_layer_kernels"]
 
 
-def _accepts(layer: DenseLayer, max_rows: Optional[int]) -> bool:
+def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional[str]) -> bool:
     """Whether one x86 layer kernel computes ``layer``: packed 4-bit groups of at most two
     decode tables, int8 fixed-point groups, int8/uint8 activations, at most ``max_rows``
-    activation rows (None: any)."""
+    activation rows (None: any), a reduction within the kernel's integer bounds."""
     tables = {scheme for (scheme, _, _, _), packed in zip(layer.groups, layer.packed) if packed}
     for (scheme, w, _, _), packed in zip(layer.groups, layer.packed):
         if not packed and (get_scheme(scheme).kind != "fixed" or w.dtype != np.int8):
             return False  # unpacked SP2 codes
     if len(tables) > 2 or layer.x_dtype not in ("uint8", "int8"):
         return False
-    return max_rows is None or layer.x_shape[0] <= max_rows
+    return (max_rows is None or layer.x_shape[0] <= max_rows) and _within_bounds(layer, isa, cpu)
 
 
-def _gemv_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool):
+def _within_bounds(layer: DenseLayer, isa: str, cpu: Optional[str]) -> bool:
+    """Whether the layer kernel's integer sums fit for this layer's reduction length
+    (:mod:`schedules.x86_bounds`); if not, a warning, and the row groups keep their own kernels
+    (which fall back to the portable schedule the same way)."""
+    m, k = (int(d) for d in layer.x_shape)
+    levels = [nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
+              for (scheme, _, _, _), packed in zip(layer.groups, layer.packed)]
+    tables = list(dict.fromkeys(g[0] for g, lv in zip(layer.groups, levels)
+                                if lv is not None and not (lv.min() >= -8 and lv.max() <= 7)))
+    try:
+        if m <= gemv_max_rows(isa, cpu):
+            linear = any(lv is not None and lv.min() >= -8 and lv.max() <= 7 for lv in levels)
+            layout = GemvLayout(k, 1, int(linear), (1,) * len(tables), int(any(lv is None for lv in levels)),
+                                vec=64 if isa == "avx512vnni" else 32)
+            gemv_layer_bounds(layout, layer.x_dtype, [levels[[g[0] for g in layer.groups].index(t)] for t in tables])
+        else:
+            layer_dense_bounds(k, layer.x_dtype, [lv for lv in levels if lv is not None],
+                               sum(lv is None for lv in levels))
+    except KernelBoundError as err:
+        warnings.warn(f"dense layer {m}x{k}: {err}; its row groups keep their own kernels", KernelBoundWarning,
+                      stacklevel=2)
+        return False
+    return True
+
+
+def _gemv_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool,
+                cpu: Optional[str]):
     """:func:`_build` for a few activation rows: :func:`~schedules.x86_gemv.gemv_layer_kernel`."""
     schemes = [g[0] for g in layer.groups]
     levels = [nibble_decode(np.arange(16), get_scheme(s)) if w.dtype == np.uint8 else None
@@ -77,12 +108,12 @@ def _gemv_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int,
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int64)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
     gemv, w4, w8, dest, bias, scale = gemv_layer_weights(order, [g[1] for g in layer.groups], kinds, levels, bias,
-                                                         scale, k, x_dtype, pairs=block_pairs(m, isa), isa=isa)
+                                                         scale, k, x_dtype, pairs=block_pairs(m, isa, cpu), isa=isa)
     key = ("gemv", m, gemv, x_dtype, tuple(schemes), tuple(tables))
 
     def make():
         kernel = gemv_layer_kernel(gemv, x_dtype, [levels[schemes.index(s)] for s in tables], vbmi=vbmi,
-                                   num_cores=cores, m=m)
+                                   num_cores=cores, m=m, cpu=cpu)
         return _with_attrs(kernel, schemes, f"x86-{isa}-gemv")
 
     consts = [(w4, "uint8"), (w8, "int8"), (dest, "int32"), (bias, "int32"), (scale, "float32")]
@@ -97,12 +128,13 @@ def _with_attrs(kernel: tvm.tirx.PrimFunc, schemes: Sequence[str], cpu_kernel: s
     return kernel
 
 
-def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool):
+def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool,
+           cpu: Optional[str]):
     """The layer kernel producing output row ``c`` from ``order[c]`` (``LayerKernels.build``).
     Layers of the same shape and schemes share one kernel: their weights are arguments, so
     MiniLM-L6's 36 dense layers build 3 kernels."""
-    if layer.x_shape[0] <= gemv_max_rows(isa):
-        return _gemv_build(layer, order, cores, isa, vbmi)
+    if layer.x_shape[0] <= gemv_max_rows(isa, cpu):
+        return _gemv_build(layer, order, cores, isa, vbmi, cpu)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(g[0] for g, packed in zip(layer.groups, layer.packed) if packed))
     table_of_group = [tables.index(g[0]) if packed else -1 for g, packed in zip(layer.groups, layer.packed)]
@@ -116,7 +148,7 @@ def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa:
 
     def make():
         levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
-        kernel = layer_dense_kernel(m, k, n, x_dtype, levels, n_int8, num_cores=cores, vbmi=vbmi)
+        kernel = layer_dense_kernel(m, k, n, x_dtype, levels, n_int8, num_cores=cores, vbmi=vbmi, cpu=cpu)
         return _with_attrs(kernel, schemes, "x86-avx512vnni-layer")
 
     consts = [(codes, "uint8"), (kinds, "uint8"), (w8, "int8"), (cols8, "int32"), (bias, "int32"), (scale, "float32")]
@@ -128,8 +160,9 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
     isa = x86_isa(target)
     if isa not in ("avx512vnni", "avx2"):
         return None
-    max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa)
+    cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
+    max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa, cpu)
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     vbmi = target_has_features("avx512vbmi", target)
-    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows),
-                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi))
+    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu),
+                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu))
