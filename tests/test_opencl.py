@@ -20,6 +20,24 @@ MALI = {"kind": "opencl", "device": "mali", "host": {"kind": "llvm"}}
 needs_pocl = needs_opencl()  # the skip message says why there is no OpenCL device
 
 
+def test_opencl_status_says_why_there_is_no_device(monkeypatch):
+    """The OpenCL tests' skip reason is the actual failure, not a generic guess."""
+    import conftest
+    from tvm_rmsmp.runtime import opencl
+
+    def no_platform():
+        raise opencl.OpenCLUnavailable("no OpenCL platform: clGetPlatformIDs failed")
+
+    def broken():
+        raise RuntimeError("context creation failed")
+
+    monkeypatch.setattr(opencl, "opencl_context", no_platform)
+    assert conftest.opencl_status.__wrapped__() == (False, "no OpenCL platform: clGetPlatformIDs failed")
+    monkeypatch.setattr(opencl, "opencl_context", broken)
+    usable, why = conftest.opencl_status.__wrapped__()
+    assert not usable and why.endswith("RuntimeError: context creation failed")
+
+
 def _scheduled(op, scheme, xs, act, ws, conv=None, target=MALI, packed=False):
     target = rmsmp.resolve_target(target)
     f = row_group_func(op, "t", scheme, xs, act, ws, conv, packed=packed)
