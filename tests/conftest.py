@@ -19,9 +19,9 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 try:  # hypothesis: print the failing example's reproduction blob; HYPOTHESIS_PROFILE=ci derandomizes
     from hypothesis import settings as _hyp_settings
 
-    _hyp_settings.register_profile("default", print_blob=True)
+    _hyp_settings.register_profile("rmsmp", print_blob=True)
     _hyp_settings.register_profile("ci", print_blob=True, derandomize=True)
-    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rmsmp"))
 except ImportError:  # pragma: no cover
     pass
 
