@@ -115,7 +115,8 @@ def _extract_libs(wheels: dict, lib_dir: str) -> None:
 
 
 def prepare() -> str:
-    """The path of a built runner (cached); raises :class:`Unavailable` with the reason."""
+    """The path of a built runner (cached); raises :class:`Unavailable` with the reason where a
+    tool or the wheels are missing, RuntimeError where the runner does not build."""
     why = missing_tools()
     if why:
         raise Unavailable(why)
@@ -132,8 +133,8 @@ def prepare() -> str:
         cmd = [CROSS_CXX, "-std=c++17", "-O1", "-I", include, "-o", tmp, RUNNER_SOURCE, "-L", lib_dir,
                "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/lib"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise Unavailable(f"building the AArch64 runner failed: {proc.stderr.strip()[-1500:]}")
+        if proc.returncode != 0:  # the tools are there: a broken runner is a failure, not a skip
+            raise RuntimeError(f"building the AArch64 runner failed: {proc.stderr.strip()[-1500:]}")
         os.replace(tmp, runner)
     return runner
 
