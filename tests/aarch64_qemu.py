@@ -11,6 +11,7 @@ calls it); the test fixture does the same on first use.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -121,6 +122,13 @@ def prepare() -> str:
     if why:
         raise Unavailable(why)
     root = cache_dir()
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:  # pytest -n: one worker prepares, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(root)
+
+
+def _prepare_locked(root: str) -> str:
     lib_dir = os.path.join(root, "lib")
     if not all(os.path.exists(os.path.join(lib_dir, n)) for n in RUNTIME_LIBS):
         _extract_libs(_download_wheels(os.path.join(root, "wheels")), lib_dir)
