@@ -62,7 +62,7 @@ def test_nothing_to_tune_where_every_group_has_a_fixed_kernel(tmp_path):
 
 
 def test_corrupt_and_torn_records(tmp_path):
-    from tvm_rmsmp.compiler.tuning import _check_records
+    from tvm_rmsmp.compiler.records import check_records as _check_records
 
     good = json.dumps([0, [[], []]])
     (tmp_path / "database_tuning_record.json").write_text(good + "\n{broken\n" + good + "\n")
