@@ -33,6 +33,20 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null; then
         echo "[setup] installing g++-aarch64-linux-gnu (apt)"
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             g++-aarch64-linux-gnu) >/dev/null || echo "[setup] warning: no AArch64 cross compiler; cross-export tests will be skipped" >&2
+    else
+        echo "[setup] warning: no aarch64-linux-gnu-g++ and not root; run: apt-get install g++-aarch64-linux-gnu" >&2
+    fi
+fi
+
+# qemu-user: runs the cross-exported AArch64 libraries here (tests/test_cross.py, with the
+# AArch64 TVM runtime from the pinned wheels; tests/aarch64_qemu.py).
+if ! command -v qemu-aarch64 >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing qemu-user (apt)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            qemu-user) >/dev/null || echo "[setup] warning: qemu-user install failed; the AArch64 run test will be skipped" >&2
+    else
+        echo "[setup] warning: no qemu-aarch64; install qemu-user to run the AArch64 libraries in the tests" >&2
     fi
 fi
 
@@ -52,3 +66,9 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
+
+# The AArch64 TVM runtime (from the pinned packages' aarch64 wheels) and the VM runner the
+# AArch64 test runs under qemu, built once into ~/.cache/tvm-rmsmp (the test would do it too).
+if command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null; then
+    "$VPY" tests/aarch64_qemu.py >/dev/null || echo "[setup] warning: AArch64 runner not prepared; the AArch64 run test will retry or skip" >&2
+fi

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 import warnings
+import zlib
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -11,6 +15,34 @@ import torch
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+try:  # hypothesis: print the failing example's reproduction blob; HYPOTHESIS_PROFILE=ci derandomizes
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("rmsmp", print_blob=True)
+    _hyp_settings.register_profile("ci", print_blob=True, derandomize=True)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rmsmp"))
+except ImportError:  # pragma: no cover
+    pass
+
+
+def stable_seed(*parts) -> int:
+    """A seed from ``parts`` (ints, strings, tuples of them) that is the same in every process.
+
+    Not ``hash(...)``: string hashing is randomized per process (PYTHONHASHSEED), so a failure
+    seeded that way could not be reproduced."""
+    return zlib.crc32(repr(parts).encode())
+
+
+@pytest.fixture(autouse=True)
+def _stable_global_rng(request):
+    """Seed torch's, numpy's and ``random``'s global generators from the test's id before each
+    test: weights of models built in a test and unseeded ``torch.randn`` calls no longer depend
+    on which tests ran before in the same process (test order, ``-k``, ``-n``)."""
+    seed = stable_seed(request.node.nodeid)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def tunable_cpu_target():
@@ -105,15 +137,37 @@ def host_target():
     return resolve_target("llvm")
 
 
-def opencl_available() -> bool:
-    """True if an OpenCL device (PoCL here) and pyopencl are usable."""
+@functools.lru_cache(maxsize=None)
+def opencl_status() -> Tuple[bool, str]:
+    """``(usable, why)``: whether an OpenCL device (PoCL here) and pyopencl are usable, and
+    the device found or the reason there is none (checked once per process)."""
     try:
-        from tvm_rmsmp.runtime.opencl import opencl_context
+        from tvm_rmsmp.runtime.opencl import OpenCLUnavailable, opencl_context
+    except Exception as err:  # noqa: BLE001 - reported, not swallowed: the skip says it
+        return False, f"tvm_rmsmp.runtime.opencl does not import: {type(err).__name__}: {err}"
+    try:
+        _, _, device = opencl_context()
+    except OpenCLUnavailable as err:
+        return False, str(err)
+    except Exception as err:  # noqa: BLE001 - e.g. a pyopencl error creating the context
+        return False, f"creating an OpenCL context failed: {type(err).__name__}: {err}"
+    return True, f"OpenCL device {device.name!r}"
 
-        opencl_context()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+
+def opencl_available() -> bool:
+    """True if an OpenCL device and pyopencl are usable; :func:`opencl_skip_reason` says why not."""
+    return opencl_status()[0]
+
+
+def opencl_skip_reason() -> str:
+    """The skip message for OpenCL tests: why no OpenCL device is usable."""
+    usable, why = opencl_status()
+    return f"no usable OpenCL device: {why}" if not usable else "OpenCL is available"
+
+
+def needs_opencl():
+    """``pytest.mark.skipif`` for tests that run OpenCL kernels, with the reason in the message."""
+    return pytest.mark.skipif(not opencl_available(), reason=opencl_skip_reason())
 
 
 def run_tutorial(name: str, *args: str):

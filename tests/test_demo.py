@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import opencl_available, run_tutorial
+from conftest import needs_opencl, run_tutorial
 from tvm_rmsmp.models.data import FASHION_MNIST_DIR
 
 needs_data = pytest.mark.skipif(
@@ -38,7 +38,7 @@ def test_quickstart_tutorial_runs(tmp_path):
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.skipif(not opencl_available(), reason="no OpenCL device (apt-get install pocl-opencl-icd)")
+@needs_opencl()
 def test_mobile_gpu_tutorial_runs(tmp_path):
     out = run_tutorial("deploy_mobile_gpu.py", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
