@@ -98,7 +98,7 @@ def test_rewrite_row_groups_splits_by_scheme():
                 g0 = R.call_tir(cls.rmsmp_dense_fc_sp2_4, (xq, w_sp2, b_sp2, s_sp2), out_ty=R.Tensor((2, 1), "float32"))
                 g1 = R.call_tir(cls.rmsmp_dense_fc_fixed_4, (xq, w_fx, b_fx, s_fx), out_ty=R.Tensor((2, 2), "float32"))
                 c = R.concat((g0, g1), axis=1)
-                y = R.take(c, inverse, axis=1)
+                y = R.take(c, inverse, axis=1, mode="clip")
                 R.output(y)
             return y
 
@@ -136,7 +136,7 @@ def test_fold_row_permutation_into_next_layer():
             cls = Before
             with R.dataflow():
                 c = R.concat((a, b), axis=1)
-                y = R.take(c, inverse, axis=1)
+                y = R.take(c, inverse, axis=1, mode="clip")
                 r = R.nn.relu(y)
                 m = R.multiply(r, R.const(2.0, "float32"))
                 q = R.round(m)
@@ -188,7 +188,7 @@ def test_fold_gives_a_layer_output_its_order_back_where_it_meets_model_order():
         def main(a: R.Tensor((2, 1), "float32"), b: R.Tensor((2, 2), "float32"), skip: R.Tensor((2, 3), "float32"), inverse: R.Tensor((3,), "int64")) -> R.Tensor((2, 3), "float32"):
             with R.dataflow():
                 c = R.concat((a, b), axis=1)
-                y = R.take(c, inverse, axis=1)
+                y = R.take(c, inverse, axis=1, mode="clip")
                 s = R.add(y, skip)
                 r = R.nn.relu(s)
                 R.output(r)
@@ -211,7 +211,7 @@ def test_fold_keeps_one_gather_where_orders_meet():
         def main(a: R.Tensor((2, 1), "float32"), b: R.Tensor((2, 2), "float32"), skip: R.Tensor((2, 3), "float32"), inverse: R.Tensor((3,), "int64")) -> R.Tensor((2, 3), "float32"):
             with R.dataflow():
                 c = R.concat((a, b), axis=1)
-                y = R.take(c, inverse, axis=1)
+                y = R.take(c, inverse, axis=1, mode="clip")
                 h = R.nn.relu(y)
                 s = R.add(h, skip)
                 r = R.nn.relu(s)
@@ -225,9 +225,9 @@ def test_fold_keeps_one_gather_where_orders_meet():
             with R.dataflow():
                 c = R.concat((a, b), axis=1)
                 h = R.nn.relu(c)
-                skip_p = R.take(skip, order, axis=1)
+                skip_p = R.take(skip, order, axis=1, mode="clip")
                 s = R.add(h, skip_p)
-                s_model_order = R.take(s, inverse, axis=1)
+                s_model_order = R.take(s, inverse, axis=1, mode="clip")
                 r = R.nn.relu(s_model_order)
                 R.output(r)
             return r
@@ -248,7 +248,7 @@ def test_fold_permutes_per_channel_constants_and_flattens():
         @R.function
         def main(c: R.Tensor((1, 3, 2, 2), "float32"), inverse: R.Tensor((3,), "int64"), bias: R.Tensor((1, 3, 1, 1), "float32")) -> R.Tensor((1, 12), "float32"):
             with R.dataflow():
-                y = R.take(c, inverse, axis=1)
+                y = R.take(c, inverse, axis=1, mode="clip")
                 s = R.add(y, bias)
                 f = R.reshape(s, R.shape([1, 12]))
                 out = R.take(f, R.const(np.arange(12, dtype="int64")), axis=1)
@@ -315,7 +315,7 @@ def test_fold_carries_the_permutation_through_layer_norm():
         def main(c: R.Tensor((2, 3), "float32"), inverse: R.Tensor((3,), "int64"), g: R.Tensor((3,), "float32"),
                  b: R.Tensor((3,), "float32")) -> R.Tensor((2, 3), "float32"):
             with R.dataflow():
-                y = R.take(c, inverse, axis=1)
+                y = R.take(c, inverse, axis=1, mode="clip")
                 n = R.nn.layer_norm(y, g, b, axes=[-1])
                 r = R.nn.relu(n)
                 R.output(r)
@@ -328,7 +328,7 @@ def test_fold_carries_the_permutation_through_layer_norm():
                  b: R.Tensor((3,), "float32")) -> R.Tensor((2, 3), "float32"):
             with R.dataflow():
                 n = R.nn.layer_norm(c, g, b, axes=[-1])
-                n_model_order = R.take(n, inverse, axis=1)
+                n_model_order = R.take(n, inverse, axis=1, mode="clip")
                 r = R.nn.relu(n_model_order)
                 R.output(r)
             return r
