@@ -63,8 +63,7 @@ def test_equals_naive_obq(seed, rows, k, mix):
     got = gptq_round(w, h, schemes, scale)
     want = naive_obq(w, h, schemes, scale)
     assert got.dtype == np.int8
-    same = (got == want).mean()
-    assert same >= 0.999, f"{same:.4%} of the integers agree"
+    np.testing.assert_array_equal(got, want)  # exact on these (well-separated) random layers
     np.testing.assert_allclose(row_objective(w, got, scale, h).sum(), row_objective(w, want, scale, h).sum(),
                                rtol=1e-9)
 

@@ -38,7 +38,7 @@ from .layers import (
     RMSMPConv2d,
     RMSMPLinear,
     _InputStats,
-    _quantize_layer,
+    ptq_layers,
     _set_submodule,
     calibrate,
 )
@@ -194,8 +194,8 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
     if cfg.edge_scheme is None and qcfg.edge_scheme is not None:
         cfg = attrs.evolve(cfg, edge_scheme=qcfg.edge_scheme)
     cal = calibrate(model, cfg, calib_data, row_hessian)
-    for name, mod in cal.layers.items():
-        ptq = _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule, cal.row_hessian.get(name))
+    for name, ptq in ptq_layers(cal).items():
+        mod = cal.layers[name]
         act = ActQuant(ptq.act_scale, ptq.act_bits, ptq.act_signed)
         _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act))
     qat = cal.model.train()
