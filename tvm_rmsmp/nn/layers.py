@@ -355,6 +355,7 @@ class _InputHessian:
 
     def __call__(self, module, inputs):
         x = inputs[0].detach()
+        x = x if x.dtype == torch.float64 else x.to(torch.float32)
         if isinstance(self.mod, nn.Linear):
             self._add(x)
             return
@@ -362,7 +363,7 @@ class _InputHessian:
         per_sample = self.k * max(1, x[:1].numel() // max(x.shape[1], 1))
         step = max(1, self.CHUNK // max(per_sample, 1))
         for i in range(0, x.shape[0], step):
-            cols = F.unfold(x[i : i + step].to(torch.float32), m.kernel_size, m.dilation, m.padding, m.stride)
+            cols = F.unfold(x[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride)
             self._add(cols.transpose(1, 2))
 
     @property
