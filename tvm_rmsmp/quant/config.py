@@ -125,7 +125,7 @@ class RMSMPConfig:
         column by column against the layer's calibration input Hessian; see
         :mod:`tvm_rmsmp.quant.gptq`). Both give integers on the same grids, so compiled models
         are unaffected. The default stays ``"nearest"`` until the choice is made on a
-        validation split.
+        validation split. PTQ only: QAT's fake quantizer rounds to nearest.
     gptq_damp: GPTQ's dampening, as a fraction of the mean diagonal of the input Hessian (> 0).
     gptq_scale_search: with ``rounding="gptq"``, also try a few multipliers of each row's scale
         and keep the one with the lowest compensated output error (costs one GPTQ run each).
