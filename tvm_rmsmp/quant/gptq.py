@@ -123,9 +123,9 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, schemes: Sequence[str
     """``(w_int int8 [rows, K], row_scale float32 [rows])`` by GPTQ on each row's grid.
 
     Row scales start from each scheme's ``choose_row_scale`` (on the weight with dead input
-    columns zeroed). With ``search_scale``, GPTQ runs once per multiplier of those scales and
-    each row keeps the scale whose result has the lowest :func:`row_objective` (rows never
-    interact in GPTQ, so choosing per row is exact).
+    columns zeroed). With ``search_scale``, GPTQ also rounds each row at ``multipliers`` times
+    that scale and the row keeps the scale whose result has the lowest :func:`row_objective`
+    (rows never interact in GPTQ, so choosing per row is exact).
     """
     w = np.asarray(weight, dtype=np.float64)
     live = w * (np.diag(np.asarray(hessian)) > 0)
@@ -136,14 +136,12 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, schemes: Sequence[str
         scale[rows] = get_scheme(name).choose_row_scale(live[rows])
     if not search_scale:
         return gptq_round(w, hessian, schemes, scale, damp, block_size), scale
-    best_q, best_s, best_err = None, None, None
-    for m in (1.0, *(m for m in multipliers if m != 1.0)):  # ties keep the scheme's own scale
-        s = np.where(np.abs(live).max(axis=1) > 0, scale * np.float32(m), scale).astype(np.float32)
-        q = gptq_round(w, hessian, schemes, s, damp, block_size)
-        err = row_objective(w, q, s, hessian)
-        if best_q is None:
-            best_q, best_s, best_err = q, s, err
-        else:
-            better = err < best_err
-            best_q[better], best_s[better], best_err[better] = q[better], s[better], err[better]
-    return best_q, best_s
+    # rows never interact: all multipliers in one GPTQ run on the weight stacked once per multiplier
+    mults = (1.0, *(m for m in multipliers if m != 1.0))
+    has = np.abs(live).max(axis=1) > 0
+    scales = np.concatenate([np.where(has, scale * np.float32(m), scale) for m in mults]).astype(np.float32)
+    stacked = np.tile(w, (len(mults), 1))
+    q = gptq_round(stacked, hessian, schemes * len(mults), scales, damp, block_size)
+    err = row_objective(stacked, q, scales, hessian).reshape(len(mults), -1)
+    best = np.argmin(err, axis=0) * w.shape[0] + np.arange(w.shape[0])  # ties keep the scheme's own scale
+    return q[best], scales[best]
