@@ -42,12 +42,10 @@ class _RowGrids:
         self.row = np.array([index[s] for s in schemes], dtype=np.int64)
         self.top = np.array([luts[i][1] for i in self.row], dtype=np.int64)
 
-    def nearest(self, v: np.ndarray, rows=slice(None)) -> np.ndarray:
-        """Nearest level (float64) of ``v [rows]`` or ``v [rows, n]`` (values in level units)."""
-        top = self.top[rows] if v.ndim == 1 else self.top[rows][:, None]
-        c = np.minimum(np.ceil(2.0 * np.abs(v)), top).astype(np.int64)
-        row = self.row[rows] if v.ndim == 1 else self.row[rows][:, None]
-        return np.copysign(self.table[row, c], v)
+    def nearest(self, v: np.ndarray) -> np.ndarray:
+        """Nearest level (float64) of each row's value ``v [rows]`` (in level units), clamped to its grid."""
+        c = np.minimum(np.ceil(2.0 * np.abs(v)), self.top).astype(np.int64)
+        return np.copysign(self.table[self.row, c], v)
 
 
 def prepare_hessian(hessian: np.ndarray, damp: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
@@ -85,6 +83,7 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, schemes: Sequence[str], 
     in ``weight.reshape(rows, -1)`` order); it is dampened by :func:`prepare_hessian`.
     """
     w = np.array(weight, dtype=np.float64, copy=True)
+    hessian = np.asarray(hessian, dtype=np.float64)
     if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]) or len(schemes) != w.shape[0]:
         raise ValueError(f"gptq: weight [rows, K], hessian [K, K] and one scheme per row; got {w.shape}, "
                          f"{hessian.shape}, {len(schemes)} schemes")
