@@ -38,6 +38,19 @@ def test_unknown_assignment_rule():
         rmsmp.RMSMPConfig(assign="no_such_rule")
 
 
+def test_rounding_options():
+    cfg = rmsmp.RMSMPConfig()
+    assert cfg.rounding == "nearest" and cfg.gptq_damp == 0.01 and cfg.gptq_scale_search is False
+    assert rmsmp.RMSMPConfig(rounding="gptq", gptq_damp=0.1).rounding == "gptq"
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        rmsmp.RMSMPConfig(rounding="stochastic")
+    for bad in (0, -0.01, float("nan"), float("inf"), True, "0.01", None):
+        with pytest.raises(ValueError, match="gptq_damp"):
+            rmsmp.RMSMPConfig(gptq_damp=bad)
+    with pytest.raises(TypeError, match="gptq_scale_search"):
+        rmsmp.RMSMPConfig(gptq_scale_search=1)
+
+
 def test_default_config_is_the_papers_ratio():
     cfg = rmsmp.RMSMPConfig()
     assert cfg.ratio == {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}

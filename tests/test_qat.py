@@ -3,6 +3,7 @@
 import os
 import socket
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -81,6 +82,13 @@ def test_reassignment_follows_the_weights(small_resnet):
     assert layer.schemes != old and sorted(layer.schemes) == sorted(old)
     q = convert_qat(qat)
     assert rmsmp.row_plans(q)["fc1"].schemes == layer.schemes
+
+
+def test_qat_rounds_to_nearest_whatever_the_ptq_rounding(small_resnet):
+    model, calib = small_resnet
+    with pytest.warns(rmsmp.RMSMPWarning, match="rounding='gptq' does not apply to QAT"):
+        qat = prepare_qat(model, attrs.evolve(CFG, rounding="gptq"), calib, QATConfig(edge_scheme=None))
+    assert qat.rmsmp_config.rounding == "nearest"
 
 
 def test_qat_bad_input(small_resnet):

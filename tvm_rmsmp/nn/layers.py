@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -17,9 +18,11 @@ import attrs
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..quant.assign import assign_rows, rule_needs_hessian
 from ..quant.config import RMSMPConfig, RMSMPWarning
+from ..quant.gptq import gptq_quantize
 from ..quant.plan import RowPlan
 from ..quant.schemes import get_scheme
 from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
@@ -265,15 +268,22 @@ class _InputStats:
 
 
 def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputStats, rule: str,
-                    row_hessian: Optional[np.ndarray]) -> nn.Module:
+                    row_hessian: Optional[np.ndarray], input_hessian: Optional[np.ndarray] = None) -> nn.Module:
+    """The PTQ layer: rows assigned to schemes first, then rounded onto their grids (GPTQ when
+    ``input_hessian``, the layer's ``E[x x^T]``, is given, else nearest rounding)."""
     weight = mod.weight.detach().to(torch.float32).numpy().astype(np.float64)
     schemes = assign_rows(weight, cfg.ratio_for(name), rule, input_sq=stats.input_sq, row_hessian=row_hessian)
-    w_int = np.zeros(weight.shape, np.int8)
-    row_scale = np.zeros(weight.shape[0], np.float32)
-    for s_name in set(schemes):
-        rows = np.array([i for i, s in enumerate(schemes) if s == s_name])
-        wi, sc = get_scheme(s_name).quantize(weight[rows])
-        w_int[rows], row_scale[rows] = wi, sc
+    if input_hessian is not None:
+        wi, row_scale = gptq_quantize(weight.reshape(weight.shape[0], -1), input_hessian, schemes, damp=cfg.gptq_damp,
+                                      search_scale=cfg.gptq_scale_search)
+        w_int = wi.reshape(weight.shape)
+    else:
+        w_int = np.zeros(weight.shape, np.int8)
+        row_scale = np.zeros(weight.shape[0], np.float32)
+        for s_name in set(schemes):
+            rows = np.array([i for i, s in enumerate(schemes) if s == s_name])
+            wi, sc = get_scheme(s_name).quantize(weight[rows])
+            w_int[rows], row_scale[rows] = wi, sc
     op = "dense" if isinstance(mod, nn.Linear) else "conv2d"
     plan = RowPlan(layer=name, op=op, schemes=schemes, weight_int=w_int, row_scale=row_scale)
     act = _calibrate_act(name, stats, cfg.act_bits)
@@ -315,10 +325,105 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
     Hessian estimate cost.
     """
     cal = calibrate(model, config, calib_data, row_hessian)
-    for name, mod in cal.layers.items():
-        _set_submodule(cal.model, name, _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule,
-                                                        cal.row_hessian.get(name)))
+    for name, layer in ptq_layers(cal).items():
+        _set_submodule(cal.model, name, layer)
     return cal.finish()
+
+
+#: Most bytes of float64 input Hessians held at once with ``rounding="gptq"``: layers are
+#: grouped in execution order so that each group's Hessians fit, one calibration pass per group.
+GPTQ_HESSIAN_BUDGET = 512 << 20
+
+
+class _InputHessian:
+    """Accumulates ``X^T X`` (float64) of a layer's inputs over all calibration batches: the
+    rows of a Linear's input, or the im2col columns of a Conv2d's (in the order of
+    ``weight.reshape(rows, -1)``: channel, then kernel row, then kernel column)."""
+
+    CHUNK = 1 << 22  # im2col elements built at once
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+        self.k = int(np.prod(mod.weight.shape[1:]))
+        self.sum = torch.zeros(self.k, self.k, dtype=torch.float64)
+        self.count = 0
+
+    def _add(self, cols: torch.Tensor):
+        cols = cols.reshape(-1, self.k).to(torch.float64)
+        self.sum += cols.T @ cols
+        self.count += cols.shape[0]
+
+    def __call__(self, module, inputs):
+        x = inputs[0].detach()
+        x = x if x.dtype == torch.float64 else x.to(torch.float32)
+        if isinstance(self.mod, nn.Linear):
+            self._add(x)
+            return
+        m = self.mod
+        (ph, pw), (sh, sw), (dh, dw), (kh, kw) = m.padding, m.stride, m.dilation, m.kernel_size
+        x = F.pad(x, (pw, pw, ph, ph))
+        ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        step = max(1, self.CHUNK // max(self.k * ho * wo, 1))
+        for i in range(0, x.shape[0], step):
+            xb = x[i : i + step]
+            # im2col by kh * kw strided slices (much faster than F.unfold on CPU): [n, ho, wo, C, kh * kw]
+            taps = [xb[:, :, ky * dh : ky * dh + sh * (ho - 1) + 1 : sh, kx * dw : kx * dw + sw * (wo - 1) + 1 : sw]
+                    for ky in range(kh) for kx in range(kw)]
+            self._add(torch.stack(taps, dim=-1).permute(0, 2, 3, 1, 4))
+
+    @property
+    def hessian(self) -> np.ndarray:
+        return (self.sum / max(self.count, 1)).numpy()
+
+
+def _hessian_groups(layers: Dict[str, nn.Module], budget: int) -> List[List[str]]:
+    groups: List[List[str]] = [[]]
+    used = 0
+    for name, mod in layers.items():
+        size = 8 * int(np.prod(mod.weight.shape[1:])) ** 2
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def input_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List[tuple]) -> Dict[str, np.ndarray]:
+    """``{layer: E[x x^T]}`` over all calibration batches, one forward pass of ``model``."""
+    acc = {n: _InputHessian(m) for n, m in layers.items()}
+    handles = [m.register_forward_pre_hook(acc[n]) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(*b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian for n, a in acc.items()}
+
+
+def ptq_layers(cal: "Calibration") -> Dict[str, "_RMSMPLayer"]:
+    """The quantized layer for every calibrated layer (the model itself is left as it is).
+
+    With ``rounding="gptq"`` the layers' input Hessians come from the float model (BN folded)
+    on all calibration batches, in groups of at most :data:`GPTQ_HESSIAN_BUDGET` bytes; the
+    time and passes are reported in ``cal.gptq_report``.
+    """
+    cfg, out = cal.config, {}
+    gptq = cfg.rounding == "gptq"
+    t0 = time.perf_counter()
+    groups = _hessian_groups(cal.layers, GPTQ_HESSIAN_BUDGET) if gptq else [list(cal.layers)]
+    for group in groups:
+        hessians = input_hessians(cal.model, {n: cal.layers[n] for n in group}, cal.batches) if gptq else {}
+        for name in group:
+            out[name] = _quantize_layer(name, cal.layers[name], cfg, cal.stats[name], cal.rule,
+                                        cal.row_hessian.get(name), hessians.pop(name, None))
+    if gptq:
+        cal.gptq_report = {"seconds": time.perf_counter() - t0, "passes": len(groups),
+                           "peak_hessian_bytes": max(sum(8 * int(np.prod(cal.layers[n].weight.shape[1:])) ** 2
+                                                         for n in g) for g in groups)}
+    return out
 
 
 @attrs.define
@@ -334,11 +439,12 @@ class Calibration:
     rule: str = "variance"
     row_hessian: Dict[str, np.ndarray] = attrs.field(factory=dict)
     hessian_report: Optional[HessianReport] = None
+    gptq_report: Optional[dict] = None
 
     def finish(self) -> nn.Module:
         self.model.rmsmp_config = self.config
         self.model.rmsmp_row_hessian = self.row_hessian
-        self.model.rmsmp_report = {"assign": self.rule, "hessian": self.hessian_report}
+        self.model.rmsmp_report = {"assign": self.rule, "hessian": self.hessian_report, "gptq": self.gptq_report}
         return self.model.eval()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import attrs
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..quant.assign import assign_rows, rule_needs_hessian
-from ..quant.config import RMSMPConfig
+from ..quant.config import RMSMPConfig, RMSMPWarning
 from ..quant.plan import RowPlan
 from ..quant.schemes import get_scheme
 from .hessian import row_hessian_traces
@@ -38,7 +39,7 @@ from .layers import (
     RMSMPConv2d,
     RMSMPLinear,
     _InputStats,
-    _quantize_layer,
+    ptq_layers,
     _set_submodule,
     calibrate,
 )
@@ -193,9 +194,15 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
     cfg = config if config is not None else RMSMPConfig()
     if cfg.edge_scheme is None and qcfg.edge_scheme is not None:
         cfg = attrs.evolve(cfg, edge_scheme=qcfg.edge_scheme)
+    if cfg.rounding != "nearest":
+        # the fake quantizer keeps float weights and rounds them to the nearest level, so GPTQ's
+        # integers would be dropped at the first step; only the row scales carry over from PTQ
+        warnings.warn(f"prepare_qat: rounding={cfg.rounding!r} does not apply to QAT (its fake quantizer rounds to "
+                      "nearest); using rounding='nearest'", RMSMPWarning, stacklevel=2)
+        cfg = attrs.evolve(cfg, rounding="nearest")
     cal = calibrate(model, cfg, calib_data, row_hessian)
-    for name, mod in cal.layers.items():
-        ptq = _quantize_layer(name, mod, cal.config, cal.stats[name], cal.rule, cal.row_hessian.get(name))
+    for name, ptq in ptq_layers(cal).items():
+        mod = cal.layers[name]
         act = ActQuant(ptq.act_scale, ptq.act_bits, ptq.act_signed)
         _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act))
     qat = cal.model.train()

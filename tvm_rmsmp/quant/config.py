@@ -16,6 +16,9 @@ __all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio", "R
 class RMSMPWarning(UserWarning):
     """Something was left in float or fell back; the result is still correct."""
 
+#: Ways of rounding a row onto its grid (``RMSMPConfig.rounding``).
+ROUNDINGS = ("nearest", "gptq")
+
 #: The paper's ratio for a Zynq XC7Z020: SP2-4 : Fixed-4 : Fixed-8 = 60:35:5.
 DEFAULT_RATIO: Dict[str, float] = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
 
@@ -117,6 +120,15 @@ class RMSMPConfig:
         and last layer at ``{"fixed_8": 1.0}``, or whole layers at 8 bits (layer-wise mixing).
     edge_scheme: if set, the first and last quantized layers (in execution order) use only
         this scheme (common practice: ``"fixed_8"``), unless ``layer_ratios`` names them.
+    rounding: how each row is rounded onto its scheme's grid once rows are assigned:
+        ``"nearest"`` (each weight to its nearest level) or ``"gptq"`` (error-compensating,
+        column by column against the layer's calibration input Hessian; see
+        :mod:`tvm_rmsmp.quant.gptq`). Both give integers on the same grids, so compiled models
+        are unaffected. The default stays ``"nearest"`` until the choice is made on a
+        validation split. PTQ only: QAT's fake quantizer rounds to nearest.
+    gptq_damp: GPTQ's dampening, as a fraction of the mean diagonal of the input Hessian (> 0).
+    gptq_scale_search: with ``rounding="gptq"``, also try a few multipliers of each row's scale
+        and keep the one with the lowest compensated output error (costs one GPTQ run each).
     """
 
     ratio: Dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATIO), converter=_ratio_converter)
@@ -127,6 +139,19 @@ class RMSMPConfig:
     hessian: HessianConfig = attrs.field(factory=HessianConfig, validator=attrs.validators.instance_of(HessianConfig))
     layer_ratios: Dict[str, Dict[str, float]] = attrs.field(factory=dict, converter=_layer_ratios_converter)
     edge_scheme: Optional[str] = attrs.field(default=None)
+    rounding: str = attrs.field(default="nearest")
+    gptq_damp: float = attrs.field(default=0.01)
+    gptq_scale_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    @rounding.validator
+    def _check_rounding(self, attribute, value):
+        if value not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {value!r}")
+
+    @gptq_damp.validator
+    def _check_damp(self, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"gptq_damp must be a finite number > 0, got {value!r}")
 
     @edge_scheme.validator
     def _check_edge(self, attribute, value):
