@@ -33,6 +33,7 @@ order) and :data:`CPU_KERNEL`.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import attrs
@@ -45,7 +46,7 @@ from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack
 __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
-    "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "const_value", "op_name",
+    "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel",
 ]
@@ -115,6 +116,17 @@ def op_name(expr) -> str:
     """The operator name of a Relax call (``"relax.concat"``; empty for anything else)."""
     op = getattr(expr, "op", None)
     return op.name if isinstance(op, tvm.ir.Op) else ""
+
+
+def conv_geometry(func) -> Optional[dict]:
+    """``{"strides", "padding", "dilation"}`` of a conv2d op as lists of ints (None for dense)."""
+    c = attr(func, CONV)
+    return None if c is None else {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
+
+
+def symbol_name(text: str) -> str:
+    """``text`` (a torch module path) as a function name: every character not in [0-9a-zA-Z_] as ``_``."""
+    return re.sub(r"[^0-9a-zA-Z_]", "_", text) or "layer"
 
 
 # ----- weight forms ---------------------------------------------------------------------------

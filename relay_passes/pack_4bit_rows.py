@@ -53,8 +53,7 @@ class _Packer(PyExprMutator):
         if key not in self.cache:
             conv = None
             if op == "conv2d":
-                c = func.attrs[contract.CONV]
-                conv = {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
+                conv = contract.conv_geometry(func)
             x_ty = x.ty
             new_func = row_group_func(
                 op, str(func.attrs[contract.LAYER]), scheme, [int(d) for d in x_ty.shape], str(x_ty.dtype),

@@ -18,7 +18,6 @@ consumers. Groups follow the scheme registry's order, rows keep their order insi
 
 from __future__ import annotations
 
-import re
 from typing import List, Optional
 
 import numpy as np
@@ -76,10 +75,6 @@ def row_group_func(
     )
 
 
-def _name(text: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z_]", "_", text)
-
-
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
@@ -103,8 +98,7 @@ class _Rewriter(PyExprMutator):
         layer = str(func.attrs[contract.LAYER])
         conv = None
         if op == "conv2d":
-            c = func.attrs[contract.CONV]
-            conv = {k: [int(v) for v in c[k]] for k in ("strides", "padding", "dilation")}
+            conv = contract.conv_geometry(func)
         schemes = np.array([str(s) for s in func.attrs[contract.ROW_SCHEMES]], dtype=object)
         x_ty = xq.ty
         x_shape = [int(d) for d in x_ty.shape]
@@ -120,7 +114,7 @@ class _Rewriter(PyExprMutator):
                 continue
             wg = group_weight(w_np[rows], name)
             gfunc = row_group_func(op, layer, name, x_shape, x_dtype, wg.shape, conv)
-            ggv = self.builder_.add_func(gfunc, f"rmsmp_{op}_{_name(layer)}_{name}")
+            ggv = self.builder_.add_func(gfunc, f"rmsmp_{op}_{contract.symbol_name(layer)}_{name}")
             out_shape = list(out_ty.shape)
             out_shape[axis] = int(rows.size)
             parts.append(

@@ -15,7 +15,6 @@ Rules follow dlight: ``apply`` returns None when the function is not theirs.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from typing import Callable, Optional
@@ -31,7 +30,7 @@ from relay_passes import contract
 from relay_passes.contract import ConstantKernel
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
-from .registry import OpScheduleRule, register_target
+from .registry import OpScheduleRule, register_target, target_cores
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -173,7 +172,7 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
     outer_product = relayout and conv is None and m >= x86_constants(target)["broadcast_min_rows"]
     levels = nibble_decode(np.arange(16), scheme) if packed else None
-    cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    cores = target_cores(target)
     try:
         if outer_product:
             kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores, cpu=cpu)

@@ -10,6 +10,7 @@ module here plus its import in ``schedules/__init__.py``; nothing outside ``sche
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tvm
@@ -19,7 +20,7 @@ from relay_passes import contract
 from relay_passes.contract import ConstantKernel, LayerKernels
 
 __all__ = ["register_target", "rules_for", "registered_kinds", "apply_rules", "graph_kernels", "space_for", "fixed_kernel",
-           "OpScheduleRule", "build_pipeline", "INT8_DOT_KEY"]
+           "OpScheduleRule", "build_pipeline", "INT8_DOT_KEY", "target_cores"]
 
 #: Target key that declares an OpenCL device with an int8 dot-product built-in (target name
 #: ``"mali-dot"``: Mali G76 and later); the GPU schedules read it.
@@ -56,6 +57,11 @@ _FAST_MATH: Dict[str, Dict[str, Callable]] = {}
 _GRAPH: Dict[str, Tuple[Optional[Callable], Optional[Callable]]] = {}
 # float rules used only by fast-math builds (they may reassociate float sums)
 _FAST_FLOAT: Dict[str, List[dl.ScheduleRule]] = {}
+
+
+def target_cores(target: tvm.target.Target) -> int:
+    """The cores a kernel for ``target`` splits its work over: the target's ``num-cores``, else this machine's."""
+    return int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
 
 
 def register_target(

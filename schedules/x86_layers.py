@@ -18,7 +18,6 @@ three kernel launches. The kernel:
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -31,6 +30,7 @@ from relay_passes import contract
 from relay_passes.contract import DenseLayer, LayerKernels
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
+from .registry import target_cores
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_gemv import (
     INT8,
@@ -162,7 +162,7 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
         return None
     cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
     max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa, cpu)
-    cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    cores = target_cores(target)
     vbmi = target_has_features("avx512vbmi", target)
     return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu),
                         build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu))

@@ -8,7 +8,6 @@ layer's row schemes. Everything else goes through TVM's own torch frontend.
 
 from __future__ import annotations
 
-import re
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
@@ -22,10 +21,6 @@ from ..nn.layers import _RMSMPLayer, rmsmp_layers
 from relay_passes import contract
 
 __all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "index_bounds"]
-
-
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z_]", "_", name) or "layer"
 
 
 def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.PrimFunc:
@@ -51,7 +46,7 @@ def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSM
     func = ops.quantize_func(
         shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name, pad_hw
     )
-    gv = bb.add_func(func, f"rmsmp_quantize_{_sanitize(layer.layer_name)}")
+    gv = bb.add_func(func, f"rmsmp_quantize_{contract.symbol_name(layer.layer_name)}")
     out_shape, _ = ops.output_shape(func)
     return bb.emit(relax.call_tir(gv, [x], relax.TensorType(out_shape, dtype)))
 
@@ -72,7 +67,7 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
     pad_hw = tuple(layer.padding) if layer.op == "conv2d" else (0, 0)
     xq = emit_quantize_activation(bb, x, layer, pad_hw)
     func = quantized_op_func(layer, [int(d) for d in xq.ty.shape])
-    gv = bb.add_func(func, f"rmsmp_{layer.op}_{_sanitize(layer.layer_name)}")
+    gv = bb.add_func(func, f"rmsmp_{layer.op}_{contract.symbol_name(layer.layer_name)}")
     out_shape, out_dtype = ops.output_shape(func)
     args = [
         xq,
