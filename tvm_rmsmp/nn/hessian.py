@@ -110,7 +110,7 @@ def row_hessian_traces(
     params = [layers[n].weight for n in names]
     loss_fn = output_loss(loss)
     gen = torch.Generator().manual_seed(seed)
-    sums = [torch.zeros(p.shape[0], dtype=torch.float64) for p in params]
+    sums = [torch.zeros(p.shape[0], dtype=torch.float64, device=p.device) for p in params]
     t0 = time.perf_counter()
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
@@ -129,7 +129,9 @@ def row_hessian_traces(
                 y = _output_tensor(model(*batch))
                 grads = torch.autograd.grad(loss_fn(y, y0), params, create_graph=True)
                 for i in range(probes):
-                    vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+                    # probes drawn on the CPU (the same for every device), used on the weight's device
+                    vs = [torch.randint(0, 2, p.shape, generator=gen).to(device=p.device, dtype=p.dtype) * 2 - 1
+                          for p in params]
                     hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=i < probes - 1)
                     for s, v, h in zip(sums, vs, hv):
                         s += (v * h).reshape(v.shape[0], -1).sum(1).double()

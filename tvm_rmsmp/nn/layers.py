@@ -345,7 +345,7 @@ class _InputHessian:
     def __init__(self, mod: nn.Module):
         self.mod = mod
         self.k = int(np.prod(mod.weight.shape[1:]))
-        self.sum = torch.zeros(self.k, self.k, dtype=torch.float64)
+        self.sum = torch.zeros(self.k, self.k, dtype=torch.float64, device=mod.weight.device)
         self.count = 0
 
     def _add(self, cols: torch.Tensor):

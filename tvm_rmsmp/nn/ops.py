@@ -31,7 +31,7 @@ __all__ = ["quantize_activation", "qlinear", "qconv2d"]
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
     """Integer-valued float32 tensor ``clamp(round(x * inv_scale), qmin, qmax)``."""
-    inv = torch.tensor(inv_scale, dtype=torch.float32)
+    inv = torch.tensor(inv_scale, dtype=torch.float32, device=x.device)
     return (x.to(torch.float32) * inv).round_().clamp_(qmin, qmax)  # in place after the multiply
 
 

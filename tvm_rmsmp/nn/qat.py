@@ -113,10 +113,12 @@ class FakeQuantLayer(nn.Module):
         super().__init__()
         self.layer_name, self.op = name, plan.op
         self.weight = nn.Parameter(layer.weight.detach().clone().float())
-        bias = layer.bias.detach().clone().float() if layer.bias is not None else torch.zeros(self.weight.shape[0])
+        device = layer.weight.device
+        bias = layer.bias.detach().clone().float() if layer.bias is not None else torch.zeros(
+            self.weight.shape[0], device=device)
         self.bias = nn.Parameter(bias)
-        self.row_scale = nn.Parameter(torch.from_numpy(plan.row_scale.astype(np.float32)).clone())
-        self.act_scale = nn.Parameter(torch.tensor(float(act.scale), dtype=torch.float32))
+        self.row_scale = nn.Parameter(torch.from_numpy(plan.row_scale.astype(np.float32)).to(device))
+        self.act_scale = nn.Parameter(torch.tensor(float(act.scale), dtype=torch.float32, device=device))
         self.act_bits, self.act_signed, self.qmin, self.qmax = act.bits, act.signed, act.qmin, act.qmax
         if self.op == "conv2d":
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
@@ -126,10 +128,10 @@ class FakeQuantLayer(nn.Module):
         self.schemes: Tuple[str, ...] = tuple(schemes)
         groups = RowPlan(self.layer_name, self.op, self.schemes,
                          np.zeros(self.weight.shape, np.int8), np.ones(len(self.schemes), np.float32)).groups()
-        self._groups = [(get_scheme(s), torch.from_numpy(idx)) for s, idx in groups]
+        self._groups = [(get_scheme(s), torch.from_numpy(idx).to(self.weight.device)) for s, idx in groups]
         order = torch.cat([idx for _, idx in self._groups])
         self._inverse = torch.empty_like(order)
-        self._inverse[order] = torch.arange(order.numel())
+        self._inverse[order] = torch.arange(order.numel(), device=order.device)
 
     def quantized_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(row_scale * Q(w / row_scale), row_scale)``, rows in the layer's order."""
@@ -222,7 +224,7 @@ def _sync_from_rank0(model: nn.Module) -> None:
     cfg: RMSMPConfig = model.rmsmp_config
     for name, layer in qat_layers(model).items():
         names = sorted(cfg.ratio_for(name))  # the same list on every rank
-        codes = torch.tensor([names.index(s) for s in layer.schemes], dtype=torch.int64)
+        codes = torch.tensor([names.index(s) for s in layer.schemes], dtype=torch.int64, device=layer.weight.device)
         dist.broadcast(codes, 0)
         layer.set_schemes([names[int(c)] for c in codes])
     for p in model.parameters():
