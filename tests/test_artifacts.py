@@ -324,3 +324,21 @@ def test_reexported_path_loads_the_new_library(models, tmp_path, private_cache):
     np.testing.assert_array_equal(rmsmp.load(path)(X), b(X))  # and again: still B
     assert sorted(os.listdir(private_cache)) == sorted([sha_a + ".so", _digest(path)[1] + ".so"])
     assert oct(os.stat(private_cache).st_mode & 0o777) == "0o700"
+
+
+def test_sidecar_with_a_bad_index_bound_is_refused(tmp_path):
+    """An embedding input's bound in the sidecar must be a positive integer."""
+    import json
+
+    from tvm_rmsmp.runtime.library import _read_sidecar
+
+    lib = tmp_path / "m.so"
+    meta = {"format": "tvm-rmsmp", "version": 2, "size": 0, "sha256": "0" * 64, "target": {"kind": "llvm"},
+            "arch": "x86_64", "triple": "x86_64-linux-gnu", "cpu_features": [],
+            "inputs": [{"shape": [1, 4], "dtype": "int64", "index_bound": "ten"}]}
+    (tmp_path / "m.so.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"m.so.json.* is corrupt: invalid 'inputs'"):
+        _read_sidecar(str(lib))
+    meta["inputs"][0]["index_bound"] = 10
+    (tmp_path / "m.so.json").write_text(json.dumps(meta))
+    assert _read_sidecar(str(lib))["inputs"][0]["index_bound"] == 10

@@ -308,7 +308,9 @@ def _read_sidecar(path: str) -> Dict[str, Any]:
         "sha256": isinstance(meta["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]) is not None,
         "inputs": isinstance(meta["inputs"], list) and all(
             isinstance(s, dict) and isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list)
-            and all(_is_int(d) for d in s["shape"]) for s in meta["inputs"]),
+            and all(_is_int(d) for d in s["shape"])
+            and (s.get("index_bound") is None or (_is_int(s["index_bound"]) and s["index_bound"] >= 1))
+            for s in meta["inputs"]),
         "target": isinstance(meta["target"], dict) and isinstance(meta["target"].get("kind"), str),
         "arch": isinstance(meta["arch"], str) and bool(meta["arch"]),
         "triple": isinstance(meta["triple"], str) and bool(meta["triple"]),
