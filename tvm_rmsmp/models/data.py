@@ -12,7 +12,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["FASHION_MNIST_DIR", "load_fashion_mnist", "FASHION_MNIST_CLASSES"]
+__all__ = ["FASHION_MNIST_DIR", "load_fashion_mnist", "fashion_mnist_split", "FASHION_MNIST_CLASSES", "VAL_IMAGES"]
 
 FASHION_MNIST_DIR = os.environ.get("RMSMP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -55,6 +55,26 @@ def load_fashion_mnist(split: str = "test", normalize: bool = True) -> Tuple[np.
     if normalize:
         x = (x - FASHION_MNIST_NORM[0]) / FASHION_MNIST_NORM[1]
     return x.astype(np.float32), labels.astype(np.int64)
+
+
+#: Training images held out as the validation split (never trained on by the shipped ResNet-20,
+#: never used for calibration or QAT by the accuracy benchmark): where rules, rounding and QAT
+#: settings are chosen. The test set is only ever used for the reported numbers.
+VAL_IMAGES = 5000
+_VAL_SEED = 20261205  # fixes which training images are held out
+
+
+def fashion_mnist_split(split: str, normalize: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of ``"fit"`` (55,000 training images), ``"val"`` (the other 5,000,
+    a fixed random draw) or ``"test"`` (the 10,000 test images)."""
+    if split == "test":
+        return load_fashion_mnist("test", normalize)
+    if split not in ("fit", "val"):
+        raise ValueError(f"split must be 'fit', 'val' or 'test', got {split!r}")
+    x, y = load_fashion_mnist("train", normalize)
+    perm = np.random.default_rng(_VAL_SEED).permutation(len(x))
+    idx = np.sort(perm[:VAL_IMAGES] if split == "val" else perm[VAL_IMAGES:])
+    return x[idx], y[idx]
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
 
 
 def train_classifier(model: nn.Module, epochs: int, seed: int = 0, batch: int = 128, lr: float = 2e-3,
-                     log: Callable[[str], None] = print) -> float:
-    """AdamW + one-cycle on the Fashion-MNIST training set (random horizontal flips); returns test accuracy."""
-    from tvm_rmsmp.models.data import load_fashion_mnist
+                     log: Callable[[str], None] = print, holdout: bool = False) -> float:
+    """AdamW + one-cycle on the Fashion-MNIST training set (random horizontal flips); returns test
+    accuracy. holdout: train on the 55,000 "fit" images only, keeping the validation split unseen."""
+    from tvm_rmsmp.models.data import fashion_mnist_split, load_fashion_mnist
 
     torch.manual_seed(seed)
-    xtr, ytr = load_fashion_mnist("train")
+    xtr, ytr = fashion_mnist_split("fit") if holdout else load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(xtr) // batch)
@@ -81,7 +82,8 @@ def load_checkpoint(model: nn.Module, path: str, train_cmd: str) -> nn.Module:
     return model.eval()
 
 
-def train_main(factory: Callable[[], nn.Module], checkpoint: str, epochs: int, description: str, argv=None) -> None:
+def train_main(factory: Callable[[], nn.Module], checkpoint: str, epochs: int, description: str, argv=None,
+               holdout: bool = False) -> None:
     """Command line of a built-in model's training script: train from scratch, save atomically."""
     import argparse
 
@@ -93,5 +95,5 @@ def train_main(factory: Callable[[], nn.Module], checkpoint: str, epochs: int, d
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(args.seed)
     model = factory()
-    train_classifier(model, args.epochs, args.seed, log=lambda s: print(s, flush=True))
+    train_classifier(model, args.epochs, args.seed, log=lambda s: print(s, flush=True), holdout=holdout)
     save_checkpoint(model, args.out)
