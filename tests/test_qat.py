@@ -84,11 +84,105 @@ def test_reassignment_follows_the_weights(small_resnet):
     assert rmsmp.row_plans(q)["fc1"].schemes == layer.schemes
 
 
-def test_qat_rounds_to_nearest_whatever_the_ptq_rounding(small_resnet):
+def test_gptq_qat_starts_at_the_gptq_ptq_model(small_resnet):
     model, calib = small_resnet
-    with pytest.warns(rmsmp.RMSMPWarning, match="rounding='gptq' does not apply to QAT"):
-        qat = prepare_qat(model, attrs.evolve(CFG, rounding="gptq"), calib, QATConfig(edge_scheme=None))
-    assert qat.rmsmp_config.rounding == "nearest"
+    cfg = attrs.evolve(CFG, rounding="gptq")
+    qat = prepare_qat(model, cfg, calib, QATConfig(edge_scheme=None))
+    ptq = rmsmp.quantize(model, cfg, calib)
+    q = convert_qat(qat)
+    for name, plan in rmsmp.row_plans(ptq).items():
+        np.testing.assert_array_equal(rmsmp.row_plans(q)[name].weight_int, plan.weight_int)
+    nearest = rmsmp.quantize(model, CFG, calib)
+    assert any(not np.array_equal(p.weight_int, rmsmp.row_plans(nearest)[n].weight_int)
+               for n, p in rmsmp.row_plans(ptq).items())
+
+
+def test_log_scales_move_by_a_fraction_of_themselves(small_resnet):
+    """One Adam step changes each learned parameter by about lr: in log form a scale moves by
+    a factor exp(+-scale_lr) whatever its size; linear scales move by scale_lr in absolute terms."""
+    model, calib = small_resnet
+    for mode in ("log", "linear"):
+        qat = prepare_qat(model, CFG, calib, QATConfig(edge_scheme=None))
+        before = {n: l.row_scale.detach().clone() for n, l in qat_layers(qat).items()}
+        train_qat(qat, _random_batches(1, 0), torch.nn.functional.cross_entropy,
+                  QATConfig(epochs=1, lr=0.0, scale_lr=0.01, scale_param=mode, schedule="constant"))
+        for n, l in qat_layers(qat).items():
+            new, old = l.row_scale.detach().double(), before[n].double()
+            moved = new != old
+            # |step| <= lr, and close to lr where the gradient is well above Adam's eps (most rows)
+            step = ((new / old).log() if mode == "log" else new - old)[moved].abs().numpy()
+            assert step.max() <= 0.01 * 1.001 and np.median(step) > 0.009, (n, step)
+
+
+def test_warmup_then_cosine_schedule(small_resnet):
+    """Peak rates times (s + 1) / (w + 1) for the w = warmup * total first steps, then
+    0.5 (1 + cos(pi (s - w) / (total - w))): read back from the optimizer at every step."""
+    model, calib = small_resnet
+    qat = prepare_qat(model, CFG, calib, QATConfig(edge_scheme=None))
+    seen = []
+    orig = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    batches = [b for b in _random_batches(10, 0)(0)]
+    torch.optim.Adam.step = spy
+    try:
+        train_qat(qat, batches, torch.nn.functional.cross_entropy, QATConfig(epochs=2, lr=1e-3, warmup=0.2))
+    finally:
+        torch.optim.Adam.step = orig
+    total, warm = 20, 4
+    want = [1e-3 * (s + 1) / (warm + 1) if s < warm else 1e-3 * 0.5 * (1 + np.cos(np.pi * (s - warm) / (total - warm)))
+            for s in range(total)]
+    np.testing.assert_allclose(seen, want, rtol=1e-9)
+
+
+def test_distillation_and_the_best_validation_epoch_is_kept(small_resnet):
+    model, calib = small_resnet
+    qat = prepare_qat(model, CFG, calib, QATConfig(edge_scheme=None))
+    with pytest.raises(ValueError, match="teacher"):
+        train_qat(qat, _random_batches(1, 0), None, QATConfig(distill="kl"))
+    with pytest.raises(ValueError, match="loss_fn is required"):
+        train_qat(qat, _random_batches(1, 0), None, QATConfig(distill="kl", distill_weight=0.5), teacher=model)
+    snapshots, scores = [], iter([0.5, 0.9, 0.1, 0.3])
+
+    def val_fn(m):  # the second call (after epoch 1) scores best
+        snapshots.append({n: l.weight.detach().clone() for n, l in qat_layers(m).items()})
+        return next(scores)
+
+    train_qat(qat, _random_batches(2, 0), None, QATConfig(epochs=3, lr=1e-3, distill="kl"), teacher=model,
+              val_fn=val_fn)
+    assert qat.rmsmp_report["qat_val"] == [0.5, 0.9, 0.1, 0.3] and qat.rmsmp_report["qat_best_epoch"] == 1
+    for n, l in qat_layers(qat).items():
+        assert torch.equal(l.weight, snapshots[1][n])
+        assert not torch.equal(l.weight, snapshots[0][n])
+
+
+def test_distillation_losses_against_their_definitions():
+    from tvm_rmsmp.nn.qat import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    ps, pt = np.exp(s.numpy()) / np.exp(s.numpy()).sum(1, keepdims=True), np.exp(t.numpy()) / np.exp(t.numpy()).sum(1, keepdims=True)
+    kl = float((pt * (np.log(pt) - np.log(ps))).sum(1).mean())
+    assert abs(float(distill_loss("kl", s, t)) - kl) < 1e-5
+    cos = (s.numpy() * t.numpy()).sum(1) / np.linalg.norm(s.numpy(), axis=1) / np.linalg.norm(t.numpy(), axis=1)
+    assert abs(float(distill_loss("cosine", s, t)) - float((1 - cos).mean())) < 1e-5
+    assert abs(float(distill_loss("mse", s, t)) - float(((s - t) ** 2).mean())) < 1e-6
+    with pytest.raises(ValueError, match="differ in shape"):
+        distill_loss("mse", s, t[:2])
+
+
+def test_calibration_samples_come_from_every_batch():
+    from tvm_rmsmp.nn.layers import _InputStats
+
+    st = _InputStats(channel_axis=1, batches=4)
+    for i in range(4):  # each batch alone is larger than the whole sample budget
+        st(None, (torch.full((64, 16, 32, 32), float(i + 1)),))
+    got = np.concatenate(st.samples)
+    assert got.size <= _InputStats.MAX_SAMPLES
+    assert set(np.unique(got)) == {1.0, 2.0, 3.0, 4.0}
 
 
 def test_qat_bad_input(small_resnet):

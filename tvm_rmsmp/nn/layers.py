@@ -119,8 +119,8 @@ class _RMSMPLayer(nn.Module):
             layer=self.layer_name,
             op=self.op,
             schemes=self.schemes,
-            weight_int=self.weight_int.numpy().copy(),
-            row_scale=self.row_scale.numpy().copy(),
+            weight_int=self.weight_int.cpu().numpy().copy(),
+            row_scale=self.row_scale.cpu().numpy().copy(),
         )
 
     def extra_repr(self) -> str:
@@ -236,12 +236,17 @@ def _as_tuple(batch) -> tuple:
 
 
 class _InputStats:
-    """Collects a layer's input during calibration: a bounded sample and per-feature mean squares."""
+    """Collects a layer's input during calibration: a bounded sample and per-feature mean squares.
+
+    The sample is spread over all calibration batches: each call keeps at most its share
+    ``MAX_SAMPLES / batches`` (an even stride through the input), so the activation range is
+    seen on every batch, not just the first one."""
 
     MAX_SAMPLES = 1 << 18
 
-    def __init__(self, channel_axis: int):
+    def __init__(self, channel_axis: int, batches: int = 1):
         self.channel_axis = channel_axis
+        self.quota = max(1, self.MAX_SAMPLES // max(int(batches), 1))
         self.samples: List[np.ndarray] = []
         self.sq_sum = None
         self.count = 0
@@ -251,11 +256,11 @@ class _InputStats:
         x = inputs[0].detach().to(torch.float32)
         ax = self.channel_axis % x.dim()
         xc = x.movedim(ax, -1).reshape(-1, x.shape[ax])
-        sq = (xc.double() ** 2).sum(0).numpy()
+        sq = (xc.double() ** 2).sum(0).cpu().numpy()
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         self.count += xc.shape[0]
-        flat = x.reshape(-1).numpy()
-        budget = self.MAX_SAMPLES - self.n_seen
+        flat = x.reshape(-1).cpu().numpy()
+        budget = min(self.quota, self.MAX_SAMPLES - self.n_seen)
         if budget > 0:
             step = max(1, flat.size // budget)
             take = flat[::step][:budget]
@@ -271,7 +276,7 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
                     row_hessian: Optional[np.ndarray], input_hessian: Optional[np.ndarray] = None) -> nn.Module:
     """The PTQ layer: rows assigned to schemes first, then rounded onto their grids (GPTQ when
     ``input_hessian``, the layer's ``E[x x^T]``, is given, else nearest rounding)."""
-    weight = mod.weight.detach().to(torch.float32).numpy().astype(np.float64)
+    weight = mod.weight.detach().to(torch.float32).cpu().numpy().astype(np.float64)
     schemes = assign_rows(weight, cfg.ratio_for(name), rule, input_sq=stats.input_sq, row_hessian=row_hessian)
     if input_hessian is not None:
         wi, row_scale = gptq_quantize(weight.reshape(weight.shape[0], -1), input_hessian, schemes, damp=cfg.gptq_damp,
@@ -287,7 +292,7 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
     op = "dense" if isinstance(mod, nn.Linear) else "conv2d"
     plan = RowPlan(layer=name, op=op, schemes=schemes, weight_int=w_int, row_scale=row_scale)
     act = _calibrate_act(name, stats, cfg.act_bits)
-    bias = None if mod.bias is None else mod.bias.detach().to(torch.float32).numpy()
+    bias = None if mod.bias is None else mod.bias.detach().to(torch.float32).cpu().numpy()
     if op == "dense":
         return RMSMPLinear(name, plan, bias, act)
     return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
@@ -373,7 +378,7 @@ class _InputHessian:
 
     @property
     def hessian(self) -> np.ndarray:
-        return (self.sum / max(self.count, 1)).numpy()
+        return (self.sum / max(self.count, 1)).cpu().numpy()
 
 
 def _hessian_groups(layers: Dict[str, nn.Module], budget: int) -> List[List[str]]:
@@ -556,7 +561,8 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
         warnings.warn("model has no quantizable layer (Linear / Conv2d); it stays in float", RMSMPWarning, stacklevel=3)
         return Calibration(q, cfg, {}, {}, batches)
 
-    stats = {n: _InputStats(channel_axis=-1 if isinstance(m, nn.Linear) else 1) for n, m in targets.items()}
+    stats = {n: _InputStats(channel_axis=-1 if isinstance(m, nn.Linear) else 1, batches=len(batches))
+             for n, m in targets.items()}
     seen: List[str] = []
     handles = [m.register_forward_pre_hook(_first_call(seen, n, stats[n])) for n, m in targets.items()]
     try:

@@ -7,13 +7,22 @@
 Weights keep their float copy; the forward pass uses ``row_scale * Q(w / row_scale)`` with
 each row's own scheme (nearest level of SP2-4, Fixed-4 or Fixed-8) and the straight-through
 estimator for the rounding. Row scales and the per-tensor activation scales are learned
-(LSQ: the gradient flows through ``x / s`` and ``* s``, scaled by ``1/sqrt(n * qmax)`` for
-stability). BatchNorm is folded into the convolutions before training. Rows can be
-re-assigned every N epochs, as in the paper, with the same rule that assigned them.
+(LSQ: the gradient flows through ``x / s`` and ``* s``, scaled by ``1/sqrt(n * qmax)``).
+Scales are learned as logarithms by default (``QATConfig(scale_param="log")``): Adam's step
+then moves a scale by a fraction of itself (about ``scale_lr``) whatever its size, where a
+step on the scale itself moved small row scales by several percent. Learning rates follow a
+linear warm-up and a cosine decay; the loss can be distilled from the float model
+(``QATConfig(distill="kl"|"mse"|"cosine")`` with ``train_qat(..., teacher=...)``); a
+``val_fn`` keeps the best epoch (the PTQ start included) by a validation score. BatchNorm is
+folded into the convolutions before training. Rows can be re-assigned every N epochs, as in
+the paper, with the same rule that assigned them. With ``RMSMPConfig(rounding="gptq")`` the
+float weights start at GPTQ's rounded weights, so training starts from the PTQ model.
 
-Under ``torch.distributed`` (DDP, e.g. launched with ``torchrun``) :func:`train_qat` wraps
-the model in DistributedDataParallel; re-assignment is decided on rank 0 and broadcast, so all
-ranks keep identical row plans and weights. Each rank feeds its own shard of the data.
+Under ``torch.distributed`` (DDP, e.g. launched with ``torchrun``) the Hessian estimate and
+row assignment run on rank 0 only and are broadcast by :func:`prepare_qat`;
+:func:`train_qat` wraps the model in DistributedDataParallel, and re-assignment and the
+best-epoch choice are decided on rank 0 and broadcast, so all ranks keep identical row plans
+and weights. Each rank feeds its own shard of the data.
 """
 
 from __future__ import annotations
@@ -51,7 +60,8 @@ def nearest_level(scheme, v: torch.Tensor) -> torch.Tensor:
     levels = torch.tensor(np.array(scheme.levels), dtype=v.dtype, device=v.device)
     return levels[torch.bucketize(v, (levels[1:] + levels[:-1]) / 2)]
 
-__all__ = ["QATConfig", "FakeQuantLayer", "prepare_qat", "train_qat", "convert_qat", "reassign_rows", "qat_layers"]
+__all__ = ["QATConfig", "FakeQuantLayer", "prepare_qat", "train_qat", "convert_qat", "reassign_rows", "qat_layers",
+           "distill_loss"]
 
 
 def _non_negative(instance, attribute, value):
@@ -59,16 +69,37 @@ def _non_negative(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
 
 
+#: How learned scales are parameterized (``QATConfig.scale_param``).
+SCALE_PARAMS = ("log", "linear")
+#: Learning-rate schedules (``QATConfig.schedule``).
+SCHEDULES = ("cosine", "constant")
+#: Distillation losses (``QATConfig.distill``).
+DISTILL_LOSSES = ("kl", "mse", "cosine")
+
+
 @attrs.frozen
 class QATConfig:
     """Training settings.
 
     epochs: passes over the batches given to :func:`train_qat`.
-    lr, scale_lr: Adam learning rates of the float weights/biases and of the learned scales.
+    lr, scale_lr: peak Adam learning rates of the float weights/biases and of the learned scales.
     weight_decay: on weights only.
     reassign_every: re-run row assignment after every this many epochs (None: never).
     edge_scheme: first/last quantized layer policy, used when the RMSMPConfig sets none
         (``None`` here: they follow the ratio like every other layer).
+    scale_param: ``"log"`` (scales learned as their logarithm: relative steps) or ``"linear"``
+        (the scale itself, as before this option existed).
+    schedule: ``"cosine"`` (linear warm-up over ``warmup`` of the steps, then cosine decay to 0)
+        or ``"constant"``.
+    warmup: fraction of all steps spent warming up (cosine schedule only), in [0, 1).
+    steps_per_epoch: the schedule's steps per epoch when the batches have no ``len()`` (None:
+        counted during the first epoch, whose rate then stays at its warm-up end).
+    distill: knowledge distillation from a float ``teacher`` given to :func:`train_qat`:
+        ``"kl"`` (KL(softmax teacher || softmax student), classifiers), ``"mse"`` or
+        ``"cosine"`` (1 - cosine along the last axis, embeddings); None: the task loss only.
+    distill_weight: the loss is ``(1 - w) * loss_fn(out, target) + w * distill(out, teacher)``;
+        with ``w == 1`` ``loss_fn`` is not called (targets may be None).
+    temperature: of the ``"kl"`` distillation (the loss is multiplied by its square).
     """
 
     epochs: int = attrs.field(default=1, validator=attrs.validators.instance_of(int))
@@ -77,6 +108,34 @@ class QATConfig:
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
     reassign_every: Optional[int] = attrs.field(default=None)
     edge_scheme: Optional[str] = attrs.field(default="fixed_8")
+    scale_param: str = attrs.field(default="log", validator=attrs.validators.in_(SCALE_PARAMS))
+    schedule: str = attrs.field(default="cosine", validator=attrs.validators.in_(SCHEDULES))
+    warmup: float = attrs.field(default=0.05)
+    steps_per_epoch: Optional[int] = attrs.field(default=None)
+    distill: Optional[str] = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.in_(DISTILL_LOSSES)))
+    distill_weight: float = attrs.field(default=1.0)
+    temperature: float = attrs.field(default=1.0)
+
+    @warmup.validator
+    def _check_warmup(self, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {value!r}")
+
+    @steps_per_epoch.validator
+    def _check_steps(self, attribute, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"steps_per_epoch must be None or a positive integer, got {value!r}")
+
+    @distill_weight.validator
+    def _check_distill_weight(self, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {value!r}")
+
+    @temperature.validator
+    def _check_temperature(self, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
 
     @epochs.validator
     def _check_epochs(self, attribute, value):
@@ -109,20 +168,65 @@ class FakeQuantLayer(nn.Module):
     #: marks a layer of an already quantized (or QAT-prepared) model
     rmsmp_quantized_layer = True
 
-    def __init__(self, name: str, layer: nn.Module, plan: RowPlan, act: ActQuant):
+    def __init__(self, name: str, layer: nn.Module, plan: RowPlan, act: ActQuant, scale_param: str = "log",
+                 weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.layer_name, self.op = name, plan.op
-        self.weight = nn.Parameter(layer.weight.detach().clone().float())
+        w0 = layer.weight if weight is None else weight  # e.g. GPTQ's rounded weights: training starts at PTQ
+        self.weight = nn.Parameter(w0.detach().clone().float().to(layer.weight.device))
         device = layer.weight.device
         bias = layer.bias.detach().clone().float() if layer.bias is not None else torch.zeros(
             self.weight.shape[0], device=device)
         self.bias = nn.Parameter(bias)
-        self.row_scale = nn.Parameter(torch.from_numpy(plan.row_scale.astype(np.float32)).to(device))
-        self.act_scale = nn.Parameter(torch.tensor(float(act.scale), dtype=torch.float32, device=device))
+        self.scale_param = scale_param
+        row_scale = torch.from_numpy(plan.row_scale.astype(np.float32)).to(device)
+        act_scale = torch.tensor(float(act.scale), dtype=torch.float32, device=device)
+        # "log": scale = ref * exp(param), param 0 at the start (so the start is exact)
+        self.register_buffer("row_scale_ref", row_scale.clone())
+        self.register_buffer("act_scale_ref", act_scale.clone())
+        self.row_scale_param = nn.Parameter(self._encode(row_scale, self.row_scale_ref))
+        self.act_scale_param = nn.Parameter(self._encode(act_scale, self.act_scale_ref))
         self.act_bits, self.act_signed, self.qmin, self.qmax = act.bits, act.signed, act.qmin, act.qmax
         if self.op == "conv2d":
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
         self.set_schemes(plan.schemes)
+
+    # -- learned scales: ``ref * exp(param)`` ("log": steps relative to the scale) or the scale
+    #    itself ("linear") -------------------------------------------------------------------
+    def _encode(self, scale: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        scale = scale.detach().abs().clamp_min(1e-12)
+        return (scale / ref).log() if self.scale_param == "log" else scale.clone()
+
+    def _decode(self, p: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return ref * p.exp() if self.scale_param == "log" else p.abs().clamp_min(1e-12)
+
+    @property
+    def row_scale(self) -> torch.Tensor:
+        """The current per-row weight scales (positive)."""
+        return self._decode(self.row_scale_param, self.row_scale_ref)
+
+    @property
+    def act_scale(self) -> torch.Tensor:
+        """The current activation scale (positive, a 0-d tensor)."""
+        return self._decode(self.act_scale_param, self.act_scale_ref)
+
+    def set_row_scale(self, rows, values: torch.Tensor) -> None:
+        values = values.to(self.row_scale_param)
+        with torch.no_grad():
+            self.row_scale_ref[rows] = values.abs().clamp_min(1e-12)
+            self.row_scale_param[rows] = self._encode(values, self.row_scale_ref[rows])
+
+    def use_scale_param(self, mode: str) -> None:
+        """Re-parameterize the learned scales (same values) as ``"log"`` or ``"linear"``."""
+        if mode not in SCALE_PARAMS:
+            raise ValueError(f"scale_param must be one of {SCALE_PARAMS}, got {mode!r}")
+        if mode != self.scale_param:
+            row, act = self.row_scale.detach(), self.act_scale.detach()
+            self.scale_param = mode
+            self.row_scale_ref.copy_(row)
+            self.act_scale_ref.copy_(act)
+            self.row_scale_param = nn.Parameter(self._encode(row, self.row_scale_ref))
+            self.act_scale_param = nn.Parameter(self._encode(act, self.act_scale_ref))
 
     def set_schemes(self, schemes: Sequence[str]) -> None:
         self.schemes: Tuple[str, ...] = tuple(schemes)
@@ -139,7 +243,7 @@ class FakeQuantLayer(nn.Module):
         parts, scales = [], []
         for scheme, idx in self._groups:
             g = 1.0 / math.sqrt(fan_in * scheme.max_level)
-            scale = _grad_scale(self.row_scale[idx].abs().clamp_min(1e-12), g)
+            scale = self._decode(_grad_scale(self.row_scale_param[idx], g), self.row_scale_ref[idx])
             scales.append(scale)
             scale = scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
             v = (self.weight[idx] / scale).clamp(-scheme.max_level, scheme.max_level)
@@ -150,7 +254,7 @@ class FakeQuantLayer(nn.Module):
     def quantized_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(s * clamp(round(x / s)), s)`` with the learned activation scale ``s``."""
         g = 1.0 / math.sqrt(max(x[0].numel(), 1) * self.qmax)
-        s = _grad_scale(self.act_scale.abs().clamp_min(1e-12), g)
+        s = self._decode(_grad_scale(self.act_scale_param, g), self.act_scale_ref)
         return _round_ste((x / s).clamp(self.qmin, self.qmax)) * s, s
 
     def forward(self, x):
@@ -163,15 +267,15 @@ class FakeQuantLayer(nn.Module):
 
     def to_rmsmp(self) -> nn.Module:
         """The integer-exact layer with this layer's current weights, schemes and scales."""
-        w = self.weight.detach().double().numpy()
-        row_scale = self.row_scale.detach().abs().clamp_min(1e-12).numpy().astype(np.float32)
+        w = self.weight.detach().double().cpu().numpy()
+        row_scale = self.row_scale.detach().cpu().numpy().astype(np.float32)
         w_int = np.zeros(w.shape, np.int8)
         for scheme, idx in self._groups:
-            i = idx.numpy()
+            i = idx.cpu().numpy()
             w_int[i] = scheme.encode(w[i], row_scale[i]).astype(np.int8)
         plan = RowPlan(self.layer_name, self.op, self.schemes, w_int, row_scale)
-        act = ActQuant(float(self.act_scale.detach().abs()), self.act_bits, self.act_signed)
-        bias = self.bias.detach().numpy()
+        act = ActQuant(float(self.act_scale.detach()), self.act_bits, self.act_signed)
+        bias = self.bias.detach().cpu().numpy()
         if self.op == "dense":
             return RMSMPLinear(self.layer_name, plan, bias, act)
         return RMSMPConv2d(self.layer_name, plan, bias, act, self.stride, self.padding, self.dilation)
@@ -191,25 +295,30 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
                 qat_config: Optional[QATConfig] = None, row_hessian: Optional[Dict[str, np.ndarray]] = None
                 ) -> nn.Module:
     """A trainable copy of ``model`` with fake-quantized RMSMP layers, initialized by the same
-    calibration and row assignment as :func:`tvm_rmsmp.quantize` (PTQ)."""
+    calibration, row assignment and rounding as :func:`tvm_rmsmp.quantize` (PTQ): with
+    ``rounding="gptq"`` the float weights start at GPTQ's rounded weights, so the untrained
+    QAT model converts to the PTQ model. Under torch.distributed the Hessian estimate and the
+    assignment run on rank 0 only and every rank receives rank 0's plans and parameters."""
     qcfg = qat_config if qat_config is not None else QATConfig()
     cfg = config if config is not None else RMSMPConfig()
     if cfg.edge_scheme is None and qcfg.edge_scheme is not None:
         cfg = attrs.evolve(cfg, edge_scheme=qcfg.edge_scheme)
-    if cfg.rounding != "nearest":
-        # the fake quantizer keeps float weights and rounds them to the nearest level, so GPTQ's
-        # integers would be dropped at the first step; only the row scales carry over from PTQ
-        warnings.warn(f"prepare_qat: rounding={cfg.rounding!r} does not apply to QAT (its fake quantizer rounds to "
-                      "nearest); using rounding='nearest'", RMSMPWarning, stacklevel=2)
-        cfg = attrs.evolve(cfg, rounding="nearest")
-    cal = calibrate(model, cfg, calib_data, row_hessian)
+    dist = _distributed()
+    rank0 = not dist or torch.distributed.get_rank() == 0
+    # other ranks skip the Hessian estimate (the cheap variance rule): rank 0's plans replace theirs
+    local = cfg if rank0 or not rule_needs_hessian(cfg.assign) else attrs.evolve(cfg, assign="variance")
+    cal = calibrate(model, local, calib_data, row_hessian if rank0 else None)
     for name, ptq in ptq_layers(cal).items():
         mod = cal.layers[name]
         act = ActQuant(ptq.act_scale, ptq.act_bits, ptq.act_signed)
-        _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act))
+        start = ptq.weight if cfg.rounding == "gptq" else None  # GPTQ's integers times the row scales
+        _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act, qcfg.scale_param, start))
     qat = cal.model.train()
-    qat.rmsmp_config = cal.config
-    qat.rmsmp_report = {"assign": cal.rule, "hessian": cal.hessian_report, "reassigned_rows": 0}
+    qat.rmsmp_config = attrs.evolve(cal.config, assign=cfg.assign)
+    qat.rmsmp_report = {"assign": cal.rule if rank0 else cfg.assign, "hessian": cal.hessian_report,
+                        "reassigned_rows": 0}
+    if dist:
+        _sync_from_rank0(qat)
     return qat
 
 
@@ -229,6 +338,8 @@ def _sync_from_rank0(model: nn.Module) -> None:
         layer.set_schemes([names[int(c)] for c in codes])
     for p in model.parameters():
         dist.broadcast(p.data, 0)
+    for b in model.buffers():  # BN statistics, the scales' references
+        dist.broadcast(b.data, 0)
 
 
 def reassign_rows(model: nn.Module, calib_data: Iterable) -> int:
@@ -256,14 +367,13 @@ def reassign_rows(model: nn.Module, calib_data: Iterable) -> int:
         model.train(was_training)
     moved = 0
     for name, layer in layers.items():
-        w = layer.weight.detach().double().numpy()
+        w = layer.weight.detach().double().cpu().numpy()
         new = assign_rows(w, cfg.ratio_for(name), model.rmsmp_report["assign"], input_sq=stats[name].input_sq,
                           row_hessian=traces.get(name))
         changed = [i for i, (a, b) in enumerate(zip(layer.schemes, new)) if a != b]
-        with torch.no_grad():
-            for s in set(new[i] for i in changed):
-                rows = [i for i in changed if new[i] == s]
-                layer.row_scale[rows] = torch.from_numpy(get_scheme(s).choose_row_scale(w[rows]))
+        for s in set(new[i] for i in changed):
+            rows = [i for i in changed if new[i] == s]
+            layer.set_row_scale(rows, torch.from_numpy(get_scheme(s).choose_row_scale(w[rows])))
         layer.set_schemes(new)
         moved += len(changed)
     model.rmsmp_report["reassigned_rows"] += moved
@@ -361,20 +471,68 @@ def _first_nonfinite(model: nn.Module, inputs: tuple) -> str:
     return "the model's output is finite: loss_fn made the NaN/Inf (or it came from the target)"
 
 
+def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The distillation term: ``"kl"`` = T^2 KL(softmax(t/T) || softmax(s/T)) over the last
+    axis (batch mean), ``"mse"``, or ``"cosine"`` = mean(1 - cos(s, t)) along the last axis."""
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"distillation needs tensor outputs, got student {_describe(student)} and teacher "
+                        f"{_describe(teacher)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"distillation: student output {list(student.shape)} and teacher output "
+                         f"{list(teacher.shape)} differ in shape")
+    s, t = student.float(), teacher.detach().float()
+    if kind == "kl":
+        ls, lt = (s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1)
+        return nn.functional.kl_div(ls.reshape(-1, s.shape[-1]), lt.reshape(-1, s.shape[-1]), log_target=True,
+                                    reduction="batchmean") * temperature**2
+    if kind == "mse":
+        return nn.functional.mse_loss(s, t)
+    if kind == "cosine":
+        return (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean()
+    raise ValueError(f"distill must be one of {DISTILL_LOSSES}, got {kind!r}")
+
+
+def _lr_factor(cfg: QATConfig, step: int, total: Optional[int]) -> float:
+    """Multiplier of the peak learning rates at ``step`` (0-based) of ``total`` (None: unknown yet)."""
+    if cfg.schedule == "constant":
+        return 1.0
+    warm = int(cfg.warmup * total) if total else int(cfg.warmup * (cfg.steps_per_epoch or 0) * cfg.epochs)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if not total:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
+
+
+def _rank0_decides(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every rank (itself when not distributed)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
+
+
 def train_qat(
     model: nn.Module,
     batches: Callable[[int], Iterable[Tuple[tuple, torch.Tensor]]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     config: Optional[QATConfig] = None,
     calib_data: Optional[Iterable] = None,
     log: Optional[Callable[[str], None]] = None,
+    teacher: Optional[nn.Module] = None,
+    val_fn: Optional[Callable[[nn.Module], float]] = None,
 ) -> nn.Module:
     """Train a :func:`prepare_qat` model in place.
 
     batches(epoch) yields ``(inputs tuple, target)``; under torch.distributed each rank
     yields its own shard. ``batches`` may also be the iterable itself (a list of pairs, a
     DataLoader), used every epoch; inputs may be one tensor. calib_data: input batches for
-    re-assignment (``reassign_every``).
+    re-assignment (``reassign_every``). teacher: the float model for ``config.distill``
+    (run in eval mode on the same inputs). val_fn: ``model -> score`` (higher is better, e.g.
+    accuracy on a validation split), called on the model in eval mode before training and
+    after every epoch; the best state is kept (ties keep the earlier one) and the scores are
+    in ``model.rmsmp_report["qat_val"]``.
 
     Raises TypeError for a batch that is no (inputs, target) pair, FloatingPointError as soon
     as the loss is NaN/Inf (naming the step and the first layer whose output was not finite)
@@ -385,7 +543,13 @@ def train_qat(
         raise ValueError("model has no FakeQuantLayer: call prepare_qat first")
     if cfg.reassign_every is not None and calib_data is None:
         raise ValueError("reassign_every needs calib_data (input batches for the re-assignment statistics)")
-    scales = [p for n, p in model.named_parameters() if n.endswith(("row_scale", "act_scale"))]
+    if cfg.distill is not None and teacher is None:
+        raise ValueError(f"QATConfig(distill={cfg.distill!r}) needs the float model: train_qat(..., teacher=model)")
+    if loss_fn is None and not (cfg.distill is not None and cfg.distill_weight == 1):
+        raise ValueError("loss_fn is required unless the loss is all distillation (distill set, distill_weight=1)")
+    for layer in qat_layers(model).values():
+        layer.use_scale_param(cfg.scale_param)
+    scales = [p for n, p in model.named_parameters() if n.endswith(("row_scale_param", "act_scale_param"))]
     ids = {id(p) for p in scales}
     weights = [p for n, p in model.named_parameters() if id(p) not in ids and n.endswith("weight")]
     others = [p for p in model.parameters() if id(p) not in ids and all(p is not w for w in weights)]
@@ -394,19 +558,45 @@ def train_qat(
         {"params": others, "lr": cfg.lr},
         {"params": scales, "lr": cfg.scale_lr},
     ])
+    peaks = [g["lr"] for g in opt.param_groups]
     dist = _distributed()
     if dist:
         _sync_from_rank0(model)
+    if teacher is not None:
+        teacher.eval()
     net = nn.parallel.DistributedDataParallel(model) if dist else model
+    report = model.rmsmp_report
+    best = None
+    if val_fn is not None:
+        report["qat_val"] = [float(val_fn(model.eval()))]
+        best = (report["qat_val"][0], 0, copy.deepcopy(model.state_dict()), [l.schemes for l in qat_layers(model).values()])
+    total, step = None, 0
     for epoch in range(cfg.epochs):
         net.train()
-        t0, steps, total = time.perf_counter(), 0, 0.0
-        for batch in _epoch_batches(batches, epoch, cfg.epochs):
+        t0, steps, loss_sum = time.perf_counter(), 0, 0.0
+        epoch_batches = _epoch_batches(batches, epoch, cfg.epochs)
+        if total is None:
+            src = epoch_batches if callable(batches) and not isinstance(batches, nn.Module) else batches
+            try:
+                total = len(src) * cfg.epochs
+            except TypeError:
+                total = cfg.steps_per_epoch * cfg.epochs if cfg.steps_per_epoch else None
+        for batch in epoch_batches:
             inputs, target = _step_batch(batch, epoch, steps)
-            loss = loss_fn(net(*inputs), target)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError(f"train_qat: loss_fn must return a scalar tensor, got {_describe(loss)} at "
-                                f"epoch {epoch + 1}, step {steps + 1}")
+            for group, peak in zip(opt.param_groups, peaks):
+                group["lr"] = peak * _lr_factor(cfg, step, total)
+            out = net(*inputs)
+            loss = None
+            if cfg.distill is None or cfg.distill_weight < 1:
+                loss = loss_fn(out, target)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TypeError(f"train_qat: loss_fn must return a scalar tensor, got {_describe(loss)} at "
+                                    f"epoch {epoch + 1}, step {steps + 1}")
+            if cfg.distill is not None:
+                with torch.no_grad():
+                    ref = teacher(*inputs)
+                kd = distill_loss(cfg.distill, out, ref, cfg.temperature)
+                loss = kd if loss is None else (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
             if not torch.isfinite(loss.detach()).all():
                 raise FloatingPointError(
                     f"train_qat: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1}: "
@@ -417,7 +607,8 @@ def train_qat(
             loss.backward()
             opt.step()
             steps += 1
-            total += float(loss.detach())
+            step += 1
+            loss_sum += float(loss.detach())
         if steps == 0:
             raise ValueError(
                 f"train_qat: epoch {epoch + 1} has no batches (0 steps trained"
@@ -425,21 +616,37 @@ def train_qat(
                 + "); give batches that yield (inputs, target) pairs every epoch"
                 + (" (an iterator or generator is used up after one epoch)" if epoch else "")
             )
+        if total is None:
+            total = steps * cfg.epochs  # counted: the cosine decay starts with the second epoch
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
         if bad:
             raise FloatingPointError(f"train_qat: after epoch {epoch + 1}, parameters {bad[:8]} have NaN/Inf "
                                      "values (a non-finite gradient); try a lower lr or scale_lr")
-        if log is not None:
-            log(f"QAT epoch {epoch + 1}/{cfg.epochs}: {steps} steps, mean loss {total / max(steps, 1):.4f}, "
-                f"{time.perf_counter() - t0:.0f}s")
+        msg = (f"QAT epoch {epoch + 1}/{cfg.epochs}: {steps} steps, mean loss {loss_sum / max(steps, 1):.4f}, "
+               f"{time.perf_counter() - t0:.0f}s")
         if cfg.reassign_every is not None and (epoch + 1) % cfg.reassign_every == 0 and epoch + 1 < cfg.epochs:
             if not dist or torch.distributed.get_rank() == 0:
                 moved = reassign_rows(model, calib_data)
-                if log is not None:
-                    log(f"re-assigned {moved} rows")
+                msg += f"; re-assigned {moved} rows"
             if dist:
                 _sync_from_rank0(model)
             opt.state.clear()  # moments of scales whose rows changed scheme are stale
+        if val_fn is not None:
+            score = float(val_fn(model.eval()))
+            report["qat_val"].append(score)
+            msg += f"; validation {score:.4f}"
+            if _rank0_decides(score > best[0]):
+                best = (score, epoch + 1, copy.deepcopy(model.state_dict()), [l.schemes for l in qat_layers(model).values()])
+        if log is not None:
+            log(msg)
+    if best is not None:
+        report["qat_best_epoch"] = best[1]
+        if best[1] != cfg.epochs:
+            for layer, schemes in zip(qat_layers(model).values(), best[3]):
+                layer.set_schemes(schemes)
+            model.load_state_dict(best[2])
+            if log is not None:
+                log(f"kept epoch {best[1]} (validation {best[0]:.4f})")
     return model.eval()
 
 
