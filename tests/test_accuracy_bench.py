@@ -11,6 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"fp32", "fixed_4", "sp2_4", "fixed_8", "layerwise_4_8", "rmsmp_60_35_5", "rmsmp_65_30_5"}
 
 
+FIELDS = {"model", "dataset", "variant", "act_bits", "mode", "metric", "value", "seeds", "std", "ci_low", "ci_high",
+          "rounding", "act_granularity", "share_8bit"}
+
+
 @pytest.mark.slow
 def test_quick_accuracy_bench(tmp_path):
     out = tmp_path / "accuracy.json"
@@ -20,24 +24,60 @@ def test_quick_accuracy_bench(tmp_path):
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and rows
     for r in rows:
-        assert set(r) == {"model", "dataset", "variant", "act_bits", "mode", "metric", "value"}
+        assert set(r) == FIELDS
         assert r["variant"] in VARIANTS and r["mode"] in ("ptq", "qat")
+        assert r["seeds"] == [0] and r["std"] is None  # one seed in quick mode
     meta = json.loads((tmp_path / "accuracy.meta.json").read_text())
-    assert meta["details"]["fmnist"]["hessian"]["probes"] == 8
+    details = meta["details"]["fmnist"]["seed0"]
+    assert details["hessian"]["probes"] == 8
 
-    def top1(variant, mode, act=4):
-        (v,) = [r["value"] for r in rows if r["model"] == "resnet20" and r["variant"] == variant
-                and r["mode"] == mode and r["act_bits"] == act and r["metric"] == "top1"]
-        return v
+    def row(variant, mode, act=4, metric="top1", model="resnet20"):
+        (r,) = [r for r in rows if r["model"] == model and r["variant"] == variant and r["mode"] == mode
+                and r["act_bits"] == act and r["metric"] == metric]
+        return r
 
     fp32 = [r["value"] for r in rows if r["model"] == "resnet20" and r["variant"] == "fp32"][0]
     assert fp32 > 0.9
-    # RMSMP 60:35:5 at least as accurate as uniform Fixed-4 and SP2-only with the same
-    # activations (PTQ, all 10000 test images). The quick QAT run (40 steps, RMSMP only)
-    # checks that training runs and keeps the model accurate; the comparison after QAT is the
-    # full run's (docs/accuracy.md).
-    for act in (8, 4):
-        assert top1("rmsmp_60_35_5", "ptq", act) >= max(top1("fixed_4", "ptq", act), top1("sp2_4", "ptq", act))
-    assert top1("rmsmp_60_35_5", "qat") > 0.85
+    # the claims CI holds the library to, on all 10000 test images (PTQ at A4, the defaults):
+    # RMSMP 60:35:5 at least as accurate as uniform Fixed-4 and as layer-wise 4/8 mixing at no
+    # larger 8-bit share, and QAT (validation-selected epoch) at least as accurate as PTQ
+    rmsmp_ptq = row("rmsmp_60_35_5", "ptq")
+    assert rmsmp_ptq["value"] >= row("fixed_4", "ptq")["value"]
+    assert rmsmp_ptq["value"] >= row("layerwise_4_8", "ptq")["value"]
+    assert row("layerwise_4_8", "ptq")["share_8bit"] <= rmsmp_ptq["share_8bit"] + 1e-9
+    assert row("rmsmp_60_35_5", "qat")["value"] >= rmsmp_ptq["value"]
+    assert rmsmp_ptq["ci_low"] <= rmsmp_ptq["value"] - row("fixed_4", "ptq")["value"] <= rmsmp_ptq["ci_high"]
+    # GPTQ never rounds a layer worse than nearest rounding on its own calibration objective
+    errors = details["layer_error"]
+    assert len(errors) >= 20
+    for layer, (gptq, nearest) in errors.items():
+        assert gptq <= nearest * (1 + 1e-9), (layer, gptq, nearest)
     cos = {r["variant"]: r["value"] for r in rows if r["model"] == "minilm_l6" and r["metric"] == "cosine"}
-    assert cos["rmsmp_60_35_5"] > max(cos["fixed_4"], cos["sp2_4"])
+    assert cos["rmsmp_60_35_5"] > cos["fixed_4"]
+
+
+def test_protocol_statistics_against_direct_computation():
+    import numpy as np
+
+    from bench.accuracy_protocol import aggregate, paired_bootstrap, raw
+
+    rng = np.random.default_rng(0)
+    a = [(rng.random(4000) < p).astype(float) for p in (0.80, 0.81, 0.79)]
+    b = [(rng.random(4000) < p).astype(float) for p in (0.70, 0.72, 0.71)]
+    entries = [raw("m", "d", v, 4, "ptq", "top1", x.mean(), seed=s, per_example=x)
+               for v, xs in (("rmsmp_60_35_5", a), ("fixed_4", b)) for s, x in enumerate(xs)]
+    rows = {r["variant"]: r for r in aggregate(entries)}
+    means = [x.mean() for x in a]
+    assert abs(rows["rmsmp_60_35_5"]["value"] - np.mean(means)) < 1e-6
+    assert abs(rows["rmsmp_60_35_5"]["std"] - np.std(means, ddof=1)) < 1e-6
+    diff = np.mean(means) - np.mean([x.mean() for x in b])
+    lo, hi = rows["rmsmp_60_35_5"]["ci_low"], rows["rmsmp_60_35_5"]["ci_high"]
+    assert lo < diff < hi and lo > 0.05  # a 9-point gap on 4000 paired examples is far from zero
+    # the standard error of a mean of 4000 per-example differences (averaged over 3 seeds) is
+    # about 0.004 here: a 95% interval is about 4 of them wide
+    assert 0.008 < hi - lo < 0.03
+    assert rows["fixed_4"]["ci_low"] is None
+    lo0, hi0 = paired_bootstrap(a, a)
+    assert lo0 == hi0 == 0.0
+    with pytest.raises(ValueError, match="per-example mean"):
+        raw("m", "d", "v", 4, "ptq", "top1", 0.5, seed=0, per_example=np.zeros(10))
