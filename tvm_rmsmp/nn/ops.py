@@ -45,6 +45,8 @@ from typing import List
 
 import torch
 
+from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
+
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
            "qlinear_per_token", "qconv2d", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
@@ -62,9 +64,6 @@ def quantize_activation_asym(x: torch.Tensor, inv_scale: float, zero_point: int,
     return (x.to(torch.float32) * inv).round_().add_(zp).clamp_(0, qmax)
 
 
-#: Bounds of the per-token exponent ``e_t``: 2^e_t and 2^-e_t stay normal float32 numbers.
-TOKEN_EXP_MIN = -100
-TOKEN_EXP_MAX = 126
 
 
 def token_exponent(x: torch.Tensor, bits: int) -> torch.Tensor:

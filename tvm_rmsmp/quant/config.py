@@ -11,7 +11,7 @@ import attrs
 from .schemes import get_scheme
 
 __all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio", "RMSMPWarning", "ACT_GRANULARITIES",
-           "ACT_ZERO_POINTS", "ZERO_POINT_GAIN"]
+           "ACT_ZERO_POINTS", "ZERO_POINT_GAIN", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 class RMSMPWarning(UserWarning):
@@ -27,6 +27,10 @@ ACT_ZERO_POINTS = ("never", "auto", "always")
 #: squared error of the asymmetric quantizer on its calibration samples is below this fraction
 #: of the symmetric one's.
 ZERO_POINT_GAIN = 0.8
+#: Bounds of the per-token exponent ``e_t`` (``act_granularity="per_token"``): ``2^e_t`` and
+#: ``2^-e_t`` stay normal float32 numbers (the torch reference and every kernel clamp to them).
+TOKEN_EXP_MIN = -100
+TOKEN_EXP_MAX = 126
 
 #: The paper's ratio for a Zynq XC7Z020: SP2-4 : Fixed-4 : Fixed-8 = 60:35:5.
 DEFAULT_RATIO: Dict[str, float] = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
