@@ -348,27 +348,25 @@ def verify_activation_func(name: str, func: tvm.tirx.PrimFunc) -> None:
 def _verify_bias_bounds(mod: tvm.IRModule) -> None:
     """Rule ``acc_bound`` with the bias: ``acc + bias`` is an int32 add, so the largest ``|acc|``
     plus the largest constant ``|bias|`` (a folded zero point makes it large) must fit int32."""
+    calls = []  # collected first: an error raised inside TVM's visitor would come out as a RuntimeError
     for _, fn in mod.functions.items():
-        if not isinstance(fn, tvm.relax.Function):
+        if isinstance(fn, tvm.relax.Function):
+            tvm.relax.analysis.post_order_visit(
+                fn.body, lambda e: calls.append(e) if isinstance(e, tvm.relax.Call) else None)
+    for call in calls:
+        func = callee(mod, call)
+        if func is None or rmsmp_attr(func, OP) not in OPS or len(call.args[1].fields) != len(PARAMS) - 1:
             continue
-
-        def visit(expr):
-            func = callee(mod, expr) if isinstance(expr, tvm.relax.Call) else None
-            if func is None or rmsmp_attr(func, OP) not in OPS or len(expr.args[1].fields) != len(PARAMS):
-                return
-            bias = const_value(expr.args[1].fields[PARAMS.index("bias")])
-            if bias is None or not bias.size:
-                return
-            k, act_max, level = _acc_terms(func)
-            worst = k * act_max * level + int(np.abs(bias.astype(np.int64)).max())
-            if worst > INT32_MAX:
-                layer = rmsmp_attr(func, LAYER)
-                raise ContractError(
-                    f"{expr.args[0].name_hint} (layer {layer}) breaks the row-group op contract, rule 'acc_bound': "
-                    f"{k} products of activations up to {act_max} and levels up to {level} plus a bias up to "
-                    f"{int(np.abs(bias.astype(np.int64)).max())} can reach {worst}, past int32 ({INT32_MAX})")
-
-        tvm.relax.analysis.post_order_visit(fn.body, visit)
+        bias = const_value(call.args[1].fields[PARAMS.index("bias")])
+        if bias is None or not bias.size:
+            continue
+        k, act_max, level = _acc_terms(func)
+        bias_max = int(np.abs(bias.astype(np.int64)).max())
+        if k * act_max * level + bias_max > INT32_MAX:
+            raise ContractError(
+                f"{call.args[0].name_hint} (layer {rmsmp_attr(func, LAYER)}) breaks the row-group op contract, rule "
+                f"'acc_bound': {k} products of activations up to {act_max} and levels up to {level} plus a bias up "
+                f"to {bias_max} can reach {k * act_max * level + bias_max}, past int32 ({INT32_MAX})")
 
 
 def verify(mod: tvm.IRModule) -> tvm.IRModule:
