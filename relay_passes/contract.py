@@ -29,6 +29,13 @@ gather that restores the layer's row order into the consumers' constants where i
 (``relax.take`` after the concat where it cannot). Target layout passes may replace a
 layer's row groups by one kernel, which then carries :data:`SCHEMES` (the groups' schemes in
 order) and :data:`CPU_KERNEL`.
+
+Around a layer, the *activation functions* (:data:`OP` in :data:`ACTIVATION_OPS`) quantize its
+input: :data:`QUANTIZE` (per tensor; with :data:`ZERO_POINT` asymmetric, uint8 codes, the zero
+point folded into the row groups' bias) or, per token, :data:`TOKEN_EXPONENT`,
+:data:`QUANTIZE_PER_TOKEN` and after the row groups :data:`TOKEN_EPILOGUE` (see
+:func:`verify_activation_func` and docs/design.md). Rule ``acc_bound`` also counts the bias
+constants a row-group op is called with: ``acc + bias`` is an int32 add.
 """
 
 from __future__ import annotations
