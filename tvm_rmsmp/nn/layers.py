@@ -181,10 +181,10 @@ class _RMSMPLayer(nn.Module):
         w_max = np.abs(plan.weight_int.astype(np.int64)).reshape(n, -1).max(axis=1)
         bound = fan_in * w_max * max(abs(act.qmin), act.qmax) + np.abs(bias_int)
         if np.any(bound >= 2**31):
+            folded = "" if act.zero_point is None else f", zero point {act.zero_point} folded into the bias"
             raise ValueError(
                 f"layer {name!r}: the int32 accumulator can overflow (fan-in {fan_in}, bound "
-                f"{int(bound.max())}{', zero point ' + str(act.zero_point) + ' folded into the bias' if act.zero_point is not None else ''}); "
-                "use fewer activation bits or split the layer"
+                f"{int(bound.max())}{folded}); use fewer activation bits or split the layer"
             )
         self.register_buffer("weight_int", torch.from_numpy(plan.weight_int.astype(np.int8)))
         self.register_buffer("row_scale", torch.from_numpy(plan.row_scale.astype(np.float32)))
