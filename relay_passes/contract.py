@@ -29,6 +29,13 @@ gather that restores the layer's row order into the consumers' constants where i
 (``relax.take`` after the concat where it cannot). Target layout passes may replace a
 layer's row groups by one kernel, which then carries :data:`SCHEMES` (the groups' schemes in
 order) and :data:`CPU_KERNEL`.
+
+Around a layer, the *activation functions* (:data:`OP` in :data:`ACTIVATION_OPS`) quantize its
+input: :data:`QUANTIZE` (per tensor; with :data:`ZERO_POINT` asymmetric, uint8 codes, the zero
+point folded into the row groups' bias) or, per token, :data:`TOKEN_EXPONENT`,
+:data:`QUANTIZE_PER_TOKEN` and after the row groups :data:`TOKEN_EPILOGUE` (see
+:func:`verify_activation_func` and docs/design.md). Rule ``acc_bound`` also counts the bias
+constants a row-group op is called with: ``acc + bias`` is an int32 add.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack
 __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
+    "ZERO_POINT", "ACT_BITS", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
+    "verify_activation_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel",
@@ -66,8 +75,17 @@ WEIGHT_TILES = "rmsmp.weight_tiles"    #: x86 layout pass: weights stored in row
 WEIGHT_TAPS_FIRST = "rmsmp.weight_taps_first"  #: x86 layout pass: conv weights taps first
 WEIGHT_TAP_ORDER = "rmsmp.weight_tap_order"    #: x86 layout pass: conv weights in im2col tap order
 
+ZERO_POINT = "rmsmp.zero_point"        #: asymmetric activation quantizer: its integer zero point
+ACT_BITS = "rmsmp.act_bits"            #: per-token activation functions: the activation bit width
+
 # ----- values ---------------------------------------------------------------------------------
 OPS = ("dense", "conv2d")
+#: The activation functions around a layer (:data:`OP` values; not row-group ops):
+QUANTIZE = "quantize"                  #: per-tensor quantizer ``x -> x_q`` (with :data:`ZERO_POINT`: asymmetric)
+TOKEN_EXPONENT = "token_exponent"      #: per token: ``x [M, K] float32 -> e [M] int32``
+QUANTIZE_PER_TOKEN = "quantize_per_token"  #: per token: ``(x, e) -> x_q int8 [M, K]``
+TOKEN_EPILOGUE = "token_epilogue"      #: per token: ``(y0 [M, N], e, bias float32 [N]) -> y0 * 2^e + bias``
+ACTIVATION_OPS = (QUANTIZE, TOKEN_EXPONENT, QUANTIZE_PER_TOKEN, TOKEN_EPILOGUE)
 #: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
 SP2_LOWERINGS = ("shift", "decode")
 ACC_BLOCK = "acc"
@@ -210,6 +228,18 @@ def _has_block(func: tvm.tirx.PrimFunc, name: str) -> bool:
         return False
 
 
+def _acc_terms(func: tvm.tirx.PrimFunc) -> Tuple[int, int, int]:
+    """``(K, largest |activation|, largest |level|)`` of a row-group or quantized op: the
+    ``acc`` sums are at most their product in magnitude."""
+    x, w = func.params[0], func.params[1]
+    packed = rmsmp_attr(func, PACKED)
+    scheme, row_schemes = rmsmp_attr(func, SCHEME), attr(func, ROW_SCHEMES)
+    names = [scheme] if scheme is not None else sorted({str(v) for v in row_schemes})
+    level = max(int(np.abs(get_scheme(n).levels).max()) for n in names)
+    k = int(np.prod([int(d) for d in w.shape[1:]])) * (2 if packed else 1)
+    return k, (255 if str(x.dtype) == "uint8" else 128), level
+
+
 def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     """Check one PrimFunc with an :data:`OP` attribute of :data:`OPS`; raise :class:`ContractError`."""
     op = rmsmp_attr(func, OP)
@@ -264,14 +294,10 @@ def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     lowering = rmsmp_attr(func, SP2_LOWERING)
     if lowering is not None and (lowering not in SP2_LOWERINGS or packed is None or get_scheme(scheme).kind != "sp2"):
         broken("sp2_lowering", f"{SP2_LOWERING}={lowering!r} is for packed SP2 rows, one of {SP2_LOWERINGS}")
-    if scheme is not None or row_schemes is not None:
-        names = [scheme] if scheme is not None else sorted({str(v) for v in row_schemes})
-        level = max(int(np.abs(get_scheme(n).levels).max()) for n in names)
-        k = int(np.prod([int(d) for d in w.shape[1:]])) * (2 if packed else 1)
-        worst = k * (255 if str(x.dtype) == "uint8" else 128) * level
-        if worst > INT32_MAX:
-            broken("acc_bound", f"{k} products of activations up to {255 if str(x.dtype) == 'uint8' else 128} "
-                                f"and levels up to {level} can reach {worst}, past int32 ({INT32_MAX})")
+    k, act_max, level = _acc_terms(func)
+    if k * act_max * level > INT32_MAX:
+        broken("acc_bound", f"{k} products of activations up to {act_max} "
+                            f"and levels up to {level} can reach {k * act_max * level}, past int32 ({INT32_MAX})")
     if op == "conv2d":
         conv = func.attrs.get(CONV)
         if conv is None or any(k not in conv for k in ("strides", "padding", "dilation")):
@@ -282,10 +308,82 @@ def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
                 broken("blocks", f"no block named {block!r}")
 
 
+_FLOAT_IN = "float32"
+
+
+def verify_activation_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one activation function (:data:`OP` in :data:`ACTIVATION_OPS`): its parameters'
+    dtypes and shapes, and :data:`ZERO_POINT` / :data:`ACT_BITS`; raise :class:`ContractError`."""
+    op = rmsmp_attr(func, OP)
+
+    def broken(rule: str, detail: str):
+        layer = rmsmp_attr(func, LAYER)
+        raise ContractError(f"{name}{f' (layer {layer})' if layer else ''} breaks the activation contract, "
+                            f"rule '{rule}': {detail}")
+
+    if op not in ACTIVATION_OPS:
+        broken("op", f"{OP} is {op!r}, not one of {ACTIVATION_OPS}")
+    if rmsmp_attr(func, LAYER) is None:
+        broken("layer", f"no {LAYER} attribute")
+    bufs = list(func.params)
+    spec = {  # op -> [(name, dtypes, rank)] in parameter order
+        QUANTIZE: [("x", (_FLOAT_IN,), None), ("x_q", ("int8", "uint8"), None)],
+        TOKEN_EXPONENT: [("x", (_FLOAT_IN,), 2), ("e", ("int32",), 1)],
+        QUANTIZE_PER_TOKEN: [("x", (_FLOAT_IN,), 2), ("e", ("int32",), 1), ("x_q", ("int8",), 2)],
+        TOKEN_EPILOGUE: [("y0", (_FLOAT_IN,), 2), ("e", ("int32",), 1), ("bias", (_FLOAT_IN,), 1), ("y", (_FLOAT_IN,), 2)],
+    }[op]
+    if len(bufs) != len(spec):
+        broken("params", f"{len(bufs)} parameters, expected {len(spec)}: {[n for n, _, _ in spec]}")
+    for i, ((pname, dtypes, rank), b) in enumerate(zip(spec, bufs)):
+        if str(b.dtype) not in dtypes or (rank is not None and len(b.shape) != rank):
+            broken("params", f"parameter {i} ({pname}) is {b.dtype}{list(b.shape)}, expected {'/'.join(dtypes)}"
+                             f"{f' of rank {rank}' if rank else ''}")
+    analyzer = Analyzer()
+    if op != QUANTIZE and not analyzer.can_prove_equal(bufs[0].shape[0], bufs[1].shape[0]):
+        broken("params", f"e has {bufs[1].shape[0]} entries for {bufs[0].shape[0]} tokens")
+    if op == TOKEN_EPILOGUE and not analyzer.can_prove_equal(bufs[2].shape[0], bufs[0].shape[1]):
+        broken("params", f"bias has {bufs[2].shape[0]} entries for {bufs[0].shape[1]} channels")
+    zp = attr(func, ZERO_POINT)
+    if zp is not None and (op != QUANTIZE or str(bufs[1].dtype) != "uint8" or not 0 <= int(zp) <= 255):
+        broken("zero_point", f"{ZERO_POINT}={zp} needs a {QUANTIZE} op with uint8 output, in [0, 255]")
+    if op in (TOKEN_EXPONENT, QUANTIZE_PER_TOKEN):
+        bits = attr(func, ACT_BITS)
+        if bits is None or not 2 <= int(bits) <= 8:
+            broken("act_bits", f"{ACT_BITS} is {bits!r}, expected an integer in [2, 8]")
+
+
+def _verify_bias_bounds(mod: tvm.IRModule) -> None:
+    """Rule ``acc_bound`` with the bias: ``acc + bias`` is an int32 add, so the largest ``|acc|``
+    plus the largest constant ``|bias|`` (a folded zero point makes it large) must fit int32."""
+    calls = []  # collected first: an error raised inside TVM's visitor would come out as a RuntimeError
+    for _, fn in mod.functions.items():
+        if isinstance(fn, tvm.relax.Function):
+            tvm.relax.analysis.post_order_visit(
+                fn.body, lambda e: calls.append(e) if isinstance(e, tvm.relax.Call) else None)
+    for call in calls:
+        func = callee(mod, call)
+        if func is None or rmsmp_attr(func, OP) not in OPS or len(call.args[1].fields) != len(PARAMS) - 1:
+            continue
+        bias = const_value(call.args[1].fields[PARAMS.index("bias")])
+        if bias is None or not bias.size:
+            continue
+        k, act_max, level = _acc_terms(func)
+        bias_max = int(np.abs(bias.astype(np.int64)).max())
+        if k * act_max * level + bias_max > INT32_MAX:
+            raise ContractError(
+                f"{call.args[0].name_hint} (layer {rmsmp_attr(func, LAYER)}) breaks the row-group op contract, rule "
+                f"'acc_bound': {k} products of activations up to {act_max} and levels up to {level} plus a bias up "
+                f"to {bias_max} can reach {k * act_max * level + bias_max}, past int32 ({INT32_MAX})")
+
+
 def verify(mod: tvm.IRModule) -> tvm.IRModule:
-    """Check every row-group op of ``mod`` (and every quantized op); returns ``mod`` unchanged."""
+    """Check every row-group op of ``mod`` (and every quantized op), every activation function,
+    and the bias constants the row-group ops are called with; returns ``mod`` unchanged."""
     for gv, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and OP in func.attrs \
-                and str(func.attrs[OP]) != "quantize":
-            verify_func(gv.name_hint, func)
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and OP in func.attrs:
+            if str(func.attrs[OP]) in ACTIVATION_OPS:
+                verify_activation_func(gv.name_hint, func)
+            else:
+                verify_func(gv.name_hint, func)
+    _verify_bias_bounds(mod)
     return mod

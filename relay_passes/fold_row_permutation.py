@@ -233,14 +233,40 @@ class _Folder(PyExprMutator):
         if name == "relax.reshape" and call.args[0] in self.permuted:
             return self._fold_reshape(var, call)
         if name == "relax.call_tir":
-            if self._callee_op(call) == "quantize" and call.args[1].fields[0] in self.permuted:
-                p = self.permuted[call.args[1].fields[0]]
-                out_ty = call.ty_args[0]
-                new_call = relax.call_tir(call.args[0], [p.src], relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype))
-                self._emit(var, new_call, _Permuted(None, p.order, p.axis))
-                return True
-            return self._fold_into_consumer(var, call)
+            folded = self._fold_activation(var, call)
+            return folded if folded is not None else self._fold_into_consumer(var, call)
         return False
+
+    def _fold_activation(self, var, call) -> Optional[bool]:
+        """The activation functions around a layer (None: ``call`` is none of them).
+
+        Quantizers are elementwise in ``x`` (a per-token quantizer's exponents are per row, in
+        no channel order): their codes keep ``x``'s order. A token's exponent is a max over
+        its channels, in any order. The per-token epilogue adds a per-channel bias, permuted
+        at compile time; its output stays a layer's output."""
+        op = self._callee_op(call)
+        if op not in contract.ACTIVATION_OPS:
+            return None
+        fields = list(call.args[1].fields)
+        p = self.permuted.get(fields[0])
+        if p is None or any(f in self.permuted for f in fields[1:]) or p.axis != len(_shape(fields[0])) - 1 \
+                and op != contract.QUANTIZE:
+            return False
+        rest = [self.visit_expr(f) for f in fields[1:]]
+        if op == contract.TOKEN_EPILOGUE:
+            bias = _const(fields[2])
+            if bias is None:
+                return False
+            rest[1] = relax.const(np.ascontiguousarray(np.take(bias, p.order)), "float32")
+        out_ty = call.ty_args[0]
+        new_call = relax.call_tir(call.args[0], [p.src] + rest,
+                                  relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype))
+        if op == contract.TOKEN_EXPONENT:
+            self._emit(var, new_call)
+        else:
+            self._emit(var, new_call, _Permuted(None, p.order, p.axis, from_layer=op == contract.TOKEN_EPILOGUE
+                                                and p.from_layer))
+        return True
 
     def _callee_op(self, call: relax.Call) -> Optional[str]:
         return rmsmp_attr(callee(self.mod_, call), contract.OP)

@@ -22,11 +22,12 @@ with a following add into an FMA that would round differently from the reference
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import tvm
 from tvm import te, tirx, topi
 
+from tvm_rmsmp.quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 from tvm_rmsmp.quant.schemes import SP2_TERM_BITS
 from . import contract
 
@@ -34,6 +35,9 @@ __all__ = [
     "OP_PATTERN_OPAQUE",
     "OP_PATTERN_ELEMWISE",
     "quantize_func",
+    "token_exponent_func",
+    "quantize_per_token_func",
+    "token_epilogue_func",
     "fixed_product",
     "sp2_product",
     "sp2_nibble_decode_product",
@@ -46,6 +50,8 @@ __all__ = [
 OP_PATTERN_OPAQUE = 8
 #: relax.OpPatternKind.kElemWise: may fuse into the op before it (e.g. ReLU, pooling).
 OP_PATTERN_ELEMWISE = 0
+#: relax.OpPatternKind.kBroadcast: elementwise with a broadcast operand (a per-token exponent).
+OP_PATTERN_BROADCAST = 1
 
 Product = Callable[[tvm.ir.Expr, tvm.ir.Expr], tvm.ir.Expr]
 
@@ -76,9 +82,11 @@ def sp2_product(x: tvm.ir.Expr, code: tvm.ir.Expr) -> tvm.ir.Expr:
 
 
 def quantize_func(
-    shape: Sequence[int], inv_scale: float, qmin: int, qmax: int, out_dtype: str, layer: str, pad_hw=(0, 0)
+    shape: Sequence[int], inv_scale: float, qmin: int, qmax: int, out_dtype: str, layer: str, pad_hw=(0, 0),
+    zero_point: Optional[int] = None,
 ) -> tirx.PrimFunc:
-    """The activation quantizer: ``clamp(nearbyint(x * inv_scale), qmin, qmax)`` cast to int8/uint8.
+    """The activation quantizer: ``clamp(nearbyint(x * inv_scale), qmin, qmax)`` cast to int8/uint8;
+    with ``zero_point`` (asymmetric, uint8) ``clamp(nearbyint(x * inv_scale) + zero_point, qmin, qmax)``.
 
     ``nearbyint`` rounds half to even on every target (C ``round``, which OpenCL and CUDA
     would use for a plain round, goes half away from zero and disagrees with PyTorch).
@@ -94,7 +102,11 @@ def quantize_func(
     inv = tirx.const(float(inv_scale), "float32")
     lo = tirx.const(float(qmin), "float32")
     hi = tirx.const(float(qmax), "float32")
-    q = lambda *i: tirx.min(tirx.max(tirx.nearbyint(x(*i) * inv), lo), hi).astype(out_dtype)  # noqa: E731
+    if zero_point is None:
+        q = lambda *i: tirx.min(tirx.max(tirx.nearbyint(x(*i) * inv), lo), hi).astype(out_dtype)  # noqa: E731
+    else:
+        zp = tirx.const(float(zero_point), "float32")
+        q = lambda *i: tirx.min(tirx.max(tirx.nearbyint(x(*i) * inv) + zp, lo), hi).astype(out_dtype)  # noqa: E731
     ph, pw = (int(p) for p in pad_hw)
     if ph or pw:
         n, c, h, w = shape
@@ -109,8 +121,66 @@ def quantize_func(
     else:
         out = te.compute(tuple(i64(d) for d in shape), q, name="xq")
         pattern = OP_PATTERN_ELEMWISE
-    attrs = {contract.OP: "quantize", contract.LAYER: layer, "op_pattern": pattern}
+    attrs = {contract.OP: contract.QUANTIZE, contract.LAYER: layer, "op_pattern": pattern}
+    if zero_point is not None:
+        attrs[contract.ZERO_POINT] = int(zero_point)
     return _finish([x, out], attrs)
+
+
+def _i64(v) -> tirx.IntImm:
+    return tirx.IntImm("int64", int(v))
+
+
+def pow2(e: tvm.ir.Expr) -> tvm.ir.Expr:
+    """``2^e`` (float32) from its bits, for an int32 ``e`` whose result is a normal number."""
+    return tirx.reinterpret("float32", (e + 127) << 23)
+
+
+def token_exponent_func(shape: Sequence[int], bits: int, layer: str) -> tirx.PrimFunc:
+    """Per-token exponents of ``x [M, K]`` (float32): ``e[m] = clamp(E_m - (bits - 2), TOKEN_EXP_MIN,
+    TOKEN_EXP_MAX)`` with ``E_m`` the unbiased exponent field of ``max_k |x[m, k]|`` (a max:
+    exact in any order, so any reduction schedule gives the same bits)."""
+    m, k = (int(d) for d in shape)
+    x = te.placeholder((_i64(m), _i64(k)), "float32", name="x")
+    r = te.reduce_axis((_i64(0), _i64(k)), name="k")
+    amax = te.compute((_i64(m),), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="amax")
+
+    def exponent(i):
+        field = (tirx.reinterpret("int32", amax[i]) >> 23) & 0xFF
+        e = field - (127 + bits - 2)
+        return tirx.min(tirx.max(e, tirx.const(TOKEN_EXP_MIN, "int32")), tirx.const(TOKEN_EXP_MAX, "int32"))
+
+    e = te.compute((_i64(m),), exponent, name="e")
+    attrs = {contract.OP: contract.TOKEN_EXPONENT, contract.LAYER: layer, contract.ACT_BITS: int(bits),
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([x, e], attrs)
+
+
+def quantize_per_token_func(shape: Sequence[int], bits: int, layer: str) -> tirx.PrimFunc:
+    """``x_q[m, k] = clamp(nearbyint(x[m, k] * 2^-e[m]), -qmax, qmax)`` as int8 (an exact multiply)."""
+    m, k = (int(d) for d in shape)
+    x = te.placeholder((_i64(m), _i64(k)), "float32", name="x")
+    e = te.placeholder((_i64(m),), "int32", name="e")
+    qmax = tirx.const(float(2 ** (bits - 1) - 1), "float32")
+    xq = te.compute(
+        (_i64(m), _i64(k)),
+        lambda i, j: tirx.min(tirx.max(tirx.nearbyint(x[i, j] * pow2(0 - e[i])), -qmax), qmax).astype("int8"),
+        name="xq")
+    attrs = {contract.OP: contract.QUANTIZE_PER_TOKEN, contract.LAYER: layer, contract.ACT_BITS: int(bits),
+             "op_pattern": OP_PATTERN_BROADCAST}
+    return _finish([x, e, xq], attrs)
+
+
+def token_epilogue_func(shape: Sequence[int], layer: str) -> tirx.PrimFunc:
+    """``y[m, n] = y0[m, n] * 2^e[m] + bias[n]`` (float32). The product is exact, so a fused
+    multiply-add rounds as the separate multiply and add do: targets may contract it."""
+    m, n = (int(d) for d in shape)
+    y0 = te.placeholder((_i64(m), _i64(n)), "float32", name="y0")
+    e = te.placeholder((_i64(m),), "int32", name="e")
+    bias = te.placeholder((_i64(n),), "float32", name="bias")
+    y = te.compute((_i64(m), _i64(n)), lambda i, j: y0[i, j] * pow2(e[i]) + bias[j], name="y")
+    attrs = {contract.OP: contract.TOKEN_EPILOGUE, contract.LAYER: layer, "op_pattern": OP_PATTERN_BROADCAST}
+    return _finish([y0, e, bias, y], attrs)
 
 
 def fixed_nibble_product(x: tvm.ir.Expr, nibble: tvm.ir.Expr) -> tvm.ir.Expr:

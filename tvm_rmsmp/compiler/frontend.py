@@ -20,7 +20,7 @@ from relay_passes import ops
 from ..nn.layers import _RMSMPLayer, rmsmp_layers
 from relay_passes import contract
 
-__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "index_bounds"]
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "index_bounds"]
 
 
 def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.PrimFunc:
@@ -44,11 +44,27 @@ def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSM
     shape = [int(d) for d in x.ty.shape]
     dtype = "int8" if layer.act_signed else "uint8"
     func = ops.quantize_func(
-        shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name, pad_hw
+        shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name, pad_hw,
+        zero_point=layer.act_zero_point,
     )
     gv = bb.add_func(func, f"rmsmp_quantize_{contract.symbol_name(layer.layer_name)}")
     out_shape, _ = ops.output_shape(func)
     return bb.emit(relax.call_tir(gv, [x], relax.TensorType(out_shape, dtype)))
+
+
+def _emit_func(bb: relax.BlockBuilder, func, prefix: str, layer: _RMSMPLayer, args, shape, dtype) -> relax.Var:
+    gv = bb.add_func(func, f"{prefix}_{contract.symbol_name(layer.layer_name)}")
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType([int(d) for d in shape], dtype)))
+
+
+def emit_token_quantizer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> Tuple[relax.Var, relax.Var]:
+    """Per-token activations of a 2-D ``x``: ``(x_q, e)``, the int8 codes and the int32 exponents."""
+    shape = [int(d) for d in x.ty.shape]
+    e = _emit_func(bb, ops.token_exponent_func(shape, layer.act_bits, layer.layer_name), "rmsmp_token_exponent",
+                   layer, [x], shape[:1], "int32")
+    xq = _emit_func(bb, ops.quantize_per_token_func(shape, layer.act_bits, layer.layer_name), "rmsmp_quantize",
+                    layer, [x, e], shape, "int8")
+    return xq, e
 
 
 def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
@@ -65,7 +81,11 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
         x = bb.emit(relax.op.reshape(x, [int(np.prod(lead)), x_shape[-1]]))
         x_shape = [int(np.prod(lead)), x_shape[-1]]
     pad_hw = tuple(layer.padding) if layer.op == "conv2d" else (0, 0)
-    xq = emit_quantize_activation(bb, x, layer, pad_hw)
+    per_token = layer.op == "dense" and layer.act_per_token
+    if per_token:
+        xq, e = emit_token_quantizer(bb, x, layer)
+    else:
+        xq = emit_quantize_activation(bb, x, layer, pad_hw)
     func = quantized_op_func(layer, [int(d) for d in xq.ty.shape])
     gv = bb.add_func(func, f"rmsmp_{layer.op}_{contract.symbol_name(layer.layer_name)}")
     out_shape, out_dtype = ops.output_shape(func)
@@ -76,6 +96,9 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
         relax.const(layer.out_scale.numpy(), "float32"),
     ]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)))
+    if per_token:  # bias_int is 0 and out_scale the row scale: y0 * 2^e + bias
+        y = _emit_func(bb, ops.token_epilogue_func(out_shape, layer.layer_name), "rmsmp_token_epilogue", layer,
+                       [y, e, relax.const(layer.bias.numpy(), "float32")], out_shape, "float32")
     if layer.op == "dense" and len(lead) != 1:
         y = bb.emit(relax.op.reshape(y, lead + [out_shape[-1]]))
     return y
@@ -107,7 +130,7 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
             ep = torch.export.export(model, tuple(example_inputs))
         except Exception as err:
             raise ValueError(f"torch.export failed on the model: {type(err).__name__}: {err}") from err
-        custom = {"qlinear.default": converter, "qconv2d.default": converter}
+        custom = {f"{op}.default": converter for op in ("qlinear", "qlinear_asym", "qlinear_per_token", "qconv2d")}
         try:
             mod = from_exported_program(ep, custom_convert_map=custom)
         except AssertionError as err:

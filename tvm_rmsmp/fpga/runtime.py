@@ -11,7 +11,10 @@ with an :class:`FPGAFallbackWarning` naming the layer.
 
 On the accelerator a layer computes ``acc + bias`` in int32 (GEMM cores and ALU); the host
 finishes the integer contract's single float multiply ``float32(acc + bias) * out_scale``,
-so results equal the torch reference bit for bit.
+so results equal the torch reference bit for bit. The activation functions around a layer
+run on the host like any other call: the per-tensor quantizer (with a zero point, folded into
+the bias the accelerator adds), and per token the exponent, the quantizer and the epilogue
+``y0 * 2^e + bias`` after the accelerator's integer GEMM (whose bias is then 0).
 """
 
 from __future__ import annotations

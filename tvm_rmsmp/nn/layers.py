@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..quant.assign import assign_rows, rule_needs_hessian
-from ..quant.config import RMSMPConfig, RMSMPWarning
+from ..quant.config import ZERO_POINT_GAIN, RMSMPConfig, RMSMPWarning
 from ..quant.gptq import gptq_quantize
 from ..quant.plan import RowPlan
 from ..quant.schemes import get_scheme
@@ -29,20 +29,41 @@ from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 
-__all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning"]
+__all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning",
+           "fake_quant_per_token"]
 
 
 # --------------------------------------------------------------------------------------------
 # Activation quantization
 # --------------------------------------------------------------------------------------------
 class ActQuant:
-    """Static per-tensor activation quantizer: ``x_q = clamp(round(x / scale), qmin, qmax)``."""
+    """A layer's activation quantizer.
 
-    def __init__(self, scale: float, bits: int, signed: bool):
+    Static per-tensor (the default): ``x_q = clamp(round(x / scale), qmin, qmax)``, symmetric
+    for signed inputs, ``[0, 2^bits - 1]`` for non-negative ones. ``zero_point`` (an integer in
+    ``[0, 2^bits - 1]``; dense layers only): asymmetric per-tensor for signed inputs,
+    ``x_q = clamp(round(x / scale) + zero_point, 0, 2^bits - 1)``, unsigned codes (``signed`` is
+    then False: it says whether the *codes* are signed). ``per_token`` (dense layers only):
+    symmetric, one dynamic power-of-two scale per token (see :mod:`tvm_rmsmp.nn.ops`); ``scale``
+    is then unused (1.0).
+    """
+
+    def __init__(self, scale: float, bits: int, signed: bool, zero_point: Optional[int] = None,
+                 per_token: bool = False):
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"activation scale must be positive and finite, got {scale}")
+        if zero_point is not None and per_token:
+            raise ValueError("a per-token activation quantizer is symmetric: it takes no zero point")
+        if zero_point is not None and (signed or not 0 <= int(zero_point) <= 2**bits - 1
+                                       or int(zero_point) != zero_point):
+            raise ValueError(f"zero_point must be an integer in [0, {2**bits - 1}] with unsigned codes "
+                             f"(signed=False), got {zero_point!r} (signed={signed})")
+        if per_token and not signed:
+            raise ValueError("a per-token activation quantizer is symmetric: signed must be True")
         self.bits = bits
         self.signed = signed
+        self.zero_point = None if zero_point is None else int(zero_point)
+        self.per_token = bool(per_token)
         self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         self.qmin = -self.qmax if signed else 0
         # The scale actually used is the one whose float32 reciprocal the kernels multiply by.
@@ -50,14 +71,14 @@ class ActQuant:
         self.scale = float(np.float64(1.0) / np.float64(self.inv_scale))
 
     @classmethod
-    def calibrate(cls, samples: np.ndarray, bits: int, grid: int = 40) -> "ActQuant":
-        """Unsigned if no sample is negative (e.g. after ReLU), else symmetric; the clipping
-        threshold minimizes the squared error over the samples."""
-        samples = np.asarray(samples, dtype=np.float64).ravel()
-        signed = bool(samples.min() < 0)
+    def dynamic_per_token(cls, bits: int) -> "ActQuant":
+        """The per-token quantizer (no calibration: its scales come from each token at run time)."""
+        return cls(1.0, bits, True, per_token=True)
+
+    @staticmethod
+    def _symmetric_search(samples: np.ndarray, bits: int, signed: bool, grid: int) -> Tuple[float, float]:
+        """(clipping threshold, squared error) minimizing the error over ``grid`` thresholds."""
         amax = float(np.abs(samples).max())
-        if amax == 0.0:
-            return cls(1.0, bits, signed)
         qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         qmin = -qmax if signed else 0
         best, best_err = amax, np.inf
@@ -66,10 +87,61 @@ class ActQuant:
             err = float(((np.clip(np.round(samples / s), qmin, qmax) * s - samples) ** 2).sum())
             if err < best_err:
                 best, best_err = f * amax, err
+        return best, best_err
+
+    @staticmethod
+    def _asymmetric_search(samples: np.ndarray, bits: int, grid: int) -> Tuple[float, int, float]:
+        """(scale, zero point, squared error): the range ``[f min, f max]`` for ``grid``
+        factors ``f``, ``zero_point = round(-f min / scale)``."""
+        lo, hi = float(samples.min()), float(samples.max())
+        qmax = 2**bits - 1
+        best = (1.0, 0, np.inf)
+        for f in np.linspace(0.3, 1.0, grid):
+            s = f * (max(hi, 0.0) - min(lo, 0.0)) / qmax
+            zp = int(np.clip(np.round(-f * min(lo, 0.0) / s), 0, qmax))
+            err = float((((np.clip(np.round(samples / s) + zp, 0, qmax) - zp) * s - samples) ** 2).sum())
+            if err < best[2]:
+                best = (s, zp, err)
+        return best
+
+    @classmethod
+    def calibrate(cls, samples: np.ndarray, bits: int, grid: int = 40, zero_point: str = "never") -> "ActQuant":
+        """Unsigned if no sample is negative (e.g. after ReLU), else symmetric; the clipping
+        threshold minimizes the squared error over the samples. ``zero_point``: ``"always"``
+        gives signed inputs an asymmetric quantizer, ``"auto"`` where its error is below
+        ``ZERO_POINT_GAIN`` times the symmetric one's, ``"never"`` keeps them symmetric."""
+        samples = np.asarray(samples, dtype=np.float64).ravel()
+        signed = bool(samples.min() < 0)
+        amax = float(np.abs(samples).max())
+        if amax == 0.0:
+            return cls(1.0, bits, signed)
+        qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        best, sym_err = cls._symmetric_search(samples, bits, signed, grid)
+        if signed and zero_point in ("auto", "always"):
+            scale, zp, asym_err = cls._asymmetric_search(samples, bits, grid)
+            if zero_point == "always" or asym_err < ZERO_POINT_GAIN * sym_err:
+                return cls(scale, bits, False, zero_point=zp)
         return cls(best / qmax, bits, signed)
 
     def __repr__(self):
-        return f"ActQuant(scale={self.scale:.4g}, bits={self.bits}, {'signed' if self.signed else 'unsigned'})"
+        if self.per_token:
+            return f"ActQuant(per_token, bits={self.bits})"
+        zp = f", zero_point={self.zero_point}" if self.zero_point is not None else ""
+        return f"ActQuant(scale={self.scale:.4g}, bits={self.bits}, {'signed' if self.signed else 'unsigned'}{zp})"
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` fake-quantized per token for QAT: ``clamp(round(x * 2^-e_t), -qmax, qmax) * 2^e_t``
+    with the exponents of the per-token contract (:func:`tvm_rmsmp.nn.ops.token_exponent`, from
+    ``x`` without gradient) and straight-through rounding: differentiable in ``x`` (gradient 1
+    inside the clamp, 0 where it clips). Its forward values equal what a converted
+    :class:`RMSMPLinear` with a per-token :class:`ActQuant` quantizes."""
+    qmax = 2 ** (bits - 1) - 1
+    e = ops.token_exponent(x.detach(), bits)
+    inv, scale = ops.pow2(-e).unsqueeze(-1), ops.pow2(e).unsqueeze(-1)
+    v = x.to(torch.float32) * inv
+    v = v + (torch.round(v) - v).detach()
+    return v.clamp(-qmax, qmax) * scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,29 +154,50 @@ class _RMSMPLayer(nn.Module):
 
     def __init__(self, name: str, plan: RowPlan, bias: Optional[np.ndarray], act: ActQuant):
         super().__init__()
+        if (act.zero_point is not None or act.per_token) and self.op != "dense":
+            raise ValueError(f"layer {name!r} ({self.op}): zero points and per-token activation scales are for "
+                             "dense (Linear) layers only; conv2d inputs are symmetric per-tensor")
         self.layer_name = name
         self.schemes: Tuple[str, ...] = plan.schemes
         self.act_bits, self.act_signed = act.bits, act.signed
         self.act_scale, self.inv_act_scale = act.scale, act.inv_scale
+        self.act_zero_point, self.act_per_token = act.zero_point, act.per_token
         self.qmin, self.qmax = act.qmin, act.qmax
         n = plan.num_rows
         bias = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
-        plan = _fit_bias_range(plan, bias, act.scale)
-        acc_scale = np.float64(act.scale) * plan.row_scale.astype(np.float64)
-        bias_int = np.round(bias.astype(np.float64) / acc_scale)
         fan_in = int(np.prod(plan.weight_int.shape[1:]))
+        if act.per_token:
+            # The bias is added in float after the per-token scale: no integer bias.
+            acc_scale = plan.row_scale.astype(np.float64)
+            bias_int = np.zeros(n, np.int64)
+        else:
+            plan = _fit_bias_range(plan, bias, act.scale)
+            acc_scale = np.float64(act.scale) * plan.row_scale.astype(np.float64)
+            bias_int = np.round(bias.astype(np.float64) / acc_scale).astype(np.int64)
+            if act.zero_point is not None:
+                # sum_k (x_q - zp) w = acc - zp * sum_k w: the zero point folds into the bias
+                w_sum = plan.weight_int.astype(np.int64).reshape(n, -1).sum(axis=1)
+                bias_int = bias_int - act.zero_point * w_sum
         w_max = np.abs(plan.weight_int.astype(np.int64)).reshape(n, -1).max(axis=1)
         bound = fan_in * w_max * max(abs(act.qmin), act.qmax) + np.abs(bias_int)
         if np.any(bound >= 2**31):
+            folded = "" if act.zero_point is None else f", zero point {act.zero_point} folded into the bias"
             raise ValueError(
                 f"layer {name!r}: the int32 accumulator can overflow (fan-in {fan_in}, bound "
-                f"{int(bound.max())}); use fewer activation bits or split the layer"
+                f"{int(bound.max())}{folded}); use fewer activation bits or split the layer"
             )
         self.register_buffer("weight_int", torch.from_numpy(plan.weight_int.astype(np.int8)))
         self.register_buffer("row_scale", torch.from_numpy(plan.row_scale.astype(np.float32)))
         self.register_buffer("bias", torch.from_numpy(bias))
         self.register_buffer("bias_int", torch.from_numpy(bias_int.astype(np.int32)))
         self.register_buffer("out_scale", torch.from_numpy(acc_scale.astype(np.float32)))
+
+    @property
+    def act(self) -> ActQuant:
+        """The layer's activation quantizer."""
+        if self.act_per_token:
+            return ActQuant.dynamic_per_token(self.act_bits)
+        return ActQuant(self.act_scale, self.act_bits, self.act_signed, zero_point=self.act_zero_point)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -125,7 +218,11 @@ class _RMSMPLayer(nn.Module):
 
     def extra_repr(self) -> str:
         counts = self.plan.counts()
-        return f"{self.layer_name}: rows {dict(counts)}, act {self.act_bits}b {'s' if self.act_signed else 'u'}"
+        if self.act_per_token:
+            act = "per-token"
+        else:
+            act = "s" if self.act_signed else ("u" if self.act_zero_point is None else f"u zp={self.act_zero_point}")
+        return f"{self.layer_name}: rows {dict(counts)}, act {self.act_bits}b {act}"
 
 
 #: Largest |bias_int| kept: far inside int32 next to any accumulator, exact in float32.
@@ -152,11 +249,22 @@ def _fit_bias_range(plan: RowPlan, bias: np.ndarray, act_scale: float) -> RowPla
 
 
 class RMSMPLinear(_RMSMPLayer):
-    """A Linear layer whose rows are RMSMP-quantized; eval output is integer-exact."""
+    """A Linear layer whose rows are RMSMP-quantized; eval output is integer-exact.
+
+    ``RMSMPLinear(name, plan, bias, act)``: ``plan`` the layer's :class:`RowPlan` (integers and
+    row scales), ``bias`` float32 ``[rows]`` or None, ``act`` its :class:`ActQuant` (static
+    per-tensor, with a zero point, or per token: ``ActQuant.dynamic_per_token(bits)``).
+    """
 
     op = "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_per_token:
+            return torch.ops.rmsmp.qlinear_per_token(x, self.weight_int, self.row_scale, self.bias, self.act_bits,
+                                                     self.layer_name)
+        if self.act_zero_point is not None:
+            return torch.ops.rmsmp.qlinear_asym(x, self.weight_int, self.bias_int, self.out_scale, self.inv_act_scale,
+                                                self.act_zero_point, self.qmax, self.layer_name)
         return torch.ops.rmsmp.qlinear(
             x, self.weight_int, self.bias_int, self.out_scale, self.inv_act_scale, self.qmin, self.qmax, self.layer_name
         )
@@ -291,20 +399,26 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
             w_int[rows], row_scale[rows] = wi, sc
     op = "dense" if isinstance(mod, nn.Linear) else "conv2d"
     plan = RowPlan(layer=name, op=op, schemes=schemes, weight_int=w_int, row_scale=row_scale)
-    act = _calibrate_act(name, stats, cfg.act_bits)
+    act = _calibrate_act(name, stats, cfg.act_bits, op, cfg)
     bias = None if mod.bias is None else mod.bias.detach().to(torch.float32).cpu().numpy()
     if op == "dense":
         return RMSMPLinear(name, plan, bias, act)
     return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
 
 
-def _calibrate_act(name: str, stats: "_InputStats", bits: int) -> ActQuant:
-    """The layer's activation quantizer; says so when its calibration inputs cannot set a scale."""
+def _calibrate_act(name: str, stats: "_InputStats", bits: int, op: str = "conv2d",
+                   cfg: Optional[RMSMPConfig] = None) -> ActQuant:
+    """The layer's activation quantizer; says so when its calibration inputs cannot set a scale.
+    Dense layers follow ``cfg.act_granularity`` and ``cfg.act_zero_point``; conv2d stays
+    symmetric per-tensor."""
     samples = np.concatenate(stats.samples) if stats.samples else np.zeros(0, np.float32)
     if samples.size == 0:
         raise ValueError(f"layer {name!r}: its inputs were empty in every calibration batch (0 elements); "
                          "calibration needs batches in which the layer sees data")
-    act = ActQuant.calibrate(samples, bits)
+    dense = op == "dense" and cfg is not None
+    if dense and cfg.act_granularity == "per_token":
+        return ActQuant.dynamic_per_token(bits)
+    act = ActQuant.calibrate(samples, bits, zero_point=cfg.act_zero_point if dense else "never")
     if not np.any(samples):
         warnings.warn(
             f"layer {name!r}: its calibration inputs were all zero, so they cannot set an activation scale "

@@ -17,6 +17,25 @@ could overflow does it always run in float64 (exact below 2^53). The result neve
 summation order. Step 3 has no add after the multiply, so no target can contract it into a
 fused multiply-add and round differently. ``torch.export`` keeps each call as one node,
 which the TVM importer turns into a quantized op (see :mod:`tvm_rmsmp.compiler.frontend`).
+
+Two activation forms for dense layers change step 1 (and, per token, step 3); the integer
+product and every kernel stay as they are:
+
+* ``rmsmp::qlinear_asym``, asymmetric per-tensor:
+  ``x_q = clamp(round_half_even(x * inv_act_scale) + zp, 0, 2^bits - 1)`` (float32 multiply,
+  the integer ``zp`` added as float32, then the clamp), unsigned. The layer folds the zero
+  point into its integer bias, ``bias_int = round(b / acc_scale) - zp * sum_k w_int[n, k]``,
+  so step 2 and 3 read exactly as above.
+* ``rmsmp::qlinear_per_token``, symmetric with one power-of-two scale per token ``t`` (a row
+  of ``x``, leading axes flattened): ``amax_t = max_k |x[t, k]|`` (float32), ``E_t`` its
+  unbiased binary exponent from the float32 bits (``((bits >> 23) & 0xff) - 127``; zero and
+  subnormals give -127), ``e_t = clamp(E_t - (act_bits - 2), -100, 126)``,
+  ``x_q = clamp(round_half_even(x * 2^-e_t), -qmax, qmax)`` (the power of two built from its
+  bits; the multiply is exact); ``y0 = float32(acc) * row_scale`` (step 3 with no bias); then
+  ``y = y0 * 2^e_t + bias`` in float32. ``y0 * 2^e_t`` is exact, so a fused multiply-add
+  (which LLVM, OpenCL and CUDA compilers may form) rounds exactly as the separate multiply and
+  add: that is why the scale is a power of two. (The upper bound 126 only matters at 2 bits for
+  rows reaching 2^127: it keeps ``2^-e_t`` a normal float32.)
 """
 
 from __future__ import annotations
@@ -26,13 +45,45 @@ from typing import List
 
 import torch
 
-__all__ = ["quantize_activation", "qlinear", "qconv2d"]
+from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
+
+__all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
+           "qlinear_per_token", "qconv2d", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
     """Integer-valued float32 tensor ``clamp(round(x * inv_scale), qmin, qmax)``."""
     inv = torch.tensor(inv_scale, dtype=torch.float32, device=x.device)
     return (x.to(torch.float32) * inv).round_().clamp_(qmin, qmax)  # in place after the multiply
+
+
+def quantize_activation_asym(x: torch.Tensor, inv_scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """Integer-valued float32 tensor ``clamp(round(x * inv_scale) + zero_point, 0, qmax)``."""
+    inv = torch.tensor(inv_scale, dtype=torch.float32, device=x.device)
+    zp = torch.tensor(float(zero_point), dtype=torch.float32, device=x.device)
+    return (x.to(torch.float32) * inv).round_().add_(zp).clamp_(0, qmax)
+
+
+
+
+def token_exponent(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``e_t`` (int32, one per row of the last axis) of the per-token contract."""
+    amax = x.to(torch.float32).abs().amax(dim=-1)
+    raw = amax.view(torch.int32)
+    e = ((raw >> 23) & 0xFF) - 127 - (bits - 2)
+    return e.clamp_(TOKEN_EXP_MIN, TOKEN_EXP_MAX)
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2^e`` as float32, built from its bits (``e`` int32 in [-126, 127])."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int):
+    """``(x_q, e)``: integer-valued float32 ``x_q`` and the per-token exponents ``e`` (int32)."""
+    qmax = 2 ** (bits - 1) - 1
+    e = token_exponent(x, bits)
+    return (x.to(torch.float32) * pow2(-e).unsqueeze(-1)).round_().clamp_(-qmax, qmax), e
 
 
 _F32_EXACT = 2**24
@@ -138,6 +189,50 @@ def qlinear(
 
 @qlinear.register_fake
 def _(x, weight_int, bias_int, out_scale, inv_act_scale, qmin, qmax, layer):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight_int.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qlinear_asym", mutates_args=())
+def qlinear_asym(
+    x: torch.Tensor,
+    weight_int: torch.Tensor,
+    bias_int: torch.Tensor,
+    out_scale: torch.Tensor,
+    inv_act_scale: float,
+    zero_point: int,
+    qmax: int,
+    layer: str,
+) -> torch.Tensor:
+    """Asymmetric per-tensor activations; ``bias_int`` already holds ``-zero_point * sum_k w_int``."""
+    xq = quantize_activation_asym(x, inv_act_scale, zero_point, qmax)
+    acc = _exact_product(xq, weight_int, 0, qmax, _linear, -1)
+    return _epilogue(acc, bias_int, out_scale, acc.dim() - 1)
+
+
+@qlinear_asym.register_fake
+def _(x, weight_int, bias_int, out_scale, inv_act_scale, zero_point, qmax, layer):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight_int.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qlinear_per_token", mutates_args=())
+def qlinear_per_token(
+    x: torch.Tensor,
+    weight_int: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: torch.Tensor,
+    act_bits: int,
+    layer: str,
+) -> torch.Tensor:
+    """Per-token power-of-two activation scales (see the module docstring); ``bias`` is float32."""
+    qmax = 2 ** (act_bits - 1) - 1
+    xq, e = quantize_per_token(x, act_bits)
+    acc = _exact_product(xq, weight_int, -qmax, qmax, _linear, -1)
+    y0 = _epilogue(acc, torch.zeros_like(bias, dtype=torch.int32), row_scale, acc.dim() - 1)
+    return y0.mul_(pow2(e).unsqueeze(-1)).add_(bias.to(torch.float32))
+
+
+@qlinear_per_token.register_fake
+def _(x, weight_int, row_scale, bias, act_bits, layer):
     return x.new_empty(tuple(x.shape[:-1]) + (weight_int.shape[0],), dtype=torch.float32)
 
 

@@ -10,7 +10,8 @@ import attrs
 
 from .schemes import get_scheme
 
-__all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio", "RMSMPWarning"]
+__all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio", "RMSMPWarning", "ACT_GRANULARITIES",
+           "ACT_ZERO_POINTS", "ZERO_POINT_GAIN", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 class RMSMPWarning(UserWarning):
@@ -18,6 +19,18 @@ class RMSMPWarning(UserWarning):
 
 #: Ways of rounding a row onto its grid (``RMSMPConfig.rounding``).
 ROUNDINGS = ("nearest", "gptq")
+#: Activation scale granularities (``RMSMPConfig.act_granularity``).
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+#: When signed dense inputs get a zero point (``RMSMPConfig.act_zero_point``).
+ACT_ZERO_POINTS = ("never", "auto", "always")
+#: ``act_zero_point="auto"``: a layer's input is quantized asymmetrically when the clip-searched
+#: squared error of the asymmetric quantizer on its calibration samples is below this fraction
+#: of the symmetric one's.
+ZERO_POINT_GAIN = 0.8
+#: Bounds of the per-token exponent ``e_t`` (``act_granularity="per_token"``): ``2^e_t`` and
+#: ``2^-e_t`` stay normal float32 numbers (the torch reference and every kernel clamp to them).
+TOKEN_EXP_MIN = -100
+TOKEN_EXP_MAX = 126
 
 #: The paper's ratio for a Zynq XC7Z020: SP2-4 : Fixed-4 : Fixed-8 = 60:35:5.
 DEFAULT_RATIO: Dict[str, float] = {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
@@ -129,6 +142,16 @@ class RMSMPConfig:
     gptq_damp: GPTQ's dampening, as a fraction of the mean diagonal of the input Hessian (> 0).
     gptq_scale_search: with ``rounding="gptq"``, also try a few multipliers of each row's scale
         and keep the one with the lowest compensated output error (costs one GPTQ run each).
+    act_granularity: ``"per_tensor"`` (default: one static scale per layer input, from
+        calibration) or ``"per_token"``: the inputs of Linear (dense) layers get one dynamic
+        power-of-two scale per token (row of the input, leading axes flattened), from that
+        row's largest magnitude at run time, symmetric. Conv2d layers stay per-tensor.
+    act_zero_point: ``"never"`` (default: symmetric signed inputs), ``"always"`` (every signed
+        Linear input of a per-tensor layer is quantized asymmetrically, unsigned with a zero
+        point folded into the layer's integer bias) or ``"auto"`` (only where the calibration
+        samples are lopsided: the asymmetric quantizer's squared error is below
+        :data:`ZERO_POINT_GAIN` times the symmetric one's). Conv2d inputs and per-token layers
+        stay symmetric; unsigned inputs (after ReLU) need no zero point.
     """
 
     ratio: Dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATIO), converter=_ratio_converter)
@@ -142,6 +165,19 @@ class RMSMPConfig:
     rounding: str = attrs.field(default="nearest")
     gptq_damp: float = attrs.field(default=0.01)
     gptq_scale_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    act_granularity: str = attrs.field(default="per_tensor")
+    act_zero_point: str = attrs.field(default="never")
+
+    @act_granularity.validator
+    def _check_granularity(self, attribute, value):
+        if not isinstance(value, str) or value not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {value!r}")
+
+    @act_zero_point.validator
+    def _check_zero_point(self, attribute, value):
+        if not isinstance(value, str) or value not in ACT_ZERO_POINTS:
+            raise ValueError(f"act_zero_point must be one of {ACT_ZERO_POINTS} (bools are not accepted: "
+                             f"'never' is False, 'always' is True), got {value!r}")
 
     @rounding.validator
     def _check_rounding(self, attribute, value):
