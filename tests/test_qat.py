@@ -63,7 +63,8 @@ def test_qat_trains_scales_and_weights_and_the_tvm_build_still_equals_the_refere
     q = convert_qat(qat)
     x = torch.randn(3, 1, 16, 16)
     exe = rmsmp.compile(q, (x,), target="llvm")
-    np.testing.assert_array_equal(exe(x), q(x).numpy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(exe(x), q(x).numpy())
 
 
 def test_reassignment_follows_the_weights(small_resnet):
@@ -237,3 +238,31 @@ def test_ddp_two_processes_end_identical(tmp_path):
     assert sorted(r0.files) == sorted(r1.files)
     for k in r0.files:
         np.testing.assert_array_equal(r0[k], r1[k], err_msg=k)
+
+
+@pytest.mark.parametrize("acts", [{"act_granularity": "per_token"}, {"act_zero_point": "always"}])
+def test_qat_with_transformer_activations_converts_and_compiles_bit_exact(acts):
+    """Per-token and zero-point activations through QAT: the untrained model converts to the PTQ
+    model, a trained one keeps its activation form and compiles to the same outputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 48), torch.nn.GELU(),
+                                torch.nn.Linear(48, 10)).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 32, generator=g) * 2 + 0.5 for _ in range(3)]
+    cfg = rmsmp.RMSMPConfig(assign="variance", **acts)
+    qat = prepare_qat(model, cfg, calib, QATConfig(edge_scheme=None))
+    ptq = rmsmp.quantize(model, cfg, calib)
+    x = torch.randn(5, 32, generator=g) * 2 + 0.5
+    with torch.no_grad():
+        np.testing.assert_array_equal(convert_qat(qat)(x).numpy(), ptq(x).numpy())
+    batches = [((torch.randn(16, 32, generator=g),), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
+    train_qat(qat, batches, torch.nn.functional.cross_entropy, QATConfig(epochs=1, lr=1e-3))
+    q = convert_qat(qat)
+    from tvm_rmsmp.nn.layers import rmsmp_layers
+
+    for name, layer in rmsmp_layers(q).items():
+        ref = rmsmp_layers(ptq)[name]
+        assert (layer.act_per_token, layer.act_zero_point) == (ref.act_per_token, ref.act_zero_point)
+    exe = rmsmp.compile(q, (x,), target="llvm")
+    with torch.no_grad():
+        np.testing.assert_array_equal(exe(x), q(x).numpy())

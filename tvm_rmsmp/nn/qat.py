@@ -48,6 +48,7 @@ from .layers import (
     RMSMPConv2d,
     RMSMPLinear,
     _InputStats,
+    fake_quant_per_token,
     ptq_layers,
     _set_submodule,
     calibrate,
@@ -187,6 +188,7 @@ class FakeQuantLayer(nn.Module):
         self.row_scale_param = nn.Parameter(self._encode(row_scale, self.row_scale_ref))
         self.act_scale_param = nn.Parameter(self._encode(act_scale, self.act_scale_ref))
         self.act_bits, self.act_signed, self.qmin, self.qmax = act.bits, act.signed, act.qmin, act.qmax
+        self.act_zero_point, self.act_per_token = act.zero_point, act.per_token
         if self.op == "conv2d":
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
         self.set_schemes(plan.schemes)
@@ -251,14 +253,20 @@ class FakeQuantLayer(nn.Module):
             parts.append(((nearest - v).detach() + v) * scale)
         return torch.cat(parts)[self._inverse], torch.cat(scales)[self._inverse]
 
-    def quantized_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(s * clamp(round(x / s)), s)`` with the learned activation scale ``s``."""
+    def quantized_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(s * (clamp(round(x / s) + zp) - zp), s)`` with the learned activation scale ``s``
+        (zp: the calibrated zero point, 0 if none); per-token layers: ``(fake_quant_per_token(x), None)``."""
+        if self.act_per_token:
+            return fake_quant_per_token(x, self.act_bits), None
         g = 1.0 / math.sqrt(max(x[0].numel(), 1) * self.qmax)
         s = self._decode(_grad_scale(self.act_scale_param, g), self.act_scale_ref)
-        return _round_ste((x / s).clamp(self.qmin, self.qmax)) * s, s
+        zp = self.act_zero_point or 0
+        return (_round_ste((x / s).clamp(self.qmin - zp, self.qmax - zp) + zp) - zp) * s, s
 
     def forward(self, x):
         (x, act_scale), (w, row_scale) = self.quantized_input(x), self.quantized_weight()
+        if act_scale is None:  # per-token: the bias is added in float after the per-token scale
+            return nn.functional.linear(x, w, self.bias)
         acc_scale = act_scale * row_scale  # the bias is an integer in units of the accumulator
         bias = _round_ste(self.bias / acc_scale) * acc_scale
         if self.op == "dense":
@@ -274,7 +282,10 @@ class FakeQuantLayer(nn.Module):
             i = idx.cpu().numpy()
             w_int[i] = scheme.encode(w[i], row_scale[i]).astype(np.int8)
         plan = RowPlan(self.layer_name, self.op, self.schemes, w_int, row_scale)
-        act = ActQuant(float(self.act_scale.detach()), self.act_bits, self.act_signed)
+        if self.act_per_token:
+            act = ActQuant.dynamic_per_token(self.act_bits)
+        else:
+            act = ActQuant(float(self.act_scale.detach()), self.act_bits, self.act_signed, self.act_zero_point)
         bias = self.bias.detach().cpu().numpy()
         if self.op == "dense":
             return RMSMPLinear(self.layer_name, plan, bias, act)
@@ -310,7 +321,7 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
     cal = calibrate(model, local, calib_data, row_hessian if rank0 else None)
     for name, ptq in ptq_layers(cal).items():
         mod = cal.layers[name]
-        act = ActQuant(ptq.act_scale, ptq.act_bits, ptq.act_signed)
+        act = ptq.act
         start = ptq.weight if cfg.rounding == "gptq" else None  # GPTQ's integers times the row scales
         _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act, qcfg.scale_param, start))
     qat = cal.model.train()
