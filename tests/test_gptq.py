@@ -68,6 +68,21 @@ def test_equals_naive_obq(seed, rows, k, mix):
                                rtol=1e-9)
 
 
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_act_order_is_obq_in_decreasing_input_energy_order(mix):
+    """Act-order: the naive OBQ run on the columns sorted by decreasing H_jj (the first of equal
+    ones first), its integers put back in the original column order."""
+    w, h, schemes = layer(7, 5, 90, mix)
+    h = h * np.linspace(0.2, 3.0, 90)[None, :] * np.linspace(0.2, 3.0, 90)[:, None]  # unequal energies
+    scale = base_scales(w, schemes)
+    order = sorted(range(90), key=lambda j: (-h[j, j], j))
+    want = np.zeros(w.shape, np.int64)
+    want[:, order] = naive_obq(w[:, order], h[np.ix_(order, order)], schemes, scale)
+    got = gptq_round(w, h, schemes, scale, act_order=True)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, gptq_round(w, h, schemes, scale))
+
+
 def test_block_size_does_not_change_the_result():
     w, h, schemes = layer(5, 6, 300, "mixed")
     scale = base_scales(w, schemes)

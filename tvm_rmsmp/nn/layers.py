@@ -388,7 +388,7 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
     schemes = assign_rows(weight, cfg.ratio_for(name), rule, input_sq=stats.input_sq, row_hessian=row_hessian)
     if input_hessian is not None:
         wi, row_scale = gptq_quantize(weight.reshape(weight.shape[0], -1), input_hessian, schemes, damp=cfg.gptq_damp,
-                                      search_scale=cfg.gptq_scale_search)
+                                      search_scale=cfg.gptq_scale_search, act_order=cfg.gptq_act_order)
         w_int = wi.reshape(weight.shape)
     else:
         w_int = np.zeros(weight.shape, np.int8)

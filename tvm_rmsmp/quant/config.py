@@ -142,6 +142,8 @@ class RMSMPConfig:
     gptq_damp: GPTQ's dampening, as a fraction of the mean diagonal of the input Hessian (> 0).
     gptq_scale_search: with ``rounding="gptq"``, also try a few multipliers of each row's scale
         and keep the one with the lowest compensated output error (costs one GPTQ run each).
+    gptq_act_order: with ``rounding="gptq"``, round each layer's input columns in order of
+        decreasing calibration energy ``E[x_k^2]`` (GPTQ's act-order) instead of their natural order.
     act_granularity: ``"per_tensor"`` (default: one static scale per layer input, from
         calibration) or ``"per_token"``: the inputs of Linear (dense) layers get one dynamic
         power-of-two scale per token (row of the input, leading axes flattened), from that
@@ -165,6 +167,7 @@ class RMSMPConfig:
     rounding: str = attrs.field(default="nearest")
     gptq_damp: float = attrs.field(default=0.01)
     gptq_scale_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    gptq_act_order: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     act_granularity: str = attrs.field(default="per_tensor")
     act_zero_point: str = attrs.field(default="never")
 

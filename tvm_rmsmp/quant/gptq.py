@@ -75,13 +75,23 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
 
 
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, schemes: Sequence[str], row_scale: np.ndarray,
-               damp: float = 0.01, block_size: int = 128) -> np.ndarray:
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> np.ndarray:
     """The integers ``w_int [rows, K]`` (int8) of ``weight [rows, K]`` rounded by GPTQ, row ``r``
     onto the levels of ``schemes[r]`` times ``row_scale[r]``.
 
     ``hessian`` is ``E[x x^T] [K, K]`` of the layer's inputs (for a conv, of its im2col columns
     in ``weight.reshape(rows, -1)`` order); it is dampened by :func:`prepare_hessian`.
+    act_order: round the columns in order of decreasing ``H_jj`` (GPTQ's "act-order": the inputs
+    with the most energy first, while the most columns are left to absorb their error); the
+    result is returned in the original column order.
     """
+    if act_order:
+        h = np.asarray(hessian, dtype=np.float64)
+        perm = np.argsort(-np.diag(h), kind="stable")
+        q = gptq_round(np.asarray(weight)[:, perm], h[np.ix_(perm, perm)], schemes, row_scale, damp, block_size)
+        out = np.empty_like(q)
+        out[:, perm] = q
+        return out
     w = np.array(weight, dtype=np.float64, copy=True)
     hessian = np.asarray(hessian, dtype=np.float64)
     if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]) or len(schemes) != w.shape[0]:
@@ -118,7 +128,8 @@ def row_objective(weight: np.ndarray, w_int: np.ndarray, row_scale: np.ndarray, 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, schemes: Sequence[str], damp: float = 0.01,
                   block_size: int = 128, search_scale: bool = False,
-                  multipliers: Sequence[float] = SCALE_MULTIPLIERS) -> Tuple[np.ndarray, np.ndarray]:
+                  multipliers: Sequence[float] = SCALE_MULTIPLIERS, act_order: bool = False
+                  ) -> Tuple[np.ndarray, np.ndarray]:
     """``(w_int int8 [rows, K], row_scale float32 [rows])`` by GPTQ on each row's grid.
 
     Row scales start from each scheme's ``choose_row_scale`` (on the weight with dead input
@@ -134,13 +145,13 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, schemes: Sequence[str
         rows = np.array([i for i, s in enumerate(schemes) if s == name])
         scale[rows] = get_scheme(name).choose_row_scale(live[rows])
     if not search_scale:
-        return gptq_round(w, hessian, schemes, scale, damp, block_size), scale
+        return gptq_round(w, hessian, schemes, scale, damp, block_size, act_order), scale
     # rows never interact: all multipliers in one GPTQ run on the weight stacked once per multiplier
     mults = (1.0, *(m for m in multipliers if m != 1.0))
     has = np.abs(live).max(axis=1) > 0
     scales = np.concatenate([np.where(has, scale * np.float32(m), scale) for m in mults]).astype(np.float32)
     stacked = np.tile(w, (len(mults), 1))
-    q = gptq_round(stacked, hessian, schemes * len(mults), scales, damp, block_size)
+    q = gptq_round(stacked, hessian, schemes * len(mults), scales, damp, block_size, act_order)
     err = row_objective(stacked, q, scales, hessian).reshape(len(mults), -1)
     best = np.argmin(err, axis=0) * w.shape[0] + np.arange(w.shape[0])  # ties keep the scheme's own scale
     return q[best], scales[best]
