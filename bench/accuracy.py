@@ -363,12 +363,19 @@ def _fit_probe(e_train, y_train, l2=1e-3):
     return w.detach().numpy()
 
 
-def _minilm_scores(m, d, fp=None) -> Dict[str, np.ndarray]:
-    e_te, e_va = _embed(m, d["tok"], d["test_x"]), _embed(m, d["tok"], d["val_x"])
-    out = {"emb_test": e_te, "emb_val": e_va}
+def _minilm_scores(m, d, fp=None, test: bool = True) -> Dict[str, np.ndarray]:
+    """Embeddings and metrics; ``test=False`` (selection): the validation sentences only."""
+    e_va = _embed(m, d["tok"], d["val_x"])
+    out = {"emb_val": e_va}
+    if fp is not None:
+        out["cosine_val"] = (e_va * fp["emb_val"]).sum(1).astype(np.float64)
+    if not test:
+        return out
+    e_te = _embed(m, d["tok"], d["test_x"])
+    out["emb_test"] = e_te
     if fp is not None:
         out["cosine"] = (e_te * fp["emb_test"]).sum(1).astype(np.float64)
-        out["cosine_val"] = (e_va * fp["emb_val"]).sum(1).astype(np.float64)
+    if fp is not None and "probe" in fp:
         w = fp["probe"]
         out["probe_acc"] = (((e_te.astype(np.float64) @ w[:-1] + w[-1]) > 0) == d["test_y"]).astype(np.float64)
     pairs, human = d["sim"]
@@ -385,7 +392,7 @@ def _minilm_granularities():
 def select_minilm(quick: bool) -> Dict:
     """Stage 1 on the held-out sentences (seed 0): rounding and activation granularity for MiniLM."""
     d = _minilm_setup(quick, 0)
-    fp = _minilm_scores(d["model"], d)
+    fp = _minilm_scores(d["model"], d, test=False)
     traces = rmsmp.quantize(d["model"], _config("rmsmp_60_35_5", 8, "hessian", "mse", 0, "nearest"),
                             d["calib"]).rmsmp_row_hessian
     scores = {}
@@ -393,7 +400,7 @@ def select_minilm(quick: bool) -> Dict:
         for gran in _minilm_granularities():
             cfg = _config("rmsmp_60_35_5", 8, rmsmp.RMSMPConfig().assign, "mse", 0, rounding, gran)
             q = rmsmp.quantize(d["model"], cfg, d["calib"], row_hessian=traces)
-            scores[f"{rounding}/{gran}"] = float(_minilm_scores(q, d, fp)["cosine_val"].mean())
+            scores[f"{rounding}/{gran}"] = float(_minilm_scores(q, d, fp, test=False)["cosine_val"].mean())
             _log(f"  select MiniLM: {rounding} {gran}: validation cosine {scores[f'{rounding}/{gran}']:.4f}")
     best = max(scores, key=scores.get)
     return {"rounding": best.split("/")[0], "act_granularity": best.split("/")[1], "validation": scores}

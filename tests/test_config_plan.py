@@ -40,8 +40,9 @@ def test_unknown_assignment_rule():
 
 def test_rounding_options():
     cfg = rmsmp.RMSMPConfig()
-    assert cfg.rounding == "nearest" and cfg.gptq_damp == 0.01 and cfg.gptq_scale_search is False
-    assert rmsmp.RMSMPConfig(rounding="gptq", gptq_damp=0.1).rounding == "gptq"
+    assert cfg.rounding == "gptq" and cfg.gptq_damp == 0.01 and cfg.gptq_scale_search is False
+    assert cfg.gptq_act_order is False
+    assert rmsmp.RMSMPConfig(rounding="nearest", gptq_damp=0.1).rounding == "nearest"
     with pytest.raises(ValueError, match="rounding must be one of"):
         rmsmp.RMSMPConfig(rounding="stochastic")
     for bad in (0, -0.01, float("nan"), float("inf"), True, "0.01", None):
@@ -49,6 +50,8 @@ def test_rounding_options():
             rmsmp.RMSMPConfig(gptq_damp=bad)
     with pytest.raises(TypeError, match="gptq_scale_search"):
         rmsmp.RMSMPConfig(gptq_scale_search=1)
+    with pytest.raises(TypeError, match="gptq_act_order"):
+        rmsmp.RMSMPConfig(gptq_act_order="yes")
 
 
 def test_default_config_is_the_papers_ratio():
