@@ -75,9 +75,11 @@ def _cmd_compile(args) -> int:
         raise SystemExit(f"--ratio {args.ratio!r} is not JSON ({err}); "
                          'e.g. \'{"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}\'') from None
     try:
-        cfg = RMSMPConfig(ratio=ratio, act_bits=args.act_bits) if ratio else RMSMPConfig(act_bits=args.act_bits)
+        opts = dict(act_bits=args.act_bits, rounding=args.rounding, act_granularity=args.act_granularity,
+                    act_zero_point=args.act_zero_point)
+        cfg = RMSMPConfig(ratio=ratio, **opts) if ratio else RMSMPConfig(**opts)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"--ratio / --act-bits: {err}") from None
+        raise SystemExit(f"--ratio / --act-bits / --rounding / --act-granularity / --act-zero-point: {err}") from None
     q = quantize(model, cfg, batches)
     for name, plan in row_plans(q).items():
         print(f"{name:30s} {plan.num_rows:6d} rows {plan.counts()}")
@@ -99,6 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--calib-batch", type=int, default=64)
     c.add_argument("--ratio", default=None, help='JSON, e.g. \'{"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}\'')
     c.add_argument("--act-bits", type=int, default=8)
+    c.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
+                   help="how rows are rounded onto their grids (default: gptq, error-compensating)")
+    c.add_argument("--act-granularity", choices=("per_tensor", "per_token"), default="per_tensor",
+                   help="activation scales of Linear inputs: static per tensor, or per token at run time")
+    c.add_argument("--act-zero-point", choices=("never", "auto", "always"), default="never",
+                   help="asymmetric per-tensor activations for signed Linear inputs")
     c.add_argument("--target", default="llvm")
     c.add_argument("--no-fast-math", action="store_true",
                    help="CPU: libm's erf/exp/tanh between the layers instead of TVM's vectorizable approximations")
