@@ -158,7 +158,7 @@ class RMSMPConfig:
 
     ratio: Dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATIO), converter=_ratio_converter)
     act_bits: int = attrs.field(default=8, validator=_check_act_bits)
-    assign: str = attrs.field(default="hessian_error")
+    assign: str = attrs.field(default="hessian")
     fold_bn: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     skip: Tuple[str, ...] = attrs.field(default=(), converter=_skip_converter)
     hessian: HessianConfig = attrs.field(factory=HessianConfig, validator=attrs.validators.instance_of(HessianConfig))
