@@ -334,6 +334,7 @@ def _minilm_setup(quick: bool, seed: int):
     if quick:
         test_x, test_y = test_x[:200], test_y[:200]
     return {"model": model, "tok": tok, "probe_x": pool_x, "probe_y": pool_y, "val_x": [pool_x[i] for i in val_idx],
+            "train_x": [pool_x[i] for i in rest],
             "test_x": test_x, "test_y": test_y, "calib": calib, "sim": load_word_similarity("wordsim353")}
 
 
@@ -436,9 +437,10 @@ def run_minilm(seed: int, quick: bool, choice: Dict) -> Dict:
     base = rmsmp.quantize(model, _config("rmsmp_60_35_5", 8, rule, "mse", seed, "nearest"), d["calib"])
     traces, hrep = base.rmsmp_row_hessian, base.rmsmp_report["hessian"]
     rounding, gran = choice["rounding"], choice["act_granularity"]
+    qat_info: Dict[str, object] = {}
     runs = [(v, rounding, gran) for v in (QUICK if quick else VARIANTS)]
     if seed == 0 and not quick:  # each setting alone (seed 0): rounding and activation granularity
-        runs += [(v, r, g) for v in ("fixed_4", "layerwise_4_8", "rmsmp_60_35_5") for r in MINILM_ROUNDINGS
+        runs += [(v, r, g) for v in ("fixed_4", "rmsmp_60_35_5") for r in MINILM_ROUNDINGS
                  for g in _minilm_granularities() if (r, g) != (rounding, gran) and (r == rounding or g == gran)]
     for variant, rnd, g in runs:
         cfg, _ = _variant_config(variant, model, d["calib"], traces, _config(variant, 8, rule, "mse", seed, rnd, g))
@@ -454,10 +456,35 @@ def run_minilm(seed: int, quick: bool, choice: Dict) -> Dict:
                        act_granularity=g))
         _log(f"  seed {seed} MiniLM {variant:14s} {rnd:7s} {g:10s} cosine {sc['cosine'].mean():.4f} "
              f"probe {sc['probe_acc'].mean():.4f} spearman {sc['spearman']:.4f}")
+        if seed == 0 and not quick and (rnd, g) == (rounding, gran) and variant in ("layerwise_4_8", "rmsmp_60_35_5"):
+            q, val = _minilm_qat(model, cfg, d, traces, fp)
+            sc = _minilm_scores(q, d, fp)
+            qat_info[variant] = val
+            for metric in ("cosine", "probe_acc"):
+                out.append(raw(name, ds, variant, 8, "qat", metric, sc[metric].mean(), seed=seed, rounding=rnd,
+                               act_granularity=g, per_example=sc[metric], share_8bit=share))
+            _log(f"  seed {seed} MiniLM {variant:14s} QAT cosine {sc['cosine'].mean():.4f} (validation {val})")
     return {"entries": out, "info": {"hessian": attrs.asdict(hrep) if hrep else None, "probe_train": len(d["probe_x"]),
                                      "test_sentences": len(d["test_x"]), "val_sentences": len(d["val_x"]),
                                      "calib_sentences": sum(len(b[0]) for b in d["calib"]),
-                                     "seconds": round(time.perf_counter() - t0, 1)}}
+                                     "qat_val": qat_info, "seconds": round(time.perf_counter() - t0, 1)}}
+
+
+def _minilm_qat(model, cfg, d, traces, fp, epochs: int = 3, steps: int = 60):
+    """QAT of MiniLM on unlabelled sentences (the calibration pool, never the held-out ones):
+    cosine distillation from the fp32 embeddings, best epoch by validation cosine."""
+    from tvm_rmsmp.models.minilm import encode_texts
+
+    pool = d["train_x"]
+
+    def batches(epoch):
+        idx = np.random.default_rng(epoch).permutation(len(pool))[: 16 * steps]
+        return [(encode_texts(d["tok"], [pool[i] for i in idx[j:j + 16]]), None) for j in range(0, len(idx), 16)]
+
+    qat = rmsmp.prepare_qat(model, cfg, d["calib"], row_hessian=traces)
+    rmsmp.train_qat(qat, batches, None, rmsmp.QATConfig(epochs=epochs, lr=1e-5, scale_lr=1e-3, distill="cosine"),
+                    teacher=model, val_fn=lambda m: float(_minilm_scores(m, d, fp, test=False)["cosine_val"].mean()))
+    return rmsmp.convert_qat(qat), qat.rmsmp_report.get("qat_val")
 
 
 # ------------------------------------------------------------------------------------------
@@ -682,7 +709,7 @@ def write_doc(path: str, rows: List[Dict], meta: Dict) -> None:
     chosen = meta["choices"]
     blocks = {
         "accuracy-table": (f"Measured by `{meta['command']}` on {meta['hardware']}, seeds {meta['seeds']}, "
-                           f"{meta['seconds']:.0f} s in all. Mean ± standard deviation over the seeds; top-1, "
+                           f"{meta['seconds']:.0f} s of task time (tasks ran in parallel, one thread each). Mean ± standard deviation over the seeds; top-1, "
                            "agreement and probe accuracy in %. Settings chosen on validation data: "
                            + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "validation")
                                        for m, c in chosen.items()) + ".\n\n" + markdown_table(rows, meta["models"])),
@@ -722,6 +749,8 @@ def main(argv=None):
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
     ap.add_argument("--merge", action="store_true",
                     help="aggregate with the raw results of the other parts kept from earlier runs (--raw-dir)")
+    ap.add_argument("--aggregate-only", action="store_true",
+                    help="run nothing: aggregate the raw results kept in --raw-dir and write the outputs")
     ap.add_argument("--raw-dir", default=os.path.join(ROOT, "bench", "results", "raw"),
                     help="where each part's raw results (per seed and test example) are kept for --merge")
     args = ap.parse_args(argv)
@@ -736,10 +765,12 @@ def main(argv=None):
     plot = args.plot or (None if args.quick else os.path.join(ROOT, "docs", "img", "row_assignment.png"))
     t0 = time.perf_counter()
     choices = default_choices()
+    if args.aggregate_only:
+        parts, args.merge = [], True
     if args.choices:
         with open(args.choices) as f:
             choices.update(json.load(f))
-    elif not args.quick:
+    elif not args.quick and parts:
         sel = [("select", p, 0, False, None, None) for p in parts if p in ("fmnist", "minilm")]
         _log(f"stage 1: choices on validation data ({', '.join(t[1] for t in sel)})")
         for _, part, _, res in _run_all(sel, args.jobs):
@@ -767,8 +798,10 @@ def main(argv=None):
                 choices[part], info[part] = got[1], got[2]
                 parts.append(part)
     rows = aggregate(entries)
+    task_seconds = sum(d.get("seconds", 0) for per in info.values() for d in per.values() if isinstance(d, dict))
     meta = {"command": "python -m bench.accuracy" + (" --quick" if args.quick else ""), "hardware": _hardware(),
-            "threads_per_task": 1, "jobs": args.jobs, "seeds": seeds, "seconds": round(time.perf_counter() - t0, 1),
+            "threads_per_task": 1, "jobs": args.jobs, "seeds": seeds, "seconds": round(task_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - t0, 1),
             "choices": {p: c for p, c in choices.items() if p in parts},
             "models": {"resnet20": {"rounding": choices["fmnist"]["rounding"], "act_granularity": "per_tensor"},
                        "minilm_l6": {k: choices["minilm"][k] for k in ("rounding", "act_granularity")},
