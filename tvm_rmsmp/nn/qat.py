@@ -515,11 +515,12 @@ def _lr_factor(cfg: QATConfig, step: int, total: Optional[int]) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
 
 
-def _rank0_decides(flag: bool) -> bool:
-    """Rank 0's value of ``flag`` on every rank (itself when not distributed)."""
+def _rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's value of ``flag`` on every rank (itself when not distributed); ``device``: where
+    the process group's tensors live (the model's device: CUDA under nccl)."""
     if not _distributed():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
     torch.distributed.broadcast(t, 0)
     return bool(t.item())
 
@@ -646,7 +647,7 @@ def train_qat(
             score = float(val_fn(model.eval()))
             report["qat_val"].append(score)
             msg += f"; validation {score:.4f}"
-            if _rank0_decides(score > best[0]):
+            if _rank0_decides(score > best[0], next(model.parameters()).device):
                 best = (score, epoch + 1, copy.deepcopy(model.state_dict()), [l.schemes for l in qat_layers(model).values()])
         if log is not None:
             log(msg)
