@@ -691,13 +691,14 @@ def markdown_table(rows: List[Dict], chosen: Dict) -> str:
 
 
 def differences_table(diffs: List[Dict]) -> str:
-    lines = ["| model | metric | act | mode | RMSMP 60:35:5 minus | mean difference | 95% CI (paired bootstrap) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | metric | act | mode | rounding, activations | RMSMP 60:35:5 minus | mean difference | "
+             "95% CI (paired bootstrap) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for d in diffs:
         pct = d["metric"] in ("top1", "probe_acc", "top1_agree")
         f = (lambda v: f"{100 * v:+.2f} pt") if pct else (lambda v: f"{v:+.4f}")
-        lines.append(f"| {d['model']} | {d['metric']} | A{d['act_bits']} | {d['mode']} | {d['baseline']} | "
-                     f"{f(d['diff'])} | [{f(d['ci_low'])}, {f(d['ci_high'])}] |")
+        lines.append(f"| {d['model']} | {d['metric']} | A{d['act_bits']} | {d['mode']} | {d['rounding']}, "
+                     f"{d['act_granularity']} | {d['baseline']} | {f(d['diff'])} | [{f(d['ci_low'])}, "
+                     f"{f(d['ci_high'])}] | {d['seeds']} |")
     return "\n".join(lines)
 
 

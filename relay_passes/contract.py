@@ -240,15 +240,21 @@ def _acc_terms(func: tvm.tirx.PrimFunc) -> Tuple[int, int, int]:
     return k, (255 if str(x.dtype) == "uint8" else 128), level
 
 
-def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
-    """Check one PrimFunc with an :data:`OP` attribute of :data:`OPS`; raise :class:`ContractError`."""
-    op = rmsmp_attr(func, OP)
+def _breaker(name: str, func: tvm.tirx.PrimFunc, contract: str):
+    """``broken(rule, detail)``: raises the :class:`ContractError` naming the function, its layer and the rule."""
 
     def broken(rule: str, detail: str):
         layer = rmsmp_attr(func, LAYER)
-        raise ContractError(f"{name}{f' (layer {layer})' if layer else ''} breaks the row-group op contract, "
+        raise ContractError(f"{name}{f' (layer {layer})' if layer else ''} breaks the {contract}, "
                             f"rule '{rule}': {detail}")
 
+    return broken
+
+
+def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one PrimFunc with an :data:`OP` attribute of :data:`OPS`; raise :class:`ContractError`."""
+    op = rmsmp_attr(func, OP)
+    broken = _breaker(name, func, "row-group op contract")
     if op not in OPS:
         broken("op", f"{OP} is {op!r}, not one of {OPS}")
     if rmsmp_attr(func, LAYER) is None:
@@ -315,12 +321,7 @@ def verify_activation_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     """Check one activation function (:data:`OP` in :data:`ACTIVATION_OPS`): its parameters'
     dtypes and shapes, and :data:`ZERO_POINT` / :data:`ACT_BITS`; raise :class:`ContractError`."""
     op = rmsmp_attr(func, OP)
-
-    def broken(rule: str, detail: str):
-        layer = rmsmp_attr(func, LAYER)
-        raise ContractError(f"{name}{f' (layer {layer})' if layer else ''} breaks the activation contract, "
-                            f"rule '{rule}': {detail}")
-
+    broken = _breaker(name, func, "activation contract")
     if op not in ACTIVATION_OPS:
         broken("op", f"{OP} is {op!r}, not one of {ACTIVATION_OPS}")
     if rmsmp_attr(func, LAYER) is None:
