@@ -5,7 +5,7 @@ Run:  python -m bench.gptq_rounding [--test-images 2000] [--seeds 0 1 2] [--bert
 For each calibration seed: 512 random training images (4 batches of 128) calibrate the
 model; the row Hessian traces (assign='hessian_error', KL loss) are estimated once per seed
 and shared, so both roundings get the same row assignment. Config as bench/accuracy.py's
-rmsmp_60_35_5 (first and last layer fixed_8). Top-1 on the first --test-images test images.
+rmsmp_60_35_5 (first and last layer fixed_8). Top-1 on the first --test-images validation images (held-out training images).
 This is not the validation-split protocol that will choose the default rounding.
 ``--bert-layer``: seconds and memory of GPTQ on one 768x3072 Linear with random data.
 """
@@ -30,15 +30,17 @@ def _config(act_bits: int, **kw) -> rmsmp.RMSMPConfig:
 
 
 def fmnist(test_images: int, seeds, variants):
-    from tvm_rmsmp.models.data import load_fashion_mnist
+    from tvm_rmsmp.models.data import fashion_mnist_split
     from tvm_rmsmp.models.fmnist_resnet import load_pretrained
     from tvm_rmsmp.models.training import evaluate
 
-    xtr, _ = load_fashion_mnist("train")
-    xte, yte = load_fashion_mnist("test")
+    # a development tool: calibration from the "fit" images, scores on the validation images
+    # (the test set is for bench.accuracy's reported numbers only)
+    xtr, _ = fashion_mnist_split("fit")
+    xte, yte = fashion_mnist_split("val")
     xte, yte = xte[:test_images], yte[:test_images]
     model = load_pretrained()
-    print(f"fp32 top-1 on {test_images} test images: {evaluate(model, xte, yte):.4f}", flush=True)
+    print(f"fp32 top-1 on {test_images} validation images: {evaluate(model, xte, yte):.4f}", flush=True)
     rows = []
     for seed in seeds:
         idx = np.random.default_rng(seed).permutation(len(xtr))[:512]
@@ -101,7 +103,7 @@ def main(argv=None):
     if a.bert_layer:
         bert_layer()
         return
-    variants = {"nearest": {}, "gptq": {"rounding": "gptq"}}
+    variants = {"nearest": {"rounding": "nearest"}, "gptq": {"rounding": "gptq"}}
     if a.scale_search:
         variants["gptq+search"] = {"rounding": "gptq", "gptq_scale_search": True}
     fmnist(a.test_images, a.seeds, variants)
