@@ -77,7 +77,8 @@ QAT_LRS = (1e-5, 5e-5)
 #: The QAT recipe before this protocol (Adam on the scales themselves, constant rates, no
 #: distillation, one epoch, nearest-rounding start): measured once as an ablation.
 OLD_QAT = dict(scale_param="linear", schedule="constant", distill=None, lr=5e-5, scale_lr=5e-4)
-HAS_GRANULARITY = "act_granularity" in attrs.fields_dict(rmsmp.RMSMPConfig)
+#: MiniLM's activation granularities (ResNet-20's convolutions are per-tensor only).
+GRANULARITIES = ("per_tensor", "per_token")
 
 _T0 = time.perf_counter()
 
@@ -89,7 +90,7 @@ def _log(msg: str) -> None:
 def _config(variant: str, act_bits: int, assign: str, hessian_loss: str, seed: int, rounding: str,
             granularity: Optional[str] = None) -> rmsmp.RMSMPConfig:
     ratio = VARIANTS[variant] or VARIANTS["rmsmp_60_35_5"]
-    extra = {"act_granularity": granularity} if granularity and HAS_GRANULARITY else {}
+    extra = {"act_granularity": granularity} if granularity else {}
     if rounding == "gptq_act_order":  # a rounding choice of its own in the benchmark: GPTQ with act-order
         rounding, extra["gptq_act_order"] = "gptq", True
     return rmsmp.RMSMPConfig(ratio=ratio, act_bits=act_bits, assign=assign, edge_scheme="fixed_8", rounding=rounding,
@@ -401,10 +402,6 @@ def _minilm_scores(m, d, fp=None, test: bool = True) -> Dict[str, np.ndarray]:
     return out
 
 
-def _minilm_granularities():
-    return ("per_tensor", "per_token") if HAS_GRANULARITY else ("per_tensor",)
-
-
 def select_minilm(quick: bool) -> Dict:
     """Stage 1 on the held-out sentences (seed 0): rounding and activation granularity for MiniLM."""
     d = _minilm_setup(quick, 0)
@@ -413,7 +410,7 @@ def select_minilm(quick: bool) -> Dict:
                             d["calib"]).rmsmp_row_hessian
     scores = {}
     for rounding in MINILM_ROUNDINGS:
-        for gran in _minilm_granularities():
+        for gran in GRANULARITIES:
             cfg = _config("rmsmp_60_35_5", 8, rmsmp.RMSMPConfig().assign, "mse", 0, rounding, gran)
             q = rmsmp.quantize(d["model"], cfg, d["calib"], row_hessian=traces)
             scores[f"{rounding}/{gran}"] = float(_minilm_scores(q, d, fp, test=False)["cosine_val"].mean())
@@ -441,7 +438,7 @@ def run_minilm(seed: int, quick: bool, choice: Dict) -> Dict:
     runs = [(v, rounding, gran) for v in (QUICK if quick else VARIANTS)]
     if seed == 0 and not quick:  # each setting alone (seed 0): rounding and activation granularity
         runs += [(v, r, g) for v in ("fixed_4", "rmsmp_60_35_5") for r in MINILM_ROUNDINGS
-                 for g in _minilm_granularities() if (r, g) != (rounding, gran) and (r == rounding or g == gran)]
+                 for g in GRANULARITIES if (r, g) != (rounding, gran) and (r == rounding or g == gran)]
     for variant, rnd, g in runs:
         cfg, _ = _variant_config(variant, model, d["calib"], traces, _config(variant, 8, rule, "mse", seed, rnd, g))
         q = rmsmp.quantize(model, cfg, d["calib"], row_hessian=traces)
@@ -622,7 +619,7 @@ def default_choices() -> Dict:
     (bench/results/accuracy.meta.json), else the library's defaults."""
     d = rmsmp.RMSMPConfig()
     out = {"fmnist": {"assign": d.assign, "rounding": d.rounding, "qat_lr": QAT_LRS[0]},
-           "minilm": {"rounding": d.rounding, "act_granularity": getattr(d, "act_granularity", "per_tensor")},
+           "minilm": {"rounding": d.rounding, "act_granularity": d.act_granularity},
            "efficientnet": {"assign": d.assign, "rounding": d.rounding}}
     try:
         with open(os.path.join(ROOT, "bench", "results", "accuracy.meta.json")) as f:

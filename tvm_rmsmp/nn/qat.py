@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import attrs
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from ..quant.assign import assign_rows, rule_needs_hessian
-from ..quant.config import RMSMPConfig, RMSMPWarning
+from ..quant.config import RMSMPConfig
 from ..quant.plan import RowPlan
 from ..quant.schemes import get_scheme
 from .hessian import row_hessian_traces
