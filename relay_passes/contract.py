@@ -240,25 +240,26 @@ def _acc_terms(func: tvm.tirx.PrimFunc) -> Tuple[int, int, int]:
     return k, (255 if str(x.dtype) == "uint8" else 128), level
 
 
-def _breaker(name: str, func: tvm.tirx.PrimFunc, contract: str):
-    """``broken(rule, detail)``: raises the :class:`ContractError` naming the function, its layer and the rule."""
+def _checked_op(name: str, func: tvm.tirx.PrimFunc, contract: str, ops):
+    """``(op, broken)`` after the rules every contract shares (``op`` in ``ops``, a ``layer``);
+    ``broken(rule, detail)`` raises the :class:`ContractError` naming the function, its layer and the rule."""
 
     def broken(rule: str, detail: str):
         layer = rmsmp_attr(func, LAYER)
         raise ContractError(f"{name}{f' (layer {layer})' if layer else ''} breaks the {contract}, "
                             f"rule '{rule}': {detail}")
 
-    return broken
+    op = rmsmp_attr(func, OP)
+    if op not in ops:
+        broken("op", f"{OP} is {op!r}, not one of {ops}")
+    if rmsmp_attr(func, LAYER) is None:
+        broken("layer", f"no {LAYER} attribute")
+    return op, broken
 
 
 def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     """Check one PrimFunc with an :data:`OP` attribute of :data:`OPS`; raise :class:`ContractError`."""
-    op = rmsmp_attr(func, OP)
-    broken = _breaker(name, func, "row-group op contract")
-    if op not in OPS:
-        broken("op", f"{OP} is {op!r}, not one of {OPS}")
-    if rmsmp_attr(func, LAYER) is None:
-        broken("layer", f"no {LAYER} attribute")
+    op, broken = _checked_op(name, func, "row-group op contract", OPS)
     row_schemes, scheme = func.attrs.get(ROW_SCHEMES), rmsmp_attr(func, SCHEME)
     if (row_schemes is None) == (scheme is None):
         broken("scheme", f"exactly one of {ROW_SCHEMES} (quantized op) and {SCHEME} (row-group op) is required")
@@ -320,12 +321,7 @@ _FLOAT_IN = "float32"
 def verify_activation_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     """Check one activation function (:data:`OP` in :data:`ACTIVATION_OPS`): its parameters'
     dtypes and shapes, and :data:`ZERO_POINT` / :data:`ACT_BITS`; raise :class:`ContractError`."""
-    op = rmsmp_attr(func, OP)
-    broken = _breaker(name, func, "activation contract")
-    if op not in ACTIVATION_OPS:
-        broken("op", f"{OP} is {op!r}, not one of {ACTIVATION_OPS}")
-    if rmsmp_attr(func, LAYER) is None:
-        broken("layer", f"no {LAYER} attribute")
+    op, broken = _checked_op(name, func, "activation contract", ACTIVATION_OPS)
     bufs = list(func.params)
     spec = {  # op -> [(name, dtypes, rank)] in parameter order
         QUANTIZE: [("x", (_FLOAT_IN,), None), ("x_q", ("int8", "uint8"), None)],
