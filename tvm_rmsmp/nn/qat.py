@@ -93,7 +93,7 @@ class QATConfig:
         or ``"constant"``.
     warmup: fraction of all steps spent warming up (cosine schedule only), in [0, 1).
     steps_per_epoch: the schedule's steps per epoch when the batches have no ``len()`` (None:
-        counted during the first epoch, whose rate then stays at its warm-up end).
+        counted during the first epoch, which then runs at the peak rates without warm-up).
     distill: knowledge distillation from a float ``teacher`` given to :func:`train_qat`:
         ``"kl"`` (KL(softmax teacher || softmax student), classifiers), ``"mse"`` or
         ``"cosine"`` (1 - cosine along the last axis, embeddings); None: the task loss only.
@@ -181,11 +181,9 @@ class FakeQuantLayer(nn.Module):
         self.scale_param = scale_param
         row_scale = torch.from_numpy(plan.row_scale.astype(np.float32)).to(device)
         act_scale = torch.tensor(float(act.scale), dtype=torch.float32, device=device)
-        # "log": scale = ref * exp(param), param 0 at the start (so the start is exact)
-        self.register_buffer("row_scale_ref", row_scale.clone())
-        self.register_buffer("act_scale_ref", act_scale.clone())
-        self.row_scale_param = nn.Parameter(self._encode(row_scale, self.row_scale_ref))
-        self.act_scale_param = nn.Parameter(self._encode(act_scale, self.act_scale_ref))
+        self.register_buffer("row_scale_ref", torch.empty_like(row_scale))
+        self.register_buffer("act_scale_ref", torch.empty_like(act_scale))
+        self._start_scales(row_scale, act_scale)
         self.act_bits, self.act_signed, self.qmin, self.qmax = act.bits, act.signed, act.qmin, act.qmax
         self.act_zero_point, self.act_per_token = act.zero_point, act.per_token
         if self.op == "conv2d":
@@ -200,6 +198,13 @@ class FakeQuantLayer(nn.Module):
 
     def _decode(self, p: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         return ref * p.exp() if self.scale_param == "log" else p.abs().clamp_min(1e-12)
+
+    def _start_scales(self, row: torch.Tensor, act: torch.Tensor) -> None:
+        """Learn from these scales on: they become the references ("log": param 0, so the start is exact)."""
+        self.row_scale_ref.copy_(row.detach().abs().clamp_min(1e-12))
+        self.act_scale_ref.copy_(act.detach().abs().clamp_min(1e-12))
+        self.row_scale_param = nn.Parameter(self._encode(row, self.row_scale_ref))
+        self.act_scale_param = nn.Parameter(self._encode(act, self.act_scale_ref))
 
     @property
     def row_scale(self) -> torch.Tensor:
@@ -224,10 +229,7 @@ class FakeQuantLayer(nn.Module):
         if mode != self.scale_param:
             row, act = self.row_scale.detach(), self.act_scale.detach()
             self.scale_param = mode
-            self.row_scale_ref.copy_(row)
-            self.act_scale_ref.copy_(act)
-            self.row_scale_param = nn.Parameter(self._encode(row, self.row_scale_ref))
-            self.act_scale_param = nn.Parameter(self._encode(act, self.act_scale_ref))
+            self._start_scales(row, act)
 
     def set_schemes(self, schemes: Sequence[str]) -> None:
         self.schemes: Tuple[str, ...] = tuple(schemes)
@@ -504,13 +506,11 @@ def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temper
 
 def _lr_factor(cfg: QATConfig, step: int, total: Optional[int]) -> float:
     """Multiplier of the peak learning rates at ``step`` (0-based) of ``total`` (None: unknown yet)."""
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant" or not total:  # total unknown: the first epoch runs at the peak
         return 1.0
-    warm = int(cfg.warmup * total) if total else int(cfg.warmup * (cfg.steps_per_epoch or 0) * cfg.epochs)
+    warm = int(cfg.warmup * total)
     if step < warm:
         return (step + 1) / (warm + 1)
-    if not total:
-        return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
 
 
@@ -577,10 +577,13 @@ def train_qat(
         teacher.eval()
     net = nn.parallel.DistributedDataParallel(model) if dist else model
     report = model.rmsmp_report
+    def snapshot(score: float, epoch: int):
+        return score, epoch, copy.deepcopy(model.state_dict()), [l.schemes for l in qat_layers(model).values()]
+
     best = None
     if val_fn is not None:
         report["qat_val"] = [float(val_fn(model.eval()))]
-        best = (report["qat_val"][0], 0, copy.deepcopy(model.state_dict()), [l.schemes for l in qat_layers(model).values()])
+        best = snapshot(report["qat_val"][0], 0)
     total, step = None, 0
     for epoch in range(cfg.epochs):
         net.train()
@@ -647,7 +650,7 @@ def train_qat(
             report["qat_val"].append(score)
             msg += f"; validation {score:.4f}"
             if _rank0_decides(score > best[0], next(model.parameters()).device):
-                best = (score, epoch + 1, copy.deepcopy(model.state_dict()), [l.schemes for l in qat_layers(model).values()])
+                best = snapshot(score, epoch + 1)
         if log is not None:
             log(msg)
     if best is not None:
