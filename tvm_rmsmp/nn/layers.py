@@ -195,9 +195,7 @@ class _RMSMPLayer(nn.Module):
     @property
     def act(self) -> ActQuant:
         """The layer's activation quantizer."""
-        if self.act_per_token:
-            return ActQuant.dynamic_per_token(self.act_bits)
-        return ActQuant(self.act_scale, self.act_bits, self.act_signed, zero_point=self.act_zero_point)
+        return ActQuant(self.act_scale, self.act_bits, self.act_signed, self.act_zero_point, self.act_per_token)
 
     @property
     def weight(self) -> torch.Tensor:

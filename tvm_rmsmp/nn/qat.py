@@ -283,10 +283,8 @@ class FakeQuantLayer(nn.Module):
             i = idx.cpu().numpy()
             w_int[i] = scheme.encode(w[i], row_scale[i]).astype(np.int8)
         plan = RowPlan(self.layer_name, self.op, self.schemes, w_int, row_scale)
-        if self.act_per_token:
-            act = ActQuant.dynamic_per_token(self.act_bits)
-        else:
-            act = ActQuant(float(self.act_scale.detach()), self.act_bits, self.act_signed, self.act_zero_point)
+        act = ActQuant(float(self.act_scale.detach()), self.act_bits, self.act_signed, self.act_zero_point,
+                       self.act_per_token)  # a per-token quantizer ignores the scale
         bias = self.bias.detach().cpu().numpy()
         if self.op == "dense":
             return RMSMPLinear(self.layer_name, plan, bias, act)
