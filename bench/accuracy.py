@@ -1,7 +1,7 @@
 """Accuracy of RMSMP against its baselines on real data, PTQ and QAT, under a stated protocol.
 
 Run:  python -m bench.accuracy              (full: 3 seeds, all variants; about an hour on 2 cores)
-      python -m bench.accuracy --quick      (CI: one seed, the core variants, short QAT)
+      python -m bench.accuracy --quick      (CI: one seed, the variants its assertions compare, A4)
 
 Protocol (docs/accuracy.md says it in full):
 * Choices are made on validation data, never on the test set: the row-assignment rule, the
@@ -136,7 +136,7 @@ def _fidelity(logits: np.ndarray, ref: np.ndarray, labels: Optional[np.ndarray] 
 # ------------------------------------------------------------------------------------------
 # Fashion-MNIST ResNet-20
 # ------------------------------------------------------------------------------------------
-def _fmnist_data(quick: bool):
+def _fmnist_data():
     from tvm_rmsmp.models.data import fashion_mnist_split
 
     fit, val, test = (fashion_mnist_split(s) for s in ("fit", "val", "test"))
@@ -164,11 +164,11 @@ def _fmnist_calib(xfit, seed: int, n: int = 512):
     return [torch.from_numpy(xfit[idx[i:i + 128]]) for i in range(0, n, 128)]
 
 
-def _qat(model, cfg, calib, traces, fit, val_x, val_y, seed, quick, lr, old=False, reassign=None):
+def _qat(model, cfg, calib, traces, fit, val_x, val_y, seed, lr, old=False, reassign=None):
     """QAT of one variant; returns the converted integer model and the validation scores."""
     from tvm_rmsmp.models.training import evaluate
 
-    steps, epochs = 100, 3  # the same in quick mode: CI checks the recipe the full run reports
+    steps, epochs = 100, 3  # quick mode too: CI checks the recipe the full run reports
     if old:
         qcfg = rmsmp.QATConfig(epochs=1, **OLD_QAT)
         cfg = attrs.evolve(cfg, rounding="nearest")
@@ -187,19 +187,17 @@ def _qat(model, cfg, calib, traces, fit, val_x, val_y, seed, quick, lr, old=Fals
                                     "reassigned_rows": report.get("reassigned_rows")}
 
 
-def select_fmnist(quick: bool) -> Dict:
+def select_fmnist() -> Dict:
     """Stage 1 on the validation images (seed 0): the assignment rule, the rounding and the QAT rate."""
     from tvm_rmsmp.models.fmnist_resnet import load_pretrained
     from tvm_rmsmp.models.training import evaluate
 
-    fit, (xv, yv), _ = _fmnist_data(quick)
-    if quick:
-        xv, yv = xv[:1000], yv[:1000]
+    fit, (xv, yv), _ = _fmnist_data()
     model = load_pretrained()
     calib = _fmnist_calib(fit[0], 0)
     traces = rmsmp.quantize(model, _config("rmsmp_60_35_5", 8, "hessian", "kl", 0, "nearest"), calib).rmsmp_row_hessian
     scores: Dict[str, Dict] = {"rule": {}, "rounding": {}, "qat_lr": {}}
-    for rule in (RULES[:1] if quick else RULES):
+    for rule in RULES:
         s = [evaluate(rmsmp.quantize(model, _config("rmsmp_60_35_5", a, rule, "kl", 0, "gptq"), calib,
                                      row_hessian=traces), xv, yv) for a in (8, 4)]
         scores["rule"][rule] = float(np.mean(s))
@@ -216,8 +214,8 @@ def select_fmnist(quick: bool) -> Dict:
              f"(mean of {len(s)} variant x act)")
     rounding = max(scores["rounding"], key=scores["rounding"].get)
     cfg = _config("rmsmp_60_35_5", 4, rule, "kl", 0, rounding)
-    for lr in (QAT_LRS[:1] if quick else QAT_LRS):
-        q, _ = _qat(model, cfg, calib, traces, fit, xv[:2000], yv[:2000], 0, quick, lr)
+    for lr in QAT_LRS:
+        q, _ = _qat(model, cfg, calib, traces, fit, xv[:2000], yv[:2000], 0, lr)
         scores["qat_lr"][str(lr)] = evaluate(q, xv, yv)
         _log(f"  select: QAT lr {lr:g}: validation top-1 {scores['qat_lr'][str(lr)]:.4f} (RMSMP A4)")
     lr = float(max(scores["qat_lr"], key=scores["qat_lr"].get))
@@ -229,7 +227,7 @@ def run_fmnist(seed: int, quick: bool, choice: Dict, plot_path: Optional[str] = 
     from tvm_rmsmp.models.training import evaluate
 
     torch.manual_seed(seed)
-    fit, (xv, yv), (xte, yte) = _fmnist_data(quick)
+    fit, (xv, yv), (xte, yte) = _fmnist_data()
     xv_qat, yv_qat = xv[:2000], yv[:2000]
     model = load_pretrained()
     calib = _fmnist_calib(fit[0], seed)
@@ -276,17 +274,17 @@ def run_fmnist(seed: int, quick: bool, choice: Dict, plot_path: Optional[str] = 
                     measure(rmsmp.quantize(model, attrs.evolve(cfg, rounding=other), calib, row_hessian=traces),
                             variant, act, "ptq", other)
                 if not quick or variant == "rmsmp_60_35_5":
-                    q, scores = _qat(model, cfg, calib, traces, fit, xv_qat, yv_qat, seed, quick, choice["qat_lr"])
+                    q, scores = _qat(model, cfg, calib, traces, fit, xv_qat, yv_qat, seed, choice["qat_lr"])
                     info["qat_val"][f"{variant}/A{act}"] = scores
                     measure(q, variant, act, "qat", rounding)
     if not quick and seed == 0:  # the QAT recipe before this protocol, measured alone (RMSMP, both acts)
         for act in (8, 4):
             cfg = _config("rmsmp_60_35_5", act, rule, "kl", seed, rounding)
-            q, _ = _qat(model, cfg, calib, traces, fit, xv_qat, yv_qat, seed, quick, choice["qat_lr"], old=True)
+            q, _ = _qat(model, cfg, calib, traces, fit, xv_qat, yv_qat, seed, choice["qat_lr"], old=True)
             measure(q, "rmsmp_60_35_5", act, "qat_old", "nearest")
         # re-assignment of rows after every epoch (the paper's schedule), RMSMP A4, alone
         cfg = _config("rmsmp_60_35_5", 4, rule, "kl", seed, rounding)
-        q, scores = _qat(model, cfg, calib, traces, fit, xv_qat, yv_qat, seed, quick, choice["qat_lr"], reassign=1)
+        q, scores = _qat(model, cfg, calib, traces, fit, xv_qat, yv_qat, seed, choice["qat_lr"], reassign=1)
         info["qat_val"]["rmsmp_60_35_5/A4/reassign"] = scores
         measure(q, "rmsmp_60_35_5", 4, "qat_reassign", rounding)
     if quick:  # GPTQ's calibration objective against nearest rounding, every layer (CI asserts it)
@@ -404,9 +402,9 @@ def _minilm_scores(m, d, fp=None, test: bool = True) -> Dict[str, np.ndarray]:
     return out
 
 
-def select_minilm(quick: bool) -> Dict:
+def select_minilm() -> Dict:
     """Stage 1 on the held-out sentences (seed 0): rounding and activation granularity for MiniLM."""
-    d = _minilm_setup(quick, 0)
+    d = _minilm_setup(False, 0)
     fp = _minilm_scores(d["model"], d, test=False)
     traces = rmsmp.quantize(d["model"], _config("rmsmp_60_35_5", 8, "hessian", "mse", 0, "nearest"),
                             d["calib"]).rmsmp_row_hessian
@@ -570,7 +568,7 @@ def _task(args):
     kind, part, seed, quick, choice, plot = args
     torch.set_num_threads(1)
     if kind == "select":
-        return kind, part, seed, (select_fmnist if part == "fmnist" else select_minilm)(quick)
+        return kind, part, seed, (select_fmnist if part == "fmnist" else select_minilm)()
     if part == "fmnist":
         return kind, part, seed, run_fmnist(seed, quick, choice, plot)
     if part == "minilm":
