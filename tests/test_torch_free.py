@@ -78,14 +78,21 @@ def test_load_and_run_where_torch_cannot_be_imported(exported):
             res = exe(x, y)
             np.save({str(folder / 'logits.npy')!r}, res["logits"])
             np.save({str(folder / 'hidden.npy')!r}, res["hidden"])
+        named = exe({{"x": x, "y": y}})  # inputs by name, as exported
+        assert all((named[k] == res[k]).all() for k in res)
         try:
             exe(x[:1], y)
         except ValueError as err:
             print("refused:", err)
+        try:
+            exe(x, y, output="torch")
+        except ImportError as err:
+            print("no torch:", err)
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
         print("ok")
     """)
     assert "ok" in out and "refused: input 0 has shape [1, 12]" in out
+    assert "no torch: output='torch' needs torch" in out
     np.testing.assert_array_equal(np.load(folder / "logits.npy"), ref["logits"])
     np.testing.assert_array_equal(np.load(folder / "hidden.npy"), ref["hidden"])
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .inputs import call_model
+
 __all__ = ["HessianReport", "row_hessian_traces", "output_loss", "MIN_SAMPLES"]
 
 #: Fewer calibration samples than this give too noisy a Hessian estimate to rank rows.
@@ -124,9 +126,9 @@ def row_hessian_traces(
         with torch.enable_grad():
             for batch in batches:
                 with torch.no_grad():
-                    y0 = _output_tensor(model(*batch)).detach()
+                    y0 = _output_tensor(call_model(model, batch)).detach()
                 samples += y0.shape[0]
-                y = _output_tensor(model(*batch))
+                y = _output_tensor(call_model(model, batch))
                 grads = torch.autograd.grad(loss_fn(y, y0), params, create_graph=True)
                 for i in range(probes):
                     # probes drawn on the CPU (the same for every device), used on the weight's device
