@@ -48,7 +48,7 @@ def _tokens(texts):
             "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)}
 
 
-def test_hf_bert_quantizes_compiles_and_matches_the_quantized_torch_model():
+def test_hf_bert_quantizes_compiles_and_matches_the_quantized_torch_model(tmp_path):
     model = _bert()
     calib = [_tokens(TEXTS[:3]), _tokens(TEXTS[3:])]  # tokenizer outputs: dicts of keyword inputs
     cfg = rmsmp.RMSMPConfig(assign="variance", rounding="nearest")
@@ -71,6 +71,12 @@ def test_hf_bert_quantizes_compiles_and_matches_the_quantized_torch_model():
     m = x["attention_mask"].numpy().astype(bool)
     cos = (fp * ref).sum(-1) / np.linalg.norm(fp, axis=-1) / np.linalg.norm(ref, axis=-1)
     assert cos[m].min() > 0.9
+    # saved and rebuilt from a freshly built BertModel of the same config: bit-equal
+    rmsmp.save_quantized(q, tmp_path / "bert-q")
+    fresh = type(model)(model.config, add_pooling_layer=False)
+    q2 = rmsmp.load_quantized(tmp_path / "bert-q", model=fresh)
+    with torch.no_grad():
+        assert torch.equal(q2(**x).last_hidden_state, q(**x).last_hidden_state)
 
 
 def test_cpu_rules_leave_a_function_without_a_root_block_to_the_default_schedule():
