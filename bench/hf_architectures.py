@@ -3,8 +3,8 @@
 Run: python -m bench.hf_architectures [name ...]    (needs the [hf] extra: transformers)
 
 Each model is built from a small config with random weights (2 layers, hidden 32, 4 heads:
-the code paths of the full models, in seconds), called with ``input_ids`` and
-``attention_mask`` (ViT: ``pixel_values``), quantized (``assign="variance"``,
+the code paths of the full models, in seconds), called with the keyword inputs
+``input_ids`` and ``attention_mask`` as one dict (ViT: ``pixel_values``), quantized (``assign="variance"``,
 ``rounding="nearest"``), compiled for this CPU and compared with the quantized torch model.
 Prints one line per architecture: the RMSMP layers and the largest absolute difference of the
 compiled model's last hidden state, or the error.
@@ -45,18 +45,6 @@ def _cases():
     }
 
 
-class LastHidden(torch.nn.Module):
-    """``(input_ids, attention_mask) -> last_hidden_state``: keyword-only forwards (decoders
-    whose second positional parameter is not the mask) called with the two inputs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def run(name: str, build) -> str:
     import tvm_rmsmp as rmsmp
 
@@ -67,20 +55,20 @@ def run(name: str, build) -> str:
         x = (torch.randn(2, 3, 16, 16),)
         calib = [{"pixel_values": torch.randn(4, 3, 16, 16)} for _ in range(2)]
     else:
-        model = LastHidden(build()).eval()
+        model = build().eval()
         ids = torch.randint(3, 90, (2, 8))
         mask = torch.ones(2, 8, dtype=torch.int64)
         mask[1, 6:] = 0
-        x = (ids, mask)
-        calib = [{"input_ids": ids, "attention_mask": mask}]
+        x = {"input_ids": ids, "attention_mask": mask}  # keyword inputs, as a tokenizer gives them
+        calib = [x]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = rmsmp.quantize(model, rmsmp.RMSMPConfig(assign="variance", rounding="nearest"), calib)
         with torch.no_grad():
-            ref = q(*x)
-        ref = (ref if isinstance(ref, torch.Tensor) else ref[0]).numpy()
-        out = rmsmp.compile(q, x)(*x)
-    y = out["last_hidden_state"] if isinstance(out, dict) else out
+            ref = (q(**x) if isinstance(x, dict) else q(*x)).last_hidden_state.numpy()
+        exe = rmsmp.compile(q, x)
+        out = exe(x) if isinstance(x, dict) else exe(*x)
+    y = out["last_hidden_state"]
     return (f"{len(rmsmp.row_plans(q))} RMSMP layers, max |compiled - torch| {np.abs(y - ref).max():.1e}, "
             f"{time.perf_counter() - t0:.0f} s")
 
