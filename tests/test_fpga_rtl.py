@@ -80,6 +80,8 @@ TILES = [
     ("sp2_4", "sp2", "dense", np.uint8, 7, (5, 23)),
     ("sp2_4", "sp2", "dense", np.int8, 4, (3, 11)),
     ("sp2_4", "sp2", "conv2d", np.uint8, 5, (3, 7, 8, 3, 1)),
+    ("fixed_4", "l4", "dense", np.uint8, 6, (7, 19)),
+    ("fixed_4", "l4", "conv2d", np.int8, 3, (2, 6, 5, 3, 1)),
     ("fixed_4", "dp", "dense", np.uint8, 6, (9, 47)),
     ("fixed_4", "dp", "dense", np.int8, 3, (4, 20)),
     ("fixed_4", "dp", "conv2d", np.uint8, 4, (4, 6, 6, 3, 2)),
@@ -106,7 +108,7 @@ def test_rtl_tile_equals_the_simulator(rtl, scheme, unit, op, dtype, rows, shape
         w4 = rng.choice(get_scheme(scheme).levels, size=(rows, ch, kk, kk))
         w_int, k, kernel, stride = w4.reshape(rows, -1), ch * kk * kk, (kk, kk), (s, s)
     wt, codes = _weights(scheme, w_int)
-    core, bits = ("lut", 4) if unit == "sp2" else ("dsp", get_scheme(scheme).bits)
+    core, bits = ("lut", 4) if unit in ("sp2", "l4") else ("dsp", get_scheme(scheme).bits)
     sim_out, sim, ins = _sim_tile(op, x, wt, rows, k, core, bits, kernel, stride)
     # the activations the array sees: the tile itself, or the simulator's own im2col of it
     acts = x if op == "dense" else sim._conv_patches(x[0].astype(np.float64), ins)

@@ -2,7 +2,7 @@
 
 The RTL holds the compute units of the two cores and the ALU: the SP2-4 shift-add array
 (``sp2_pe.v``), the DSP multiply-accumulate array with two 4-bit products per DSP48E1 or one
-(``dsp_mac.v``) and the requantization ALU (``requant_alu.v``). ``rtl_tb.v`` instantiates one of
+(``dsp_mac.v``), the Fixed-4 LUT multiplier array of the ``fixed4_lut_dsp`` baseline (``lut_mac.v``) and the requantization ALU (``requant_alu.v``). ``rtl_tb.v`` instantiates one of
 each at small sizes and ``rtl_tb.cpp`` clocks them from commands on stdin (one cycle per line).
 
 :class:`RTLSim` sequences a GEMM tile through an array the way the core's controller does
@@ -32,7 +32,7 @@ __all__ = ["RTL_DIR", "RTL_SOURCES", "tools_missing", "build", "RTLSim", "ALU_OP
 
 RTL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rtl")
 #: The synthesizable units (the testbench files are ``rtl_tb.v`` / ``rtl_tb.cpp``).
-RTL_SOURCES = ("sp2_pe.v", "dsp_mac.v", "requant_alu.v")
+RTL_SOURCES = ("sp2_pe.v", "lut_mac.v", "dsp_mac.v", "requant_alu.v")
 _TB = ("rtl_tb.v", "rtl_tb.cpp")
 #: ``requant_alu`` opcodes, by the ALU op names of :mod:`tvm_rmsmp.fpga.isa`.
 ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3}
@@ -100,7 +100,7 @@ class RTLSim:
         self.exe = exe or build()
         sp2_pix, sp2_red, dp_pix, dp_red, d1_pix, d1_red, lanes = (int(v) for v in self._run(["dims"])[0].split())
         #: unit -> (DSP columns or pixel lanes, reduction lanes, activations per column)
-        self.dims = {"sp2": (sp2_pix, sp2_red, 1), "dp": (dp_pix, dp_red, 2), "d1": (d1_pix, d1_red, 1)}
+        self.dims = {"sp2": (sp2_pix, sp2_red, 1), "l4": (sp2_pix, sp2_red, 1), "dp": (dp_pix, dp_red, 2), "d1": (d1_pix, d1_red, 1)}
         self.lanes = lanes
         self.cycles = 0
 
@@ -111,13 +111,13 @@ class RTLSim:
         return proc.stdout.splitlines()
 
     def gemm(self, unit: str, acts: np.ndarray, codes: np.ndarray, act_signed: bool, w8: bool = False) -> np.ndarray:
-        """``[rows, pixels]`` int64: the accumulators of ``unit`` ("sp2", "dp": two products per
-        DSP, "d1": one) after running weight codes ``codes [rows, K]`` (uint8: nibbles, or int8
+        """``[rows, pixels]`` int64: the accumulators of ``unit`` ("sp2", "l4": Fixed-4 LUT
+        multipliers, "dp": two products per DSP, "d1": one) after running weight codes ``codes [rows, K]`` (uint8: nibbles, or int8
         bytes with ``w8``) against activations ``acts [pixels, K]`` (uint8 or int8 values)."""
         if unit not in self.dims:
             raise ValueError(f"unit must be one of {sorted(self.dims)}, got {unit!r}")
-        if unit == "sp2" and w8:
-            raise ValueError("the SP2 array takes 4-bit codes only")
+        if unit in ("sp2", "l4") and w8:
+            raise ValueError(f"the {unit} array takes 4-bit codes only")
         cols, red, per_col = self.dims[unit]
         slots = cols * per_col                      # activation slots in the array's port
         block = cols if w8 else slots               # pixels per cycle: 8-bit weights take one per DSP
@@ -139,7 +139,7 @@ class RTLSim:
                     lanes = slice(b * red, (b + 1) * red)
                     port = np.zeros((slots, red), np.int64)
                     port[:block] = pad_a[p0:p0 + block, lanes]
-                    flags = f"{int(b == 0)} {int(act_signed)}" + ("" if unit == "sp2" else f" {int(w8)}")
+                    flags = f"{int(b == 0)} {int(act_signed)}" + ("" if unit in ("sp2", "l4") else f" {int(w8)}")
                     lines.append(f"{unit} " + flags + " " + " ".join(map(str, port.ravel())) + " "
                                  + " ".join(map(str, pad_w[f, lanes])))
                 lines.append(f"rd {unit}")

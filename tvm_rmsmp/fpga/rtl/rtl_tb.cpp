@@ -1,10 +1,11 @@
 // Verilator driver for rtl_tb.v (used by tvm_rmsmp/fpga/rtl_sim.py). Reads commands from
 // stdin, one per line, each one clock cycle of one unit; values are decimal integers:
 //   sp2  <clear> <act_signed> <act x SP2_PIX*SP2_RED> <code x SP2_RED>
+//   l4   <clear> <act_signed> <act x SP2_PIX*SP2_RED> <code x SP2_RED>   (Fixed-4 LUT multipliers)
 //   dp   <clear> <act_signed> <w8> <act x 2*DP_PIX*DP_RED> <code x DP_RED>
 //   d1   <clear> <act_signed> <w8> <act x D1_PIX*D1_RED> <code x D1_RED>
 //   alu  <op> <acc x LANES> <operand x LANES> <shift x LANES>   -> prints the LANES results
-//   rd   sp2|dp|d1                                              -> prints the accumulators
+//   rd   sp2|l4|dp|d1                                             -> prints the accumulators
 //   dims                                                        -> prints the array sizes
 #include "Vrtl_tb.h"
 #include "verilated.h"
@@ -47,7 +48,7 @@ int main(int argc, char** argv) {
     top.clk = 0;
     top.eval();
     auto tick = [&]() { top.eval(); top.clk = 1; top.eval(); top.clk = 0; top.eval();
-                        top.sp2_en = top.dp_en = top.d1_en = top.alu_en = 0; };
+                        top.sp2_en = top.l4_en = top.dp_en = top.d1_en = top.alu_en = 0; };
     std::string line;
     int64_t v;
     while (std::getline(std::cin, line)) {
@@ -59,6 +60,12 @@ int main(int argc, char** argv) {
             top.sp2_clear = clear; top.act_signed = sgn; top.sp2_en = 1;
             for (int i = 0; i < SP2_PIX * SP2_RED; ++i) { in >> v; put(top.sp2_act, i * 8, 8, v); }
             for (int i = 0; i < SP2_RED; ++i) { in >> v; put(top.sp2_w, i * 4, 4, v); }
+            tick();
+        } else if (cmd == "l4") {
+            int clear, sgn; in >> clear >> sgn;
+            top.l4_clear = clear; top.act_signed = sgn; top.l4_en = 1;
+            for (int i = 0; i < SP2_PIX * SP2_RED; ++i) { in >> v; put(top.l4_act, i * 8, 8, v); }
+            for (int i = 0; i < SP2_RED; ++i) { in >> v; put(top.l4_w, i * 4, 4, v); }
             tick();
         } else if (cmd == "dp" || cmd == "d1") {
             int clear, sgn, w8; in >> clear >> sgn >> w8;
@@ -85,6 +92,7 @@ int main(int argc, char** argv) {
         } else if (cmd == "rd") {
             std::string unit; in >> unit;
             if (unit == "sp2") for (int i = 0; i < SP2_PIX; ++i) std::printf("%lld ", (long long)get(top.sp2_acc, i * 32, 32));
+            if (unit == "l4") for (int i = 0; i < SP2_PIX; ++i) std::printf("%lld ", (long long)get(top.l4_acc, i * 32, 32));
             if (unit == "dp") for (int i = 0; i < 2 * DP_PIX; ++i) std::printf("%lld ", (long long)get(top.dp_acc, i * 32, 32));
             if (unit == "d1") for (int i = 0; i < D1_PIX; ++i) std::printf("%lld ", (long long)get(top.d1_acc, i * 32, 32));
             std::printf("\n");

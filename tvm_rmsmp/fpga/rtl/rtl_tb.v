@@ -13,6 +13,11 @@ module rtl_tb #(
     input  wire [SP2_PIX*SP2_RED*8-1:0] sp2_act,
     input  wire [SP2_RED*4-1:0]         sp2_w,
     output wire [SP2_PIX*32-1:0]        sp2_acc,
+    // Fixed-4 LUT multiplier array
+    input  wire l4_en, input wire l4_clear,
+    input  wire [SP2_PIX*SP2_RED*8-1:0] l4_act,
+    input  wire [SP2_RED*4-1:0]         l4_w,
+    output wire [SP2_PIX*32-1:0]        l4_acc,
     // DSP array, two products per DSP
     input  wire dp_en, input wire dp_clear, input wire dp_w8,
     input  wire [DP_PIX*2*DP_RED*8-1:0] dp_act,
@@ -32,6 +37,9 @@ module rtl_tb #(
     sp2_array #(.PIX(SP2_PIX), .RED(SP2_RED)) u_sp2 (
         .clk(clk), .en(sp2_en), .clear(sp2_clear), .act_signed(act_signed),
         .act(sp2_act), .wcode(sp2_w), .acc(sp2_acc));
+    lut_mac_array #(.PIX(SP2_PIX), .RED(SP2_RED)) u_l4 (
+        .clk(clk), .en(l4_en), .clear(l4_clear), .act_signed(act_signed),
+        .act(l4_act), .wcode(l4_w), .acc(l4_acc));
     dsp_mac_array #(.PIX(DP_PIX), .RED(DP_RED), .PACK(2), .CHAIN(DP_CHAIN)) u_dp (
         .clk(clk), .en(dp_en), .clear(dp_clear), .act_signed(act_signed), .w8(dp_w8),
         .act(dp_act), .wcode(dp_w), .acc(dp_acc));
