@@ -161,3 +161,52 @@ def test_requant_alu_equals_the_simulator(rtl):
     sh = rng.integers(0, 31, size=37)
     rnd = np.where(sh > 0, 1 << np.maximum(sh - 1, 0), 0)
     np.testing.assert_array_equal(rtl.alu("shift", vals, np.ones(37), sh), (vals + rnd) >> sh)
+
+
+# ----- synthesis (bench/fpga_synth.py writes the table; here: the parsing and one small run) -----
+STAT = """
+3.50. Printing statistics.
+
+=== dsp_mac_array ===
+
+   Number of wires:                246
+   Number of wire bits:           3903
+   Number of public wires:          82
+   Number of public wire bits:    2795
+   Number of memories:               0
+   Number of memory bits:            0
+   Number of processes:              0
+   Number of cells:                539
+     BUFG                            1
+     CARRY4                         48
+     DSP48E1                         8
+     FDRE                          128
+     LUT2                          106
+     LUT3                          120
+     LUT4                           96
+     LUT5                           32
+     MUXF7                           3
+
+End of script.
+"""
+
+
+def test_parse_yosys_stat():
+    from tvm_rmsmp.fpga.synth import parse_stat
+
+    got = parse_stat("an earlier report\n   Number of cells: 3\n     LUT6 3\n" + STAT)   # the last report counts
+    assert got == {"luts": 106 + 120 + 96 + 32, "ffs": 128, "dsps": 8, "carry4": 48, "muxf": 3, "cells": 539}
+    with pytest.raises(ValueError, match="generic cells.*\\$mul"):
+        parse_stat(STAT.replace("BUFG ", "$mul "))
+    with pytest.raises(ValueError, match="no 'Number of cells:'"):
+        parse_stat("ERROR: something")
+
+
+@pytest.mark.skipif(tools_missing("yosys") is not None, reason=f"synthesis: {tools_missing('yosys')}")
+def test_small_synthesis_maps_to_dsp48_and_flip_flops():
+    from tvm_rmsmp.fpga.synth import synthesize
+
+    # one product per DSP, 1 column x 2 lanes: one DSP48E1 per lane, one 32-bit accumulator
+    got = synthesize("dsp_mac_array_pack1", {"PIX": 1, "RED": 2})
+    assert got["dsps"] == 2 and got["ffs"] == 32 and got["luts"] > 0
+    assert "synth_xilinx -family xc7 -noiopad" in got["script"]
