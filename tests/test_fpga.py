@@ -39,9 +39,15 @@ def test_boards_load_with_datasheet_resources():
 
 
 def test_derived_ratio_balances_the_cores_on_both_boards():
-    # the paper's ratios: 60:35:5 on XC7Z020, 65:30:5 on XC7Z045
-    assert derive_ratio("xc7z020") == {"sp2_4": 0.60, "fixed_4": 0.35, "fixed_8": 0.05}
-    assert derive_ratio("xc7z045") == {"sp2_4": 0.65, "fixed_4": 0.30, "fixed_8": 0.05}
+    # the balance rule from the board files' array sizes, written out: SP2 share s with
+    # s / P_lut = (1 - s - h) / P_4 + h / P_8, h = 0.05, rounded to 5% (the papers: 60:35:5 / 65:30:5)
+    for board in ("xc7z020", "xc7z045"):
+        data = json.load(open(load_board(board).source))["accelerator"]
+        p_lut = data["lut_array"]["pixels"] * data["lut_array"]["reduction"]
+        p4 = 2 * data["dsp_array"]["pixels"] * data["dsp_array"]["reduction"]
+        s = p_lut * (0.95 + 0.05 * 2) / (p_lut + p4)
+        s = round(round(s / 0.05) * 0.05, 6)
+        assert derive_ratio(board) == {"sp2_4": s, "fixed_4": round(0.95 - s, 6), "fixed_8": 0.05}
     assert rmsmp.fpga.derive_ratio("xc7z045") == derive_ratio("xc7z045")  # the package attribute
     for board in ("xc7z020", "xc7z045"):
         ratio = derive_ratio(board)

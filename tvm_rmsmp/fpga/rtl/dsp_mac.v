@@ -7,7 +7,8 @@
 //             sign-extended from S bits and the high field corrected for its borrow.
 //             Exact while |sum of CHAIN low products| < 2^(S-1): CHAIN * 255 * 8 < 32768.
 //   PACK = 1: one product per DSP (the papers' baseline).
-// 8-bit weights (w8 = 1) always take one product per DSP: only pixels 0..PIX-1 are computed.
+// 8-bit weights (w8 = 1) always take one product per DSP: only pixels 0..PIX-1 are computed,
+// and the activations of pixels PIX..2*PIX-1 must be zero (the controller's job).
 // Weight codes: 8 bits per lane; with w8 = 0 the low nibble is a two's-complement 4-bit
 // weight (tvm_rmsmp.quant.schemes.nibble_codes for fixed_4), with w8 = 1 an int8.
 // act: pixel q (0..PIX*PACK-1; DSP d serves pixels d and d + PIX), lane r at
@@ -50,8 +51,9 @@ module dsp_mac_array #(
                         end else begin : g_nohi
                             assign a_hi = 9'sd0;
                         end
-                        // the DSP48E1 pre-adder: A + D, D = a_hi << S (zero unless packing)
-                        wire signed [24:0] D = $signed(a_hi & {9{pack}}) <<< S;
+                        // the DSP48E1 pre-adder: A + D, D = a_hi << S (the controller feeds
+                        // zeros in the high slots of 8-bit rows, so no gating here)
+                        wire signed [24:0] D = a_hi <<< S;
                         wire signed [24:0] A = D + a_lo;
                         wire signed [17:0] B = w8 ? {{10{wcode[R*8 + 7]}}, wcode[R*8 +: 8]}
                                                   : {{14{wcode[R*8 + 3]}}, wcode[R*8 +: 4]};
