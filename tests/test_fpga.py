@@ -60,7 +60,8 @@ def test_derived_ratio_balances_the_cores_on_both_boards():
         rmsmp.RMSMPConfig(ratio=ratio)  # usable as is
     # no LUT core -> everything fixed; more LUT throughput -> more SP2 rows
     z045 = load_board("xc7z045")
-    bigger = attrs.evolve(z045, accelerator=attrs.evolve(z045.accelerator, lut_array={"pixels": 56, "reduction": 64}))
+    bigger = attrs.evolve(z045, accelerator=attrs.evolve(z045.accelerator, lut_array={"pixels": 56, "reduction": 64},
+                                                                       luts_per_sp2_mac=40))
     assert derive_ratio(bigger)["sp2_4"] > derive_ratio(z045)["sp2_4"]
 
 
@@ -287,7 +288,8 @@ def test_cycle_model_scales_with_the_arrays():
     assert faster.busy["lut"] < base.busy["lut"] and faster.busy["dsp"] < base.busy["dsp"]
     assert faster.cycles < base.cycles
     slow_dram = Simulator(attrs.evolve(accel, dram_bytes_per_cycle=1)).run(stream)
-    assert slow_dram.busy["dma_read"] > 8 * base.busy["dma_read"]
+    fast_dram = Simulator(attrs.evolve(accel, dram_bytes_per_cycle=16)).run(stream)
+    assert slow_dram.busy["dma_read"] > 8 * fast_dram.busy["dma_read"]
 
 
 # ----- whole models -------------------------------------------------------------------------
