@@ -152,6 +152,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the PEs (1x1) and the 7x8 arrays")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fpga_synth.json"))
+    ap.add_argument("--units", nargs="+", help="only these units; their rows replace the same rows in --out")
     ap.add_argument("--update-boards", action="store_true", help="rewrite the board JSON resource fields")
     ap.add_argument("--from-json", action="store_true", help="with --update-boards: reuse --out, do not synthesize")
     args = ap.parse_args(argv)
@@ -163,6 +164,10 @@ def main(argv=None):
     version = yosys_version()
     configs = CONFIGS[:7] if args.quick else CONFIGS
     rows = []
+    if args.units:
+        configs = [c for c in configs if c[0] in args.units]
+        with open(args.out) as fh:
+            rows = [r for r in json.load(fh)["rows"] if r["unit"] not in args.units]
     for unit, params in configs:
         t0 = time.time()
         r = synthesize(unit, params)
@@ -174,7 +179,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{unit:20} {json.dumps(params):28} LUT {r['luts']:>7} FF {r['ffs']:>6} DSP {r['dsps']:>4} "
               f"CARRY4 {r['carry4']:>5}  ({row['seconds']} s)", flush=True)
-        result = {"command": "python -m bench.fpga_synth" + (" --quick" if args.quick else ""),
+        result = {"command": "python -m bench.fpga_synth" + (" --quick" if args.quick else "")
+                  + (" --units " + " ".join(args.units) if args.units else ""),
                   "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
                   "note": "Yosys technology mapping for xc7 (out of context, flattened); no place and route, "
                           "no timing. LUTs = LUT1..LUT6; FFs = FDRE/FDSE/FDCE/FDPE.",
