@@ -1,11 +1,21 @@
-"""ResNet-18 (ImageNet shapes) on the FPGA accelerator model: RMSMP vs a 4-bit fixed-point DSP-only design.
+"""ResNet-18 (ImageNet shapes) on the FPGA accelerator model: RMSMP vs three 4-bit fixed-point baselines.
 
 For each board (XC7Z020, XC7Z045) the same ResNet-18 (random weights: latency does not depend
-on them) is quantized twice and compiled with ``target="fpga:<board>"``:
+on them) is quantized and compiled with ``target="fpga:<board>"``, and each design below is
+timed on the same instruction streams' tiles with the same buffers, DRAM bandwidth and
+dataflow (``exe.profile(accelerator=...)``):
 
 * ``rmsmp``: rows split by ``rmsmp.fpga.derive_ratio(board)`` (SP2-4 rows on the LUT core,
-  Fixed-4/Fixed-8 rows on the DSP core, both at once);
-* ``fixed4_dsp``: every row Fixed-4, so only the DSP core works (the paper's baseline).
+  Fixed-4/Fixed-8 rows on the DSP core, both at once); two 4-bit products per DSP48;
+* ``fixed4_dsp``: every row Fixed-4 on the DSP core, two 4-bit products per DSP48;
+* ``fixed4_dsp1``: the same with one product per DSP48 (the papers' baseline, most likely);
+* ``fixed4_lut_dsp``: Fixed-4 rows on the DSPs (two per DSP48) and on LUT multipliers (radix-4
+  Booth, ``tvm_rmsmp/fpga/rtl/lut_mac.v``) given the LUTs RMSMP's SP2 array uses: as many as
+  that budget buys at the synthesized LUTs per Fixed-4 LUT MAC (the board file's
+  ``provenance.luts_per_fixed4_lut_mac``), rows split between the cores by the same balance
+  rule (``derive_ratio(..., high_precision=0)``). The LUT core's rows are compiled as SP2-4
+  rows: same 4-bit codes, bytes and array passes as Fixed-4 rows on LUT multipliers, so the
+  cycles are the same (the RTL of both LUT arrays is checked in tests/test_fpga_rtl.py).
 
 Cycles come from the cycle-level simulator (deterministic; the machine running this does not
 matter). ``variant`` "int32 write-back" is what the compiled model runs (results bit-exact);
@@ -46,6 +56,25 @@ VARIANTS = {
 
 def _ratio_text(ratio):
     return ":".join(f"{round(100 * ratio.get(k, 0.0))}" for k in ("sp2_4", "fixed_4", "fixed_8"))
+
+
+def designs(board):
+    """{design: (ratio, accelerator)} for ``board`` (see the module docstring)."""
+    cfg = load_board(board)
+    a = cfg.accelerator
+    with open(cfg.source) as fh:
+        per_l4 = json.load(fh).get("provenance", {}).get("luts_per_fixed4_lut_mac")
+    if not per_l4:
+        raise ValueError(f"{cfg.source}: no provenance.luts_per_fixed4_lut_mac (python -m bench.fpga_synth --update-boards)")
+    budget = a.lut_array.units * a.luts_per_sp2_mac
+    l4 = attrs.evolve(a, lut_array={"pixels": a.lut_array.pixels, "reduction": budget // (per_l4 * a.lut_array.pixels)})
+    l4_ratio = derive_ratio(attrs.evolve(cfg, accelerator=l4), high_precision=0.0)
+    return {
+        "fixed4_dsp": ({"fixed_4": 1.0}, a),
+        "fixed4_dsp1": ({"fixed_4": 1.0}, attrs.evolve(a, dsp_products_4bit=1)),
+        "fixed4_lut_dsp": (l4_ratio, l4),
+        "rmsmp": (derive_ratio(cfg), a),
+    }
 
 
 def _variant(accel, spec):
@@ -114,18 +143,24 @@ def main(argv=None):
             print(f"quantized ResNet-18 at {key} in {time.time() - t0:.0f} s", flush=True)
         return quantized[key]
 
-    rows, per_layer, checks = [], {}, {}
+    rows, per_layer, checks, design_info = [], {}, {}, {}
     for board in args.boards:
         cfg = load_board(board)
-        per_layer[board] = {}
-        for design, ratio in (("rmsmp", derive_ratio(board)), ("fixed4_dsp", {"fixed_4": 1.0})):
-            q = quantize(ratio)
-            exe = rmsmp.compile(q, (x,), target=f"fpga:{board}")
-            if exe.fallbacks:
-                raise RuntimeError(f"{board}: layers fell back to the host: {exe.fallbacks}")
+        per_layer[board], design_info[board], exes = {}, {}, {}
+        for design, (ratio, accel) in designs(board).items():
+            key = _ratio_text(ratio)
+            if key not in exes:
+                exes[key] = rmsmp.compile(quantize(ratio), (x,), target=f"fpga:{board}")
+                if exes[key].fallbacks:
+                    raise RuntimeError(f"{board}: layers fell back to the host: {exes[key].fallbacks}")
+            exe = exes[key]
+            design_info[board][design] = {
+                "ratio": key, "dsp_products_4bit": accel.dsp_products_4bit,
+                "lut_array": attrs.asdict(accel.lut_array) if ratio.get("sp2_4") else None,
+                "lut_core": {"rmsmp": "SP2-4 shift-add", "fixed4_lut_dsp": "Fixed-4 LUT multipliers (Booth)"}.get(design)}
             for variant, spec in VARIANTS.items():
-                prof = exe.profile(None if not spec else _variant(cfg.accelerator, spec))
-                rows.append({"board": board, "model": "resnet18", "design": design, "ratio": _ratio_text(ratio),
+                prof = exe.profile(_variant(accel, spec) if (spec or accel != cfg.accelerator) else None)
+                rows.append({"board": board, "model": "resnet18", "design": design, "ratio": key,
                              "cycles": int(prof["cycles"]), "latency_ms": round(prof["latency_ms"], 4),
                              "variant": variant, "utilization": {k: round(v, 3) for k, v in prof["utilization"].items()},
                              "mac_utilization": {k: round(v, 3) for k, v in prof["mac_utilization"].items()}})
@@ -133,6 +168,7 @@ def main(argv=None):
                     per_layer[board][design] = prof["layers"]
             if args.check and design == "rmsmp":
                 t0 = time.time()
+                q = quantize(ratio)
                 same = bool(np.array_equal(exe(x), q(x).detach().numpy()))
                 checks[board] = same
                 print(f"{board} rmsmp on the simulator equals the torch reference: {same} ({time.time() - t0:.0f} s)")
@@ -141,13 +177,15 @@ def main(argv=None):
     for board in args.boards:
         for variant in VARIANTS:
             c = {r["design"]: r["cycles"] for r in rows if r["board"] == board and r["variant"] == variant}
-            speedups.setdefault(board, {})[variant] = round(c["fixed4_dsp"] / c["rmsmp"], 3)
-    print(f"\n{'board':9} {'design':11} {'ratio':9} {'cycles':>10} {'ms':>8}   variant")
+            speedups.setdefault(board, {})[variant] = {
+                f"rmsmp_over_{d}": round(c[d] / c["rmsmp"], 3) for d in c if d != "rmsmp"}
+    print(f"\n{'board':9} {'design':15} {'ratio':9} {'cycles':>10} {'ms':>8}   variant")
     for r in rows:
-        print(f"{r['board']:9} {r['design']:11} {r['ratio']:9} {r['cycles']:>10} {r['latency_ms']:>8.3f}   {r['variant']}")
-    print("\nspeedup of RMSMP over fixed-4 DSP-only (paper: XC7Z020 3.01x, XC7Z045 3.65x):")
+        print(f"{r['board']:9} {r['design']:15} {r['ratio']:9} {r['cycles']:>10} {r['latency_ms']:>8.3f}   {r['variant']}")
+    print("\nspeedup of RMSMP over each baseline (papers, over their baseline: XC7Z020 3.01x, XC7Z045 3.65x):")
     for board, s in speedups.items():
-        print(f"  {board}: " + ", ".join(f"{v}: {x:.2f}x" for v, x in s.items()))
+        for v, d in s.items():
+            print(f"  {board} {v}: " + ", ".join(f"{k[11:]} {x:.2f}x" for k, x in d.items()))
     plot = _plot(args.plot, per_layer) if args.plot else None
     result = {
         "command": "python -m bench.fpga" + (" --check" if args.check else ""),
@@ -155,6 +193,8 @@ def main(argv=None):
         "timing": "cycle-level simulator of the accelerator model (deterministic); host ops not counted",
         "host": f"{platform.machine()}, Python {platform.python_version()} (irrelevant to cycle counts)",
         "boards": {b: load_board(b).summary() for b in args.boards},
+        "designs": design_info,
+        "same_for_all_designs": "input/weight/accumulator buffers, DRAM bandwidth, tiles and dataflow",
         "paper": PAPER,
         "rows": rows,
         "speedup": speedups,

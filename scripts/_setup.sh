@@ -50,6 +50,18 @@ if ! command -v qemu-aarch64 >/dev/null; then
     fi
 fi
 
+# Yosys and Verilator: synthesis (bench/fpga_synth.py) and RTL simulation (tests/test_fpga_rtl.py)
+# of the FPGA accelerator's compute units in tvm_rmsmp/fpga/rtl/.
+if ! command -v yosys >/dev/null || ! command -v verilator >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing yosys and verilator (apt)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            yosys verilator) >/dev/null || echo "[setup] warning: yosys/verilator install failed; the FPGA RTL tests will be skipped" >&2
+    else
+        echo "[setup] warning: no yosys/verilator and not root; run: apt-get install yosys verilator" >&2
+    fi
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"

@@ -6,7 +6,8 @@ One JSON file per board in ``tvm_rmsmp/fpga/boards/`` (like VTA's ``vta_config.j
      "accelerator": {"dsp_array": {"pixels", "reduction"}, "dsp_products_4bit",
                      "lut_array": {"pixels", "reduction"}, "luts_per_sp2_mac", "lut_overhead",
                      "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib",
-                     "dram_bytes_per_cycle", "dma_latency_cycles", "gemm_pipeline_cycles", "alu_lanes"}}
+                     "dram_bytes_per_cycle", "dma_latency_cycles", "gemm_pipeline_cycles", "alu_lanes"},
+     "provenance": {...}}   # optional, not read: where each number comes from
 
 The accelerator has two GEMM cores that share one input buffer:
 
@@ -246,7 +247,7 @@ def load_board(board: Union[str, "FPGAConfig"]) -> FPGAConfig:
             data = json.load(fh)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict) or set(data) != {"board", "accelerator"}:
-        raise ValueError(f"{path}: expected an object with exactly 'board' and 'accelerator'")
+    if not isinstance(data, dict) or not {"board", "accelerator"} <= set(data) <= {"board", "accelerator", "provenance"}:
+        raise ValueError(f"{path}: expected an object with 'board', 'accelerator' and optionally 'provenance'")
     return FPGAConfig(_build(Board, data["board"], path, "board"),
                       _build(AcceleratorConfig, data["accelerator"], path, "accelerator"), source=path)

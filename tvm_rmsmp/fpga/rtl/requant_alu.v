@@ -1,0 +1,48 @@
+// The accelerator's ALU on accumulator tiles (the integer epilogue of tvm_rmsmp.fpga.isa.Alu),
+// LANES elements per cycle, registered result:
+//   op 0 add_bias : acc + operand
+//   op 1 mul_shift: (acc * operand + 2^(shift-1)) >>> shift   (requantization: integer
+//                   multiply and rounding arithmetic shift; no rounding term when shift = 0)
+//   op 2 shift    : (acc + 2^(shift-1)) >>> shift
+//   op 3 relu     : max(acc, 0)
+// operand is ACCW bits per lane (a bias); the multiplier takes its low MW bits, signed (the
+// requantization multiplier: 16 bits give 2^-15 relative precision, finer than int8 outputs).
+// The result keeps ACCW bits (the simulator keeps the exact value; equal while it fits).
+module requant_alu #(
+    parameter LANES = 4,
+    parameter ACCW  = 32,
+    parameter MW    = 16,
+    parameter SW    = 6
+) (
+    input  wire                  clk,
+    input  wire                  en,
+    input  wire [1:0]            op,
+    input  wire [LANES*ACCW-1:0] acc_in,
+    input  wire [LANES*ACCW-1:0] operand,
+    input  wire [LANES*SW-1:0]   shift,
+    output reg  [LANES*ACCW-1:0] res
+);
+    integer l;
+    reg signed [ACCW-1:0]    a;
+    reg signed [ACCW-1:0]    b;
+    reg signed [MW-1:0]      m;
+    reg        [SW-1:0]      sh;
+    reg signed [ACCW+MW:0]   prod, rnd;
+    always @(posedge clk) begin
+        if (en) begin
+            for (l = 0; l < LANES; l = l + 1) begin
+                a  = acc_in[l*ACCW +: ACCW];
+                b  = operand[l*ACCW +: ACCW];
+                m  = operand[l*ACCW +: MW];
+                sh = shift[l*SW +: SW];
+                rnd = (sh == 0) ? 0 : ({{(ACCW+MW){1'b0}}, 1'b1} << (sh - 1));
+                prod = (op == 2'd1) ? a * m : a;
+                case (op)
+                    2'd0: res[l*ACCW +: ACCW] <= a + b;
+                    2'd3: res[l*ACCW +: ACCW] <= a[ACCW-1] ? {ACCW{1'b0}} : a;
+                    default: res[l*ACCW +: ACCW] <= (prod + rnd) >>> sh;
+                endcase
+            end
+        end
+    end
+endmodule
