@@ -23,6 +23,7 @@ Progress bars go to stderr on a terminal; ``--quiet`` hides them.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import json
@@ -84,17 +85,18 @@ def _load_saved(path: str, float_model=None):
     try:
         return load_quantized(path) if float_model is None else load_quantized(path, model=float_model)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        _die(f"--model {path!r}: not a readable saved quantized directory: {err}")
+        _die(f"{path!r}: {err}")
 
 
 def _is_saved_dir(spec: str) -> bool:
     return os.path.isdir(spec)
 
 
-def _load_model(spec: str):
-    """``(model, quantized)``: a saved quantized directory, or a float model from a callable."""
+def _load_model(spec: str, float_spec: Optional[str] = None):
+    """``(model, quantized)``: a saved quantized directory (its float model from ``float_spec``
+    or the factory it records), or a float model from a callable."""
     if _is_saved_dir(spec):
-        return _load_saved(spec), True
+        return _load_saved(spec, _load_factory(float_spec) if float_spec else None), True
     if os.sep in spec and ":" not in spec:
         _die(f"--model {spec!r}: no such directory")
     return _load_factory(spec).eval(), False
@@ -263,9 +265,10 @@ def _quantize(args, model, row_hessian=None):
         _die(f"quantize: {err}")
 
 
-def _save(q, out: str, factory: Optional[str], hessians: bool) -> None:
+def _save(q, out: str, factory, hessians: bool) -> None:
     save_quantized, _ = _saved_api()
-    kwargs = {"hessians": hessians}
+    # the row Hessians where the rule estimated them: a later re-quantization reuses them
+    kwargs = {"hessians": hessians and bool(getattr(q, "rmsmp_row_hessian", None))}
     if factory:
         kwargs["factory"] = factory
     try:
@@ -287,39 +290,52 @@ def _cmd_schemes(_args) -> int:
 
 
 def _float_model_for(spec: str, flag: str = "--model"):
-    """The float model behind ``spec``: a callable, or the factory a saved directory records."""
+    """``(float model, factory to record)`` behind ``spec``: a callable, or the factory that a
+    saved directory records (``save_quantized(factory=...)``)."""
     if not _is_saved_dir(spec):
-        return _load_factory(spec).eval(), spec
-    factory = _saved_factory(spec)
-    if factory is None:
-        _die(f"{flag} {spec!r} is a saved quantized directory without the float model's factory; "
-             "give the float model as --float-model package.module:callable")
-    return _load_factory(factory).eval(), factory
+        return _load_factory(spec).eval(), _factory_of(spec)
+    record = _saved_factory(spec)
+    if record is None:
+        _die(f"{flag} {spec!r} is a saved quantized directory that records no factory for the float model; "
+             "give it as --float-model package.module:callable")
+    fn = _import_callable(record["callable"], f"{flag} {spec!r} (its recorded factory)")
+    args, kwargs = record.get("args") or [], record.get("kwargs") or {}
+    try:
+        model = fn(*args, **kwargs)
+    except TypeError as err:
+        _die(f"{flag} {spec!r}: calling its factory {record['callable']!r} failed: {err}")
+    factory = record["callable"] if not (args or kwargs) else functools.partial(fn, *args, **kwargs)
+    return model.eval(), factory
 
 
-def _saved_factory(path: str) -> Optional[str]:
-    """The ``package.module:callable`` a saved directory records (``save_quantized(factory=...)``)."""
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(path, name), encoding="utf-8") as fh:
-                    doc = json.load(fh)
-            except (OSError, ValueError):
-                continue
-            if isinstance(doc, dict) and isinstance(doc.get("factory"), str):
-                return doc["factory"]
-    return None
+def _factory_of(spec: str):
+    """What ``save_quantized`` records for ``--model spec``: the spec, unless it names a module
+    instance rather than a function (then nothing: load it with ``--float-model`` / ``model=``)."""
+    import torch
+
+    return None if isinstance(_import_callable(spec, "--model"), torch.nn.Module) else spec
+
+
+def _saved_factory(path: str) -> Optional[dict]:
+    """The factory record of a saved directory's config.json (``{"callable", "args", "kwargs"}``)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            record = json.load(fh).get("factory")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("callable"), str) else None
 
 
 def _cmd_quantize(args) -> int:
     hessians = None
     if _is_saved_dir(args.model):  # re-quantize: the float model from the recorded factory, the saved Hessians
-        saved = _load_saved(args.model)
+        model, factory = _float_model_for(args.float_model or args.model)
+        saved = _load_saved(args.model, model)
         hessians = getattr(saved, "rmsmp_row_hessian", None) or None
-        model, factory = (_load_factory(args.float_model).eval(), args.float_model) if args.float_model else \
-            _float_model_for(args.model)
+        if hessians:
+            print(f"re-quantizing with the row Hessians saved in {args.model}")
     else:
-        model, factory = _load_factory(args.model).eval(), args.model
+        model, factory = _float_model_for(args.model)
     q = _quantize(args, model, hessians)
     _print_plans(q)
     _save(q, args.out, factory, not args.no_hessians)
@@ -358,14 +374,14 @@ def _cmd_qat(args) -> int:
         _die(f"qat: {err}")
     q = convert_qat(qat)
     _print_plans(q)
-    _save(q, args.out, args.model, not args.no_hessians)
+    _save(q, args.out, _factory_of(args.model), not args.no_hessians)
     print(f"wrote {args.out}")
     return 0
 
 
 def _compiled_model(args):
     """The quantized model of ``--model`` (a saved directory, or a callable quantized with ``--calib``)."""
-    model, quantized = _load_model(args.model)
+    model, quantized = _load_model(args.model, args.float_model)
     if quantized:
         return model
     if not args.calib:
@@ -379,10 +395,10 @@ def _compiled_model(args):
 def _cmd_compile(args) -> int:
     import inspect
 
-    from tvm_rmsmp import compile as rmsmp_compile
-
     example = _example_inputs(args)
     q = _compiled_model(args)
+    from tvm_rmsmp import compile as rmsmp_compile  # TVM loads in seconds: after the arguments are checked
+
     kwargs = dict(target=_parse_target(args.target), fast_math=not args.no_fast_math)
     if args.tuning:
         kwargs["tuning"] = args.tuning
@@ -409,10 +425,18 @@ def _rpc_runner(args):
         _die(f"--rpc-tracker must be HOST:PORT (e.g. 192.168.1.5:9190), got {args.rpc_tracker!r}")
     if args.rpc_timeout <= 0:
         _die(f"--rpc-timeout must be positive, got {args.rpc_timeout}")
+    import types
+
     from tvm.s_tir import meta_schedule as ms
+
+    from tvm_rmsmp.compiler.tuning import check_tracker
 
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=args.rpc_key,
                                  session_timeout_sec=args.rpc_timeout)
+    try:  # before the runner (whose construction starts a worker process) and any other work
+        check_tracker(types.SimpleNamespace(rpc_config=config))
+    except ConnectionError as err:
+        _die(f"tune: {err}")
     return ms.runner.RPCRunner(rpc_config=config, max_workers=args.rpc_workers)
 
 
@@ -421,7 +445,7 @@ def _cmd_tune(args) -> int:
 
     if args.trials < 1:
         _die(f"--trials must be at least 1, got {args.trials}")
-    runner = _rpc_runner(args)  # flags checked before the model is loaded
+    runner = _rpc_runner(args)  # flags checked, and the tracker reached, before the model is loaded
     example = _example_inputs(args)
     q = _compiled_model(args)
     try:
@@ -485,12 +509,9 @@ def _cmd_report(args) -> int:
     if bool(args.library) != bool(args.input):
         _die("--library and --input go together (the latency breakdown runs the library on that input)")
     float_model = None
-    if args.calib:
-        if args.model:
-            float_model = _load_factory(args.model).eval()
-        else:
-            float_model, _ = _float_model_for(args.saved, "report")
-    q = _load_saved(args.saved)
+    if args.calib:  # the float model for the per-layer error (load_quantized below builds its own)
+        float_model, _ = _float_model_for(args.model or args.saved, "report")
+    q = _load_saved(args.saved, _load_factory(args.model) if args.model else None)
     traces = getattr(q, "rmsmp_row_hessian", None) or None
     calib = _load_calib(args.calib, args.calib_batch, args.calib_limit, args.calib_first) if args.calib else None
     latency = None
@@ -543,6 +564,10 @@ _MODEL_HELP = ("a saved quantized directory, or 'package.module:callable' return
                "(imports and runs that module: only name code you trust)")
 
 
+_FLOAT_HELP = ("'package.module:callable' building the float model's architecture when --model is a saved "
+               "directory (default: the factory the directory records)")
+
+
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (as RMSMPConfig)")
     g.add_argument("--ratio", default=None, help='JSON, e.g. \'{"sp2_4": 0.6, "fixed_4": 0.35, "fixed_8": 0.05}\'')
@@ -590,8 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[common], help="post-training quantization -> a saved quantized directory")
     p.add_argument("--model", required=True, help=_MODEL_HELP + "; a saved directory is re-quantized from its "
                    "recorded float model, reusing its saved Hessians")
-    p.add_argument("--float-model", default=None, help="the float model when --model is a saved directory that "
-                   "records none")
+    p.add_argument("--float-model", default=None, help=_FLOAT_HELP)
     p.add_argument("--input-shape", action="append", default=[], help="checked against the calibration data")
     p.add_argument("--no-hessians", action="store_true", help="do not save the row Hessians (they make a "
                    "re-quantization with another ratio fast)")
@@ -617,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", parents=[common], help="compile a (saved or freshly quantized) model to a library")
     p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--float-model", default=None, help=_FLOAT_HELP)
     _add_shape_options(p)
     p.add_argument("--target", default="llvm", help="a name (llvm, aarch64, mali, cuda, fpga:xc7z020) or a JSON "
                    "TVM target dict")
@@ -630,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", parents=[common], help="MetaSchedule tuning of the row-group kernels")
     p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--float-model", default=None, help=_FLOAT_HELP)
     _add_shape_options(p)
     p.add_argument("--target", default="llvm", help="as for compile; an llvm target needs 'num-cores' in its dict")
     p.add_argument("--work-dir", default="rmsmp_tuning", help="records (JSON lines; a second run resumes)")
