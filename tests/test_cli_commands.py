@@ -262,3 +262,28 @@ def test_progress_switch(monkeypatch, capsys):
         set_progress(None)
     with pytest.raises(TypeError, match="True, False or None"):
         set_progress("yes")
+
+
+def test_extras_match_pyproject_and_are_named_when_missing(monkeypatch, tmp_path):
+    import importlib.util
+    import tomllib
+
+    from tvm_rmsmp.quant import extras
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    base = " ".join(project["dependencies"])
+    optional = project["optional-dependencies"]
+    for extra, modules in extras.EXTRAS.items():
+        assert extra in optional, extra
+    for heavy in ("xgboost", "tornado", "tokenizers", "matplotlib", "pyopencl", "psutil", "cloudpickle"):
+        assert heavy not in base, heavy  # quantize + compile need none of them
+    # scripts/_setup.sh installs .[test,bench]: together they hold every extra
+    assert "tvm-rmsmp[tune,models,report,opencl]" in optional["test"]
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(extras.importlib.util, "find_spec", lambda name, *a: None if name == "xgboost" else real(name))
+    with pytest.raises(SystemExit, match=r"xgboost \(MetaSchedule's cost model\): pip install 'tvm-rmsmp\[tune\]'"):
+        main(["tune", "--model", MODEL, "--input-shape", "1,2,8,8", "--work-dir", str(tmp_path / "t")])
+    with pytest.raises(ImportError, match=r"pip install 'tvm-rmsmp\[tune\]'"):
+        rmsmp.tune(tiny_cnn(), (torch.zeros(1, 2, 8, 8),), work_dir=str(tmp_path / "t"))

@@ -43,8 +43,6 @@ def _import_callable(spec: str, flag: str):
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         _die(f"{flag} must be a saved quantized directory or look like 'package.module:callable', got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to where the command runs
     try:
         obj = importlib.import_module(mod_name)
         for part in attr.split("."):
@@ -85,7 +83,7 @@ def _load_saved(path: str, float_model=None):
     try:
         return load_quantized(path) if float_model is None else load_quantized(path, model=float_model)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        _die(f"{path!r}: {err}")
+        _die(str(err) if repr(path) in str(err) else f"{path!r}: {err}")
 
 
 def _is_saved_dir(spec: str) -> bool:
@@ -443,6 +441,9 @@ def _rpc_runner(args):
 def _cmd_tune(args) -> int:
     from tvm_rmsmp import tune
 
+    from ..quant.extras import require
+
+    require("tune", "tvm-rmsmp tune")  # before any work: a clear error naming the extra
     if args.trials < 1:
         _die(f"--trials must be at least 1, got {args.trials}")
     runner = _rpc_runner(args)  # flags checked, and the tracker reached, before the model is loaded
@@ -475,13 +476,20 @@ def _inputs_from(specs: Sequence[str], flag: str) -> tuple:
     return tuple(t.numpy() for t in out)
 
 
-def _cmd_profile(args) -> int:
+def _load_library(path: str, flag: str):
     from tvm_rmsmp.runtime.library import load
 
+    try:
+        return load(path)
+    except (OSError, ValueError) as err:
+        _die(f"{flag} {path!r}: {err}")
+
+
+def _cmd_profile(args) -> int:
     from .profile import format_table, profile
 
-    exe = load(args.library)
     inputs = _inputs_from(args.input, "--input")
+    exe = _load_library(args.library, "profile")
     try:
         rows = profile(exe, inputs, args.repeat)
     except (TypeError, ValueError) as err:
@@ -516,12 +524,11 @@ def _cmd_report(args) -> int:
     calib = _load_calib(args.calib, args.calib_batch, args.calib_limit, args.calib_first) if args.calib else None
     latency = None
     if args.library:
-        from tvm_rmsmp.runtime.library import load
-
         from .profile import profile
 
         try:
-            latency = profile(load(args.library), _inputs_from(args.input, "--input"), args.repeat)
+            latency = profile(_load_library(args.library, "--library"), _inputs_from(args.input, "--input"),
+                              args.repeat)
         except (TypeError, ValueError) as err:
             _die(f"report --library {args.library!r}: {err}")
     try:
@@ -703,6 +710,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return demo_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # as `python -m` does: --model / --calib / a saved directory's factory may name modules
+        # next to where the command runs
+        sys.path.insert(0, os.getcwd())
     if args.version:
         return _cmd_version()
     if args.cmd is None:
@@ -712,6 +723,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     set_progress(False if getattr(args, "quiet", False) else None)
     try:
         return _COMMANDS[args.cmd](args)
+    except ImportError as err:
+        if "pip install 'tvm-rmsmp[" in str(err):  # an optional dependency: say which extra, no traceback
+            _die(str(err))
+        raise
     finally:
         set_progress(None)
 

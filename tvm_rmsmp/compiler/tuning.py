@@ -28,6 +28,7 @@ from tvm import tirx
 import schedules
 
 from ..quant.config import RMSMPWarning
+from ..quant.extras import require
 from ..quant.progress import progress_enabled
 from ..runtime.fileio import atomic_write
 from .pipeline import apply_target_passes, lower
@@ -178,8 +179,8 @@ def tune(
     group.
     progress: the trials bar; None follows :func:`tvm_rmsmp.set_progress` (shown on a terminal).
     """
+    require("tune", "tvm_rmsmp.tune", ("xgboost", "cloudpickle", "psutil"))
     from tvm.s_tir import meta_schedule as ms
-
 
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
