@@ -158,7 +158,7 @@ def test_export_writes_library_then_sidecar_with_the_umasks_permissions(models, 
 
     meta = json.loads(open(path + ".json").read())
     assert meta["format"] == "tvm-rmsmp" and meta["version"] == 2
-    assert meta["inputs"] == [{"shape": [2, 16], "dtype": "float32"}]
+    assert meta["inputs"] == [{"shape": [2, 16], "dtype": "float32", "name": "input"}]  # Sequential.forward(input)
     assert (meta["size"], meta["sha256"]) == _digest(path)
     assert tvm.target.Target(meta["target"]).attrs["mcpu"] == a.target.attrs["mcpu"]
     assert meta["target"] == json.loads(str(a.target))

@@ -58,7 +58,7 @@ def test_benchmark_and_export_roundtrip(compiled_resnet, tmp_path):
     loaded = rmsmp.load(path)
     np.testing.assert_array_equal(loaded(x), exe(x))
     meta = json.loads(open(path + ".json").read())
-    assert meta["inputs"] == [{"shape": [4, 1, 16, 16], "dtype": "float32"}]
+    assert meta["inputs"] == [{"shape": [4, 1, 16, 16], "dtype": "float32", "name": "x"}]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 

@@ -173,6 +173,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     bar.update()
     bar.set_postfix_str("build")
     specs = [{"shape": list(x.shape), "dtype": str(x.numpy().dtype)} for x in example_inputs]
+    for spec, param in zip(specs, mod["main"].params):
+        spec["name"] = str(param.name)  # forward's parameter names: calls may pass inputs by name
     for i, n in index_bounds(mod).items():
         specs[i]["index_bound"] = n  # embedding indices: checked at call time, as torch does
     if target.kind.name in ("opencl", *COMPILERS):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..quant.progress import progress
+from .inputs import call_model
 
 __all__ = ["HessianReport", "row_hessian_traces", "output_loss", "MIN_SAMPLES"]
 
@@ -126,9 +127,9 @@ def row_hessian_traces(
         with torch.enable_grad():
             for batch in progress(batches, f"Hessian ({probes} probes)", unit="batch"):
                 with torch.no_grad():
-                    y0 = _output_tensor(model(*batch)).detach()
+                    y0 = _output_tensor(call_model(model, batch)).detach()
                 samples += y0.shape[0]
-                y = _output_tensor(model(*batch))
+                y = _output_tensor(call_model(model, batch))
                 grads = torch.autograd.grad(loss_fn(y, y0), params, create_graph=True)
                 for i in range(probes):
                     # probes drawn on the CPU (the same for every device), used on the weight's device

@@ -12,7 +12,7 @@ import copy
 import math
 import time
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import attrs
 import numpy as np
@@ -29,6 +29,7 @@ from ..quant.schemes import get_scheme
 from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
+from .inputs import ModelInputs, call_model, collect_batches
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning",
            "fake_quant_per_token"]
@@ -332,16 +333,6 @@ def _check_finite(name: str, what: str, t: torch.Tensor):
         raise ValueError(f"layer {name!r}: {what} has {bad} NaN/Inf value(s)")
 
 
-def _as_tuple(batch) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, np.ndarray):
-        return (torch.from_numpy(batch),)
-    if isinstance(batch, (tuple, list)):
-        return tuple(torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in batch)
-    raise TypeError(f"calibration batch must be a tensor, an array or a tuple of them, got {type(batch).__name__}")
-
-
 class _InputStats:
     """Collects a layer's input during calibration: a bounded sample and per-feature mean squares.
 
@@ -430,19 +421,25 @@ def _calibrate_act(name: str, stats: "_InputStats", bits: int, op: str = "conv2d
 
 
 def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
-             row_hessian: Optional[Dict[str, np.ndarray]] = None) -> nn.Module:
+             row_hessian: Optional[Dict[str, np.ndarray]] = None, *,
+             input_fn: Optional[Callable] = None) -> nn.Module:
     """Post-training RMSMP quantization of ``model``; the input model is left untouched.
 
-    calib_data: an iterable of input batches (tensors, arrays, or tuples for several inputs),
-    used for static activation scales and the row-assignment statistics (and the loss
-    Hessian, for the rules that need it).
+    calib_data: any iterable of batches (a list, a generator, a DataLoader), used for static
+    activation scales and the row-assignment statistics (and the loss Hessian, for the rules
+    that need it). A batch that is a tensor or array is the model's one input; a tuple or list
+    holds its positional inputs; a dict (a tokenizer's output) its keyword inputs.
+    input_fn: picks the model inputs from each batch first, e.g. ``lambda b: b[0]`` for a
+    DataLoader yielding ``(images, labels)``, or ``lambda b: {k: b[k] for k in ("input_ids",
+    "attention_mask")}``. A batch that does not fit ``model.forward``'s parameters is an error
+    naming the batch (see :mod:`tvm_rmsmp.nn.inputs`).
     row_hessian: per-layer row Hessian traces from an earlier run (``q.rmsmp_row_hessian``)
     for the same float model and calibration data: several configurations can share one
     estimate.
     Returns a new module in eval mode; ``q.rmsmp_report`` says which rule ran and what the
     Hessian estimate cost.
     """
-    cal = calibrate(model, config, calib_data, row_hessian)
+    cal = calibrate(model, config, calib_data, row_hessian, input_fn=input_fn)
     for name, layer in ptq_layers(cal).items():
         _set_submodule(cal.model, name, layer)
     return cal.finish()
@@ -514,7 +511,7 @@ def input_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List
     try:
         with torch.no_grad():
             for b in batches:
-                model(*b)
+                call_model(model, b)
     finally:
         for h in handles:
             h.remove()
@@ -556,7 +553,7 @@ class Calibration:
     config: RMSMPConfig
     layers: Dict[str, nn.Module]
     stats: Dict[str, "_InputStats"]
-    batches: List[tuple]
+    batches: List[ModelInputs]
     rule: str = "variance"
     row_hessian: Dict[str, np.ndarray] = attrs.field(factory=dict)
     hessian_report: Optional[HessianReport] = None
@@ -597,9 +594,10 @@ def _skipped(skip: Tuple[str, ...]):
 
 
 def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Iterable,
-              row_hessian: Optional[Dict[str, np.ndarray]] = None) -> Calibration:
-    """Copy ``model``, fold BN, decompose attention, run the calibration batches and estimate
-    what the rule needs."""
+              row_hessian: Optional[Dict[str, np.ndarray]] = None, *,
+              input_fn: Optional[Callable] = None) -> Calibration:
+    """Copy ``model``, fold BN, decompose attention, run the calibration batches (as
+    :func:`quantize` takes them, ``input_fn`` applied) and estimate what the rule needs."""
     cfg = config if config is not None else RMSMPConfig()
     if not isinstance(cfg, RMSMPConfig):
         raise TypeError(f"config must be an RMSMPConfig, got {type(cfg).__name__}")
@@ -613,18 +611,18 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
         )
     if calib_data is None:
         raise ValueError("calib_data is required: static activation scales come from calibration batches")
-    batches = [_as_tuple(b) for b in calib_data]
+    batches = collect_batches(calib_data, model, input_fn)
     if not batches:
         raise ValueError("calib_data is empty: give at least one input batch")
     for i, b in enumerate(batches):
-        for j, t in enumerate(b):
+        for j, t in b.items():
             if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0:
                 raise ValueError(
-                    f"calib_data batch {i}, input {j} has no samples (shape {list(t.shape)}): "
+                    f"calib_data batch {i}, {j} has no samples (shape {list(t.shape)}): "
                     "every calibration batch needs at least one sample"
                 )
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"calib_data batch {i}, input {j} has NaN/Inf values")
+                raise ValueError(f"calib_data batch {i}, {j} has NaN/Inf values")
 
     skipped = _skipped(cfg.skip)
     q = copy.deepcopy(model).eval()
@@ -685,7 +683,7 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
         with torch.no_grad():
             for i, b in enumerate(progress(batches, "calibration", unit="batch")):
                 try:
-                    q(*b)
+                    call_model(q, b)
                 except Exception as err:
                     raise ValueError(
                         f"calib_data batch {i} does not fit the model ({type(err).__name__}: {err})"
@@ -728,7 +726,7 @@ def _row_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List[
     if not rule_needs_hessian(cfg.assign) or not layers:
         return cfg.assign, {}, None
     use = batches[: cfg.hessian.batches]
-    samples = sum(int(b[0].shape[0]) if isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in use)
+    samples = sum(int(b.tensors()[0].shape[0]) if b.tensors() and b.tensors()[0].dim() else 1 for b in use)
     if samples < MIN_SAMPLES:
         warnings.warn(
             f"assign={cfg.assign!r} needs at least {MIN_SAMPLES} calibration samples for the Hessian estimate, "

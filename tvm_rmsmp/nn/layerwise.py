@@ -22,14 +22,14 @@ __all__ = ["layerwise_config"]
 
 
 def layerwise_config(model: nn.Module, base: RMSMPConfig, calib_data: Iterable, wide: str = "fixed_8",
-                     narrow: str = "fixed_4", row_hessian: Optional[Dict[str, np.ndarray]] = None
-                     ) -> Tuple[RMSMPConfig, Dict[str, float]]:
+                     narrow: str = "fixed_4", row_hessian: Optional[Dict[str, np.ndarray]] = None, *,
+                     input_fn=None) -> Tuple[RMSMPConfig, Dict[str, float]]:
     """``(config, info)``: ``narrow`` everywhere except the most sensitive whole layers at
     ``wide``, whose weights make up ``base.ratio[wide]`` of the layers that follow the ratio
     (layers fixed by ``edge_scheme``/``layer_ratios`` keep their setting). ``info`` gives the
     share reached (whole layers cannot hit it exactly; the greedy choice never exceeds it)."""
     share = base.ratio.get(wide, 0.0)
-    cal = calibrate(model, attrs.evolve(base, assign="hessian"), calib_data, row_hessian)
+    cal = calibrate(model, attrs.evolve(base, assign="hessian"), calib_data, row_hessian, input_fn=input_fn)
     pinned = set(cal.config.layer_ratios)
     free = {n: m for n, m in cal.layers.items() if n not in pinned}
     sizes = {n: int(m.weight.numel()) for n, m in free.items()}

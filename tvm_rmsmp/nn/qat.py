@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import attrs
@@ -43,6 +44,7 @@ from ..quant.plan import RowPlan
 from ..quant.progress import progress
 from ..quant.schemes import get_scheme
 from .hessian import row_hessian_traces
+from .inputs import ModelInputs, call_model, collect_batches
 from .layers import (
     ActQuant,
     RMSMPConv2d,
@@ -303,10 +305,11 @@ def qat_layers(model: nn.Module) -> Dict[str, FakeQuantLayer]:
 
 
 def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data: Iterable = None,
-                qat_config: Optional[QATConfig] = None, row_hessian: Optional[Dict[str, np.ndarray]] = None
-                ) -> nn.Module:
+                qat_config: Optional[QATConfig] = None, row_hessian: Optional[Dict[str, np.ndarray]] = None, *,
+                input_fn: Optional[Callable] = None) -> nn.Module:
     """A trainable copy of ``model`` with fake-quantized RMSMP layers, initialized by the same
-    calibration, row assignment and rounding as :func:`tvm_rmsmp.quantize` (PTQ): with
+    calibration, row assignment and rounding as :func:`tvm_rmsmp.quantize` (PTQ; ``calib_data``
+    and ``input_fn`` as it takes them): with
     ``rounding="gptq"`` the float weights start at GPTQ's rounded weights, so the untrained
     QAT model converts to the PTQ model. Under torch.distributed the Hessian estimate and the
     assignment run on rank 0 only and every rank receives rank 0's plans and parameters."""
@@ -318,7 +321,7 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
     rank0 = not dist or torch.distributed.get_rank() == 0
     # other ranks skip the Hessian estimate (the cheap variance rule): rank 0's plans replace theirs
     local = cfg if rank0 or not rule_needs_hessian(cfg.assign) else attrs.evolve(cfg, assign="variance")
-    cal = calibrate(model, local, calib_data, row_hessian if rank0 else None)
+    cal = calibrate(model, local, calib_data, row_hessian if rank0 else None, input_fn=input_fn)
     for name, ptq in ptq_layers(cal).items():
         mod = cal.layers[name]
         act = ptq.act
@@ -353,12 +356,13 @@ def _sync_from_rank0(model: nn.Module) -> None:
         dist.broadcast(b.data, 0)
 
 
-def reassign_rows(model: nn.Module, calib_data: Iterable) -> int:
+def reassign_rows(model: nn.Module, calib_data: Iterable, input_fn: Optional[Callable] = None) -> int:
     """Re-run the model's row assignment on its current float weights; rows that change
-    scheme get that scheme's MSE-optimal scale. Returns the number of rows that moved."""
+    scheme get that scheme's MSE-optimal scale. Returns the number of rows that moved.
+    ``calib_data`` and ``input_fn`` as :func:`tvm_rmsmp.quantize` takes them."""
     cfg: RMSMPConfig = model.rmsmp_config
     layers = qat_layers(model)
-    batches = [b if isinstance(b, tuple) else (b,) for b in calib_data]
+    batches = collect_batches(calib_data, model, input_fn)
     stats = {n: _InputStats(channel_axis=-1 if m.op == "dense" else 1) for n, m in layers.items()}
     handles = [m.register_forward_pre_hook(stats[n]) for n, m in layers.items()]
     was_training = model.training
@@ -366,7 +370,7 @@ def reassign_rows(model: nn.Module, calib_data: Iterable) -> int:
         with torch.no_grad():
             model.eval()
             for b in batches:
-                model(*b)
+                call_model(model, b)
     finally:
         for h in handles:
             h.remove()
@@ -431,13 +435,18 @@ def _step_batch(batch, epoch: int, step: int) -> Tuple[tuple, object]:
         inputs = (inputs,)  # one input: ``net(*tensor)`` would split it along its first axis
     elif isinstance(inputs, list):
         inputs = tuple(inputs)
+    elif isinstance(inputs, Mapping):  # keyword inputs (a tokenizer's output)
+        return ModelInputs((), {k: torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+                                for k, x in inputs.items()}), _as_target(target)
     elif not isinstance(inputs, tuple):
-        raise TypeError(f"train_qat: the inputs of the batch at {where} must be a tensor or a tuple of tensors, "
-                        f"got {_describe(inputs)}")
+        raise TypeError(f"train_qat: the inputs of the batch at {where} must be a tensor, a tuple of tensors or a "
+                        f"dict of keyword inputs, got {_describe(inputs)}")
     inputs = tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in inputs)
-    if isinstance(target, np.ndarray):
-        target = torch.from_numpy(target)
-    return inputs, target
+    return inputs, _as_target(target)
+
+
+def _as_target(target):
+    return torch.from_numpy(target) if isinstance(target, np.ndarray) else target
 
 
 def _tensors(out):
@@ -458,7 +467,7 @@ def _all_finite(out) -> bool:
 def _first_nonfinite(model: nn.Module, inputs: tuple) -> str:
     """Where a forward pass first produces NaN/Inf: the inputs or the first module (in the order
     modules finish) whose output is not finite."""
-    if not _all_finite(inputs):
+    if not _all_finite(list(inputs) + list(getattr(inputs, "kwargs", {}).values())):
         return "the batch's inputs have NaN/Inf values"
     found = []
 
@@ -471,7 +480,7 @@ def _first_nonfinite(model: nn.Module, inputs: tuple) -> str:
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            out = model(*inputs)
+            out = call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -532,13 +541,16 @@ def train_qat(
     log: Optional[Callable[[str], None]] = None,
     teacher: Optional[nn.Module] = None,
     val_fn: Optional[Callable[[nn.Module], float]] = None,
+    *,
+    input_fn: Optional[Callable] = None,
 ) -> nn.Module:
     """Train a :func:`prepare_qat` model in place.
 
     batches(epoch) yields ``(inputs tuple, target)``; under torch.distributed each rank
     yields its own shard. ``batches`` may also be the iterable itself (a list of pairs, a
-    DataLoader), used every epoch; inputs may be one tensor. calib_data: input batches for
-    re-assignment (``reassign_every``). teacher: the float model for ``config.distill``
+    DataLoader), used every epoch; inputs may be one tensor, a tuple of positional inputs or a
+    dict of keyword inputs. calib_data: batches for re-assignment (``reassign_every``), as
+    :func:`tvm_rmsmp.quantize` takes them (``input_fn`` picks the model inputs from each). teacher: the float model for ``config.distill``
     (run in eval mode on the same inputs). val_fn: ``model -> score`` (higher is better, e.g.
     accuracy on a validation split), called on the model in eval mode before training and
     after every epoch; the best state is kept (ties keep the earlier one) and the scores are
@@ -600,7 +612,7 @@ def train_qat(
             inputs, target = _step_batch(batch, epoch, steps)
             for group, peak in zip(opt.param_groups, peaks):
                 group["lr"] = peak * _lr_factor(cfg, step, total)
-            out = net(*inputs)
+            out = call_model(net, inputs)
             loss = None
             if cfg.distill is None or cfg.distill_weight < 1:
                 loss = loss_fn(out, target)
@@ -609,7 +621,7 @@ def train_qat(
                                     f"epoch {epoch + 1}, step {steps + 1}")
             if cfg.distill is not None:
                 with torch.no_grad():
-                    ref = teacher(*inputs)
+                    ref = call_model(teacher, inputs)
                 kd = distill_loss(cfg.distill, out, ref, cfg.temperature)
                 loss = kd if loss is None else (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
             if not torch.isfinite(loss.detach()).all():
@@ -644,7 +656,7 @@ def train_qat(
                f"{time.perf_counter() - t0:.0f}s")
         if cfg.reassign_every is not None and (epoch + 1) % cfg.reassign_every == 0 and epoch + 1 < cfg.epochs:
             if not dist or torch.distributed.get_rank() == 0:
-                moved = reassign_rows(model, calib_data)
+                moved = reassign_rows(model, calib_data, input_fn)
                 msg += f"; re-assigned {moved} rows"
             if dist:
                 _sync_from_rank0(model)

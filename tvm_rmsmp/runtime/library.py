@@ -7,12 +7,14 @@ Needs TVM and numpy, never torch: a deployment machine loads an exported library
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
 import stat
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tvm
@@ -22,8 +24,8 @@ from .fileio import atomic_output
 from .native_log import filtered_native_log
 from .host import cpu_part, host_triple, missing_host_features, target_cpu_features, target_triple, triple_arch
 
-__all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "as_numpy", "check_host_compatible",
-           "cache_dir"]
+__all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "arrange_inputs", "as_numpy",
+           "check_host_compatible", "cache_dir"]
 
 _FORMAT = "tvm-rmsmp"
 #: 2: the target as a JSON object, the library's size and sha256, its arch, triple and CPU features
@@ -69,17 +71,76 @@ def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
     return out
 
 
-def _to_numpy_outputs(value) -> Union[np.ndarray, tuple]:
-    if isinstance(value, tvm.runtime.Tensor):
-        return value.numpy()
-    items = [_to_numpy_outputs(v) for v in value]
+def arrange_inputs(args: Sequence, named: Dict[str, Any], specs: List[Dict[str, Any]]) -> List[Any]:
+    """The inputs in the compiled order from a call's positional inputs, one dict of inputs
+    (``exe({"input_ids": ids, "attention_mask": mask})``, a tokenizer's output) or keyword
+    inputs, matched by the input names exported with the model (``spec["name"]``). TypeError
+    naming the input for an unknown, missing or doubly given one."""
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        if named:
+            raise TypeError("give the inputs as one dict or as keywords, not both")
+        named, args = dict(args[0]), ()
+    if not named:
+        return list(args)
+    names = [s.get("name") for s in specs]
+    if any(not isinstance(n, str) for n in names):
+        raise TypeError("this model's inputs have no names (exported by an older tvm-rmsmp): pass them "
+                        "positionally, in the compiled order")
+    if len(args) > len(specs):
+        raise ValueError(f"model was compiled for {len(specs)} input(s) {names}, got {len(args)} positional ones")
+    out: List[Any] = list(args) + [None] * (len(specs) - len(args))
+    for key, value in named.items():
+        if key not in names:
+            raise TypeError(f"unknown input {key!r}: the model's inputs are {names}")
+        i = names.index(key)
+        if out[i] is not None:
+            raise TypeError(f"input {key!r} given twice (positionally and by name)")
+        out[i] = value
+    missing = [n for n, v in zip(names, out) if v is None]
+    if missing:
+        raise TypeError(f"missing input(s) {missing}: the model's inputs are {names}")
+    return out
+
+
+#: What calls return: numpy arrays (the default) or torch tensors sharing the output's memory.
+OUTPUT_KINDS = ("numpy", "torch")
+
+
+def _output_converter(output: str):
+    """The leaf converter of a call's ``output``: ``Tensor.numpy()`` or ``torch.from_dlpack``
+    (torch imported only here, when asked for: the runtime itself never needs it)."""
+    if output == "numpy":
+        return lambda t: t.numpy() if isinstance(t, tvm.runtime.Tensor) else t
+    if output == "torch":
+        try:  # a lazy, optional import: the runtime works where torch is absent
+            torch = importlib.import_module("torch")
+        except ImportError as err:
+            raise ImportError(f"output='torch' needs torch, which does not import here ({err}); "
+                              "the default output='numpy' does not") from err
+        return lambda t: torch.from_numpy(t) if isinstance(t, np.ndarray) else torch.from_dlpack(t)
+    raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+
+
+def _to_numpy_outputs(value, leaf=lambda t: t.numpy()) -> Union[np.ndarray, tuple]:
+    if isinstance(value, (tvm.runtime.Tensor, np.ndarray)):
+        return leaf(value)
+    items = [_to_numpy_outputs(v, leaf) for v in value]
     return items[0] if len(items) == 1 else tuple(items)
 
 
-def _leaves(value) -> List[np.ndarray]:
-    if isinstance(value, tvm.runtime.Tensor):
-        return [value.numpy()]
-    return [leaf for v in value for leaf in _leaves(v)]
+def _map_arrays(value, fn):
+    """``value`` (an array, or tuples and dicts of them) with ``fn`` applied to each array."""
+    if isinstance(value, np.ndarray):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_arrays(v, fn) for k, v in value.items()}
+    return tuple(_map_arrays(v, fn) for v in value)
+
+
+def _leaves(value, leaf=lambda t: t.numpy()) -> List[np.ndarray]:
+    if isinstance(value, (tvm.runtime.Tensor, np.ndarray)):
+        return [leaf(value)]
+    return [x for v in value for x in _leaves(v, leaf)]
 
 
 def check_output_structure(spec, where: str = "outputs") -> int:
@@ -105,9 +166,19 @@ def _rebuild(spec, leaves):
 class CompiledModel:
     """A compiled model: ``model(x)`` runs it (numpy or torch in, numpy out).
 
+    Inputs: positional in the compiled order (``exe(ids, mask)``), one dict
+    (``exe({"input_ids": ids, "attention_mask": mask})``, e.g. a tokenizer's output) or keywords
+    (``exe(input_ids=ids, attention_mask=mask)``), named as the model's ``forward`` names them
+    (``input_names``). ``output="torch"`` (per call, or ``exe.default_output = "torch"``)
+    returns torch tensors that share the outputs' memory (DLPack, no copy); the default is numpy.
+    ``output`` is therefore no input name to pass as a keyword (give such an input in a dict).
+
     ``outputs``: the structure of the model's result, as the torch model returned it
     (``"tensor"``, ``{"tuple": [...]}`` or ``{"dict": [[key, ...], ...]}``); calls return the
-    same structure of numpy arrays. None: a single array, or a tuple of them."""
+    same structure of arrays. None: a single array, or a tuple of them."""
+
+    #: what calls return unless they say: "numpy" or "torch"
+    default_output = "numpy"
 
     def __init__(self, executable, target, input_specs: List[Dict[str, Any]], ir: Optional[tvm.IRModule] = None,
                  stats: Optional[Dict[str, int]] = None, outputs=None):
@@ -147,14 +218,20 @@ class CompiledModel:
         self._require_device()
         return [tvm.runtime.tensor(arr, self.device) for arr in arrays]
 
-    def __call__(self, *inputs):
-        args = self._inputs(inputs)  # input errors first, then a missing device
-        return self._structured(self.vm["main"](*args))
+    @property
+    def input_names(self) -> List[Optional[str]]:
+        """The inputs' names, in the compiled order (None for a library exported without them)."""
+        return [s.get("name") for s in self.input_specs]
 
-    def _structured(self, value):
+    def __call__(self, *inputs, output: Optional[str] = None, **named):
+        leaf = _output_converter(self.default_output if output is None else output)
+        args = self._inputs(arrange_inputs(inputs, named, self.input_specs))  # input errors, then a missing device
+        return self._structured(self.vm["main"](*args), leaf)
+
+    def _structured(self, value, leaf=lambda t: t.numpy()):
         if self.outputs is None:
-            return _to_numpy_outputs(value)
-        return _rebuild(self.outputs, _leaves(value))
+            return _to_numpy_outputs(value, leaf)
+        return _rebuild(self.outputs, _leaves(value, leaf))
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 20) -> float:
         """Median seconds per call over ``repeat`` measurements (TVM's time evaluator)."""
@@ -246,8 +323,10 @@ class OpenCLCompiledModel(CompiledModel):
     def vm(self):
         raise RuntimeError("an OpenCL model runs through its OpenCL graph executor, not the local VM")
 
-    def __call__(self, *inputs):
-        return self.graph.run([t.numpy() for t in self._inputs(inputs)])
+    def __call__(self, *inputs, output: Optional[str] = None, **named):
+        leaf = _output_converter(self.default_output if output is None else output)
+        result = self.graph.run([t.numpy() for t in self._inputs(arrange_inputs(inputs, named, self.input_specs))])
+        return _map_arrays(result, leaf)
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 0) -> float:
         """Median wall-clock seconds per call on the local OpenCL device (inputs and outputs copied)."""
@@ -310,6 +389,7 @@ def _read_sidecar(path: str) -> Dict[str, Any]:
             isinstance(s, dict) and isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list)
             and all(_is_int(d) for d in s["shape"])
             and (s.get("index_bound") is None or (_is_int(s["index_bound"]) and s["index_bound"] >= 1))
+            and (s.get("name") is None or isinstance(s["name"], str))
             for s in meta["inputs"]),
         "target": isinstance(meta["target"], dict) and isinstance(meta["target"].get("kind"), str),
         "arch": isinstance(meta["arch"], str) and bool(meta["arch"]),
