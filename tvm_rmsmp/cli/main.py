@@ -260,7 +260,7 @@ def _quantize(args, model, row_hessian=None):
     try:
         return quantize(model, _config(args), calib, row_hessian=row_hessian)
     except (TypeError, ValueError) as err:
-        _die(f"quantize: {err}")
+        _die(f"quantize: {err}" + (" (on the command line: --calib-first)" if "input_fn" in str(err) else ""))
 
 
 def _save(q, out: str, factory, hessians: bool) -> None:

@@ -89,13 +89,6 @@ def layer_summary(q, row_hessian: Optional[Dict[str, np.ndarray]] = None) -> Dic
     return out
 
 
-def _as_tuple(batch) -> tuple:
-    import torch
-
-    items = batch if isinstance(batch, (tuple, list)) else (batch,)
-    return tuple(torch.from_numpy(np.ascontiguousarray(b)) if isinstance(b, np.ndarray) else b for b in items)
-
-
 def layer_errors(q, float_model, calib_data: Iterable, config=None) -> Dict[str, dict]:
     """``{layer: {"rel_error", "rel_error_accumulated"}}`` of every RMSMP layer of ``q`` on
     ``calib_data`` (input batches), against ``float_model`` with BN folded as
@@ -103,14 +96,16 @@ def layer_errors(q, float_model, calib_data: Iterable, config=None) -> Dict[str,
     import attrs
     import torch
 
+    from ..nn.inputs import call_model, collect_batches
     from ..nn.layers import calibrate, rmsmp_layers
     from ..quant.config import RMSMPConfig
 
     qlayers = rmsmp_layers(q)
-    batches = [_as_tuple(b) for b in calib_data]
+    calib_data = list(calib_data)
+    batches = collect_batches(calib_data, float_model)
     cfg = config if config is not None else getattr(q, "rmsmp_config", None) or RMSMPConfig()
     # the float model as quantize saw it (BN folded, attention decomposed); "variance": no Hessian
-    ref = calibrate(float_model, attrs.evolve(cfg, assign="variance", layer_ratios={}), batches).model
+    ref = calibrate(float_model, attrs.evolve(cfg, assign="variance", layer_ratios={}), calib_data).model
     ref_layers = dict(ref.named_modules())
     q_by_name = {getattr(m, "layer_name", n): m for n, m in q.named_modules() if m in qlayers.values()}
     missing = [n for n in qlayers if n not in ref_layers]
@@ -141,8 +136,8 @@ def layer_errors(q, float_model, calib_data: Iterable, config=None) -> Dict[str,
         with torch.no_grad():
             for b in batches:
                 float_out.clear()
-                ref(*b)
-                q(*b)
+                call_model(ref, b)
+                call_model(q, b)
     finally:
         for h in handles:
             h.remove()
