@@ -287,3 +287,18 @@ def test_extras_match_pyproject_and_are_named_when_missing(monkeypatch, tmp_path
         main(["tune", "--model", MODEL, "--input-shape", "1,2,8,8", "--work-dir", str(tmp_path / "t")])
     with pytest.raises(ImportError, match=r"pip install 'tvm-rmsmp\[tune\]'"):
         rmsmp.tune(tiny_cnn(), (torch.zeros(1, 2, 8, 8),), work_dir=str(tmp_path / "t"))
+
+
+def test_own_model_tutorial_runs(tmp_path, monkeypatch):
+    """The README's "Quantize your own model" walkthrough, as tutorials/own_model.py."""
+    from conftest import run_tutorial
+
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # this checkout's package, also in a worktree
+    out = run_tutorial("own_model.py", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("float: ['norm']", "reloaded model equals the quantized one: True",
+                 "TVM equals the torch reference: True", "loaded library equals the torch reference: True",
+                 "report: ['report.json']"):
+        assert line in out.stdout, out.stdout
+    assert sorted(os.listdir(tmp_path / "smallnet-rmsmp")) == ["config.json", "hessians.safetensors",
+                                                                 "weights.safetensors"]
