@@ -302,3 +302,21 @@ def test_own_model_tutorial_runs(tmp_path, monkeypatch):
         assert line in out.stdout, out.stdout
     assert sorted(os.listdir(tmp_path / "smallnet-rmsmp")) == ["config.json", "hessians.safetensors",
                                                                  "weights.safetensors"]
+
+
+def test_compile_dynamic_batch(work, saved, tmp_path):
+    """--dynamic-batch: one library for any batch (where compile has dynamic_batch), else a clear error."""
+    import inspect
+
+    _, calib = work
+    args = ["compile", "--model", str(saved), "--input-shape", "2,2,8,8", "--dynamic-batch", "-q",
+            "--out", str(tmp_path / "dyn.so")]
+    if "dynamic_batch" not in inspect.signature(rmsmp.compile).parameters:
+        with pytest.raises(SystemExit, match="no compile\\(..., dynamic_batch=True\\)"):
+            main(args)
+        return
+    assert main(args) == 0
+    exe, q = rmsmp.load(str(tmp_path / "dyn.so")), rmsmp.load_quantized(str(saved))
+    for n in (1, 3):
+        with torch.no_grad():
+            np.testing.assert_array_equal(exe(calib[:n]), q(torch.from_numpy(calib[:n])).numpy())
