@@ -260,8 +260,14 @@ def _glue_func(func, target: Target, float_only: bool) -> bool:
 
 
 def _blocks_and_kinds(sch: s_tir.Schedule):
-    """The root's child blocks and each block's axis kinds ("S" spatial, "R" reduction)."""
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    """The root's child blocks and each block's axis kinds ("S" spatial, "R" reduction); none
+    for a function without a root block (hand-written TIR, e.g. TOPI's cumsum of RoBERTa's
+    position ids), which the rules then leave to the default schedule."""
+    try:
+        root = sch.get_sblock("root")
+    except s_tir.ScheduleError:
+        return [], []
+    blocks = sch.get_child_blocks(root)
     kinds = ["".join("S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "?"
                      for iv in sch.get(b).iter_vars) for b in blocks]
     return blocks, kinds

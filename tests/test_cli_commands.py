@@ -279,7 +279,7 @@ def test_extras_match_pyproject_and_are_named_when_missing(monkeypatch, tmp_path
     for heavy in ("xgboost", "tornado", "tokenizers", "matplotlib", "pyopencl", "psutil", "cloudpickle"):
         assert heavy not in base, heavy  # quantize + compile need none of them
     # scripts/_setup.sh installs .[test,bench]: together they hold every extra
-    assert "tvm-rmsmp[tune,models,report,opencl]" in optional["test"]
+    assert "tvm-rmsmp[tune,models,report,opencl,hf]" in optional["test"]
 
     real = importlib.util.find_spec
     monkeypatch.setattr(extras.importlib.util, "find_spec", lambda name, *a: None if name == "xgboost" else real(name))

@@ -166,3 +166,13 @@ def test_torch_output_shares_memory_and_numpy_stays_the_default(compiled_masked,
     with pytest.raises(ValueError, match="output must be one of"):
         exe(t, output="jax")
     assert library.OUTPUT_KINDS == ("numpy", "torch")
+
+
+def test_compile_takes_keyword_example_inputs_in_the_dicts_order(compiled_masked):
+    q, exe, t = compiled_masked
+    swapped = {"attention_mask": t["attention_mask"], "input_ids": t["input_ids"]}
+    kw = rmsmp.compile(q, swapped)
+    assert kw.input_names == ["attention_mask", "input_ids"]
+    np.testing.assert_array_equal(kw(swapped), exe(t))
+    np.testing.assert_array_equal(kw(t["attention_mask"].numpy(), t["input_ids"].numpy()), exe(t))
+    np.testing.assert_array_equal(kw(**t), exe(t))

@@ -9,6 +9,7 @@ schedules -> TVM's default Relax build for the target.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,6 +46,31 @@ def example_tensors(model: torch.nn.Module, example_inputs: Sequence) -> Tuple[t
                              "(the compiled model's shapes are those of the example inputs)")
         out.append(t.to(dtype) if t.dtype.is_floating_point and t.dtype != dtype else t)
     return tuple(out)
+
+
+class KeywordInputs(torch.nn.Module):
+    """``model(**dict(zip(names, args)))``: a model whose example inputs were given as a dict
+    (keyword inputs: a tokenizer's output), exported with them as positional inputs in the
+    dict's order. The compiled model keeps the names (calls take the same dict)."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, tuple(names)
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.names, args)))
+
+
+def keyword_inputs(model: torch.nn.Module, example_inputs) -> Tuple[torch.nn.Module, Sequence, Optional[List[str]]]:
+    """``(model, positional example inputs, names or None)``: example inputs given as a mapping
+    become positional inputs of a :class:`KeywordInputs` wrapper of ``model``."""
+    if not isinstance(example_inputs, Mapping):
+        return model, example_inputs, None
+    bad = [k for k in example_inputs if not isinstance(k, str)]
+    if bad or not example_inputs:
+        raise TypeError(f"example_inputs as a dict maps input names (strings) to tensors, got keys {list(example_inputs)}")
+    names = list(example_inputs)
+    return KeywordInputs(model, names).eval(), tuple(example_inputs.values()), names
 
 
 def _structure(value):
@@ -86,6 +112,7 @@ def lower(
     """The Relax module after the RMSMP passes and (``schedule``) the target's schedules,
     tuned ones from the ``tuning`` directory where it has them; not yet built."""
     target = resolve_target(target)
+    model, example_inputs, _ = keyword_inputs(model, example_inputs)
     inputs = example_tensors(model, example_inputs)
     if not rmsmp_layers(model):
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
@@ -157,7 +184,9 @@ COMPILERS: Dict[str, str] = {
 
 def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None,  # noqa: A001
             fast_math: bool = True) -> "CompiledModel":
-    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
+    """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes:
+    a tuple of positional inputs, or a dict of keyword inputs (``{"input_ids": ...,
+    "attention_mask": ...}``, a tokenizer's output), whose order is then the compiled order.
 
     tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
     schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
@@ -166,6 +195,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     vectorized GELU); False keeps libm's results. The integer layers are exact either way.
     """
     target = resolve_target(target)
+    model, example_inputs, names = keyword_inputs(model, example_inputs)
     example_inputs = example_tensors(model, example_inputs)
     bar = progress(desc=f"compile ({target.kind.name})", total=2, unit="step")
     bar.set_postfix_str("import, passes, schedules")
@@ -173,8 +203,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     bar.update()
     bar.set_postfix_str("build")
     specs = [{"shape": list(x.shape), "dtype": str(x.numpy().dtype)} for x in example_inputs]
-    for spec, param in zip(specs, mod["main"].params):
-        spec["name"] = str(param.name)  # forward's parameter names: calls may pass inputs by name
+    for i, (spec, param) in enumerate(zip(specs, mod["main"].params)):
+        # forward's parameter names (or the dict's keys): calls may pass inputs by name
+        spec["name"] = names[i] if names is not None else str(param.name)
     for i, n in index_bounds(mod).items():
         specs[i]["index_bound"] = n  # embedding indices: checked at call time, as torch does
     if target.kind.name in ("opencl", *COMPILERS):

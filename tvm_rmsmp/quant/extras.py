@@ -19,6 +19,7 @@ EXTRAS: Dict[str, Tuple[Tuple[str, str], ...]] = {
                ("matplotlib", "the sample photographs (shipped with it)")),
     "report": (("matplotlib", "the report's plots"),),
     "opencl": (("pyopencl", "running OpenCL kernels on this machine"),),
+    "hf": (("transformers", "Hugging Face models"),),
 }
 
 
