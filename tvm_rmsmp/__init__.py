@@ -5,8 +5,10 @@
     q = rmsmp.quantize(model, cfg, calib_data=[x0, x1])            # PTQ, or:
     qat = rmsmp.prepare_qat(model, cfg, calib); rmsmp.train_qat(qat, batches, loss_fn); q = rmsmp.convert_qat(qat)
     plans = rmsmp.row_plans(q)
+    rmsmp.save_quantized(q, "q-dir"); q = rmsmp.load_quantized("q-dir", model=Model())   # no pickle
     exe = rmsmp.compile(q, (x,), target="llvm")       # or tuning=work_dir after rmsmp.tune(...)
     y = exe(x); seconds = exe.benchmark(x, repeat=20); exe.export_library("model.so")
+    exe = rmsmp.runtime.load("model.so")               # on a machine with TVM and numpy only
 
 The package is built of parts (docs/design.md, "The house"): ``quant`` (the quantization
 math: numpy only), ``nn`` (the torch side), ``runtime`` (TVM runtime and numpy, no torch),

@@ -237,7 +237,7 @@ class CompiledModel:
         """Median seconds per call over ``repeat`` measurements (TVM's time evaluator)."""
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
-        args = self._inputs(inputs)
+        args = self._inputs(arrange_inputs(inputs, {}, self.input_specs))  # positional or one dict
         timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return float(timer(*args).median)
 
@@ -330,7 +330,7 @@ class OpenCLCompiledModel(CompiledModel):
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 0) -> float:
         """Median wall-clock seconds per call on the local OpenCL device (inputs and outputs copied)."""
-        return self.graph.time([t.numpy() for t in self._inputs(inputs)], repeat=repeat)
+        return self.graph.time([t.numpy() for t in self._inputs(arrange_inputs(inputs, {}, self.input_specs))], repeat=repeat)
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
         """Build with TVM for the target (host part as the target's host says) and export it."""
