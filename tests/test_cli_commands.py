@@ -320,3 +320,21 @@ def test_compile_dynamic_batch(work, saved, tmp_path):
     for n in (1, 3):
         with torch.no_grad():
             np.testing.assert_array_equal(exe(calib[:n]), q(torch.from_numpy(calib[:n])).numpy())
+
+
+def test_bad_arguments_name_the_flag(work, tmp_path):
+    d, _ = work
+    base = ["quantize", "--model", MODEL, "--out", str(tmp_path / "q"), "--calib", str(d / "calib.npy")]
+    with pytest.raises(SystemExit, match="--calib-limit must be at least 1"):
+        main(base + ["--calib-limit", "0"])
+    with pytest.raises(SystemExit, match="--calib-batch must be at least 1"):
+        main(base + ["--calib-batch", "0"])
+    with pytest.raises(SystemExit, match="--ratio .* is not JSON"):
+        main(base + ["--ratio", "{sp2_4: 1}"])
+    with pytest.raises(SystemExit, match="--input-dtype 'float99' is not a torch dtype"):
+        main(["compile", "--model", MODEL, "--input-shape", "1,2,8,8", "--input-dtype", "float99", "--out", "x.so"])
+    with pytest.raises(SystemExit, match="--input-shape must be comma-separated integers"):
+        main(["compile", "--model", MODEL, "--input-shape", "1x2", "--out", "x.so"])
+    with pytest.raises(SystemExit, match="is a float model: give --calib"):
+        main(["compile", "--model", MODEL, "--input-shape", "1,2,8,8", "--out", str(tmp_path / "x.so")])
+    assert not (tmp_path / "q").exists() and not (tmp_path / "x.so").exists()

@@ -151,6 +151,8 @@ def _load_calib(specs: Sequence[str], batch: int, limit: Optional[int] = None, f
     """Calibration batches from ``--calib`` (one file per model input, or one dataset callable)."""
     if batch < 1:
         _die(f"--calib-batch must be at least 1, got {batch}")
+    if limit is not None and limit < 1:
+        _die(f"--calib-limit must be at least 1, got {limit}")
     if len(specs) == 1 and ":" in specs[0] and not os.path.exists(specs[0]):
         source = _import_callable(specs[0], "--calib")
         try:
@@ -164,6 +166,9 @@ def _load_calib(specs: Sequence[str], batch: int, limit: Optional[int] = None, f
             _die(f"--calib {specs[0]!r} gave no batches")
         return batches
     files = [_array_file(s, "--calib") for s in specs]
+    if len(files) > 1 and any(not hasattr(f, "dim") for f in files):
+        _die("--calib given several times takes one tensor per file (one per model input); a .pt holding a list "
+             "or dict of tensors is given alone")
     data = files[0] if len(files) == 1 else files
     batches = _split(data, batch, f"--calib {' '.join(specs)}")
     return batches[:limit] if limit else batches
@@ -183,7 +188,7 @@ def _parse_shapes(shapes: Sequence[str], dtypes: Sequence[str]) -> List[tuple]:
     return out
 
 
-def _example_inputs(args, calib: Optional[list] = None) -> tuple:
+def _example_inputs(args) -> tuple:
     """Zero tensors of ``--input-shape`` / ``--input-dtype``."""
     import torch
 
@@ -194,10 +199,8 @@ def _example_inputs(args, calib: Optional[list] = None) -> tuple:
     dtypes = args.input_dtype or ["float32"] * len(shapes)
     out = []
     for shape, dt in zip(shapes, dtypes):
-        try:
-            dtype = getattr(torch, dt)
-            assert isinstance(dtype, torch.dtype)
-        except (AttributeError, AssertionError):
+        dtype = getattr(torch, dt, None)
+        if not isinstance(dtype, torch.dtype):
             _die(f"--input-dtype {dt!r} is not a torch dtype (float32, int64, ...)")
         out.append(torch.zeros(shape, dtype=dtype))
     return tuple(out)
@@ -302,6 +305,8 @@ def _float_model_for(spec: str, flag: str = "--model"):
         model = fn(*args, **kwargs)
     except TypeError as err:
         _die(f"{flag} {spec!r}: calling its factory {record['callable']!r} failed: {err}")
+    if not hasattr(model, "eval") or not hasattr(model, "named_modules"):
+        _die(f"{flag} {spec!r}: its factory {record['callable']!r} gave a {type(model).__name__}, not a torch.nn.Module")
     factory = record["callable"] if not (args or kwargs) else functools.partial(fn, *args, **kwargs)
     return model.eval(), factory
 
