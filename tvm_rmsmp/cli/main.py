@@ -29,7 +29,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 
 def _die(msg: str):
