@@ -281,3 +281,33 @@ def test_save_refuses_what_is_not_a_quantized_model(tmp_path):
         rmsmp.save_quantized(ResNet20(blocks=1), tmp_path / "f")
     with pytest.raises(TypeError):
         rmsmp.save_quantized("model", tmp_path / "f")
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so its BatchNorm stays float."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if float(y.detach().mean()) > 1e9:
+            y = y * 2
+        return self.fc(torch.relu(y).flatten(1))
+
+
+def test_a_model_whose_batchnorm_could_not_be_folded(tmp_path):
+    model = Untraceable().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    with pytest.warns(rmsmp.RMSMPWarning, match="BatchNorm layers stay in float"):
+        q = rmsmp.quantize(model, FAST, [torch.randn(4, 1, 8, 8)])
+    rmsmp.save_quantized(q, tmp_path / "u")
+    q2 = rmsmp.load_quantized(tmp_path / "u", model=Untraceable())
+    assert isinstance(q2.bn, nn.BatchNorm2d) and torch.equal(q2.bn.running_var, model.bn.running_var)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(q2(x), q(x))
