@@ -49,6 +49,7 @@ import torch
 
 import tvm_rmsmp as rmsmp
 from bench.accuracy_protocol import aggregate, find, raw
+from tvm_rmsmp.cli.report import plot_rows
 from tvm_rmsmp.nn.layerwise import layerwise_config
 from tvm_rmsmp.runtime.fileio import atomic_write
 
@@ -515,50 +516,6 @@ def run_efficientnet(seed: int, quick: bool, choice: Dict) -> Dict:
             _log(f"  EfficientNet {variant:14s} {rnd:7s} agree {f['top1_agree'].mean():.4f} KL {f['kl'].mean():.4f}")
     return {"entries": out, "info": {"photos": "crops of matplotlib's sample photographs", "calib": 32,
                                      "test": len(test_x), "seconds": round(time.perf_counter() - t0, 1)}}
-
-
-def plot_rows(q, traces: Dict[str, np.ndarray], layer: str, path: str) -> None:
-    """Scatter of one layer's rows (kurtosis vs Hessian sensitivity, colored by scheme) and the
-    per-layer row counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tvm_rmsmp.quant.assign import row_kurtosis
-
-    plans = rmsmp.row_plans(q)
-    plan = plans[layer]
-    w = plan.dequantized().astype(np.float64)
-    kurt = row_kurtosis(w)
-    sens = traces[layer] * (w.reshape(len(w), -1) ** 2).mean(1)
-    colors = {"sp2_4": "tab:blue", "fixed_4": "tab:orange", "fixed_8": "tab:red"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s, c in colors.items():
-        idx = [i for i, x in enumerate(plan.schemes) if x == s]
-        if idx:
-            ax1.scatter(kurt[idx], sens[idx], c=c, label=f"{s} ({len(idx)})", s=18)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("row kurtosis (3: Gaussian-like, 1.8: uniform-like)")
-    ax1.set_ylabel("row Hessian trace x mean w^2")
-    ax1.set_title(f"{layer}: scheme per row")
-    ax1.legend()
-    names = list(plans)
-    bottom = np.zeros(len(names))
-    for s, c in colors.items():
-        counts = np.array([plans[n].counts().get(s, 0) for n in names])
-        ax2.bar(range(len(names)), counts, bottom=bottom, color=c, label=s)
-        bottom += counts
-    ax2.set_xticks(range(len(names)))
-    ax2.set_xticklabels(names, rotation=90, fontsize=6)
-    ax2.set_ylabel("rows")
-    ax2.set_title("rows per scheme in each layer (first/last: 8-bit)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------

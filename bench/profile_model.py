@@ -12,38 +12,15 @@ instrument hook over ``--repeat`` runs. Calls are grouped by name with the layer
 removed (``rmsmp_conv2d_layer#_#_conv#_sp#_#_packed`` is every SP2 group of a residual
 block's convolutions), so the table says which kind of kernel or glue to work on next. The
 hook adds a few microseconds per call; compare the rows, not the total, with ``bench.cpu``.
+The profiler itself is ``tvm_rmsmp.cli.profile`` (``tvm-rmsmp profile`` for any exported library).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import os
-import re
-import time
 
-
-def profile(exe, inputs, repeat: int):
-    """{call kind: mean milliseconds per model run}, from the VM's instrument hook."""
-    from tvm import relax
-
-    vm = relax.VirtualMachine(exe.executable, exe.device)
-    args = exe._inputs(inputs)
-    vm["main"](*args)  # warm up: first-call allocations and page faults
-    spent = collections.defaultdict(float)
-    started = {}
-
-    def instrument(func, name, before_run, ret_value, *call_args):
-        if before_run:
-            started[name] = time.perf_counter()
-        else:
-            spent[re.sub(r"\d+", "#", str(name))] += time.perf_counter() - started.pop(name)
-        return 0
-
-    vm.set_instrument(instrument)
-    for _ in range(repeat):
-        vm["main"](*args)
-    return {k: 1e3 * v / repeat for k, v in spent.items()}
+from tvm_rmsmp.cli.profile import format_table, profile
 
 
 def main(argv=None) -> int:
@@ -71,13 +48,9 @@ def main(argv=None) -> int:
     x = torch.randn(*shape)
     q = cpu.rmsmp_quantized(model, [torch.randn(*shape) for _ in range(2)])
     exe = rmsmp.compile(q, (x,))
-    rows = sorted(profile(exe, (x,), args.repeat).items(), key=lambda kv: -kv[1])
-    total = sum(v for _, v in rows)
+    rows = profile(exe, (x,), args.repeat)
     print(f"{args.model}, {args.threads} thread(s), mean of {args.repeat} runs; kernels: {exe.stats.get('cpu_kernels')}")
-    print(f"{'ms':>9}  {'share':>6}  call")
-    for name, ms in rows[:args.top]:
-        print(f"{ms:9.3f}  {100 * ms / total:5.1f}%  {name}")
-    print(f"{total:9.3f}  100.0%  all calls")
+    print(format_table(rows, args.top))
     return 0
 
 

@@ -72,8 +72,12 @@ STAMP=.venv/.rmsmp-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     echo "[setup] installing Python packages into .venv"
     "$VPY" -m pip install -q --upgrade pip wheel
-    # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
-    "$VPY" -m pip install -q "torch==2.13.0"
+    # torch first, pinned, the CPU build: on Linux, PyPI's torch (pinned or not) is a multi-GB
+    # CUDA build; the CPU wheels come from PyTorch's own index (or a local wheel of 2.13.0+cpu).
+    if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+        "$VPY" -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    fi
+    # the extras: test (tune, models, report, opencl, pytest) and bench (its contenders)
     "$VPY" -m pip install -q -e ".[test,bench]"
     touch "$STAMP"
 fi

@@ -33,6 +33,7 @@ _LAZY = {
                     "quant.config"),
     **dict.fromkeys(("RowPlan", "row_counts"), "quant.plan"),
     "register_assign_rule": "quant.assign",
+    **dict.fromkeys(("set_progress", "progress_enabled"), "quant.progress"),
     **dict.fromkeys(("RMSMPLinear", "RMSMPConv2d", "quantize", "row_plans"), "nn.layers"),
     **dict.fromkeys(("QATConfig", "prepare_qat", "train_qat", "convert_qat"), "nn.qat"),
     **dict.fromkeys(("save_quantized", "load_quantized"), "nn.saved"),

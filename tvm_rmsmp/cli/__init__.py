@@ -1,4 +1,6 @@
-"""The command line (``tvm-rmsmp``, ``python -m tvm_rmsmp``) and the demo. Nothing imports it."""
+"""The command line (``tvm-rmsmp``, ``python -m tvm_rmsmp``: :mod:`.main`), its report
+(:mod:`.report`: report.json and plots) and VM profiler (:mod:`.profile`), and the demo.
+Nothing in the package imports it; bench/ uses the report's plots and the profiler."""
 
 from .main import main
 

@@ -20,6 +20,7 @@ import schedules
 from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, RewriteRowGroups, UseTargetKernels
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
+from ..quant.progress import progress
 from ..runtime.native_log import filtered_native_log
 from ..runtime.library import CompiledModel, OpenCLCompiledModel, as_numpy, check_output_structure, load
 from .frontend import import_model, index_bounds
@@ -196,13 +197,19 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     target = resolve_target(target)
     model, example_inputs, names = keyword_inputs(model, example_inputs)
     example_inputs = example_tensors(model, example_inputs)
+    bar = progress(desc=f"compile ({target.kind.name})", total=2, unit="step")
+    bar.set_postfix_str("import, passes, schedules")
     mod, stats = lower(model, example_inputs, target, tuning=tuning)
+    bar.update()
+    bar.set_postfix_str("build")
     specs = [{"shape": list(x.shape), "dtype": str(x.numpy().dtype)} for x in example_inputs]
     for i, (spec, param) in enumerate(zip(specs, mod["main"].params)):
         # forward's parameter names (or the dict's keys): calls may pass inputs by name
         spec["name"] = names[i] if names is not None else str(param.name)
     for i, n in index_bounds(mod).items():
         specs[i]["index_bound"] = n  # embedding indices: checked at call time, as torch does
+    if target.kind.name in ("opencl", *COMPILERS):
+        bar.close()
     if target.kind.name == "opencl":
         return OpenCLCompiledModel(mod, target, specs, stats=stats)
     if target.kind.name in COMPILERS:
@@ -214,6 +221,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     stats["fast_math"] = bool(fast_math and pipeline is not None)
     with filtered_native_log():
         exe = tvm.compile(mod, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
+    bar.update()
+    bar.close()
     return CompiledModel(exe, target, specs, ir=mod, stats=stats, outputs=output_structure(model, example_inputs, mod))
 
 

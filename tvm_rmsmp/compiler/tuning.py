@@ -28,6 +28,8 @@ from tvm import tirx
 import schedules
 
 from ..quant.config import RMSMPWarning
+from ..quant.extras import require
+from ..quant.progress import progress_enabled
 from ..runtime.fileio import atomic_write
 from .pipeline import apply_target_passes, lower
 from .records import (
@@ -163,7 +165,7 @@ def tune(
     trials_per_iter: int = 16,
     runner=None,
     seed: Optional[int] = 0,
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> TuningReport:
     """Tune the row-group kernels of ``model`` for ``target``; records go to ``work_dir``.
 
@@ -175,9 +177,10 @@ def tune(
     4-bit rows with AVX2, int8 rows with AVX-512 VNNI, dense and conv2d, and whole dense layers
     at small batches) have nothing to tune and are left out; on a VNNI CPU that is every row
     group.
+    progress: the trials bar; None follows :func:`tvm_rmsmp.set_progress` (shown on a terminal).
     """
+    require("tune", "tvm_rmsmp.tune", ("xgboost", "cloudpickle", "psutil"))
     from tvm.s_tir import meta_schedule as ms
-
 
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
@@ -240,7 +243,7 @@ def tune(
         builder = ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=60,
                                           initializer=light_tensor_intrin)
         runner = runner or ms.runner.LocalRunner()
-    bar = _Progress(trials, names, progress)
+    bar = _Progress(trials, names, progress_enabled() if progress is None else progress)
     db = open_database(work_dir, target)
     try:
         ms.tune_tasks(

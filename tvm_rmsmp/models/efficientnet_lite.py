@@ -106,6 +106,10 @@ def sample_photos(count: int, size: int = 224, seed: int = 0) -> Tuple[torch.Ten
     """``count`` normalized 224x224 crops (random position and scale, random flip) of the real
     photographs that ship with matplotlib (the only natural images available offline here)."""
     import numpy as np
+
+    from ..quant.extras import require
+
+    require("models", "the sample photographs", ("PIL", "matplotlib"))
     from matplotlib import cbook
     from PIL import Image
 

@@ -147,6 +147,9 @@ def load_minilm() -> MiniLM:
 
 def load_tokenizer(max_length: int = 128):
     """The model's WordPiece tokenizer (``tokenizers``), padding to the longest and truncating."""
+    from ..quant.extras import require
+
+    require("models", "the MiniLM tokenizer", ("tokenizers",))
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(model_dir(), "tokenizer.json"))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..quant.progress import progress
 from .inputs import call_model
 
 __all__ = ["HessianReport", "row_hessian_traces", "output_loss", "MIN_SAMPLES"]
@@ -124,7 +125,7 @@ def row_hessian_traces(
     samples = 0
     try:
         with torch.enable_grad():
-            for batch in batches:
+            for batch in progress(batches, f"Hessian ({probes} probes)", unit="batch"):
                 with torch.no_grad():
                     y0 = _output_tensor(call_model(model, batch)).detach()
                 samples += y0.shape[0]

@@ -24,6 +24,7 @@ from ..quant.assign import assign_rows, rule_needs_hessian
 from ..quant.config import ZERO_POINT_GAIN, RMSMPConfig, RMSMPWarning
 from ..quant.gptq import gptq_quantize
 from ..quant.plan import RowPlan
+from ..quant.progress import progress
 from ..quant.schemes import get_scheme
 from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
@@ -528,11 +529,14 @@ def ptq_layers(cal: "Calibration") -> Dict[str, "_RMSMPLayer"]:
     gptq = cfg.rounding == "gptq"
     t0 = time.perf_counter()
     groups = _hessian_groups(cal.layers, GPTQ_HESSIAN_BUDGET) if gptq else [list(cal.layers)]
+    bar = progress(desc="GPTQ rounding" if gptq else "rounding", total=len(cal.layers), unit="layer")
     for group in groups:
         hessians = input_hessians(cal.model, {n: cal.layers[n] for n in group}, cal.batches) if gptq else {}
         for name in group:
             out[name] = _quantize_layer(name, cal.layers[name], cfg, cal.stats[name], cal.rule,
                                         cal.row_hessian.get(name), hessians.pop(name, None))
+            bar.update()
+    bar.close()
     if gptq:
         cal.gptq_report = {"seconds": time.perf_counter() - t0, "passes": len(groups),
                            "peak_hessian_bytes": max(sum(8 * int(np.prod(cal.layers[n].weight.shape[1:])) ** 2
@@ -677,7 +681,7 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
     handles = [m.register_forward_pre_hook(_first_call(seen, n, stats[n])) for n, m in targets.items()]
     try:
         with torch.no_grad():
-            for i, b in enumerate(batches):
+            for i, b in enumerate(progress(batches, "calibration", unit="batch")):
                 try:
                     call_model(q, b)
                 except Exception as err:

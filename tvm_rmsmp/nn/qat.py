@@ -41,6 +41,7 @@ from torch import nn
 from ..quant.assign import assign_rows, rule_needs_hessian
 from ..quant.config import RMSMPConfig
 from ..quant.plan import RowPlan
+from ..quant.progress import progress
 from ..quant.schemes import get_scheme
 from .hessian import row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
@@ -605,6 +606,8 @@ def train_qat(
                 total = len(src) * cfg.epochs
             except TypeError:
                 total = cfg.steps_per_epoch * cfg.epochs if cfg.steps_per_epoch else None
+        bar = progress(desc=f"QAT epoch {epoch + 1}/{cfg.epochs}", total=total // cfg.epochs if total else None,
+                       unit="step")
         for batch in epoch_batches:
             inputs, target = _step_batch(batch, epoch, steps)
             for group, peak in zip(opt.param_groups, peaks):
@@ -633,6 +636,9 @@ def train_qat(
             steps += 1
             step += 1
             loss_sum += float(loss.detach())
+            bar.update()
+            bar.set_postfix_str(f"loss {loss_sum / steps:.4f}", refresh=False)
+        bar.close()
         if steps == 0:
             raise ValueError(
                 f"train_qat: epoch {epoch + 1} has no batches (0 steps trained"

@@ -40,7 +40,7 @@ def opencl_context():
         try:
             import pyopencl as cl
         except ImportError as err:
-            raise OpenCLUnavailable("pyopencl is not installed: pip install pyopencl") from err
+            raise OpenCLUnavailable("pyopencl is not installed: pip install 'tvm-rmsmp[opencl]'") from err
         try:
             platforms = cl.get_platforms()
         except cl.Error as err:

@@ -47,6 +47,9 @@ class LoopbackRPC:
         return proc
 
     def __enter__(self) -> "LoopbackRPC":
+        from ..quant.extras import require
+
+        require("tune", "LoopbackRPC (a tracker and servers on this machine)")
         from tvm import rpc
 
         self.port = free_port()
