@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import contract
+from . import contract, ops
 from .contract import DenseLayer, LayerKernels, callee, const_value, op_name
 
 __all__ = ["FuseDenseLayers", "dense_layer_at"]
@@ -67,7 +67,9 @@ def dense_layer_at(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[T
         x, layer = xq, str(attrs[contract.LAYER])
         groups.append((str(attrs[contract.SCHEME]), *values))
         packed.append(contract.PACKED in attrs)
-    shape = tuple(int(d) for d in x.ty.shape)
+    shape = tuple(ops.dim(d) for d in x.ty.shape)
+    if not all(isinstance(d, int) for d in shape):
+        return None  # a dynamic batch: layer kernels are built for a number of activation rows
     return x, DenseLayer(shape, str(x.ty.dtype), tuple(groups), tuple(packed))
 
 

@@ -61,11 +61,19 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
+def _static(func) -> bool:
+    """Whether every buffer of ``func`` has a constant shape (not a dynamic batch's symbolic one)."""
+    return all(isinstance(d, tirx.IntImm) for p in func.params if hasattr(p, "shape") for d in p.shape)
+
+
 def schedule_dense(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
     """Row-group dense on a CPU; ``tunable`` samples the tile sizes (MetaSchedule search)."""
     acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     m, n, *reduction = sch.get_loops(acc)  # packed 4-bit rows: (byte, nibble)
-    if tunable:
+    if not isinstance(sch.get(m).extent, tirx.IntImm):  # a dynamic batch: one row per task
+        mo, mi = sch.split(m, [None, 1])
+        no, ni = sch.split(n, [None, _largest_divisor(_extent(sch, n), (8, 4, 2))])
+    elif tunable:
         mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=8))
         no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
     else:
@@ -138,6 +146,8 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
     if op not in ("dense", "conv2d") or attrs.get(contract.SCHEME) is None or "tirx.is_scheduled" in attrs:
         return None
+    if not _static(func):
+        return None  # a dynamic batch: the kernels are built for a number of rows; the portable schedule
     packed = attrs.get(contract.PACKED) is not None
     scheme = get_scheme(str(attrs[contract.SCHEME]))
     x_buf, w_buf, out_buf = func.params[0], func.params[1], func.params[-1]
@@ -256,6 +266,8 @@ def _glue_func(func, target: Target, float_only: bool) -> bool:
     if func.attrs is not None and str(func.attrs.get(contract.OP, "")) in ("dense", "conv2d"):
         return False
     buffers = [p for p in func.params if hasattr(p, "shape")]
+    if not _static(func):
+        return False  # a dynamic batch's symbolic shapes: the rules size their tiles from constant extents
     return bool(buffers) and (not float_only or all(str(b.dtype).startswith("float") for b in buffers))
 
 
