@@ -15,6 +15,7 @@ Rules follow dlight: ``apply`` returns None when the function is not theirs.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Callable, Optional
@@ -50,15 +51,24 @@ __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise",
            "schedule_dense", "schedule_conv2d"]
 
 
-def _largest_divisor(n: int, candidates) -> int:
+def _largest_divisor(n: Optional[int], candidates) -> int:
+    if n is None:  # a symbolic extent (a dynamic batch): no known divisor
+        return 1
     for c in candidates:
         if n % c == 0:
             return c
     return 1
 
 
-def _extent(sch: s_tir.Schedule, loop) -> int:
-    return int(sch.get(loop).extent)
+def _extent(sch: s_tir.Schedule, loop) -> Optional[int]:
+    """A loop's extent; None where it is symbolic (a dynamic batch: taken as many iterations)."""
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _many(extent: Optional[int]) -> int:
+    """An extent for comparisons: a symbolic one counts as large."""
+    return 1 << 30 if extent is None else extent
 
 
 def _static(func) -> bool:
@@ -266,8 +276,6 @@ def _glue_func(func, target: Target, float_only: bool) -> bool:
     if func.attrs is not None and str(func.attrs.get(contract.OP, "")) in ("dense", "conv2d"):
         return False
     buffers = [p for p in func.params if hasattr(p, "shape")]
-    if not _static(func):
-        return False  # a dynamic batch's symbolic shapes: the rules size their tiles from constant extents
     return bool(buffers) and (not float_only or all(str(b.dtype).startswith("float") for b in buffers))
 
 
@@ -337,10 +345,10 @@ class FloatElementwise(dl.ScheduleRule):
                 sch.compute_inline(block)
             loops = sch.get_loops(blocks[-1])
             starts = _input_starts(sch, blocks[-1], loops[-1])
-            parallel = len(loops) >= 2 and np.prod([_extent(sch, lp) for lp in loops]) >= 4096
+            parallel = len(loops) >= 2 and math.prod(_many(_extent(sch, lp)) for lp in loops) >= 4096
             if not (parallel or starts):
                 return None  # small: a parallel launch costs more than the loop
-            if not starts and _transposes(sch, blocks[-1]) and all(_extent(sch, lp) % 8 == 0 for lp in loops[-2:]):
+            if not starts and _transposes(sch, blocks[-1]) and all((_extent(sch, lp) or 1) % 8 == 0 for lp in loops[-2:]):
                 # a transposition of the two innermost axes (attention's K^T): 8 x 8 tiles,
                 # each read row used for 8 vector stores (BERT's 12 x 64 x 128: 96 -> 20 us)
                 (ao, ai), (bo, bi) = (sch.split(lp, [None, 8]) for lp in loops[-2:])
@@ -355,7 +363,7 @@ class FloatElementwise(dl.ScheduleRule):
                 # either: the first one of more than one iteration runs in parallel (fused, the
                 # reshape-transpose-reshape splitting attention heads ran 2.6x slower than
                 # unscheduled, 38 vs 14 us; this way 3.6 us)
-                outer = [lp for lp in loops[:-1] if _extent(sch, lp) > 1]
+                outer = [lp for lp in loops[:-1] if _many(_extent(sch, lp)) > 1]
                 sch.parallel(outer[0] if outer else loops[0])
             if starts:
                 # a concatenation along the innermost axis (the row groups of a layer): one
@@ -426,7 +434,7 @@ class FloatRowReduction(dl.ScheduleRule):
         over the row's chunks outside. Two loops are left under the row; when both have
         ``lanes`` iterations (a row of ``lanes ** 2``), only the lane loop can be vectorized,
         so each is tried on a copy of the schedule."""
-        inner = [lp for lp in sch.get_loops(block)[1:] if _extent(sch, lp) > 1]
+        inner = [lp for lp in sch.get_loops(block)[1:] if _many(_extent(sch, lp)) > 1]
         if len(inner) != 2:
             raise s_tir.ScheduleError(f"{len(inner)} loops under the row, expected 2")
         for ko, ki in (inner, inner[::-1]):
@@ -486,7 +494,7 @@ def _input_starts(sch: s_tir.Schedule, block, loop):
         if not region.region:  # a 0-d buffer (a scalar index such as ``t[0]``)
             continue
         low = region.region[-1].min
-        if isinstance(low, tirx.Sub) and isinstance(low.b, tirx.IntImm) and 0 < int(low.b.value) < extent:
+        if isinstance(low, tirx.Sub) and isinstance(low.b, tirx.IntImm) and 0 < int(low.b.value) < _many(extent):
             starts.add(int(low.b.value))
     return sorted(starts)
 

@@ -924,18 +924,24 @@ class _OuterProductGemm:
         self.width = self.steps * per_step
         self.blocks8 = -(-n // 8)  # 8-row blocks of the outputs
         mt, self.ntv = tiles or _broadcast_tiles(isa)
-        self.mt = min(mt, m)
+        # m: a number of rows, or a symbolic one (a dynamic batch; rows past it are never stored)
+        self.static = isinstance(m, int)
+        self.mt = min(mt, m) if self.static else mt
         self.rows = self.ntv * 8  # weight rows per register tile
-        self.m_tiles, self.n_tiles = -(-m // self.mt), -(-n // self.rows)
+        self.m_tiles, self.n_tiles = _ceil_div(m, self.mt), -(-n // self.rows)
         cores = max(1, num_cores)
         # a chunk of weight tiles (bytes of prepared weights: ``l2_chunk_bytes`` of the CPU's
         # constants) stays in L2 while the activation tiles pass over it
         l2_chunk = constants_for(isa, cpu)["l2_chunk_bytes"]
         self.per_chunk = max(1, min((self.n_tiles + 1) // 2, l2_chunk // (self.rows * self.steps * 4 * halves)))
         self.n_chunks = -(-self.n_tiles // self.per_chunk)
-        m_blocks = max(1, min(self.m_tiles, -(-4 * cores // self.n_chunks)))
-        self.per_block = -(-self.m_tiles // m_blocks)
-        self.tasks = -(-self.m_tiles // self.per_block) * self.n_chunks
+        blocks = -(-4 * cores // self.n_chunks)
+        if self.static:
+            m_blocks = max(1, min(self.m_tiles, blocks))
+            self.per_block = _ceil_div(self.m_tiles, m_blocks)
+        else:  # the same value, divided by a constant (the MAC loop's indices use it)
+            self.per_block = _ceil_div(self.m_tiles, blocks)
+        self.tasks = _ceil_div(self.m_tiles, self.per_block) * self.n_chunks
         self.ops = ops
 
     def stage(self):
@@ -944,9 +950,11 @@ class _OuterProductGemm:
         m, k, halves, width, signed = self.m, self.k, self.halves, self.width, self.signed
         dtype = self.stage_dtype
 
+        few = self.static and m < 8  # a parallel launch costs more than a few rows
+
         @T.macro
         def stage(x, xs, xsum):
-            for i in T.serial(m) if m < 8 else T.parallel(m):
+            for i in T.serial(m) if few else T.parallel(m):
                 for j in range(width):
                     for h in T.unroll(halves):
                         if width * halves == k:
@@ -1091,6 +1099,13 @@ class _OuterProductGemm:
             multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3)
 
         return gemm
+
+
+def _ceil_div(a, b):
+    """``ceil(a / b)`` of positive ints, or of (symbolic) TIR expressions."""
+    if isinstance(a, int) and isinstance(b, int):
+        return -(-a // b)
+    return tvm.tirx.floordiv(a + b - 1, b)
 
 
 def _check_outer_product(who: str, isa: str, x_dtype: str) -> None:
