@@ -160,7 +160,7 @@ def quantize_func(
     return _finish([x, out], attrs)
 
 
-def _i64(v) -> tvm.ir.PrimExpr:
+def _i64(v) -> tvm.ir.Expr:
     """An int64 dimension: a constant, or a symbolic one (see :func:`func_shape`) as it is."""
     v = dim(v)
     return tirx.IntImm("int64", v) if isinstance(v, int) else v

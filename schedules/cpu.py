@@ -71,6 +71,11 @@ def _many(extent: Optional[int]) -> int:
     return 1 << 30 if extent is None else extent
 
 
+def _static_but_batch(func) -> bool:
+    """Whether every buffer dimension of ``func`` but the leading one is constant."""
+    return all(isinstance(d, tirx.IntImm) for p in func.params if hasattr(p, "shape") for d in list(p.shape)[1:])
+
+
 def _static(func) -> bool:
     """Whether every buffer of ``func`` has a constant shape (not a dynamic batch's symbolic one)."""
     return all(isinstance(d, tirx.IntImm) for p in func.params if hasattr(p, "shape") for d in p.shape)
@@ -156,8 +161,11 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
     if op not in ("dense", "conv2d") or attrs.get(contract.SCHEME) is None or "tirx.is_scheduled" in attrs:
         return None
+    images = None  # a dynamic batch: convolutions run one image's kernel per image
     if not _static(func):
-        return None  # a dynamic batch: the kernels are built for a number of rows; the portable schedule
+        if op != "conv2d" or not _static_but_batch(func):
+            return None  # dense kernels are built for a number of rows (FuseDenseLayers has one for any)
+        images = tirx.Var("images", "int32")
     packed = attrs.get(contract.PACKED) is not None
     scheme = get_scheme(str(attrs[contract.SCHEME]))
     x_buf, w_buf, out_buf = func.params[0], func.params[1], func.params[-1]
@@ -169,7 +177,7 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if target.kind.name == "llvm" and (not triple or triple.startswith("x86")):
             warn_fallback(f"{op} {attrs.get('rmsmp.layer', '')}", target)
         return None
-    x_shape = [int(d) for d in x_buf.shape]
+    x_shape = [1 if images is not None and i == 0 else int(d) for i, d in enumerate(x_buf.shape)]
     n_rows = int(w_buf.shape[0])
     conv = None
     if op == "conv2d":
@@ -180,7 +188,8 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         *_, ry, rx = sch.get_loops(sch.get_sblock(contract.ACC_BLOCK))
         conv = ConvGeometry(*x_shape, _extent(sch, ry), _extent(sch, rx),
                             tuple(int(v) for v in geometry["strides"]), tuple(int(v) for v in geometry["dilation"]))
-        if [conv.batch, n_rows, *conv.out_hw] != [int(d) for d in out_buf.shape]:
+        if [n_rows, *conv.out_hw] != [int(d) for d in out_buf.shape[1:]] or (
+                images is None and conv.batch != int(out_buf.shape[0])):
             return None
         m, k = conv.m, conv.k
     else:
@@ -197,7 +206,7 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if outer_product:
             kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores, cpu=cpu)
         else:
-            kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
+            kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores, images=images,
                                  tiled=relayout and conv is None, taps_first=relayout and conv is not None,
                                  cpu=cpu)
     except KernelBoundError as err:  # the reduction is too long for the kernel's integer sums

@@ -95,8 +95,8 @@ def test_export_and_load_keep_the_dynamic_batch(cnn, tmp_path):
         rmsmp.load(path)
 
 
-def test_mlp_equals_torch_at_any_batch_with_the_examples_batch_specialised(mlp):
-    exe = rmsmp.compile(mlp, (torch.randn(4, 24),), target="llvm", dynamic_batch=True)
+def test_mlp_equals_torch_at_any_batch_with_a_batch_specialised(mlp):
+    exe = rmsmp.compile(mlp, (torch.randn(1, 24),), target="llvm", dynamic_batch=(4,))
     assert exe.variants == {1: "main_b1", 4: "main_b4"}
     for batch, function in zip(BATCHES + (4,), ("main_b1", "main", "main", "main_b4")):
         x = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
@@ -130,7 +130,9 @@ def test_opencl_on_pocl_equals_torch_at_any_batch(mlp):
         exe.export_library("unused.so")
 
 
-def test_targets_without_dynamic_shapes_are_refused(mlp):
+def test_targets_without_dynamic_shapes_and_bad_sizes_are_refused(mlp):
+    with pytest.raises(ValueError, match=r"dynamic_batch must be True, False or a sequence of batch sizes >= 1"):
+        rmsmp.compile(mlp, (torch.randn(2, 24),), dynamic_batch=(0,))
     with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'ext_dev'.*"
                                          r"dynamic_batch=False once per batch size"):
         rmsmp.compile(mlp, (torch.randn(2, 24),), target="fpga:xc7z020", dynamic_batch=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -166,7 +167,9 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
 
     model = model.eval()
     inputs, dynamic = _dynamic_batch_args(example_inputs) if dynamic_batch else (tuple(example_inputs), None)
-    with torch.no_grad():
+    # torch 2.13 warns about its own internals when an exported program with dynamic shapes is copied
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         try:
             ep = torch.export.export(model, inputs, dynamic_shapes=dynamic)
         except Exception as err:

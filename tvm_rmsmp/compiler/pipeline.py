@@ -9,7 +9,7 @@ schedules -> TVM's default Relax build for the target.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -160,11 +160,13 @@ COMPILERS: Dict[str, str] = {
 
 
 def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None,  # noqa: A001
-            fast_math: bool = True, dynamic_batch: bool = False) -> "CompiledModel":
+            fast_math: bool = True, dynamic_batch: Union[bool, Sequence[int]] = False) -> "CompiledModel":
     """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes.
 
     dynamic_batch: dimension 0 of every input is a batch of any size >= 1 (the other
-    dimensions stay those of the examples); see :func:`compile_dynamic_batch`.
+    dimensions stay those of the examples), with functions specialised for batch 1 and the
+    examples' batch; a sequence of batch sizes (``dynamic_batch=(8, 32)``) specialises those
+    too. See :func:`compile_dynamic_batch`.
 
     tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
     schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
@@ -174,8 +176,14 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     """
     target = resolve_target(target)
     example_inputs = example_tensors(model, example_inputs)
-    if dynamic_batch:
-        return compile_dynamic_batch(model, example_inputs, target, tuning=tuning, fast_math=fast_math)
+    if dynamic_batch is not False and dynamic_batch is not None:
+        sizes = () if dynamic_batch is True else dynamic_batch
+        if not isinstance(sizes, (tuple, list)) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+            raise ValueError(f"dynamic_batch must be True, False or a sequence of batch sizes >= 1 to specialise, "
+                             f"got {dynamic_batch!r}")
+        return compile_dynamic_batch(model, example_inputs, target, tuning=tuning, fast_math=fast_math,
+                                     specialise=sizes)
     mod, stats = lower(model, example_inputs, target, tuning=tuning)
     specs = [{"shape": list(x.shape), "dtype": str(x.numpy().dtype)} for x in example_inputs]
     for i, n in index_bounds(mod).items():
@@ -212,11 +220,13 @@ def _specialised_name(batch: int) -> str:
 
 
 def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], target: tvm.target.Target,
-                          *, tuning: Optional[str] = None, fast_math: bool = True) -> "CompiledModel":
+                          *, tuning: Optional[str] = None, fast_math: bool = True,
+                          specialise: Sequence[int] = ()) -> "CompiledModel":
     """A build for any batch: ``torch.export`` with dimension 0 of every input one symbolic
     batch (>= 1) gives a Relax ``main`` over that batch, scheduled with the portable
-    schedules; the model is also compiled for batch 1 (the GEMV kernels) and for the
-    examples' batch (their kernels, tuned ones from ``tuning``), and a call runs the function
+    schedules; the model is also compiled for batch 1 (the GEMV kernels), for the examples'
+    batch and for the batches in ``specialise`` (their kernels, tuned ones from ``tuning``;
+    each specialisation adds its compile time), and a call runs the function
     specialised for its batch where there is one (``exe.variants``, ``exe.last_function``,
     ``exe.stats["variants"]``). The input specs record dimension 0 as ``ANY_BATCH`` (-1).
 
@@ -238,16 +248,16 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     specs = [{"shape": [ANY_BATCH] + list(x.shape[1:]), "dtype": str(x.numpy().dtype)} for x in example_inputs]
     for i, n in index_bounds(mod_any).items():
         specs[i]["index_bound"] = n
-    sizes = sorted({1, batch})
+    sizes = sorted({1, batch, *specialise})
     specialised = {b: lower(model, _at_batch(example_inputs, b), target, tuning=tuning) for b in sizes}
     stats = dict(stats, dynamic_batch=True, variants={
         "any": {"function": "main", "cpu_kernels": stats.get("cpu_kernels", {})},
         **{str(b): {"function": _specialised_name(b), **st} for b, (_, st) in specialised.items()}})
     if kind == "opencl":
-        def specialise(n: int) -> tvm.IRModule:
+        def at_batch(n: int) -> tvm.IRModule:
             return lower(model, _at_batch(example_inputs, n), target, tuning=tuning)[0]
 
-        return OpenCLCompiledModel(mod_any, target, specs, stats=stats, specialise=specialise,
+        return OpenCLCompiledModel(mod_any, target, specs, stats=stats, specialise=at_batch,
                                    variants={b: m for b, (m, _) in specialised.items()})
     merged = merge_functions({"main": mod_any, **{_specialised_name(b): m for b, (m, _) in specialised.items()}})
     pipeline = schedules.build_pipeline(target, fast_math=fast_math)
