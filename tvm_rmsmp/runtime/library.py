@@ -213,7 +213,8 @@ class CompiledModel:
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
         args = self._inputs(inputs)
-        timer = self.vm.time_evaluator(self.function_for(self._batch), self.device, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        timer = self.vm.time_evaluator(self.function_for(self._batch), self.device, number=1, repeat=repeat,
+                                       min_repeat_ms=min_repeat_ms)
         return float(timer(*args).median)
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
