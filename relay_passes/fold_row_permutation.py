@@ -35,10 +35,11 @@ from typing import Dict, Optional
 
 import numpy as np
 import tvm
+from tvm.sym.analyzer import Analyzer
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import contract
+from . import contract, ops
 from .contract import callee, rmsmp_attr
 from .contract import const_value as _const
 from .contract import op_name as _op_name
@@ -63,7 +64,11 @@ class _Permuted:
 
 
 def _shape(expr):
-    return [int(d) for d in expr.ty.shape]
+    """The shape as ints, a symbolic (batch) dimension as its simplified text, so that shapes compare."""
+    return [d if isinstance(d, int) else f"sym:{_ANALYZER.simplify(d)}" for d in (ops.dim(d) for d in expr.ty.shape)]
+
+
+_ANALYZER = Analyzer()
 
 
 @mutator
@@ -203,7 +208,7 @@ class _Folder(PyExprMutator):
         new_w = relax.const(np.ascontiguousarray(np.take(w_np, p.order, axis=1)), str(w.ty.dtype))
         args = [p.src, new_w] + [self.visit_expr(f) for f in fields[2:]]
         out_ty = call.ty_args[0]
-        self._emit(var, relax.call_tir(gv, args, relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype)))
+        self._emit(var, relax.call_tir(gv, args, relax.TensorType([ops.dim(d) for d in out_ty.shape], out_ty.dtype)))
         self.folded += 1
         return True
 
@@ -260,7 +265,7 @@ class _Folder(PyExprMutator):
             rest[1] = relax.const(np.ascontiguousarray(np.take(bias, p.order)), "float32")
         out_ty = call.ty_args[0]
         new_call = relax.call_tir(call.args[0], [p.src] + rest,
-                                  relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype))
+                                  relax.TensorType([ops.dim(d) for d in out_ty.shape], out_ty.dtype))
         if op == contract.TOKEN_EXPONENT:
             self._emit(var, new_call)
         else:

@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import contract
+from . import contract, ops
 from .contract import DenseLayer, LayerKernels, callee, const_value, op_name
 
 __all__ = ["FuseDenseLayers", "dense_layer_at"]
@@ -67,7 +67,7 @@ def dense_layer_at(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[T
         x, layer = xq, str(attrs[contract.LAYER])
         groups.append((str(attrs[contract.SCHEME]), *values))
         packed.append(contract.PACKED in attrs)
-    shape = tuple(int(d) for d in x.ty.shape)
+    shape = tuple(ops.dim(d) for d in x.ty.shape)  # M symbolic with a dynamic batch: the target decides
     return x, DenseLayer(shape, str(x.ty.dtype), tuple(groups), tuple(packed))
 
 
@@ -133,7 +133,7 @@ class FuseDenseLayers:
                         self.fused += 1
                         (x, layer), order, _ = found
                         fused = self._call(x, layer, order)
-                        shape = [int(d) for d in call.ty.shape]
+                        shape = [ops.dim(d) for d in call.ty.shape]
                         if shape == [layer.x_shape[0], len(order)]:
                             return fused
                         return relax.op.reshape(self.builder_.emit(fused), shape)

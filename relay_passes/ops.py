@@ -44,6 +44,9 @@ __all__ = [
     "dense_func",
     "conv2d_func",
     "rmsmp_attrs",
+    "dim",
+    "func_shape",
+    "call_shape",
 ]
 
 #: relax.OpPatternKind.kOpaque: never fused with neighbours.
@@ -54,6 +57,36 @@ OP_PATTERN_ELEMWISE = 0
 OP_PATTERN_BROADCAST = 1
 
 Product = Callable[[tvm.ir.Expr, tvm.ir.Expr], tvm.ir.Expr]
+
+
+def dim(d):
+    """A shape dimension: an ``int`` where it is a constant, else its (symbolic) expression."""
+    if isinstance(d, (int, tirx.IntImm)):
+        return int(d)
+    if isinstance(d, tvm.ir.Expr):
+        return d
+    raise TypeError(f"not a shape dimension: {d!r}")
+
+
+def func_shape(shape) -> list:
+    """``shape`` as an op's PrimFunc takes it: constant dimensions as ints, a symbolic leading
+    dimension (the batch of a dynamic-batch build, or batch x sequence of a dense op) as the
+    PrimFunc's own int64 var ``n``; a symbolic dimension anywhere else is an error."""
+    dims = [dim(d) for d in shape]
+    if any(not isinstance(d, int) for d in dims[1:]):
+        raise ValueError(f"shape {list(shape)}: only the leading (batch) dimension may be symbolic")
+    if dims and not isinstance(dims[0], int):
+        dims[0] = tirx.Var("n", "int64")
+    return dims
+
+
+def call_shape(out_shape, lead) -> list:
+    """An op's output shape (as its PrimFunc declares it) at a call whose input's leading
+    dimension is ``lead``: a symbolic leading dimension is the call's."""
+    dims = [dim(d) for d in out_shape]
+    if dims and not isinstance(dims[0], int):
+        dims[0] = dim(lead)
+    return dims
 
 
 def fixed_product(x: tvm.ir.Expr, w: tvm.ir.Expr) -> tvm.ir.Expr:
@@ -96,8 +129,8 @@ def quantize_func(
     """
     # int64 shapes, like Relax's own legalized ops: the quantizer fuses with the ReLU/pooling
     # before it, and fused buffers must agree in type.
-    i64 = lambda v: tirx.IntImm("int64", int(v))  # noqa: E731
-    shape = [int(d) for d in shape]
+    i64 = _i64
+    shape = func_shape(shape)
     x = te.placeholder(tuple(i64(d) for d in shape), "float32", name="x")
     inv = tirx.const(float(inv_scale), "float32")
     lo = tirx.const(float(qmin), "float32")
@@ -127,8 +160,10 @@ def quantize_func(
     return _finish([x, out], attrs)
 
 
-def _i64(v) -> tirx.IntImm:
-    return tirx.IntImm("int64", int(v))
+def _i64(v) -> tvm.ir.Expr:
+    """An int64 dimension: a constant, or a symbolic one (see :func:`func_shape`) as it is."""
+    v = dim(v)
+    return tirx.IntImm("int64", v) if isinstance(v, int) else v
 
 
 def pow2(e: tvm.ir.Expr) -> tvm.ir.Expr:
@@ -140,7 +175,7 @@ def token_exponent_func(shape: Sequence[int], bits: int, layer: str) -> tirx.Pri
     """Per-token exponents of ``x [M, K]`` (float32): ``e[m] = clamp(E_m - (bits - 2), TOKEN_EXP_MIN,
     TOKEN_EXP_MAX)`` with ``E_m`` the unbiased exponent field of ``max_k |x[m, k]|`` (a max:
     exact in any order, so any reduction schedule gives the same bits)."""
-    m, k = (int(d) for d in shape)
+    m, k = func_shape(shape)
     x = te.placeholder((_i64(m), _i64(k)), "float32", name="x")
     r = te.reduce_axis((_i64(0), _i64(k)), name="k")
     amax = te.compute((_i64(m),), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="amax")
@@ -158,7 +193,7 @@ def token_exponent_func(shape: Sequence[int], bits: int, layer: str) -> tirx.Pri
 
 def quantize_per_token_func(shape: Sequence[int], bits: int, layer: str) -> tirx.PrimFunc:
     """``x_q[m, k] = clamp(nearbyint(x[m, k] * 2^-e[m]), -qmax, qmax)`` as int8 (an exact multiply)."""
-    m, k = (int(d) for d in shape)
+    m, k = func_shape(shape)
     x = te.placeholder((_i64(m), _i64(k)), "float32", name="x")
     e = te.placeholder((_i64(m),), "int32", name="e")
     qmax = tirx.const(float(2 ** (bits - 1) - 1), "float32")
@@ -174,7 +209,7 @@ def quantize_per_token_func(shape: Sequence[int], bits: int, layer: str) -> tirx
 def token_epilogue_func(shape: Sequence[int], layer: str) -> tirx.PrimFunc:
     """``y[m, n] = y0[m, n] * 2^e[m] + bias[n]`` (float32). The product is exact, so a fused
     multiply-add rounds as the separate multiply and add do: targets may contract it."""
-    m, n = (int(d) for d in shape)
+    m, n = func_shape(shape)
     y0 = te.placeholder((_i64(m), _i64(n)), "float32", name="y0")
     e = te.placeholder((_i64(m),), "int32", name="e")
     bias = te.placeholder((_i64(n),), "float32", name="bias")
@@ -276,7 +311,9 @@ def dense_func(
     x_shape: Sequence[int], x_dtype: str, w_shape: Sequence[int], w_dtype: str, product: Product, attrs: Dict,
     packed: bool = False,
 ) -> tirx.PrimFunc:
-    """``out[m, n] = float32(sum_k product(x[m, k], w[n, k]) + bias[n]) * scale[n]`` (2-D x)."""
+    """``out[m, n] = float32(sum_k product(x[m, k], w[n, k]) + bias[n]) * scale[n]`` (2-D x;
+    ``m`` may be symbolic, see :func:`func_shape`)."""
+    x_shape, w_shape = func_shape(x_shape), [int(d) for d in w_shape]
     if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[1]:
         raise ValueError(f"dense: expected x [M, K] and w [N, K], got x {list(x_shape)} and w {list(w_shape)}")
     x = te.placeholder(tuple(x_shape), x_dtype, name="x")
@@ -321,7 +358,9 @@ def conv2d_func(
     attrs: Dict,
     packed: bool = False,
 ) -> tirx.PrimFunc:
-    """NCHW direct convolution (groups=1) with the RMSMP epilogue; zero padding (x_q of 0.0 is 0)."""
+    """NCHW direct convolution (groups=1) with the RMSMP epilogue; zero padding (x_q of 0.0 is 0).
+    The batch ``n`` may be symbolic (see :func:`func_shape`)."""
+    x_shape = func_shape(x_shape)
     n, c, h, w_ = x_shape
     f, c2, kh, kw = w_shape
     if c != c2:
@@ -356,6 +395,7 @@ def conv2d_func(
 
 
 def output_shape(func: tirx.PrimFunc):
-    """Shape and dtype of a PrimFunc's last parameter (its output buffer)."""
+    """Shape and dtype of a PrimFunc's last parameter (its output buffer); a symbolic leading
+    dimension is the PrimFunc's own var (:func:`call_shape` gives a call's)."""
     buf = func.params[-1]
-    return [int(d) for d in buf.shape], str(buf.dtype)
+    return [dim(d) for d in buf.shape], str(buf.dtype)

@@ -16,7 +16,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_rmsmp.quant.schemes import get_scheme
 
-from . import contract
+from . import contract, ops
 from .contract import callee, packed_weight, rmsmp_attr, stored_to_int
 from .rewrite_row_groups import row_group_func
 
@@ -56,7 +56,7 @@ class _Packer(PyExprMutator):
                 conv = contract.conv_geometry(func)
             x_ty = x.ty
             new_func = row_group_func(
-                op, str(func.attrs[contract.LAYER]), scheme, [int(d) for d in x_ty.shape], str(x_ty.dtype),
+                op, str(func.attrs[contract.LAYER]), scheme, [ops.dim(d) for d in x_ty.shape], str(x_ty.dtype),
                 list(stored.shape), conv, packed=True,
             )
             self.cache[key] = self.builder_.add_func(new_func, gv.name_hint + "_packed")
@@ -64,7 +64,7 @@ class _Packer(PyExprMutator):
         out_ty = call.ty_args[0]
         return relax.call_tir(
             self.cache[key], [x, relax.const(packed, "uint8"), bias, scale],
-            relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype),
+            relax.TensorType([ops.dim(d) for d in out_ty.shape], out_ty.dtype),
         )
 
 

@@ -101,7 +101,7 @@ class _Rewriter(PyExprMutator):
             conv = contract.conv_geometry(func)
         schemes = np.array([str(s) for s in func.attrs[contract.ROW_SCHEMES]], dtype=object)
         x_ty = xq.ty
-        x_shape = [int(d) for d in x_ty.shape]
+        x_shape = [ops.dim(d) for d in x_ty.shape]
         x_dtype = str(x_ty.dtype)
         out_ty = call.ty
         axis = channel_axis(op, len(out_ty.shape))

@@ -15,6 +15,7 @@ Rules follow dlight: ``apply`` returns None when the function is not theirs.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Callable, Optional
@@ -50,22 +51,44 @@ __all__ = ["RowGroupDense", "RowGroupConv2d", "FloatMatmul", "FloatElementwise",
            "schedule_dense", "schedule_conv2d"]
 
 
-def _largest_divisor(n: int, candidates) -> int:
+def _largest_divisor(n: Optional[int], candidates) -> int:
+    if n is None:  # a symbolic extent (a dynamic batch): no known divisor
+        return 1
     for c in candidates:
         if n % c == 0:
             return c
     return 1
 
 
-def _extent(sch: s_tir.Schedule, loop) -> int:
-    return int(sch.get(loop).extent)
+def _extent(sch: s_tir.Schedule, loop) -> Optional[int]:
+    """A loop's extent; None where it is symbolic (a dynamic batch: taken as many iterations)."""
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _many(extent: Optional[int]) -> int:
+    """An extent for comparisons: a symbolic one counts as large."""
+    return 1 << 30 if extent is None else extent
+
+
+def _static_but_batch(func) -> bool:
+    """Whether every buffer dimension of ``func`` but the leading one is constant."""
+    return all(isinstance(d, tirx.IntImm) for p in func.params if hasattr(p, "shape") for d in list(p.shape)[1:])
+
+
+def _static(func) -> bool:
+    """Whether every buffer of ``func`` has a constant shape (not a dynamic batch's symbolic one)."""
+    return all(isinstance(d, tirx.IntImm) for p in func.params if hasattr(p, "shape") for d in p.shape)
 
 
 def schedule_dense(sch: s_tir.Schedule, target: Optional[Target] = None, tunable: bool = False) -> None:
     """Row-group dense on a CPU; ``tunable`` samples the tile sizes (MetaSchedule search)."""
     acc, out = sch.get_sblock(contract.ACC_BLOCK), sch.get_sblock(contract.OUT_BLOCK)
     m, n, *reduction = sch.get_loops(acc)  # packed 4-bit rows: (byte, nibble)
-    if tunable:
+    if not isinstance(sch.get(m).extent, tirx.IntImm):  # a dynamic batch: one row per task
+        mo, mi = sch.split(m, [None, 1])
+        no, ni = sch.split(n, [None, _largest_divisor(_extent(sch, n), (8, 4, 2))])
+    elif tunable:
         mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=8))
         no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=64))
     else:
@@ -138,6 +161,11 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
     if op not in ("dense", "conv2d") or attrs.get(contract.SCHEME) is None or "tirx.is_scheduled" in attrs:
         return None
+    images = None  # a dynamic batch: convolutions run one image's kernel per image
+    if not _static(func):
+        if op != "conv2d" or not _static_but_batch(func):
+            return None  # dense kernels are built for a number of rows (FuseDenseLayers has one for any)
+        images = tirx.Var("images", "int32")
     packed = attrs.get(contract.PACKED) is not None
     scheme = get_scheme(str(attrs[contract.SCHEME]))
     x_buf, w_buf, out_buf = func.params[0], func.params[1], func.params[-1]
@@ -149,7 +177,7 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if target.kind.name == "llvm" and (not triple or triple.startswith("x86")):
             warn_fallback(f"{op} {attrs.get('rmsmp.layer', '')}", target)
         return None
-    x_shape = [int(d) for d in x_buf.shape]
+    x_shape = [1 if images is not None and i == 0 else int(d) for i, d in enumerate(x_buf.shape)]
     n_rows = int(w_buf.shape[0])
     conv = None
     if op == "conv2d":
@@ -160,7 +188,8 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         *_, ry, rx = sch.get_loops(sch.get_sblock(contract.ACC_BLOCK))
         conv = ConvGeometry(*x_shape, _extent(sch, ry), _extent(sch, rx),
                             tuple(int(v) for v in geometry["strides"]), tuple(int(v) for v in geometry["dilation"]))
-        if [conv.batch, n_rows, *conv.out_hw] != [int(d) for d in out_buf.shape]:
+        if [n_rows, *conv.out_hw] != [int(d) for d in out_buf.shape[1:]] or (
+                images is None and conv.batch != int(out_buf.shape[0])):
             return None
         m, k = conv.m, conv.k
     else:
@@ -177,7 +206,7 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if outer_product:
             kernel = broadcast_dense_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, num_cores=cores, cpu=cpu)
         else:
-            kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores,
+            kernel = gemm_kernel(m, k, n_rows, str(x_buf.dtype), levels, isa, conv=conv, num_cores=cores, images=images,
                                  tiled=relayout and conv is None, taps_first=relayout and conv is not None,
                                  cpu=cpu)
     except KernelBoundError as err:  # the reduction is too long for the kernel's integer sums
@@ -331,10 +360,10 @@ class FloatElementwise(dl.ScheduleRule):
                 sch.compute_inline(block)
             loops = sch.get_loops(blocks[-1])
             starts = _input_starts(sch, blocks[-1], loops[-1])
-            parallel = len(loops) >= 2 and np.prod([_extent(sch, lp) for lp in loops]) >= 4096
+            parallel = len(loops) >= 2 and math.prod(_many(_extent(sch, lp)) for lp in loops) >= 4096
             if not (parallel or starts):
                 return None  # small: a parallel launch costs more than the loop
-            if not starts and _transposes(sch, blocks[-1]) and all(_extent(sch, lp) % 8 == 0 for lp in loops[-2:]):
+            if not starts and _transposes(sch, blocks[-1]) and all((_extent(sch, lp) or 1) % 8 == 0 for lp in loops[-2:]):
                 # a transposition of the two innermost axes (attention's K^T): 8 x 8 tiles,
                 # each read row used for 8 vector stores (BERT's 12 x 64 x 128: 96 -> 20 us)
                 (ao, ai), (bo, bi) = (sch.split(lp, [None, 8]) for lp in loops[-2:])
@@ -349,7 +378,7 @@ class FloatElementwise(dl.ScheduleRule):
                 # either: the first one of more than one iteration runs in parallel (fused, the
                 # reshape-transpose-reshape splitting attention heads ran 2.6x slower than
                 # unscheduled, 38 vs 14 us; this way 3.6 us)
-                outer = [lp for lp in loops[:-1] if _extent(sch, lp) > 1]
+                outer = [lp for lp in loops[:-1] if _many(_extent(sch, lp)) > 1]
                 sch.parallel(outer[0] if outer else loops[0])
             if starts:
                 # a concatenation along the innermost axis (the row groups of a layer): one
@@ -420,7 +449,7 @@ class FloatRowReduction(dl.ScheduleRule):
         over the row's chunks outside. Two loops are left under the row; when both have
         ``lanes`` iterations (a row of ``lanes ** 2``), only the lane loop can be vectorized,
         so each is tried on a copy of the schedule."""
-        inner = [lp for lp in sch.get_loops(block)[1:] if _extent(sch, lp) > 1]
+        inner = [lp for lp in sch.get_loops(block)[1:] if _many(_extent(sch, lp)) > 1]
         if len(inner) != 2:
             raise s_tir.ScheduleError(f"{len(inner)} loops under the row, expected 2")
         for ko, ki in (inner, inner[::-1]):
@@ -480,7 +509,7 @@ def _input_starts(sch: s_tir.Schedule, block, loop):
         if not region.region:  # a 0-d buffer (a scalar index such as ``t[0]``)
             continue
         low = region.region[-1].min
-        if isinstance(low, tirx.Sub) and isinstance(low.b, tirx.IntImm) and 0 < int(low.b.value) < extent:
+        if isinstance(low, tirx.Sub) and isinstance(low.b, tirx.IntImm) and 0 < int(low.b.value) < _many(extent):
             starts.add(int(low.b.value))
     return sorted(starts)
 

@@ -733,10 +733,14 @@ def gemm_kernel(
     m: int, k: int, n: int, x_dtype: str, levels: Optional[Sequence[int]], isa: str, conv: Optional[ConvGeometry] = None,
     tiles=None, vec: Optional[int] = None, chunks: Optional[int] = None, unroll_k: bool = False, num_cores: int = 1,
     predecode: Optional[bool] = None, direct_conv: Optional[bool] = None, tiled: bool = False,
-    taps_first: bool = False, cpu: Optional[str] = None,
+    taps_first: bool = False, cpu: Optional[str] = None, images=None,
 ) -> tvm.tirx.PrimFunc:
     """A row-group dense (``conv`` None) or conv2d (``conv``: direct or im2col, see the module
     docstring) on x86.
+
+    ``images`` (conv of one image, ``conv.batch`` 1): a symbolic number of images (a dynamic
+    batch, an int32 var): the kernel takes ``[images, C, H, W]`` and runs the one-image
+    GEMM per image, the weights prepared once per call.
 
     ``levels``: the 16 int8 levels of a packed 4-bit scheme (weights ``[n, ceil(k/2)]`` uint8),
     or None for int8 weights (``[n, k]``, conv ``[n, C, kh, kw]``; on AVX2, where
@@ -772,21 +776,47 @@ def gemm_kernel(
     n_chunks, per_chunk, per_block, m_tiles, n_tiles = g.n_chunks, g.per_chunk, g.per_block, g.m_tiles, g.n_tiles
     signed, packed, pre, converts, tap_order, direct = g.signed, g.packed, g.pre, g.converts, g.tap_order, g.direct
     laid_out_taps = g.taps_first or g.tap_laid_out
+    per_image = images is not None
+    if per_image and (conv is None or conv.batch != 1):
+        raise ValueError("gemm_kernel: images needs the geometry of one image's convolution")
+    x_shape = ((images,) + tuple(g.x_shape[1:])) if per_image else g.x_shape
+    out_shape = ((images,) + tuple(g.out_shape[1:])) if per_image else g.out_shape
+    x_size, out_size = int(np.prod(g.x_shape)), int(np.prod(g.out_shape))
+
+    @T.macro
+    def compute(x, out, xs, xsum, bias, scale, wd, wp):
+        stage(x, xs, xsum, bias)
+        for task in T.parallel(g.tasks):
+            # local buffers in a parallel loop are heap workspaces: allocate once per task
+            acc = T.alloc_buffer((mt * nt * lanes,), "int32", scope="local")
+            acc16 = T.alloc_buffer((mt * nt * 16,), "int16", scope="local")
+            red = T.alloc_buffer((8,), "int32", scope="local")
+            table = T.alloc_buffer((vec,), "int8", scope="local")
+            if packed:
+                for t in T.unroll(vec):
+                    table[t] = g.ops.table_byte(t)
+            for tb in range(per_block):
+                for tt in range(per_chunk):
+                    if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
+                        for a in T.unroll(mt * nt * lanes):
+                            acc[a] = 0
+                        mac_tile(acc, acc16, table, xs, wd, wp, task, tb, tt)
+                        store_tile(acc, red, out, xsum, bias, scale, task, tb, tt)
 
     @T.prim_func(private=True)
     def kernel(
-        x: T.Buffer(g.x_shape, x_dtype),
+        x: T.Buffer(x_shape, x_dtype),
         w: T.Buffer(g.w_shape, w_dtype),
         bias: T.Buffer((n,), "int32"),
         scale: T.Buffer((n,), "float32"),
-        out: T.Buffer(g.out_shape, "float32"),
+        out: T.Buffer(out_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
         # activations in `halves` planes (packed: even / odd codes), one row per GEMM row
         # (conv: im2col or channel-last planes); signed ones also summed per GEMM row
         xs = T.alloc_buffer(g.xs_shape, g.stage_dtype)
         if signed:
-            xsum = T.alloc_buffer((m,), "int32")
+            xsum = T.alloc_buffer((g.m,), "int32")
         else:
             xsum = T.decl_buffer((n,), "int32", data=bias.data)  # not read
         if laid_out_taps:  # reordered at compile time
@@ -813,22 +843,13 @@ def gemm_kernel(
             predecode_weights(wd, wp)
         else:
             wd = T.decl_buffer(wd_shape, wd_dtype, data=wp.data)  # not read
-        for task in T.parallel(g.tasks):
-            # local buffers in a parallel loop are heap workspaces: allocate once per task
-            acc = T.alloc_buffer((mt * nt * lanes,), "int32", scope="local")
-            acc16 = T.alloc_buffer((mt * nt * 16,), "int16", scope="local")
-            red = T.alloc_buffer((8,), "int32", scope="local")
-            table = T.alloc_buffer((vec,), "int8", scope="local")
-            if packed:
-                for t in T.unroll(vec):
-                    table[t] = g.ops.table_byte(t)
-            for tb in range(per_block):
-                for tt in range(per_chunk):
-                    if (task // n_chunks) * per_block + tb < m_tiles and (task % n_chunks) * per_chunk + tt < n_tiles:
-                        for a in T.unroll(mt * nt * lanes):
-                            acc[a] = 0
-                        mac_tile(acc, acc16, table, xs, wd, wp, task, tb, tt)
-                        store_tile(acc, red, out, xsum, bias, scale, task, tb, tt)
+        if per_image:
+            for image in T.serial(images):
+                xi = T.decl_buffer(g.x_shape, x_dtype, data=x.data, elem_offset=image * x_size)
+                oi = T.decl_buffer(g.out_shape, "float32", data=out.data, elem_offset=image * out_size)
+                compute(xi, oi, xs, xsum, bias, scale, wd, wp)
+        else:
+            compute(x, out, xs, xsum, bias, scale, wd, wp)
 
     if tiled:
         kernel = kernel.with_attr(contract.WEIGHT_TILES, [nt, vec])
@@ -924,18 +945,24 @@ class _OuterProductGemm:
         self.width = self.steps * per_step
         self.blocks8 = -(-n // 8)  # 8-row blocks of the outputs
         mt, self.ntv = tiles or _broadcast_tiles(isa)
-        self.mt = min(mt, m)
+        # m: a number of rows, or a symbolic one (a dynamic batch; rows past it are never stored)
+        self.static = isinstance(m, int)
+        self.mt = min(mt, m) if self.static else mt
         self.rows = self.ntv * 8  # weight rows per register tile
-        self.m_tiles, self.n_tiles = -(-m // self.mt), -(-n // self.rows)
+        self.m_tiles, self.n_tiles = _ceil_div(m, self.mt), -(-n // self.rows)
         cores = max(1, num_cores)
         # a chunk of weight tiles (bytes of prepared weights: ``l2_chunk_bytes`` of the CPU's
         # constants) stays in L2 while the activation tiles pass over it
         l2_chunk = constants_for(isa, cpu)["l2_chunk_bytes"]
         self.per_chunk = max(1, min((self.n_tiles + 1) // 2, l2_chunk // (self.rows * self.steps * 4 * halves)))
         self.n_chunks = -(-self.n_tiles // self.per_chunk)
-        m_blocks = max(1, min(self.m_tiles, -(-4 * cores // self.n_chunks)))
-        self.per_block = -(-self.m_tiles // m_blocks)
-        self.tasks = -(-self.m_tiles // self.per_block) * self.n_chunks
+        blocks = -(-4 * cores // self.n_chunks)
+        if self.static:
+            m_blocks = max(1, min(self.m_tiles, blocks))
+            self.per_block = _ceil_div(self.m_tiles, m_blocks)
+        else:  # the same value, divided by a constant (the MAC loop's indices use it)
+            self.per_block = _ceil_div(self.m_tiles, blocks)
+        self.tasks = _ceil_div(self.m_tiles, self.per_block) * self.n_chunks
         self.ops = ops
 
     def stage(self):
@@ -944,9 +971,11 @@ class _OuterProductGemm:
         m, k, halves, width, signed = self.m, self.k, self.halves, self.width, self.signed
         dtype = self.stage_dtype
 
+        few = self.static and m < 8  # a parallel launch costs more than a few rows
+
         @T.macro
         def stage(x, xs, xsum):
-            for i in T.serial(m) if m < 8 else T.parallel(m):
+            for i in T.serial(m) if few else T.parallel(m):
                 for j in range(width):
                     for h in T.unroll(halves):
                         if width * halves == k:
@@ -1091,6 +1120,13 @@ class _OuterProductGemm:
             multiply(xs4, xsum, bias, scale, out, w0, w1, w2, w3)
 
         return gemm
+
+
+def _ceil_div(a, b):
+    """``ceil(a / b)`` of positive ints, or of (symbolic) TIR expressions."""
+    if isinstance(a, int) and isinstance(b, int):
+        return -(-a // b)
+    return tvm.tirx.floordiv(a + b - 1, b)
 
 
 def _check_outer_product(who: str, isa: str, x_dtype: str) -> None:

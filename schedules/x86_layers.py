@@ -58,6 +58,8 @@ def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional
             return False  # unpacked SP2 codes
     if len(tables) > 2 or layer.x_dtype not in ("uint8", "int8"):
         return False
+    if not isinstance(layer.x_shape[0], int):  # a dynamic batch: the outer-product kernel, any rows
+        return isa == "avx512vnni" and _within_bounds(layer, isa, cpu)
     return (max_rows is None or layer.x_shape[0] <= max_rows) and _within_bounds(layer, isa, cpu)
 
 
@@ -65,13 +67,14 @@ def _within_bounds(layer: DenseLayer, isa: str, cpu: Optional[str]) -> bool:
     """Whether the layer kernel's integer sums fit for this layer's reduction length
     (:mod:`schedules.x86_bounds`); if not, a warning, and the row groups keep their own kernels
     (which fall back to the portable schedule the same way)."""
-    m, k = (int(d) for d in layer.x_shape)
+    m, k = layer.x_shape
+    static = isinstance(m, int)
     levels = [nibble_decode(np.arange(16), get_scheme(scheme)) if packed else None
               for (scheme, _, _, _), packed in zip(layer.groups, layer.packed)]
     tables = list(dict.fromkeys(g[0] for g, lv in zip(layer.groups, levels)
                                 if lv is not None and not (lv.min() >= -8 and lv.max() <= 7)))
     try:
-        if m <= gemv_max_rows(isa, cpu):
+        if static and m <= gemv_max_rows(isa, cpu):
             linear = any(lv is not None and lv.min() >= -8 and lv.max() <= 7 for lv in levels)
             layout = GemvLayout(k, 1, int(linear), (1,) * len(tables), int(any(lv is None for lv in levels)),
                                 vec=64 if isa == "avx512vnni" else 32)
@@ -133,18 +136,21 @@ def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa:
     """The layer kernel producing output row ``c`` from ``order[c]`` (``LayerKernels.build``).
     Layers of the same shape and schemes share one kernel: their weights are arguments, so
     MiniLM-L6's 36 dense layers build 3 kernels."""
-    if layer.x_shape[0] <= gemv_max_rows(isa, cpu):
+    static = isinstance(layer.x_shape[0], int)
+    if static and layer.x_shape[0] <= gemv_max_rows(isa, cpu):
         return _gemv_build(layer, order, cores, isa, vbmi, cpu)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(g[0] for g, packed in zip(layer.groups, layer.packed) if packed))
     table_of_group = [tables.index(g[0]) if packed else -1 for g, packed in zip(layer.groups, layer.packed)]
     m, k = layer.x_shape
+    if not static:  # a dynamic batch: the kernel's own var for its rows (the call binds it)
+        m = tvm.tirx.Var("m", "int32")
     n, x_dtype = len(order), layer.x_dtype
     codes, kinds, w8, cols8 = layer_weights(order, [g[1] for g in layer.groups], table_of_group, k)
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
     n_int8 = sum(1 for gi, _ in order if table_of_group[gi] < 0)
-    key = (m, k, n, x_dtype, tuple(schemes), tuple(tables), n_int8)
+    key = (m if static else "any", k, n, x_dtype, tuple(schemes), tuple(tables), n_int8)
 
     def make():
         levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
@@ -152,7 +158,7 @@ def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa:
         return _with_attrs(kernel, schemes, "x86-avx512vnni-layer")
 
     consts = [(codes, "uint8"), (kinds, "uint8"), (w8, "int8"), (cols8, "int32"), (bias, "int32"), (scale, "float32")]
-    return key, f"rmsmp_dense_layer_{m}x{k}x{n}", make, consts
+    return key, f"rmsmp_dense_layer_{m if static else 'any'}x{k}x{n}", make, consts
 
 
 def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:

@@ -8,7 +8,10 @@ layer's row schemes. Everything else goes through TVM's own torch frontend.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+import functools
+import operator
+import warnings
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +44,7 @@ def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.Pr
 def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer, pad_hw=(0, 0)) -> relax.Var:
     """The layer's activation quantizer: same float32 multiply and half-to-even rounding as torch
     (plus the convolution's zero padding, if any)."""
-    shape = [int(d) for d in x.ty.shape]
+    shape = [ops.dim(d) for d in x.ty.shape]
     dtype = "int8" if layer.act_signed else "uint8"
     func = ops.quantize_func(
         shape, np.float32(layer.inv_act_scale), layer.qmin, layer.qmax, dtype, layer.layer_name, pad_hw,
@@ -49,17 +52,17 @@ def emit_quantize_activation(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSM
     )
     gv = bb.add_func(func, f"rmsmp_quantize_{contract.symbol_name(layer.layer_name)}")
     out_shape, _ = ops.output_shape(func)
-    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(out_shape, dtype)))
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(ops.call_shape(out_shape, shape[0]), dtype)))
 
 
 def _emit_func(bb: relax.BlockBuilder, func, prefix: str, layer: _RMSMPLayer, args, shape, dtype) -> relax.Var:
     gv = bb.add_func(func, f"{prefix}_{contract.symbol_name(layer.layer_name)}")
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType([int(d) for d in shape], dtype)))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType([ops.dim(d) for d in shape], dtype)))
 
 
 def emit_token_quantizer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> Tuple[relax.Var, relax.Var]:
     """Per-token activations of a 2-D ``x``: ``(x_q, e)``, the int8 codes and the int32 exponents."""
-    shape = [int(d) for d in x.ty.shape]
+    shape = [ops.dim(d) for d in x.ty.shape]
     e = _emit_func(bb, ops.token_exponent_func(shape, layer.act_bits, layer.layer_name), "rmsmp_token_exponent",
                    layer, [x], shape[:1], "int32")
     xq = _emit_func(bb, ops.quantize_per_token_func(shape, layer.act_bits, layer.layer_name), "rmsmp_quantize",
@@ -68,7 +71,7 @@ def emit_token_quantizer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
 
 
 def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLayer) -> relax.Var:
-    x_shape = [int(d) for d in x.ty.shape]
+    x_shape = [ops.dim(d) for d in x.ty.shape]
     lead = x_shape[:-1]
     w_shape = list(layer.weight_int.shape)
     axis, rank = (-1, None) if layer.op == "dense" else (1, 4)
@@ -78,17 +81,19 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
                          f"the example inputs give it shape {x_shape}")
     if layer.op == "dense" and len(x_shape) != 2:
         # Dense ops are 2-D ([rows of activations, K]); batch/sequence axes fold into the first.
-        x = bb.emit(relax.op.reshape(x, [int(np.prod(lead)), x_shape[-1]]))
-        x_shape = [int(np.prod(lead)), x_shape[-1]]
+        rows = ops.dim(functools.reduce(operator.mul, lead, 1))  # symbolic with a dynamic batch
+        x = bb.emit(relax.op.reshape(x, [rows, x_shape[-1]]))
+        x_shape = [rows, x_shape[-1]]
     pad_hw = tuple(layer.padding) if layer.op == "conv2d" else (0, 0)
     per_token = layer.op == "dense" and layer.act_per_token
     if per_token:
         xq, e = emit_token_quantizer(bb, x, layer)
     else:
         xq = emit_quantize_activation(bb, x, layer, pad_hw)
-    func = quantized_op_func(layer, [int(d) for d in xq.ty.shape])
+    func = quantized_op_func(layer, [ops.dim(d) for d in xq.ty.shape])
     gv = bb.add_func(func, f"rmsmp_{layer.op}_{contract.symbol_name(layer.layer_name)}")
     out_shape, out_dtype = ops.output_shape(func)
+    out_shape = ops.call_shape(out_shape, x_shape[0])
     args = [
         xq,
         relax.const(layer.weight_int.numpy(), "int8"),
@@ -105,13 +110,49 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
 
 
 def _check_static_shape(x: relax.Expr, layer: str):
+    """Every dimension of a layer's input is static but the leading one (a dynamic batch)."""
     ty = x.ty
-    if not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape):
-        raise ValueError(f"layer {layer!r}: input shape {ty.shape} is not static; compile with fixed shapes")
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in list(ty.shape)[1:]):
+        raise ValueError(f"layer {layer!r}: input shape {list(ty.shape)} has a symbolic dimension other than the "
+                         "leading (batch) one; only the batch may be dynamic: compile with fixed shapes otherwise")
 
 
-def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> tvm.IRModule:
-    """``torch.export`` the (quantized or float) model and convert it to a Relax IRModule."""
+def _dynamic_batch_args(example_inputs: Tuple[torch.Tensor, ...]):
+    """``(inputs, dynamic_shapes)`` for ``torch.export`` with dimension 0 of every input one
+    symbolic batch (>= 1). A batch-1 example is traced at batch 2 (its rows repeated): torch
+    specializes a size of 1."""
+    batches = {int(x.shape[0]) if x.dim() else None for x in example_inputs}
+    if None in batches:
+        raise ValueError("dynamic_batch: every input needs a leading batch dimension; a scalar input has none")
+    if len(batches) != 1:
+        raise ValueError(f"dynamic_batch: the inputs' leading dimensions differ ({sorted(batches)}); they must be "
+                         "one batch")
+    if batches == {1}:
+        example_inputs = tuple(torch.cat([x, x]) for x in example_inputs)
+    batch = torch.export.Dim("batch", min=1)
+    return tuple(example_inputs), tuple({0: batch} for _ in example_inputs)
+
+
+def check_dynamic_batch(mod: tvm.IRModule) -> Optional[tvm.tirx.Var]:
+    """The batch var of a dynamic-batch import: raise ValueError naming the input where any
+    dimension but the leading one is symbolic, or the leading ones differ."""
+    batch = None
+    for i, param in enumerate(mod["main"].params):
+        shape = list(getattr(param.ty, "shape", None) or [])
+        for axis, d in enumerate(shape):
+            if isinstance(d, tvm.tirx.IntImm):
+                continue
+            if axis != 0 or not isinstance(d, tvm.tirx.Var) or (batch is not None and not d.same_as(batch)):
+                raise ValueError(f"dynamic_batch: input {i} has a symbolic dimension {axis} ({d}); only the batch "
+                                 "(dimension 0, one for all inputs) may be dynamic: compile with fixed shapes")
+            batch = d
+    return batch
+
+
+def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...],
+                 dynamic_batch: bool = False) -> tvm.IRModule:
+    """``torch.export`` the (quantized or float) model and convert it to a Relax IRModule;
+    ``dynamic_batch``: dimension 0 of every input is one symbolic batch (>= 1)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     layers = rmsmp_layers(model)
@@ -125,9 +166,12 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
         return emit_quantized_layer(importer.block_builder, x, layers[name])
 
     model = model.eval()
-    with torch.no_grad():
+    inputs, dynamic = _dynamic_batch_args(example_inputs) if dynamic_batch else (tuple(example_inputs), None)
+    # torch 2.13 warns about its own internals when an exported program with dynamic shapes is copied
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         try:
-            ep = torch.export.export(model, tuple(example_inputs))
+            ep = torch.export.export(model, inputs, dynamic_shapes=dynamic)
         except Exception as err:
             raise ValueError(f"torch.export failed on the model: {type(err).__name__}: {err}") from err
         custom = {f"{op}.default": converter for op in ("qlinear", "qlinear_asym", "qlinear_per_token", "qconv2d")}
@@ -137,6 +181,9 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
             if "Unsupported function types" in str(err):
                 raise ValueError(f"the TVM importer does not support these torch ops: {err}") from err
             raise
+    if dynamic_batch and check_dynamic_batch(mod) is None:
+        raise ValueError("dynamic_batch: the exported model has no symbolic batch (torch.export specialized it): "
+                         "the model's result depends on the batch size; compile with fixed shapes")
     return mod
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 import schedules
 from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, RewriteRowGroups, UseTargetKernels
@@ -22,13 +24,13 @@ from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, R
 from ..nn.layers import RMSMPWarning, rmsmp_layers
 from ..quant.progress import progress
 from ..runtime.native_log import filtered_native_log
-from ..runtime.library import CompiledModel, OpenCLCompiledModel, as_numpy, check_output_structure, load
+from ..runtime.library import ANY_BATCH, CompiledModel, OpenCLCompiledModel, as_numpy, check_output_structure, load
 from .frontend import import_model, index_bounds
 from .records import apply_tuning
 from .targets import resolve_target
 from relay_passes import contract
 
-__all__ = ["compile", "load", "CompiledModel", "OpenCLCompiledModel", "lower"]
+__all__ = ["compile", "load", "CompiledModel", "OpenCLCompiledModel", "lower", "merge_functions", "DYNAMIC_BATCH_KINDS"]
 
 
 def example_tensors(model: torch.nn.Module, example_inputs: Sequence) -> Tuple[torch.Tensor, ...]:
@@ -107,16 +109,19 @@ def output_structure(model: torch.nn.Module, example_inputs: Sequence, mod: tvm.
 
 
 def lower(
-    model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None
+    model: torch.nn.Module, example_inputs: Sequence, target, *, schedule: bool = True, tuning: Optional[str] = None,
+    dynamic_batch: bool = False,
 ) -> Tuple[tvm.IRModule, Dict[str, int]]:
     """The Relax module after the RMSMP passes and (``schedule``) the target's schedules,
-    tuned ones from the ``tuning`` directory where it has them; not yet built."""
+    tuned ones from the ``tuning`` directory where it has them; not yet built.
+    ``dynamic_batch``: dimension 0 of the inputs is one symbolic batch (the portable
+    schedules; tuning and the kernels built for a number of rows apply to static shapes)."""
     target = resolve_target(target)
     model, example_inputs, _ = keyword_inputs(model, example_inputs)
     inputs = example_tensors(model, example_inputs)
     if not rmsmp_layers(model):
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
-    mod = import_model(model, inputs)
+    mod = import_model(model, inputs, dynamic_batch=dynamic_batch)
     mod = RewriteRowGroups()(mod)
     fold = FoldRowPermutation()
     mod = fold(mod)
@@ -126,7 +131,7 @@ def lower(
     contract.verify(mod)  # what the schedules may rely on, checked before any of them runs
     if not schedule:
         return mod, stats
-    if tuning is not None:
+    if tuning is not None and not dynamic_batch:
         mod, used = apply_tuning(mod, target, tuning)
         stats["tuned"] = sum(used.values())
     mod = apply_target_passes(mod, target)
@@ -183,10 +188,15 @@ COMPILERS: Dict[str, str] = {
 
 
 def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, tuning: Optional[str] = None,  # noqa: A001
-            fast_math: bool = True) -> "CompiledModel":
+            fast_math: bool = True, dynamic_batch: Union[bool, Sequence[int]] = False) -> "CompiledModel":
     """Compile ``model`` for ``target``; ``example_inputs`` fix the input shapes and dtypes:
     a tuple of positional inputs, or a dict of keyword inputs (``{"input_ids": ...,
     "attention_mask": ...}``, a tokenizer's output), whose order is then the compiled order.
+
+    dynamic_batch: dimension 0 of every input is a batch of any size >= 1 (the other
+    dimensions stay those of the examples), with functions specialised for batch 1 and the
+    examples' batch; a sequence of batch sizes (``dynamic_batch=(8, 32)``) specialises those
+    too. See :func:`compile_dynamic_batch`.
 
     tuning: a directory written by :func:`tvm_rmsmp.tune` for the same target; its best
     schedules replace the defaults (``exe.stats["tuned"]`` counts the kernels that had one).
@@ -197,6 +207,14 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     target = resolve_target(target)
     model, example_inputs, names = keyword_inputs(model, example_inputs)
     example_inputs = example_tensors(model, example_inputs)
+    if dynamic_batch is not False and dynamic_batch is not None:
+        sizes = () if dynamic_batch is True else dynamic_batch
+        if not isinstance(sizes, (tuple, list)) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+            raise ValueError(f"dynamic_batch must be True, False or a sequence of batch sizes >= 1 to specialise, "
+                             f"got {dynamic_batch!r}")
+        return compile_dynamic_batch(model, example_inputs, target, tuning=tuning, fast_math=fast_math,
+                                     specialise=sizes, names=names)
     bar = progress(desc=f"compile ({target.kind.name})", total=2, unit="step")
     bar.set_postfix_str("import, passes, schedules")
     mod, stats = lower(model, example_inputs, target, tuning=tuning)
@@ -226,3 +244,101 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
     return CompiledModel(exe, target, specs, ir=mod, stats=stats, outputs=output_structure(model, example_inputs, mod))
 
 
+
+
+#: Target kinds a dynamic-batch build supports: ``llvm`` (one library: a function for any batch
+#: and functions specialised for batch 1 and the examples' batch), ``opencl`` (a graph per batch
+#: size, batch 1 and the examples' batch compiled up front, others on first use).
+DYNAMIC_BATCH_KINDS = ("llvm", "opencl")
+
+
+def _at_batch(inputs: Tuple[torch.Tensor, ...], batch: int) -> Tuple[torch.Tensor, ...]:
+    """The example inputs at another batch size (their rows repeated or cut)."""
+    return tuple(x[torch.arange(batch) % x.shape[0]] for x in inputs)
+
+
+def _specialised_name(batch: int) -> str:
+    return f"main_b{batch}"
+
+
+def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], target: tvm.target.Target,
+                          *, tuning: Optional[str] = None, fast_math: bool = True,
+                          specialise: Sequence[int] = (), names: Optional[List[str]] = None) -> "CompiledModel":
+    """A build for any batch: ``torch.export`` with dimension 0 of every input one symbolic
+    batch (>= 1) gives a Relax ``main`` over that batch, scheduled with the portable
+    schedules; the model is also compiled for batch 1 (the GEMV kernels), for the examples'
+    batch and for the batches in ``specialise`` (their kernels, tuned ones from ``tuning``;
+    each specialisation adds its compile time), and a call runs the function
+    specialised for its batch where there is one (``exe.variants``, ``exe.last_function``,
+    ``exe.stats["variants"]``). The input specs record dimension 0 as ``ANY_BATCH`` (-1).
+
+    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other (the FPGA accelerator, CUDA) is refused
+    with a ValueError: compile it once per batch size."""
+    kind = target.kind.name
+    if kind not in DYNAMIC_BATCH_KINDS:
+        raise ValueError(
+            f"dynamic_batch is not supported for target kind {kind!r} ({target.attrs.get('device', '') or kind}): "
+            f"its kernels are compiled for fixed shapes; compile with dynamic_batch=False once per batch size "
+            f"(dynamic_batch supports {', '.join(DYNAMIC_BATCH_KINDS)})")
+    if any(x.dim() == 0 for x in example_inputs):
+        raise ValueError("dynamic_batch: every input needs a leading batch dimension; a scalar input has none")
+    batch = int(example_inputs[0].shape[0])
+    if any(int(x.shape[0]) != batch for x in example_inputs):
+        raise ValueError(f"dynamic_batch: the inputs' leading dimensions differ "
+                         f"({[int(x.shape[0]) for x in example_inputs]}); they must be one batch")
+    mod_any, stats = lower(model, example_inputs, target, dynamic_batch=True, schedule=kind == "llvm")
+    specs = [{"shape": [ANY_BATCH] + list(x.shape[1:]), "dtype": str(x.numpy().dtype)} for x in example_inputs]
+    for i, (spec, param) in enumerate(zip(specs, mod_any["main"].params)):
+        spec["name"] = names[i] if names is not None else str(param.name)  # calls may pass inputs by name
+    for i, n in index_bounds(mod_any).items():
+        specs[i]["index_bound"] = n
+    sizes = sorted({1, batch, *specialise})
+    specialised = {b: lower(model, _at_batch(example_inputs, b), target, tuning=tuning) for b in sizes}
+    stats = dict(stats, dynamic_batch=True, variants={
+        "any": {"function": "main", "cpu_kernels": stats.get("cpu_kernels", {})},
+        **{str(b): {"function": _specialised_name(b), **st} for b, (_, st) in specialised.items()}})
+    if kind == "opencl":
+        def at_batch(n: int) -> tvm.IRModule:
+            return lower(model, _at_batch(example_inputs, n), target, tuning=tuning)[0]
+
+        return OpenCLCompiledModel(mod_any, target, specs, stats=stats, specialise=at_batch,
+                                   variants={b: m for b, (m, _) in specialised.items()})
+    merged = merge_functions({"main": mod_any, **{_specialised_name(b): m for b, (m, _) in specialised.items()}})
+    pipeline = schedules.build_pipeline(target, fast_math=fast_math)
+    stats["fast_math"] = bool(fast_math and pipeline is not None)
+    with filtered_native_log():
+        exe = tvm.compile(merged, target=target, **({"relax_pipeline": pipeline} if pipeline is not None else {}))
+    return CompiledModel(exe, target, specs, ir=merged, stats=stats,
+                         outputs=output_structure(model, example_inputs, mod_any),
+                         variants={b: _specialised_name(b) for b in sizes})
+
+
+@mutator
+class _Renamer(PyExprMutator):
+    def __init__(self, names: Dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar]):
+        super().__init__()
+        self.names = names
+
+    def visit_global_var_(self, gv):
+        return self.names.get(gv, gv)
+
+
+def merge_functions(mods: Dict[str, tvm.IRModule]) -> tvm.IRModule:
+    """One module with each module's ``main`` under its key (``{"main": m0, "main_b1": m1}``),
+    with the functions each calls (renamed where names meet; the same function is kept once)."""
+    bb = relax.BlockBuilder()
+    for name, mod in mods.items():
+        names: Dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar] = {}
+        suffix = "" if name == "main" else f"_{name[len('main_'):] if name.startswith('main_') else name}"
+        for gv, func in mod.functions.items():
+            if not isinstance(func, relax.Function):
+                names[gv] = bb.add_func(func, gv.name_hint + suffix)
+        for gv, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                new_name = name if gv.name_hint == "main" else gv.name_hint + suffix
+                func = _Renamer(names).visit_expr(func).with_attr("global_symbol", new_name)
+                added = bb.add_func(func, new_name)
+                if added.name_hint != new_name:
+                    raise ValueError(f"merge_functions: two Relax functions named {new_name!r}")
+    first = next(iter(mods.values()))
+    return tvm.IRModule(dict(bb.get().functions.items()), attrs=first.attrs, global_infos=first.global_infos)

@@ -25,11 +25,17 @@ from .native_log import filtered_native_log
 from .host import cpu_part, host_triple, missing_host_features, target_cpu_features, target_triple, triple_arch
 
 __all__ = ["CompiledModel", "OpenCLCompiledModel", "load", "checked_inputs", "arrange_inputs", "as_numpy",
-           "check_host_compatible", "cache_dir"]
+           "check_host_compatible", "cache_dir", "ANY_BATCH", "input_batch"]
 
 _FORMAT = "tvm-rmsmp"
 #: 2: the target as a JSON object, the library's size and sha256, its arch, triple and CPU features
 _FORMAT_VERSION = 2
+#: 3: a dynamic-batch build: input shapes with :data:`ANY_BATCH` as dimension 0 and ``variants``,
+#: the batch sizes with a specialised function (``{"1": "main_b1"}``); static builds still write 2
+_DYNAMIC_FORMAT_VERSION = 3
+_READ_VERSIONS = (_FORMAT_VERSION, _DYNAMIC_FORMAT_VERSION)
+#: Dimension 0 of a dynamic-batch build's input spec: any batch >= 1
+ANY_BATCH = -1
 _DEVICE_NAMES = {"cuda": "CUDA", "rocm": "ROCm", "opencl": "OpenCL", "vulkan": "Vulkan", "metal": "Metal"}
 _REQUIRED = ("size", "sha256", "inputs", "target", "arch", "triple", "cpu_features")
 
@@ -42,17 +48,44 @@ def as_numpy(x, where: str) -> np.ndarray:
     raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
+def _shape_text(shape) -> str:
+    if shape and shape[0] == ANY_BATCH:
+        return "[" + ", ".join(["batch"] + [str(d) for d in shape[1:]]) + "] (any batch >= 1)"
+    return str(list(shape))
+
+
+def _shape_matches(shape, spec_shape) -> bool:
+    if spec_shape and spec_shape[0] == ANY_BATCH:
+        return len(shape) == len(spec_shape) and shape[0] >= 1 and list(shape[1:]) == list(spec_shape[1:])
+    return list(shape) == list(spec_shape)
+
+
+def input_batch(arrays: List[np.ndarray], specs: List[Dict[str, Any]]) -> Optional[int]:
+    """The batch of checked inputs to a dynamic-batch build (None: a static build)."""
+    dynamic = [a.shape[0] for a, s in zip(arrays, specs) if s["shape"] and s["shape"][0] == ANY_BATCH]
+    return dynamic[0] if dynamic else None
+
+
 def checked_inputs(inputs, specs: List[Dict[str, Any]]) -> List[np.ndarray]:
     """Contiguous numpy inputs matching the compiled specs (float inputs are cast between
     float types; any other mismatch is an error naming the input). Float inputs with NaN are
-    refused (ValueError), and so are embedding indices outside the table (IndexError, as torch)."""
+    refused (ValueError), and so are embedding indices outside the table (IndexError, as torch).
+    A spec whose dimension 0 is :data:`ANY_BATCH` (a dynamic-batch build) takes any batch
+    >= 1 there, the same for every such input."""
     if len(inputs) != len(specs):
         raise ValueError(f"model was compiled for {len(specs)} input(s), got {len(inputs)}")
     out = []
+    batch = None
     for i, (x, spec) in enumerate(zip(inputs, specs)):
         arr = as_numpy(x, f"input {i}")
-        if list(arr.shape) != spec["shape"]:
-            raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for {spec['shape']}")
+        if not _shape_matches(arr.shape, spec["shape"]):
+            raise ValueError(f"input {i} has shape {list(arr.shape)}, the model was compiled for "
+                             f"{_shape_text(spec['shape'])}")
+        if spec["shape"] and spec["shape"][0] == ANY_BATCH:
+            if batch is not None and arr.shape[0] != batch[1]:
+                raise ValueError(f"input {i} has batch {arr.shape[0]}, input {batch[0]} has {batch[1]}: the inputs "
+                                 "of a dynamic-batch model share one batch")
+            batch = batch or (i, arr.shape[0])
         if str(arr.dtype) != spec["dtype"]:
             if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(spec["dtype"]), np.floating):
                 arr = arr.astype(spec["dtype"])
@@ -175,15 +208,23 @@ class CompiledModel:
 
     ``outputs``: the structure of the model's result, as the torch model returned it
     (``"tensor"``, ``{"tuple": [...]}`` or ``{"dict": [[key, ...], ...]}``); calls return the
-    same structure of arrays. None: a single array, or a tuple of them."""
+    same structure of arrays. None: a single array, or a tuple of them.
+
+    ``variants`` (a dynamic-batch build, whose input specs have :data:`ANY_BATCH` as dimension
+    0): ``{batch: function}``, the functions specialised for a batch size (``{1: "main_b1"}``);
+    a call at another batch runs ``main``, built for any batch. ``last_function`` is the
+    function the last call ran."""
 
     #: what calls return unless they say: "numpy" or "torch"
     default_output = "numpy"
 
     def __init__(self, executable, target, input_specs: List[Dict[str, Any]], ir: Optional[tvm.IRModule] = None,
-                 stats: Optional[Dict[str, int]] = None, outputs=None):
+                 stats: Optional[Dict[str, int]] = None, outputs=None, variants: Optional[Dict[int, str]] = None):
         if outputs is not None:
             check_output_structure(outputs)
+        self.variants = {int(b): str(f) for b, f in (variants or {}).items()}
+        self.last_function: Optional[str] = None
+        self._batch: Optional[int] = None
         self.outputs = outputs
         self.executable = executable
         self.target = target
@@ -213,9 +254,19 @@ class CompiledModel:
             self._vm = relax.VirtualMachine(self.executable, self.device)
         return self._vm
 
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether this build takes any batch (>= 1) as dimension 0 of its inputs."""
+        return any(s["shape"] and s["shape"][0] == ANY_BATCH for s in self.input_specs)
+
+    def function_for(self, batch: Optional[int]) -> str:
+        """The function that runs a call at ``batch``: a specialised one where the build has it."""
+        return self.variants.get(batch, "main") if batch is not None else "main"
+
     def _inputs(self, inputs) -> List[tvm.runtime.Tensor]:
         arrays = checked_inputs(inputs, self.input_specs)
         self._require_device()
+        self._batch = input_batch(arrays, self.input_specs)
         return [tvm.runtime.tensor(arr, self.device) for arr in arrays]
 
     @property
@@ -226,7 +277,8 @@ class CompiledModel:
     def __call__(self, *inputs, output: Optional[str] = None, **named):
         leaf = _output_converter(self.default_output if output is None else output)
         args = self._inputs(arrange_inputs(inputs, named, self.input_specs))  # input errors, then a missing device
-        return self._structured(self.vm["main"](*args), leaf)
+        self.last_function = self.function_for(self._batch)
+        return self._structured(self.vm[self.last_function](*args), leaf)
 
     def _structured(self, value, leaf=lambda t: t.numpy()):
         if self.outputs is None:
@@ -238,7 +290,8 @@ class CompiledModel:
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
         args = self._inputs(arrange_inputs(inputs, {}, self.input_specs))  # positional or one dict
-        timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        timer = self.vm.time_evaluator(self.function_for(self._batch), self.device, number=1, repeat=repeat,
+                                       min_repeat_ms=min_repeat_ms)
         return float(timer(*args).median)
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
@@ -276,7 +329,7 @@ class CompiledModel:
                     size, sha = _digest(lib_tmp, sync=True)
                     meta = {
                         "format": _FORMAT,
-                        "version": _FORMAT_VERSION,
+                        "version": _DYNAMIC_FORMAT_VERSION if self.dynamic_batch else _FORMAT_VERSION,
                         "library": os.path.basename(path),
                         "size": size,
                         "sha256": sha,
@@ -287,6 +340,8 @@ class CompiledModel:
                         "triple": triple,
                         "cpu_features": target_cpu_features(cpu),
                     }
+                    if self.dynamic_batch:
+                        meta["variants"] = {str(b): f for b, f in sorted(self.variants.items())}
                     with open(meta_tmp, "w") as fh:
                         json.dump(meta, fh, indent=1)
                         fh.flush()
@@ -306,18 +361,43 @@ class OpenCLCompiledModel(CompiledModel):
     a CPU: a functional check and a relative performance proxy, not a phone).
     :meth:`export_library` writes the TVM library for the device, whose host part runs
     under TVM's runtime with its OpenCL support (e.g. TVM's RPC app on a phone).
+
+    A dynamic-batch build (``specialise``: batch -> the model's scheduled module at that
+    batch; ``variants``: the batches compiled up front, ``{batch: module}``) runs each batch
+    size through its own graph, compiled on the first call at that size; it cannot be
+    exported (compile once per batch size for that).
     """
 
-    def __init__(self, mod: tvm.IRModule, target, input_specs, stats=None):
+    def __init__(self, mod: tvm.IRModule, target, input_specs, stats=None, specialise=None,
+                 variants: Optional[Dict[int, tvm.IRModule]] = None):
+        super().__init__(None, target, input_specs, ir=mod, stats=stats,
+                         variants={b: f"main_b{b}" for b in (variants or {})})
+        self.device = tvm.cpu()  # inputs are checked and staged on the host; the graph uploads them
+        self.specialise = specialise
+        self._graphs: Dict[int, Any] = {}
+        if specialise is None:
+            self.lowered, self.graph = self._graph(mod)
+        for b, m in (variants or {}).items():
+            self._graphs[int(b)] = self._graph(m)[1]
+
+    def _graph(self, mod: tvm.IRModule):
         from tvm.relax.backend.gpu_generic import legalize_passes
 
         from ..runtime.opencl import OpenCLGraph
 
-        super().__init__(None, target, input_specs, ir=mod, stats=stats)
-        self.device = tvm.cpu()  # inputs are checked and staged on the host; the graph uploads them
-        with target:
-            self.lowered = tvm.transform.Sequential(legalize_passes(target))(mod)
-        self.graph = OpenCLGraph(self.lowered, target)
+        with self.target:
+            lowered = tvm.transform.Sequential(legalize_passes(self.target))(mod)
+        return lowered, OpenCLGraph(lowered, self.target)
+
+    def _graph_for(self, arrays):
+        if self.specialise is None:
+            return self.graph
+        batch = self._batch
+        if batch not in self._graphs:
+            self._graphs[batch] = self._graph(self.specialise(batch))[1]
+            self.variants[batch] = f"main_b{batch}"
+        self.last_function = f"main_b{batch}"
+        return self._graphs[batch]
 
     @property
     def vm(self):
@@ -325,15 +405,19 @@ class OpenCLCompiledModel(CompiledModel):
 
     def __call__(self, *inputs, output: Optional[str] = None, **named):
         leaf = _output_converter(self.default_output if output is None else output)
-        result = self.graph.run([t.numpy() for t in self._inputs(arrange_inputs(inputs, named, self.input_specs))])
-        return _map_arrays(result, leaf)
+        arrays = [t.numpy() for t in self._inputs(arrange_inputs(inputs, named, self.input_specs))]
+        return _map_arrays(self._graph_for(arrays).run(arrays), leaf)
 
     def benchmark(self, *inputs, repeat: int = 20, min_repeat_ms: int = 0) -> float:
         """Median wall-clock seconds per call on the local OpenCL device (inputs and outputs copied)."""
-        return self.graph.time([t.numpy() for t in self._inputs(arrange_inputs(inputs, {}, self.input_specs))], repeat=repeat)
+        arrays = [t.numpy() for t in self._inputs(arrange_inputs(inputs, {}, self.input_specs))]
+        return self._graph_for(arrays).time(arrays, repeat=repeat)
 
     def export_library(self, path: str, cc: Optional[str] = None) -> str:
         """Build with TVM for the target (host part as the target's host says) and export it."""
+        if self.specialise is not None:
+            raise ValueError("an OpenCL dynamic-batch build has a graph per batch size and cannot be exported as "
+                             "one library: compile with dynamic_batch=False for the batch size to export")
         if self.executable is None:
             self.executable = tvm.compile(self.ir, target=self.target)
         return super().export_library(path, cc=cc)
@@ -374,11 +458,13 @@ def _read_sidecar(path: str) -> Dict[str, Any]:
         raise ValueError(f"{meta_path!r} is corrupt: expected a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{meta_path!r} is not a tvm-rmsmp sidecar (format {meta.get('format')!r}, expected {_FORMAT!r})")
-    if meta.get("version") != _FORMAT_VERSION:
+    version = meta.get("version")
+    if version not in _READ_VERSIONS:
         raise ValueError(
-            f"{meta_path!r} has sidecar version {meta.get('version')!r}; this tvm-rmsmp reads version "
-            f"{_FORMAT_VERSION}: export the library again with this version"
+            f"{meta_path!r} has sidecar version {version!r}; this tvm-rmsmp reads versions "
+            f"{', '.join(str(v) for v in _READ_VERSIONS)}: export the library again with this version"
         )
+    any_batch = version == _DYNAMIC_FORMAT_VERSION
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"{meta_path!r} is corrupt: missing {', '.join(repr(k) for k in missing)}")
@@ -387,7 +473,8 @@ def _read_sidecar(path: str) -> Dict[str, Any]:
         "sha256": isinstance(meta["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]) is not None,
         "inputs": isinstance(meta["inputs"], list) and all(
             isinstance(s, dict) and isinstance(s.get("dtype"), str) and isinstance(s.get("shape"), list)
-            and all(_is_int(d) for d in s["shape"])
+            and all(_is_int(d) and (d >= 0 or (any_batch and axis == 0 and d == ANY_BATCH))
+                    for axis, d in enumerate(s["shape"]))
             and (s.get("index_bound") is None or (_is_int(s["index_bound"]) and s["index_bound"] >= 1))
             and (s.get("name") is None or isinstance(s["name"], str))
             for s in meta["inputs"]),
@@ -396,6 +483,11 @@ def _read_sidecar(path: str) -> Dict[str, Any]:
         "triple": isinstance(meta["triple"], str) and bool(meta["triple"]),
         "cpu_features": isinstance(meta["cpu_features"], list) and all(isinstance(f, str) for f in meta["cpu_features"]),
     }
+    if any_batch:
+        variants = meta.get("variants")
+        checks["variants"] = isinstance(variants, dict) and all(
+            isinstance(b, str) and b.isdigit() and int(b) >= 1 and isinstance(f, str) and f
+            for b, f in variants.items())
     if meta.get("outputs") is not None:
         try:
             check_output_structure(meta["outputs"])
@@ -507,4 +599,5 @@ def load(path: str) -> CompiledModel:
         except OSError:
             pass
         raise ValueError(f"{path!r} is not a loadable TVM library: {err}") from err
-    return CompiledModel(lib, target, meta["inputs"], outputs=meta.get("outputs"))
+    variants = {int(b): f for b, f in (meta.get("variants") or {}).items()}
+    return CompiledModel(lib, target, meta["inputs"], outputs=meta.get("outputs"), variants=variants)
