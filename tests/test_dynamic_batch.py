@@ -82,7 +82,7 @@ def test_export_and_load_keep_the_dynamic_batch(cnn, tmp_path):
     q, exe = cnn
     path = exe.export_library(str(tmp_path / "dyn.so"))
     meta = json.loads(open(path + ".json").read())
-    assert meta["version"] == 3 and meta["inputs"] == [{"shape": [-1, 1, 16, 16], "dtype": "float32"}]
+    assert meta["version"] == 3 and meta["inputs"] == [{"shape": [-1, 1, 16, 16], "dtype": "float32", "name": "x"}]
     assert meta["variants"] == {"1": "main_b1"}
     loaded = rmsmp.load(path)
     for batch, function in ((1, "main_b1"), (5, "main")):
