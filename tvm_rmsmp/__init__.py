@@ -33,6 +33,7 @@ _LAZY = {
     "register_assign_rule": "quant.assign",
     **dict.fromkeys(("RMSMPLinear", "RMSMPConv2d", "quantize", "row_plans"), "nn.layers"),
     **dict.fromkeys(("QATConfig", "prepare_qat", "train_qat", "convert_qat"), "nn.qat"),
+    **dict.fromkeys(("PruneConfig", "prune", "prune_masks", "apply_masks"), "nn.prune"),
     **dict.fromkeys(("compile", "lower"), "compiler.pipeline"),
     **dict.fromkeys(("load", "CompiledModel"), "runtime.library"),
     "resolve_target": "compiler.targets",
