@@ -17,6 +17,7 @@ import tvm
 
 import schedules
 from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, RewriteRowGroups, UseTargetKernels
+from relay_passes import SparsifyRowGroups
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
 from ..runtime.native_log import filtered_native_log
@@ -89,12 +90,15 @@ def lower(
     if not rmsmp_layers(model):
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
     mod = import_model(model, inputs)
+    sparse = SparsifyRowGroups()  # pruned dense layers -> block-sparse ops (LLVM kernels only)
+    if target.kind.name == "llvm":
+        mod = sparse(mod)
     mod = RewriteRowGroups()(mod)
     fold = FoldRowPermutation()
     mod = fold(mod)
     pack = PackFourBitRows()
     mod = pack(mod)
-    stats = dict(fold.last_stats, packed=pack.last_packed)
+    stats = dict(fold.last_stats, packed=pack.last_packed, sparse=sparse.last_stats)
     contract.verify(mod)  # what the schedules may rely on, checked before any of them runs
     if not schedule:
         return mod, stats
@@ -137,8 +141,8 @@ def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
     kinds: Dict[str, int] = {}
     for _, func in mod.functions.items():
         attrs = getattr(func, "attrs", None)
-        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not (contract.SCHEME in attrs or
-                                                                             contract.SCHEMES in attrs):
+        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not (
+                contract.SCHEME in attrs or contract.SCHEMES in attrs or contract.SPARSE_BLOCK in attrs):
             continue
         kind = str(attrs.get(contract.CPU_KERNEL, "generic"))
         if contract.SP2_LOWERING in attrs and kind == "generic":
