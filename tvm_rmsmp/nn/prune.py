@@ -124,8 +124,6 @@ def prunable_layers(model: nn.Module, pcfg: Optional[PruneConfig] = None) -> Dic
 
 def _input_rms(model: nn.Module, layers: Dict[str, nn.Module], calib_data: Iterable) -> Dict[str, np.ndarray]:
     """Per input channel, the RMS of each layer's input over ``calib_data``."""
-    from .layers import _as_tuple
-
     sums: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {}
 
@@ -153,6 +151,14 @@ def _input_rms(model: nn.Module, layers: Dict[str, nn.Module], calib_data: Itera
     if missing:
         raise ValueError(f"importance='activation': calibration never reached layers {missing}")
     return {n: np.sqrt(sums[n] / max(counts[n], 1)) for n in layers}
+
+
+def _as_tuple(batch) -> tuple:
+    if isinstance(batch, np.ndarray):
+        return (torch.from_numpy(batch),)
+    if isinstance(batch, (tuple, list)):
+        return tuple(torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in batch)
+    return (batch,)
 
 
 def _score(mod: nn.Module, rms: Optional[np.ndarray]) -> np.ndarray:
