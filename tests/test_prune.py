@@ -176,3 +176,13 @@ def test_bad_input():
         rmsmp.prune_masks(pm)
     with pytest.raises(ValueError, match="already quantized"):
         rmsmp.prune(rmsmp.quantize(_cnn(), rmsmp.RMSMPConfig(assign="variance"), calib_data=_calib()))
+
+
+def test_prune_and_deploy_tutorial_runs(tmp_path):
+    from conftest import run_tutorial
+
+    out = run_tutorial("prune_and_deploy.py", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TVM equals the torch reference: True" in out.stdout
+    assert "loaded library matches: True" in out.stdout
+    assert "layer 0: " in out.stdout and "layer 2: " in out.stdout
