@@ -156,6 +156,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "pruning.json"))
     p.add_argument("--accuracy", action="store_true", help="also ResNet-20 / Fashion-MNIST at 75 %% (a few minutes)")
+    p.add_argument("--ft-steps", type=int, default=150, help="--accuracy: AdamW steps after each pruning round")
+    p.add_argument("--rounds", type=int, default=3, help="--accuracy: gradual pruning rounds")
     p.add_argument("--no-speed", action="store_true", help="skip the FFN timings (with --accuracy)")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -169,7 +171,7 @@ def main(argv=None):
     t0 = time.time()
     batches = (1,) if args.quick else (1, 128)
     rows = [] if args.no_speed else run_ffn(batches, 5 if args.quick else 15, args.threads, hw["cpu"], RATIOS)
-    accuracy = run_accuracy(hw["cpu"]) if args.accuracy else None
+    accuracy = run_accuracy(hw["cpu"], steps=args.ft_steps, rounds=args.rounds) if args.accuracy else None
     if os.path.exists(args.out):  # a run of one part keeps the other part's last results
         with open(args.out) as f:
             old = json.load(f)

@@ -30,7 +30,7 @@ from relay_passes import contract
 from .registry import OpScheduleRule, target_cores
 from .x86_tuning_table import x86_isa
 
-__all__ = ["portable_bsr_kernel", "vnni_bsr_kernel", "bsr_kernel", "SparseDense", "TASKS_PER_CORE"]
+__all__ = ["portable_bsr_kernel", "portable_bsr4_kernel", "vnni_bsr_kernel", "bsr_kernel", "SparseDense", "TASKS_PER_CORE"]
 
 #: Parallel tasks per core (block rows are split into this many chunks per core).
 TASKS_PER_CORE = 4
@@ -74,6 +74,50 @@ def portable_bsr_kernel(m: int, k: int, n: int, br: int, bc: int, nnzb: int, x_d
                                 out[T.min(mo * mt + i, m - 1), (task * per_task + t) * br + r] = T.Cast(
                                     "float32", acc[i * br + r] + bias[(task * per_task + t) * br + r]) * scale[
                                     (task * per_task + t) * br + r]
+
+    return kernel
+
+
+def portable_bsr4_kernel(m: int, k: int, n: int, br: int, nnzb: int, x_dtype: str, cores: int = 1) -> tvm.tirx.PrimFunc:
+    """The block-sparse op for blocks of ``br`` rows x 4 columns on any LLVM CPU: a block's
+    ``4 br`` levels (contiguous) times its four activations repeated ``br`` times (one int32
+    word broadcast and read as bytes), summed per lane into ``4 br`` int32 sums; after the block
+    row each row's four lanes are added. Plain vector code (LLVM turns the widening multiplies
+    of small integers into ``vpmaddwd``-style instructions where the CPU has them)."""
+    nrb, lanes = n // br, 4 * br
+    mt = min(m, 4)
+    m_tiles = -(-m // mt)
+    tasks, per_task = _tasks(nrb, cores)
+    nb = max(nnzb, 1)
+    xbytes = "uint8" if x_dtype == "uint8" else "int8"
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), x_dtype), w: T.Buffer((nb, br, 4), "int8"), col: T.Buffer((nb,), "int32"),
+               ptr: T.Buffer((nrb + 1,), "int32"), wsum: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "int32"),
+               scale: T.Buffer((n,), "float32"), out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        x32 = T.decl_buffer((m * k // 4,), "int32", data=x.data)
+        wf = T.decl_buffer((nb * lanes,), "int8", data=w.data)
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((mt * lanes,), "int32", scope="local")
+            for t in T.serial(per_task):
+                if task * per_task + t < nrb:
+                    for mo in T.serial(m_tiles):
+                        for i in T.unroll(mt):
+                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                        for j in T.serial(ptr[task * per_task + t], ptr[task * per_task + t + 1]):
+                            for i in T.unroll(mt):
+                                acc[T.ramp(i * lanes, 1, lanes)] = acc[T.ramp(i * lanes, 1, lanes)] + T.Cast(
+                                    f"int32x{lanes}", T.reinterpret(
+                                        T.broadcast(x32[T.min(mo * mt + i, m - 1) * (k // 4) + col[j]], br),
+                                        dtype=f"{xbytes}x{lanes}")) * T.Cast(
+                                    f"int32x{lanes}", wf[T.ramp(j * lanes, 1, lanes)])
+                        for i in T.unroll(mt):
+                            for r in T.serial(br):
+                                out[T.min(mo * mt + i, m - 1), (task * per_task + t) * br + r] = T.Cast(
+                                    "float32", acc[i * lanes + 4 * r] + acc[i * lanes + 4 * r + 1]
+                                    + acc[i * lanes + 4 * r + 2] + acc[i * lanes + 4 * r + 3]
+                                    + bias[(task * per_task + t) * br + r]) * scale[(task * per_task + t) * br + r]
 
     return kernel
 
@@ -154,6 +198,8 @@ def bsr_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Optional[t
     cores = target_cores(target)
     if x86_isa(target) == "avx512vnni" and bc == 4 and br in (8, 16):
         kernel, kind = vnni_bsr_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "x86-avx512vnni-bsr"
+    elif bc == 4 and k % 4 == 0:
+        kernel, kind = portable_bsr4_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "bsr"
     else:
         kernel, kind = portable_bsr_kernel(m, k, n, br, bc, nnzb, str(x.dtype), cores), "bsr"
     for key in (contract.OP, contract.LAYER, contract.SPARSE_BLOCK, contract.SPARSE_ROW_SCHEMES):
