@@ -166,6 +166,45 @@ def run_accuracy(cpu: str, steps: int = 150, rounds: int = 3, qat_steps: int = 1
     return out
 
 
+def markdown(result) -> str:
+    """The docs/pruning.md tables of a result file."""
+    lines = ["| scheme | sparsity | batch | sparse ms | dense RMSMP ms | speedup | torch fp32 ms (pruned) | bit-exact |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result.get("rows", []):
+        lines.append(f"| {r['scheme']} | {r['sparsity']:.0%} | {r['batch']} | {r['ms']:.4g} | {r['dense_ms']:.4g} | "
+                     f"{r['speedup_vs_dense']:.2f}x | {r['torch_fp32_ms']:.4g} | {r['bit_exact']} |")
+    acc = result.get("accuracy")
+    if acc:
+        lines += ["", "| model | val | test |", "|---|---|---|"]
+        for key in ("dense_fp32", "pruned_fp32", "pruned_rmsmp_ptq", "pruned_rmsmp_qat"):
+            if key in acc:
+                lines.append(f"| {key} | {acc[key]['val']:.4f} | {acc[key]['test']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(result, path: str) -> None:
+    """Speed-up over the dense RMSMP build against sparsity, one line per scheme and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
+    for r in result.get("rows", []):
+        series.setdefault((r["scheme"].split(",")[0], r["batch"]), []).append((r["sparsity"], r["speedup_vs_dense"]))
+    for (scheme, batch), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([100 * p for p, _ in pts], [v for _, v in pts], marker="o", label=f"{scheme}, batch {batch}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("sparsity (%), block_punched 16 x 4")
+    ax.set_ylabel("speed-up over dense RMSMP")
+    ax.set_title(f"BERT-base FFN, {result['hardware']['cpu']}, {result['hardware']['threads']} thread(s)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="batch 1 only, fewer repeats")
@@ -175,7 +214,15 @@ def main(argv=None):
     p.add_argument("--ft-steps", type=int, default=150, help="--accuracy: AdamW steps after each pruning round")
     p.add_argument("--rounds", type=int, default=3, help="--accuracy: gradual pruning rounds")
     p.add_argument("--no-speed", action="store_true", help="skip the FFN timings (with --accuracy)")
+    p.add_argument("--table", action="store_true",
+                   help="print the markdown tables of --out, draw docs/img/pruning_speedup.png and exit")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.out) as f:
+            result = json.load(f)
+        print(markdown(result))
+        plot(result, os.path.join(ROOT, "docs", "img", "pruning_speedup.png"))
+        return 0
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import torch
 

@@ -30,6 +30,10 @@ gather that restores the layer's row order into the consumers' constants where i
 layer's row groups by one kernel, which then carries :data:`SCHEMES` (the groups' schemes in
 order) and :data:`CPU_KERNEL`.
 
+A pruned dense layer may instead be one *block-sparse op* (:data:`OP` :data:`DENSE_BSR`,
+made by ``SparsifyRowGroups``; parameters :data:`SPARSE_PARAMS`, checked by
+:func:`verify_sparse_func` and, for its constants, rule ``bsr``).
+
 Around a layer, the *activation functions* (:data:`OP` in :data:`ACTIVATION_OPS`) quantize its
 input: :data:`QUANTIZE` (per tensor; with :data:`ZERO_POINT` asymmetric, uint8 codes, the zero
 point folded into the row groups' bias) or, per token, :data:`TOKEN_EXPONENT`,
