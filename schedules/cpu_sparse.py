@@ -198,7 +198,7 @@ def bsr_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Optional[t
     cores = target_cores(target)
     if x86_isa(target) == "avx512vnni" and bc == 4 and br in (8, 16):
         kernel, kind = vnni_bsr_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "x86-avx512vnni-bsr"
-    elif bc == 4 and k % 4 == 0:
+    elif bc == 4 and k % 4 == 0 and br >= 2:  # a vector of at least two words
         kernel, kind = portable_bsr4_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "bsr"
     else:
         kernel, kind = portable_bsr_kernel(m, k, n, br, bc, nnzb, str(x.dtype), cores), "bsr"

@@ -194,3 +194,18 @@ def test_prune_and_deploy_tutorial_runs(tmp_path):
     assert "TVM equals the torch reference: True" in out.stdout
     assert "loaded library matches: True" in out.stdout
     assert "layer 0: " in out.stdout and "layer 2: " in out.stdout
+
+
+def test_transformer_masks_survive_attention_decomposition():
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 8, 32)
+    # nn.MultiheadAttention uses out_proj's weight without calling it: magnitude importance there, named
+    with pytest.warns(rmsmp.RMSMPWarning, match=r"never called layers \['self_attn.out_proj'\]"):
+        pm = rmsmp.prune(m, rmsmp.PruneConfig(sparsity=0.75, block=(16, 4), importance="activation"), calib_data=[x])
+    q = rmsmp.quantize(pm, rmsmp.RMSMPConfig(assign="variance"), calib_data=[x])  # GPTQ rounding, attention decomposed
+    masks = rmsmp.prune_masks(q)
+    assert set(masks) == {"self_attn.out_proj", "linear1", "linear2"}
+    for name, layer in rmsmp_layers(q).items():
+        if name in masks:
+            assert np.all(layer.weight_int.numpy()[~masks[name]] == 0), name

@@ -62,6 +62,7 @@ KERNEL_CASES = [  # (m, k, n, br, bc, x dtype, scheme, target)
     (3, 64, 32, 16, 4, "int8", "fixed_8", "avx2"),  # portable kernel for a CPU without AVX-512
     (5, 64, 32, 16, 4, "uint8", "sp2_4", "avx2"),
     (2, 48, 16, 2, 8, "int8", "fixed_8", "host"),   # blocks of 8 columns: the generic loop nest
+    (3, 32, 6, 1, 4, "uint8", "sp2_4", "host"),     # one-row blocks: the generic loop nest
 ]
 
 

@@ -148,9 +148,10 @@ def _input_rms(model: nn.Module, layers: Dict[str, nn.Module], calib_data: Itera
             h.remove()
         model.train(was_training)
     missing = [n for n in layers if n not in sums]
-    if missing:
-        raise ValueError(f"importance='activation': calibration never reached layers {missing}")
-    return {n: np.sqrt(sums[n] / max(counts[n], 1)) for n in layers}
+    if missing:  # e.g. nn.MultiheadAttention's out_proj, whose weight is used without calling it
+        warnings.warn(f"importance='activation': calibration never called layers {missing}; their importance is "
+                      "the weight magnitude", RMSMPWarning, stacklevel=4)
+    return {n: np.sqrt(sums[n] / max(counts[n], 1)) for n in layers if n in sums}
 
 
 def _as_tuple(batch) -> tuple:
