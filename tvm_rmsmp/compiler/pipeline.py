@@ -1,6 +1,7 @@
 """From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
 
-import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
+import (torch.export -> Relax) -> SparsifyRowGroups (LLVM targets: pruned dense layers as block-sparse
+ops) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
 -> the row-group op contract's verifier -> tuned schedules (if any) -> the target's graph passes
 (FuseDenseLayers, UseTargetKernels, from what its schedules offer) -> the target's row-group
 schedules -> TVM's default Relax build for the target.
