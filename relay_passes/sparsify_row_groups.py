@@ -118,6 +118,9 @@ class _Sparsifier(PyExprMutator):
             return call
         layer = str(func.attrs[contract.LAYER])
         n, k = w_np.shape
+        if layer not in self.blocks and np.count_nonzero(w_np) > self.max_density * w_np.size:
+            self.kept.add(gv)  # blocks are at least as dense as their weights: a dense layer, quickly
+            return call
         block = self.blocks.get(layer) or choose_block(w_np)
         if block is None or n % block[0] or k % block[1]:
             self.kept.add(gv)
