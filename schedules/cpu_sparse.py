@@ -4,6 +4,8 @@
 * :func:`portable_bsr_kernel` (any LLVM target): tasks over block rows in parallel; per block
   row, up to four activation rows pass over its kept blocks together, a block's ``br`` rows
   vectorized (LLVM's own vectorizer), its ``bc`` columns unrolled.
+* :func:`avx2_bsr_kernel` (AVX2, blocks of 4n rows x 4 columns): ``vpmaddwd`` of the levels and
+  the activations, both as int16.
 * :func:`vnni_bsr_kernel` (AVX-512 VNNI, blocks of 8 or 16 rows x 4 columns): a block is one
   ``vpdpbusd`` (ymm for 8 rows, zmm for 16): its ``br x 4`` int8 levels as they are stored (row
   ``r``'s four levels in lane ``r``: the byte MAC's own layout) times the four activations of
@@ -30,7 +32,7 @@ from relay_passes import contract
 from .registry import OpScheduleRule, target_cores
 from .x86_tuning_table import x86_isa
 
-__all__ = ["portable_bsr_kernel", "portable_bsr4_kernel", "vnni_bsr_kernel", "bsr_kernel", "SparseDense", "TASKS_PER_CORE"]
+__all__ = ["portable_bsr_kernel", "portable_bsr4_kernel", "avx2_bsr_kernel", "vnni_bsr_kernel", "bsr_kernel", "SparseDense", "TASKS_PER_CORE"]
 
 #: Parallel tasks per core (block rows are split into this many chunks per core).
 TASKS_PER_CORE = 4
@@ -122,6 +124,55 @@ def portable_bsr4_kernel(m: int, k: int, n: int, br: int, nnzb: int, x_dtype: st
     return kernel
 
 
+def avx2_bsr_kernel(m: int, k: int, n: int, br: int, nnzb: int, x_dtype: str, cores: int = 1) -> tvm.tirx.PrimFunc:
+    """The block-sparse op on AVX2 for blocks of ``br`` (a multiple of 4) rows x 4 columns: each
+    4 rows' 16 levels sign-extended to int16 (``vpmovsxbw``) against the block's four activations
+    as int16, repeated (one 64-bit word broadcast), by ``vpmaddwd`` (pairs summed in int32:
+    exact, ``2 * 255 * 127`` fits); lane ``2 r + h`` holds row ``r``'s columns ``2h, 2h + 1``."""
+    if br % 4 or k % 4:
+        raise ValueError(f"avx2_bsr_kernel: blocks of 4n rows x 4 columns and K % 4 == 0, got {br} rows, K {k}")
+    nrb, chunks, lanes = n // br, br // 4, 2 * br
+    mt = min(m, 4)
+    m_tiles = -(-m // mt)
+    tasks, per_task = _tasks(nrb, cores)
+    nb = max(nnzb, 1)
+    pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), x_dtype), w: T.Buffer((nb, br, 4), "int8"), col: T.Buffer((nb,), "int32"),
+               ptr: T.Buffer((nrb + 1,), "int32"), wsum: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "int32"),
+               scale: T.Buffer((n,), "float32"), out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        xs = T.alloc_buffer((m * k,), "int16")
+        xs64 = T.decl_buffer((m * k // 4,), "int64", data=xs.data)
+        wf = T.decl_buffer((nb * br * 4,), "int8", data=w.data)
+        for i in T.serial(m):
+            for kk in T.vectorized(k):
+                xs[i * k + kk] = T.Cast("int16", x[i, kk])
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((mt * lanes,), "int32", scope="local")
+            for t in T.serial(per_task):
+                if task * per_task + t < nrb:
+                    for mo in T.serial(m_tiles):
+                        for a in T.unroll(mt * chunks):
+                            acc[T.ramp(a * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                        for j in T.serial(ptr[task * per_task + t], ptr[task * per_task + t + 1]):
+                            for h in T.unroll(chunks):
+                                for i in T.unroll(mt):
+                                    acc[T.ramp((i * chunks + h) * 8, 1, 8)] = acc[T.ramp((i * chunks + h) * 8, 1, 8)] + \
+                                        T.call_llvm_pure_intrin(
+                                            pmaddwd, T.Cast("int16x16", wf[T.ramp(j * br * 4 + h * 16, 1, 16)]),
+                                            T.reinterpret(T.broadcast(xs64[T.min(mo * mt + i, m - 1) * (k // 4) + col[j]], 4),
+                                                          dtype="int16x16"), dtype="int32x8")
+                        for i in T.unroll(mt):
+                            for r in T.serial(br):
+                                out[T.min(mo * mt + i, m - 1), (task * per_task + t) * br + r] = T.Cast(
+                                    "float32", acc[i * lanes + 2 * r] + acc[i * lanes + 2 * r + 1]
+                                    + bias[(task * per_task + t) * br + r]) * scale[(task * per_task + t) * br + r]
+
+    return kernel
+
+
 def vnni_bsr_kernel(m: int, k: int, n: int, br: int, nnzb: int, x_dtype: str, cores: int = 1) -> tvm.tirx.PrimFunc:
     """The block-sparse op on AVX-512 VNNI for blocks of ``br`` (8 or 16) rows x 4 columns."""
     if br not in (8, 16) or k % 4:
@@ -198,6 +249,8 @@ def bsr_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Optional[t
     cores = target_cores(target)
     if x86_isa(target) == "avx512vnni" and bc == 4 and br in (8, 16):
         kernel, kind = vnni_bsr_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "x86-avx512vnni-bsr"
+    elif x86_isa(target) == "avx2" and bc == 4 and br % 4 == 0:
+        kernel, kind = avx2_bsr_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "x86-avx2-bsr"
     elif bc == 4 and k % 4 == 0 and br >= 2:  # a vector of at least two words
         kernel, kind = portable_bsr4_kernel(m, k, n, br, nnzb, str(x.dtype), cores), "bsr"
     else:

@@ -18,7 +18,7 @@ from schedules.x86_tuning_table import x86_isa
 from tvm_rmsmp.quant.schemes import get_scheme
 
 VNNI = x86_isa(rmsmp.resolve_target("llvm")) == "avx512vnni"
-AVX2_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # no AVX-512: the portable kernel
+AVX2_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2 without AVX-512
 
 
 # ----- an independent reference: a block-sparse matrix from its blocks, then a dense product -----
@@ -59,8 +59,10 @@ KERNEL_CASES = [  # (m, k, n, br, bc, x dtype, scheme, target)
     (5, 32, 16, 8, 4, "int8", "fixed_4", "host"),
     (2, 64, 24, 8, 4, "uint8", "sp2_4", "host"),
     (1, 36, 12, 4, 4, "int8", "fixed_8", "host"),   # 4-row blocks: the portable kernel everywhere
-    (3, 64, 32, 16, 4, "int8", "fixed_8", "avx2"),  # portable kernel for a CPU without AVX-512
+    (3, 64, 32, 16, 4, "int8", "fixed_8", "avx2"),  # the AVX2 kernel (vpmaddwd)
     (5, 64, 32, 16, 4, "uint8", "sp2_4", "avx2"),
+    (2, 32, 24, 8, 4, "uint8", "fixed_8", "avx2"),
+    (1, 32, 12, 2, 4, "int8", "fixed_4", "avx2"),  # 2-row blocks on AVX2: the portable kernel
     (2, 48, 16, 2, 8, "int8", "fixed_8", "host"),   # blocks of 8 columns: the generic loop nest
     (3, 32, 6, 1, 4, "uint8", "sp2_4", "host"),     # one-row blocks: the generic loop nest
 ]
@@ -80,7 +82,9 @@ def test_bsr_kernel_exact(m, k, n, br, bc, x_dtype, scheme, where):
     func = bsr_dense_func(m, k, n, br, bc, int(col.size), x_dtype, "fc", [scheme] * n)
     kernel = bsr_kernel(func, target)
     expect_vnni = VNNI and where == "host" and br in (8, 16) and bc == 4
-    assert str(kernel.attrs[contract.CPU_KERNEL]) == ("x86-avx512vnni-bsr" if expect_vnni else "bsr")
+    expect_avx2 = where == "avx2" and br % 4 == 0 and bc == 4
+    assert str(kernel.attrs[contract.CPU_KERNEL]) == (
+        "x86-avx512vnni-bsr" if expect_vnni else "x86-avx2-bsr" if expect_avx2 else "bsr")
     out = _run_kernel(kernel, target, x, blocks, col, ptr, wsum, bias, scale, np.zeros((m, n), np.float32))
     ref = (x.astype(np.int64) @ w.astype(np.int64).T + bias).astype(np.float32) * scale
     np.testing.assert_array_equal(out, ref)
