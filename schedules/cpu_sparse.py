@@ -16,7 +16,7 @@
   turn, so consecutive MACs do not wait for each other (``vpdpbusd`` has a latency of several
   cycles), the last ``cnt % 4`` blocks into the first.
 
-Both are exact: int32 sums of integer products, then the row-group epilogue
+All are exact: int32 sums of integer products, then the row-group epilogue
 ``float32(acc + bias) * scale`` (one multiply).
 """
 
