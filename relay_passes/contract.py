@@ -30,6 +30,10 @@ gather that restores the layer's row order into the consumers' constants where i
 layer's row groups by one kernel, which then carries :data:`SCHEMES` (the groups' schemes in
 order) and :data:`CPU_KERNEL`.
 
+A pruned dense layer may instead be one *block-sparse op* (:data:`OP` :data:`DENSE_BSR`,
+made by ``SparsifyRowGroups``; parameters :data:`SPARSE_PARAMS`, checked by
+:func:`verify_sparse_func` and, for its constants, rule ``bsr``).
+
 Around a layer, the *activation functions* (:data:`OP` in :data:`ACTIVATION_OPS`) quantize its
 input: :data:`QUANTIZE` (per tensor; with :data:`ZERO_POINT` asymmetric, uint8 codes, the zero
 point folded into the row groups' bias) or, per token, :data:`TOKEN_EXPONENT`,
@@ -57,7 +61,8 @@ __all__ = [
     "verify_activation_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
-    "ConstantKernel",
+    "ConstantKernel", "DENSE_BSR", "SPARSE_OPS", "SPARSE_PARAMS", "SPARSE_BLOCK", "SPARSE_ROW_SCHEMES",
+    "verify_sparse_func",
 ]
 
 # ----- attribute keys -------------------------------------------------------------------------
@@ -380,7 +385,97 @@ def verify(mod: tvm.IRModule) -> tvm.IRModule:
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and OP in func.attrs:
             if str(func.attrs[OP]) in ACTIVATION_OPS:
                 verify_activation_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) in SPARSE_OPS:
+                verify_sparse_func(gv.name_hint, func)
             else:
                 verify_func(gv.name_hint, func)
     _verify_bias_bounds(mod)
+    _verify_sparse_calls(mod)
     return mod
+
+
+# ----- the block-sparse dense op (relay_passes/sparsify_row_groups.py) -----------------------------
+#: :data:`OP` of a block-sparse dense layer: one op for all rows of a pruned layer, rows in the
+#: model's order, each with its scheme in :data:`SPARSE_ROW_SCHEMES`; weights as int8 levels in
+#: blocks of :data:`SPARSE_BLOCK` ``[br, bc]`` (BSR: the blocks holding a non-zero, their block
+#: columns, each block row's first block).
+DENSE_BSR = "dense_bsr"
+SPARSE_OPS = (DENSE_BSR,)
+SPARSE_BLOCK = "rmsmp.sparse_block"            #: [br, bc]: rows x input columns of a block
+SPARSE_ROW_SCHEMES = "rmsmp.sparse_row_schemes"  #: one scheme per output row (model order)
+#: ``x [M, K]`` int8/uint8, ``w [nnzb, br, bc]`` int8 levels, ``col [nnzb]`` int32 block columns,
+#: ``ptr [N / br + 1]`` int32 (block row ``i``: blocks ``ptr[i] .. ptr[i + 1] - 1``), ``wsum [N]``
+#: int32 (each row's sum of levels), ``bias [N]`` int32, ``scale [N]`` float32, ``out [M, N]`` float32.
+SPARSE_PARAMS = ("x", "w", "col", "ptr", "wsum", "bias", "scale", "out")
+
+
+def verify_sparse_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one block-sparse op (rules ``op``, ``layer``, ``scheme``, ``block``, ``params``,
+    ``acc_bound``); raise :class:`ContractError`."""
+    _, broken = _checked_op(name, func, "block-sparse op contract", SPARSE_OPS)
+    schemes = attr(func, SPARSE_ROW_SCHEMES)
+    if schemes is None or not len(schemes):
+        broken("scheme", f"no {SPARSE_ROW_SCHEMES} attribute")
+    known = set(list_schemes())
+    names = sorted({str(v) for v in schemes})
+    for s in names:
+        if s not in known:
+            broken("scheme", f"scheme {s!r} is not registered")
+    block = attr(func, SPARSE_BLOCK)
+    if block is None or len(block) != 2 or min(int(b) for b in block) < 1:
+        broken("block", f"{SPARSE_BLOCK} must be [rows, cols] of positive ints, got {block!r}")
+    br, bc = (int(b) for b in block)
+    if len(func.params) != len(SPARSE_PARAMS):
+        broken("params", f"{len(func.params)} parameters, the contract has {len(SPARSE_PARAMS)}: {SPARSE_PARAMS}")
+    bufs = dict(zip(SPARSE_PARAMS, func.params))
+    shapes = {k: [int(d) for d in b.shape] for k, b in bufs.items()}
+    m, k = shapes["x"] if len(shapes["x"]) == 2 else (0, 0)
+    n = len(schemes)
+    want = {
+        "x": (("int8", "uint8"), [m, k]), "w": (("int8",), [shapes["w"][0] if shapes["w"] else 0, br, bc]),
+        "col": (("int32",), [shapes["w"][0] if shapes["w"] else 0]), "ptr": (("int32",), [n // br + 1]),
+        "wsum": (("int32",), [n]), "bias": (("int32",), [n]), "scale": (("float32",), [n]),
+        "out": (("float32",), [m, n]),
+    }
+    for pname, (dtypes, shape) in want.items():
+        b = bufs[pname]
+        if str(b.dtype) not in dtypes or shapes[pname] != shape:
+            broken("params", f"parameter {SPARSE_PARAMS.index(pname)} ({pname}) is {b.dtype}{shapes[pname]}, "
+                             f"expected {'/'.join(dtypes)}{shape}")
+    if n % br or k % bc:
+        broken("block", f"block [{br}, {bc}] does not divide the layer's {n} rows x {k} columns")
+    level = max(int(np.abs(get_scheme(s).levels).max()) for s in names)
+    act_max = 255 if str(bufs["x"].dtype) == "uint8" else 128
+    if level > 127 or k * act_max * level > INT32_MAX:
+        broken("acc_bound", f"{k} products of activations up to {act_max} and levels up to {level} "
+                            f"(int8 blocks: at most 127) can reach {k * act_max * level}, past int32 ({INT32_MAX})")
+
+
+def _verify_sparse_calls(mod: tvm.IRModule) -> None:
+    """Rule ``bsr`` on the constants a block-sparse op is called with: ``ptr`` rising from 0 to
+    the block count, block columns inside the layer; and ``acc_bound`` with the bias."""
+    calls = []
+    for _, fn in mod.functions.items():
+        if isinstance(fn, tvm.relax.Function):
+            tvm.relax.analysis.post_order_visit(
+                fn.body, lambda e: calls.append(e) if isinstance(e, tvm.relax.Call) else None)
+    for call in calls:
+        func = callee(mod, call)
+        if func is None or rmsmp_attr(func, OP) not in SPARSE_OPS:
+            continue
+        where = f"{call.args[0].name_hint} (layer {rmsmp_attr(func, LAYER)}) breaks the block-sparse op contract"
+        fields = list(call.args[1].fields)
+        col, ptr, bias = (const_value(fields[SPARSE_PARAMS.index(p)]) for p in ("col", "ptr", "bias"))
+        k = int(func.params[0].shape[1])
+        bc = int(attr(func, SPARSE_BLOCK)[1])
+        nnzb = int(func.params[1].shape[0])
+        if ptr is not None and (ptr[0] != 0 or np.any(np.diff(ptr.astype(np.int64)) < 0) or ptr[-1] > nnzb):
+            raise ContractError(f"{where}, rule 'bsr': ptr must rise from 0 to at most {nnzb} blocks")
+        if col is not None and col.size and (col.min() < 0 or int(col.max()) * bc + bc > k):
+            raise ContractError(f"{where}, rule 'bsr': block columns must lie in [0, {k // bc})")
+        if bias is not None and bias.size:
+            level = max(int(np.abs(get_scheme(str(s)).levels).max()) for s in attr(func, SPARSE_ROW_SCHEMES))
+            act_max = 255 if str(func.params[0].dtype) == "uint8" else 128
+            total = k * act_max * level + int(np.abs(bias.astype(np.int64)).max())
+            if total > INT32_MAX:
+                raise ContractError(f"{where}, rule 'acc_bound': products plus a bias can reach {total}, past int32")

@@ -32,6 +32,7 @@ from relay_passes.contract import ConstantKernel
 from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target, target_cores
+from .cpu_sparse import SparseDense
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -559,7 +560,7 @@ RowGroupDense = _X86Rule("dense", schedule_dense, kinds=("llvm",))
 RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
-register_target("llvm", [RowGroupDense, RowGroupConv2d],
+register_target("llvm", [RowGroupDense, RowGroupConv2d, SparseDense],
                 spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
                 fixed=x86_replacement, float_rules=[FloatMatmul(), FloatElementwise(), FloatRowReduction(reassociate=False)],
                 fast_math=FAST_MATH, fast_math_rules=[FloatRowReduction(reassociate=True)], layer_kernels=x86_layer_kernels, constant_kernels=x86_constant_kernel)

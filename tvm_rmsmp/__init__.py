@@ -37,6 +37,7 @@ _LAZY = {
     **dict.fromkeys(("RMSMPLinear", "RMSMPConv2d", "quantize", "row_plans"), "nn.layers"),
     **dict.fromkeys(("QATConfig", "prepare_qat", "train_qat", "convert_qat"), "nn.qat"),
     **dict.fromkeys(("save_quantized", "load_quantized"), "nn.saved"),
+    **dict.fromkeys(("PruneConfig", "prune", "prune_masks", "apply_masks"), "nn.prune"),
     **dict.fromkeys(("compile", "lower"), "compiler.pipeline"),
     **dict.fromkeys(("load", "CompiledModel"), "runtime.library"),
     "resolve_target": "compiler.targets",

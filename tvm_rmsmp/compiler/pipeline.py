@@ -1,6 +1,7 @@
 """From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
 
-import (torch.export -> Relax) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
+import (torch.export -> Relax) -> SparsifyRowGroups (LLVM targets: pruned dense layers as block-sparse
+ops) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
 -> the row-group op contract's verifier -> tuned schedules (if any) -> the target's graph passes
 (FuseDenseLayers, UseTargetKernels, from what its schedules offer) -> the target's row-group
 schedules -> TVM's default Relax build for the target.
@@ -20,6 +21,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 import schedules
 from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, RewriteRowGroups, UseTargetKernels
+from relay_passes import SparsifyRowGroups
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
 from ..quant.progress import progress
@@ -122,12 +124,16 @@ def lower(
     if not rmsmp_layers(model):
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
     mod = import_model(model, inputs, dynamic_batch=dynamic_batch)
+    sparse = SparsifyRowGroups()  # pruned dense layers -> block-sparse ops (LLVM kernels only)
+    if target.kind.name == "llvm" and not dynamic_batch:
+        # the any-batch function keeps dense row groups; its batch specialisations are static
+        mod = sparse(mod)
     mod = RewriteRowGroups()(mod)
     fold = FoldRowPermutation()
     mod = fold(mod)
     pack = PackFourBitRows()
     mod = pack(mod)
-    stats = dict(fold.last_stats, packed=pack.last_packed)
+    stats = dict(fold.last_stats, packed=pack.last_packed, sparse=sparse.last_stats)
     contract.verify(mod)  # what the schedules may rely on, checked before any of them runs
     if not schedule:
         return mod, stats
@@ -170,8 +176,8 @@ def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
     kinds: Dict[str, int] = {}
     for _, func in mod.functions.items():
         attrs = getattr(func, "attrs", None)
-        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not (contract.SCHEME in attrs or
-                                                                             contract.SCHEMES in attrs):
+        if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not (
+                contract.SCHEME in attrs or contract.SCHEMES in attrs or contract.SPARSE_BLOCK in attrs):
             continue
         kind = str(attrs.get(contract.CPU_KERNEL, "generic"))
         if contract.SP2_LOWERING in attrs and kind == "generic":

@@ -88,6 +88,8 @@ class DecomposedMultiheadAttention(nn.Module):
                 if b is not None:
                     proj.bias.copy_(b)
             new.out_proj.weight.copy_(mha.out_proj.weight)
+            if isinstance(getattr(mha.out_proj, "prune_mask", None), torch.Tensor):  # a pruned out_proj keeps its mask
+                new.out_proj.register_buffer("prune_mask", mha.out_proj.prune_mask.clone())
             if bias:
                 new.out_proj.bias.copy_(mha.out_proj.bias)
             if mha.bias_k is not None:

@@ -388,12 +388,22 @@ def _quantize_layer(name: str, mod: nn.Module, cfg: RMSMPConfig, stats: _InputSt
             wi, sc = get_scheme(s_name).quantize(weight[rows])
             w_int[rows], row_scale[rows] = wi, sc
     op = "dense" if isinstance(mod, nn.Linear) else "conv2d"
+    mask = getattr(mod, "prune_mask", None)  # a pruned layer (nn/prune.py): its zeros stay zeros (GPTQ too)
+    if isinstance(mask, torch.Tensor):
+        from .prune import check_layer
+
+        check_layer(name, mod.weight, mask)
+        w_int = np.where(mask.cpu().numpy(), w_int, 0).astype(np.int8)
     plan = RowPlan(layer=name, op=op, schemes=schemes, weight_int=w_int, row_scale=row_scale)
     act = _calibrate_act(name, stats, cfg.act_bits, op, cfg)
     bias = None if mod.bias is None else mod.bias.detach().to(torch.float32).cpu().numpy()
     if op == "dense":
-        return RMSMPLinear(name, plan, bias, act)
-    return RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
+        layer = RMSMPLinear(name, plan, bias, act)
+    else:
+        layer = RMSMPConv2d(name, plan, bias, act, mod.stride, mod.padding, mod.dilation)
+    if isinstance(mask, torch.Tensor):
+        layer.register_buffer("prune_mask", mask.detach().cpu().bool().clone(), persistent=False)
+    return layer
 
 
 def _calibrate_act(name: str, stats: "_InputStats", bits: int, op: str = "conv2d",

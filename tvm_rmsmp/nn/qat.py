@@ -247,12 +247,14 @@ class FakeQuantLayer(nn.Module):
         """``(row_scale * Q(w / row_scale), row_scale)``, rows in the layer's order."""
         fan_in = self.weight[0].numel()
         parts, scales = [], []
+        mask = getattr(self, "prune_mask", None)  # pruned weights stay zero; their gradients too
+        weight = self.weight if mask is None else self.weight * mask.to(self.weight.dtype)
         for scheme, idx in self._groups:
             g = 1.0 / math.sqrt(fan_in * scheme.max_level)
             scale = self._decode(_grad_scale(self.row_scale_param[idx], g), self.row_scale_ref[idx])
             scales.append(scale)
             scale = scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
-            v = (self.weight[idx] / scale).clamp(-scheme.max_level, scheme.max_level)
+            v = (weight[idx] / scale).clamp(-scheme.max_level, scheme.max_level)
             nearest = nearest_level(scheme, v.detach())
             parts.append(((nearest - v).detach() + v) * scale)
         return torch.cat(parts)[self._inverse], torch.cat(scales)[self._inverse]
@@ -280,6 +282,9 @@ class FakeQuantLayer(nn.Module):
     def to_rmsmp(self) -> nn.Module:
         """The integer-exact layer with this layer's current weights, schemes and scales."""
         w = self.weight.detach().double().cpu().numpy()
+        mask = getattr(self, "prune_mask", None)
+        if mask is not None:
+            w = np.where(mask.cpu().numpy(), w, 0.0)
         row_scale = self.row_scale.detach().cpu().numpy().astype(np.float32)
         w_int = np.zeros(w.shape, np.int8)
         for scheme, idx in self._groups:
@@ -290,8 +295,12 @@ class FakeQuantLayer(nn.Module):
                        self.act_per_token)  # a per-token quantizer ignores the scale
         bias = self.bias.detach().cpu().numpy()
         if self.op == "dense":
-            return RMSMPLinear(self.layer_name, plan, bias, act)
-        return RMSMPConv2d(self.layer_name, plan, bias, act, self.stride, self.padding, self.dilation)
+            layer = RMSMPLinear(self.layer_name, plan, bias, act)
+        else:
+            layer = RMSMPConv2d(self.layer_name, plan, bias, act, self.stride, self.padding, self.dilation)
+        if mask is not None:
+            layer.register_buffer("prune_mask", mask.detach().cpu().bool().clone(), persistent=False)
+        return layer
 
     def extra_repr(self) -> str:
         counts: Dict[str, int] = {}
@@ -326,7 +335,10 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
         mod = cal.layers[name]
         act = ptq.act
         start = ptq.weight if cfg.rounding == "gptq" else None  # GPTQ's integers times the row scales
-        _set_submodule(cal.model, name, FakeQuantLayer(name, mod, ptq.plan, act, qcfg.scale_param, start))
+        fq = FakeQuantLayer(name, mod, ptq.plan, act, qcfg.scale_param, start)
+        if isinstance(getattr(ptq, "prune_mask", None), torch.Tensor):  # a pruned layer: its mask stays applied
+            fq.register_buffer("prune_mask", ptq.prune_mask.to(fq.weight.device), persistent=False)
+        _set_submodule(cal.model, name, fq)
     qat = cal.model.train()
     qat.rmsmp_config = attrs.evolve(cal.config, assign=cfg.assign)
     qat.rmsmp_report = {"assign": cal.rule if rank0 else cfg.assign, "hessian": cal.hessian_report,

@@ -107,7 +107,8 @@ def row_kurtosis(weight: np.ndarray) -> np.ndarray:
     c = w - w.mean(axis=1, keepdims=True)
     var = (c**2).mean(axis=1)
     k4 = (c**4).mean(axis=1)
-    return np.where(var > 0, k4 / np.maximum(var, 1e-300) ** 2, 0.0)
+    # rows of zeros (pruned) or of nearly equal weights have no kurtosis: 0, without a 0/0 warning
+    return np.divide(k4, var**2, out=np.zeros_like(k4), where=var**2 > 0)
 
 
 def _take_top(order: Sequence[int], free: np.ndarray, count: int) -> np.ndarray:
