@@ -311,3 +311,21 @@ def test_a_model_whose_batchnorm_could_not_be_folded(tmp_path):
     assert isinstance(q2.bn, nn.BatchNorm2d) and torch.equal(q2.bn.running_var, model.bn.running_var)
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(q2(x), q(x))
+
+
+def test_a_pruned_model_keeps_its_masks(tmp_path, no_unpickling):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    calib = [torch.randn(32, 64) for _ in range(2)]
+    pm = rmsmp.prune(model, rmsmp.PruneConfig(scheme="block_punched", sparsity=0.75, block=(8, 4)), calib_data=calib)
+    q = rmsmp.quantize(pm, rmsmp.RMSMPConfig(act_bits=8), calib_data=calib)
+    rmsmp.save_quantized(q, tmp_path / "q")
+    q2 = rmsmp.load_quantized(tmp_path / "q", model=model)
+    x = torch.randn(5, 64)
+    assert torch.equal(q(x), q2(x))
+    before, after = rmsmp.prune_masks(q), rmsmp.prune_masks(q2)
+    assert sorted(before) == sorted(after) == ["0", "2"]
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+        # 75 % of the 8x4 blocks removed: the kept share, counted here, not taken from the pruner
+        assert abs(after[name].mean() - 0.25) < 0.02

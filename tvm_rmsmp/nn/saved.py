@@ -316,6 +316,9 @@ def save_quantized(q: nn.Module, path: Union[str, os.PathLike], *, hessians: boo
             raise ValueError(f"layer {name!r}: more than 255 schemes")
         tensors[f"{_PLAN_PREFIX}{name}.scheme_ids"] = torch.tensor([table.index(s) for s in layer.schemes],
                                                                    dtype=torch.uint8)
+        mask = getattr(layer, "prune_mask", None)  # a pruned layer (nn/prune.py): its mask travels with it
+        if isinstance(mask, torch.Tensor):
+            tensors[f"{_PLAN_PREFIX}{name}.prune_mask"] = mask.detach().cpu().to(torch.uint8).contiguous()
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -456,6 +459,14 @@ def _rebuild_layer(name: str, info: Dict[str, Any], tensors: Dict[str, torch.Ten
     # the saved values exactly (the constructor re-derives them; a file is what it holds)
     layer.act_scale, layer.inv_act_scale = float(act["scale"]), float(act["inv_scale"])
     layer.qmin, layer.qmax = int(act["qmin"]), int(act["qmax"])
+    mask = tensors.get(f"{_PLAN_PREFIX}{name}.prune_mask")
+    if mask is not None:
+        if tuple(mask.shape) != tuple(layer.weight_int.shape):
+            raise ValueError(f"{where}: layer {name!r}: the saved prune mask has shape {list(mask.shape)}, "
+                             f"the layer's weights {list(layer.weight_int.shape)}")
+        if bool(((layer.weight_int != 0) & (mask == 0)).any()):
+            raise ValueError(f"{where}: layer {name!r}: weights outside the saved prune mask are not zero")
+        layer.register_buffer("prune_mask", mask.bool(), persistent=False)
     return layer
 
 
