@@ -62,8 +62,14 @@ def main(argv=None) -> int:
     from schedules.x86_tuning_table import X86_CONSTANTS, x86_constants
     from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
+    from schedules.x86_amx import amx_dense_kernel, amx_enabled, amx_weights
+    from tvm_rmsmp.compiler.targets import resolve_target
+    from tvm_rmsmp.quant.schemes import unpack_nibbles
+
+    host = resolve_target("llvm")  # the host's features (AMX) with its CPU name
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                                "num-cores": args.threads})
+                                "mattr": list(host.attrs.get("mattr", [])), "num-cores": args.threads})
+    amx = amx_enabled(target)
     isa = x86_isa(target)
     if isa is None:
         print(f"needs AVX2; this CPU ({target.attrs.get('mcpu')}) has no x86 kernel")
@@ -111,8 +117,20 @@ def main(argv=None) -> int:
                                            np.zeros((m, w.shape[0]), np.float32)])
         return total
 
+    def amx_layers(m):
+        """The AMX kernel (schedules.x86_amx) over both layers, rows decoded at compile time."""
+        total = 0.0
+        for k, n, groups, order in layers:
+            decoded = [nibble_decode(unpack_nibbles(groups[0], k), get_scheme("sp2_4")),
+                       nibble_decode(unpack_nibbles(groups[1], k), get_scheme("fixed_4")), groups[2]]
+            w = np.stack([decoded[g][r] for g, r in order]).astype(np.int8)
+            func = amx_dense_kernel(m, k, n, "int8", [sp2, fixed4], True, num_cores=args.threads)
+            total += timed(func, [rng.integers(-128, 128, (m, k)).astype(np.int8), amx_weights(w),
+                                  np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros((m, n), np.float32)])
+        return total
+
     other = "layer" if isa == "avx512vnni" else "groups"
-    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}")
+    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}" + (f" {'amx':>9} {'amx/best':>9}" if amx else ""))
     for m in args.rows:
         total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0}
         for k, n, groups, order in layers:
@@ -125,8 +143,11 @@ def main(argv=None) -> int:
             func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi, cpu=cpu)
             total[other] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
                                          scale, np.zeros((m, n), np.float32)])
-        print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x",
-              flush=True)
+        line = f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x"
+        if amx:
+            t_amx = amx_layers(m)
+            line += f" {t_amx * 1e6:>9.1f} {t_amx / min(total['gemv'], total[other]):>8.2f}x"
+        print(line, flush=True)
     return 0
 
 

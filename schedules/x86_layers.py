@@ -28,10 +28,12 @@ from tvm.target.codegen import target_has_features
 
 from relay_passes import contract
 from relay_passes.contract import DenseLayer, LayerKernels
-from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
+from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode, unpack_nibbles
 
 from .registry import target_cores
-from .x86_bounds import KernelBoundError, KernelBoundWarning
+from .x86_amx import AMX_MIN_ROWS, amx_dense_kernel, amx_enabled, amx_weights
+from .x86_bounds import INT8 as INT8_RANGE
+from .x86_bounds import KernelBoundError, KernelBoundWarning, activation_range, max_k
 from .x86_gemv import (
     INT8,
     LINEAR,
@@ -48,7 +50,7 @@ from .x86_tuning_table import target_cpu
 __all__ = ["x86_layer_kernels"]
 
 
-def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional[str]) -> bool:
+def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional[str], amx: bool = False) -> bool:
     """Whether one x86 layer kernel computes ``layer``: packed 4-bit groups of at most two
     decode tables, int8 fixed-point groups, int8/uint8 activations, at most ``max_rows``
     activation rows (None: any), a reduction within the kernel's integer bounds."""
@@ -58,6 +60,8 @@ def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional
             return False  # unpacked SP2 codes
     if len(tables) > 2 or layer.x_dtype not in ("uint8", "int8"):
         return False
+    if amx and layer.x_shape[0] >= AMX_MIN_ROWS:  # int8 products in int32 tiles: K up to 65793
+        return int(layer.x_shape[1]) <= max_k(activation_range(layer.x_dtype), INT8_RANGE)
     return (max_rows is None or layer.x_shape[0] <= max_rows) and _within_bounds(layer, isa, cpu)
 
 
@@ -128,11 +132,36 @@ def _with_attrs(kernel: tvm.tirx.PrimFunc, schemes: Sequence[str], cpu_kernel: s
     return kernel
 
 
+def _amx_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int):
+    """:func:`_build` on AMX (:mod:`schedules.x86_amx`): every row decoded to int8 at compile
+    time, one matrix in output order, laid out in tiles."""
+    m, k = (int(d) for d in layer.x_shape)
+    decoded = []
+    for (scheme, w, _, _), packed in zip(layer.groups, layer.packed):
+        decoded.append(nibble_decode(unpack_nibbles(w, k), get_scheme(scheme)).astype(np.int8) if packed else w)
+    weights = np.stack([decoded[gi][r] for gi, r in order])
+    bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
+    scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
+    schemes = [g[0] for g in layer.groups]
+    levels = [nibble_decode(np.arange(16), get_scheme(s)) for s, packed in zip(schemes, layer.packed) if packed]
+    int8_rows = not all(layer.packed)
+    key = ("amx", m, k, len(order), layer.x_dtype, int8_rows, tuple(tuple(int(v) for v in lv) for lv in levels))
+
+    def make():
+        kernel = amx_dense_kernel(m, k, len(order), layer.x_dtype, levels, int8_rows, num_cores=cores)
+        return _with_attrs(kernel, schemes, "x86-amx-layer")
+
+    consts = [(amx_weights(weights), "int8"), (bias, "int32"), (scale, "float32")]
+    return key, f"rmsmp_dense_layer_{m}x{k}x{len(order)}", make, consts
+
+
 def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool,
-           cpu: Optional[str]):
+           cpu: Optional[str], amx: bool = False):
     """The layer kernel producing output row ``c`` from ``order[c]`` (``LayerKernels.build``).
     Layers of the same shape and schemes share one kernel: their weights are arguments, so
     MiniLM-L6's 36 dense layers build 3 kernels."""
+    if amx and layer.x_shape[0] >= AMX_MIN_ROWS:
+        return _amx_build(layer, order, cores)
     if layer.x_shape[0] <= gemv_max_rows(isa, cpu):
         return _gemv_build(layer, order, cores, isa, vbmi, cpu)
     schemes = [g[0] for g in layer.groups]
@@ -164,5 +193,6 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
     max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa, cpu)
     cores = target_cores(target)
     vbmi = target_has_features("avx512vbmi", target)
-    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu),
-                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu))
+    amx = isa == "avx512vnni" and amx_enabled(target)
+    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu, amx),
+                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu, amx))
