@@ -210,6 +210,7 @@ def workloads(quick: bool):
         out.append((f"ResNet-18 conv {c_in}->{c_out} 3x3 @{hw}x{hw}, batch 1", "kernel",
                     lambda c_in=c_in, c_out=c_out, s=s: conv_model(c_in, c_out, s), (1, c_in, hw, hw), False))
     out.append(("ResNet-18 1x3x224x224", "model", resnet18, (1, 3, 224, 224), False))
+    out.append(("ResNet-18 8x3x224x224", "model", resnet18, (8, 3, 224, 224), False))
     out.append(("BERT-base encoder layer, seq 128", "model", bert_layer, (1, 128, 768), False))
     out.append(("MiniLM-L6 (all-MiniLM-L6-v2), seq 128", "model", minilm_l6, (1, 128), False))
     return out
@@ -456,8 +457,20 @@ def rmsmp_build(model, x, target):
         ref = q(x).numpy()
     y = exe(x)
     info = {"bit_exact": bool(np.array_equal(y, ref)), "max_abs_diff": float(np.abs(y - ref).max()),
-            "weight_bytes": rmsmp_weight_bytes(q), "stats": {k: v for k, v in exe.stats.items()}}
+            "weight_bytes": rmsmp_weight_bytes(q), "stats": {k: v for k, v in exe.stats.items()},
+            "isa_path": isa_path(exe.stats.get("cpu_kernels", {}))}
     return (lambda: vm["main"](*args)), info
+
+
+def isa_path(cpu_kernels: Dict[str, int]) -> str:
+    """Which x86 instruction path ran the model's integer layers (``exe.stats['cpu_kernels']``
+    kinds, ``x86-<isa>-<kind>``): ``amx`` where any kernel used the tile unit, else ``vnni``,
+    ``avx2``, or ``generic`` (the portable schedules)."""
+    kinds = " ".join(cpu_kernels or {})
+    for tag, path in (("-amx-", "amx"), ("-avx512vnni-", "vnni"), ("-avx2-", "avx2")):
+        if tag in kinds:
+            return path
+    return "generic"
 
 
 def rmsmp_weight_bytes(q) -> int:
@@ -598,7 +611,18 @@ def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float 
     return {who: statistics.median(v) for who, v in samples.items()}
 
 
-def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int = TVM_TRIALS,
+def _selected(name: str, only: Optional[List[str]], names_all: List[str]) -> bool:
+    """Whether workload ``name`` is one of ``only``: each an exact name, or else a part of names."""
+    if not only:
+        return True
+    for want in only:
+        want = want.lower()
+        if name.lower() == want if want in names_all else want in name.lower():
+            return True
+    return False
+
+
+def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
         tuning_dir: str = TUNING_DIR) -> Dict[str, object]:
     torch = _torch()
     torch.set_num_threads(threads)
@@ -621,10 +645,10 @@ def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int =
     results = []
     workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"], tvm_trials, tuning_dir) for who in names}
     try:
-        names_all = [w[0].lower() for w in workloads(quick)]
-        exact = only is not None and only.lower() in names_all  # "batch 1" is also in "batch 128"
+        names_all = [w[0].lower() for w in workloads(quick)]  # "batch 1" is also in "batch 128": exact first
+        only = [only] if isinstance(only, str) else only
         for index, (name, group, _factory, shape, streaming) in enumerate(workloads(quick)):
-            if only and (name.lower() != only.lower() if exact else only.lower() not in name.lower()):
+            if not _selected(name, only, names_all):
                 continue
             print(f"\n{name}", flush=True)
             live: Dict[str, Contender] = {}
@@ -658,7 +682,8 @@ def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int =
             if streaming:
                 row["rmsmp_fraction_of_dram_bw"] = bytes_of[RMSMP] / secs[RMSMP] / 1e9 / bw["GBps"]
             print(f"  rmsmp bit-exact vs its torch reference: {rinfo['bit_exact']} "
-                  f"(max |diff| {rinfo['max_abs_diff']:.3g}); kernels {rinfo['stats'].get('cpu_kernels')}; speedup: "
+                  f"(max |diff| {rinfo['max_abs_diff']:.3g}); kernels {rinfo['stats'].get('cpu_kernels')} "
+                  f"({rinfo['isa_path']}); speedup: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()), flush=True)
             results.append(row)
     finally:
@@ -693,11 +718,13 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
     if not others:
         return []
     runs = [("this run", report)] + sorted(others.items())
-    head = [f"{r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}, {r['date_utc'][:10]})"
+    head = [f"{r['hardware']['cpu']}, {r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}, "
+            f"{r['hardware']['threads']} thread{'s' if r['hardware']['threads'] > 1 else ''}, {r['date_utc'][:10]})"
             for name, r in runs]
     lines = ["## Other CPUs", "",
              "Committed runs of the same command on other machines (JSON in `bench/results/`): tvm-rmsmp",
-             "untuned in ms, and in parentheses its speedup over the fastest contender of that run.", "",
+             "untuned in ms, and in parentheses its speedup over the fastest contender of that run and",
+             "the instruction path of its integer kernels (`amx`, `vnni`, `avx2`; where recorded).", "",
              "| workload | " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     names = [row["workload"] for row in report["results"]]
     for _, r in runs[1:]:
@@ -707,7 +734,8 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
         for _, r in runs:
             row = next((x for x in r["results"] if x["workload"] == name), None)
             best = _vs_fastest(row) if row else None
-            cells.append("–" if row is None else f"{_fmt(row['seconds'][RMSMP])} ({best:.2f}x)")
+            path = row and row.get("rmsmp", {}).get("isa_path")
+            cells.append("–" if row is None else f"{_fmt(row['seconds'][RMSMP])} ({best:.2f}x{', ' + path if path else ''})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -907,7 +935,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller DRAM probe, no batch-128 TVM fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", help="run the workload of this name, else those whose name contains this text")
+    ap.add_argument("--only", nargs="+", help="run the workloads of these names, else those whose name contains "
+                    "one of these texts")
     ap.add_argument("--tvm-trials", type=int, default=TVM_TRIALS,
                     help="MetaSchedule trials per task for TVM fp32 tuned (0: leave that contender out)")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,

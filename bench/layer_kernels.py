@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             decoded = [nibble_decode(unpack_nibbles(groups[0], k), get_scheme("sp2_4")),
                        nibble_decode(unpack_nibbles(groups[1], k), get_scheme("fixed_4")), groups[2]]
             w = np.stack([decoded[g][r] for g, r in order]).astype(np.int8)
-            func = amx_dense_kernel(m, k, n, "int8", [sp2, fixed4], True, num_cores=args.threads)
+            func = amx_dense_kernel(m, k, n, "int8", num_cores=args.threads)
             total += timed(func, [rng.integers(-128, 128, (m, k)).astype(np.int8), amx_weights(w),
                                   np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros((m, n), np.float32)])
         return total

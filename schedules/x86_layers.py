@@ -136,23 +136,19 @@ def _amx_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int):
     """:func:`_build` on AMX (:mod:`schedules.x86_amx`): every row decoded to int8 at compile
     time, one matrix in output order, laid out in tiles."""
     m, k = (int(d) for d in layer.x_shape)
-    decoded = []
-    for (scheme, w, _, _), packed in zip(layer.groups, layer.packed):
-        decoded.append(nibble_decode(unpack_nibbles(w, k), get_scheme(scheme)).astype(np.int8) if packed else w)
-    weights = np.stack([decoded[gi][r] for gi, r in order])
+    n, schemes = len(order), [g[0] for g in layer.groups]
+    decoded = [nibble_decode(unpack_nibbles(w, k), get_scheme(scheme)).astype(np.int8) if packed else w
+               for (scheme, w, _, _), packed in zip(layer.groups, layer.packed)]
+    weights = np.stack([decoded[gi][r] for gi, r in order]).astype(np.int8)
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
-    schemes = [g[0] for g in layer.groups]
-    levels = [nibble_decode(np.arange(16), get_scheme(s)) for s, packed in zip(schemes, layer.packed) if packed]
-    int8_rows = not all(layer.packed)
-    key = ("amx", m, k, len(order), layer.x_dtype, int8_rows, tuple(tuple(int(v) for v in lv) for lv in levels))
+    key = ("amx", m, k, n, layer.x_dtype)
 
     def make():
-        kernel = amx_dense_kernel(m, k, len(order), layer.x_dtype, levels, int8_rows, num_cores=cores)
-        return _with_attrs(kernel, schemes, "x86-amx-layer")
+        return _with_attrs(amx_dense_kernel(m, k, n, layer.x_dtype, num_cores=cores), schemes, "x86-amx-layer")
 
-    consts = [(amx_weights(weights), "int8"), (bias, "int32"), (scale, "float32")]
-    return key, f"rmsmp_dense_layer_{m}x{k}x{len(order)}", make, consts
+    return key, f"rmsmp_dense_layer_{m}x{k}x{n}", make, [(amx_weights(weights), "int8"), (bias, "int32"),
+                                                        (scale, "float32")]
 
 
 def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool,
