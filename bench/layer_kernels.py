@@ -5,6 +5,7 @@ Run from the repository root::
     python -m bench.layer_kernels                 # 1 .. 32 rows, both BERT FFN layers, one thread
     python -m bench.layer_kernels --rows 1 8 24
     python -m bench.layer_kernels --passes        # one pass of each tiling in this CPU's pass_us
+    python -m bench.layer_kernels --amx           # and the AMX layer kernel (where the host has AMX-INT8)
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
+    ap.add_argument("--amx", action="store_true", help="also time the AMX layer kernel (schedules.x86_amx), where "
+                    "the host has AMX-INT8: AMX_MIN_ROWS is chosen from it")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
@@ -69,7 +72,9 @@ def main(argv=None) -> int:
     host = resolve_target("llvm")  # the host's features (AMX) with its CPU name
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "mattr": list(host.attrs.get("mattr", [])), "num-cores": args.threads})
-    amx = amx_enabled(target)
+    amx = args.amx and amx_enabled(target)
+    if args.amx and not amx:
+        print("--amx: this host's target has no AMX-INT8 (or RMSMP_AMX=0); the AMX column is left out")
     isa = x86_isa(target)
     if isa is None:
         print(f"needs AVX2; this CPU ({target.attrs.get('mcpu')}) has no x86 kernel")

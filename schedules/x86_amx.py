@@ -48,7 +48,7 @@ from .x86_bounds import activation_range, check_accumulators, describe, operand_
 __all__ = ["AMX_MIN_ROWS", "AMX_REFUSED", "amx_enabled", "amx_dense_kernel", "amx_weights"]
 
 #: Fewest activation rows for which the AMX kernels replace the VNNI ones: both BERT FFN layers,
-#: one thread, ``python -m bench.layer_kernels`` (rocketlake-named Xeon): 12 rows 258 vs 253 us
+#: one thread, ``python -m bench.layer_kernels --amx`` (rocketlake-named Xeon): 12 rows 258 vs 253 us
 #: (the batch-1 kernel), 16 rows 266 vs 324 us, 24 rows 281 vs 495 us.
 AMX_MIN_ROWS = 16
 
