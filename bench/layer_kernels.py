@@ -6,6 +6,7 @@ Run from the repository root::
     python -m bench.layer_kernels --rows 1 8 24
     python -m bench.layer_kernels --passes        # one pass of each tiling in this CPU's pass_us
     python -m bench.layer_kernels --amx           # and the AMX layer kernel (where the host has AMX-INT8)
+    python -m bench.layer_kernels --amx --cpu-time --rows 8 10 12 16   # CPU time: steadier on a shared machine
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
@@ -51,9 +52,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
+    ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (least of 7 runs; "
+                    "one thread only): steadier than wall-clock medians on a machine shared with other jobs")
     ap.add_argument("--amx", action="store_true", help="also time the AMX layer kernel (schedules.x86_amx), where "
                     "the host has AMX-INT8: AMX_MIN_ROWS is chosen from it")
     args = ap.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time measures one thread")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
     import numpy as np
@@ -90,6 +95,18 @@ def main(argv=None) -> int:
     def timed(func, arrays):
         exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         tensors = [tvm.runtime.tensor(a) for a in arrays]
+        if args.cpu_time:  # one thread: this process's CPU time, the least of 7 runs of 20 calls
+            import time
+
+            main_fn = exe.mod["main"]
+            main_fn(*tensors)
+            runs = []
+            for _ in range(7):
+                start = time.process_time()
+                for _ in range(20):
+                    main_fn(*tensors)
+                runs.append((time.process_time() - start) / 20)
+            return min(runs)
         return float(np.median(exe.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*tensors).results))
 
     print(f"{target.attrs.get('mcpu')} ({isa}), {args.threads} thread(s), VBMI {vbmi}; microseconds, both FFN layers")

@@ -47,10 +47,13 @@ from .x86_bounds import activation_range, check_accumulators, describe, operand_
 
 __all__ = ["AMX_MIN_ROWS", "AMX_REFUSED", "amx_enabled", "amx_dense_kernel", "amx_weights"]
 
-#: Fewest activation rows for which the AMX kernels replace the VNNI ones: both BERT FFN layers,
-#: one thread, ``python -m bench.layer_kernels --amx`` (rocketlake-named Xeon): 12 rows 258 vs 253 us
-#: (the batch-1 kernel), 16 rows 266 vs 324 us, 24 rows 281 vs 495 us.
-AMX_MIN_ROWS = 16
+#: Fewest activation rows for which the AMX kernel replaces the VNNI ones (the batch-1 layer
+#: kernel up to here): both BERT FFN layers, SP2-4 : Fixed-4 : Fixed-8 rows 60:35:5, one thread,
+#: ``python -m bench.layer_kernels --amx --cpu-time --rows 8 10 12 16 24`` (Intel Xeon, LLVM
+#: rocketlake): 8 rows 163 vs 174 us (batch-1 kernel vs AMX), 10 rows 196 vs 183, 12 rows 259 vs
+#: 187, 16 rows 331 vs 188, 24 rows 511 vs 206. The AMX time hardly moves below 32 rows: it
+#: streams the layer's int8 weights (4.7 MB).
+AMX_MIN_ROWS = 12
 
 #: The error a kernel call raises where the OS refuses the tile state
 AMX_REFUSED = ("AMX: the OS refused the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); "
