@@ -236,10 +236,12 @@ def median_seconds(fn: Callable[[], object], repeat: int, min_time: float = 0.02
 
 
 def dram_read_bandwidth(quick: bool) -> Dict[str, float]:
-    """GB/s of a float32 sum over an array 16x (quick: 8x) the L3 size (medians of repeats)."""
+    """GB/s of a float32 sum over an array 16x (quick: 8x) the L3 size, at most 2 GiB (a VM on an
+    Intel Xeon reported its host's 480 MiB L3: 7.5 GB would crowd out the machine's memory)
+    (medians of repeats)."""
     torch = _torch()
     l3 = _l3_bytes() or 32 * 2**20
-    n_bytes = (8 if quick else 16) * l3
+    n_bytes = min((8 if quick else 16) * l3, 2 * 2**30)
     arr = np.ones(n_bytes // 4, dtype=np.float32)
     t_np = median_seconds(lambda: arr.sum(), repeat=5 if quick else 9, min_time=0)
     t_torch = median_seconds(lambda: torch.from_numpy(arr).sum(), repeat=5 if quick else 9, min_time=0)
@@ -263,6 +265,7 @@ def hardware(threads: int) -> Dict[str, object]:
     from tvm.target import codegen
 
     from tvm_rmsmp.compiler.targets import resolve_target
+    from schedules.x86_amx import amx_enabled
     from schedules.x86_intrin import x86_isa
 
     model = platform.processor() or "unknown"
@@ -275,6 +278,7 @@ def hardware(threads: int) -> Dict[str, object]:
     target = resolve_target("llvm")
     return {"cpu": model, "llvm_mcpu": str(codegen.llvm_get_system_cpu()), "cores": os.cpu_count(),
             "threads": threads, "l3_bytes": _l3_bytes(), "x86_kernel_isa": x86_isa(target),
+            "x86_amx": amx_enabled(target),
             "python": platform.python_version(), "machine": platform.machine()}
 
 
@@ -628,8 +632,8 @@ def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
     torch.set_num_threads(threads)
     hw = hardware(threads)
     print(f"CPU: {hw['cpu']} ({hw['llvm_mcpu']}, {hw['machine']}), {hw['cores']} cores, {threads} threads; "
-          f"L3 {hw['l3_bytes'] and hw['l3_bytes'] // 2**20} MiB; tvm-rmsmp x86 kernel ISA: {hw['x86_kernel_isa']}",
-          flush=True)
+          f"L3 {hw['l3_bytes'] and hw['l3_bytes'] // 2**20} MiB; tvm-rmsmp x86 kernel ISA: {hw['x86_kernel_isa']}"
+          f"{' + AMX-INT8' if hw['x86_amx'] else ''}", flush=True)
     bw = dram_read_bandwidth(quick)
     print(f"DRAM read bandwidth: {bw['GBps']:.1f} GB/s (numpy sum 1 thread {bw['numpy_sum_1_thread_GBps']:.1f}, "
           f"torch sum {threads} threads {bw[f'torch_sum_{threads}_threads_GBps']:.1f}; "
@@ -740,6 +744,81 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
     return lines + [""]
 
 
+#: The goals of issue 22 (2 threads): (what, workload, contenders compared with, least speedup)
+GOALS = [
+    ("FFN batch 128 >= 1.0x the fastest peer", "FFN 768-3072-768, batch 128", None, 1.0),
+    ("dense 768x768 batch 128 >= 1.0x", "dense 768x768, batch 128", None, 1.0),
+    ("dense 768x3072 batch 128 >= 1.0x", "dense 768x3072, batch 128", None, 1.0),
+    ("dense 3072x768 batch 128 >= 1.0x", "dense 3072x768, batch 128", None, 1.0),
+    ("BERT-base layer, seq 128 >= 1.2x ORT int8", "BERT-base encoder layer, seq 128", ["ORT int8 dyn"], 1.2),
+    ("MiniLM-L6, seq 128 >= 1.2x ORT int8", "MiniLM-L6 (all-MiniLM-L6-v2), seq 128", ["ORT int8 dyn"], 1.2),
+    ("ResNet-18 batch 8 ahead of every contender", "ResNet-18 8x3x224x224", None, 1.0),
+    ("FFN batch 1 >= 1.5x the fastest peer", "FFN 768-3072-768, batch 1", None, 1.5),
+]
+
+
+def _row(report, workload):
+    return next((x for x in report["results"] if x["workload"] == workload), None)
+
+
+def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
+    """Per CPU with committed runs at several thread counts (``bench/results/cpu-<name>-<t>t.json``):
+    tvm-rmsmp and the fastest contender at each thread count, the instruction path, the scaling,
+    and the goals of issue 22 (from the run with the most threads)."""
+    by_cpu: Dict[str, Dict[int, tuple]] = {}
+    for name, r in others.items():
+        m = re.fullmatch(r"cpu-(.+)-(\d+)t\.json", name)
+        if m:
+            by_cpu.setdefault(m.group(1), {})[int(r["hardware"]["threads"])] = (name, r)
+    lines: List[str] = []
+    for cpu, runs in sorted(by_cpu.items()):
+        threads = sorted(runs)
+        hw = runs[threads[-1]][1]["hardware"]
+        lines += [f"## {hw['cpu']} (LLVM `{hw['llvm_mcpu']}`, {hw['cores']} cores): 1 and 2 threads", "",
+                  "Files " + ", ".join(f"`bench/results/{runs[t][0]}` ({runs[t][1]['date_utc']} UTC, "
+                                       f"`{runs[t][1]['command']}`)" for t in threads) + ". tvm-rmsmp untuned in ms,",
+                  "its speedup over the fastest contender of the same run (and which), the instruction path of its",
+                  "integer kernels (`amx`: AMX-INT8 tiles, `vnni`: AVX-512 VNNI, `avx2`), and its scaling from",
+                  f"{threads[0]} to {threads[-1]} threads (time at {threads[0]} / time at {threads[-1]}).", "",
+                  "| workload | path | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}: ms (x fastest)"
+                                                       for t in threads) + " | scaling |",
+                  "|---|---|" + "---:|" * (len(threads) + 1)]
+        names = []
+        for t in threads:
+            names += [x["workload"] for x in runs[t][1]["results"] if x["workload"] not in names]
+        for wl in names:
+            cells, secs, path = [], [], "–"
+            for t in threads:
+                row = _row(runs[t][1], wl)
+                if row is None:
+                    cells.append("–")
+                    secs.append(None)
+                    continue
+                best = min(row["speedup"], key=row["speedup"].get)
+                cells.append(f"{_fmt(row['seconds'][RMSMP])} ({row['speedup'][best]:.2f}x {best})")
+                secs.append(row["seconds"][RMSMP])
+                path = row["rmsmp"].get("isa_path", path)
+            scaling = f"{secs[0] / secs[-1]:.2f}x" if secs[0] and secs[-1] else "–"
+            lines.append(f"| {wl} | {path} | " + " | ".join(cells) + f" | {scaling} |")
+        top = runs[threads[-1]][1]
+        lines += ["", f"Goals of issue 22 at {threads[-1]} threads on this CPU:", "",
+                  "| goal | tvm-rmsmp ms | compared with | speedup | met |", "|---|---:|---|---:|---|"]
+        for what, wl, against, least in GOALS:
+            row = _row(top, wl)
+            if row is None:
+                lines.append(f"| {what} | – | – | – | not measured |")
+                continue
+            peers = {k: v for k, v in row["speedup"].items() if against is None or k in against}
+            if not peers:
+                lines.append(f"| {what} | {_fmt(row['seconds'][RMSMP])} | – | – | no contender ran |")
+                continue
+            best = min(peers, key=peers.get)
+            lines.append(f"| {what} | {_fmt(row['seconds'][RMSMP])} | {best} ({_fmt(row['seconds'][best])}) | "
+                         f"{peers[best]:.2f}x | {'yes' if peers[best] >= least else 'no'} |")
+        lines.append("")
+    return lines
+
+
 def _ratio_text(report: Dict[str, object], workload: str) -> str:
     row = next((r for r in report["results"] if r["workload"] == workload), None)
     if row is None or not row.get("speedup"):
@@ -802,6 +881,7 @@ def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str
 
 
 def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, object]]] = None) -> str:
+    from schedules.x86_amx import AMX_MIN_ROWS
     from schedules.x86_gemv import GEMV_MAX_ROWS, GEMV_MAX_ROWS_AVX2
 
     hw, bw = report["hardware"], report["dram"]
@@ -894,7 +974,11 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               "through `vpshufb`, and the 16-bit pair sums are added for eight steps before `vpmaddwd`",
               f"widens them. From {GEMV_MAX_ROWS + 1} rows on (batch 128) VNNI runs `x86-avx512vnni-layer`: the layer",
               "decoded per call into one int8 matrix, then an outer-product GEMM; AVX2 runs from",
-              f"{GEMV_MAX_ROWS_AVX2 + 1} rows on each group's own outer-product kernel.",
+              f"{GEMV_MAX_ROWS_AVX2 + 1} rows on each group's own outer-product kernel. Where the CPU has AMX-INT8",
+              f"(Intel Xeon since Sapphire Rapids), from {AMX_MIN_ROWS} activation rows on each dense layer runs",
+              "`x86-amx-layer` (`schedules/x86_amx.py`): its rows decoded to int8 at compile time into 1 KiB",
+              "tiles in the VNNI layout, activations as the other tile operand (`tdpbusd` / `tdpbssd`), 2 x 2",
+              "int32 accumulator tiles over the whole reduction, the epilogue on AVX-512 vectors.",
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX2 or AVX-512 every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
@@ -915,7 +999,8 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               + " (layers with GELU, LayerNorm, softmax or average pooling in float differ by float rounding only).",
               "",
               "## Where the time goes (known gaps)",
-              ""] + _gaps(report, stack_pct, ffn_rates) + [""] + other_runs_markdown(report, others or {})
+              ""] + _gaps(report, stack_pct, ffn_rates) + [""] + other_runs_markdown(report, others or {}) \
+        + threads_markdown(others or {})
     return "\n".join(lines)
 
 

@@ -160,3 +160,31 @@ def test_compiled_model_runs_its_dense_layers_on_amx(host_target):
     if NO_AMX:
         pytest.skip(f"built for sapphirerapids, not run: {NO_AMX}")
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+
+
+def test_exported_amx_kernel_runs_in_a_process_without_this_package(tmp_path):
+    """The kernel asks the OS for the tile state itself: an exported library, loaded by a fresh
+    process that imports only TVM's runtime and numpy, computes the same result."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    layer, order, w_int = _layer(rng, 16, 64, 32, "uint8", (0.6, 0.35, 0.05))
+    _, exe, consts = _build(layer, order, _amx_target())
+    lib = tmp_path / "amx.so"
+    exe.mod.export_library(str(lib))
+    if NO_AMX:
+        pytest.skip(f"exported for sapphirerapids, not run: {NO_AMX}")
+    x = rng.integers(0, 256, size=(16, 64)).astype(np.uint8)
+    np.savez(tmp_path / "args.npz", x, *(c for c, _ in consts))
+    script = ("import sys, numpy as np, tvm\n"
+              "assert 'tvm_rmsmp' not in sys.modules and 'schedules' not in sys.modules\n"
+              f"a = np.load({str(tmp_path / 'args.npz')!r}); arrays = [a[f'arr_{{i}}'] for i in range(len(a.files))]\n"
+              f"f = tvm.runtime.load_module({str(lib)!r})['main']\n"
+              "args = [tvm.runtime.tensor(v) for v in arrays + [np.zeros((16, 32), np.float32)]]\n"
+              f"f(*args); np.save({str(tmp_path / 'out.npy')!r}, args[-1].numpy())\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bias = np.array([layer.groups[g][2][r] for g, r in order], np.int64)
+    scale = np.array([layer.groups[g][3][r] for g, r in order], np.float32)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np_epilogue(np_dense_acc(x, w_int), bias, scale, 1))
