@@ -119,6 +119,41 @@ def _amx_gemm(m: int, k: int, n: int, x_dtype: str, num_cores: int):
         return ((i // MB * k_steps + j // KB) * MB + i % MB) * KB + j % KB
 
     @T.macro
+    def mac(xs, wf, p, mb):
+        """Panel ``p`` times activation block ``mb`` into accumulator tiles 0-3, the next panel prefetched."""
+        for t in T.unroll(4):
+            _tile("tilezero", T.int8(t))
+        for s in T.serial(k_steps):
+            for line in T.unroll(lines):
+                _prefetch(T.address_of(wf[T.min((p + 1) * panel + ((mb * k_steps + s) * lines + line) * 64,
+                                                np_ // NB * panel - 1)]))
+            _tile("tileloadd64", T.int8(4), T.address_of(xs[xat(mb * MB, s * KB)]), T.int64(KB))
+            _tile("tileloadd64", T.int8(5), T.address_of(xs[xat(mb * MB + 16, s * KB)]), T.int64(KB))
+            for t in T.unroll(2):
+                _tile("tileloadd64", T.int8(6 + t), T.address_of(wf[p * panel + (t * k_steps + s) * 1024]), T.int64(64))
+            _tile(dot, T.int8(0), T.int8(4), T.int8(6))
+            _tile(dot, T.int8(1), T.int8(4), T.int8(7))
+            _tile(dot, T.int8(2), T.int8(5), T.int8(6))
+            _tile(dot, T.int8(3), T.int8(5), T.int8(7))
+
+    @T.macro
+    def epilogue(acc, base, out, bias, scale, p, mb):
+        """``float32(acc + bias) * scale`` of the 32 x 32 block at ``acc[base]``, 16 outputs a vector."""
+        for r in T.serial(MB):
+            if mb * MB + r < m:
+                for h in T.unroll(2):
+                    if p * NB + h * 16 + 16 <= n:
+                        out[mb * MB + r, T.ramp(p * NB + h * 16, 1, 16)] = T.Cast(
+                            "float32x16", acc[T.ramp(base + r * NB + h * 16, 1, 16)] + bias[T.ramp(p * NB + h * 16, 1, 16)]
+                        ) * scale[T.ramp(p * NB + h * 16, 1, 16)]
+                    else:
+                        for q in T.serial(16):
+                            if p * NB + h * 16 + q < n:
+                                out[mb * MB + r, p * NB + h * 16 + q] = T.Cast(
+                                    "float32", acc[base + r * NB + h * 16 + q] + bias[p * NB + h * 16 + q]
+                                ) * scale[p * NB + h * 16 + q]
+
+    @T.macro
     def gemm(x, w, bias, scale, out):
         granted = T.call_extern("int64", "syscall", T.int64(158), T.int64(0x1023), T.int64(18))
         assert granted == T.int64(0), AMX_REFUSED
@@ -139,42 +174,15 @@ def _amx_gemm(m: int, k: int, n: int, x_dtype: str, num_cores: int):
                 cfg[b] = T.Select(b == 0, T.uint8(1), T.Select(b >= 16 and b < 32 and b % 2 == 0, T.uint8(64),
                                                                T.Select(b >= 48 and b < 56, T.uint8(16), T.uint8(0))))
             _tile("ldtilecfg", T.address_of(cfg[0]))
-            for pb in T.serial(per_task):
+            # (running the epilogue of the previous block while a block's products are in flight,
+            # two accumulator buffers: no faster, 228 / 258 vs 238 / 252 us at 128 x 3072 x 768 /
+            # 128 x 768 x 3072, one thread; the epilogue's 1.5 MB of float32 stores bound it)
+            for pb, mb in T.grid(per_task, m_blocks):
                 if task * per_task + pb < n_blocks:
-                    for mb in T.serial(m_blocks):
-                        for t in T.unroll(4):
-                            _tile("tilezero", T.int8(t))
-                        for s in T.serial(k_steps):
-                            for line in T.unroll(lines):
-                                _prefetch(T.address_of(wf[T.min((task * per_task + pb + 1) * panel + (
-                                    (mb * k_steps + s) * lines + line) * 64, np_ // NB * panel - 1)]))
-                            _tile("tileloadd64", T.int8(4), T.address_of(xs[xat(mb * MB, s * KB)]), T.int64(KB))
-                            _tile("tileloadd64", T.int8(5), T.address_of(xs[xat(mb * MB + 16, s * KB)]), T.int64(KB))
-                            for t in T.unroll(2):
-                                _tile("tileloadd64", T.int8(6 + t), T.address_of(
-                                    wf[(task * per_task + pb) * panel + (t * k_steps + s) * 1024]), T.int64(64))
-                            _tile(dot, T.int8(0), T.int8(4), T.int8(6))
-                            _tile(dot, T.int8(1), T.int8(4), T.int8(7))
-                            _tile(dot, T.int8(2), T.int8(5), T.int8(6))
-                            _tile(dot, T.int8(3), T.int8(5), T.int8(7))
-                        for t in T.unroll(4):
-                            _tile("tilestored64", T.int8(t), T.address_of(acc[t // 2 * 16 * NB + t % 2 * 16]),
-                                  T.int64(NB * 4))
-                        for r in T.serial(MB):
-                            if mb * MB + r < m:
-                                for h in T.unroll(2):
-                                    if (task * per_task + pb) * NB + h * 16 + 16 <= n:
-                                        out[mb * MB + r, T.ramp((task * per_task + pb) * NB + h * 16, 1, 16)] = T.Cast(
-                                            "float32x16", acc[T.ramp(r * NB + h * 16, 1, 16)]
-                                            + bias[T.ramp((task * per_task + pb) * NB + h * 16, 1, 16)]
-                                        ) * scale[T.ramp((task * per_task + pb) * NB + h * 16, 1, 16)]
-                                    else:
-                                        for q in T.serial(16):
-                                            if (task * per_task + pb) * NB + h * 16 + q < n:
-                                                out[mb * MB + r, (task * per_task + pb) * NB + h * 16 + q] = T.Cast(
-                                                    "float32", acc[r * NB + h * 16 + q]
-                                                    + bias[(task * per_task + pb) * NB + h * 16 + q]
-                                                ) * scale[(task * per_task + pb) * NB + h * 16 + q]
+                    mac(xs, wf, task * per_task + pb, mb)
+                    for t in T.unroll(4):
+                        _tile("tilestored64", T.int8(t), T.address_of(acc[t // 2 * 16 * NB + t % 2 * 16]), T.int64(NB * 4))
+                    epilogue(acc, 0, out, bias, scale, task * per_task + pb, mb)
             _tile("tilerelease")
 
     return gemm
