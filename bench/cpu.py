@@ -722,7 +722,8 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
     if not others:
         return []
     runs = [("this run", report)] + sorted(others.items())
-    head = [f"{r['hardware']['cpu']}, {r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}, "
+    head = [f"{r['hardware']['cpu']}, {r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}"
+            f"{' + AMX' if r['hardware'].get('x86_amx') else ''}, "
             f"{r['hardware']['threads']} thread{'s' if r['hardware']['threads'] > 1 else ''}, {r['date_utc'][:10]})"
             for name, r in runs]
     lines = ["## Other CPUs", "",
