@@ -762,6 +762,25 @@ def _row(report, workload):
     return next((x for x in report["results"] if x["workload"] == workload), None)
 
 
+#: How the AMX runs' dense layers are computed (rendered under a CPU whose runs had AMX-INT8)
+AMX_NOTES = [
+    "On this CPU the dense layers from 12 activation rows on run `x86-amx-layer` (`schedules/x86_amx.py`):",
+    "every row of a layer, SP2-4, Fixed-4 or Fixed-8, is decoded to int8 at compile time into one matrix in",
+    "the graph's output order, laid out in 1 KiB tiles in the VNNI layout; per call the activations are",
+    "staged once as `A` tiles (`tdpbusd` for uint8 activations, `tdpbssd` for int8), each task keeps a",
+    "2 x 2 block of int32 accumulator tiles over the whole reduction while the next 32-column weight panel",
+    "is prefetched into L2, and the epilogue `float32(acc + bias) * scale` runs on AVX-512 vectors (bit for",
+    "bit the VNNI kernels' results). The threshold: `python -m bench.layer_kernels --amx --cpu-time --rows 8",
+    "10 12 16 24` (both FFN layers, one thread; AMX time nearly flat below 32 rows: it streams the int8",
+    "weights). The price of int8 tiles: one byte per weight in memory where packed 4-bit rows take half",
+    "(a BERT FFN: 4.7 MB instead of 2.4 MB); decoding the packed rows per call, panel by panel, measured",
+    "slower (the module docstring has the numbers). Convolutions keep the VNNI kernels (no AMX conv yet).",
+    "`RMSMP_AMX=0` at compile time builds without AMX; a kernel call where the OS refuses the tile state",
+    "(`arch_prctl(ARCH_REQ_XCOMP_PERM)`) fails saying so.",
+    "",
+]
+
+
 def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
     """Per CPU with committed runs at several thread counts (``bench/results/cpu-<name>-<t>t.json``):
     tvm-rmsmp and the fastest contender at each thread count, the instruction path, the scaling,
@@ -802,6 +821,8 @@ def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
             scaling = f"{secs[0] / secs[-1]:.2f}x" if secs[0] and secs[-1] else "–"
             lines.append(f"| {wl} | {path} | " + " | ".join(cells) + f" | {scaling} |")
         top = runs[threads[-1]][1]
+        if hw.get("x86_amx"):
+            lines += [""] + AMX_NOTES[:-1]
         lines += ["", f"Goals of issue 22 at {threads[-1]} threads on this CPU:", "",
                   "| goal | tvm-rmsmp ms | compared with | speedup | met |", "|---|---:|---|---:|---|"]
         for what, wl, against, least in GOALS:
