@@ -627,7 +627,7 @@ def _selected(name: str, only: Optional[List[str]], names_all: List[str]) -> boo
 
 
 def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
-        tuning_dir: str = TUNING_DIR) -> Dict[str, object]:
+        tuning_dir: str = TUNING_DIR, skip=()) -> Dict[str, object]:
     torch = _torch()
     torch.set_num_threads(threads)
     hw = hardware(threads)
@@ -645,6 +645,7 @@ def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
     except ImportError:
         names = [c for c in CONTENDERS if not c.startswith("ORT")] + [RMSMP]
         print("onnxruntime is not installed (pip install .[bench]): ONNX Runtime contenders skipped", flush=True)
+    names = [who for who in names if who not in skip]
     repeat = 7 if quick else 21
     results = []
     workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"], tvm_trials, tuning_dir) for who in names}
@@ -694,7 +695,7 @@ def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
         for c in workers.values():
             c.stop()
     return {"hardware": hw, "dram": bw, "quick": quick, "tvm_fp32_trials_per_task": tvm_trials,
-            "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
+            "command": " ".join(["python -m bench.cpu"] + [f'"{a}"' if " " in a else a for a in sys.argv[1:]]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "results": results}
 
 
@@ -821,6 +822,9 @@ def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
             scaling = f"{secs[0] / secs[-1]:.2f}x" if secs[0] and secs[-1] else "–"
             lines.append(f"| {wl} | {path} | " + " | ".join(cells) + f" | {scaling} |")
         top = runs[threads[-1]][1]
+        for t in threads:
+            if runs[t][1].get("note"):
+                lines += ["", f"Note on the {t}-thread run: {runs[t][1]['note']}"]
         if hw.get("x86_amx"):
             lines += [""] + AMX_NOTES[:-1]
         lines += ["", f"Goals of issue 22 at {threads[-1]} threads on this CPU:", "",
@@ -1046,6 +1050,9 @@ def main(argv=None) -> int:
                     "one of these texts")
     ap.add_argument("--tvm-trials", type=int, default=TVM_TRIALS,
                     help="MetaSchedule trials per task for TVM fp32 tuned (0: leave that contender out)")
+    ap.add_argument("--skip", nargs="+", default=[], choices=CONTENDERS, metavar="CONTENDER",
+                    help="leave these contenders out (e.g. \"TVM fp32 untuned\": seconds per call at batch 8 of ResNet-18)")
+    ap.add_argument("--note", help="a remark on the run's conditions, kept in the JSON and shown in the docs")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,
                     help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "cpu.json"))
@@ -1065,7 +1072,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if args.tvm_trials < 0:
         ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
-    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir)
+    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip)
+    if args.note:
+        report["note"] = args.note
     if not args.no_write:
         from tvm_rmsmp.runtime.fileio import atomic_write
 
