@@ -42,6 +42,12 @@ CONTENDERS = ["torch fp32", "torch int8 dyn", "torchao int8 + compile", "ORT int
 RMSMP = "tvm-rmsmp untuned"
 TVM_TRIALS = 16  # MetaSchedule trials per task for "TVM fp32 tuned" (2-3 s each on 2 cores)
 TUNING_DIR = os.path.join(ROOT, "bench", ".tuning", "tvm_fp32")  # its records, reused by later runs
+#: ``--no-spin``: thread pools sleep when idle (OpenMP passive waits, ONNX Runtime without
+#: spinning, TVM's pool without its spin loop), so a contender's idle workers do not keep the
+#: cores busy while the next contender is timed (at 2 threads on 2 cores, torch's OpenMP workers
+#: spinning after each call slowed the next contender down up to 50x)
+NO_SPIN_ENV = "RMSMP_BENCH_NO_SPIN"
+NO_SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", NO_SPIN_ENV: "1"}
 
 
 # ----- models --------------------------------------------------------------------------------
@@ -349,6 +355,8 @@ def ort_contenders(model, x, threads: int, tmp: str, has_vnni: bool) -> Dict[str
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if os.environ.get(NO_SPIN_ENV):  # --no-spin: idle workers sleep instead of spinning
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     feed = {"x": x.numpy()}
     out: Dict[str, Optional[Callable]] = {}
 
@@ -1053,6 +1061,8 @@ def main(argv=None) -> int:
                     help="MetaSchedule trials per task for TVM fp32 tuned (0: leave that contender out)")
     ap.add_argument("--skip", nargs="+", default=[], choices=CONTENDERS, metavar="CONTENDER",
                     help="leave these contenders out (e.g. \"TVM fp32 untuned\": seconds per call at batch 8 of ResNet-18)")
+    ap.add_argument("--no-spin", action="store_true", help="idle thread pools sleep instead of spinning (every "
+                    "contender; see NO_SPIN): for several threads on a machine with as many cores")
     ap.add_argument("--note", help="a remark on the run's conditions, kept in the JSON and shown in the docs")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,
                     help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
@@ -1073,7 +1083,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if args.tvm_trials < 0:
         ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
+    if args.no_spin:
+        os.environ.update(NO_SPIN)  # before the workers are spawned: they inherit it
     report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip)
+    report["no_spin"] = bool(args.no_spin)
     if args.note:
         report["note"] = args.note
     if not args.no_write:
