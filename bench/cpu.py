@@ -42,6 +42,12 @@ CONTENDERS = ["torch fp32", "torch int8 dyn", "torchao int8 + compile", "ORT int
 RMSMP = "tvm-rmsmp untuned"
 TVM_TRIALS = 16  # MetaSchedule trials per task for "TVM fp32 tuned" (2-3 s each on 2 cores)
 TUNING_DIR = os.path.join(ROOT, "bench", ".tuning", "tvm_fp32")  # its records, reused by later runs
+#: ``--no-spin``: thread pools sleep when idle (OpenMP passive waits, ONNX Runtime without
+#: spinning, TVM's pool without its spin loop), so a contender's idle workers do not keep the
+#: cores busy while the next contender is timed (at 2 threads on 2 cores, torch's OpenMP workers
+#: spinning after each call slowed the next contender down up to 50x)
+NO_SPIN_ENV = "RMSMP_BENCH_NO_SPIN"
+NO_SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", NO_SPIN_ENV: "1"}
 
 
 # ----- models --------------------------------------------------------------------------------
@@ -210,6 +216,7 @@ def workloads(quick: bool):
         out.append((f"ResNet-18 conv {c_in}->{c_out} 3x3 @{hw}x{hw}, batch 1", "kernel",
                     lambda c_in=c_in, c_out=c_out, s=s: conv_model(c_in, c_out, s), (1, c_in, hw, hw), False))
     out.append(("ResNet-18 1x3x224x224", "model", resnet18, (1, 3, 224, 224), False))
+    out.append(("ResNet-18 8x3x224x224", "model", resnet18, (8, 3, 224, 224), False))
     out.append(("BERT-base encoder layer, seq 128", "model", bert_layer, (1, 128, 768), False))
     out.append(("MiniLM-L6 (all-MiniLM-L6-v2), seq 128", "model", minilm_l6, (1, 128), False))
     return out
@@ -235,10 +242,12 @@ def median_seconds(fn: Callable[[], object], repeat: int, min_time: float = 0.02
 
 
 def dram_read_bandwidth(quick: bool) -> Dict[str, float]:
-    """GB/s of a float32 sum over an array 16x (quick: 8x) the L3 size (medians of repeats)."""
+    """GB/s of a float32 sum over an array 16x (quick: 8x) the L3 size, at most 2 GiB (a VM on an
+    Intel Xeon reported its host's 480 MiB L3: 7.5 GB would crowd out the machine's memory)
+    (medians of repeats)."""
     torch = _torch()
     l3 = _l3_bytes() or 32 * 2**20
-    n_bytes = (8 if quick else 16) * l3
+    n_bytes = min((8 if quick else 16) * l3, 2 * 2**30)
     arr = np.ones(n_bytes // 4, dtype=np.float32)
     t_np = median_seconds(lambda: arr.sum(), repeat=5 if quick else 9, min_time=0)
     t_torch = median_seconds(lambda: torch.from_numpy(arr).sum(), repeat=5 if quick else 9, min_time=0)
@@ -262,6 +271,7 @@ def hardware(threads: int) -> Dict[str, object]:
     from tvm.target import codegen
 
     from tvm_rmsmp.compiler.targets import resolve_target
+    from schedules.x86_amx import amx_enabled
     from schedules.x86_intrin import x86_isa
 
     model = platform.processor() or "unknown"
@@ -274,6 +284,7 @@ def hardware(threads: int) -> Dict[str, object]:
     target = resolve_target("llvm")
     return {"cpu": model, "llvm_mcpu": str(codegen.llvm_get_system_cpu()), "cores": os.cpu_count(),
             "threads": threads, "l3_bytes": _l3_bytes(), "x86_kernel_isa": x86_isa(target),
+            "x86_amx": amx_enabled(target),
             "python": platform.python_version(), "machine": platform.machine()}
 
 
@@ -344,6 +355,8 @@ def ort_contenders(model, x, threads: int, tmp: str, has_vnni: bool) -> Dict[str
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if os.environ.get(NO_SPIN_ENV):  # --no-spin: idle workers sleep instead of spinning
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     feed = {"x": x.numpy()}
     out: Dict[str, Optional[Callable]] = {}
 
@@ -456,8 +469,20 @@ def rmsmp_build(model, x, target):
         ref = q(x).numpy()
     y = exe(x)
     info = {"bit_exact": bool(np.array_equal(y, ref)), "max_abs_diff": float(np.abs(y - ref).max()),
-            "weight_bytes": rmsmp_weight_bytes(q), "stats": {k: v for k, v in exe.stats.items()}}
+            "weight_bytes": rmsmp_weight_bytes(q), "stats": {k: v for k, v in exe.stats.items()},
+            "isa_path": isa_path(exe.stats.get("cpu_kernels", {}))}
     return (lambda: vm["main"](*args)), info
+
+
+def isa_path(cpu_kernels: Dict[str, int]) -> str:
+    """Which x86 instruction path ran the model's integer layers (``exe.stats['cpu_kernels']``
+    kinds, ``x86-<isa>-<kind>``): ``amx`` where any kernel used the tile unit, else ``vnni``,
+    ``avx2``, or ``generic`` (the portable schedules)."""
+    kinds = " ".join(cpu_kernels or {})
+    for tag, path in (("-amx-", "amx"), ("-avx512vnni-", "vnni"), ("-avx2-", "avx2")):
+        if tag in kinds:
+            return path
+    return "generic"
 
 
 def rmsmp_weight_bytes(q) -> int:
@@ -598,14 +623,25 @@ def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float 
     return {who: statistics.median(v) for who, v in samples.items()}
 
 
-def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int = TVM_TRIALS,
-        tuning_dir: str = TUNING_DIR) -> Dict[str, object]:
+def _selected(name: str, only: Optional[List[str]], names_all: List[str]) -> bool:
+    """Whether workload ``name`` is one of ``only``: each an exact name, or else a part of names."""
+    if not only:
+        return True
+    for want in only:
+        want = want.lower()
+        if name.lower() == want if want in names_all else want in name.lower():
+            return True
+    return False
+
+
+def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
+        tuning_dir: str = TUNING_DIR, skip=()) -> Dict[str, object]:
     torch = _torch()
     torch.set_num_threads(threads)
     hw = hardware(threads)
     print(f"CPU: {hw['cpu']} ({hw['llvm_mcpu']}, {hw['machine']}), {hw['cores']} cores, {threads} threads; "
-          f"L3 {hw['l3_bytes'] and hw['l3_bytes'] // 2**20} MiB; tvm-rmsmp x86 kernel ISA: {hw['x86_kernel_isa']}",
-          flush=True)
+          f"L3 {hw['l3_bytes'] and hw['l3_bytes'] // 2**20} MiB; tvm-rmsmp x86 kernel ISA: {hw['x86_kernel_isa']}"
+          f"{' + AMX-INT8' if hw['x86_amx'] else ''}", flush=True)
     bw = dram_read_bandwidth(quick)
     print(f"DRAM read bandwidth: {bw['GBps']:.1f} GB/s (numpy sum 1 thread {bw['numpy_sum_1_thread_GBps']:.1f}, "
           f"torch sum {threads} threads {bw[f'torch_sum_{threads}_threads_GBps']:.1f}; "
@@ -617,14 +653,15 @@ def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int =
     except ImportError:
         names = [c for c in CONTENDERS if not c.startswith("ORT")] + [RMSMP]
         print("onnxruntime is not installed (pip install .[bench]): ONNX Runtime contenders skipped", flush=True)
+    names = [who for who in names if who not in skip]
     repeat = 7 if quick else 21
     results = []
     workers = {who: Contender(who, quick, threads, hw["x86_kernel_isa"], tvm_trials, tuning_dir) for who in names}
     try:
-        names_all = [w[0].lower() for w in workloads(quick)]
-        exact = only is not None and only.lower() in names_all  # "batch 1" is also in "batch 128"
+        names_all = [w[0].lower() for w in workloads(quick)]  # "batch 1" is also in "batch 128": exact first
+        only = [only] if isinstance(only, str) else only
         for index, (name, group, _factory, shape, streaming) in enumerate(workloads(quick)):
-            if only and (name.lower() != only.lower() if exact else only.lower() not in name.lower()):
+            if not _selected(name, only, names_all):
                 continue
             print(f"\n{name}", flush=True)
             live: Dict[str, Contender] = {}
@@ -658,14 +695,15 @@ def run(quick: bool, threads: int, only: Optional[str] = None, tvm_trials: int =
             if streaming:
                 row["rmsmp_fraction_of_dram_bw"] = bytes_of[RMSMP] / secs[RMSMP] / 1e9 / bw["GBps"]
             print(f"  rmsmp bit-exact vs its torch reference: {rinfo['bit_exact']} "
-                  f"(max |diff| {rinfo['max_abs_diff']:.3g}); kernels {rinfo['stats'].get('cpu_kernels')}; speedup: "
+                  f"(max |diff| {rinfo['max_abs_diff']:.3g}); kernels {rinfo['stats'].get('cpu_kernels')} "
+                  f"({rinfo['isa_path']}); speedup: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()), flush=True)
             results.append(row)
     finally:
         for c in workers.values():
             c.stop()
     return {"hardware": hw, "dram": bw, "quick": quick, "tvm_fp32_trials_per_task": tvm_trials,
-            "command": " ".join(["python -m bench.cpu"] + sys.argv[1:]),
+            "command": " ".join(["python -m bench.cpu"] + [f'"{a}"' if " " in a else a for a in sys.argv[1:]]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "results": results}
 
 
@@ -693,11 +731,14 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
     if not others:
         return []
     runs = [("this run", report)] + sorted(others.items())
-    head = [f"{r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}, {r['date_utc'][:10]})"
+    head = [f"{r['hardware']['cpu']}, {r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}"
+            f"{' + AMX' if r['hardware'].get('x86_amx') else ''}, "
+            f"{r['hardware']['threads']} thread{'s' if r['hardware']['threads'] > 1 else ''}, {r['date_utc'][:10]})"
             for name, r in runs]
     lines = ["## Other CPUs", "",
              "Committed runs of the same command on other machines (JSON in `bench/results/`): tvm-rmsmp",
-             "untuned in ms, and in parentheses its speedup over the fastest contender of that run.", "",
+             "untuned in ms, and in parentheses its speedup over the fastest contender of that run and",
+             "the instruction path of its integer kernels (`amx`, `vnni`, `avx2`; where recorded).", "",
              "| workload | " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     names = [row["workload"] for row in report["results"]]
     for _, r in runs[1:]:
@@ -707,9 +748,110 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
         for _, r in runs:
             row = next((x for x in r["results"] if x["workload"] == name), None)
             best = _vs_fastest(row) if row else None
-            cells.append("–" if row is None else f"{_fmt(row['seconds'][RMSMP])} ({best:.2f}x)")
+            path = row and row.get("rmsmp", {}).get("isa_path")
+            cells.append("–" if row is None else f"{_fmt(row['seconds'][RMSMP])} ({best:.2f}x{', ' + path if path else ''})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+#: The goals of issue 22 (2 threads): (what, workload, contenders compared with, least speedup)
+GOALS = [
+    ("FFN batch 128 >= 1.0x the fastest peer", "FFN 768-3072-768, batch 128", None, 1.0),
+    ("dense 768x768 batch 128 >= 1.0x", "dense 768x768, batch 128", None, 1.0),
+    ("dense 768x3072 batch 128 >= 1.0x", "dense 768x3072, batch 128", None, 1.0),
+    ("dense 3072x768 batch 128 >= 1.0x", "dense 3072x768, batch 128", None, 1.0),
+    ("BERT-base layer, seq 128 >= 1.2x ORT int8", "BERT-base encoder layer, seq 128", ["ORT int8 dyn"], 1.2),
+    ("MiniLM-L6, seq 128 >= 1.2x ORT int8", "MiniLM-L6 (all-MiniLM-L6-v2), seq 128", ["ORT int8 dyn"], 1.2),
+    ("ResNet-18 batch 8 ahead of every contender", "ResNet-18 8x3x224x224", None, 1.0),
+    ("FFN batch 1 >= 1.5x the fastest peer", "FFN 768-3072-768, batch 1", None, 1.5),
+]
+
+
+def _row(report, workload):
+    return next((x for x in report["results"] if x["workload"] == workload), None)
+
+
+#: How the AMX runs' dense layers are computed (rendered under a CPU whose runs had AMX-INT8)
+AMX_NOTES = [
+    "On this CPU the dense layers from 12 activation rows on run `x86-amx-layer` (`schedules/x86_amx.py`):",
+    "every row of a layer, SP2-4, Fixed-4 or Fixed-8, is decoded to int8 at compile time into one matrix in",
+    "the graph's output order, laid out in 1 KiB tiles in the VNNI layout; per call the activations are",
+    "staged once as `A` tiles (`tdpbusd` for uint8 activations, `tdpbssd` for int8), each task keeps a",
+    "2 x 2 block of int32 accumulator tiles over the whole reduction while the next 32-column weight panel",
+    "is prefetched into L2, and the epilogue `float32(acc + bias) * scale` runs on AVX-512 vectors (bit for",
+    "bit the VNNI kernels' results). The threshold: `python -m bench.layer_kernels --amx --cpu-time --rows 8",
+    "10 12 16 24` (both FFN layers, one thread; AMX time nearly flat below 32 rows: it streams the int8",
+    "weights). The price of int8 tiles: one byte per weight in memory where packed 4-bit rows take half",
+    "(a BERT FFN: 4.7 MB instead of 2.4 MB); decoding the packed rows per call, panel by panel, measured",
+    "slower (the module docstring has the numbers). Convolutions keep the VNNI kernels (no AMX conv yet).",
+    "`RMSMP_AMX=0` at compile time builds without AMX; a kernel call where the OS refuses the tile state",
+    "(`arch_prctl(ARCH_REQ_XCOMP_PERM)`) fails saying so.",
+    "",
+]
+
+
+def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
+    """Per CPU with committed runs at several thread counts (``bench/results/cpu-<name>-<t>t.json``):
+    tvm-rmsmp and the fastest contender at each thread count, the instruction path, the scaling,
+    and the goals of issue 22 (from the run with the most threads)."""
+    by_cpu: Dict[str, Dict[int, tuple]] = {}
+    for name, r in others.items():
+        m = re.fullmatch(r"cpu-(.+)-(\d+)t\.json", name)
+        if m:
+            by_cpu.setdefault(m.group(1), {})[int(r["hardware"]["threads"])] = (name, r)
+    lines: List[str] = []
+    for cpu, runs in sorted(by_cpu.items()):
+        threads = sorted(runs)
+        hw = runs[threads[-1]][1]["hardware"]
+        lines += [f"## {hw['cpu']} (LLVM `{hw['llvm_mcpu']}`, {hw['cores']} cores): 1 and 2 threads", "",
+                  "Files " + ", ".join(f"`bench/results/{runs[t][0]}` ({runs[t][1]['date_utc']} UTC, "
+                                       f"`{runs[t][1]['command']}`)" for t in threads) + ". tvm-rmsmp untuned in ms,",
+                  "its speedup over the fastest contender of the same run (and which), the instruction path of its",
+                  "integer kernels (`amx`: AMX-INT8 tiles, `vnni`: AVX-512 VNNI, `avx2`), and its scaling from",
+                  f"{threads[0]} to {threads[-1]} threads (time at {threads[0]} / time at {threads[-1]}).", "",
+                  "| workload | path | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}: ms (x fastest)"
+                                                       for t in threads) + " | scaling |",
+                  "|---|---|" + "---:|" * (len(threads) + 1)]
+        names = []
+        for t in threads:
+            names += [x["workload"] for x in runs[t][1]["results"] if x["workload"] not in names]
+        for wl in names:
+            cells, secs, path = [], [], "–"
+            for t in threads:
+                row = _row(runs[t][1], wl)
+                if row is None:
+                    cells.append("–")
+                    secs.append(None)
+                    continue
+                best = min(row["speedup"], key=row["speedup"].get)
+                cells.append(f"{_fmt(row['seconds'][RMSMP])} ({row['speedup'][best]:.2f}x {best})")
+                secs.append(row["seconds"][RMSMP])
+                path = row["rmsmp"].get("isa_path", path)
+            scaling = f"{secs[0] / secs[-1]:.2f}x" if secs[0] and secs[-1] else "–"
+            lines.append(f"| {wl} | {path} | " + " | ".join(cells) + f" | {scaling} |")
+        for t in threads:
+            if runs[t][1].get("note"):
+                lines += ["", f"Note on the {t}-thread run: {runs[t][1]['note']}"]
+        if hw.get("x86_amx"):
+            lines += [""] + AMX_NOTES[:-1]
+        lines += ["", "Goals of issue 22 on this CPU (the issue asks them at 2 threads): tvm-rmsmp ms, its speedup over",
+                  "the contender compared with, met or not, per thread count.", "",
+                  "| goal | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
+                  "|---|" + "---|" * len(threads)]
+        for what, wl, against, least in GOALS:
+            cells = []
+            for t in threads:
+                row = _row(runs[t][1], wl)
+                peers = {} if row is None else {k: v for k, v in row["speedup"].items() if against is None or k in against}
+                if not peers:
+                    cells.append("not measured")
+                    continue
+                best = min(peers, key=peers.get)
+                cells.append(f"{_fmt(row['seconds'][RMSMP])} vs {best} {_fmt(row['seconds'][best])}: "
+                             f"{peers[best]:.2f}x, {'met' if peers[best] >= least else 'not met'}")
+            lines.append(f"| {what} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _ratio_text(report: Dict[str, object], workload: str) -> str:
@@ -773,7 +915,29 @@ def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str
     ] + attention
 
 
+
+#: a hand-written block of docs/performance.md (``<!-- BEGIN hand-written NAME ... -->`` to
+#: ``<!-- END hand-written NAME -->``): kept when the generated tables are rewritten
+_HAND_WRITTEN = re.compile(r"<!-- BEGIN hand-written (?P<name>[\w-]+).*?-->.*?<!-- END hand-written (?P=name) -->", re.S)
+
+
+def with_hand_written(path: str, generated: str) -> str:
+    """``generated`` with the hand-written blocks of the file at ``path`` kept: the first one
+    (the overview) after the title line, the others at the end, in their order."""
+    try:
+        with open(path) as fh:
+            blocks = [m.group(0) for m in _HAND_WRITTEN.finditer(fh.read())]
+    except FileNotFoundError:
+        return generated
+    if not blocks:
+        return generated
+    title, _, rest = generated.partition("\n\n")
+    tail = "".join(f"\n\n{b}" for b in blocks[1:])
+    return f"{title}\n\n{blocks[0]}\n\n{rest.rstrip()}{tail}\n"
+
+
 def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, object]]] = None) -> str:
+    from schedules.x86_amx import AMX_MIN_ROWS
     from schedules.x86_gemv import GEMV_MAX_ROWS, GEMV_MAX_ROWS_AVX2
 
     hw, bw = report["hardware"], report["dram"]
@@ -866,7 +1030,11 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               "through `vpshufb`, and the 16-bit pair sums are added for eight steps before `vpmaddwd`",
               f"widens them. From {GEMV_MAX_ROWS + 1} rows on (batch 128) VNNI runs `x86-avx512vnni-layer`: the layer",
               "decoded per call into one int8 matrix, then an outer-product GEMM; AVX2 runs from",
-              f"{GEMV_MAX_ROWS_AVX2 + 1} rows on each group's own outer-product kernel.",
+              f"{GEMV_MAX_ROWS_AVX2 + 1} rows on each group's own outer-product kernel. Where the CPU has AMX-INT8",
+              f"(Intel Xeon since Sapphire Rapids), from {AMX_MIN_ROWS} activation rows on each dense layer runs",
+              "`x86-amx-layer` (`schedules/x86_amx.py`): its rows decoded to int8 at compile time into 1 KiB",
+              "tiles in the VNNI layout, activations as the other tile operand (`tdpbusd` / `tdpbssd`), 2 x 2",
+              "int32 accumulator tiles over the whole reduction, the epilogue on AVX-512 vectors.",
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX2 or AVX-512 every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
@@ -887,7 +1055,8 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               + " (layers with GELU, LayerNorm, softmax or average pooling in float differ by float rounding only).",
               "",
               "## Where the time goes (known gaps)",
-              ""] + _gaps(report, stack_pct, ffn_rates) + [""] + other_runs_markdown(report, others or {})
+              ""] + _gaps(report, stack_pct, ffn_rates) + [""] + other_runs_markdown(report, others or {}) \
+        + threads_markdown(others or {})
     return "\n".join(lines)
 
 
@@ -907,9 +1076,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller DRAM probe, no batch-128 TVM fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", help="run the workload of this name, else those whose name contains this text")
+    ap.add_argument("--only", nargs="+", help="run the workloads of these names, else those whose name contains "
+                    "one of these texts")
     ap.add_argument("--tvm-trials", type=int, default=TVM_TRIALS,
                     help="MetaSchedule trials per task for TVM fp32 tuned (0: leave that contender out)")
+    ap.add_argument("--skip", nargs="+", default=[], choices=CONTENDERS, metavar="CONTENDER",
+                    help="leave these contenders out (e.g. \"TVM fp32 untuned\": seconds per call at batch 8 of ResNet-18)")
+    ap.add_argument("--no-spin", action="store_true", help="idle thread pools sleep instead of spinning (every "
+                    "contender; see NO_SPIN): for several threads on a machine with as many cores")
+    ap.add_argument("--note", help="a remark on the run's conditions, kept in the JSON and shown in the docs")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,
                     help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "cpu.json"))
@@ -922,20 +1097,25 @@ def main(argv=None) -> int:
         from tvm_rmsmp.runtime.fileio import atomic_write
 
         with open(args.json) as fh:
-            atomic_write(args.markdown, markdown(json.load(fh), other_runs(args.json)))
+            atomic_write(args.markdown, with_hand_written(args.markdown, markdown(json.load(fh), other_runs(args.json))))
         return 0
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
     warnings.filterwarnings("ignore")
     if args.tvm_trials < 0:
         ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
-    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir)
+    if args.no_spin:
+        os.environ.update(NO_SPIN)  # before the workers are spawned: they inherit it
+    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip)
+    report["no_spin"] = bool(args.no_spin)
+    if args.note:
+        report["note"] = args.note
     if not args.no_write:
         from tvm_rmsmp.runtime.fileio import atomic_write
 
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         atomic_write(args.json, json.dumps(report, indent=1))
-        atomic_write(args.markdown, markdown(report, other_runs(args.json)))
+        atomic_write(args.markdown, with_hand_written(args.markdown, markdown(report, other_runs(args.json))))
         print(f"\nwrote {args.json} and {args.markdown}")
     return 0
 

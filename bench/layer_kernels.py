@@ -5,6 +5,8 @@ Run from the repository root::
     python -m bench.layer_kernels                 # 1 .. 32 rows, both BERT FFN layers, one thread
     python -m bench.layer_kernels --rows 1 8 24
     python -m bench.layer_kernels --passes        # one pass of each tiling in this CPU's pass_us
+    python -m bench.layer_kernels --amx           # and the AMX layer kernel (where the host has AMX-INT8)
+    python -m bench.layer_kernels --amx --cpu-time --rows 8 10 12 16   # CPU time: steadier on a shared machine
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
@@ -50,7 +52,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
+    ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (least of 7 runs; "
+                    "one thread only): steadier than wall-clock medians on a machine shared with other jobs")
+    ap.add_argument("--amx", action="store_true", help="also time the AMX layer kernel (schedules.x86_amx), where "
+                    "the host has AMX-INT8: AMX_MIN_ROWS is chosen from it")
     args = ap.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time measures one thread")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
     import numpy as np
@@ -62,8 +70,16 @@ def main(argv=None) -> int:
     from schedules.x86_tuning_table import X86_CONSTANTS, x86_constants
     from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
+    from schedules.x86_amx import amx_dense_kernel, amx_enabled, amx_weights
+    from tvm_rmsmp.compiler.targets import resolve_target
+    from tvm_rmsmp.quant.schemes import unpack_nibbles
+
+    host = resolve_target("llvm")  # the host's features (AMX) with its CPU name
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                                "num-cores": args.threads})
+                                "mattr": list(host.attrs.get("mattr", [])), "num-cores": args.threads})
+    amx = args.amx and amx_enabled(target)
+    if args.amx and not amx:
+        print("--amx: this host's target has no AMX-INT8 (or RMSMP_AMX=0); the AMX column is left out")
     isa = x86_isa(target)
     if isa is None:
         print(f"needs AVX2; this CPU ({target.attrs.get('mcpu')}) has no x86 kernel")
@@ -79,6 +95,18 @@ def main(argv=None) -> int:
     def timed(func, arrays):
         exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         tensors = [tvm.runtime.tensor(a) for a in arrays]
+        if args.cpu_time:  # one thread: this process's CPU time, the least of 7 runs of 20 calls
+            import time
+
+            main_fn = exe.mod["main"]
+            main_fn(*tensors)
+            runs = []
+            for _ in range(7):
+                start = time.process_time()
+                for _ in range(20):
+                    main_fn(*tensors)
+                runs.append((time.process_time() - start) / 20)
+            return min(runs)
         return float(np.median(exe.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*tensors).results))
 
     print(f"{target.attrs.get('mcpu')} ({isa}), {args.threads} thread(s), VBMI {vbmi}; microseconds, both FFN layers")
@@ -111,8 +139,20 @@ def main(argv=None) -> int:
                                            np.zeros((m, w.shape[0]), np.float32)])
         return total
 
+    def amx_layers(m):
+        """The AMX kernel (schedules.x86_amx) over both layers, rows decoded at compile time."""
+        total = 0.0
+        for k, n, groups, order in layers:
+            decoded = [nibble_decode(unpack_nibbles(groups[0], k), get_scheme("sp2_4")),
+                       nibble_decode(unpack_nibbles(groups[1], k), get_scheme("fixed_4")), groups[2]]
+            w = np.stack([decoded[g][r] for g, r in order]).astype(np.int8)
+            func = amx_dense_kernel(m, k, n, "int8", num_cores=args.threads)
+            total += timed(func, [rng.integers(-128, 128, (m, k)).astype(np.int8), amx_weights(w),
+                                  np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros((m, n), np.float32)])
+        return total
+
     other = "layer" if isa == "avx512vnni" else "groups"
-    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}")
+    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}" + (f" {'amx':>9} {'amx/best':>9}" if amx else ""))
     for m in args.rows:
         total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0}
         for k, n, groups, order in layers:
@@ -125,8 +165,11 @@ def main(argv=None) -> int:
             func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi, cpu=cpu)
             total[other] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
                                          scale, np.zeros((m, n), np.float32)])
-        print(f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x",
-              flush=True)
+        line = f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x"
+        if amx:
+            t_amx = amx_layers(m)
+            line += f" {t_amx * 1e6:>9.1f} {t_amx / min(total['gemv'], total[other]):>8.2f}x"
+        print(line, flush=True)
     return 0
 
 

@@ -28,10 +28,12 @@ from tvm.target.codegen import target_has_features
 
 from relay_passes import contract
 from relay_passes.contract import DenseLayer, LayerKernels
-from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
+from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode, unpack_nibbles
 
 from .registry import target_cores
-from .x86_bounds import KernelBoundError, KernelBoundWarning
+from .x86_amx import AMX_MIN_ROWS, amx_dense_kernel, amx_enabled, amx_weights
+from .x86_bounds import INT8 as INT8_RANGE
+from .x86_bounds import KernelBoundError, KernelBoundWarning, activation_range, max_k
 from .x86_gemv import (
     INT8,
     LINEAR,
@@ -48,7 +50,7 @@ from .x86_tuning_table import target_cpu
 __all__ = ["x86_layer_kernels"]
 
 
-def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional[str]) -> bool:
+def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional[str], amx: bool = False) -> bool:
     """Whether one x86 layer kernel computes ``layer``: packed 4-bit groups of at most two
     decode tables, int8 fixed-point groups, int8/uint8 activations, at most ``max_rows``
     activation rows (None: any), a reduction within the kernel's integer bounds."""
@@ -60,6 +62,8 @@ def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional
         return False
     if not isinstance(layer.x_shape[0], int):  # a dynamic batch: the outer-product kernel, any rows
         return isa == "avx512vnni" and _within_bounds(layer, isa, cpu)
+    if amx and layer.x_shape[0] >= AMX_MIN_ROWS:  # int8 products in int32 tiles: K up to 65793
+        return int(layer.x_shape[1]) <= max_k(activation_range(layer.x_dtype), INT8_RANGE)
     return (max_rows is None or layer.x_shape[0] <= max_rows) and _within_bounds(layer, isa, cpu)
 
 
@@ -131,12 +135,33 @@ def _with_attrs(kernel: tvm.tirx.PrimFunc, schemes: Sequence[str], cpu_kernel: s
     return kernel
 
 
+def _amx_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int):
+    """:func:`_build` on AMX (:mod:`schedules.x86_amx`): every row decoded to int8 at compile
+    time, one matrix in output order, laid out in tiles."""
+    m, k = (int(d) for d in layer.x_shape)
+    n, schemes = len(order), [g[0] for g in layer.groups]
+    decoded = [nibble_decode(unpack_nibbles(w, k), get_scheme(scheme)).astype(np.int8) if packed else w
+               for (scheme, w, _, _), packed in zip(layer.groups, layer.packed)]
+    weights = np.stack([decoded[gi][r] for gi, r in order]).astype(np.int8)
+    bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
+    scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
+    key = ("amx", m, k, n, layer.x_dtype)
+
+    def make():
+        return _with_attrs(amx_dense_kernel(m, k, n, layer.x_dtype, num_cores=cores), schemes, "x86-amx-layer")
+
+    return key, f"rmsmp_dense_layer_{m}x{k}x{n}", make, [(amx_weights(weights), "int8"), (bias, "int32"),
+                                                        (scale, "float32")]
+
+
 def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa: str, vbmi: bool,
-           cpu: Optional[str]):
+           cpu: Optional[str], amx: bool = False):
     """The layer kernel producing output row ``c`` from ``order[c]`` (``LayerKernels.build``).
     Layers of the same shape and schemes share one kernel: their weights are arguments, so
     MiniLM-L6's 36 dense layers build 3 kernels."""
     static = isinstance(layer.x_shape[0], int)
+    if static and amx and layer.x_shape[0] >= AMX_MIN_ROWS:
+        return _amx_build(layer, order, cores)
     if static and layer.x_shape[0] <= gemv_max_rows(isa, cpu):
         return _gemv_build(layer, order, cores, isa, vbmi, cpu)
     schemes = [g[0] for g in layer.groups]
@@ -170,5 +195,6 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
     max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa, cpu)
     cores = target_cores(target)
     vbmi = target_has_features("avx512vbmi", target)
-    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu),
-                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu))
+    amx = isa == "avx512vnni" and amx_enabled(target)
+    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu, amx),
+                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu, amx))
