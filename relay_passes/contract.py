@@ -354,15 +354,21 @@ def verify_activation_func(name: str, func: tvm.tirx.PrimFunc) -> None:
             broken("act_bits", f"{ACT_BITS} is {bits!r}, expected an integer in [2, 8]")
 
 
-def _verify_bias_bounds(mod: tvm.IRModule) -> None:
-    """Rule ``acc_bound`` with the bias: ``acc + bias`` is an int32 add, so the largest ``|acc|``
-    plus the largest constant ``|bias|`` (a folded zero point makes it large) must fit int32."""
-    calls = []  # collected first: an error raised inside TVM's visitor would come out as a RuntimeError
+def _relax_calls(mod: tvm.IRModule) -> List[tvm.relax.Call]:
+    """Every call in the module's Relax functions, collected first: an error raised inside
+    TVM's visitor would come out as a RuntimeError."""
+    calls: List[tvm.relax.Call] = []
     for _, fn in mod.functions.items():
         if isinstance(fn, tvm.relax.Function):
             tvm.relax.analysis.post_order_visit(
                 fn.body, lambda e: calls.append(e) if isinstance(e, tvm.relax.Call) else None)
-    for call in calls:
+    return calls
+
+
+def _verify_bias_bounds(mod: tvm.IRModule) -> None:
+    """Rule ``acc_bound`` with the bias: ``acc + bias`` is an int32 add, so the largest ``|acc|``
+    plus the largest constant ``|bias|`` (a folded zero point makes it large) must fit int32."""
+    for call in _relax_calls(mod):
         func = callee(mod, call)
         if func is None or rmsmp_attr(func, OP) not in OPS or len(call.args[1].fields) != len(PARAMS) - 1:
             continue
@@ -454,12 +460,7 @@ def verify_sparse_func(name: str, func: tvm.tirx.PrimFunc) -> None:
 def _verify_sparse_calls(mod: tvm.IRModule) -> None:
     """Rule ``bsr`` on the constants a block-sparse op is called with: ``ptr`` rising from 0 to
     the block count, block columns inside the layer; and ``acc_bound`` with the bias."""
-    calls = []
-    for _, fn in mod.functions.items():
-        if isinstance(fn, tvm.relax.Function):
-            tvm.relax.analysis.post_order_visit(
-                fn.body, lambda e: calls.append(e) if isinstance(e, tvm.relax.Call) else None)
-    for call in calls:
+    for call in _relax_calls(mod):
         func = callee(mod, call)
         if func is None or rmsmp_attr(func, OP) not in SPARSE_OPS:
             continue
