@@ -134,12 +134,33 @@ def test_opencl_on_pocl_equals_torch_at_any_batch(mlp):
         exe.export_library("unused.so")
 
 
+def test_fpga_model_equals_torch_at_any_batch(mlp):
+    """A program per batch: batch 1 and the examples' (3) up front, 5 on its first call; each
+    equal to the torch reference (as tests/test_fpga.py checks the static build)."""
+    exe = rmsmp.compile(mlp, (torch.randn(3, 24),), target="fpga:xc7z020", dynamic_batch=True)
+    assert exe.dynamic_batch and exe.variants == {1: "main_b1", 3: "main_b3"}
+    assert exe.input_specs[0]["shape"] == [-1, 24]
+    for batch in (1, 3, 5):
+        x = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
+        np.testing.assert_array_equal(exe(x), _reference(mlp, x))
+        assert exe.last_function == f"main_b{batch}"
+        prog = exe.models[batch]
+        assert prog.layers and not prog.fallbacks  # the layers ran on the accelerator model
+        assert prog.input_specs[0]["shape"] == [batch, 24]
+    assert exe.variants == {1: "main_b1", 3: "main_b3", 5: "main_b5"}
+    assert exe.profile()["cycles"] == exe.models[3].profile()["cycles"] > 0
+    with pytest.raises(ValueError, match=r"input 0 has shape \[2, 23\], the model was compiled for \[batch, 24\]"):
+        exe(np.zeros((2, 23), np.float32))
+    with pytest.raises(NotImplementedError, match="no device library to export"):
+        exe.export_library("unused.so")
+
+
 def test_targets_without_dynamic_shapes_and_bad_sizes_are_refused(mlp):
     with pytest.raises(ValueError, match=r"dynamic_batch must be True, False or a sequence of batch sizes >= 1"):
         rmsmp.compile(mlp, (torch.randn(2, 24),), dynamic_batch=(0,))
-    with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'ext_dev'.*"
+    with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'cuda'.*"
                                          r"dynamic_batch=False once per batch size"):
-        rmsmp.compile(mlp, (torch.randn(2, 24),), target="fpga:xc7z020", dynamic_batch=True)
+        rmsmp.compile(mlp, (torch.randn(2, 24),), target="cuda", dynamic_batch=True)
 
 
 def test_a_model_that_fixes_its_batch_is_refused():

@@ -254,8 +254,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
 
 #: Target kinds a dynamic-batch build supports: ``llvm`` (one library: a function for any batch
 #: and functions specialised for batch 1 and the examples' batch), ``opencl`` (a graph per batch
-#: size, batch 1 and the examples' batch compiled up front, others on first use).
-DYNAMIC_BATCH_KINDS = ("llvm", "opencl")
+#: size, batch 1 and the examples' batch compiled up front, others on first use), ``ext_dev``
+#: (the FPGA accelerator: a program per batch size, as OpenCL).
+DYNAMIC_BATCH_KINDS = ("llvm", "opencl", "ext_dev")
 
 
 def _at_batch(inputs: Tuple[torch.Tensor, ...], batch: int) -> Tuple[torch.Tensor, ...]:
@@ -278,7 +279,7 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     specialised for its batch where there is one (``exe.variants``, ``exe.last_function``,
     ``exe.stats["variants"]``). The input specs record dimension 0 as ``ANY_BATCH`` (-1).
 
-    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other (the FPGA accelerator, CUDA) is refused
+    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other (CUDA) is refused
     with a ValueError: compile it once per batch size."""
     kind = target.kind.name
     if kind not in DYNAMIC_BATCH_KINDS:
@@ -309,6 +310,19 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
 
         return OpenCLCompiledModel(mod_any, target, specs, stats=stats, specialise=at_batch,
                                    variants={b: m for b, (m, _) in specialised.items()})
+    if kind in COMPILERS:  # the FPGA accelerator: a program per batch size, as OpenCL's graphs
+        import importlib
+
+        def static_specs(n: int) -> List[Dict]:
+            return [dict(spec, shape=[n] + spec["shape"][1:]) for spec in specs]
+
+        def program_at(n: int):
+            return lower(model, _at_batch(example_inputs, n), target, tuning=tuning)[0], static_specs(n)
+
+        module, _, func = COMPILERS[kind].partition(":")
+        return getattr(importlib.import_module(module), func)(
+            mod_any, target, specs, stats, specialise=program_at, example_batch=batch,
+            variants={b: (m, static_specs(b)) for b, (m, _) in specialised.items()})
     merged = merge_functions({"main": mod_any, **{_specialised_name(b): m for b, (m, _) in specialised.items()}})
     pipeline = schedules.build_pipeline(target, fast_math=fast_math)
     stats["fast_math"] = bool(fast_math and pipeline is not None)
