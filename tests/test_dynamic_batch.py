@@ -155,12 +155,39 @@ def test_fpga_model_equals_torch_at_any_batch(mlp):
         exe.export_library("unused.so")
 
 
+def test_cuda_builds_for_any_batch_without_a_gpu(cnn):
+    """The CUDA source of a dynamic-batch CNN builds here: the any-batch kernels (the GPU
+    schedules over a symbolic number of rows) take the batch as a kernel argument, the batch-1
+    and examples' batch kernels are static. (Running them needs a CUDA device.)"""
+    import re
+
+    q, _ = cnn
+    cuda = {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
+    exe = rmsmp.compile(q, (torch.randn(3, 1, 16, 16),), target=cuda, dynamic_batch=True)
+    assert exe.dynamic_batch and exe.variants == {1: "main_b1", 3: "main_b3"}
+    src = exe.executable.mod.imports[0].imports[0].inspect_source()
+    kernels = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)', src))
+    rows = {name: args for name, args in kernels.items() if name.startswith(("rmsmp_dense_", "rmsmp_conv2d_"))}
+    by_variant = {}
+    for name, args in rows.items():
+        suffix = re.search(r"_b(\d+)_kernel$", name)
+        by_variant.setdefault(suffix.group(1) if suffix else "any", []).append(name)
+        # the batch as a kernel argument exactly in the any-batch kernels
+        assert bool(re.search(r"int64_t \w+$", args)) == (suffix is None), (name, args)
+        assert "__shared__" in src.split(f" {name}(")[-1].split('extern "C"')[0]  # the row-group schedule
+    assert {k: len(v) for k, v in by_variant.items()} == {"any": 9, "1": 9, "3": 9}  # 3 layers x 3 schemes
+    if not tvm.cuda(0).exist:
+        with pytest.raises(RuntimeError, match="no CUDA device on this machine"):
+            exe(torch.randn(5, 1, 16, 16))
+
+
 def test_targets_without_dynamic_shapes_and_bad_sizes_are_refused(mlp):
     with pytest.raises(ValueError, match=r"dynamic_batch must be True, False or a sequence of batch sizes >= 1"):
         rmsmp.compile(mlp, (torch.randn(2, 24),), dynamic_batch=(0,))
-    with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'cuda'.*"
+    with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'vulkan'.*"
                                          r"dynamic_batch=False once per batch size"):
-        rmsmp.compile(mlp, (torch.randn(2, 24),), target="cuda", dynamic_batch=True)
+        rmsmp.compile(mlp, (torch.randn(2, 24),), target={"kind": "vulkan", "host": {"kind": "llvm"}},
+                      dynamic_batch=True)
 
 
 def test_a_model_that_fixes_its_batch_is_refused():

@@ -255,8 +255,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
 #: Target kinds a dynamic-batch build supports: ``llvm`` (one library: a function for any batch
 #: and functions specialised for batch 1 and the examples' batch), ``opencl`` (a graph per batch
 #: size, batch 1 and the examples' batch compiled up front, others on first use), ``ext_dev``
-#: (the FPGA accelerator: a program per batch size, as OpenCL).
-DYNAMIC_BATCH_KINDS = ("llvm", "opencl", "ext_dev")
+#: (the FPGA accelerator: a program per batch size, as OpenCL), ``cuda`` (one library, as LLVM:
+#: the GPU schedules over a symbolic number of rows, and static batch specialisations).
+DYNAMIC_BATCH_KINDS = ("llvm", "opencl", "ext_dev", "cuda")
 
 
 def _at_batch(inputs: Tuple[torch.Tensor, ...], batch: int) -> Tuple[torch.Tensor, ...]:
@@ -279,13 +280,15 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     specialised for its batch where there is one (``exe.variants``, ``exe.last_function``,
     ``exe.stats["variants"]``). The input specs record dimension 0 as ``ANY_BATCH`` (-1).
 
-    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other (CUDA) is refused
-    with a ValueError: compile it once per batch size."""
+    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other kind (Vulkan, Metal, ROCm, C: no row-group
+    schedules of ours were checked over a symbolic batch there) is refused with a ValueError:
+    compile it once per batch size."""
     kind = target.kind.name
     if kind not in DYNAMIC_BATCH_KINDS:
         raise ValueError(
             f"dynamic_batch is not supported for target kind {kind!r} ({target.attrs.get('device', '') or kind}): "
-            f"its kernels are compiled for fixed shapes; compile with dynamic_batch=False once per batch size "
+            f"its row-group kernels were not checked over a symbolic batch; compile with dynamic_batch=False "
+            f"once per batch size "
             f"(dynamic_batch supports {', '.join(DYNAMIC_BATCH_KINDS)})")
     if any(x.dim() == 0 for x in example_inputs):
         raise ValueError("dynamic_batch: every input needs a leading batch dimension; a scalar input has none")
@@ -293,7 +296,7 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     if any(int(x.shape[0]) != batch for x in example_inputs):
         raise ValueError(f"dynamic_batch: the inputs' leading dimensions differ "
                          f"({[int(x.shape[0]) for x in example_inputs]}); they must be one batch")
-    mod_any, stats = lower(model, example_inputs, target, dynamic_batch=True, schedule=kind == "llvm")
+    mod_any, stats = lower(model, example_inputs, target, dynamic_batch=True, schedule=kind in ("llvm", "cuda"))
     specs = [{"shape": [ANY_BATCH] + list(x.shape[1:]), "dtype": str(x.numpy().dtype)} for x in example_inputs]
     for i, (spec, param) in enumerate(zip(specs, mod_any["main"].params)):
         spec["name"] = names[i] if names is not None else str(param.name)  # calls may pass inputs by name
