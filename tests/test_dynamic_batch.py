@@ -181,6 +181,27 @@ def test_cuda_builds_for_any_batch_without_a_gpu(cnn):
             exe(torch.randn(5, 1, 16, 16))
 
 
+def test_cuda_builds_per_token_activations_over_batch_times_tokens_rows():
+    """Rows = batch x tokens (an expression of the batch): the per-token functions stay
+    unfused in the any-batch function (TVM's FuseTIR cannot map their own rows var to it)."""
+    import re
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 48), torch.nn.GELU(),
+                                torch.nn.Linear(48, 16)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_granularity="per_token"), [torch.randn(4, 6, 32) for _ in range(2)])
+    cuda = {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
+    exe = rmsmp.compile(q, (torch.randn(2, 6, 32),), target=cuda, dynamic_batch=True)
+    src = exe.executable.mod.imports[0].imports[0].inspect_source()
+    kernels = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)', src))
+    epilogues = {n: a for n, a in kernels.items() if "token_epilogue" in n}
+    # the any-batch function's epilogues are kernels of their own; the specialisations' fused
+    assert {n for n in epilogues if not re.search(r"_b\d+_", n)} == {
+        "rmsmp_token_epilogue_1_kernel", "rmsmp_token_epilogue_3_kernel"}, sorted(kernels)
+    assert any(n.startswith("fused_") and "_b2_" in n for n in epilogues)
+    assert re.search(r"int64_t \w+$", epilogues["rmsmp_token_epilogue_3_kernel"])
+
+
 def test_targets_without_dynamic_shapes_and_bad_sizes_are_refused(mlp):
     with pytest.raises(ValueError, match=r"dynamic_batch must be True, False or a sequence of batch sizes >= 1"):
         rmsmp.compile(mlp, (torch.randn(2, 24),), dynamic_batch=(0,))

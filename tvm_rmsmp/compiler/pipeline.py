@@ -297,6 +297,8 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
         raise ValueError(f"dynamic_batch: the inputs' leading dimensions differ "
                          f"({[int(x.shape[0]) for x in example_inputs]}); they must be one batch")
     mod_any, stats = lower(model, example_inputs, target, dynamic_batch=True, schedule=kind in ("llvm", "cuda"))
+    if kind == "cuda":
+        mod_any = _unfused_row_ops(mod_any)
     specs = [{"shape": [ANY_BATCH] + list(x.shape[1:]), "dtype": str(x.numpy().dtype)} for x in example_inputs]
     for i, (spec, param) in enumerate(zip(specs, mod_any["main"].params)):
         spec["name"] = names[i] if names is not None else str(param.name)  # calls may pass inputs by name
@@ -334,6 +336,21 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     return CompiledModel(exe, target, specs, ir=merged, stats=stats,
                          outputs=output_structure(model, example_inputs, mod_any),
                          variants={b: _specialised_name(b) for b in sizes})
+
+
+def _unfused_row_ops(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with the RMSMP ops' PrimFuncs marked opaque to operator fusion (``op_pattern``
+    kOpaque, which ``AnnotateTIROpPattern`` keeps). Their leading dimension is their own var;
+    TVM 0.27's FuseTIR cannot map it to a producer's extent that is an expression of the batch
+    (``batch * 6`` rows of a transformer: "Inconsistent buffers ... mapped to the same relax
+    var"), as TVM's CUDA pipeline fuses a per-token epilogue with the concatenation before it.
+    Used for the any-batch function of a CUDA build (its static specialisations keep fusion)."""
+    out = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and contract.rmsmp_attr(func, contract.OP) is not None:
+            func = func.with_attr("op_pattern", 8)
+        out[gv] = func
+    return tvm.IRModule(out, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 @mutator
