@@ -185,10 +185,13 @@ def _tile(sch: s_tir.Schedule, loop, cap: int, tunable: bool):
 
     Returns ``(outer, inner, inner_factor)``; the factor is an int, or the sampled variable
     when tuning, so later steps that depend on it replay with every sample."""
+    extent = sch.get(loop).extent
     if tunable:
         factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(1, cap))
+    elif not isinstance(extent, tirx.IntImm):
+        factors = [None, 1]  # a symbolic batch (dynamic_batch): tiles of one row, whole for any batch
     else:
-        factors = [None, _divisor(_extent(sch, loop), cap)]
+        factors = [None, _divisor(int(extent), cap)]
     outer, inner = sch.split(loop, factors)
     return outer, inner, factors[1]
 
@@ -208,7 +211,7 @@ def schedule_dense(sch: s_tir.Schedule, target: Target, tunable: bool = False) -
     k4 = None
     if quad:
         k, k4 = sch.split(k, [None, 4])
-    tm_cap = 4
+    tm_cap = 4 if isinstance(sch.get(m).extent, tirx.IntImm) else 1  # symbolic rows: one per work-group row
     tn_cap = max(1, min(64, max_threads // tm_cap))
     bm, tmi, tm = _tile(sch, m, tm_cap, tunable)
     bn, tni, tn = _tile(sch, n, tn_cap, tunable)

@@ -134,12 +134,81 @@ def test_opencl_on_pocl_equals_torch_at_any_batch(mlp):
         exe.export_library("unused.so")
 
 
+def test_fpga_model_equals_torch_at_any_batch(mlp):
+    """A program per batch: batch 1 and the examples' (3) up front, 5 on its first call; each
+    equal to the torch reference (as tests/test_fpga.py checks the static build)."""
+    exe = rmsmp.compile(mlp, (torch.randn(3, 24),), target="fpga:xc7z020", dynamic_batch=True)
+    assert exe.dynamic_batch and exe.variants == {1: "main_b1", 3: "main_b3"}
+    assert exe.input_specs[0]["shape"] == [-1, 24]
+    for batch in (1, 3, 5):
+        x = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
+        np.testing.assert_array_equal(exe(x), _reference(mlp, x))
+        assert exe.last_function == f"main_b{batch}"
+        prog = exe.models[batch]
+        assert prog.layers and not prog.fallbacks  # the layers ran on the accelerator model
+        assert prog.input_specs[0]["shape"] == [batch, 24]
+    assert exe.variants == {1: "main_b1", 3: "main_b3", 5: "main_b5"}
+    assert exe.profile()["cycles"] == exe.models[3].profile()["cycles"] > 0
+    with pytest.raises(ValueError, match=r"input 0 has shape \[2, 23\], the model was compiled for \[batch, 24\]"):
+        exe(np.zeros((2, 23), np.float32))
+    with pytest.raises(NotImplementedError, match="no device library to export"):
+        exe.export_library("unused.so")
+
+
+def test_cuda_builds_for_any_batch_without_a_gpu(cnn):
+    """The CUDA source of a dynamic-batch CNN builds here: the any-batch kernels (the GPU
+    schedules over a symbolic number of rows) take the batch as a kernel argument, the batch-1
+    and examples' batch kernels are static. (Running them needs a CUDA device.)"""
+    import re
+
+    q, _ = cnn
+    cuda = {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
+    exe = rmsmp.compile(q, (torch.randn(3, 1, 16, 16),), target=cuda, dynamic_batch=True)
+    assert exe.dynamic_batch and exe.variants == {1: "main_b1", 3: "main_b3"}
+    src = exe.executable.mod.imports[0].imports[0].inspect_source()
+    kernels = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)', src))
+    rows = {name: args for name, args in kernels.items() if name.startswith(("rmsmp_dense_", "rmsmp_conv2d_"))}
+    by_variant = {}
+    for name, args in rows.items():
+        suffix = re.search(r"_b(\d+)_kernel$", name)
+        by_variant.setdefault(suffix.group(1) if suffix else "any", []).append(name)
+        # the batch as a kernel argument exactly in the any-batch kernels
+        assert bool(re.search(r"int64_t \w+$", args)) == (suffix is None), (name, args)
+        assert "__shared__" in src.split(f" {name}(")[-1].split('extern "C"')[0]  # the row-group schedule
+    assert {k: len(v) for k, v in by_variant.items()} == {"any": 9, "1": 9, "3": 9}  # 3 layers x 3 schemes
+    if not tvm.cuda(0).exist:
+        with pytest.raises(RuntimeError, match="no CUDA device on this machine"):
+            exe(torch.randn(5, 1, 16, 16))
+
+
+def test_cuda_builds_per_token_activations_over_batch_times_tokens_rows():
+    """Rows = batch x tokens (an expression of the batch): the per-token functions stay
+    unfused in the any-batch function (TVM's FuseTIR cannot map their own rows var to it)."""
+    import re
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 48), torch.nn.GELU(),
+                                torch.nn.Linear(48, 16)).eval()
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(act_granularity="per_token"), [torch.randn(4, 6, 32) for _ in range(2)])
+    cuda = {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
+    exe = rmsmp.compile(q, (torch.randn(2, 6, 32),), target=cuda, dynamic_batch=True)
+    src = exe.executable.mod.imports[0].imports[0].inspect_source()
+    kernels = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)', src))
+    epilogues = {n: a for n, a in kernels.items() if "token_epilogue" in n}
+    # the any-batch function's epilogues are kernels of their own; the specialisations' fused
+    assert {n for n in epilogues if not re.search(r"_b\d+_", n)} == {
+        "rmsmp_token_epilogue_1_kernel", "rmsmp_token_epilogue_3_kernel"}, sorted(kernels)
+    assert any(n.startswith("fused_") and "_b2_" in n for n in epilogues)
+    assert re.search(r"int64_t \w+$", epilogues["rmsmp_token_epilogue_3_kernel"])
+
+
 def test_targets_without_dynamic_shapes_and_bad_sizes_are_refused(mlp):
     with pytest.raises(ValueError, match=r"dynamic_batch must be True, False or a sequence of batch sizes >= 1"):
         rmsmp.compile(mlp, (torch.randn(2, 24),), dynamic_batch=(0,))
-    with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'ext_dev'.*"
+    with pytest.raises(ValueError, match=r"dynamic_batch is not supported for target kind 'vulkan'.*"
                                          r"dynamic_batch=False once per batch size"):
-        rmsmp.compile(mlp, (torch.randn(2, 24),), target="fpga:xc7z020", dynamic_batch=True)
+        rmsmp.compile(mlp, (torch.randn(2, 24),), target={"kind": "vulkan", "host": {"kind": "llvm"}},
+                      dynamic_batch=True)
 
 
 def test_a_model_that_fixes_its_batch_is_refused():

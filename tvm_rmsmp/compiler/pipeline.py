@@ -254,8 +254,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence, target="llvm", *, 
 
 #: Target kinds a dynamic-batch build supports: ``llvm`` (one library: a function for any batch
 #: and functions specialised for batch 1 and the examples' batch), ``opencl`` (a graph per batch
-#: size, batch 1 and the examples' batch compiled up front, others on first use).
-DYNAMIC_BATCH_KINDS = ("llvm", "opencl")
+#: size, batch 1 and the examples' batch compiled up front, others on first use), ``ext_dev``
+#: (the FPGA accelerator: a program per batch size, as OpenCL), ``cuda`` (one library, as LLVM:
+#: the GPU schedules over a symbolic number of rows, and static batch specialisations).
+DYNAMIC_BATCH_KINDS = ("llvm", "opencl", "ext_dev", "cuda")
 
 
 def _at_batch(inputs: Tuple[torch.Tensor, ...], batch: int) -> Tuple[torch.Tensor, ...]:
@@ -278,13 +280,15 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     specialised for its batch where there is one (``exe.variants``, ``exe.last_function``,
     ``exe.stats["variants"]``). The input specs record dimension 0 as ``ANY_BATCH`` (-1).
 
-    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other (the FPGA accelerator, CUDA) is refused
-    with a ValueError: compile it once per batch size."""
+    Targets: :data:`DYNAMIC_BATCH_KINDS`; any other kind (Vulkan, Metal, ROCm, C: no row-group
+    schedules of ours were checked over a symbolic batch there) is refused with a ValueError:
+    compile it once per batch size."""
     kind = target.kind.name
     if kind not in DYNAMIC_BATCH_KINDS:
         raise ValueError(
             f"dynamic_batch is not supported for target kind {kind!r} ({target.attrs.get('device', '') or kind}): "
-            f"its kernels are compiled for fixed shapes; compile with dynamic_batch=False once per batch size "
+            f"its row-group kernels were not checked over a symbolic batch; compile with dynamic_batch=False "
+            f"once per batch size "
             f"(dynamic_batch supports {', '.join(DYNAMIC_BATCH_KINDS)})")
     if any(x.dim() == 0 for x in example_inputs):
         raise ValueError("dynamic_batch: every input needs a leading batch dimension; a scalar input has none")
@@ -292,7 +296,9 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     if any(int(x.shape[0]) != batch for x in example_inputs):
         raise ValueError(f"dynamic_batch: the inputs' leading dimensions differ "
                          f"({[int(x.shape[0]) for x in example_inputs]}); they must be one batch")
-    mod_any, stats = lower(model, example_inputs, target, dynamic_batch=True, schedule=kind == "llvm")
+    mod_any, stats = lower(model, example_inputs, target, dynamic_batch=True, schedule=kind in ("llvm", "cuda"))
+    if kind == "cuda":
+        mod_any = _unfused_row_ops(mod_any)
     specs = [{"shape": [ANY_BATCH] + list(x.shape[1:]), "dtype": str(x.numpy().dtype)} for x in example_inputs]
     for i, (spec, param) in enumerate(zip(specs, mod_any["main"].params)):
         spec["name"] = names[i] if names is not None else str(param.name)  # calls may pass inputs by name
@@ -309,6 +315,19 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
 
         return OpenCLCompiledModel(mod_any, target, specs, stats=stats, specialise=at_batch,
                                    variants={b: m for b, (m, _) in specialised.items()})
+    if kind in COMPILERS:  # the FPGA accelerator: a program per batch size, as OpenCL's graphs
+        import importlib
+
+        def static_specs(n: int) -> List[Dict]:
+            return [dict(spec, shape=[n] + spec["shape"][1:]) for spec in specs]
+
+        def program_at(n: int):
+            return lower(model, _at_batch(example_inputs, n), target, tuning=tuning)[0], static_specs(n)
+
+        module, _, func = COMPILERS[kind].partition(":")
+        return getattr(importlib.import_module(module), func)(
+            mod_any, target, specs, stats, specialise=program_at, example_batch=batch,
+            variants={b: (m, static_specs(b)) for b, (m, _) in specialised.items()})
     merged = merge_functions({"main": mod_any, **{_specialised_name(b): m for b, (m, _) in specialised.items()}})
     pipeline = schedules.build_pipeline(target, fast_math=fast_math)
     stats["fast_math"] = bool(fast_math and pipeline is not None)
@@ -317,6 +336,21 @@ def compile_dynamic_batch(model: torch.nn.Module, example_inputs: Tuple[torch.Te
     return CompiledModel(exe, target, specs, ir=merged, stats=stats,
                          outputs=output_structure(model, example_inputs, mod_any),
                          variants={b: _specialised_name(b) for b in sizes})
+
+
+def _unfused_row_ops(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with the RMSMP ops' PrimFuncs marked opaque to operator fusion (``op_pattern``
+    kOpaque, which ``AnnotateTIROpPattern`` keeps). Their leading dimension is their own var;
+    TVM 0.27's FuseTIR cannot map it to a producer's extent that is an expression of the batch
+    (``batch * 6`` rows of a transformer: "Inconsistent buffers ... mapped to the same relax
+    var"), as TVM's CUDA pipeline fuses a per-token epilogue with the concatenation before it.
+    Used for the any-batch function of a CUDA build (its static specialisations keep fusion)."""
+    out = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and contract.rmsmp_attr(func, contract.OP) is not None:
+            func = func.with_attr("op_pattern", 8)
+        out[gv] = func
+    return tvm.IRModule(out, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 @mutator

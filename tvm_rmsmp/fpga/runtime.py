@@ -34,7 +34,7 @@ from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 from relay_passes import contract
 
-__all__ = ["FPGACompiledModel", "FPGAFallbackWarning", "LayerProgram", "compile_fpga"]
+__all__ = ["DynamicBatchFPGAModel", "FPGACompiledModel", "FPGAFallbackWarning", "LayerProgram", "compile_fpga"]
 
 
 class FPGAFallbackWarning(UserWarning):
@@ -315,6 +315,74 @@ def _kernel_of(func) -> Tuple[int, int]:
     return found[0]
 
 
-def compile_fpga(mod: tvm.IRModule, target: tvm.target.Target, input_specs, stats=None) -> FPGACompiledModel:
-    """The pipeline's hook for ``ext_dev`` targets (``target="fpga:<board>"``)."""
-    return FPGACompiledModel(mod, target, input_specs, stats=stats)
+class DynamicBatchFPGAModel:
+    """A dynamic-batch build for the FPGA target: one accelerator program (an
+    :class:`FPGACompiledModel`) per batch size, those in ``variants`` (``{batch: model}``:
+    batch 1 and the examples' batch) compiled up front, any other batch on the first call at
+    that size through ``specialise`` (batch -> its model); so it keeps a reference to the
+    quantized model. ``exe.last_function`` names the batch's program (``main_b<batch>``);
+    :meth:`profile` and :meth:`benchmark` model one batch (the examples' by default)."""
+
+    def __init__(self, target: tvm.target.Target, input_specs, stats, specialise, variants, example_batch: int):
+        self.target = target
+        self.input_specs = input_specs
+        self.stats = dict(stats or {})
+        self.specialise = specialise
+        self.models: Dict[int, FPGACompiledModel] = dict(variants)
+        self.variants = {b: f"main_b{b}" for b in self.models}
+        self.example_batch = int(example_batch)
+        self.last_function: Optional[str] = None
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return True
+
+    def at_batch(self, batch: int) -> FPGACompiledModel:
+        """The static model for ``batch`` (compiled now if it was not yet)."""
+        batch = int(batch)
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if batch not in self.models:
+            self.models[batch] = self.specialise(batch)
+            self.variants[batch] = f"main_b{batch}"
+        return self.models[batch]
+
+    def _model(self, inputs):
+        from ..runtime.library import checked_inputs, input_batch
+
+        arrays = checked_inputs(inputs, self.input_specs)
+        model = self.at_batch(input_batch(arrays, self.input_specs))
+        self.last_function = self.variants[int(arrays[0].shape[0])]
+        return model, arrays
+
+    def __call__(self, *inputs):
+        model, arrays = self._model(inputs)
+        return model(*arrays)
+
+    def profile(self, accelerator: Optional[AcceleratorConfig] = None, batch: Optional[int] = None):
+        """:meth:`FPGACompiledModel.profile` of the program for ``batch`` (default: the examples')."""
+        return self.at_batch(self.example_batch if batch is None else batch).profile(accelerator)
+
+    def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:
+        """Modelled accelerator seconds per inference at the inputs' batch."""
+        return self._model(inputs)[0].benchmark()
+
+    def export_library(self, path, cc=None):
+        raise NotImplementedError("the FPGA target has no device library to export (a dynamic-batch FPGA build "
+                                  "compiles a program per batch size in this process); see docs/fpga.md")
+
+
+def compile_fpga(mod: tvm.IRModule, target: tvm.target.Target, input_specs, stats=None, *, specialise=None,
+                 variants=None, example_batch: int = 1):
+    """The pipeline's hook for ``ext_dev`` targets (``target="fpga:<board>"``). With
+    ``specialise`` (batch -> ``(module, input specs)`` at that batch) a dynamic-batch build:
+    ``mod`` is unused, ``variants`` (``{batch: (module, input specs)}``) are compiled now."""
+    if specialise is None:
+        return FPGACompiledModel(mod, target, input_specs, stats=stats)
+
+    def build(batch: int) -> FPGACompiledModel:
+        m, specs = specialise(batch)
+        return FPGACompiledModel(m, target, specs, stats=stats)
+
+    built = {b: FPGACompiledModel(m, target, specs, stats=stats) for b, (m, specs) in (variants or {}).items()}
+    return DynamicBatchFPGAModel(target, input_specs, stats, build, built, example_batch)
