@@ -315,7 +315,7 @@ def save_quantized(q: nn.Module, path: Union[str, os.PathLike], *, hessians: boo
         if len(table) > 255:
             raise ValueError(f"layer {name!r}: more than 255 schemes")
         tensors[f"{_PLAN_PREFIX}{name}.scheme_ids"] = torch.tensor([table.index(s) for s in layer.schemes],
-                                                                   dtype=torch.uint8)
+                                                                   dtype=torch.uint8, device="cpu")
         mask = getattr(layer, "prune_mask", None)  # a pruned layer (nn/prune.py): its mask travels with it
         if isinstance(mask, torch.Tensor):
             tensors[f"{_PLAN_PREFIX}{name}.prune_mask"] = mask.detach().cpu().to(torch.uint8).contiguous()
