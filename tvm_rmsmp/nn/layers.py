@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..quant.assign import assign_rows, rule_needs_hessian
-from ..quant.config import ZERO_POINT_GAIN, RMSMPConfig, RMSMPWarning
+from ..quant.config import ZERO_POINT_GAIN, RMSMPConfig, RMSMPWarning, skip_matcher
 from ..quant.gptq import gptq_quantize
 from ..quant.plan import RowPlan
 from ..quant.progress import progress
@@ -592,17 +592,6 @@ def _weight_bearing(mod: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
 
 
-def _skipped(skip: Tuple[str, ...]):
-    """``name -> bool``: the module is named in ``skip`` or lies inside one that is."""
-    names = set(skip)
-
-    def check(name: str) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
-
-    return check
-
-
 def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Iterable,
               row_hessian: Optional[Dict[str, np.ndarray]] = None, *,
               input_fn: Optional[Callable] = None) -> Calibration:
@@ -634,7 +623,7 @@ def calibrate(model: nn.Module, config: Optional[RMSMPConfig], calib_data: Itera
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"calib_data batch {i}, {j} has NaN/Inf values")
 
-    skipped = _skipped(cfg.skip)
+    skipped = skip_matcher(cfg.skip)
     q = copy.deepcopy(model).eval()
     if cfg.fold_bn:
         q = _fold_batchnorm(q).eval()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant.config import RMSMPWarning
+from ..quant.config import RMSMPWarning, skip_matcher
 from ..quant.sparsity import SCHEMES, block_punched_mask, block_row_mask, divides, gradual_rates, pattern_mask
 
 __all__ = ["PruneConfig", "prune", "prune_masks", "apply_masks", "MASK", "IMPORTANCES", "prunable_layers"]
@@ -107,17 +107,13 @@ class PruneConfig:
         return float(self.layer_sparsity.get(name, self.sparsity))
 
 
-def _skipped(skip, name: str) -> bool:
-    parts = name.split(".")
-    return any(".".join(parts[:i]) in set(skip) for i in range(1, len(parts) + 1))
-
-
 def prunable_layers(model: nn.Module, pcfg: Optional[PruneConfig] = None) -> Dict[str, nn.Module]:
     """``{name: module}``: the Linear and (groups=1) Conv2d layers pruning would touch."""
     out = {}
+    skipped = skip_matcher(pcfg.skip if pcfg is not None else ())
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
-            if pcfg is None or not _skipped(pcfg.skip, name):
+            if not skipped(name):
                 out[name] = m
     return out
 

@@ -63,10 +63,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant.config import HessianConfig, RMSMPConfig, RMSMPWarning
+from ..quant.config import HessianConfig, RMSMPConfig, RMSMPWarning, skip_matcher
 from ..quant.plan import RowPlan
 from .attention import decompose_attention
-from .layers import ActQuant, RMSMPConv2d, RMSMPLinear, _fold_batchnorm, _RMSMPLayer, _set_submodule, _skipped
+from .layers import ActQuant, RMSMPConv2d, RMSMPLinear, _fold_batchnorm, _RMSMPLayer, _set_submodule
 
 __all__ = ["save_quantized", "load_quantized", "FORMAT", "FORMAT_VERSION"]
 
@@ -522,7 +522,7 @@ def load_quantized(path: Union[str, os.PathLike], model=None) -> nn.Module:
         warnings.simplefilter("ignore", RMSMPWarning)
         if meta.get("structure", {}).get("bn_folded", cfg.fold_bn):
             q = _fold_batchnorm(q).eval()
-        q, _ = decompose_attention(q, _skipped(cfg.skip))
+        q, _ = decompose_attention(q, skip_matcher(cfg.skip))
     q.eval()
 
     modules = dict(q.named_modules())

@@ -211,3 +211,15 @@ class RMSMPConfig:
     def ratio_for(self, layer: str) -> Dict[str, float]:
         """The ratio used for ``layer``: its entry in ``layer_ratios`` or the model-wide one."""
         return self.layer_ratios.get(layer, self.ratio)
+
+
+def skip_matcher(skip: Tuple[str, ...]):
+    """``name -> bool`` for a ``skip`` list (``RMSMPConfig.skip``, ``PruneConfig.skip``): the
+    module is named in ``skip`` or lies inside one that is."""
+    names = set(skip)
+
+    def check(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
+
+    return check
