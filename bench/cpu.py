@@ -48,6 +48,13 @@ TUNING_DIR = os.path.join(ROOT, "bench", ".tuning", "tvm_fp32")  # its records, 
 #: spinning after each call slowed the next contender down up to 50x)
 NO_SPIN_ENV = "RMSMP_BENCH_NO_SPIN"
 NO_SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", NO_SPIN_ENV: "1"}
+#: Idle seconds after each sample at several threads (``--gap``): every contender keeps its own
+#: thread-pool policy (what its users get), and a pool still spinning after its sample (torch's
+#: libgomp spins 300,000 ``pause`` loops, about 20 ms where ``pause`` takes ~140 cycles as on
+#: this Xeon) is asleep before the next contender is timed. ``--no-spin`` instead makes every
+#: pool sleep at once, which charges each parallel region a wake-up: tvm-rmsmp's FFN at batch 1
+#: on 2 threads (two parallel kernels, 36 us) took 93 us that way on the AMX Xeon.
+GAP_SECONDS = 0.1
 
 
 # ----- models --------------------------------------------------------------------------------
@@ -602,10 +609,12 @@ class Contender:
         self.proc.join(timeout=10)
 
 
-def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float = 0.02) -> Dict[str, float]:
+def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float = 0.02,
+                       gap: float = 0.005) -> Dict[str, float]:
     """Median seconds per call of each contender, one sample of each per round (so a change
     of machine load hits every contender alike); a sample is ``number`` calls filling
-    ``min_time``; contenders slower than 0.5 s per call get 3 samples."""
+    ``min_time``, followed by ``gap`` idle seconds; contenders slower than 0.5 s per call get
+    3 samples."""
     number: Dict[str, int] = {}
     wanted: Dict[str, int] = {}
     for who, c in live.items():
@@ -619,7 +628,7 @@ def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float 
             if len(samples[who]) < wanted[who]:
                 (secs,) = c.ask("time", number[who])
                 samples[who].append(secs / number[who])
-                time.sleep(0.005)  # let the last contender's pool go idle
+                time.sleep(gap)  # let the last contender's pool go idle
     return {who: statistics.median(v) for who, v in samples.items()}
 
 
@@ -635,7 +644,7 @@ def _selected(name: str, only: Optional[List[str]], names_all: List[str]) -> boo
 
 
 def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
-        tuning_dir: str = TUNING_DIR, skip=()) -> Dict[str, object]:
+        tuning_dir: str = TUNING_DIR, skip=(), gap: float = 0.005) -> Dict[str, object]:
     torch = _torch()
     torch.set_num_threads(threads)
     hw = hardware(threads)
@@ -685,7 +694,7 @@ def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
             rinfo = {k: v for k, v in infos[RMSMP].items() if k != "weights"}
             row: Dict[str, object] = {"workload": name, "group": group, "input_shape": list(shape), "weights": w,
                                       "seconds": {}, "weight_bytes": {}, "rmsmp": rinfo}
-            for who, t in sample_round_robin(live, repeat).items():
+            for who, t in sample_round_robin(live, repeat, gap=gap).items():
                 row["seconds"][who] = t
                 row["weight_bytes"][who] = bytes_of[who]
                 extra = f"  {bytes_of[who] / t / 1e9:6.1f} GB/s of weights" if streaming else ""
@@ -1084,6 +1093,10 @@ def main(argv=None) -> int:
                     help="leave these contenders out (e.g. \"TVM fp32 untuned\": seconds per call at batch 8 of ResNet-18)")
     ap.add_argument("--no-spin", action="store_true", help="idle thread pools sleep instead of spinning (every "
                     "contender; see NO_SPIN): for several threads on a machine with as many cores")
+    ap.add_argument("--gap", type=float, default=None,
+                    help=f"idle seconds after each sample (default: {GAP_SECONDS} at several threads without "
+                    "--no-spin, else 0.005): a pool still spinning after its contender's sample goes to sleep "
+                    "before the next contender is timed")
     ap.add_argument("--note", help="a remark on the run's conditions, kept in the JSON and shown in the docs")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,
                     help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
@@ -1106,8 +1119,12 @@ def main(argv=None) -> int:
         ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
     if args.no_spin:
         os.environ.update(NO_SPIN)  # before the workers are spawned: they inherit it
-    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip)
+    gap = args.gap if args.gap is not None else (GAP_SECONDS if args.threads > 1 and not args.no_spin else 0.005)
+    if gap < 0:
+        ap.error(f"--gap must be >= 0, got {gap}")
+    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip, gap)
     report["no_spin"] = bool(args.no_spin)
+    report["gap_seconds"] = gap
     if args.note:
         report["note"] = args.note
     if not args.no_write:
