@@ -177,3 +177,29 @@ def test_compile_takes_keyword_example_inputs_in_the_dicts_order(compiled_masked
     np.testing.assert_array_equal(kw(swapped), exe(t))
     np.testing.assert_array_equal(kw(t["attention_mask"].numpy(), t["input_ids"].numpy()), exe(t))
     np.testing.assert_array_equal(kw(**t), exe(t))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", "int8", "bool"])
+def test_host_tensors_are_aligned_copies(dtype):
+    from tvm_rmsmp.runtime.library import host_tensor, numpy_copy
+
+    base = (np.arange(3 * 7 + 1) % 5).astype(dtype)
+    arr = base[1:].reshape(3, 7)  # a view starting one element in: not 64-byte aligned
+    t = host_tensor(arr)
+    back = np.from_dlpack(t)
+    assert back.ctypes.data % 64 == 0 and back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+    assert not np.shares_memory(back, base)  # a copy: the caller may change its array afterwards
+    out = numpy_copy(t)
+    np.testing.assert_array_equal(out, arr)
+    assert not np.shares_memory(out, back)
+
+
+def test_outputs_are_independent_arrays(compiled_masked):
+    _, exe, t = compiled_masked
+    first = exe(t)
+    keep = first.copy()
+    first[...] = 0  # the caller owns its result: writing into it changes neither the model nor later results
+    second = exe(t)
+    np.testing.assert_array_equal(second, keep)
+    assert not np.shares_memory(first, second)
