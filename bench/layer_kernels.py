@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--narrow", action="store_true", help="AVX-512 VNNI: also time the layer kernel's 256-bit "
+                    "MAC form (layer_dense_kernel(wide=False))")
     ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
     ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (least of 7 runs; "
                     "one thread only): steadier than wall-clock medians on a machine shared with other jobs")
@@ -152,9 +154,11 @@ def main(argv=None) -> int:
         return total
 
     other = "layer" if isa == "avx512vnni" else "groups"
-    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}" + (f" {'amx':>9} {'amx/best':>9}" if amx else ""))
+    narrow = args.narrow and isa == "avx512vnni"
+    print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}" + (f" {'layer256':>9}" if narrow else "")
+          + (f" {'amx':>9} {'amx/best':>9}" if amx else ""))
     for m in args.rows:
-        total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0}
+        total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0, "layer256": 0.0}
         for k, n, groups, order in layers:
             if isa != "avx512vnni":
                 total[other] += row_groups(m, k, groups)
@@ -163,9 +167,15 @@ def main(argv=None) -> int:
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)
             n8 = groups[2].shape[0]
             func = layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads, vbmi=vbmi, cpu=cpu)
-            total[other] += timed(func, [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32),
-                                         scale, np.zeros((m, n), np.float32)])
+            args_ = [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32), scale,
+                     np.zeros((m, n), np.float32)]
+            total[other] += timed(func, args_)
+            if narrow:  # the 256-bit MAC form of the same kernel
+                total["layer256"] += timed(layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads,
+                                                              vbmi=vbmi, cpu=cpu, wide=False), args_)
         line = f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x"
+        if narrow:
+            line += f" {total['layer256'] * 1e6:>9.1f}"
         if amx:
             t_amx = amx_layers(m)
             line += f" {t_amx * 1e6:>9.1f} {t_amx / min(total['gemv'], total[other]):>8.2f}x"

@@ -935,8 +935,11 @@ class _OuterProductGemm:
     Register tiles past the last 8-row block of weights read it again; they are never stored."""
 
     def __init__(self, m: int, k: int, n: int, x_dtype: str, isa: str, halves: int, w_bytes: int, ops: _VectorOps,
-                 tiles, num_cores: int, pairs: bool = False, cpu: Optional[str] = None):
+                 tiles, num_cores: int, pairs: bool = False, cpu: Optional[str] = None, wide: bool = False):
         self.m, self.k, self.n, self.x_dtype, self.halves, self.pairs = m, k, n, x_dtype, halves, pairs
+        # wide: the MACs on 512-bit vectors, two adjacent 8-row vectors of a prepared chunk at once
+        # (they are contiguous there); twice the products per vpdpbusd of the 256-bit form
+        self.wide = wide
         # pairs: int8 rows on AVX2 as int16 pairs (vpmaddwd): exact without offsets or sums
         self.signed = x_dtype == "int8" and not pairs
         self.stage_dtype = "int16" if pairs else x_dtype
@@ -964,6 +967,11 @@ class _OuterProductGemm:
             self.per_block = _ceil_div(self.m_tiles, blocks)
         self.tasks = _ceil_div(self.m_tiles, self.per_block) * self.n_chunks
         self.ops = ops
+        if wide:
+            if isa != "avx512vnni" or pairs or self.ntv % 2:
+                raise ValueError(f"512-bit MACs need AVX-512 VNNI bytes and an even number of 8-row vectors per "
+                                 f"register tile, got {isa}, pairs={pairs}, tiles {(mt, self.ntv)}")
+            self.ops_wide = _VectorOps(isa, 64, ops.signed, None, w_off=ops.w_off)
 
     def stage(self):
         """Macro ``stage(x, xs, xsum)``: the activations split into ``halves`` planes (packed
@@ -1015,9 +1023,19 @@ class _OuterProductGemm:
                 return wc[tt, step, h, T.ramp(v * 32, 1, 32)]
             return w0[T.min(((task % n_chunks) * per_chunk + tt) * ntv + v, blocks8 - 1), step, T.ramp(0, 1, 32)]
 
+        def x_row(task, tb, mi):
+            """The activation row of row ``mi`` of the task's tile ``tb`` (rows past the end read the last)."""
+            return T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1)
+
         def x_word(xs4, task, tb, mi, h, b):
             """Activation row ``mi`` of the tile: its four bytes of step ``b``, plane ``h``, broadcast."""
-            return T.broadcast(xs4[T.min(((task // n_chunks) * per_block + tb) * mt + mi, m - 1), h, b], 8)
+            return T.broadcast(xs4[x_row(task, tb, mi), h, b], 8)
+
+        wide = self.wide
+
+        def mac_wide(acc, word, wv):
+            """512 bits: ``acc`` (16 rows) plus an activation word (broadcast) times 16 rows' four bytes."""
+            return self.ops_wide.mac(acc, T.reinterpret(T.broadcast(word, 16), dtype="int8x64"), wv)
 
         # AVX2 byte MACs: pair sums added in 16 bits over several steps of every plane, then
         # widened once (vpmaddwd per MAC would be two multiplies per 32 products; see PAIR_SUMS16)
@@ -1051,10 +1069,16 @@ class _OuterProductGemm:
                                 for b in T.serial(steps):
                                     for h in T.unroll(halves):
                                         for mi in T.unroll(mt):
-                                            for v in T.unroll(ntv):
-                                                acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = mac(
-                                                    acc[T.ramp((mi * ntv + v) * 8, 1, 8)], x_word(xs4, task, tb, mi, h, b),
-                                                    weights(wc, w0, task, tt, b, h, v))
+                                            if wide:
+                                                for v2 in T.unroll(ntv // 2):
+                                                    acc[T.ramp((mi * ntv + 2 * v2) * 8, 1, 16)] = mac_wide(
+                                                        acc[T.ramp((mi * ntv + 2 * v2) * 8, 1, 16)],
+                                                        xs4[x_row(task, tb, mi), h, b], wc[tt, b, h, T.ramp(v2 * 64, 1, 64)])
+                                            else:
+                                                for v in T.unroll(ntv):
+                                                    acc[T.ramp((mi * ntv + v) * 8, 1, 8)] = mac(
+                                                        acc[T.ramp((mi * ntv + v) * 8, 1, 8)], x_word(xs4, task, tb, mi, h, b),
+                                                        weights(wc, w0, task, tt, b, h, v))
                             store_tile(acc, xsum, bias, scale, out, task, tb, tt)
 
         return multiply
@@ -1211,9 +1235,14 @@ def broadcast_dense_kernel(
     return kernel.with_attr(contract.WEIGHT_TILES, [8, step_bytes // 8])
 
 
+#: Register tile of :func:`layer_dense_kernel`'s 512-bit MACs: 8 activation rows x 6 8-row
+#: vectors (3 zmm accumulators per row, 24 of 32 registers, as the 256-bit form's 8 x 3)
+WIDE_TILES = (8, 6)
+
+
 def layer_dense_kernel(
     m: int, k: int, n: int, x_dtype: str, table_levels: Sequence[Sequence[int]], n_int8: int, tiles=None,
-    num_cores: int = 1, vbmi: bool = False, cpu: Optional[str] = None,
+    num_cores: int = 1, vbmi: bool = False, cpu: Optional[str] = None, wide: bool = True,
 ) -> tvm.tirx.PrimFunc:
     """A whole quantized dense layer on AVX-512 VNNI, every row group in one outer-product GEMM
     whose outputs come in the order the graph wants them (the model's row order, or the order
@@ -1231,8 +1260,13 @@ def layer_dense_kernel(
     ``vpermb`` lookup indexed by the code and the row's kind, 5 vector operations per 32 bytes
     instead of 12 (two shuffles per table and a blend): 8 x 768 x 3072 166 -> 160 us, under 1%
     at 128 rows, where streaming the packed rows in, not decoding them, is most of the cost.
+    ``wide``: the MACs on 512-bit vectors (``WIDE_TILES`` unless ``tiles`` says), 16 rows per
+    ``vpdpbusd``: on a CPU with two 512-bit MAC ports twice the products per cycle of the
+    256-bit form (``python -m bench.layer_kernels --rows 32 128 --cpu-time`` times both).
     """
     _check_outer_product("layer_dense_kernel", "avx512vnni", x_dtype)
+    if wide and tiles is None:
+        tiles = WIDE_TILES
     if len(table_levels) not in (1, 2):
         raise ValueError(f"layer_dense_kernel: one or two 4-bit decode tables, got {len(table_levels)}")
     signed = x_dtype == "int8"
@@ -1240,7 +1274,8 @@ def layer_dense_kernel(
     tables = [_VectorOps("avx512vnni", 32, signed, levels, w_off=w_off) for levels in table_levels]
     layer_dense_bounds(k, x_dtype, table_levels, n_int8)
     table_a, table_b = tables[0], tables[-1]
-    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores, cpu=cpu)
+    g = _OuterProductGemm(m, k, n, x_dtype, "avx512vnni", 2, (k + 1) // 2, table_a, tiles, num_cores, cpu=cpu,
+                          wide=wide)
     steps, blocks8, ntv, rows, per_chunk, n_tiles = g.steps, g.blocks8, g.ntv, g.rows, g.per_chunk, g.n_tiles
     rows8 = max(n_int8, 1)
 

@@ -961,7 +961,21 @@ def test_layer_dense_kernel_is_integer_exact(isa, vbmi, m, k, n, act, shares):
     """A whole layer (rows of three schemes, in a scattered order) in one kernel equals numpy,
     its outputs in the order given; extreme activations included. Both decodes: two
     ``vpshufb`` tables blended, and one ``vpermb`` over both (VBMI), each built for a CPU with
-    just those features (VNNI kernel: compiled on every host, run where the host has VNNI)."""
+    just those features (VNNI kernel: compiled on every host, run where the host has VNNI).
+    The MACs on 512-bit vectors (the default: 48-row register tiles, so every N here ends in a
+    partial tile)."""
+    _check_layer_dense(isa, vbmi, m, k, n, act, shares, wide=True)
+
+
+@pytest.mark.parametrize("isa,vbmi,m,k,n,act,shares", isa_cases(
+    [("avx512vnni", False, *LAYER_CASES[0]), ("avx512vnni", False, *LAYER_CASES[1]), ("avx512vnni", True, *LAYER_CASES[2])],
+    [("avx512vnni", False, *LAYER_CASES[1])], full="runnable"))
+def test_layer_dense_kernel_256_bit_form_is_integer_exact(isa, vbmi, m, k, n, act, shares):
+    """The same layer kernel with its MACs on 256-bit vectors (``wide=False``) equals numpy."""
+    _check_layer_dense(isa, vbmi, m, k, n, act, shares, wide=False)
+
+
+def _check_layer_dense(isa, vbmi, m, k, n, act, shares, wide):
     from schedules.x86_intrin import layer_dense_kernel, layer_weights
     from tvm_rmsmp.quant.schemes import nibble_decode
 
@@ -983,8 +997,13 @@ def test_layer_dense_kernel_is_integer_exact(isa, vbmi, m, k, n, act, shares):
         source.update({c: (gi, r) for r, c in enumerate(rows)})
     order = [source[c] for c in range(n)]
     levels = [nibble_decode(np.arange(16), get_scheme(s)) for s in tables] or [np.zeros(16, np.int64)]
-    func = layer_dense_kernel(m, k, n, act, levels, int((kind == 2).sum()), vbmi=vbmi)
-    exe = compile_for_isa(func, isa, vbmi)
+    func = layer_dense_kernel(m, k, n, act, levels, int((kind == 2).sum()), vbmi=vbmi, wide=wide)
+
+    def macs(asm):  # the MAC's vector width as asked
+        found = re.findall(r"vpdpbusd\s+%([xyz])mm", asm)
+        assert found and set(found) == ({"z"} if wide else {"y"}), sorted(set(found))
+
+    exe = compile_for_isa(func, isa, vbmi, check=macs)
     consts = layer_weights(order, groups, table_of_group, k)
     bias = rng.integers(-1000, 1000, n).astype(np.int32)
     scale = rng.uniform(0.5, 2, n).astype(np.float32)
