@@ -249,29 +249,32 @@ def sparse_main(args):
             exe = rmsmp.compile(q, (x,), target=f"fpga:{board}")
             if exe.fallbacks:
                 raise RuntimeError(f"{board}: layers fell back to the host: {exe.fallbacks}")
-            prof = exe.profile()
             sparse_layers = sorted({p.layer for p in exe.layers if p.sparse})
-            rows.append({"board": board, "model": "resnet18", "design": "rmsmp", "ratio": _ratio_text(ratio),
-                         "prune": "dense" if s == 0 else f"block_punched {block[0]}x{block[1]}",
-                         "sparsity": s, "density": round(1 - s, 4), "cycles": int(prof["cycles"]),
-                         "latency_ms": round(prof["latency_ms"], 4), "weight_bytes": _weight_bytes(exe),
-                         "macs": {k: int(v) for k, v in prof["macs"].items()}, "sparse_layers": len(sparse_layers),
-                         "layers": len(exe.layers),
-                         "utilization": {k: round(v, 3) for k, v in prof["utilization"].items()}})
+            accel = load_board(board).accelerator
+            for variant, spec in list(VARIANTS.items())[:2]:  # as compiled; 8-bit write-back (a what-if)
+                prof = exe.profile(_variant(accel, spec) if spec else None)
+                rows.append({"board": board, "model": "resnet18", "design": "rmsmp", "ratio": _ratio_text(ratio),
+                             "prune": "dense" if s == 0 else f"block_punched {block[0]}x{block[1]}",
+                             "sparsity": s, "density": round(1 - s, 4), "variant": variant,
+                             "cycles": int(prof["cycles"]), "latency_ms": round(prof["latency_ms"], 4),
+                             "weight_bytes": _weight_bytes(exe), "macs": {k: int(v) for k, v in prof["macs"].items()},
+                             "busy": {k: int(v) for k, v in prof["busy"].items()},
+                             "sparse_layers": len(sparse_layers), "layers": len(exe.layers),
+                             "utilization": {k: round(v, 3) for k, v in prof["utilization"].items()}})
             if args.check:
                 same = bool(np.array_equal(exe(x), q(x).detach().numpy()))
                 checks[f"{board} {s}"] = same
                 print(f"{board} {s:.0%} on the simulator equals the torch reference: {same}")
-            print(f"{board} sparsity {s:.0%}: {rows[-1]['cycles']} cycles, {rows[-1]['weight_bytes']} weight bytes, "
+            print(f"{board} sparsity {s:.0%}: {rows[-2]['cycles']} cycles, {rows[-2]['weight_bytes']} weight bytes, "
                   f"{len(sparse_layers)}/{len(exe.layers)} layers sparse ({time.time() - t0:.0f} s)", flush=True)
     for r in rows:
-        dense = [d for d in rows if d["board"] == r["board"] and d["sparsity"] == 0][0]
+        dense = [d for d in rows if d["board"] == r["board"] and d["variant"] == r["variant"] and d["sparsity"] == 0][0]
         r["speedup_vs_dense"] = round(dense["cycles"] / r["cycles"], 3)
         r["weight_bytes_vs_dense"] = round(r["weight_bytes"] / dense["weight_bytes"], 3)
-    print(f"\n{'board':9} {'sparsity':>8} {'cycles':>10} {'speedup':>8} {'weight bytes':>13} {'vs dense':>8}")
+    print(f"\n{'board':9} {'sparsity':>8} {'cycles':>10} {'speedup':>8} {'weight bytes':>13} {'vs dense':>8}   variant")
     for r in rows:
         print(f"{r['board']:9} {r['sparsity']:>8.0%} {r['cycles']:>10} {r['speedup_vs_dense']:>7.2f}x "
-              f"{r['weight_bytes']:>13} {r['weight_bytes_vs_dense']:>8.2f}")
+              f"{r['weight_bytes']:>13} {r['weight_bytes_vs_dense']:>8.2f}   {r['variant']}")
     cmd = "python -m bench.fpga --sparsity " + " ".join(f"{s:g}" for s in args.sparsity)
     if list(block) != [16, 4]:
         cmd += f" --block {block[0]} {block[1]}"
