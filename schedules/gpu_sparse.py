@@ -16,7 +16,6 @@ are read once per activation row, the activations of a block column by its ``br`
 Exact: int32 sums of int8/uint8 x int8 products, then one float multiply.
 """
 
-from __future__ import annotations
 
 from typing import Optional
 

@@ -30,13 +30,12 @@ make it sparse).
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import numpy as np
 
-from .isa import GemmDSP, GemmLUT, Load, SparseGemmDSP, SparseGemmLUT, _Gemm
+from .isa import GemmDSP, GemmLUT, Load, SparseGemmDSP, SparseGemmLUT
 from .simulator import WeightTensor
 
 __all__ = ["SparseTile", "SparseWeightTensor", "compress_tile", "sparsify_stream", "MAX_DENSITY", "JOIN_NEW",
