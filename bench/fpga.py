@@ -124,7 +124,13 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="run each RMSMP model on the simulator vs the torch reference")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fpga.json"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "results", "fpga_layers.png"))
+    ap.add_argument("--sparsity", nargs="+", type=float, default=None,
+                    help="instead: the RMSMP design on pruned ResNet-18s (block-punched, these rates; 0 = dense), "
+                         "written to bench/results/fpga_sparse.json")
+    ap.add_argument("--block", nargs=2, type=int, default=[16, 4], help="with --sparsity: the pruning block (rows, channels)")
     args = ap.parse_args(argv)
+    if args.sparsity is not None:
+        return sparse_main(args)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = resnet18(seed=0)
@@ -205,6 +211,87 @@ def main(argv=None):
     }
     atomic_write(args.out, json.dumps(result, indent=1))
     print(f"\nwrote {os.path.relpath(args.out, ROOT)}" + (f" and {os.path.relpath(plot, ROOT)}" if plot else ""))
+    return result
+
+
+def _weight_bytes(exe) -> int:
+    """Bytes the accelerator's weight LOADs move over the whole model."""
+    from tvm_rmsmp.fpga.isa import Load
+
+    return sum(i.nbytes for p in exe.layers for i in p.stream if isinstance(i, Load) and i.buffer != "inp")
+
+
+def sparse_main(args):
+    """``--sparsity``: ResNet-18 pruned block-punched (the stem left dense) at each rate, RMSMP at
+    each board's ratio, compiled for the board; cycles, weight bytes loaded and MACs issued,
+    against the dense model (rate 0) on the same board (bench/results/fpga_sparse.json)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = resnet18(seed=0)
+    x = torch.randn(1, 3, 224, 224)
+    calib = [torch.randn(2, 3, 224, 224)]
+    block = tuple(args.block)
+    rates = sorted(set(args.sparsity) | {0.0})
+    pruned = {}
+    for s in rates:
+        if s > 0:
+            t0 = time.time()
+            pcfg = rmsmp.PruneConfig(scheme="block_punched", sparsity=s, block=block, skip=["conv1"])
+            pruned[s] = rmsmp.prune(model, pcfg)
+            print(f"pruned ResNet-18 to {s:.0%} in {time.time() - t0:.0f} s", flush=True)
+    rows, checks = [], {}
+    for board in args.boards:
+        ratio = derive_ratio(load_board(board))
+        for s in rates:
+            t0 = time.time()
+            cfg = rmsmp.RMSMPConfig(ratio=ratio, assign="variance")
+            q = rmsmp.quantize(pruned.get(s, model), cfg, calib_data=calib)
+            exe = rmsmp.compile(q, (x,), target=f"fpga:{board}")
+            if exe.fallbacks:
+                raise RuntimeError(f"{board}: layers fell back to the host: {exe.fallbacks}")
+            sparse_layers = sorted({p.layer for p in exe.layers if p.sparse})
+            accel = load_board(board).accelerator
+            for variant, spec in list(VARIANTS.items())[:2]:  # as compiled; 8-bit write-back (a what-if)
+                prof = exe.profile(_variant(accel, spec) if spec else None)
+                rows.append({"board": board, "model": "resnet18", "design": "rmsmp", "ratio": _ratio_text(ratio),
+                             "prune": "dense" if s == 0 else f"block_punched {block[0]}x{block[1]}",
+                             "sparsity": s, "density": round(1 - s, 4), "variant": variant,
+                             "cycles": int(prof["cycles"]), "latency_ms": round(prof["latency_ms"], 4),
+                             "weight_bytes": _weight_bytes(exe), "macs": {k: int(v) for k, v in prof["macs"].items()},
+                             "busy": {k: int(v) for k, v in prof["busy"].items()},
+                             "sparse_layers": len(sparse_layers), "layers": len(exe.layers),
+                             "utilization": {k: round(v, 3) for k, v in prof["utilization"].items()}})
+            if args.check:
+                same = bool(np.array_equal(exe(x), q(x).detach().numpy()))
+                checks[f"{board} {s}"] = same
+                print(f"{board} {s:.0%} on the simulator equals the torch reference: {same}")
+            print(f"{board} sparsity {s:.0%}: {rows[-2]['cycles']} cycles, {rows[-2]['weight_bytes']} weight bytes, "
+                  f"{len(sparse_layers)}/{len(exe.layers)} layers sparse ({time.time() - t0:.0f} s)", flush=True)
+    for r in rows:
+        dense = [d for d in rows if d["board"] == r["board"] and d["variant"] == r["variant"] and d["sparsity"] == 0][0]
+        r["speedup_vs_dense"] = round(dense["cycles"] / r["cycles"], 3)
+        r["weight_bytes_vs_dense"] = round(r["weight_bytes"] / dense["weight_bytes"], 3)
+    print(f"\n{'board':9} {'sparsity':>8} {'cycles':>10} {'speedup':>8} {'weight bytes':>13} {'vs dense':>8}   variant")
+    for r in rows:
+        print(f"{r['board']:9} {r['sparsity']:>8.0%} {r['cycles']:>10} {r['speedup_vs_dense']:>7.2f}x "
+              f"{r['weight_bytes']:>13} {r['weight_bytes_vs_dense']:>8.2f}   {r['variant']}")
+    cmd = "python -m bench.fpga --sparsity " + " ".join(f"{s:g}" for s in args.sparsity)
+    if list(block) != [16, 4]:
+        cmd += f" --block {block[0]} {block[1]}"
+    result = {
+        "command": cmd + (" --check" if args.check else ""),
+        "model": "ResNet-18, 1x3x224x224, random weights (tvm_rmsmp.models.resnet.resnet18(seed=0)), pruned by "
+                 f"rmsmp.prune(block_punched, block={list(block)}, magnitude, one shot; conv1 left dense)",
+        "timing": "cycle-level simulator of the accelerator model (deterministic); host ops not counted",
+        "host": f"{platform.machine()}, Python {platform.python_version()} (irrelevant to cycle counts)",
+        "storage": "tvm_rmsmp/fpga/sparse.py: a pruned row group's weight tiles as runs of rows sharing a kept-column "
+                   "mask; weight LOADs move the runs, GEMMs issue their kept columns only",
+        "rows": rows,
+        "simulator_equals_reference": checks,
+    }
+    out = os.path.join(ROOT, "bench", "results", "fpga_sparse.json")
+    atomic_write(out, json.dumps(result, indent=1))
+    print(f"\nwrote {os.path.relpath(out, ROOT)}")
     return result
 
 

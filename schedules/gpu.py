@@ -25,6 +25,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from .gpu_sparse import GPUSparseDense
 from .registry import INT8_DOT_KEY, OpScheduleRule, register_target
 from relay_passes import contract
 
@@ -342,7 +343,7 @@ def check_launch_limits(mod: tvm.IRModule, target: Target) -> None:
             )
 
 
-_RULES = [GPURowGroupDense, GPURowGroupConv2d]
+_RULES = [GPURowGroupDense, GPURowGroupConv2d, GPUSparseDense]
 _SPACES = {"dense": schedule_dense, "conv2d": schedule_conv2d}
 register_target("opencl", _RULES, verify=check_launch_limits, spaces=_SPACES)
 register_target("cuda", _RULES, verify=check_launch_limits, spaces=_SPACES)

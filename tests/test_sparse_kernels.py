@@ -211,14 +211,14 @@ def test_contract_refuses_bad_bsr():
         contract.verify_sparse_func("f", func)
 
 
-def test_only_llvm_targets_get_sparse_ops():
+def test_cpu_and_gpu_targets_get_sparse_ops_the_fpga_skips_in_its_streams():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = rmsmp.prune(_TwoLayers().eval(), rmsmp.PruneConfig(sparsity=0.75, block=(16, 4)))
         q = rmsmp.quantize(pm, rmsmp.RMSMPConfig(assign="variance"), calib_data=[torch.randn(8, 64)])
     x = torch.randn(1, 64)
-    for target, sparse in (("llvm", True), ("mali", False)):
+    for target, sparse in (("llvm", True), ("mali", True), ("fpga:xc7z020", False)):
         mod, stats = rmsmp.lower(q, (x,), target, schedule=False)
         ops = {str(f.attrs[contract.OP]) for f in mod.functions.values()
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and contract.OP in f.attrs}

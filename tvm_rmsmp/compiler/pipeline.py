@@ -1,7 +1,7 @@
 """From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
 
-import (torch.export -> Relax) -> SparsifyRowGroups (LLVM targets: pruned dense layers as block-sparse
-ops) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
+import (torch.export -> Relax) -> SparsifyRowGroups (LLVM, OpenCL, CUDA targets: pruned dense layers as
+block-sparse ops) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
 -> the row-group op contract's verifier -> tuned schedules (if any) -> the target's graph passes
 (FuseDenseLayers, UseTargetKernels, from what its schedules offer) -> the target's row-group
 schedules -> TVM's default Relax build for the target.
@@ -124,8 +124,8 @@ def lower(
     if not rmsmp_layers(model):
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
     mod = import_model(model, inputs, dynamic_batch=dynamic_batch)
-    sparse = SparsifyRowGroups()  # pruned dense layers -> block-sparse ops (LLVM kernels only)
-    if target.kind.name == "llvm" and not dynamic_batch:
+    sparse = SparsifyRowGroups()  # pruned dense layers -> block-sparse ops (CPU and GPU kernels)
+    if target.kind.name in SPARSE_KINDS and not dynamic_batch:
         # the any-batch function keeps dense row groups; its batch specialisations are static
         mod = sparse(mod)
     mod = RewriteRowGroups()(mod)
@@ -185,6 +185,10 @@ def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
 
+
+#: Target kinds whose schedules have block-sparse kernels (``contract.DENSE_BSR``): pruned dense
+#: layers become block-sparse ops there (the FPGA model skips pruned weights in its own streams).
+SPARSE_KINDS = ("llvm", "opencl", "cuda")
 
 #: Target kinds whose compiled model is not a TVM build -> "module:function(mod, target, input_specs,
 #: stats)" returning it (imported on first use). ``ext_dev`` is the FPGA accelerator ("fpga:<board>").

@@ -227,3 +227,35 @@ def stream_summary(stream) -> Dict[str, int]:
         name = type(ins).__name__
         out[name] = out.get(name, 0) + 1
     return out
+
+
+def _runs(value) -> Tuple[Tuple[int, int], ...]:
+    return tuple((int(r), int(k)) for r, k in value)
+
+
+@attrs.define(eq=False)
+class _SparseGemm(_Gemm):
+    """A GEMM tile of a pruned row group (:mod:`.sparse`): the weight buffer holds only the kept
+    columns of each *run* of rows (rows sharing one kept-column mask), and the array issues
+    only those: ``runs`` is ``((rows, kept columns), ...)`` in row order. ``reduction`` stays
+    the dense tile's (the input tile and the accumulator are the dense GEMM's)."""
+
+    runs: Tuple[Tuple[int, int], ...] = attrs.field(default=(), converter=_runs)
+
+    @property
+    def macs(self) -> int:
+        return self.pixels * sum(r * k for r, k in self.runs)
+
+
+@attrs.define(eq=False)
+class SparseGemmDSP(_SparseGemm):
+    """:class:`GemmDSP` over the kept columns of a pruned row group."""
+
+    core = "dsp"
+
+
+@attrs.define(eq=False)
+class SparseGemmLUT(_SparseGemm):
+    """:class:`GemmLUT` over the kept columns of a pruned row group."""
+
+    core = "lut"

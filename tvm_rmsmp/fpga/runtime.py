@@ -32,6 +32,7 @@ from .codegen import RowGroup, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
+from .sparse import sparsify_stream
 from relay_passes import contract
 
 __all__ = ["DynamicBatchFPGAModel", "FPGACompiledModel", "FPGAFallbackWarning", "LayerProgram", "compile_fpga"]
@@ -52,6 +53,8 @@ class LayerProgram:
     outputs: List[Tuple[object, str, np.ndarray, int, tuple]]  # (relax var, DRAM name, scale, channel axis, shape)
     schemes: List[str]
     groups: list = attrs.field(factory=list)
+    #: pruned row groups stored as runs of kept columns: {weight name: stats} (:mod:`.sparse`)
+    sparse: Dict[str, dict] = attrs.field(factory=dict)
 
     def summary(self) -> Dict[str, int]:
         return stream_summary(self.stream)
@@ -198,8 +201,9 @@ class FPGACompiledModel:
                             1 if op == "conv2d" else len(shape) - 1, tuple(shape)))
             schemes.append(scheme)
         stream = layer_stream(layer, x_name, groups, self.config.accelerator)
+        stream, sparse = sparsify_stream(stream, constants, {g.weight: g.bits for g in groups})  # pruned row groups
         return LayerProgram(layer=layer, stream=stream, x_var=ref(x_var), constants=constants, outputs=outputs,
-                            schemes=schemes, groups=groups)
+                            schemes=schemes, groups=groups, sparse=sparse)
 
     # ----- execution --------------------------------------------------------------------
     def _host_func(self, name: str):
@@ -264,6 +268,8 @@ class FPGACompiledModel:
         macs = {"lut": 0, "dsp": 0}
         for prog in self.layers:
             stream = prog.stream if accelerator is None else layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+            if accelerator is not None and prog.sparse:
+                stream = sparsify_stream(stream, prog.constants, {g.weight: g.bits for g in prog.groups})[0]
             r: SimResult = simulator.run(stream)
             total += r.cycles
             for q, b in r.busy.items():

@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 
 from .config import AcceleratorConfig, FPGAConfig
-from .isa import QUEUES, Alu, Instruction, Load, Store, _Gemm
+from .isa import QUEUES, Alu, Instruction, Load, Store, _Gemm, _SparseGemm
 
 __all__ = ["Simulator", "SimResult", "WeightTensor", "DependencyError", "DeadlockError", "HazardError"]
 
@@ -104,6 +104,9 @@ class Simulator:
             # a DSP48 multiplies a 4-bit weight by dsp_products_4bit packed activations (pixels)
             pack = a.dsp_products_4bit if (ins.core == "dsp" and ins.bits <= 4) else 1
             passes = ins.rows * math.ceil(ins.pixels / (arr.pixels * pack)) * math.ceil(ins.reduction / arr.reduction)
+            if isinstance(ins, _SparseGemm):  # a pruned tile: each run of rows over its kept columns only
+                passes = sum(rows * math.ceil(ins.pixels / (arr.pixels * pack)) * math.ceil(kept / arr.reduction)
+                             for rows, kept in ins.runs)
             return passes + a.gemm_pipeline_cycles
         if isinstance(ins, Alu):
             return math.ceil(ins.elements / a.alu_lanes) + 2
@@ -244,7 +247,11 @@ class Simulator:
                                  f"{ins.rows * ins.pixels * 4} bytes exceeds the {self.acc.acc_slot_bytes}-byte half")
             inp = data[("inp", ins.inp_slot)]
             wgt = data[(f"wgt_{ins.core}", ins.wgt_slot)]
-            if ins.op == "dense":
+            if hasattr(wgt, "product"):  # a pruned tile (fpga.sparse.SparseTile): kept columns only
+                a = inp if ins.op == "dense" else self._conv_patches(inp, ins)
+                prod = wgt.product(a)
+                prod = prod if ins.op == "dense" else prod.T.reshape(wgt.shape[0], *ins.out_hw)
+            elif ins.op == "dense":
                 prod = inp @ wgt.T  # [M, F]
             else:
                 prod = (wgt @ self._conv_patches(inp, ins).T).reshape(wgt.shape[0], *ins.out_hw)
