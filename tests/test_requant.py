@@ -68,3 +68,96 @@ def test_requantize_matches_fractions_including_ties_and_saturation():
 def test_requantize_refuses_float_input():
     with pytest.raises(TypeError, match="integer"):
         requantize(np.array([1.5]), np.array(2**14), np.array(15), -127, 127)
+
+
+# ----- the torch reference ---------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+
+
+def test_config_validates_requant():
+    from tvm_rmsmp import RMSMPConfig
+
+    assert RMSMPConfig().requant == "float"
+    with pytest.raises(ValueError, match="requant must be one of"):
+        RMSMPConfig(requant="int8")
+    with pytest.raises(ValueError, match="per-tensor"):
+        RMSMPConfig(requant="fixed_point", act_granularity="per_token")
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, 1, 1)
+        self.c2 = torch.nn.Conv2d(8, 6, 3, 2, 1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.fc = torch.nn.Linear(6 * 2 * 2, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = self.pool(torch.nn.functional.relu(self.c2(h)))
+        return self.fc(torch.flatten(h, 1)) + 0.0  # the add: fc's output is not chained
+
+
+def _ref_layer(layer, x: np.ndarray) -> np.ndarray:
+    """The layer's output from its integer parameters, with numpy and Python integers."""
+    inv = np.float32(layer.inv_act_scale)
+    xq = np.clip(np.round(x.astype(np.float32) * inv), layer.qmin, layer.qmax).astype(np.int64)  # half to even
+    w = layer.weight_int.numpy().astype(np.int64)
+    if layer.op == "conv2d":
+        (ph, pw), (sh, sw) = layer.padding, layer.stride
+        xp = np.pad(xq, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        f, c, kh, kw = w.shape
+        oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+        acc = np.zeros((x.shape[0], f, oh, ow), np.int64)
+        for ky in range(kh):
+            for kx in range(kw):
+                tap = xp[:, :, ky: ky + sh * (oh - 1) + 1: sh, kx: kx + sw * (ow - 1) + 1: sw]
+                acc += np.einsum("nchw,fc->nfhw", tap, w[:, :, ky, kx])
+        axis = 1
+    else:
+        acc, axis = xq @ w.T, -1
+    acc = np.moveaxis(acc, axis, -1)
+    m, s = layer.requant_mult.numpy(), layer.requant_shift.numpy()
+    b = layer.bias_int.numpy()
+    out = np.vectorize(lambda v, j: min(max((int(v + b[j]) * int(m[j]) + (1 << (int(s[j]) - 1))) >> int(s[j]),
+                                               layer.out_act.qmin), layer.out_act.qmax))(
+        acc, np.arange(acc.shape[-1]))
+    y = out.astype(np.float32) * np.float32(layer.out_act_scale)
+    return np.moveaxis(y, -1, axis)
+
+
+def test_fixed_point_layers_match_integer_reference_and_chain():
+    import tvm_rmsmp as rmsmp
+    from tvm_rmsmp.nn.layers import rmsmp_layers
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = rmsmp.quantize(net, rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest"),
+                       calib_data=[x])
+    layers = rmsmp_layers(q)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
+             for n, m in layers.items()]
+    y = q(x)
+    for h in hooks:
+        h.remove()
+    for name, layer in layers.items():
+        inp, out = seen[name]
+        np.testing.assert_array_equal(out.numpy(), _ref_layer(layer, inp.numpy()), err_msg=name)
+    # c1 -> relu -> c2 and c2 -> relu -> pool -> flatten -> fc are chained: the producer writes at
+    # its consumer's input scale and the ReLU is the unsigned clamp
+    assert layers["c1"].out_act.scale == layers["c2"].act.scale and layers["c1"].out_act.qmin == 0
+    assert layers["c2"].out_act.scale == layers["fc"].act.scale
+    # so the consumer quantizes the producer's codes back exactly
+    for prod, cons in (("c1", "c2"), ("c2", "fc")):
+        out = seen[prod][1]
+        codes = np.round(out.numpy().astype(np.float64) / layers[prod].out_act_scale)
+        requant = np.clip(np.round(out.numpy() * np.float32(layers[cons].inv_act_scale)), layers[cons].qmin,
+                          layers[cons].qmax)
+        np.testing.assert_array_equal(np.maximum(codes, 0), requant)
+    assert layers["fc"].out_act.qmin < 0  # fc feeds an add: own (signed) output scale
+    assert y.shape == (4, 5)
+    # the float epilogue is unchanged by default
+    qf = rmsmp.quantize(net, rmsmp.RMSMPConfig(assign="variance", rounding="nearest"), calib_data=[x])
+    assert all(m.out_act is None for m in rmsmp_layers(qf).values())
