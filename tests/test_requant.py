@@ -161,3 +161,24 @@ def test_fixed_point_layers_match_integer_reference_and_chain():
     # the float epilogue is unchanged by default
     qf = rmsmp.quantize(net, rmsmp.RMSMPConfig(assign="variance", rounding="nearest"), calib_data=[x])
     assert all(m.out_act is None for m in rmsmp_layers(qf).values())
+
+
+def test_llvm_compiled_fixed_point_model_is_bit_exact():
+    """CPU: the fixed-point epilogue lowered by the portable schedule (the x86 intrinsic kernels
+    decline layers with the contract.REQUANT attribute) equals the torch reference bit for bit,
+    on inputs whose accumulators reach past 2^24 (so no float32 shortcut would do)."""
+    import tvm
+
+    import tvm_rmsmp as rmsmp
+    from relay_passes import contract
+
+    torch.manual_seed(1)
+    net = _Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = rmsmp.quantize(net, rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest"),
+                       calib_data=[x])
+    exe = rmsmp.compile(q, (x,), target="llvm")
+    for xs in (x, 40 * torch.randn(4, 3, 8, 8)):  # the second saturates many codes
+        np.testing.assert_array_equal(np.asarray(exe(xs)), q(xs).numpy())
+    funcs = [f for _, f in exe.ir.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and contract.REQUANT in f.attrs]
+    assert len(funcs) >= 3 and all(contract.CPU_KERNEL not in f.attrs for f in funcs)
