@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -155,6 +155,8 @@ class RowGroup:
     events: List[TileEvent]
     kernel: tuple = (1, 1)
     stride: tuple = (1, 1)
+    #: the fixed-point epilogue (contract.REQUANT): {"mult", "shift": DRAM names, "qmin", "qmax"}
+    requant: Optional[dict] = None
 
 
 def _tiles(events: List[TileEvent]):
@@ -281,12 +283,18 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
             p += 1
         out_region = epi.writes[contract.OUT_BLOCK]
         row0 = epi.reads["bias"][0][0]
-        stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=region_size(out_region),
-                          operand=g.bias, row0=row0, row_axis=0 if g.op == "conv2d" else 1,
-                          signal=(f"{core}->store:acc",), layer=layer))
+        elements, row_axis = region_size(out_region), 0 if g.op == "conv2d" else 1
+        done = (f"{core}->store:acc",)
+        stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=elements, operand=g.bias,
+                          row0=row0, row_axis=row_axis, signal=() if g.requant else done, layer=layer))
+        if g.requant:  # the fixed-point epilogue: rounding shift on chip, 8-bit codes out
+            stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="mul_shift", elements=elements,
+                              operand=g.requant["mult"], shift_operand=g.requant["shift"], row0=row0,
+                              row_axis=row_axis, signal=done, layer=layer))
+        out_bytes = 1 if g.requant else accel.store_bytes_per_output
         stream.append(Store(core=core, slot=acc_slot, tensor=g.output, region=out_region,
-                            nbytes=accel.store_bytes_per_output * region_size(out_region), wait=(f"{core}->store:acc",),
-                            signal=(f"store->{core}:acc",), layer=layer))
+                            nbytes=out_bytes * elements, wait=done, signal=(f"store->{core}:acc",), layer=layer,
+                            clamp=(g.requant["qmin"], g.requant["qmax"]) if g.requant else None))
         n_acc[core] += 1
     return stream
 

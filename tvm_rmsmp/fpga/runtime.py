@@ -49,7 +49,8 @@ class LayerProgram:
     stream: list
     x_var: object
     constants: Dict[str, object]
-    outputs: List[Tuple[object, str, np.ndarray, int, tuple]]  # (relax var, DRAM name, scale, channel axis, shape)
+    # (relax var, DRAM name, scale, channel axis, shape, requant dict or None)
+    outputs: List[Tuple[object, str, np.ndarray, int, tuple, Optional[dict]]]
     schemes: List[str]
     groups: list = attrs.field(factory=list)
 
@@ -190,12 +191,19 @@ class FPGACompiledModel:
                                                   codes_per_byte=2 if packed else 1)
             constants[base + ".bias"] = bias.value.numpy().astype(np.int64)
             core = "lut" if str(func.attrs[contract.KIND]) == "sp2" else "dsp"
+            requant = contract.requant_of(func)
+            scale_np = scale.value.numpy().astype(np.float32)
+            if requant is not None:  # scale is m * 2^-s exactly: the ALU's multiplier and shift
+                m, s = requant_pair(scale_np)
+                constants[base + ".mult"], constants[base + ".shift"] = m, s
+                requant = {"mult": base + ".mult", "shift": base + ".shift", "qmin": requant["qmin"],
+                           "qmax": requant["qmax"], "out_scale": requant["out_scale"]}
             groups.append(RowGroup(scheme=scheme, core=core, bits=4 if packed else 8, op=op, weight=base + ".w",
                                    bias=base + ".bias", output=base + ".out", events=tile_events(func),
-                                   kernel=kernel, stride=stride))
+                                   kernel=kernel, stride=stride, requant=requant))
             shape, _ = shape_dtype(binding.value.ty_args[0] if binding.value.ty_args else binding.var.ty)
-            outputs.append((binding.var, base + ".out", scale.value.numpy().astype(np.float32),
-                            1 if op == "conv2d" else len(shape) - 1, tuple(shape)))
+            outputs.append((binding.var, base + ".out", scale_np, 1 if op == "conv2d" else len(shape) - 1,
+                            tuple(shape), requant))
             schemes.append(scheme)
         stream = layer_stream(layer, x_name, groups, self.config.accelerator)
         return LayerProgram(layer=layer, stream=stream, x_var=ref(x_var), constants=constants, outputs=outputs,
@@ -230,10 +238,13 @@ class FPGACompiledModel:
                 prog: LayerProgram = step[1]
                 dram = dict(prog.constants)
                 dram[f"{prog.layer}.x"] = env[prog.x_var]
-                for _, name, _, _, shape in prog.outputs:
-                    dram[name] = np.zeros(shape, np.int32)
+                for _, name, _, _, shape, rq in prog.outputs:
+                    dram[name] = np.zeros(shape, np.int32 if rq is None else np.int8 if rq["qmin"] < 0 else np.uint8)
                 self.simulator.run(prog.stream, dram)
-                for var, name, scale, axis, shape in prog.outputs:
+                for var, name, scale, axis, shape, rq in prog.outputs:
+                    if rq is not None:  # 8-bit codes: the float view is codes * the output scale (float32)
+                        env[var] = dram[name].astype(np.float32) * np.float32(rq["out_scale"])
+                        continue
                     bshape = [1] * len(shape)
                     bshape[axis] = -1
                     env[var] = dram[name].astype(np.float32) * scale.reshape(bshape)
@@ -290,6 +301,16 @@ class FPGACompiledModel:
 
     def export_library(self, path, cc=None):
         raise NotImplementedError("the FPGA target has no device library to export; see docs/fpga.md")
+
+
+def requant_pair(scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(m, s)`` (int64) from the fixed-point epilogue's ``scale = m * 2^-s`` (exact float32,
+    ``2^14 <= m < 2^15``; see :mod:`tvm_rmsmp.quant.requant`)."""
+    frac, exp = np.frexp(scale.astype(np.float64))
+    m = frac * 2.0**15
+    if not np.array_equal(m, np.round(m)) or np.any(m < 2**14):
+        raise ValueError("a fixed-point epilogue scale is not a 15-bit multiplier times a power of two")
+    return m.astype(np.int64), (15 - exp).astype(np.int64)
 
 
 def _kernel_of(func) -> Tuple[int, int]:
