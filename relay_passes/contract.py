@@ -16,7 +16,8 @@ A *row-group op* is a PrimFunc with attribute :data:`OP` in :data:`OPS`:
 * two blocks: :data:`ACC_BLOCK` writes the int32 sums into the buffer of the same name (``K``
   products of activations and levels: their worst case must fit int32, :data:`INT32_MAX`), and
   :data:`OUT_BLOCK` computes ``float32(acc + bias) * scale`` (one multiply: never fused into
-  an FMA);
+  an FMA), or, with :data:`REQUANT` (``RMSMPConfig(requant="fixed_point")``), the integer
+  rounding shift to 8-bit codes times the output scale (see :data:`REQUANT`);
 * attributes: :data:`LAYER` (the torch module path); before ``RewriteRowGroups``
   :data:`ROW_SCHEMES` (one scheme per output row: the *quantized* op), after it :data:`SCHEME`
   and :data:`KIND` (one registered scheme for all rows: a *row-group* op); :data:`CONV`

@@ -28,7 +28,7 @@ import tvm
 from tvm import relax
 
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
-from .codegen import RowGroup, layer_stream, tile_events, weight_levels
+from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
@@ -257,15 +257,18 @@ class FPGACompiledModel:
         return env[ref]
 
     # ----- performance model ------------------------------------------------------------
-    def profile(self, accelerator: Optional[AcceleratorConfig] = None) -> Dict[str, object]:
+    def profile(self, accelerator: Optional[AcceleratorConfig] = None, prefetch: bool = False) -> Dict[str, object]:
         """Modelled cycles of the accelerator layers (host ops are not counted): per layer the
         cycles, busy cycles per unit, MACs per core; totals, latency and utilization.
 
         accelerator: another configuration of the same board's accelerator with the same
         buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
         regenerated from the same tiles and timed with it (a what-if; ``exe(x)`` is unchanged).
+        prefetch: time the layers as one program with weight prefetch across layers
+        (:func:`~tvm_rmsmp.fpga.codegen.chain_streams`) instead of one after the other; a
+        layer's cycles are then from the previous layer's end to its own.
         """
-        if accelerator is None and self._profile is not None:
+        if accelerator is None and not prefetch and self._profile is not None:
             return self._profile
         acc = accelerator or self.config.accelerator
         simulator = Simulator(acc)
@@ -273,8 +276,11 @@ class FPGACompiledModel:
         total = 0
         busy: Dict[str, int] = {}
         macs = {"lut": 0, "dsp": 0}
-        for prog in self.layers:
-            stream = prog.stream if accelerator is None else layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+        streams = [prog.stream if accelerator is None else layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+                   for prog in self.layers]
+        if prefetch:
+            layers, total, busy, macs = self._chained_profile(simulator, streams)
+        for prog, stream in zip(self.layers if not prefetch else [], streams):
             r: SimResult = simulator.run(stream)
             total += r.cycles
             for q, b in r.busy.items():
@@ -291,9 +297,35 @@ class FPGACompiledModel:
             "busy": busy, "utilization": util, "mac_utilization": mac_util, "macs": macs, "layers": layers,
             "host_fallbacks": list(self.fallbacks),
         }
-        if accelerator is None:
+        if accelerator is None and not prefetch:
             self._profile = result
         return result
+
+    def _chained_profile(self, simulator: Simulator, streams):
+        """``(layers, total, busy, macs)`` of the layers run as one chained program."""
+        from .isa import Load, Store, _Gemm
+
+        program = chain_streams(streams)
+        r = simulator.run(program, record=True)
+        owner = np.repeat(np.arange(len(streams)), [len(s) for s in streams])
+        ends = np.zeros(len(streams), np.int64)
+        per = [{} for _ in streams]
+        mac = [{"lut": 0, "dsp": 0} for _ in streams]
+        for q, start, end, i in r.timeline:
+            k = owner[i]
+            ends[k] = max(ends[k], end)
+            per[k][q] = per[k].get(q, 0) + end - start
+            ins = program[i]
+            if isinstance(ins, (Load, Store)):
+                ch = "dma_read" if isinstance(ins, Load) else "dma_write"
+                per[k][ch] = per[k].get(ch, 0) + end - start
+            if isinstance(ins, _Gemm):
+                mac[k][ins.core] += ins.macs
+        ends = np.maximum.accumulate(ends)
+        layers = [{"layer": prog.layer, "cycles": int(ends[k] - (ends[k - 1] if k else 0)), "busy": per[k],
+                   "macs": mac[k], "schemes": prog.schemes, "instructions": len(streams[k])}
+                  for k, prog in enumerate(self.layers)]
+        return layers, int(r.cycles), dict(r.busy), dict(r.macs)
 
     def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:
         """Modelled accelerator seconds per inference (the cycle model, not a measurement)."""
