@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
+import numpy as np
 import tvm
 from tvm import te, tirx, topi
 
@@ -290,7 +291,9 @@ def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: i
     fixed-point epilogue ``float32(clamp(floor(float64(acc + bias) * scale + 0.5), qmin, qmax)) * out_scale``."""
     if requant is not None:
         lo, hi = tirx.const(float(int(requant["qmin"])), "float64"), tirx.const(float(int(requant["qmax"])), "float64")
-        out_scale = tirx.const(float(requant["out_scale"]), "float32")
+        # from its bits: a decimal literal in generated source (OpenCL) may not round-trip
+        bits = int(np.array(float(requant["out_scale"]), np.float32).view(np.uint32))
+        out_scale = tirx.reinterpret("float32", tirx.const(bits, "uint32"))
 
         def fixed(*idx):
             c = idx[channel_axis]

@@ -182,3 +182,22 @@ def test_llvm_compiled_fixed_point_model_is_bit_exact():
         np.testing.assert_array_equal(np.asarray(exe(xs)), q(xs).numpy())
     funcs = [f for _, f in exe.ir.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and contract.REQUANT in f.attrs]
     assert len(funcs) >= 3 and all(contract.CPU_KERNEL not in f.attrs for f in funcs)
+
+
+def test_opencl_compiled_fixed_point_model_is_bit_exact():
+    """OpenCL (PoCL): the same fixed-point epilogue through the GPU schedules, bit for bit."""
+    from conftest import opencl_status
+
+    usable, why = opencl_status()
+    if not usable:
+        pytest.skip(why)
+    import tvm_rmsmp as rmsmp
+
+    torch.manual_seed(1)
+    net = _Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = rmsmp.quantize(net, rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest"),
+                       calib_data=[x])
+    exe = rmsmp.compile(q, (x,), target="mali")
+    for xs in (x, 40 * torch.randn(4, 3, 8, 8)):
+        np.testing.assert_array_equal(exe(xs), q(xs).numpy())
