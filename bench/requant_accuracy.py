@@ -61,7 +61,7 @@ def main(argv=None):
         q_float = rmsmp.quantize(model, cfg, calib_data=calib)
         q_fixed = copy.deepcopy(q_float)
         how = attach_requant(q_fixed, collect_batches(calib, q_fixed, None), cfg.act_bits)
-        q_fixed.rmsmp_config = attrs.evolve(q_fixed.rmsmp_config, requant="fixed_point")
+        q_fixed.rmsmp_config = attrs.evolve(q_float.rmsmp_config, requant="fixed_point")
         for split, (x, y) in data.items():
             pf, px = _logits(q_float, x).argmax(1), _logits(q_fixed, x).argmax(1)
             rows.append({"seed": seed, "split": split, "top1_float": round(float((pf == y).mean()), 5),

@@ -33,7 +33,7 @@ from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning",
-           "fake_quant_per_token"]
+           "fake_quant_per_token", "attach_requant"]
 
 
 # --------------------------------------------------------------------------------------------
