@@ -163,7 +163,30 @@ def test_fixed_point_layers_match_integer_reference_and_chain():
     assert all(m.out_act is None for m in rmsmp_layers(qf).values())
 
 
-def test_llvm_compiled_fixed_point_model_is_bit_exact():
+@pytest.fixture(scope="module")
+def fixed_net():
+    import tvm_rmsmp as rmsmp
+
+    torch.manual_seed(1)
+    net = _Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = rmsmp.quantize(net, rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest"),
+                       calib_data=[x])
+    return net, q, x
+
+
+def test_save_and_qat_refuse_fixed_point(fixed_net, tmp_path):
+    import tvm_rmsmp as rmsmp
+
+    net, q, x = fixed_net
+    with pytest.raises(ValueError, match="fixed_point"):
+        rmsmp.save_quantized(q, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="requant"):
+        rmsmp.prepare_qat(net, rmsmp.RMSMPConfig(requant="fixed_point"), [x])
+
+
+def test_llvm_compiled_fixed_point_model_is_bit_exact(fixed_net):
     """CPU: the fixed-point epilogue lowered by the portable schedule (the x86 intrinsic kernels
     decline layers with the contract.REQUANT attribute) equals the torch reference bit for bit,
     on inputs whose accumulators reach past 2^24 (so no float32 shortcut would do)."""
@@ -172,11 +195,7 @@ def test_llvm_compiled_fixed_point_model_is_bit_exact():
     import tvm_rmsmp as rmsmp
     from relay_passes import contract
 
-    torch.manual_seed(1)
-    net = _Net().eval()
-    x = torch.randn(4, 3, 8, 8)
-    q = rmsmp.quantize(net, rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest"),
-                       calib_data=[x])
+    _, q, x = fixed_net
     exe = rmsmp.compile(q, (x,), target="llvm")
     for xs in (x, 40 * torch.randn(4, 3, 8, 8)):  # the second saturates many codes
         np.testing.assert_array_equal(np.asarray(exe(xs)), q(xs).numpy())
@@ -184,7 +203,7 @@ def test_llvm_compiled_fixed_point_model_is_bit_exact():
     assert len(funcs) >= 3 and all(contract.CPU_KERNEL not in f.attrs for f in funcs)
 
 
-def test_opencl_compiled_fixed_point_model_is_bit_exact():
+def test_opencl_compiled_fixed_point_model_is_bit_exact(fixed_net):
     """OpenCL (PoCL): the same fixed-point epilogue through the GPU schedules, bit for bit."""
     from conftest import opencl_status
 
@@ -193,11 +212,7 @@ def test_opencl_compiled_fixed_point_model_is_bit_exact():
         pytest.skip(why)
     import tvm_rmsmp as rmsmp
 
-    torch.manual_seed(1)
-    net = _Net().eval()
-    x = torch.randn(4, 3, 8, 8)
-    q = rmsmp.quantize(net, rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest"),
-                       calib_data=[x])
+    _, q, x = fixed_net
     exe = rmsmp.compile(q, (x,), target="mali")
     for xs in (x, 40 * torch.randn(4, 3, 8, 8)):
         np.testing.assert_array_equal(exe(xs), q(xs).numpy())
