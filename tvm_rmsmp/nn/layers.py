@@ -510,7 +510,6 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
 _PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
 _PASS_METHODS = {"relu", "flatten", "view", "reshape"}
-_RELU = (nn.ReLU, F.relu, torch.relu, "relu")
 
 
 class _LayerTracer(torch.fx.Tracer):
