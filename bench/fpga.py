@@ -17,14 +17,24 @@ dataflow (``exe.profile(accelerator=...)``):
   rows: same 4-bit codes, bytes and array passes as Fixed-4 rows on LUT multipliers, so the
   cycles are the same (the RTL of both LUT arrays is checked in tests/test_fpga_rtl.py).
 
-Cycles come from the cycle-level simulator (deterministic; the machine running this does not
-matter). ``variant`` "int32 write-back" is what the compiled model runs (results bit-exact);
-the other variants re-time the same instruction streams with 8-bit write-back (an on-chip
-requantizing ALU) and with 4x the DRAM bandwidth: what-ifs that locate the bottlenecks.
-``--check`` also runs each RMSMP model once on the simulator and compares it with the torch
-reference, bit for bit.
+Each design is compiled in both epilogue modes (``--requant``, default both):
 
-Run: python -m bench.fpga [--check]  (writes bench/results/fpga.json and bench/results/fpga_layers.png)
+* ``fixed_point`` (``RMSMPConfig(requant="fixed_point")``, the issue's integer mode): the ALU
+  requantizes on chip (``add_bias``, ``mul_shift``) and every layer stores 8-bit codes;
+  variants "int8 on chip" (what the compiled model runs, layer after layer), "int8 on chip,
+  weight prefetch" (the same streams chained into one program, each layer's weight loads
+  overlapping the previous layer: ``exe.profile(prefetch=True)``) and that with 4x the DRAM
+  bandwidth (what-if);
+* ``float``: the float epilogue runs on the host, the accelerator stores int32; variants
+  "int32 write-back" (as compiled) and the what-ifs "8-bit write-back" (only the store bytes
+  re-timed) and "8-bit write-back, 4x DRAM".
+
+Cycles come from the cycle-level simulator (deterministic; the machine running this does not
+matter). ``--check`` also runs each RMSMP model once on the simulator and compares it with the
+torch reference, bit for bit.
+
+Run: python -m bench.fpga [--check] [--requant fixed_point|float|both]
+(writes bench/results/fpga.json and bench/results/fpga_layers.png)
 """
 
 from __future__ import annotations
@@ -48,9 +58,16 @@ from tvm_rmsmp.models.resnet import resnet18
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {"xc7z020": {"ratio": "60:35:5", "speedup": 3.01}, "xc7z045": {"ratio": "65:30:5", "speedup": 3.65}}
 VARIANTS = {
-    "int32 write-back": {},
-    "8-bit write-back": {"store_bytes_per_output": 1},
-    "8-bit write-back, 4x DRAM": {"store_bytes_per_output": 1, "dram_scale": 4},
+    "float": {
+        "int32 write-back": {},
+        "8-bit write-back": {"store_bytes_per_output": 1},
+        "8-bit write-back, 4x DRAM": {"store_bytes_per_output": 1, "dram_scale": 4},
+    },
+    "fixed_point": {
+        "int8 on chip": {},
+        "int8 on chip, weight prefetch": {"prefetch": True},
+        "int8 on chip, weight prefetch, 4x DRAM": {"prefetch": True, "dram_scale": 4},
+    },
 }
 
 
@@ -80,10 +97,11 @@ def designs(board):
 def _variant(accel, spec):
     spec = dict(spec)
     scale = spec.pop("dram_scale", 1)
+    spec.pop("prefetch", None)
     return attrs.evolve(accel, dram_bytes_per_cycle=accel.dram_bytes_per_cycle * scale, **spec)
 
 
-def _plot(path, per_layer):
+def _plot(path, per_layer, mode):
     try:
         import matplotlib
 
@@ -108,7 +126,7 @@ def _plot(path, per_layer):
                 label="fixed-4 DSP-only layer cycles")
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("cycles")
-        ax.set_title(f"ResNet-18 on {board}: per-layer cycles by unit (cycle model, int32 write-back)")
+        ax.set_title(f"ResNet-18 on {board}: per-layer cycles by unit (cycle model, {mode})")
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -122,6 +140,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--boards", nargs="+", default=["xc7z020", "xc7z045"])
     ap.add_argument("--check", action="store_true", help="run each RMSMP model on the simulator vs the torch reference")
+    ap.add_argument("--requant", choices=("both", "fixed_point", "float"), default="both",
+                    help="epilogue mode(s) to compile (RMSMPConfig.requant)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fpga.json"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "results", "fpga_layers.png"))
     ap.add_argument("--sparsity", nargs="+", type=float, default=None,
@@ -138,25 +158,31 @@ def main(argv=None):
     calib = [torch.randn(2, 3, 224, 224)]
     quantized = {}
 
-    def quantize(ratio):
-        key = _ratio_text(ratio)
+    modes = ("fixed_point", "float") if args.requant == "both" else (args.requant,)
+
+    def quantize(ratio, mode):
+        key = (_ratio_text(ratio), mode)
         if key not in quantized:
             t0 = time.time()
             # Cycles depend on the row counts, not on which rows get which scheme: the variance
             # rule needs no Hessian statistics (the default rule wants 16+ calibration images).
-            cfg = rmsmp.RMSMPConfig(ratio=ratio, assign="variance")
+            # Nor on how rows are rounded onto their grids: nearest rounding (seconds) instead of
+            # GPTQ (minutes per model) gives the same streams and cycles.
+            cfg = rmsmp.RMSMPConfig(ratio=ratio, assign="variance", rounding="nearest", requant=mode)
             quantized[key] = rmsmp.quantize(model, cfg, calib_data=calib)
-            print(f"quantized ResNet-18 at {key} in {time.time() - t0:.0f} s", flush=True)
+            print(f"quantized ResNet-18 at {key[0]} ({mode}) in {time.time() - t0:.0f} s", flush=True)
         return quantized[key]
 
     rows, per_layer, checks, design_info = [], {}, {}, {}
-    for board in args.boards:
+    for board, mode in [(b, m) for b in args.boards for m in modes]:
         cfg = load_board(board)
-        per_layer[board], design_info[board], exes = {}, {}, {}
+        per_layer.setdefault(board, {}).setdefault(mode, {})
+        design_info.setdefault(board, {})
+        exes = {}
         for design, (ratio, accel) in designs(board).items():
             key = _ratio_text(ratio)
             if key not in exes:
-                exes[key] = rmsmp.compile(quantize(ratio), (x,), target=f"fpga:{board}")
+                exes[key] = rmsmp.compile(quantize(ratio, mode), (x,), target=f"fpga:{board}")
                 if exes[key].fallbacks:
                     raise RuntimeError(f"{board}: layers fell back to the host: {exes[key].fallbacks}")
             exe = exes[key]
@@ -164,27 +190,32 @@ def main(argv=None):
                 "ratio": key, "dsp_products_4bit": accel.dsp_products_4bit,
                 "lut_array": attrs.asdict(accel.lut_array) if ratio.get("sp2_4") else None,
                 "lut_core": {"rmsmp": "SP2-4 shift-add", "fixed4_lut_dsp": "Fixed-4 LUT multipliers (Booth)"}.get(design)}
-            for variant, spec in VARIANTS.items():
-                prof = exe.profile(_variant(accel, spec) if (spec or accel != cfg.accelerator) else None)
-                rows.append({"board": board, "model": "resnet18", "design": design, "ratio": key,
+            for variant, spec in VARIANTS[mode].items():
+                retimed = {k: v for k, v in spec.items() if k != "prefetch"}
+                prof = exe.profile(_variant(accel, spec) if (retimed or accel != cfg.accelerator) else None,
+                                   prefetch=bool(spec.get("prefetch")))
+                rows.append({"board": board, "model": "resnet18", "design": design, "ratio": key, "requant": mode,
                              "cycles": int(prof["cycles"]), "latency_ms": round(prof["latency_ms"], 4),
                              "variant": variant, "utilization": {k: round(v, 3) for k, v in prof["utilization"].items()},
                              "mac_utilization": {k: round(v, 3) for k, v in prof["mac_utilization"].items()}})
                 if not spec:
-                    per_layer[board][design] = prof["layers"]
+                    per_layer[board][mode][design] = prof["layers"]
             if args.check and design == "rmsmp":
                 t0 = time.time()
-                q = quantize(ratio)
+                q = quantize(ratio, mode)
                 same = bool(np.array_equal(exe(x), q(x).detach().numpy()))
-                checks[board] = same
-                print(f"{board} rmsmp on the simulator equals the torch reference: {same} ({time.time() - t0:.0f} s)")
+                checks[f"{board} {mode}"] = same
+                print(f"{board} rmsmp ({mode}) on the simulator equals the torch reference: {same} "
+                      f"({time.time() - t0:.0f} s)")
 
     speedups = {}
     for board in args.boards:
-        for variant in VARIANTS:
-            c = {r["design"]: r["cycles"] for r in rows if r["board"] == board and r["variant"] == variant}
-            speedups.setdefault(board, {})[variant] = {
-                f"rmsmp_over_{d}": round(c[d] / c["rmsmp"], 3) for d in c if d != "rmsmp"}
+        for mode in modes:
+            for variant in VARIANTS[mode]:
+                c = {r["design"]: r["cycles"] for r in rows
+                     if r["board"] == board and r["variant"] == variant and r["requant"] == mode}
+                speedups.setdefault(board, {})[variant] = {
+                    f"rmsmp_over_{d}": round(c[d] / c["rmsmp"], 3) for d in c if d != "rmsmp"}
     print(f"\n{'board':9} {'design':15} {'ratio':9} {'cycles':>10} {'ms':>8}   variant")
     for r in rows:
         print(f"{r['board']:9} {r['design']:15} {r['ratio']:9} {r['cycles']:>10} {r['latency_ms']:>8.3f}   {r['variant']}")
@@ -192,9 +223,13 @@ def main(argv=None):
     for board, s in speedups.items():
         for v, d in s.items():
             print(f"  {board} {v}: " + ", ".join(f"{k[11:]} {x:.2f}x" for k, x in d.items()))
-    plot = _plot(args.plot, per_layer) if args.plot else None
+    plot_mode = modes[0]
+    plot = _plot(args.plot, {b: v[plot_mode] for b, v in per_layer.items()}, plot_mode) if args.plot else None
     result = {
-        "command": "python -m bench.fpga" + (" --check" if args.check else ""),
+        "command": "python -m bench.fpga" + (" --check" if args.check else "") + (
+            f" --requant {args.requant}" if args.requant != "both" else ""),
+        "requant": {"fixed_point": "RMSMPConfig(requant='fixed_point'): on-chip requantization, 8-bit stores",
+                    "float": "float epilogue on the host, int32 stores (8-bit variants are what-ifs)"},
         "model": "ResNet-18, 1x3x224x224, random weights (tvm_rmsmp.models.resnet.resnet18(seed=0))",
         "timing": "cycle-level simulator of the accelerator model (deterministic); host ops not counted",
         "host": f"{platform.machine()}, Python {platform.python_version()} (irrelevant to cycle counts)",
@@ -205,8 +240,8 @@ def main(argv=None):
         "rows": rows,
         "speedup": speedups,
         "simulator_equals_reference": checks,
-        "per_layer": {b: {d: [{"layer": l["layer"], "cycles": l["cycles"], "busy": l["busy"]} for l in v]
-                          for d, v in per_layer[b].items()} for b in per_layer},
+        "per_layer": {b: {m: {d: [{"layer": l["layer"], "cycles": l["cycles"], "busy": l["busy"]} for l in v]
+                              for d, v in per_layer[b][m].items()} for m in per_layer[b]} for b in per_layer},
         "plot": os.path.relpath(plot, ROOT) if plot else None,
     }
     atomic_write(args.out, json.dumps(result, indent=1))

@@ -16,7 +16,8 @@ A *row-group op* is a PrimFunc with attribute :data:`OP` in :data:`OPS`:
 * two blocks: :data:`ACC_BLOCK` writes the int32 sums into the buffer of the same name (``K``
   products of activations and levels: their worst case must fit int32, :data:`INT32_MAX`), and
   :data:`OUT_BLOCK` computes ``float32(acc + bias) * scale`` (one multiply: never fused into
-  an FMA);
+  an FMA), or, with :data:`REQUANT` (``RMSMPConfig(requant="fixed_point")``), the integer
+  rounding shift to 8-bit codes times the output scale (see :data:`REQUANT`);
 * attributes: :data:`LAYER` (the torch module path); before ``RewriteRowGroups``
   :data:`ROW_SCHEMES` (one scheme per output row: the *quantized* op), after it :data:`SCHEME`
   and :data:`KIND` (one registered scheme for all rows: a *row-group* op); :data:`CONV`
@@ -57,7 +58,7 @@ from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack
 __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
-    "ZERO_POINT", "ACT_BITS", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
+    "ZERO_POINT", "ACT_BITS", "REQUANT", "requant_of", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
     "verify_activation_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
@@ -82,6 +83,12 @@ WEIGHT_TAP_ORDER = "rmsmp.weight_tap_order"    #: x86 layout pass: conv weights 
 
 ZERO_POINT = "rmsmp.zero_point"        #: asymmetric activation quantizer: its integer zero point
 ACT_BITS = "rmsmp.act_bits"            #: per-token activation functions: the activation bit width
+#: the fixed-point epilogue (RMSMPConfig(requant="fixed_point")): ``{"qmin", "qmax", "out_scale"}``;
+#: then ``scale`` holds each row's exact ``m * 2^-s`` and :data:`OUT_BLOCK` computes
+#: ``float32(clamp(floor(float64(acc + bias) * float64(scale) + 0.5), qmin, qmax)) * out_scale``
+#: (tvm_rmsmp.quant.requant; the float64 evaluation is exact). Kernels that only know the float
+#: epilogue must decline a function with this attribute.
+REQUANT = "rmsmp.requant"
 
 # ----- values ---------------------------------------------------------------------------------
 OPS = ("dense", "conv2d")
@@ -139,6 +146,14 @@ def op_name(expr) -> str:
     """The operator name of a Relax call (``"relax.concat"``; empty for anything else)."""
     op = getattr(expr, "op", None)
     return op.name if isinstance(op, tvm.ir.Op) else ""
+
+
+def requant_of(func) -> Optional[dict]:
+    """The :data:`REQUANT` attribute of a function as ``{"qmin": int, "qmax": int, "out_scale": float}``, or None."""
+    value = func.attrs.get(REQUANT) if func is not None and func.attrs is not None else None
+    if value is None:
+        return None
+    return {"qmin": int(value["qmin"]), "qmax": int(value["qmax"]), "out_scale": float(value["out_scale"])}
 
 
 def conv_geometry(func) -> Optional[dict]:
@@ -310,6 +325,9 @@ def verify_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     if k * act_max * level > INT32_MAX:
         broken("acc_bound", f"{k} products of activations up to {act_max} "
                             f"and levels up to {level} can reach {k * act_max * level}, past int32 ({INT32_MAX})")
+    requant = func.attrs.get(REQUANT)
+    if requant is not None and any(k not in requant for k in ("qmin", "qmax", "out_scale")):
+        broken("requant", f"{REQUANT} needs qmin, qmax and out_scale")
     if op == "conv2d":
         conv = func.attrs.get(CONV)
         if conv is None or any(k not in conv for k in ("strides", "padding", "dilation")):

@@ -56,7 +56,8 @@ def dense_layer_at(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[T
         call = var2val.get(field) if isinstance(field, relax.Var) else None
         func = callee(mod, call) if isinstance(call, relax.Call) else None
         attrs = func.attrs if func is not None else None
-        if attrs is None or contract.SCHEME not in attrs or str(attrs.get(contract.OP, "")) != "dense" \
+        if attrs is None or contract.SCHEME not in attrs or contract.REQUANT in attrs \
+                or str(attrs.get(contract.OP, "")) != "dense" \
                 or "tirx.is_scheduled" in attrs:
             return None  # not a row group, or one with a schedule of its own (tuned)
         xq, w, bias, scale = list(call.args[1].fields)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
+import numpy as np
 import tvm
 from tvm import te, tirx, topi
 
@@ -285,7 +286,22 @@ def nibble_at(w: te.Tensor, row, index) -> tvm.ir.Expr:
     return (byte >> ((index % 2) * 4)) & 15
 
 
-def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: int) -> te.Tensor:
+def _epilogue(acc: te.Tensor, bias: te.Tensor, scale: te.Tensor, channel_axis: int, requant=None) -> te.Tensor:
+    """``float32(acc + bias) * scale``, or with ``requant`` (the :data:`contract.REQUANT` attribute) the
+    fixed-point epilogue ``float32(clamp(floor(float64(acc + bias) * scale + 0.5), qmin, qmax)) * out_scale``."""
+    if requant is not None:
+        lo, hi = tirx.const(float(int(requant["qmin"])), "float64"), tirx.const(float(int(requant["qmax"])), "float64")
+        # from its bits: a decimal literal in generated source (OpenCL) may not round-trip
+        bits = int(np.array(float(requant["out_scale"]), np.float32).view(np.uint32))
+        out_scale = tirx.reinterpret("float32", tirx.const(bits, "uint32"))
+
+        def fixed(*idx):
+            c = idx[channel_axis]
+            v = (acc(*idx) + bias[c]).astype("float64") * scale[c].astype("float64") + tirx.const(0.5, "float64")
+            return tirx.max(tirx.min(tirx.floor(v), hi), lo).astype("float32") * out_scale
+
+        return te.compute(acc.shape, fixed, name=contract.OUT_BLOCK)
+
     def f(*idx):
         c = idx[channel_axis]
         return (acc(*idx) + bias[c]).astype("float32") * scale[c]
@@ -342,7 +358,7 @@ def dense_func(
         k = te.reduce_axis((0, k_dim), name="k")
         w = te.placeholder(tuple(w_shape), w_dtype, name="w")
         acc = te.compute((x_shape[0], n_rows), lambda m, n: te.sum(product(x[m, k], w[n, k]), axis=k), name=contract.ACC_BLOCK)
-    out = _epilogue(acc, bias, scale, 1)
+    out = _epilogue(acc, bias, scale, 1, attrs.get(contract.REQUANT))
     return _finish([x, w, bias, scale, out], attrs)
 
 
@@ -390,7 +406,7 @@ def conv2d_func(
         ),
         name=contract.ACC_BLOCK,
     )
-    out = _epilogue(acc, bias, scale, 1)
+    out = _epilogue(acc, bias, scale, 1, attrs.get(contract.REQUANT))
     return _finish([x, w, bias, scale, out], attrs)
 
 

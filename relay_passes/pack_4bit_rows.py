@@ -57,7 +57,7 @@ class _Packer(PyExprMutator):
             x_ty = x.ty
             new_func = row_group_func(
                 op, str(func.attrs[contract.LAYER]), scheme, [ops.dim(d) for d in x_ty.shape], str(x_ty.dtype),
-                list(stored.shape), conv, packed=True,
+                list(stored.shape), conv, packed=True, requant=contract.requant_of(func),
             )
             self.cache[key] = self.builder_.add_func(new_func, gv.name_hint + "_packed")
         self.packed += 1

@@ -40,7 +40,7 @@ __all__ = ["SP2_LOWERINGS", "RewriteRowGroups", "group_weight", "packed_weight",
 
 def row_group_func(
     op: str, layer: str, scheme_name: str, x_shape, x_dtype: str, w_shape, conv: Optional[dict] = None,
-    packed: bool = False, sp2_lowering: str = "shift",
+    packed: bool = False, sp2_lowering: str = "shift", requant: Optional[dict] = None,
 ) -> tvm.tirx.PrimFunc:
     """The target-neutral row-group PrimFunc for ``scheme_name`` rows of a layer.
 
@@ -51,6 +51,8 @@ def row_group_func(
     function's ``rmsmp.sp2_lowering`` attribute."""
     scheme = get_scheme(scheme_name)
     extra = {contract.SCHEME: scheme_name, contract.KIND: scheme.kind}
+    if requant is not None:  # the fixed-point epilogue (contract.REQUANT)
+        extra[contract.REQUANT] = dict(requant)
     if sp2_lowering not in SP2_LOWERINGS:
         raise ValueError(f"sp2_lowering must be one of {SP2_LOWERINGS}, got {sp2_lowering!r}")
     if packed:
@@ -113,7 +115,8 @@ class _Rewriter(PyExprMutator):
             if rows.size == 0:
                 continue
             wg = group_weight(w_np[rows], name)
-            gfunc = row_group_func(op, layer, name, x_shape, x_dtype, wg.shape, conv)
+            gfunc = row_group_func(op, layer, name, x_shape, x_dtype, wg.shape, conv,
+                                   requant=contract.requant_of(func))
             ggv = self.builder_.add_func(gfunc, f"rmsmp_{op}_{contract.symbol_name(layer)}_{name}")
             out_shape = list(out_ty.shape)
             out_shape[axis] = int(rows.size)

@@ -110,6 +110,9 @@ class _Sparsifier(PyExprMutator):
         func = callee(self.mod_, call)
         if func is None or rmsmp_attr(func, contract.ROW_SCHEMES) is None or rmsmp_attr(func, contract.OP) != "dense":
             return call
+        if contract.REQUANT in func.attrs:  # the block-sparse kernel has the float epilogue only
+            self.kept.add(call.args[0])
+            return call
         gv = call.args[0]
         xq, w, bias, scale = list(call.args[1].fields)
         w_np, b_np, s_np = const_value(w), const_value(bias), const_value(scale)

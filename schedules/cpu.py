@@ -162,6 +162,8 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     op = str(attrs.get(contract.OP, "")) if attrs is not None else ""
     if op not in ("dense", "conv2d") or attrs.get(contract.SCHEME) is None or "tirx.is_scheduled" in attrs:
         return None
+    if attrs.get(contract.REQUANT) is not None:
+        return None  # the x86 kernels have the float epilogue only: the portable schedule runs fixed_point layers
     images = None  # a dynamic batch: convolutions run one image's kernel per image
     if not _static(func):
         if op != "conv2d" or not _static_but_batch(func):

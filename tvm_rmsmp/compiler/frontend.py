@@ -31,6 +31,9 @@ def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.Pr
     x_dtype = "int8" if layer.act_signed else "uint8"
     w_shape = tuple(layer.weight_int.shape)
     attrs = ops.rmsmp_attrs(layer.op, layer.layer_name, **{contract.ROW_SCHEMES: list(layer.schemes)})
+    if layer.out_act is not None:  # RMSMPConfig(requant="fixed_point"): the integer epilogue
+        attrs[contract.REQUANT] = {"qmin": layer.out_act.qmin, "qmax": layer.out_act.qmax,
+                                   "out_scale": layer.out_act_scale}
     if layer.op == "dense":
         return ops.dense_func(x_shape, x_dtype, w_shape, "int8", ops.fixed_product, attrs)
     # The activation quantizer already zero-padded x (see emit_quantize_activation).
@@ -98,7 +101,8 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
         xq,
         relax.const(layer.weight_int.numpy(), "int8"),
         relax.const(layer.bias_int.numpy(), "int32"),
-        relax.const(layer.out_scale.numpy(), "float32"),
+        # the fixed-point epilogue's scale is each row's exact m * 2^-s (contract.REQUANT)
+        relax.const((layer.out_scale if layer.out_act is None else layer.requant_scale).numpy(), "float32"),
     ]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)))
     if per_token:  # bias_int is 0 and out_scale the row scale: y0 * 2^e + bias
@@ -174,7 +178,8 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
             ep = torch.export.export(model, inputs, dynamic_shapes=dynamic)
         except Exception as err:
             raise ValueError(f"torch.export failed on the model: {type(err).__name__}: {err}") from err
-        custom = {f"{op}.default": converter for op in ("qlinear", "qlinear_asym", "qlinear_per_token", "qconv2d")}
+        custom = {f"{op}.default": converter for op in ("qlinear", "qlinear_asym", "qlinear_per_token", "qconv2d",
+                                                         "qlinear_requant", "qconv2d_requant")}
         try:
             mod = from_exported_program(ep, custom_convert_map=custom)
         except AssertionError as err:

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -27,7 +27,7 @@ from tvm.sym import Analyzer
 from .isa import Alu, GemmDSP, GemmLUT, Load, Store, region_size
 from relay_passes import contract
 
-__all__ = ["TileEvent", "tile_events", "RowGroup", "layer_stream"]
+__all__ = ["TileEvent", "tile_events", "RowGroup", "layer_stream", "chain_streams"]
 
 INTRIN = "fpga.intrin"
 
@@ -155,6 +155,8 @@ class RowGroup:
     events: List[TileEvent]
     kernel: tuple = (1, 1)
     stride: tuple = (1, 1)
+    #: the fixed-point epilogue (contract.REQUANT): {"mult", "shift": DRAM names, "qmin", "qmax"}
+    requant: Optional[dict] = None
 
 
 def _tiles(events: List[TileEvent]):
@@ -281,12 +283,18 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
             p += 1
         out_region = epi.writes[contract.OUT_BLOCK]
         row0 = epi.reads["bias"][0][0]
-        stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=region_size(out_region),
-                          operand=g.bias, row0=row0, row_axis=0 if g.op == "conv2d" else 1,
-                          signal=(f"{core}->store:acc",), layer=layer))
+        elements, row_axis = region_size(out_region), 0 if g.op == "conv2d" else 1
+        done = (f"{core}->store:acc",)
+        stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=elements, operand=g.bias,
+                          row0=row0, row_axis=row_axis, signal=() if g.requant else done, layer=layer))
+        if g.requant:  # the fixed-point epilogue: rounding shift on chip, 8-bit codes out
+            stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="mul_shift", elements=elements,
+                              operand=g.requant["mult"], shift_operand=g.requant["shift"], row0=row0,
+                              row_axis=row_axis, signal=done, layer=layer))
+        out_bytes = 1 if g.requant else accel.store_bytes_per_output
         stream.append(Store(core=core, slot=acc_slot, tensor=g.output, region=out_region,
-                            nbytes=accel.store_bytes_per_output * region_size(out_region), wait=(f"{core}->store:acc",),
-                            signal=(f"store->{core}:acc",), layer=layer))
+                            nbytes=out_bytes * elements, wait=done, signal=(f"store->{core}:acc",), layer=layer,
+                            clamp=(g.requant["qmin"], g.requant["qmax"]) if g.requant else None))
         n_acc[core] += 1
     return stream
 
@@ -303,3 +311,51 @@ def weight_levels(stored: np.ndarray, scheme_name: str, packed: bool) -> np.ndar
         codes[:, 1::2] = flat >> 4
         return nibble_decode(codes, get_scheme(scheme_name)).astype(np.float64)
     return stored_to_int(stored, scheme_name).reshape(stored.shape[0], -1).astype(np.float64)
+
+
+def chain_streams(streams: Sequence[list]) -> list:
+    """The layers' streams as one program with **weight prefetch across layers**: a layer's
+    weight loads start as soon as the previous layer's last GEMMs on that core free the weight
+    buffer halves, while its input loads wait until every store of the previous layer is done
+    (the input is an earlier layer's output; host ops between layers take no time here, as in
+    the per-layer model). Each layer's tokens are renamed ``<channel>@<layer index>`` so that
+    no token crosses a layer except these:
+
+    * ``layer@<i>:<store queue>``: pushed by layer ``i``'s last STORE on each store queue,
+      popped by layer ``i + 1``'s first input LOAD (a barrier: all of layer ``i``'s GEMMs,
+      ALU ops and stores are done, so its input and accumulator halves are free);
+    * ``<core>->load:wgt@<k>``: the (at most two) tokens that layer ``k``'s last GEMMs on a
+      core push and no load of layer ``k`` pops; the next layer with weight loads on that core
+      pops them all at its first one (``k`` is the last layer that used the core).
+
+    Every token is pushed earlier in the program than it is popped, so the chained program
+    cannot deadlock either; the simulator still checks every buffer access."""
+    out: list = []
+    pending_wgt: Dict[str, tuple] = {}  # core -> (layer index, tokens left) of the last layer using it
+    barrier: tuple = ()
+    for i, stream in enumerate(streams):
+        layer = [attrs.evolve(ins, wait=tuple(f"{w}@{i}" for w in ins.wait),
+                              signal=tuple(f"{s}@{i}" for s in ins.signal)) for ins in stream]
+        first_inp, first_wgt, last_store, gemms = None, {}, {}, {}
+        for k, ins in enumerate(layer):
+            if isinstance(ins, Load) and ins.buffer == "inp" and first_inp is None:
+                first_inp = k
+            elif isinstance(ins, Load) and ins.buffer != "inp":
+                first_wgt.setdefault(ins.buffer[4:], k)
+            elif isinstance(ins, Store):
+                last_store[ins.queue] = k
+            elif isinstance(ins, (GemmDSP, GemmLUT)):
+                gemms[ins.core] = gemms.get(ins.core, 0) + 1
+        if first_inp is not None and barrier:
+            layer[first_inp] = attrs.evolve(layer[first_inp], wait=layer[first_inp].wait + barrier)
+        for core, k in first_wgt.items():
+            if core in pending_wgt:
+                j, n = pending_wgt.pop(core)
+                layer[k] = attrs.evolve(layer[k], wait=layer[k].wait + (f"{core}->load:wgt@{j}",) * n)
+        for q, k in last_store.items():
+            layer[k] = attrs.evolve(layer[k], signal=layer[k].signal + (f"layer@{i}:{q}",))
+        barrier = tuple(f"layer@{i}:{q}" for q in last_store)
+        for core, n in gemms.items():
+            pending_wgt[core] = (i, min(n, 2))
+        out.extend(layer)
+    return out

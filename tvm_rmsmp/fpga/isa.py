@@ -204,13 +204,23 @@ class Alu(Instruction):
 
 @attrs.define(eq=False)
 class Store(Instruction):
-    """DMA the accumulator tile in ``acc_<core>`` half ``slot`` to ``region`` of DRAM ``tensor`` (int32)."""
+    """DMA the accumulator tile in ``acc_<core>`` half ``slot`` to ``region`` of DRAM ``tensor``:
+    int32, or with ``clamp = (lo, hi)`` narrowed to 8-bit codes, saturating to ``[lo, hi]`` (the
+    fixed-point epilogue's clamp, a folded ReLU when ``lo = 0``; ``nbytes`` then counts one byte
+    per element)."""
 
     core: str = attrs.field(validator=_core)
     slot: int = attrs.field(validator=_slot)
     tensor: str = attrs.field()
     region: Region = attrs.field(converter=_region)
     nbytes: int = attrs.field(default=0)
+    clamp: Optional[Tuple[int, int]] = attrs.field(default=None)
+
+    @clamp.validator
+    def _check_clamp(self, attribute, value):
+        if value is not None and not (len(value) == 2 and -128 <= value[0] <= value[1] <= 255
+                                      and (value[0] >= 0 or value[1] <= 127)):
+            raise ValueError(f"STORE.clamp must be (lo, hi) within int8 or uint8, got {value!r}")
 
     @property
     def queue(self) -> str:

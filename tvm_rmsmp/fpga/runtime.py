@@ -28,7 +28,7 @@ import tvm
 from tvm import relax
 
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
-from .codegen import RowGroup, layer_stream, tile_events, weight_levels
+from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
@@ -50,7 +50,8 @@ class LayerProgram:
     stream: list
     x_var: object
     constants: Dict[str, object]
-    outputs: List[Tuple[object, str, np.ndarray, int, tuple]]  # (relax var, DRAM name, scale, channel axis, shape)
+    # (relax var, DRAM name, scale, channel axis, shape, requant dict or None)
+    outputs: List[Tuple[object, str, np.ndarray, int, tuple, Optional[dict]]]
     schemes: List[str]
     groups: list = attrs.field(factory=list)
     #: pruned row groups stored as runs of kept columns: {weight name: stats} (:mod:`.sparse`)
@@ -193,12 +194,19 @@ class FPGACompiledModel:
                                                   codes_per_byte=2 if packed else 1)
             constants[base + ".bias"] = bias.value.numpy().astype(np.int64)
             core = "lut" if str(func.attrs[contract.KIND]) == "sp2" else "dsp"
+            requant = contract.requant_of(func)
+            scale_np = scale.value.numpy().astype(np.float32)
+            if requant is not None:  # scale is m * 2^-s exactly: the ALU's multiplier and shift
+                m, s = requant_pair(scale_np)
+                constants[base + ".mult"], constants[base + ".shift"] = m, s
+                requant = {"mult": base + ".mult", "shift": base + ".shift", "qmin": requant["qmin"],
+                           "qmax": requant["qmax"], "out_scale": requant["out_scale"]}
             groups.append(RowGroup(scheme=scheme, core=core, bits=4 if packed else 8, op=op, weight=base + ".w",
                                    bias=base + ".bias", output=base + ".out", events=tile_events(func),
-                                   kernel=kernel, stride=stride))
+                                   kernel=kernel, stride=stride, requant=requant))
             shape, _ = shape_dtype(binding.value.ty_args[0] if binding.value.ty_args else binding.var.ty)
-            outputs.append((binding.var, base + ".out", scale.value.numpy().astype(np.float32),
-                            1 if op == "conv2d" else len(shape) - 1, tuple(shape)))
+            outputs.append((binding.var, base + ".out", scale_np, 1 if op == "conv2d" else len(shape) - 1,
+                            tuple(shape), requant))
             schemes.append(scheme)
         stream = layer_stream(layer, x_name, groups, self.config.accelerator)
         stream, sparse = sparsify_stream(stream, constants, {g.weight: g.bits for g in groups})  # pruned row groups
@@ -234,10 +242,13 @@ class FPGACompiledModel:
                 prog: LayerProgram = step[1]
                 dram = dict(prog.constants)
                 dram[f"{prog.layer}.x"] = env[prog.x_var]
-                for _, name, _, _, shape in prog.outputs:
-                    dram[name] = np.zeros(shape, np.int32)
+                for _, name, _, _, shape, rq in prog.outputs:
+                    dram[name] = np.zeros(shape, np.int32 if rq is None else np.int8 if rq["qmin"] < 0 else np.uint8)
                 self.simulator.run(prog.stream, dram)
-                for var, name, scale, axis, shape in prog.outputs:
+                for var, name, scale, axis, shape, rq in prog.outputs:
+                    if rq is not None:  # 8-bit codes: the float view is codes * the output scale (float32)
+                        env[var] = dram[name].astype(np.float32) * np.float32(rq["out_scale"])
+                        continue
                     bshape = [1] * len(shape)
                     bshape[axis] = -1
                     env[var] = dram[name].astype(np.float32) * scale.reshape(bshape)
@@ -250,15 +261,18 @@ class FPGACompiledModel:
         return env[ref]
 
     # ----- performance model ------------------------------------------------------------
-    def profile(self, accelerator: Optional[AcceleratorConfig] = None) -> Dict[str, object]:
+    def profile(self, accelerator: Optional[AcceleratorConfig] = None, prefetch: bool = False) -> Dict[str, object]:
         """Modelled cycles of the accelerator layers (host ops are not counted): per layer the
         cycles, busy cycles per unit, MACs per core; totals, latency and utilization.
 
         accelerator: another configuration of the same board's accelerator with the same
         buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
         regenerated from the same tiles and timed with it (a what-if; ``exe(x)`` is unchanged).
+        prefetch: time the layers as one program with weight prefetch across layers
+        (:func:`~tvm_rmsmp.fpga.codegen.chain_streams`) instead of one after the other; a
+        layer's cycles are then from the previous layer's end to its own.
         """
-        if accelerator is None and self._profile is not None:
+        if accelerator is None and not prefetch and self._profile is not None:
             return self._profile
         acc = accelerator or self.config.accelerator
         simulator = Simulator(acc)
@@ -266,10 +280,19 @@ class FPGACompiledModel:
         total = 0
         busy: Dict[str, int] = {}
         macs = {"lut": 0, "dsp": 0}
-        for prog in self.layers:
-            stream = prog.stream if accelerator is None else layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
-            if accelerator is not None and prog.sparse:
+        def retimed(prog):
+            """The layer's stream for ``accelerator`` (pruned row groups kept sparse), or as compiled."""
+            if accelerator is None:
+                return prog.stream
+            stream = layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+            if prog.sparse:
                 stream = sparsify_stream(stream, prog.constants, {g.weight: g.bits for g in prog.groups})[0]
+            return stream
+
+        streams = [retimed(prog) for prog in self.layers]
+        if prefetch:
+            layers, total, busy, macs = self._chained_profile(simulator, streams)
+        for prog, stream in zip(self.layers if not prefetch else [], streams):
             r: SimResult = simulator.run(stream)
             total += r.cycles
             for q, b in r.busy.items():
@@ -286,9 +309,35 @@ class FPGACompiledModel:
             "busy": busy, "utilization": util, "mac_utilization": mac_util, "macs": macs, "layers": layers,
             "host_fallbacks": list(self.fallbacks),
         }
-        if accelerator is None:
+        if accelerator is None and not prefetch:
             self._profile = result
         return result
+
+    def _chained_profile(self, simulator: Simulator, streams):
+        """``(layers, total, busy, macs)`` of the layers run as one chained program."""
+        from .isa import Load, Store, _Gemm
+
+        program = chain_streams(streams)
+        r = simulator.run(program, record=True)
+        owner = np.repeat(np.arange(len(streams)), [len(s) for s in streams])
+        ends = np.zeros(len(streams), np.int64)
+        per = [{} for _ in streams]
+        mac = [{"lut": 0, "dsp": 0} for _ in streams]
+        for q, start, end, i in r.timeline:
+            k = owner[i]
+            ends[k] = max(ends[k], end)
+            per[k][q] = per[k].get(q, 0) + end - start
+            ins = program[i]
+            if isinstance(ins, (Load, Store)):
+                ch = "dma_read" if isinstance(ins, Load) else "dma_write"
+                per[k][ch] = per[k].get(ch, 0) + end - start
+            if isinstance(ins, _Gemm):
+                mac[k][ins.core] += ins.macs
+        ends = np.maximum.accumulate(ends)
+        layers = [{"layer": prog.layer, "cycles": int(ends[k] - (ends[k - 1] if k else 0)), "busy": per[k],
+                   "macs": mac[k], "schemes": prog.schemes, "instructions": len(streams[k])}
+                  for k, prog in enumerate(self.layers)]
+        return layers, int(r.cycles), dict(r.busy), dict(r.macs)
 
     def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:
         """Modelled accelerator seconds per inference (the cycle model, not a measurement)."""
@@ -296,6 +345,16 @@ class FPGACompiledModel:
 
     def export_library(self, path, cc=None):
         raise NotImplementedError("the FPGA target has no device library to export; see docs/fpga.md")
+
+
+def requant_pair(scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(m, s)`` (int64) from the fixed-point epilogue's ``scale = m * 2^-s`` (exact float32,
+    ``2^14 <= m < 2^15``; see :mod:`tvm_rmsmp.quant.requant`)."""
+    frac, exp = np.frexp(scale.astype(np.float64))
+    m = frac * 2.0**15
+    if not np.array_equal(m, np.round(m)) or np.any(m < 2**14):
+        raise ValueError("a fixed-point epilogue scale is not a 15-bit multiplier times a power of two")
+    return m.astype(np.int64), (15 - exp).astype(np.int64)
 
 
 def _kernel_of(func) -> Tuple[int, int]:

@@ -287,6 +287,8 @@ class Simulator:
             if tile.shape != view.shape:
                 raise ValueError(f"instruction #{i} {ins.describe()} (layer {ins.layer!r}): the accumulator tile "
                                  f"has shape {tile.shape}, the region {view.shape}")
+            if ins.clamp is not None:  # narrowing to 8-bit codes saturates
+                tile = np.clip(tile, ins.clamp[0], ins.clamp[1])
             dst[_slices(ins.region)] = tile.astype(dst.dtype)
 
     def _conv_patches(self, inp: np.ndarray, ins) -> np.ndarray:

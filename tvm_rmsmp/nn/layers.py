@@ -25,6 +25,7 @@ from ..quant.config import ZERO_POINT_GAIN, RMSMPConfig, RMSMPWarning, skip_matc
 from ..quant.gptq import gptq_quantize
 from ..quant.plan import RowPlan
 from ..quant.progress import progress
+from ..quant.requant import multiplier_value, quantize_multipliers
 from ..quant.schemes import get_scheme
 from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
@@ -32,7 +33,7 @@ from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning",
-           "fake_quant_per_token"]
+           "fake_quant_per_token", "attach_requant"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +200,40 @@ class _RMSMPLayer(nn.Module):
         """The layer's activation quantizer."""
         return ActQuant(self.act_scale, self.act_bits, self.act_signed, self.act_zero_point, self.act_per_token)
 
+    #: the fixed-point epilogue's output quantizer (None: the float epilogue)
+    out_act: Optional[ActQuant] = None
+
+    def set_requant(self, out_act: Optional[ActQuant]) -> None:
+        """Switch the layer to the fixed-point epilogue writing ``out_act``'s codes (see
+        :mod:`tvm_rmsmp.quant.requant`), or back to the float epilogue (``None``). Buffers
+        ``requant_mult`` / ``requant_shift`` (int32 per row) and ``requant_scale`` (their exact
+        float32 value ``m * 2^-s``) hold the per-row multiplier of ``out_scale / out_act.scale``."""
+        if out_act is None:
+            self.out_act = None
+            for name in ("requant_mult", "requant_shift", "requant_scale"):
+                self._buffers.pop(name, None)
+            return
+        if out_act.per_token or out_act.zero_point is not None:
+            raise ValueError(f"layer {self.layer_name!r}: the fixed-point epilogue writes symmetric or unsigned "
+                             f"per-tensor codes, got output quantizer {out_act!r}")
+        if self.act_per_token:
+            raise ValueError(f"layer {self.layer_name!r}: per-token inputs have no fixed-point epilogue")
+        scales = self.out_scale.detach().cpu().numpy().astype(np.float64) / np.float64(out_act.scale)
+        try:
+            m, s = quantize_multipliers(np.maximum(scales, np.finfo(np.float64).tiny))
+        except ValueError as err:
+            raise ValueError(f"layer {self.layer_name!r}: {err}") from err
+        self.out_act = out_act
+        dev = self.out_scale.device
+        self.register_buffer("requant_mult", torch.from_numpy(m).to(dev))
+        self.register_buffer("requant_shift", torch.from_numpy(s).to(dev))
+        self.register_buffer("requant_scale", torch.from_numpy(multiplier_value(m, s)).to(dev))
+
+    @property
+    def out_act_scale(self) -> float:
+        """The float32 scale of the fixed-point epilogue's output codes."""
+        return float(np.float32(self.out_act.scale))
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``row_scale * weight_int`` (float32, read-only): for code that
@@ -259,6 +294,11 @@ class RMSMPLinear(_RMSMPLayer):
     op = "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_act is not None:
+            zp = -1 if self.act_zero_point is None else self.act_zero_point
+            return torch.ops.rmsmp.qlinear_requant(
+                x, self.weight_int, self.bias_int, self.requant_scale, self.inv_act_scale, zp, self.qmin, self.qmax,
+                self.out_act_scale, self.out_act.qmin, self.out_act.qmax, self.layer_name)
         if self.act_per_token:
             return torch.ops.rmsmp.qlinear_per_token(x, self.weight_int, self.row_scale, self.bias, self.act_bits,
                                                      self.layer_name)
@@ -280,6 +320,11 @@ class RMSMPConv2d(_RMSMPLayer):
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_act is not None:
+            return torch.ops.rmsmp.qconv2d_requant(
+                x, self.weight_int, self.bias_int, self.requant_scale, self.inv_act_scale, self.qmin, self.qmax,
+                self.out_act_scale, self.out_act.qmin, self.out_act.qmax, self.stride, self.padding, self.dilation,
+                self.layer_name)
         return torch.ops.rmsmp.qconv2d(
             x, self.weight_int, self.bias_int, self.out_scale, self.inv_act_scale, self.qmin, self.qmax,
             self.stride, self.padding, self.dilation, self.layer_name,
@@ -452,7 +497,94 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
     cal = calibrate(model, config, calib_data, row_hessian, input_fn=input_fn)
     for name, layer in ptq_layers(cal).items():
         _set_submodule(cal.model, name, layer)
+    if cal.config.requant == "fixed_point":
+        attach_requant(cal.model, cal.batches, cal.config.act_bits)
     return cal.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# The fixed-point epilogue (RMSMPConfig(requant="fixed_point"))
+# --------------------------------------------------------------------------------------------
+#: Ops a layer's output codes pass through unchanged on their way to the next layer's
+#: quantizer (monotone or value-moving: max-pooling, ReLU and flatten commute with quantizing).
+_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
+_PASS_METHODS = {"relu", "flatten", "view", "reshape"}
+
+
+class _LayerTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, _RMSMPLayer) or super().is_leaf_module(m, qualname)
+
+
+def _is_op(node, model: nn.Module, modules, functions, methods) -> bool:
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), modules)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _requant_plan(model: nn.Module) -> Dict[str, Tuple[bool, List[str]]]:
+    """``{layer: (a ReLU follows, the layers its output reaches through pass-through ops only
+    (empty if it also reaches anything else))}`` from an fx trace; ``{}`` if it cannot be traced."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception as err:  # data-dependent control flow
+        warnings.warn(f"requant='fixed_point': could not trace the model ({type(err).__name__}: {err}); every layer "
+                      "gets its own output scale and no ReLU is folded", RMSMPWarning, stacklevel=4)
+        return {}
+    plan = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), _RMSMPLayer):
+            continue
+        users = list(node.users)
+        relu = len(users) == 1 and _is_op(users[0], model, (nn.ReLU,), {F.relu, torch.relu}, {"relu"})
+        consumers, frontier, ok = [], users, bool(users)
+        while frontier and ok:
+            nxt = []
+            for u in frontier:
+                if u.op == "call_module" and isinstance(model.get_submodule(u.target), _RMSMPLayer):
+                    consumers.append(model.get_submodule(u.target).layer_name)
+                elif _is_op(u, model, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS):
+                    nxt.extend(u.users)
+                else:
+                    ok = False
+            frontier = nxt
+        plan[model.get_submodule(node.target).layer_name] = (relu, consumers if ok else [])
+    return plan
+
+
+def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int) -> Dict[str, str]:
+    """Give every RMSMP layer of ``model`` the fixed-point epilogue (in place): its output
+    quantizer is the input quantizer of the layers it feeds when it feeds only RMSMP layers
+    (through ReLU / max-pooling / flatten) and they all quantize alike ("chained"), else one
+    calibrated on its outputs over ``batches`` (after the ReLU that follows it, if one does:
+    unsigned codes, the ReLU folded into the clamp). Returns ``{layer: "chained" | "calibrated"}``."""
+    layers = rmsmp_layers(model)
+    plan = _requant_plan(model)
+    stats = {n: _InputStats(channel_axis=1, batches=len(batches)) for n in layers}
+    handles = [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,))) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                call_model(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    how = {}
+    for name, layer in layers.items():
+        relu, consumers = plan.get(name, (False, []))
+        acts = {(a.scale, a.bits, a.signed, a.zero_point, a.per_token): a
+                for a in (layers[c].act for c in consumers)}
+        if len(acts) == 1 and next(iter(acts.values())).zero_point is None \
+                and not next(iter(acts.values())).per_token:
+            out_act, how[name] = next(iter(acts.values())), "chained"
+        else:
+            samples = np.concatenate(stats[name].samples) if stats[name].samples else np.zeros(1, np.float32)
+            out_act, how[name] = ActQuant.calibrate(np.maximum(samples, 0) if relu else samples, bits), "calibrated"
+        layer.set_requant(out_act)
+    return how
 
 
 #: Most bytes of float64 input Hessians held at once with ``rounding="gptq"``: layers are

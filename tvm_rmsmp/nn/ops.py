@@ -48,7 +48,7 @@ import torch
 from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
-           "qlinear_per_token", "qconv2d", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
@@ -264,5 +264,80 @@ def conv2d_output_hw(h: int, w: int, kernel, stride, padding, dilation):
 
 @qconv2d.register_fake
 def _(x, weight_int, bias_int, out_scale, inv_act_scale, qmin, qmax, stride, padding, dilation, layer):
+    oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)
+
+
+def requant_epilogue(acc: torch.Tensor, bias_int: torch.Tensor, requant_scale: torch.Tensor, out_act_scale: float,
+                     out_qmin: int, out_qmax: int, channel_axis: int) -> torch.Tensor:
+    """Step 3' (module docstring): integer codes ``q`` of the output, returned as ``float32(q) * out_act_scale``."""
+    shape = [1] * acc.dim()
+    shape[channel_axis] = -1
+    total = acc.to(torch.float64) + bias_int.to(torch.float64).reshape(shape)
+    q = torch.floor(total.mul_(requant_scale.to(torch.float64).reshape(shape)).add_(0.5)).clamp_(out_qmin, out_qmax)
+    out = torch.tensor(out_act_scale, dtype=torch.float32, device=acc.device)
+    return q.to(torch.float32).mul_(out)
+
+
+def _quantize_input(x, inv_act_scale, in_zero_point, qmin, qmax):
+    if in_zero_point >= 0:
+        return quantize_activation_asym(x, inv_act_scale, in_zero_point, qmax)
+    return quantize_activation(x, inv_act_scale, qmin, qmax)
+
+
+@torch.library.custom_op("rmsmp::qlinear_requant", mutates_args=())
+def qlinear_requant(
+    x: torch.Tensor,
+    weight_int: torch.Tensor,
+    bias_int: torch.Tensor,
+    requant_scale: torch.Tensor,
+    inv_act_scale: float,
+    in_zero_point: int,
+    qmin: int,
+    qmax: int,
+    out_act_scale: float,
+    out_qmin: int,
+    out_qmax: int,
+    layer: str,
+) -> torch.Tensor:
+    """A dense layer with the fixed-point epilogue; ``in_zero_point`` -1: symmetric input."""
+    xq = _quantize_input(x, inv_act_scale, in_zero_point, qmin, qmax)
+    acc = _exact_product(xq, weight_int, qmin, qmax, _linear, -1)
+    return requant_epilogue(acc, bias_int, requant_scale, out_act_scale, out_qmin, out_qmax, acc.dim() - 1)
+
+
+@qlinear_requant.register_fake
+def _(x, weight_int, bias_int, requant_scale, inv_act_scale, in_zero_point, qmin, qmax, out_act_scale, out_qmin,
+      out_qmax, layer):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight_int.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qconv2d_requant", mutates_args=())
+def qconv2d_requant(
+    x: torch.Tensor,
+    weight_int: torch.Tensor,
+    bias_int: torch.Tensor,
+    requant_scale: torch.Tensor,
+    inv_act_scale: float,
+    qmin: int,
+    qmax: int,
+    out_act_scale: float,
+    out_qmin: int,
+    out_qmax: int,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    layer: str,
+) -> torch.Tensor:
+    """A conv2d layer with the fixed-point epilogue."""
+    xq = quantize_activation(x, inv_act_scale, qmin, qmax)
+    acc = _exact_product(xq, weight_int, qmin, qmax,
+                         lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, stride, padding, dilation), 1)
+    return requant_epilogue(acc, bias_int, requant_scale, out_act_scale, out_qmin, out_qmax, 1)
+
+
+@qconv2d_requant.register_fake
+def _(x, weight_int, bias_int, requant_scale, inv_act_scale, qmin, qmax, out_act_scale, out_qmin, out_qmax, stride,
+      padding, dilation, layer):
     oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)

@@ -324,6 +324,9 @@ def prepare_qat(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_da
     assignment run on rank 0 only and every rank receives rank 0's plans and parameters."""
     qcfg = qat_config if qat_config is not None else QATConfig()
     cfg = config if config is not None else RMSMPConfig()
+    if cfg.requant != "float":
+        raise ValueError("prepare_qat: requant='fixed_point' is for post-training quantize() only (QAT trains "
+                         "the float epilogue); use RMSMPConfig(requant='float')")
     if cfg.edge_scheme is None and qcfg.edge_scheme is not None:
         cfg = attrs.evolve(cfg, edge_scheme=qcfg.edge_scheme)
     dist = _distributed()

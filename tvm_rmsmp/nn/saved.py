@@ -302,6 +302,11 @@ def save_quantized(q: nn.Module, path: Union[str, os.PathLike], *, hessians: boo
     cfg = getattr(q, "rmsmp_config", None)
     if not isinstance(cfg, RMSMPConfig):
         raise ValueError("q has no rmsmp_config: save_quantized saves the result of tvm_rmsmp.quantize or convert_qat")
+    fixed = [n for n, m in layers.items() if getattr(m, "out_act", None) is not None]
+    if fixed:
+        raise ValueError(f"q uses requant='fixed_point' (layers {fixed[:4]}): save_quantized does not store the "
+                         "fixed-point epilogue's output quantizers yet; save the float-epilogue model and "
+                         "quantize again with requant='fixed_point'")
     row_hessian = getattr(q, "rmsmp_row_hessian", None) or {}
     if hessians and not row_hessian:
         rule = (getattr(q, "rmsmp_report", None) or {}).get("assign")

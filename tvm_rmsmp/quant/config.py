@@ -11,7 +11,7 @@ import attrs
 from .schemes import get_scheme
 
 __all__ = ["RMSMPConfig", "HessianConfig", "DEFAULT_RATIO", "validate_ratio", "RMSMPWarning", "ACT_GRANULARITIES",
-           "ACT_ZERO_POINTS", "ZERO_POINT_GAIN", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "ACT_ZERO_POINTS", "REQUANTS", "ZERO_POINT_GAIN", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 class RMSMPWarning(UserWarning):
@@ -23,6 +23,8 @@ ROUNDINGS = ("nearest", "gptq")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 #: When signed dense inputs get a zero point (``RMSMPConfig.act_zero_point``).
 ACT_ZERO_POINTS = ("never", "auto", "always")
+#: Layer epilogues (``RMSMPConfig.requant``): the float multiply, or integer-only (quant/requant.py).
+REQUANTS = ("float", "fixed_point")
 #: ``act_zero_point="auto"``: a layer's input is quantized asymmetrically when the clip-searched
 #: squared error of the asymmetric quantizer on its calibration samples is below this fraction
 #: of the symmetric one's.
@@ -154,6 +156,14 @@ class RMSMPConfig:
         samples are lopsided: the asymmetric quantizer's squared error is below
         :data:`ZERO_POINT_GAIN` times the symmetric one's). Conv2d inputs and per-token layers
         stay symmetric; unsigned inputs (after ReLU) need no zero point.
+    requant: the layers' epilogue. ``"float"`` (default): ``float32(acc + bias) * out_scale``
+        (the float output the next op quantizes again). ``"fixed_point"``: integer only, each
+        layer writes 8-bit codes, ``clamp(((acc + bias) * m + 2^(s-1)) >> s, qmin, qmax)``
+        (:mod:`tvm_rmsmp.quant.requant`), at the input scale of the layer(s) it feeds where it
+        feeds only quantized layers (through ReLU, max-pooling, flatten: the codes pass
+        unchanged), else at a scale calibrated on its output; a ReLU right after the layer
+        folds into an unsigned clamp. Its float output is ``float32(q) * out_act_scale``.
+        Not with ``act_granularity="per_token"`` (its float bias comes after the scale).
     """
 
     ratio: Dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATIO), converter=_ratio_converter)
@@ -170,6 +180,15 @@ class RMSMPConfig:
     gptq_act_order: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     act_granularity: str = attrs.field(default="per_tensor")
     act_zero_point: str = attrs.field(default="never")
+    requant: str = attrs.field(default="float")
+
+    @requant.validator
+    def _check_requant(self, attribute, value):
+        if not isinstance(value, str) or value not in REQUANTS:
+            raise ValueError(f"requant must be one of {REQUANTS}, got {value!r}")
+        if value == "fixed_point" and self.act_granularity == "per_token":
+            raise ValueError("requant='fixed_point' needs per-tensor activations: act_granularity='per_token' adds "
+                             "its float bias after the per-token scale")
 
     @act_granularity.validator
     def _check_granularity(self, attribute, value):
