@@ -492,13 +492,13 @@ def _verify_sparse_calls(mod: tvm.IRModule) -> None:
 # ----- the kernel-sparse convolution (relay_passes/sparsify_convs.py) -------------------------------
 SPARSE_KERNEL = "rmsmp.sparse_kernel"  #: [kh, kw]: the convolution's kernel size
 #: ``x [N, C, Hp, Wp]`` int8/uint8 (already zero-padded: ``CONV`` padding is 0), ``w [nq, 4]`` int8
-#: levels of the quads, ``rows [nq]`` int32 each quad's output row, ``pptr [np + 1]`` int32 (plane
-#: ``i``: quads ``pptr[i] .. pptr[i + 1] - 1``), ``pchan [np]`` int32 each plane's input channel,
+#: levels of the quads, ``qplane [nq]`` int32 each quad's plane, ``rptr [F + 1]`` int32 (row ``r``:
+#: quads ``rptr[r] .. rptr[r + 1] - 1``), ``pchan [np]`` int32 each plane's input channel,
 #: ``ptaps [np, 4]`` int32 its taps ``ky * kw + kx`` (a quad's level ``t`` multiplies tap
 #: ``ptaps[i, t]``), ``wsum [F]`` int32 each row's sum of levels, ``bias [F]`` int32, ``scale [F]``
 #: float32, ``out [N, F, OH, OW]`` float32. Rows are in the model's order, schemes in
 #: :data:`SPARSE_ROW_SCHEMES`.
-CONV_PATTERN_PARAMS = ("x", "w", "rows", "pptr", "pchan", "ptaps", "wsum", "bias", "scale", "out")
+CONV_PATTERN_PARAMS = ("x", "w", "qplane", "rptr", "pchan", "ptaps", "wsum", "bias", "scale", "out")
 
 
 def verify_conv_pattern_func(name: str, func: tvm.tirx.PrimFunc) -> None:
@@ -529,8 +529,8 @@ def verify_conv_pattern_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     nq = shapes["w"][0] if shapes["w"] else 0
     npl = shapes["pchan"][0] if shapes["pchan"] else 0
     want = {
-        "x": (("int8", "uint8"), [n, c, hp, wp]), "w": (("int8",), [nq, 4]), "rows": (("int32",), [nq]),
-        "pptr": (("int32",), [npl + 1]), "pchan": (("int32",), [npl]), "ptaps": (("int32",), [npl, 4]),
+        "x": (("int8", "uint8"), [n, c, hp, wp]), "w": (("int8",), [nq, 4]), "qplane": (("int32",), [nq]),
+        "rptr": (("int32",), [f + 1]), "pchan": (("int32",), [npl]), "ptaps": (("int32",), [npl, 4]),
         "wsum": (("int32",), [f]), "bias": (("int32",), [f]), "scale": (("float32",), [f]),
         "out": (("float32",), [n, f, oh, ow]),
     }
@@ -548,21 +548,21 @@ def verify_conv_pattern_func(name: str, func: tvm.tirx.PrimFunc) -> None:
 
 
 def _verify_conv_pattern_calls(mod: tvm.IRModule) -> None:
-    """Rule ``quads`` on the constants a kernel-sparse conv is called with: ``pptr`` rising from 0
-    to the quad count, rows, channels and taps inside the layer; and ``acc_bound`` with the bias."""
+    """Rule ``quads`` on the constants a kernel-sparse conv is called with: ``rptr`` rising from 0
+    to the quad count, planes, channels and taps inside the layer; and ``acc_bound`` with the bias."""
     for call in _relax_calls(mod):
         func = callee(mod, call)
         if func is None or rmsmp_attr(func, OP) != CONV_PATTERN:
             continue
         where = f"{call.args[0].name_hint} (layer {rmsmp_attr(func, LAYER)}) breaks the kernel-sparse conv contract"
-        vals = {p: const_value(e) for p, e in zip(CONV_PATTERN_PARAMS[1:], call.args[1].fields)}
+        vals = {p: const_value(e) for p, e in zip(CONV_PATTERN_PARAMS, call.args[1].fields)}
         _, c, _, _ = (int(d) for d in func.params[0].shape)
         kh, kw = (int(v) for v in attr(func, SPARSE_KERNEL))
-        f, nq = len(attr(func, SPARSE_ROW_SCHEMES)), int(func.params[1].shape[0])
-        pptr, rows, pchan, ptaps = vals["pptr"], vals["rows"], vals["pchan"], vals["ptaps"]
-        if pptr is not None and (pptr[0] != 0 or np.any(np.diff(pptr.astype(np.int64)) < 0) or pptr[-1] != nq):
-            raise ContractError(f"{where}, rule 'quads': pptr must rise from 0 to the {nq} quads")
-        for what, arr, hi in (("rows", rows, f), ("pchan", pchan, c), ("ptaps", ptaps, kh * kw)):
+        npl, nq = int(func.params[4].shape[0]), int(func.params[1].shape[0])
+        rptr, qplane, pchan, ptaps = vals["rptr"], vals["qplane"], vals["pchan"], vals["ptaps"]
+        if rptr is not None and (rptr[0] != 0 or np.any(np.diff(rptr.astype(np.int64)) < 0) or rptr[-1] > nq):
+            raise ContractError(f"{where}, rule 'quads': rptr must rise from 0 to at most the {nq} quads")
+        for what, arr, hi in (("qplane", qplane, npl), ("pchan", pchan, c), ("ptaps", ptaps, kh * kw)):
             if arr is not None and arr.size and (arr.min() < 0 or arr.max() >= hi):
                 raise ContractError(f"{where}, rule 'quads': {what} must lie in [0, {hi})")
         bias = vals["bias"]

@@ -8,21 +8,21 @@ Before (weights int levels ``[F, C, kh, kw]``, most kernels with at most 4 non-z
 
 After::
 
-    y = R.call_tir(rmsmp_conv2d_pattern_l, (xq, w, rows, pptr, pchan, ptaps, wsum, bias, scale))
+    y = R.call_tir(rmsmp_conv2d_pattern_l, (xq, w, qplane, rptr, pchan, ptaps, wsum, bias, scale))
 
 Each kept (row ``f``, channel ``c``) kernel's non-zero taps, in ascending order, are cut into
 *quads* of 4 taps (one int32 lane of a byte MAC): a pattern-pruned kernel is one quad, a
 removed kernel (connectivity pruning) none. A quad of fewer than 4 non-zero taps (a level
 rounded to 0, a block-punched kernel) is filled with level-0 taps: those of the channel's most
 common 4-tap set that holds it, else the lowest free taps. Quads with the same channel and taps
-form a *plane*; the op lists the planes (``pchan``, ``ptaps``), each plane's quads (``pptr``),
-every quad's row (``rows``, ascending within a plane) and 4 levels (``w``), and each row's sum
-of levels (``wsum``, for kernels that offset the activations). Kernels pack each plane's 4
-shifted taps of the activations once per tile of output pixels and apply them to every quad of
-the plane (``schedules/cpu_sparse_conv.py``). Rows keep the model's order and every row's
+form a *plane*; the op lists the planes (``pchan``, ``ptaps``), each row's quads (``rptr``,
+CSR: by row, then plane), every quad's plane (``qplane``) and 4 levels (``w``), and each row's
+sum of levels (``wsum``, for kernels that offset the activations). Kernels pack each plane's 4
+shifted taps of the activations once per tile of output pixels, then run each row's quads
+against them (``schedules/cpu_sparse_conv.py``). Rows keep the model's order and every row's
 scheme (:data:`~relay_passes.contract.SPARSE_ROW_SCHEMES`): SP2-4, Fixed-4 and Fixed-8 levels
 all fit int8, so one integer MAC computes every row exactly as its row group would. No filter
-reordering: the kernels walk planes, not rows, so rows need no grouping.
+reordering: a row's quads name their planes, so rows of different patterns need no grouping.
 
 Runs on the quantized ops (like ``SparsifyRowGroups``, LLVM targets only), on convolutions of
 dilation 1 with at least 4 taps whose quads hold at most ``max_density`` of the layer's
@@ -59,8 +59,9 @@ def _fill(taps: List[int], full: List[Tuple[int, ...]], ntaps: int) -> Tuple[int
 
 
 def conv_quads(w: np.ndarray):
-    """``(levels [nq, 4] int8, rows [nq], pptr [np + 1], pchan [np], ptaps [np, 4])`` (int32) of
-    an int weight ``[F, C, kh, kw]`` (module docstring); planes in (channel, taps) order."""
+    """``(levels [nq, 4] int8, qplane [nq], rptr [F + 1], pchan [np], ptaps [np, 4])`` (int32) of
+    an int weight ``[F, C, kh, kw]`` (module docstring): quads by row, then plane; planes in
+    (channel, taps) order."""
     f, c, kh, kw = w.shape
     ntaps = kh * kw
     if ntaps < QUAD:
@@ -82,47 +83,53 @@ def conv_quads(w: np.ndarray):
                 quad = tuple(chunk) if len(chunk) == QUAD else _fill(chunk, full, ntaps)
                 levels = flat[fs][:, ci][:, list(quad)] * np.isin(quad, chunk)  # filled taps: level 0
                 planes.setdefault((ci, quad), []).append((fs, levels))
-    levels, rows, pptr, pchan, ptaps = [], [], [0], [], []
-    for (ci, quad) in sorted(planes):
-        fs = np.concatenate([a for a, _ in planes[(ci, quad)]])
-        lv = np.concatenate([b for _, b in planes[(ci, quad)]])
-        order = np.argsort(fs, kind="stable")
-        rows.append(fs[order])
-        levels.append(lv[order])
-        pptr.append(pptr[-1] + len(fs))
-        pchan.append(ci)
-        ptaps.append(quad)
+    keys = sorted(planes)
+    rows, levels, qplane = [], [], []
+    for pi, key in enumerate(keys):
+        for fs, lv in planes[key]:
+            rows.append(fs)
+            levels.append(lv)
+            qplane.append(np.full(len(fs), pi))
+    pchan = np.array([k[0] for k in keys], np.int32).reshape(-1)
+    ptaps = np.array([k[1] for k in keys], np.int32).reshape(-1, QUAD)
     if not rows:  # every weight pruned: one quad of zeros keeps the buffers non-empty
-        return (np.zeros((1, QUAD), np.int8), np.zeros(1, np.int32), np.array([0, 1], np.int32),
-                np.zeros(1, np.int32), np.arange(QUAD, dtype=np.int32)[None])
-    return (np.concatenate(levels).astype(np.int8), np.concatenate(rows).astype(np.int32),
-            np.array(pptr, np.int32), np.array(pchan, np.int32), np.array(ptaps, np.int32))
+        rptr = np.zeros(f + 1, np.int32)
+        rptr[1:] = 1
+        return (np.zeros((1, QUAD), np.int8), np.zeros(1, np.int32), rptr, np.zeros(1, np.int32),
+                np.arange(QUAD, dtype=np.int32)[None])
+    rows, levels, qplane = np.concatenate(rows), np.concatenate(levels), np.concatenate(qplane)
+    order = np.lexsort((qplane, rows))  # by row, then plane (channel order)
+    rptr = np.zeros(f + 1, np.int64)
+    np.add.at(rptr, rows + 1, 1)
+    return (levels[order].astype(np.int8), qplane[order].astype(np.int32), np.cumsum(rptr).astype(np.int32), pchan,
+            ptaps)
 
 
 def conv_pattern_func(x_shape, f: int, kh: int, kw: int, strides, nq: int, npl: int, x_dtype: str, layer: str,
                       row_schemes) -> tvm.tirx.PrimFunc:
-    """The target-neutral kernel-sparse conv as plain loops: ``out[b, rows[j], oy, ox] += x[b,
-    pchan[i], oy * sh + ky, ox * sw + kx] * w[j, t]`` over the planes ``i``, their quads ``j`` and
-    taps ``t`` (``ptaps[i, t] = ky * kw + kx``), then ``float32(acc + bias) * scale``
+    """The target-neutral kernel-sparse conv as plain loops: ``acc[b, r, oy, ox] += x[b,
+    pchan[i], oy * sh + ky, ox * sw + kx] * w[j, t]`` over the rows ``r``, their quads ``j`` (plane
+    ``i = qplane[j]``) and taps ``t`` (``ptaps[i, t] = ky * kw + kx``), then ``float32(acc + bias) * scale``
     (parameters: :data:`~relay_passes.contract.CONV_PATTERN_PARAMS`)."""
     n, c, hp, wp = (int(d) for d in x_shape)
     sh, sw = (int(s) for s in strides)
     oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
 
     @T.prim_func(private=True)
-    def func(x: T.Buffer((n, c, hp, wp), x_dtype), w: T.Buffer((nq, 4), "int8"), rows: T.Buffer((nq,), "int32"),
-             pptr: T.Buffer((npl + 1,), "int32"), pchan: T.Buffer((npl,), "int32"), ptaps: T.Buffer((npl, 4), "int32"),
+    def func(x: T.Buffer((n, c, hp, wp), x_dtype), w: T.Buffer((nq, 4), "int8"), qplane: T.Buffer((nq,), "int32"),
+             rptr: T.Buffer((f + 1,), "int32"), pchan: T.Buffer((npl,), "int32"), ptaps: T.Buffer((npl, 4), "int32"),
              wsum: T.Buffer((f,), "int32"), bias: T.Buffer((f,), "int32"), scale: T.Buffer((f,), "float32"),
              out: T.Buffer((n, f, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
         acc = T.alloc_buffer((n, f, oh, ow), "int32")
         for b, r, y, z in T.grid(n, f, oh, ow):
             acc[b, r, y, z] = 0
-        for b, i in T.grid(n, npl):
-            for j in T.serial(pptr[i], pptr[i + 1]):
+        for b, r in T.grid(n, f):
+            for j in T.serial(rptr[r], rptr[r + 1]):
                 for y, z, t in T.grid(oh, ow, 4):
-                    acc[b, rows[j], y, z] = acc[b, rows[j], y, z] + T.Cast("int32", x[
-                        b, pchan[i], y * sh + ptaps[i, t] // kw, z * sw + ptaps[i, t] % kw]) * T.Cast("int32", w[j, t])
+                    acc[b, r, y, z] = acc[b, r, y, z] + T.Cast("int32", x[
+                        b, pchan[qplane[j]], y * sh + ptaps[qplane[j], t] // kw,
+                        z * sw + ptaps[qplane[j], t] % kw]) * T.Cast("int32", w[j, t])
         for b, r, y, z in T.grid(n, f, oh, ow):
             out[b, r, y, z] = T.Cast("float32", acc[b, r, y, z] + bias[r]) * scale[r]
 
@@ -159,22 +166,22 @@ class _ConvSparsifier(PyExprMutator):
         nz = np.count_nonzero(w_np)
         if nz > self.max_density * w_np.size:  # quads hold at least the non-zeros: a dense layer, quickly
             return call
-        levels, rows, pptr, pchan, ptaps = conv_quads(w_np)
-        density = QUAD * len(rows) / w_np.size
+        levels, qplane, rptr, pchan, ptaps = conv_quads(w_np)
+        density = QUAD * len(qplane) / w_np.size
         if density > self.max_density:
             return call
         layer = str(func.attrs[contract.LAYER])
         wsum = w_np.reshape(f, -1).astype(np.int64).sum(axis=1).astype(np.int32)
-        sfunc = conv_pattern_func([int(d) for d in x_shape], f, kh, kw, geo["strides"], len(rows), len(pchan),
+        sfunc = conv_pattern_func([int(d) for d in x_shape], f, kh, kw, geo["strides"], len(qplane), len(pchan),
                                   str(xq.ty.dtype), layer, [str(s) for s in func.attrs[contract.ROW_SCHEMES]])
         sgv = self.builder_.add_func(sfunc, f"rmsmp_conv2d_pattern_{contract.symbol_name(layer)}")
         self.replaced = True
         kernels = int(np.count_nonzero(np.any(w_np.reshape(f, c, -1) != 0, axis=2)))
-        self.stats[layer] = {"op": contract.CONV_PATTERN, "density": round(density, 4), "quads": int(len(rows)),
+        self.stats[layer] = {"op": contract.CONV_PATTERN, "density": round(density, 4), "quads": int(len(qplane)),
                              "planes": int(len(pchan)), "kernels_kept": kernels, "kernels": int(f * c),
-                             "weight_density": round(nz / w_np.size, 4)}
+                             "weight_density": round(float(nz) / w_np.size, 4)}
         out_ty = call.ty_args[0]
-        args = [xq, relax.const(levels, "int8"), relax.const(rows, "int32"), relax.const(pptr, "int32"),
+        args = [xq, relax.const(levels, "int8"), relax.const(qplane, "int32"), relax.const(rptr, "int32"),
                 relax.const(pchan, "int32"), relax.const(ptaps, "int32"), relax.const(wsum, "int32"), bias, scale]
         return relax.call_tir(sgv, args, relax.TensorType([int(d) for d in out_ty.shape], out_ty.dtype))
 
