@@ -341,8 +341,9 @@ def main(argv=None):
         conv_rows = conv_rows or old.get("conv_rows")
     result = {"hardware": hw, "command": "nice -n -5 python -m bench.pruning " + " ".join(argv or sys.argv[1:]),
               "seconds": round(time.time() - t0, 1), "rows": rows, "accuracy": accuracy}
-    if conv_rows:
+    if conv_rows:  # the conv rows' own command (the FFN rows' is "command")
         result["conv_rows"] = conv_rows
+        result["conv_command"] = result["command"] if args.convs else old.get("conv_command")
     from tvm_rmsmp.runtime.fileio import atomic_write
 
     atomic_write(args.out, json.dumps(result, indent=1) + "\n")

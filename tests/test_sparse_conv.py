@@ -61,13 +61,6 @@ def _punched_weight(rng, scheme, f, c):
     return (w * np.repeat(np.repeat(keep, 4, 0), 2, 1)[:f, :c]).reshape(f, c, 3, 3)
 
 
-def _run(kernel, target, *arrays):
-    exe = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
-    args = [tvm.runtime.tensor(a) for a in arrays]
-    exe.mod["main"](*args)
-    return args[-1].numpy()
-
-
 def test_conv_quads_round_trip():
     rng = np.random.default_rng(0)
     for w in (_pattern_weight(rng, "fixed_8", 12, 5), _punched_weight(rng, "sp2_4", 10, 6)):
@@ -88,43 +81,46 @@ def test_conv_quads_round_trip():
     assert rptr[1] == 0, "row 0 has no kernel"
 
 
-KERNEL_CASES = [  # (n, c, h, f, stride, x dtype, scheme, form, target)
-    (1, 8, 10, 20, 1, "int8", "sp2_4", "pattern", "host"),
-    (2, 5, 9, 16, 2, "uint8", "fixed_8", "pattern", "host"),
-    (1, 6, 7, 33, 2, "int8", "fixed_4", "punched", "host"),
-    (3, 4, 12, 8, 1, "uint8", "sp2_4", "punched", "host"),
-    (1, 8, 10, 20, 1, "int8", "fixed_8", "pattern", "avx2"),
-    (2, 5, 9, 17, 2, "uint8", "fixed_4", "punched", "avx2"),
-]
+KERNEL_CASES = {  # target -> [(n, c, h, f, stride, x dtype, scheme, form)]; one build per target
+    "host": [(1, 8, 10, 20, 1, "int8", "sp2_4", "pattern"), (2, 5, 9, 16, 2, "uint8", "fixed_8", "pattern"),
+             (1, 6, 7, 33, 2, "int8", "fixed_4", "punched"), (3, 4, 12, 8, 1, "uint8", "sp2_4", "punched")],
+    "avx2": [(1, 8, 10, 20, 1, "int8", "fixed_8", "pattern"), (2, 5, 9, 17, 2, "uint8", "fixed_4", "punched")],
+}
 
 
-@pytest.mark.parametrize("n,c,h,f,stride,x_dtype,scheme,form,where", KERNEL_CASES)
-def test_conv_pattern_kernel_exact(n, c, h, f, stride, x_dtype, scheme, form, where):
-    rng = np.random.default_rng(hash((n, c, h, f, stride)) % 2**32)
-    w = _pattern_weight(rng, scheme, f, c) if form == "pattern" else _punched_weight(rng, scheme, f, c)
-    hp = h + 2  # the quantizer pads; the op sees the padded tensor
-    lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
-    x = rng.integers(lo, hi, (n, c, hp, hp)).astype(x_dtype)
-    x[:, :, 0, :] = 0  # padding rows as the quantizer writes them
-    bias = rng.integers(-1000, 1000, f).astype(np.int32)
-    scale = rng.random(f).astype(np.float32)
-    ref = (_np_conv(x, w, stride) + bias[None, :, None, None]).astype(np.float32) * scale[None, :, None, None]
-    lv, qplane, rptr, pchan, ptaps = conv_quads(w)
-    wsum = w.reshape(f, -1).astype(np.int64).sum(1).astype(np.int32)
-    func = conv_pattern_func(x.shape, f, 3, 3, [stride, stride], len(lv), len(pchan), x_dtype, "conv",
-                             [scheme] * f)
+@pytest.mark.parametrize("where", sorted(KERNEL_CASES))
+def test_conv_pattern_kernel_exact(where):
+    """Each case's kernel (and, on the host, the op's own plain loops once) against numpy."""
     target = rmsmp.resolve_target("llvm") if where == "host" else tvm.target.Target(AVX2_TARGET)
-    kernel = conv_pattern_kernel(func, target)
-    want_kind = "x86-avx512vnni-conv-pattern" if (where == "host" and "avx512vnni" in str(
-        kernel.attrs[contract.CPU_KERNEL])) else str(kernel.attrs[contract.CPU_KERNEL])
-    assert str(kernel.attrs[contract.CPU_KERNEL]) == want_kind
-    if where == "avx2":
-        assert str(kernel.attrs[contract.CPU_KERNEL]) == "conv-pattern"
-    out = np.zeros(ref.shape, np.float32)
-    np.testing.assert_array_equal(_run(kernel, target, x, lv, qplane, rptr, pchan, ptaps, wsum, bias, scale, out), ref)
-    if where == "host" and n == 1:  # the op's own plain loops (what non-kernel targets would run)
-        np.testing.assert_array_equal(
-            _run(func, target, x, lv, qplane, rptr, pchan, ptaps, wsum, bias, scale, out.copy()), ref)
+    funcs, runs = {}, []
+    for ci, (n, c, h, f, stride, x_dtype, scheme, form) in enumerate(KERNEL_CASES[where]):
+        rng = np.random.default_rng(100 + ci)
+        w = _pattern_weight(rng, scheme, f, c) if form == "pattern" else _punched_weight(rng, scheme, f, c)
+        hp = h + 2  # the quantizer pads; the op sees the padded tensor
+        lo, hi = (-128, 128) if x_dtype == "int8" else (0, 256)
+        x = rng.integers(lo, hi, (n, c, hp, hp)).astype(x_dtype)
+        x[:, :, 0, :] = 0  # padding rows as the quantizer writes them
+        bias = rng.integers(-1000, 1000, f).astype(np.int32)
+        scale = rng.random(f).astype(np.float32)
+        ref = (_np_conv(x, w, stride) + bias[None, :, None, None]).astype(np.float32) * scale[None, :, None, None]
+        lv, qplane, rptr, pchan, ptaps = conv_quads(w)
+        wsum = w.reshape(f, -1).astype(np.int64).sum(1).astype(np.int32)
+        func = conv_pattern_func(x.shape, f, 3, 3, [stride, stride], len(lv), len(pchan), x_dtype, "conv",
+                                 [scheme] * f)
+        kernel = conv_pattern_kernel(func, target)
+        if where == "avx2":
+            assert str(kernel.attrs[contract.CPU_KERNEL]) == "conv-pattern"
+        arrays = (x, lv, qplane, rptr, pchan, ptaps, wsum, bias, scale)
+        funcs[f"k{ci}"] = kernel.with_attr("global_symbol", f"k{ci}")
+        runs.append((f"k{ci}", arrays, ref))
+        if where == "host" and ci == 0:  # the op's own plain loops (what a target without a kernel runs)
+            funcs["plain"] = func.with_attr("global_symbol", "plain")
+            runs.append(("plain", arrays, ref))
+    exe = tvm.compile(tvm.IRModule(funcs), target=target)
+    for name, arrays, ref in runs:
+        args = [tvm.runtime.tensor(a) for a in arrays + (np.zeros(ref.shape, np.float32),)]
+        exe.mod[name](*args)
+        np.testing.assert_array_equal(args[-1].numpy(), ref, err_msg=name)
 
 
 # ----- whole models: prune -> quantize -> compile, against numpy --------------------------------
@@ -150,18 +146,17 @@ def _np_conv_layer(layer, x):
         * layer.out_scale.numpy()[None, :, None, None]
 
 
-@pytest.mark.parametrize("scheme", ["pattern", "block_punched"])
-def test_pruned_conv_model_exact(scheme):
+def test_pruned_conv_model_exact():
     torch.manual_seed(0)
     model = _Convs().eval()
     g = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 8, 10, 10, generator=g)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = rmsmp.prune(model, rmsmp.PruneConfig(scheme=scheme, sparsity=0.75, block=(4, 4)))
+        pm = rmsmp.prune(model, rmsmp.PruneConfig(scheme="pattern", sparsity=0.75))
         q = rmsmp.quantize(pm, rmsmp.RMSMPConfig(ratio={"sp2_4": 0.6, "fixed_4": 0.3, "fixed_8": 0.1},
                                                  assign="variance"), calib_data=calib)
-    for batch in (1, 2):
+    for batch in (2,):  # batch 1 and more: the kernel tests
         x = torch.randn(batch, 8, 10, 10, generator=g)
         exe = rmsmp.compile(q, (x,), target="llvm")
         assert set(exe.stats["sparse"]) == {"conv1", "conv2"}
