@@ -101,6 +101,98 @@ def run_ffn(batches, repeat: int, threads: int, cpu: str, ratios, rounds: int = 
     return rows
 
 
+#: ResNet-18's 3x3 convolutions at 224 x 224 input (after the stem and max pool): (in, out, stride, input side).
+RESNET18_CONVS = ([(64, 64, 1, 56)] * 4 + [(64, 128, 2, 56)] + [(128, 128, 1, 28)] * 3 + [(128, 256, 2, 28)]
+                  + [(256, 256, 1, 14)] * 3 + [(256, 512, 2, 14)] + [(512, 512, 1, 7)] * 3)
+CONV_FORMS = (("pattern", 0.75), ("pattern", 0.9), ("block_punched", 0.75))
+
+
+def resnet18_convs():
+    """ResNet-18's sixteen 3x3 convolutions (no bias: batch norm follows them), each followed by a
+    ReLU, chained in the network's order (the residual adds, batch norms, stem, 1x1 shortcuts
+    and classifier left out: the workload is the 3x3 convolutions)."""
+    import torch
+
+    layers = []
+    for cin, cout, stride, _ in RESNET18_CONVS:
+        layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def run_convs(batch: int, repeat: int, threads: int, cpu: str, rounds: int = 5, forms=CONV_FORMS):
+    """ResNet-18's 3x3 convs (:func:`resnet18_convs`, input ``[batch, 64, 56, 56]``), RMSMP 60:35:5:
+    the dense build against the pruned ones (``forms``: pattern + connectivity at 75 / 90 %, the
+    pattern set of 8; block-punched 8 x 4 at 75 %), built one after the other and timed
+    round-robin like :func:`run_ffn`; torch fp32 runs each pruned float model."""
+    import statistics
+    import warnings
+
+    import torch
+
+    import tvm_rmsmp as rmsmp
+    from bench.cpu import median_seconds
+
+    torch.manual_seed(0)
+    model = resnet18_convs().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 64, 56, 56, generator=g)
+    calib = [torch.randn(2, 64, 56, 56, generator=g)]
+    cfg = rmsmp.RMSMPConfig(ratio=RATIOS["rmsmp 60:35:5"], act_bits=8, assign="variance")
+    load = [round(v, 2) for v in os.getloadavg()]
+    fns, info, pruned = {}, {}, {}
+    t0 = time.time()
+    fns["dense"], exact, stats = _build(rmsmp.quantize(model, cfg, calib_data=calib), x)
+    info["dense"] = (exact, stats)
+    for scheme, sp in forms:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # block_punched: "blocks do not divide" does not arise; pattern: none
+            pm = rmsmp.prune(model, rmsmp.PruneConfig(scheme=scheme, sparsity=sp, block=(8, 4)))
+        pruned[(scheme, sp)] = pm
+        fns[(scheme, sp)], exact, stats = _build(rmsmp.quantize(pm, cfg, calib_data=calib), x)
+        info[(scheme, sp)] = (exact, stats)
+        fns[("torch", scheme, sp)] = (lambda pm=pm: pm(x))
+    build_s = time.time() - t0
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                times[k].append(median_seconds(fn, repeat) * 1e3)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    load_after = [round(v, 2) for v in os.getloadavg()]
+    print(f"[resnet18 3x3 convs] batch {batch}: dense RMSMP {ms['dense']:.3f} ms (exact {info['dense'][0]}), "
+          f"built in {build_s:.0f} s", flush=True)
+    rows = []
+    for scheme, sp in forms:
+        exact, stats = info[(scheme, sp)]
+        sparse = {k: v for k, v in stats["sparse"].items() if v.get("op") == "conv2d_pattern"}
+        kept = sum(v["quads"] for v in sparse.values())
+        row = {"workload": "resnet18_3x3_convs_224", "scheme": f"rmsmp 60:35:5, {scheme}"
+               + (" 8x4" if scheme == "block_punched" else " (8 patterns) + connectivity"),
+               "sparsity": sp, "batch": batch, "ms": round(ms[(scheme, sp)], 4), "dense_ms": round(ms["dense"], 4),
+               "speedup_vs_dense": round(ms["dense"] / ms[(scheme, sp)], 2),
+               "torch_fp32_ms": round(ms[("torch", scheme, sp)], 4), "bit_exact": exact,
+               "dense_bit_exact": info["dense"][0],
+               "kernels": {k: v for k, v in stats.get("cpu_kernels", {}).items() if "conv" in k or "pattern" in k},
+               "sparse_layers": len(sparse), "quads": kept,
+               "slot_density": {k: v["density"] for k, v in sparse.items()},
+               "ms_rounds": [round(t, 3) for t in times[(scheme, sp)]],
+               "dense_ms_rounds": [round(t, 3) for t in times["dense"]],
+               "load_avg_before_after": [load, load_after], "threads": threads, "cpu": cpu}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def conv_markdown(result) -> str:
+    """The docs/pruning.md table of the ResNet-18 3x3 conv rows of a result file."""
+    lines = ["| scheme | sparsity | batch | sparse ms | dense RMSMP ms | speedup | torch fp32 ms (pruned) | bit-exact |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result.get("conv_rows", []):
+        lines.append(f"| {r['scheme']} | {r['sparsity']:.0%} | {r['batch']} | {r['ms']:.4g} | {r['dense_ms']:.4g} | "
+                     f"{r['speedup_vs_dense']:.2f}x | {r['torch_fp32_ms']:.4g} | {r['bit_exact']} |")
+    return "\n".join(lines)
+
+
 def run_accuracy(cpu: str, steps: int = 150, rounds: int = 3, qat_steps: int = 100, seed: int = 0):
     """ResNet-20 / Fashion-MNIST at 75 % block-punched (blocks of 8 filters x 4 channels; the stem
     and the classifier left dense): gradual pruning of the pretrained model in ``rounds`` rounds
@@ -213,7 +305,8 @@ def main(argv=None):
     p.add_argument("--accuracy", action="store_true", help="also ResNet-20 / Fashion-MNIST at 75 %% (a few minutes)")
     p.add_argument("--ft-steps", type=int, default=150, help="--accuracy: AdamW steps after each pruning round")
     p.add_argument("--rounds", type=int, default=3, help="--accuracy: gradual pruning rounds")
-    p.add_argument("--no-speed", action="store_true", help="skip the FFN timings (with --accuracy)")
+    p.add_argument("--no-speed", action="store_true", help="skip the FFN timings (with --accuracy or --convs)")
+    p.add_argument("--convs", action="store_true", help="also ResNet-18's 3x3 convs at batch 1 (pattern, block-punched)")
     p.add_argument("--table", action="store_true",
                    help="print the markdown tables of --out, draw docs/img/pruning_speedup.png and exit")
     args = p.parse_args(argv)
@@ -221,6 +314,8 @@ def main(argv=None):
         with open(args.out) as f:
             result = json.load(f)
         print(markdown(result))
+        if result.get("conv_rows"):
+            print("\n" + conv_markdown(result))
         plot(result, os.path.join(ROOT, "docs", "img", "pruning_speedup.png"))
         return 0
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -236,13 +331,19 @@ def main(argv=None):
     rows = [] if args.no_speed else run_ffn(batches, 3 if args.quick else 5, args.threads, hw["cpu"], RATIOS,
                                             rounds=3 if args.quick else 5)
     accuracy = run_accuracy(hw["cpu"], steps=args.ft_steps, rounds=args.rounds) if args.accuracy else None
+    conv_rows = run_convs(1, 3 if args.quick else 5, args.threads, hw["cpu"], rounds=3 if args.quick else 5) \
+        if args.convs else None
     if os.path.exists(args.out):  # a run of one part keeps the other part's last results
         with open(args.out) as f:
             old = json.load(f)
         rows = rows or old.get("rows", [])
         accuracy = accuracy or old.get("accuracy")
+        conv_rows = conv_rows or old.get("conv_rows")
     result = {"hardware": hw, "command": "nice -n -5 python -m bench.pruning " + " ".join(argv or sys.argv[1:]),
               "seconds": round(time.time() - t0, 1), "rows": rows, "accuracy": accuracy}
+    if conv_rows:  # the conv rows' own command (the FFN rows' is "command")
+        result["conv_rows"] = conv_rows
+        result["conv_command"] = result["command"] if args.convs else old.get("conv_command")
     from tvm_rmsmp.runtime.fileio import atomic_write
 
     atomic_write(args.out, json.dumps(result, indent=1) + "\n")

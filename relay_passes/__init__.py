@@ -10,7 +10,8 @@ from .fold_row_permutation import FoldRowPermutation
 from .fuse_dense_layers import FuseDenseLayers
 from .pack_4bit_rows import PackFourBitRows
 from .rewrite_row_groups import RewriteRowGroups
+from .sparsify_convs import SparsifyConvs
 from .sparsify_row_groups import SparsifyRowGroups
 from .use_target_kernels import UseTargetKernels
 
-__all__ = ["RewriteRowGroups", "FoldRowPermutation", "PackFourBitRows", "FuseDenseLayers", "UseTargetKernels", "SparsifyRowGroups"]
+__all__ = ["RewriteRowGroups", "FoldRowPermutation", "PackFourBitRows", "FuseDenseLayers", "UseTargetKernels", "SparsifyRowGroups", "SparsifyConvs"]

@@ -63,7 +63,7 @@ __all__ = [
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel", "DENSE_BSR", "SPARSE_OPS", "SPARSE_PARAMS", "SPARSE_BLOCK", "SPARSE_ROW_SCHEMES",
-    "verify_sparse_func",
+    "verify_sparse_func", "CONV_PATTERN", "CONV_PATTERN_PARAMS", "SPARSE_KERNEL", "verify_conv_pattern_func",
 ]
 
 # ----- attribute keys -------------------------------------------------------------------------
@@ -409,12 +409,15 @@ def verify(mod: tvm.IRModule) -> tvm.IRModule:
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and OP in func.attrs:
             if str(func.attrs[OP]) in ACTIVATION_OPS:
                 verify_activation_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) == CONV_PATTERN:
+                verify_conv_pattern_func(gv.name_hint, func)
             elif str(func.attrs[OP]) in SPARSE_OPS:
                 verify_sparse_func(gv.name_hint, func)
             else:
                 verify_func(gv.name_hint, func)
     _verify_bias_bounds(mod)
     _verify_sparse_calls(mod)
+    _verify_conv_pattern_calls(mod)
     return mod
 
 
@@ -424,7 +427,11 @@ def verify(mod: tvm.IRModule) -> tvm.IRModule:
 #: blocks of :data:`SPARSE_BLOCK` ``[br, bc]`` (BSR: the blocks holding a non-zero, their block
 #: columns, each block row's first block).
 DENSE_BSR = "dense_bsr"
-SPARSE_OPS = (DENSE_BSR,)
+#: :data:`OP` of a kernel-sparse 3x3 (or any kh x kw >= 4 taps) convolution (pattern, connectivity,
+#: block-punched pruning; made by ``SparsifyConvs``): the kept weights of each (row, channel)
+#: kernel in *quads* of 4 taps, grouped by *plane* (an input channel and 4 taps).
+CONV_PATTERN = "conv2d_pattern"
+SPARSE_OPS = (DENSE_BSR, CONV_PATTERN)
 SPARSE_BLOCK = "rmsmp.sparse_block"            #: [br, bc]: rows x input columns of a block
 SPARSE_ROW_SCHEMES = "rmsmp.sparse_row_schemes"  #: one scheme per output row (model order)
 #: ``x [M, K]`` int8/uint8, ``w [nnzb, br, bc]`` int8 levels, ``col [nnzb]`` int32 block columns,
@@ -436,7 +443,7 @@ SPARSE_PARAMS = ("x", "w", "col", "ptr", "wsum", "bias", "scale", "out")
 def verify_sparse_func(name: str, func: tvm.tirx.PrimFunc) -> None:
     """Check one block-sparse op (rules ``op``, ``layer``, ``scheme``, ``block``, ``params``,
     ``acc_bound``); raise :class:`ContractError`."""
-    _, broken = _checked_op(name, func, "block-sparse op contract", SPARSE_OPS)
+    _, broken = _checked_op(name, func, "block-sparse op contract", (DENSE_BSR,))
     schemes = attr(func, SPARSE_ROW_SCHEMES)
     if schemes is None or not len(schemes):
         broken("scheme", f"no {SPARSE_ROW_SCHEMES} attribute")
@@ -480,7 +487,7 @@ def _verify_sparse_calls(mod: tvm.IRModule) -> None:
     the block count, block columns inside the layer; and ``acc_bound`` with the bias."""
     for call in _relax_calls(mod):
         func = callee(mod, call)
-        if func is None or rmsmp_attr(func, OP) not in SPARSE_OPS:
+        if func is None or rmsmp_attr(func, OP) != DENSE_BSR:
             continue
         where = f"{call.args[0].name_hint} (layer {rmsmp_attr(func, LAYER)}) breaks the block-sparse op contract"
         fields = list(call.args[1].fields)
@@ -496,5 +503,90 @@ def _verify_sparse_calls(mod: tvm.IRModule) -> None:
             level = max(int(np.abs(get_scheme(str(s)).levels).max()) for s in attr(func, SPARSE_ROW_SCHEMES))
             act_max = 255 if str(func.params[0].dtype) == "uint8" else 128
             total = k * act_max * level + int(np.abs(bias.astype(np.int64)).max())
+            if total > INT32_MAX:
+                raise ContractError(f"{where}, rule 'acc_bound': products plus a bias can reach {total}, past int32")
+
+
+# ----- the kernel-sparse convolution (relay_passes/sparsify_convs.py) -------------------------------
+SPARSE_KERNEL = "rmsmp.sparse_kernel"  #: [kh, kw]: the convolution's kernel size
+#: ``x [N, C, Hp, Wp]`` int8/uint8 (already zero-padded: ``CONV`` padding is 0), ``w [nq, 4]`` int8
+#: levels of the quads, ``qplane [nq]`` int32 each quad's plane, ``rptr [F + 1]`` int32 (row ``r``:
+#: quads ``rptr[r] .. rptr[r + 1] - 1``), ``pchan [np]`` int32 each plane's input channel,
+#: ``ptaps [np, 4]`` int32 its taps ``ky * kw + kx`` (a quad's level ``t`` multiplies tap
+#: ``ptaps[i, t]``), ``wsum [F]`` int32 each row's sum of levels, ``bias [F]`` int32, ``scale [F]``
+#: float32, ``out [N, F, OH, OW]`` float32. Rows are in the model's order, schemes in
+#: :data:`SPARSE_ROW_SCHEMES`.
+CONV_PATTERN_PARAMS = ("x", "w", "qplane", "rptr", "pchan", "ptaps", "wsum", "bias", "scale", "out")
+
+
+def verify_conv_pattern_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one kernel-sparse convolution (rules ``op``, ``layer``, ``scheme``, ``conv``,
+    ``params``, ``acc_bound``); raise :class:`ContractError`."""
+    _, broken = _checked_op(name, func, "kernel-sparse conv contract", (CONV_PATTERN,))
+    schemes = attr(func, SPARSE_ROW_SCHEMES)
+    if schemes is None or not len(schemes):
+        broken("scheme", f"no {SPARSE_ROW_SCHEMES} attribute")
+    names = sorted({str(v) for v in schemes})
+    known = set(list_schemes())
+    for s in names:
+        if s not in known:
+            broken("scheme", f"scheme {s!r} is not registered")
+    geo, ksize = conv_geometry(func), attr(func, SPARSE_KERNEL)
+    if geo is None or geo["padding"] != [0, 0] or geo["dilation"] != [1, 1] or ksize is None or len(ksize) != 2:
+        broken("conv", f"needs {CONV} with padding [0, 0] (x comes padded) and dilation [1, 1], and {SPARSE_KERNEL}")
+    kh, kw = (int(v) for v in ksize)
+    if len(func.params) != len(CONV_PATTERN_PARAMS):
+        broken("params", f"{len(func.params)} parameters, the contract has {len(CONV_PATTERN_PARAMS)}: "
+                         f"{CONV_PATTERN_PARAMS}")
+    bufs = dict(zip(CONV_PATTERN_PARAMS, func.params))
+    shapes = {k: [int(d) for d in b.shape] for k, b in bufs.items()}
+    n, c, hp, wp = shapes["x"] if len(shapes["x"]) == 4 else (0, 0, 0, 0)
+    f = len(schemes)
+    sh, sw = geo["strides"]
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    nq = shapes["w"][0] if shapes["w"] else 0
+    npl = shapes["pchan"][0] if shapes["pchan"] else 0
+    want = {
+        "x": (("int8", "uint8"), [n, c, hp, wp]), "w": (("int8",), [nq, 4]), "qplane": (("int32",), [nq]),
+        "rptr": (("int32",), [f + 1]), "pchan": (("int32",), [npl]), "ptaps": (("int32",), [npl, 4]),
+        "wsum": (("int32",), [f]), "bias": (("int32",), [f]), "scale": (("float32",), [f]),
+        "out": (("float32",), [n, f, oh, ow]),
+    }
+    for pname, (dtypes, shape) in want.items():
+        b = bufs[pname]
+        if str(b.dtype) not in dtypes or shapes[pname] != shape:
+            broken("params", f"parameter {CONV_PATTERN_PARAMS.index(pname)} ({pname}) is {b.dtype}{shapes[pname]}, "
+                             f"expected {'/'.join(dtypes)}{shape}")
+    level = max(int(np.abs(get_scheme(s).levels).max()) for s in names)
+    act_max = 255 if str(bufs["x"].dtype) == "uint8" else 128
+    k = c * kh * kw
+    if level > 127 or k * act_max * level > INT32_MAX:
+        broken("acc_bound", f"{k} products of activations up to {act_max} and levels up to {level} "
+                            f"(int8 quads: at most 127) can reach {k * act_max * level}, past int32 ({INT32_MAX})")
+
+
+def _verify_conv_pattern_calls(mod: tvm.IRModule) -> None:
+    """Rule ``quads`` on the constants a kernel-sparse conv is called with: ``rptr`` rising from 0
+    to the quad count, planes, channels and taps inside the layer; and ``acc_bound`` with the bias."""
+    for call in _relax_calls(mod):
+        func = callee(mod, call)
+        if func is None or rmsmp_attr(func, OP) != CONV_PATTERN:
+            continue
+        where = f"{call.args[0].name_hint} (layer {rmsmp_attr(func, LAYER)}) breaks the kernel-sparse conv contract"
+        vals = {p: const_value(e) for p, e in zip(CONV_PATTERN_PARAMS, call.args[1].fields)}
+        _, c, _, _ = (int(d) for d in func.params[0].shape)
+        kh, kw = (int(v) for v in attr(func, SPARSE_KERNEL))
+        npl, nq = int(func.params[4].shape[0]), int(func.params[1].shape[0])
+        rptr, qplane, pchan, ptaps = vals["rptr"], vals["qplane"], vals["pchan"], vals["ptaps"]
+        if rptr is not None and (rptr[0] != 0 or np.any(np.diff(rptr.astype(np.int64)) < 0) or rptr[-1] > nq):
+            raise ContractError(f"{where}, rule 'quads': rptr must rise from 0 to at most the {nq} quads")
+        for what, arr, hi in (("qplane", qplane, npl), ("pchan", pchan, c), ("ptaps", ptaps, kh * kw)):
+            if arr is not None and arr.size and (arr.min() < 0 or arr.max() >= hi):
+                raise ContractError(f"{where}, rule 'quads': {what} must lie in [0, {hi})")
+        bias = vals["bias"]
+        if bias is not None and bias.size:
+            level = max(int(np.abs(get_scheme(str(s)).levels).max()) for s in attr(func, SPARSE_ROW_SCHEMES))
+            act_max = 255 if str(func.params[0].dtype) == "uint8" else 128
+            total = c * kh * kw * act_max * level + int(np.abs(bias.astype(np.int64)).max())
             if total > INT32_MAX:
                 raise ContractError(f"{where}, rule 'acc_bound': products plus a bias can reach {total}, past int32")

@@ -33,6 +33,7 @@ from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
 from .registry import OpScheduleRule, register_target, target_cores
 from .cpu_sparse import SparseDense
+from .cpu_sparse_conv import SparseConv
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -562,7 +563,7 @@ RowGroupDense = _X86Rule("dense", schedule_dense, kinds=("llvm",))
 RowGroupConv2d = _X86Rule("conv2d", schedule_conv2d, kinds=("llvm",))
 
 
-register_target("llvm", [RowGroupDense, RowGroupConv2d, SparseDense],
+register_target("llvm", [RowGroupDense, RowGroupConv2d, SparseDense, SparseConv],
                 spaces={"dense": schedule_dense, "conv2d": schedule_conv2d},
                 fixed=x86_replacement, float_rules=[FloatMatmul(), FloatElementwise(), FloatRowReduction(reassociate=False)],
                 fast_math=FAST_MATH, fast_math_rules=[FloatRowReduction(reassociate=True)], layer_kernels=x86_layer_kernels, constant_kernels=x86_constant_kernel)

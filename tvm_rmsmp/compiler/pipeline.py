@@ -1,7 +1,8 @@
 """From a (quantized) PyTorch model to a callable, timeable, exportable TVM module.
 
 import (torch.export -> Relax) -> SparsifyRowGroups (LLVM, OpenCL, CUDA targets: pruned dense layers as
-block-sparse ops) -> RewriteRowGroups -> FoldRowPermutation -> PackFourBitRows
+block-sparse ops), SparsifyConvs (LLVM targets: pruned convolutions as kernel-sparse ops) -> RewriteRowGroups
+-> FoldRowPermutation -> PackFourBitRows
 -> the row-group op contract's verifier -> tuned schedules (if any) -> the target's graph passes
 (FuseDenseLayers, UseTargetKernels, from what its schedules offer) -> the target's row-group
 schedules -> TVM's default Relax build for the target.
@@ -21,7 +22,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 import schedules
 from relay_passes import FoldRowPermutation, FuseDenseLayers, PackFourBitRows, RewriteRowGroups, UseTargetKernels
-from relay_passes import SparsifyRowGroups
+from relay_passes import SparsifyConvs, SparsifyRowGroups
 
 from ..nn.layers import RMSMPWarning, rmsmp_layers
 from ..quant.progress import progress
@@ -125,15 +126,18 @@ def lower(
         warnings.warn("model has no RMSMP layer: compiling it in float", RMSMPWarning, stacklevel=3)
     mod = import_model(model, inputs, dynamic_batch=dynamic_batch)
     sparse = SparsifyRowGroups()  # pruned dense layers -> block-sparse ops (CPU and GPU kernels)
+    sparse_conv = SparsifyConvs()  # pruned convolutions -> kernel-sparse ops (LLVM kernels only)
     if target.kind.name in SPARSE_KINDS and not dynamic_batch:
         # the any-batch function keeps dense row groups; its batch specialisations are static
         mod = sparse(mod)
+        if target.kind.name == "llvm":
+            mod = sparse_conv(mod)
     mod = RewriteRowGroups()(mod)
     fold = FoldRowPermutation()
     mod = fold(mod)
     pack = PackFourBitRows()
     mod = pack(mod)
-    stats = dict(fold.last_stats, packed=pack.last_packed, sparse=sparse.last_stats)
+    stats = dict(fold.last_stats, packed=pack.last_packed, sparse={**sparse.last_stats, **sparse_conv.last_stats})
     contract.verify(mod)  # what the schedules may rely on, checked before any of them runs
     if not schedule:
         return mod, stats
@@ -177,7 +181,8 @@ def kernel_kinds(mod: tvm.IRModule) -> Dict[str, int]:
     for _, func in mod.functions.items():
         attrs = getattr(func, "attrs", None)
         if not isinstance(func, tvm.tirx.PrimFunc) or attrs is None or not (
-                contract.SCHEME in attrs or contract.SCHEMES in attrs or contract.SPARSE_BLOCK in attrs):
+                contract.SCHEME in attrs or contract.SCHEMES in attrs or contract.SPARSE_BLOCK in attrs
+                or contract.SPARSE_KERNEL in attrs):
             continue
         kind = str(attrs.get(contract.CPU_KERNEL, "generic"))
         if contract.SP2_LOWERING in attrs and kind == "generic":
