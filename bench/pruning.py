@@ -286,7 +286,8 @@ def aggregate(paths):
            "seconds_per_seed": [x["seconds"] for x in runs]}
     for key in ACC_MODELS:
         if all(key in x for x in runs):
-            agg[key] = {split: stats([x[key][split] for x in runs]) for split in ("val", "test")}
+            agg[key] = {split: stats([x[key][split] for x in runs]) for split in ("val", "test")
+                        if all(split in x[key] for x in runs)}
     agg["chosen_models"] = [x["chosen_on_val"]["model"] for x in runs if "chosen_on_val" in x]
     if all("test_drop_vs_dense_fp32_pt" in x for x in runs):
         agg["test_drop_vs_dense_fp32_pt"] = stats([x["test_drop_vs_dense_fp32_pt"] for x in runs])
@@ -372,6 +373,17 @@ def _accuracy_main(args, cpu: str, argv):
     if args.no_quant:
         return None
     agg = aggregate(glob.glob(os.path.join(args.raw_dir, f"acc_{args.tag}_seed*.json")))
+    sweep = []  # the recipe sweep (--no-quant --tag sweep_*): pruned fp32 on "val" alone
+    for path in sorted(glob.glob(os.path.join(args.raw_dir, "acc_sweep_*_seed*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        if run.get("stage") == "done" and "pruned_fp32" in run:
+            diff = {k: v for k, v in run["recipe"].items() if agg["recipe"].get(k) != v}
+            sweep.append({"tag": os.path.basename(path)[4:-5], "seed": run["seed"], "recipe": run["recipe"],
+                          "differs_from_chosen": diff, "pruned_fp32_val": run["pruned_fp32"]["val"],
+                          "seconds": run["seconds"]})
+    if sweep:
+        agg["sweep_on_val"] = sweep
     agg["command"] = ("nice -n 10 python -m bench.pruning --accuracy --no-speed --tag " + args.tag +
                       " --seeds " + ",".join(str(s) for s in agg["seeds"]) + " (each seed its own process; then "
                       "--aggregate-only --tag " + args.tag + ")")
