@@ -261,18 +261,19 @@ def run_accuracy(cpu: str, seed: int = 0, recipe=None, raw_path=None, quant: boo
 
 
 def aggregate(paths):
-    """mean, sample std, min and max over the seeds' raw results (finished ones only) of every
-    model's val and test top-1, and of the chosen model's drop below dense fp32 on test."""
+    """mean, sample std, min and max over the seeds' raw results of every model's val and test
+    top-1, and of the chosen model's drop below dense fp32 on test. A run interrupted after its
+    pruned fp32 model counts for the models it reached (each model's ``n`` says how many seeds)."""
     import statistics
 
     runs = []
     for path in sorted(paths):
         with open(path) as f:
             run = json.load(f)
-        if run.get("stage") == "done":
+        if "pruned_fp32" in run:
             runs.append(run)
     if not runs:
-        raise ValueError(f"no finished accuracy run among {sorted(paths)}")
+        raise ValueError(f"no accuracy run that got as far as the pruned model among {sorted(paths)}")
     recipes = {json.dumps(x["recipe"], sort_keys=True) for x in runs}
     if len(recipes) > 1:
         raise ValueError(f"the raw results mix recipes: {sorted(recipes)}")
@@ -283,17 +284,19 @@ def aggregate(paths):
 
     agg = {"workload": runs[0]["workload"], "sparsity": runs[0]["sparsity"], "scheme": runs[0]["scheme"],
            "recipe": runs[0]["recipe"], "seeds": [x["seed"] for x in runs], "cpu": runs[0]["cpu"],
-           "seconds_per_seed": [x["seconds"] for x in runs]}
+           "seconds_per_seed": [x["seconds"] for x in runs], "stages": [x.get("stage") for x in runs]}
     for key in ACC_MODELS:
-        if all(key in x for x in runs):
-            agg[key] = {split: stats([x[key][split] for x in runs]) for split in ("val", "test")
-                        if all(split in x[key] for x in runs)}
+        have = [x[key] for x in runs if key in x]
+        if have:
+            agg[key] = {split: stats([h[split] for h in have]) for split in ("val", "test")
+                        if all(split in h for h in have)}
     agg["chosen_models"] = [x["chosen_on_val"]["model"] for x in runs if "chosen_on_val" in x]
-    if all("test_drop_vs_dense_fp32_pt" in x for x in runs):
-        agg["test_drop_vs_dense_fp32_pt"] = stats([x["test_drop_vs_dense_fp32_pt"] for x in runs])
+    drops = [x["test_drop_vs_dense_fp32_pt"] for x in runs if "test_drop_vs_dense_fp32_pt" in x]
+    if drops:
+        agg["test_drop_vs_dense_fp32_pt"] = stats(drops)
         agg["goal_within_1pt_met"] = agg["test_drop_vs_dense_fp32_pt"]["mean"] <= 1.0
-    agg["per_seed"] = [{k: x[k] for k in ("seed", *ACC_MODELS, "test_drop_vs_dense_fp32_pt", "seconds", "rounds")
-                        if k in x} for x in runs]
+    agg["per_seed"] = [{k: x[k] for k in ("seed", "stage", *ACC_MODELS, "test_drop_vs_dense_fp32_pt", "seconds",
+                                          "rounds") if k in x} for x in runs]
     return agg
 
 
@@ -307,18 +310,19 @@ def markdown(result) -> str:
     acc = result.get("accuracy")
     if acc and "seeds" in acc:  # aggregated over seeds: mean +- sample std (top-1, %)
         def cell(s):
-            return f"{100 * s['mean']:.2f} ± {100 * (s['std'] or 0):.2f}"
-        lines += ["", f"| model ({len(acc['seeds'])} seeds) | val top-1 % | test top-1 % | test min-max |",
-                  "|---|---|---|---|"]
+            return f"{100 * s['mean']:.2f}" + ("" if s["std"] is None else f" ± {100 * s['std']:.2f}")
+        lines += ["", "| model | seeds | val top-1 % | test top-1 % | test min-max |", "|---|---|---|---|---|"]
         for key in ACC_MODELS:
-            if key in acc:
+            if key in acc and "test" in acc[key]:
                 t = acc[key]["test"]
-                lines.append(f"| {key} | {cell(acc[key]['val'])} | {cell(t)} | "
+                lines.append(f"| {key} | {t['n']} | {cell(acc[key]['val'])} | {cell(t)} | "
                              f"{100 * t['min']:.2f}-{100 * t['max']:.2f} |")
         if "test_drop_vs_dense_fp32_pt" in acc:
             d = acc["test_drop_vs_dense_fp32_pt"]
-            per_seed = ", ".join(str(x["test_drop_vs_dense_fp32_pt"]) for x in acc["per_seed"])
-            lines += ["", (f"chosen on val minus dense fp32 on test: {d['mean']:.2f} ± {d['std'] or 0:.2f} pt "
+            per_seed = ", ".join(str(x["test_drop_vs_dense_fp32_pt"]) for x in acc["per_seed"]
+                                 if "test_drop_vs_dense_fp32_pt" in x)
+            lines += ["", (f"chosen on val minus dense fp32 on test: {d['mean']:.2f}"
+                           + ("" if d["std"] is None else f" ± {d['std']:.2f}") + " pt "
                            f"(per seed {per_seed})")]
     elif acc:
         lines += ["", "| model | val | test |", "|---|---|---|"]
