@@ -4,7 +4,8 @@ Run from the repository root (``nice`` keeps other work on the machine from dist
 
     nice -n -5 python -m bench.pruning                # BERT-base FFN, 50/75/90 %, batch 1 and 128
     nice -n -5 python -m bench.pruning --quick        # batch 1 only, fewer repeats
-    python -m bench.pruning --accuracy                # also ResNet-20 / Fashion-MNIST at 75 % (+ fine-tune)
+    python -m bench.pruning --accuracy --no-speed --seeds 0   # ResNet-20 / Fashion-MNIST at 75 % (4-epoch fine-tune)
+    python -m bench.pruning --aggregate-only --no-speed       # seeds' raw results -> mean, std in pruning.json
 
 Workload: the BERT-base FFN (Linear 768 -> 3072, GELU, Linear 3072 -> 768), float weights
 from a fixed seed, pruned by ``rmsmp.prune`` (block_punched, blocks of 16 rows x 4 input
@@ -404,7 +405,7 @@ def main(argv=None):
     a = p.add_argument_group("accuracy (ResNet-20 / Fashion-MNIST, 75 % block-punched + RMSMP 60:35:5)")
     d = ACC_DEFAULTS
     a.add_argument("--accuracy", action="store_true",
-                   help="also run it: per seed about 20 min on one thread of the Xeon (see docs/pruning.md)")
+                   help="also run it: per seed about 17 CPU-minutes, one thread of the Xeon (docs/pruning.md)")
     a.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune data order, QAT batches); each "
                    "writes <raw-dir>/acc_<tag>_seed<N>.json after every stage. Default %(default)s")
     a.add_argument("--aggregate-only", action="store_true",
