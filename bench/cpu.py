@@ -48,13 +48,18 @@ TUNING_DIR = os.path.join(ROOT, "bench", ".tuning", "tvm_fp32")  # its records, 
 #: spinning after each call slowed the next contender down up to 50x)
 NO_SPIN_ENV = "RMSMP_BENCH_NO_SPIN"
 NO_SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", NO_SPIN_ENV: "1"}
-#: Idle seconds after each sample at several threads (``--gap``): every contender keeps its own
-#: thread-pool policy (what its users get), and a pool still spinning after its sample (torch's
-#: libgomp spins 300,000 ``pause`` loops, about 20 ms where ``pause`` takes ~140 cycles as on
-#: this Xeon) is asleep before the next contender is timed. ``--no-spin`` instead makes every
-#: pool sleep at once, which charges each parallel region a wake-up: tvm-rmsmp's FFN at batch 1
-#: on 2 threads (two parallel kernels, 36 us) took 93 us that way on the AMX Xeon.
-GAP_SECONDS = 0.1
+#: Idle seconds after each sample at several threads without ``--no-spin`` (``--gap``): every
+#: contender keeps its own thread-pool policy (what its users get) and a pool still spinning
+#: after its sample should be asleep before the next contender is timed. On the 2-vCPU AMX Xeon
+#: that did not give steady timings: the FFN at batch 1, 2 threads, timed beside one other
+#: contender (``--skip`` all but it): with 0.1 s gaps tvm-rmsmp took 0.166 ms beside torch int8
+#: dyn (0.038 ms alone) and torchao 6.5 ms beside tvm-rmsmp; with 0.5 s gaps 0.048 and 0.156 ms
+#: (the pools of torch's libgomp and TVM spin for more than 0.1 s; ONNX Runtime's went quiet
+#: within 30 ms); a whole run with 0.5 s gaps still gave torch fp32 14 ms for the FFN at batch 1
+#: (0.96 ms with ``--no-spin``) and tvm-rmsmp's AMX FFN at batch 128 3.6 ms (1.2 ms). The
+#: committed 2-thread runs therefore use ``--no-spin`` (every pool sleeps when idle), which
+#: charges each parallel region a wake-up: tvm-rmsmp's FFN at batch 1 took 0.093 ms that way.
+GAP_SECONDS = 0.5
 
 
 # ----- models --------------------------------------------------------------------------------
