@@ -81,6 +81,31 @@ def np_conv_acc(x: np.ndarray, w: np.ndarray, stride, padding, dilation) -> np.n
     return out
 
 
+def np_bsr(w: np.ndarray, br: int, bc: int):
+    """BSR of ``w`` written out block by block (an independent reference, not the library's code):
+    ``(blocks [nnz, br, bc] int8, block columns [nnz] int32, block-row starts [n / br + 1] int32)``."""
+    n, k = w.shape
+    blocks, col, ptr = [], [], [0]
+    for i in range(n // br):
+        for j in range(k // bc):
+            b = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            if np.any(b):
+                blocks.append(b)
+                col.append(j)
+        ptr.append(len(col))
+    blocks = np.array(blocks, np.int8) if blocks else np.zeros((1, br, bc), np.int8)
+    return blocks, np.array(col or [0], np.int32), np.array(ptr, np.int32)
+
+
+def block_sparse_levels(rng, levels, n: int, k: int, br: int, bc: int, density: float) -> np.ndarray:
+    """Random int8 ``levels`` in ``[n, k]`` with ``br x bc`` blocks kept at ``density`` (the first
+    block row empty)."""
+    w = rng.choice(levels, size=(n, k)).astype(np.int8)
+    keep = rng.random((n // br, k // bc)) < density
+    keep[0, :] = False  # an empty block row
+    return w * np.repeat(np.repeat(keep, br, 0), bc, 1).astype(np.int8)
+
+
 def np_epilogue(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     shape = [1] * acc.ndim
     shape[axis] = -1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import block_sparse_levels, np_bsr
 from tvm import relax
 
 import schedules
@@ -21,28 +22,8 @@ VNNI = x86_isa(rmsmp.resolve_target("llvm")) == "avx512vnni"
 AVX2_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2 without AVX-512
 
 
-# ----- an independent reference: a block-sparse matrix from its blocks, then a dense product -----
-def _np_bsr(w, br, bc):
-    """BSR of ``w`` written out block by block (not the library's code)."""
-    n, k = w.shape
-    blocks, col, ptr = [], [], [0]
-    for i in range(n // br):
-        for j in range(k // bc):
-            b = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
-            if np.any(b):
-                blocks.append(b)
-                col.append(j)
-        ptr.append(len(col))
-    blocks = np.array(blocks, np.int8) if blocks else np.zeros((1, br, bc), np.int8)
-    return blocks, np.array(col or [0], np.int32), np.array(ptr, np.int32)
-
-
 def _sparse_weight(rng, scheme, n, k, br, bc, density):
-    levels = get_scheme(scheme).levels
-    w = rng.choice(levels, size=(n, k)).astype(np.int8)
-    keep = rng.random((n // br, k // bc)) < density
-    keep[0, :] = False  # an empty block row
-    return w * np.repeat(np.repeat(keep, br, 0), bc, 1).astype(np.int8)
+    return block_sparse_levels(rng, get_scheme(scheme).levels, n, k, br, bc, density)
 
 
 def _run_kernel(kernel, target, *arrays):
@@ -73,7 +54,7 @@ def test_bsr_kernel_exact(m, k, n, br, bc, x_dtype, scheme, where):
     rng = np.random.default_rng(m * 1000 + k + n + br)
     target = rmsmp.resolve_target("llvm") if where == "host" else tvm.target.Target(AVX2_TARGET)
     w = _sparse_weight(rng, scheme, n, k, br, bc, 0.4)
-    blocks, col, ptr = _np_bsr(w, br, bc)
+    blocks, col, ptr = np_bsr(w, br, bc)
     x = rng.integers(0, 256, (m, k)).astype("uint8") if x_dtype == "uint8" else \
         rng.integers(-128, 128, (m, k)).astype("int8")
     bias = rng.integers(-5000, 5000, n).astype(np.int32)
@@ -173,7 +154,7 @@ def test_sparsify_pass_structure():
     assert str(func.attrs[contract.OP]) == contract.DENSE_BSR
     assert [int(v) for v in func.attrs[contract.SPARSE_BLOCK]] == [16, 4]
     fields = list(calls[0].args[1].fields)
-    blocks, col, ptr = _np_bsr(w, 16, 4)
+    blocks, col, ptr = np_bsr(w, 16, 4)
     np.testing.assert_array_equal(fields[1].value.numpy(), blocks)
     np.testing.assert_array_equal(fields[2].value.numpy(), col)
     np.testing.assert_array_equal(fields[3].value.numpy(), ptr)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import block_sparse_levels, needs_opencl, np_bsr
 
 import schedules
 import tvm_rmsmp as rmsmp
-from conftest import needs_opencl
 from relay_passes import contract
 from relay_passes.sparsify_row_groups import bsr_dense_func
 from schedules.gpu_sparse import GPU_KERNEL
@@ -23,26 +23,8 @@ MALI = {"kind": "opencl", "device": "mali", "host": {"kind": "llvm"}}
 CUDA = {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
 
 
-def _np_bsr(w, br, bc):
-    """BSR of ``w`` written out block by block (not the library's code)."""
-    n, k = w.shape
-    blocks, col, ptr = [], [], [0]
-    for i in range(n // br):
-        for j in range(k // bc):
-            b = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
-            if np.any(b):
-                blocks.append(b)
-                col.append(j)
-        ptr.append(len(col))
-    blocks = np.array(blocks, np.int8) if blocks else np.zeros((1, br, bc), np.int8)
-    return blocks, np.array(col or [0], np.int32), np.array(ptr, np.int32)
-
-
 def _sparse_weight(rng, scheme, n, k, br, bc, density):
-    w = rng.choice(get_scheme(scheme).levels, size=(n, k)).astype(np.int8)
-    keep = rng.random((n // br, k // bc)) < density
-    keep[0, :] = False  # an empty block row
-    return w * np.repeat(np.repeat(keep, br, 0), bc, 1).astype(np.int8)
+    return block_sparse_levels(rng, get_scheme(scheme).levels, n, k, br, bc, density)
 
 
 def _scheduled(f, target):
@@ -69,7 +51,7 @@ def test_gpu_bsr_kernel_exact_on_pocl(m, k, n, br, bc, x_dtype, scheme):
 
     rng = np.random.default_rng(m * 1000 + k + n + br)
     w = _sparse_weight(rng, scheme, n, k, br, bc, 0.4)
-    blocks, col, ptr = _np_bsr(w, br, bc)
+    blocks, col, ptr = np_bsr(w, br, bc)
     x = rng.integers(0, 256, (m, k)).astype("uint8") if x_dtype == "uint8" else \
         rng.integers(-128, 128, (m, k)).astype("int8")
     bias = rng.integers(-5000, 5000, n).astype(np.int32)
