@@ -184,14 +184,19 @@ def run_convs(batch: int, repeat: int, threads: int, cpu: str, rounds: int = 5, 
     return rows
 
 
-def conv_markdown(result) -> str:
-    """The docs/pruning.md table of the ResNet-18 3x3 conv rows of a result file."""
+def _speed_table(rows) -> list:
+    """Markdown lines of speed rows (FFN or conv): sparse vs dense RMSMP vs pruned torch fp32."""
     lines = ["| scheme | sparsity | batch | sparse ms | dense RMSMP ms | speedup | torch fp32 ms (pruned) | bit-exact |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in result.get("conv_rows", []):
+    for r in rows:
         lines.append(f"| {r['scheme']} | {r['sparsity']:.0%} | {r['batch']} | {r['ms']:.4g} | {r['dense_ms']:.4g} | "
                      f"{r['speedup_vs_dense']:.2f}x | {r['torch_fp32_ms']:.4g} | {r['bit_exact']} |")
-    return "\n".join(lines)
+    return lines
+
+
+def conv_markdown(result) -> str:
+    """The docs/pruning.md table of the ResNet-18 3x3 conv rows of a result file."""
+    return "\n".join(_speed_table(result.get("conv_rows", [])))
 
 
 #: The accuracy recipe's defaults (``--help`` lists them; docs/pruning.md says how they were chosen on "val").
@@ -431,11 +436,7 @@ def aggregate(paths):
 
 def markdown(result) -> str:
     """The docs/pruning.md tables of a result file."""
-    lines = ["| scheme | sparsity | batch | sparse ms | dense RMSMP ms | speedup | torch fp32 ms (pruned) | bit-exact |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result.get("rows", []):
-        lines.append(f"| {r['scheme']} | {r['sparsity']:.0%} | {r['batch']} | {r['ms']:.4g} | {r['dense_ms']:.4g} | "
-                     f"{r['speedup_vs_dense']:.2f}x | {r['torch_fp32_ms']:.4g} | {r['bit_exact']} |")
+    lines = _speed_table(result.get("rows", []))
     acc = result.get("accuracy")
     if acc and "seeds" in acc:  # aggregated over seeds: mean +- sample std (top-1, %)
         def cell(s):

@@ -564,14 +564,8 @@ def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int) -> D
     layers = rmsmp_layers(model)
     plan = _requant_plan(model)
     stats = {n: _InputStats(channel_axis=1, batches=len(batches)) for n in layers}
-    handles = [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,))) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                call_model(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, batches, [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,)))
+                                        for n, m in layers.items()])
     how = {}
     for name, layer in layers.items():
         relu, consumers = plan.get(name, (False, []))
@@ -649,7 +643,12 @@ def _hessian_groups(layers: Dict[str, nn.Module], budget: int) -> List[List[str]
 def input_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List[tuple]) -> Dict[str, np.ndarray]:
     """``{layer: E[x x^T]}`` over all calibration batches, one forward pass of ``model``."""
     acc = {n: _InputHessian(m) for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(acc[n]) for n, m in layers.items()]
+    forward_with_hooks(model, batches, [m.register_forward_pre_hook(acc[n]) for n, m in layers.items()])
+    return {n: a.hessian for n, a in acc.items()}
+
+
+def forward_with_hooks(model: nn.Module, batches, handles) -> None:
+    """Run ``model`` on every batch without gradients, then remove the hooks ``handles`` (also on error)."""
     try:
         with torch.no_grad():
             for b in batches:
@@ -657,7 +656,6 @@ def input_hessians(model: nn.Module, layers: Dict[str, nn.Module], batches: List
     finally:
         for h in handles:
             h.remove()
-    return {n: a.hessian for n, a in acc.items()}
 
 
 def ptq_layers(cal: "Calibration") -> Dict[str, "_RMSMPLayer"]:
