@@ -141,7 +141,8 @@ def main(argv=None):
     ap.add_argument("--boards", nargs="+", default=["xc7z020", "xc7z045"])
     ap.add_argument("--check", action="store_true", help="run each RMSMP model on the simulator vs the torch reference")
     ap.add_argument("--requant", choices=("both", "fixed_point", "float"), default="both",
-                    help="epilogue mode(s) to compile (RMSMPConfig.requant)")
+                    help="epilogue mode(s) to compile (RMSMPConfig.requant); with --sparsity: fixed_point writes "
+                    "fpga_sparse_fixed_point.json, anything else the float epilogue's fpga_sparse.json")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fpga.json"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "results", "fpga_layers.png"))
     ap.add_argument("--sparsity", nargs="+", type=float, default=None,
@@ -267,6 +268,10 @@ def sparse_main(args):
     calib = [torch.randn(2, 3, 224, 224)]
     block = tuple(args.block)
     rates = sorted(set(args.sparsity) | {0.0})
+    # --requant fixed_point: the integer-only mode (on-chip requantization, 8-bit stores), nearest
+    # rounding (cycles do not depend on it), its own file; otherwise the float epilogue as before
+    fixed = args.requant == "fixed_point"
+    mode_kw = {"requant": "fixed_point", "rounding": "nearest"} if fixed else {}
     pruned = {}
     for s in rates:
         if s > 0:
@@ -279,16 +284,18 @@ def sparse_main(args):
         ratio = derive_ratio(load_board(board))
         for s in rates:
             t0 = time.time()
-            cfg = rmsmp.RMSMPConfig(ratio=ratio, assign="variance")
+            cfg = rmsmp.RMSMPConfig(ratio=ratio, assign="variance", **mode_kw)
             q = rmsmp.quantize(pruned.get(s, model), cfg, calib_data=calib)
             exe = rmsmp.compile(q, (x,), target=f"fpga:{board}")
             if exe.fallbacks:
                 raise RuntimeError(f"{board}: layers fell back to the host: {exe.fallbacks}")
             sparse_layers = sorted({p.layer for p in exe.layers if p.sparse})
             accel = load_board(board).accelerator
-            for variant, spec in list(VARIANTS.items())[:2]:  # as compiled; 8-bit write-back (a what-if)
+            # as compiled; 8-bit write-back (a what-if of the float mode; the integer mode stores 8 bits already)
+            for variant, spec in list(VARIANTS["fixed_point" if fixed else "float"].items())[:1 if fixed else 2]:
                 prof = exe.profile(_variant(accel, spec) if spec else None)
                 rows.append({"board": board, "model": "resnet18", "design": "rmsmp", "ratio": _ratio_text(ratio),
+                             "requant": "fixed_point" if fixed else "float",
                              "prune": "dense" if s == 0 else f"block_punched {block[0]}x{block[1]}",
                              "sparsity": s, "density": round(1 - s, 4), "variant": variant,
                              "cycles": int(prof["cycles"]), "latency_ms": round(prof["latency_ms"], 4),
@@ -300,7 +307,8 @@ def sparse_main(args):
                 same = bool(np.array_equal(exe(x), q(x).detach().numpy()))
                 checks[f"{board} {s}"] = same
                 print(f"{board} {s:.0%} on the simulator equals the torch reference: {same}")
-            print(f"{board} sparsity {s:.0%}: {rows[-2]['cycles']} cycles, {rows[-2]['weight_bytes']} weight bytes, "
+            print(f"{board} sparsity {s:.0%}: {rows[-1 if fixed else -2]['cycles']} cycles, "
+                  f"{rows[-1 if fixed else -2]['weight_bytes']} weight bytes, "
                   f"{len(sparse_layers)}/{len(exe.layers)} layers sparse ({time.time() - t0:.0f} s)", flush=True)
     for r in rows:
         dense = [d for d in rows if d["board"] == r["board"] and d["variant"] == r["variant"] and d["sparsity"] == 0][0]
@@ -313,6 +321,8 @@ def sparse_main(args):
     cmd = "python -m bench.fpga --sparsity " + " ".join(f"{s:g}" for s in args.sparsity)
     if list(block) != [16, 4]:
         cmd += f" --block {block[0]} {block[1]}"
+    if fixed:
+        cmd += " --requant fixed_point"
     result = {
         "command": cmd + (" --check" if args.check else ""),
         "model": "ResNet-18, 1x3x224x224, random weights (tvm_rmsmp.models.resnet.resnet18(seed=0)), pruned by "
@@ -324,7 +334,7 @@ def sparse_main(args):
         "rows": rows,
         "simulator_equals_reference": checks,
     }
-    out = os.path.join(ROOT, "bench", "results", "fpga_sparse.json")
+    out = os.path.join(ROOT, "bench", "results", "fpga_sparse_fixed_point.json" if fixed else "fpga_sparse.json")
     atomic_write(out, json.dumps(result, indent=1))
     print(f"\nwrote {os.path.relpath(out, ROOT)}")
     return result
