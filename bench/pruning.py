@@ -50,16 +50,31 @@ def _build(q, x):
     return (lambda: vm["main"](*args)), bool(np.array_equal(y, ref)), exe.stats
 
 
-def run_ffn(batches, repeat: int, threads: int, cpu: str, ratios, rounds: int = 5):
-    """Per scheme and batch: build the dense RMSMP model and the pruned ones, then time them
-    round-robin (``rounds`` rounds of ``median_seconds``), so that load from other processes
-    falls on all of them alike; each number is the median of its rounds."""
+def _round_robin(fns, rounds: int, repeat: int):
+    """``(times, ms)``: each build's median of ``repeat`` timings (ms) per round, ``rounds`` rounds
+    taking the builds in turn (a change of machine load hits all alike), and the median per build."""
     import statistics
 
     import torch
 
+    from bench.cpu import median_seconds
+
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                times[k].append(median_seconds(fn, repeat) * 1e3)
+    return times, {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_ffn(batches, repeat: int, threads: int, cpu: str, ratios, rounds: int = 5):
+    """Per scheme and batch: build the dense RMSMP model and the pruned ones, then time them
+    round-robin (``rounds`` rounds of ``median_seconds``), so that load from other processes
+    falls on all of them alike; each number is the median of its rounds."""
+    import torch
+
     import tvm_rmsmp as rmsmp
-    from bench.cpu import ffn_model, median_seconds
+    from bench.cpu import ffn_model
 
     torch.manual_seed(0)
     model = ffn_model().eval()
@@ -81,12 +96,7 @@ def run_ffn(batches, repeat: int, threads: int, cpu: str, ratios, rounds: int = 
                 info[s] = (exact, stats)
                 with torch.no_grad():
                     fns[("torch", s)] = (lambda pm=pruned[s]: pm(x))
-            times = {k: [] for k in fns}
-            with torch.no_grad():
-                for _ in range(rounds):
-                    for k, fn in fns.items():
-                        times[k].append(median_seconds(fn, repeat) * 1e3)
-            ms = {k: statistics.median(v) for k, v in times.items()}
+            times, ms = _round_robin(fns, rounds, repeat)
             print(f"[{scheme}] batch {batch}: dense RMSMP {ms['dense']:.4f} ms (exact {info['dense']})", flush=True)
             for s in SPARSITIES:
                 exact, stats = info[s]
@@ -125,13 +135,11 @@ def run_convs(batch: int, repeat: int, threads: int, cpu: str, rounds: int = 5, 
     the dense build against the pruned ones (``forms``: pattern + connectivity at 75 / 90 %, the
     pattern set of 8; block-punched 8 x 4 at 75 %), built one after the other and timed
     round-robin like :func:`run_ffn`; torch fp32 runs each pruned float model."""
-    import statistics
     import warnings
 
     import torch
 
     import tvm_rmsmp as rmsmp
-    from bench.cpu import median_seconds
 
     torch.manual_seed(0)
     model = resnet18_convs().eval()
@@ -153,12 +161,7 @@ def run_convs(batch: int, repeat: int, threads: int, cpu: str, rounds: int = 5, 
         info[(scheme, sp)] = (exact, stats)
         fns[("torch", scheme, sp)] = (lambda pm=pm: pm(x))
     build_s = time.time() - t0
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                times[k].append(median_seconds(fn, repeat) * 1e3)
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    times, ms = _round_robin(fns, rounds, repeat)
     load_after = [round(v, 2) for v in os.getloadavg()]
     print(f"[resnet18 3x3 convs] batch {batch}: dense RMSMP {ms['dense']:.3f} ms (exact {info['dense'][0]}), "
           f"built in {build_s:.0f} s", flush=True)

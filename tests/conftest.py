@@ -106,6 +106,32 @@ def block_sparse_levels(rng, levels, n: int, k: int, br: int, bc: int, density: 
     return w * np.repeat(np.repeat(keep, br, 0), bc, 1).astype(np.int8)
 
 
+class TwoLayerMLP(torch.nn.Module):
+    """Linear k -> h, ReLU, Linear h -> n: the small model of the sparse-kernel tests."""
+
+    def __init__(self, k=64, h=96, n=32):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(k, h), torch.nn.Linear(h, n)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def np_dense_layer(layer, x: np.ndarray) -> np.ndarray:
+    """The integer contract of one RMSMP dense layer in numpy (docs/design.md)."""
+    inv = np.float32(layer.inv_act_scale)
+    xq = np.clip(np.rint(x.astype(np.float32) * inv), layer.qmin, layer.qmax).astype(np.int64)
+    acc = xq @ layer.weight_int.numpy().astype(np.int64).T
+    return (acc + layer.bias_int.numpy()).astype(np.float32) * layer.out_scale.numpy()
+
+
+def np_layer_acc(op: str, x: np.ndarray, w_int: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
+    """``acc + bias`` of a dense (``[m, k]`` input) or unpadded conv2d layer, in int64."""
+    if op == "dense":
+        return np_dense_acc(x, w_int) + bias[None, :]
+    return np_conv_acc(x, w_int, (stride, stride), (0, 0), (1, 1)) + bias[None, :, None, None]
+
+
 def np_epilogue(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     shape = [1] * acc.ndim
     shape[axis] = -1

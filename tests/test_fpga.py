@@ -9,12 +9,12 @@ import attrs
 import numpy as np
 import pytest
 import torch
-
-from conftest import np_conv_acc, np_dense_acc
+from conftest import np_layer_acc
 
 import tvm_rmsmp as rmsmp
 from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
 from schedules.fpga import FPGARowGroupRule, plan_tiles
+from tvm_rmsmp.compiler.targets import resolve_target
 from tvm_rmsmp.fpga import derive_ratio, known_boards, load_board
 from tvm_rmsmp.fpga.codegen import RowGroup, layer_stream, tile_events, weight_levels
 from tvm_rmsmp.fpga.isa import Alu, GemmDSP, GemmLUT, Load, Store
@@ -22,7 +22,6 @@ from tvm_rmsmp.fpga.ratio import core_balance
 from tvm_rmsmp.fpga.runtime import FPGAFallbackWarning
 from tvm_rmsmp.fpga.simulator import DeadlockError, HazardError, Simulator, WeightTensor
 from tvm_rmsmp.quant.schemes import get_scheme
-from tvm_rmsmp.compiler.targets import resolve_target
 
 torch.set_num_threads(1)
 
@@ -174,10 +173,7 @@ def test_simulated_layer_is_integer_exact(op, x_shape, rows, kernel, stride):
     accel = load_board("xc7z020").accelerator
     outs, stream = _layer(op, x, weights, accel, conv)
     for scheme, (w_int, bias) in weights.items():
-        if op == "dense":
-            ref = np_dense_acc(x, w_int) + bias[None, :]
-        else:
-            ref = np_conv_acc(x, w_int, (stride, stride), (0, 0), (1, 1)) + bias[None, :, None, None]
+        ref = np_layer_acc(op, x, w_int, bias, stride)
         np.testing.assert_array_equal(outs[scheme], ref, err_msg=f"{op} {x_shape} {scheme}")
     cores = {type(i).__name__ for i in stream}
     assert ("GemmLUT" in cores) == ("sp2_4" in rows)

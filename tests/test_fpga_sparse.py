@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import SmallResNet, np_layer_acc, randomize_bn
 
 import tvm_rmsmp as rmsmp
-from conftest import SmallResNet, np_conv_acc, np_dense_acc, randomize_bn
 from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
 from schedules.fpga import FPGARowGroupRule
 from tvm_rmsmp.compiler.targets import resolve_target
@@ -18,7 +18,12 @@ from tvm_rmsmp.fpga.codegen import RowGroup, layer_stream, tile_events, weight_l
 from tvm_rmsmp.fpga.isa import Load, SparseGemmDSP, SparseGemmLUT
 from tvm_rmsmp.fpga.runtime import FPGAFallbackWarning
 from tvm_rmsmp.fpga.simulator import Simulator, WeightTensor
-from tvm_rmsmp.fpga.sparse import RUN_HEADER_BYTES, SparseWeightTensor, compress_tile, sparsify_stream
+from tvm_rmsmp.fpga.sparse import (
+    RUN_HEADER_BYTES,
+    SparseWeightTensor,
+    compress_tile,
+    sparsify_stream,
+)
 from tvm_rmsmp.quant.schemes import get_scheme
 
 
@@ -115,10 +120,7 @@ def test_sparse_layer_is_exact_with_fewer_bytes_and_cycles(op, x_shape, x_dtype,
     conv = dict(strides=[stride, stride], padding=[0, 0], dilation=[1, 1]) if op == "conv2d" else None
     outs, dense, sparse, stats, dram = _layer(op, x, weights, accel, conv)
     for scheme, (w_int, bias) in weights.items():
-        if op == "dense":
-            ref = np_dense_acc(x, w_int) + bias[None, :]
-        else:
-            ref = np_conv_acc(x, w_int, (stride, stride), (0, 0), (1, 1)) + bias[None, :, None, None]
+        ref = np_layer_acc(op, x, w_int, bias, stride)
         np.testing.assert_array_equal(outs[scheme], ref, err_msg=f"{op} {x_shape} {scheme}")
     assert set(stats) == {f"{s}.w" for s in rows}
     assert all(isinstance(dram[name], SparseWeightTensor) for name in stats)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from conftest import block_sparse_levels, np_bsr
+from conftest import TwoLayerMLP, block_sparse_levels, np_bsr, np_dense_layer
 from tvm import relax
 
 import schedules
@@ -75,23 +75,6 @@ def test_bsr_kernel_exact(m, k, n, br, bc, x_dtype, scheme, where):
 
 
 # ----- whole models: prune -> quantize -> compile, against numpy --------------------------------
-class _TwoLayers(torch.nn.Module):
-    def __init__(self, k=64, h=96, n=32):
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(k, h), torch.nn.Linear(h, n)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def _np_layer(layer, x):
-    """The integer contract of one RMSMP dense layer in numpy (docs/design.md)."""
-    inv = np.float32(layer.inv_act_scale)
-    xq = np.clip(np.rint(x.astype(np.float32) * inv), layer.qmin, layer.qmax).astype(np.int64)
-    acc = xq @ layer.weight_int.numpy().astype(np.int64).T
-    return (acc + layer.bias_int.numpy()).astype(np.float32) * layer.out_scale.numpy()
-
-
 MODEL_CASES = [  # (ratio, prune scheme, block)
     ({"sp2_4": 1.0}, "block_punched", (16, 4)),
     ({"fixed_4": 1.0}, "block_row", (8, 4)),
@@ -103,7 +86,7 @@ MODEL_CASES = [  # (ratio, prune scheme, block)
 @pytest.mark.parametrize("ratio,scheme,block", MODEL_CASES)
 def test_pruned_model_exact(ratio, scheme, block):
     torch.manual_seed(0)
-    model = _TwoLayers().eval()
+    model = TwoLayerMLP().eval()
     g = torch.Generator().manual_seed(1)
     calib = [torch.randn(8, 64, generator=g)]
     with warnings.catch_warnings():
@@ -117,8 +100,8 @@ def test_pruned_model_exact(ratio, scheme, block):
         for layer in ("fc1", "fc2"):
             st = exe.stats["sparse"][layer]
             assert st["density"] <= 0.3 and st["block"][1] == 4
-        h = np.maximum(_np_layer(q.fc1, x.numpy()), 0)  # fc2's input: unsigned activations
-        ref = _np_layer(q.fc2, h)
+        h = np.maximum(np_dense_layer(q.fc1, x.numpy()), 0)  # fc2's input: unsigned activations
+        ref = np_dense_layer(q.fc2, h)
         np.testing.assert_array_equal(exe(x), ref)
 
 
@@ -196,7 +179,7 @@ def test_cpu_and_gpu_targets_get_sparse_ops_the_fpga_skips_in_its_streams():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = rmsmp.prune(_TwoLayers().eval(), rmsmp.PruneConfig(sparsity=0.75, block=(16, 4)))
+        pm = rmsmp.prune(TwoLayerMLP().eval(), rmsmp.PruneConfig(sparsity=0.75, block=(16, 4)))
         q = rmsmp.quantize(pm, rmsmp.RMSMPConfig(assign="variance"), calib_data=[torch.randn(8, 64)])
     x = torch.randn(1, 64)
     for target, sparse in (("llvm", True), ("mali", True), ("fpga:xc7z020", False)):

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from conftest import block_sparse_levels, needs_opencl, np_bsr
+from conftest import (
+    TwoLayerMLP,
+    block_sparse_levels,
+    needs_opencl,
+    np_bsr,
+    np_dense_layer,
+)
 
 import schedules
 import tvm_rmsmp as rmsmp
@@ -67,27 +73,10 @@ def test_gpu_bsr_kernel_exact_on_pocl(m, k, n, br, bc, x_dtype, scheme):
     assert "__local" not in kernel.source and "barrier(" not in kernel.source
 
 
-class _TwoLayers(torch.nn.Module):
-    def __init__(self, k=64, h=96, n=32):
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(k, h), torch.nn.Linear(h, n)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def _np_layer(layer, x):
-    """The integer contract of one RMSMP dense layer in numpy (docs/design.md)."""
-    inv = np.float32(layer.inv_act_scale)
-    xq = np.clip(np.rint(x.astype(np.float32) * inv), layer.qmin, layer.qmax).astype(np.int64)
-    acc = xq @ layer.weight_int.numpy().astype(np.int64).T
-    return (acc + layer.bias_int.numpy()).astype(np.float32) * layer.out_scale.numpy()
-
-
 @pytest.fixture(scope="module")
 def pruned():
     torch.manual_seed(0)
-    model = _TwoLayers().eval()
+    model = TwoLayerMLP().eval()
     g = torch.Generator().manual_seed(1)
     calib = [torch.randn(8, 64, generator=g)]
     with warnings.catch_warnings():
@@ -106,8 +95,8 @@ def test_pruned_model_runs_sparse_kernels_on_pocl(pruned):
         exe = rmsmp.compile(q, (x,), target=MALI)
         assert set(exe.stats["sparse"]) == {"fc1", "fc2"}
         assert exe.stats["cpu_kernels"].get(GPU_KERNEL) == 2
-        h = np.maximum(_np_layer(q.fc1, x.numpy()), 0)  # fc2's input: unsigned activations
-        np.testing.assert_array_equal(exe(x), _np_layer(q.fc2, h))
+        h = np.maximum(np_dense_layer(q.fc1, x.numpy()), 0)  # fc2's input: unsigned activations
+        np.testing.assert_array_equal(exe(x), np_dense_layer(q.fc2, h))
 
 
 def test_pruned_model_cuda_source_has_the_sparse_kernel(pruned):
