@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,18 +49,14 @@ TUNING_DIR = os.path.join(ROOT, "bench", ".tuning", "tvm_fp32")  # its records, 
 #: spinning after each call slowed the next contender down up to 50x)
 NO_SPIN_ENV = "RMSMP_BENCH_NO_SPIN"
 NO_SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", NO_SPIN_ENV: "1"}
-#: Idle seconds after each sample at several threads without ``--no-spin`` (``--gap``): every
-#: contender keeps its own thread-pool policy (what its users get) and a pool still spinning
-#: after its sample should be asleep before the next contender is timed. On the 2-vCPU AMX Xeon
-#: that did not give steady timings: the FFN at batch 1, 2 threads, timed beside one other
-#: contender (``--skip`` all but it): with 0.1 s gaps tvm-rmsmp took 0.166 ms beside torch int8
-#: dyn (0.038 ms alone) and torchao 6.5 ms beside tvm-rmsmp; with 0.5 s gaps 0.048 and 0.156 ms
-#: (the pools of torch's libgomp and TVM spin for more than 0.1 s; ONNX Runtime's went quiet
-#: within 30 ms); a whole run with 0.5 s gaps still gave torch fp32 14 ms for the FFN at batch 1
-#: (0.96 ms with ``--no-spin``) and tvm-rmsmp's AMX FFN at batch 128 3.6 ms (1.2 ms). The
-#: committed 2-thread runs therefore use ``--no-spin`` (every pool sleeps when idle), which
-#: charges each parallel region a wake-up: tvm-rmsmp's FFN at batch 1 took 0.093 ms that way.
-GAP_SECONDS = 0.5
+#: Idle seconds after each sample (``--gap``). Gaps alone did not give steady 2-thread timings
+#: on the 2-vCPU AMX Xeon with spinning pools: the FFN at batch 1, 2 threads, timed beside one
+#: other contender: with 0.1 s gaps tvm-rmsmp took 0.166 ms beside torch int8 dyn (0.038 ms
+#: alone) and torchao 6.5 ms beside tvm-rmsmp; with 0.5 s gaps 0.048 and 0.156 ms (the pools of
+#: torch's libgomp and TVM spin for more than 0.1 s). Hence ``--freeze`` (the default at several
+#: threads without ``--no-spin``): every contender keeps its own thread-pool policy (what its
+#: users get), and the contenders not being timed are stopped (SIGSTOP) between their samples,
+#: so a pool still spinning after its sample cannot take a core from the next contender.
 
 
 # ----- models --------------------------------------------------------------------------------
@@ -606,7 +603,15 @@ class Contender:
             raise RuntimeError(f"{self.who}: {reply[1]}")
         return reply[1:]
 
+    def pause(self):
+        """Stop the worker process (all its threads, spinning pool workers included)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def stop(self):
+        self.resume()
         try:
             self.conn.send(("stop",))
         except OSError:
@@ -615,23 +620,45 @@ class Contender:
 
 
 def sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float = 0.02,
-                       gap: float = 0.005) -> Dict[str, float]:
+                       gap: float = 0.005, freeze: bool = False) -> Dict[str, float]:
     """Median seconds per call of each contender, one sample of each per round (so a change
     of machine load hits every contender alike); a sample is ``number`` calls filling
     ``min_time``, followed by ``gap`` idle seconds; contenders slower than 0.5 s per call get
-    3 samples."""
+    3 samples. ``freeze``: the contenders not being timed are stopped (SIGSTOP) meanwhile."""
+    if freeze:
+        for c in live.values():
+            c.pause()
+        try:
+            return _sample_round_robin(live, repeat, min_time, gap, freeze)
+        finally:
+            for c in live.values():
+                c.resume()
+    return _sample_round_robin(live, repeat, min_time, gap, freeze)
+
+
+def _sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float, gap: float,
+                        freeze: bool) -> Dict[str, float]:
+    def ask(c: Contender, n: int) -> float:
+        if freeze:
+            c.resume()
+        try:
+            return c.ask("time", n)[0]
+        finally:
+            if freeze:
+                c.pause()
+
     number: Dict[str, int] = {}
     wanted: Dict[str, int] = {}
     for who, c in live.items():
-        c.ask("time", 1)
-        (once,) = c.ask("time", 1)
+        ask(c, 1)
+        once = ask(c, 1)
         number[who] = max(1, int(min_time / max(once, 1e-7)))
         wanted[who] = 3 if once > 0.5 else repeat
     samples: Dict[str, List[float]] = {who: [] for who in live}
     for _ in range(repeat):
         for who, c in live.items():
             if len(samples[who]) < wanted[who]:
-                (secs,) = c.ask("time", number[who])
+                secs = ask(c, number[who])
                 samples[who].append(secs / number[who])
                 time.sleep(gap)  # let the last contender's pool go idle
     return {who: statistics.median(v) for who, v in samples.items()}
@@ -649,7 +676,7 @@ def _selected(name: str, only: Optional[List[str]], names_all: List[str]) -> boo
 
 
 def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
-        tuning_dir: str = TUNING_DIR, skip=(), gap: float = 0.005) -> Dict[str, object]:
+        tuning_dir: str = TUNING_DIR, skip=(), gap: float = 0.005, freeze: bool = False) -> Dict[str, object]:
     torch = _torch()
     torch.set_num_threads(threads)
     hw = hardware(threads)
@@ -699,7 +726,7 @@ def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
             rinfo = {k: v for k, v in infos[RMSMP].items() if k != "weights"}
             row: Dict[str, object] = {"workload": name, "group": group, "input_shape": list(shape), "weights": w,
                                       "seconds": {}, "weight_bytes": {}, "rmsmp": rinfo}
-            for who, t in sample_round_robin(live, repeat, gap=gap).items():
+            for who, t in sample_round_robin(live, repeat, gap=gap, freeze=freeze).items():
                 row["seconds"][who] = t
                 row["weight_bytes"][who] = bytes_of[who]
                 extra = f"  {bytes_of[who] / t / 1e9:6.1f} GB/s of weights" if streaming else ""
@@ -1098,10 +1125,10 @@ def main(argv=None) -> int:
                     help="leave these contenders out (e.g. \"TVM fp32 untuned\": seconds per call at batch 8 of ResNet-18)")
     ap.add_argument("--no-spin", action="store_true", help="idle thread pools sleep instead of spinning (every "
                     "contender; see NO_SPIN): for several threads on a machine with as many cores")
-    ap.add_argument("--gap", type=float, default=None,
-                    help=f"idle seconds after each sample (default: {GAP_SECONDS} at several threads without "
-                    "--no-spin, else 0.005): a pool still spinning after its contender's sample goes to sleep "
-                    "before the next contender is timed")
+    ap.add_argument("--gap", type=float, default=0.005, help="idle seconds after each sample")
+    ap.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=None,
+                    help="stop (SIGSTOP) the contenders not being timed, so that their spinning pools cannot take "
+                    "a core (default: on at several threads without --no-spin)")
     ap.add_argument("--note", help="a remark on the run's conditions, kept in the JSON and shown in the docs")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,
                     help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
@@ -1124,12 +1151,14 @@ def main(argv=None) -> int:
         ap.error(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
     if args.no_spin:
         os.environ.update(NO_SPIN)  # before the workers are spawned: they inherit it
-    gap = args.gap if args.gap is not None else (GAP_SECONDS if args.threads > 1 and not args.no_spin else 0.005)
+    gap = args.gap
     if gap < 0:
         ap.error(f"--gap must be >= 0, got {gap}")
-    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip, gap)
+    freeze = args.freeze if args.freeze is not None else (args.threads > 1 and not args.no_spin)
+    report = run(args.quick, args.threads, args.only, args.tvm_trials, args.tuning_dir, args.skip, gap, freeze)
     report["no_spin"] = bool(args.no_spin)
     report["gap_seconds"] = gap
+    report["freeze"] = freeze
     if args.note:
         report["note"] = args.note
     if not args.no_write:
