@@ -43,3 +43,40 @@ def test_cpu_bench_runs_every_contender(tmp_path, capsys):
                          str(tuning / "dense_768x768_batch_1"), 2)
     assert "TVM fp32 tuned: " not in capsys.readouterr().out
     run()
+
+
+def test_freeze_runs_only_the_contender_being_timed():
+    """With ``freeze`` every contender's process is stopped except while its own sample is
+    taken (its spinning pool cannot take a core from another's sample), and all run again
+    afterwards; without it nothing is paused."""
+    from bench.cpu import sample_round_robin
+
+    log = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name, self.running = name, True
+
+        def pause(self):
+            self.running = False
+            log.append(("pause", self.name))
+
+        def resume(self):
+            self.running = True
+            log.append(("resume", self.name))
+
+        def ask(self, what, n):
+            assert what == "time"
+            log.append(("time", self.name, tuple(sorted(c.name for c in live.values() if c.running))))
+            return (1e-3 * n,)
+
+    live = {"a": Fake("a"), "b": Fake("b"), "c": Fake("c")}
+    result = sample_round_robin(live, repeat=3, min_time=0.002, gap=0.0, freeze=True)
+    assert result == {"a": 1e-3, "b": 1e-3, "c": 1e-3}
+    timed = [e for e in log if e[0] == "time"]
+    assert len(timed) == 3 * (2 + 3)  # two probes and three samples each
+    assert all(e[2] == (e[1],) for e in timed)  # only the one being timed runs
+    assert all(c.running for c in live.values())
+    log.clear()
+    sample_round_robin(live, repeat=2, min_time=0.002, gap=0.0, freeze=False)
+    assert not [e for e in log if e[0] != "time"] and all(e[2] == ("a", "b", "c") for e in log)
