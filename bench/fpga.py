@@ -23,8 +23,9 @@ Each design is compiled in both epilogue modes (``--requant``, default both):
   requantizes on chip (``add_bias``, ``mul_shift``) and every layer stores 8-bit codes;
   variants "int8 on chip" (what the compiled model runs, layer after layer), "int8 on chip,
   weight prefetch" (the same streams chained into one program, each layer's weight loads
-  overlapping the previous layer: ``exe.profile(prefetch=True)``) and that with 4x the DRAM
-  bandwidth (what-if);
+  overlapping the previous layer: ``exe.profile(prefetch=True)``), and that with 4x the DRAM
+  bandwidth or with the DRAM split into a read and a write channel of half the bus each (the
+  model before the boards' bus was derived) (what-ifs);
 * ``float``: the float epilogue runs on the host, the accelerator stores int32; variants
   "int32 write-back" (as compiled) and the what-ifs "8-bit write-back" (only the store bytes
   re-timed) and "8-bit write-back, 4x DRAM".
@@ -67,6 +68,7 @@ VARIANTS = {
         "int8 on chip": {},
         "int8 on chip, weight prefetch": {"prefetch": True},
         "int8 on chip, weight prefetch, 4x DRAM": {"prefetch": True, "dram_scale": 4},
+        "int8 on chip, weight prefetch, split DRAM": {"prefetch": True, "dram_split": True},
     },
 }
 
@@ -98,6 +100,8 @@ def _variant(accel, spec):
     spec = dict(spec)
     scale = spec.pop("dram_scale", 1)
     spec.pop("prefetch", None)
+    if spec.pop("dram_split", False):  # the earlier model: half the bus each way, at once
+        return attrs.evolve(accel, dram_bus="split", dram_bytes_per_cycle=accel.dram_bytes_per_cycle // 2, **spec)
     return attrs.evolve(accel, dram_bytes_per_cycle=accel.dram_bytes_per_cycle * scale, **spec)
 
 

@@ -21,7 +21,7 @@ provenance of every number in the file's ``provenance`` object:
   ``LUT_TARGET`` of the part's LUTs after the overhead (a utilization at which placement
   and routing usually succeed; not tuned to any ratio);
 * ``alu_lanes``: as many as the DSP48E1s left by the DSP array allow, up to the old value;
-* ``dram_bytes_per_cycle``: the board's DRAM (see ``DRAM`` below and docs/fpga.md).
+* ``dram_bytes_per_cycle``, ``dram_bus``: the board's DRAM (see ``DRAM`` below and docs/fpga.md).
 
 Run: python -m bench.fpga_synth [--quick] [--update-boards [--from-json]]
 """
@@ -69,9 +69,10 @@ PLAN = {
     "xc7z020": {"dsp": (14, 14), "lut_pixels": 28, "alu_lanes": 16},
     "xc7z045": {"dsp": (28, 28), "lut_pixels": 56, "alu_lanes": 64},
 }
-# Bytes per accelerator cycle on each of the read and write channels. The DDR peak times an
-# efficiency, split evenly between reads and writes (they share the DDR), capped by the AXI
-# ports (two 64-bit HP ports for reads, two for writes, at the accelerator clock).
+# Bytes per accelerator cycle of the DRAM bus, reads and writes together (``dram_bus="shared"``:
+# a DDR3 bus is half-duplex, so a read stream alone gets all of it): the DDR peak times an
+# efficiency, capped by the AXI ports one direction can use at the accelerator clock (XC7Z020:
+# two 64-bit HP ports; XC7Z045: the MIG controller's 512-bit user interface).
 DRAM = {
     "xc7z020": {
         "memory": "PS DDR3 of the PYNQ-Z1 / PYNQ-Z2: 16-bit bus at 1050 MT/s (Digilent PYNQ-Z1 reference "
@@ -87,8 +88,8 @@ DRAM = {
 
 def dram_bytes_per_cycle(board: str) -> int:
     d = DRAM[board]
-    per_channel = d["peak_bytes_per_s"] * d["efficiency"] / 2 / (d["clock_mhz"] * 1e6)
-    return int(min(per_channel, d["port_bytes_per_cycle"]))
+    bus = d["peak_bytes_per_s"] * d["efficiency"] / (d["clock_mhz"] * 1e6)
+    return int(min(bus, d["port_bytes_per_cycle"]))
 
 
 def _find(rows, unit, **params):
@@ -123,7 +124,7 @@ def update_boards(rows, tool: str):
         lut_red = int((LUT_TARGET * b["luts"] - overhead) // (lut_pix * per_sp2))
         acc.update({"dsp_array": {"pixels": pix, "reduction": red}, "lut_array": {"pixels": lut_pix, "reduction": lut_red},
                     "luts_per_sp2_mac": per_sp2, "lut_overhead": overhead, "alu_lanes": lanes,
-                    "dram_bytes_per_cycle": dram_bytes_per_cycle(board)})
+                    "dram_bytes_per_cycle": dram_bytes_per_cycle(board), "dram_bus": "shared"})
         total_luts = lut_pix * lut_red * per_sp2 + overhead
         data["provenance"] = {
             "written_by": "python -m bench.fpga_synth --update-boards (rows in bench/results/fpga_synth.json)",
@@ -137,7 +138,8 @@ def update_boards(rows, tool: str):
             "dsp48e1": {"dsp_array": dsp["dsps"], "alu": alu["dsps"], "total": dsp["dsps"] + alu["dsps"],
                         "part": b["dsps"]},
             "alu_lanes": f"{lanes}: {alu1['dsps']} DSP48E1 per lane (32 x 16-bit multiply), within the DSPs the array leaves",
-            "dram": {**DRAM[board], "bytes_per_cycle_each_way": dram_bytes_per_cycle(board)},
+            "dram": {**DRAM[board], "bus": "shared: reads and writes one after the other on one bus",
+                     "bytes_per_cycle": dram_bytes_per_cycle(board)},
             "clock_mhz": "a design choice; timing closure at this clock is assumed, not checked (no place and route)",
         }
         from tvm_rmsmp.runtime.fileio import atomic_write
@@ -145,7 +147,7 @@ def update_boards(rows, tool: str):
         atomic_write(path, json.dumps(data, indent=2) + "\n")
         load_board(path)   # still valid
         print(f"updated {os.path.relpath(path, ROOT)}: lut_array {lut_pix}x{lut_red}, {per_sp2} LUTs/SP2 MAC, "
-              f"overhead {overhead}, alu_lanes {lanes}, DRAM {dram_bytes_per_cycle(board)} B/cycle each way")
+              f"overhead {overhead}, alu_lanes {lanes}, DRAM {dram_bytes_per_cycle(board)} B/cycle (shared bus)")
 
 
 def main(argv=None):

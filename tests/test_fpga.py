@@ -288,6 +288,30 @@ def test_cycle_model_scales_with_the_arrays():
     assert slow_dram.busy["dma_read"] > 8 * fast_dram.busy["dma_read"]
 
 
+def test_dram_bus_shared_serializes_reads_and_writes():
+    """On a split bus (a read and a write channel of B bytes per cycle each) loads and stores
+    overlap; on a shared bus of B bytes per cycle they take turns: a DMA-bound layer then takes
+    at least its read plus its write time, and the transfers themselves last as long."""
+    stream, accel = _small_stream()
+    split = Simulator(attrs.evolve(accel, dram_bytes_per_cycle=1, dram_bus="split")).run(stream)
+    shared = Simulator(attrs.evolve(accel, dram_bytes_per_cycle=1, dram_bus="shared")).run(stream)
+    assert shared.busy == split.busy
+    dma = split.busy["dma_read"] + split.busy["dma_write"]
+    assert split.cycles < 0.7 * dma          # reads and writes overlapped
+    assert dma <= shared.cycles < 1.1 * dma  # one after the other
+    with pytest.raises(ValueError, match="dram_bus must be 'shared' or 'split'"):
+        attrs.evolve(accel, dram_bus="duplex")
+
+
+def test_boards_share_their_dram_bus():
+    """The boards' DRAM: the bus (reads and writes together) is the peak times 75% at the
+    accelerator clock, within the AXI ports: PYNQ PS DDR3 16-bit at 1050 MT/s, 100 MHz; ZC706
+    PL DDR3 64-bit at 1600 MT/s, 200 MHz."""
+    for board, peak, clock in (("xc7z020", 2 * 1050e6, 100e6), ("xc7z045", 8 * 1600e6, 200e6)):
+        a = load_board(board).accelerator
+        assert a.dram_bus == "shared" and a.dram_bytes_per_cycle == int(peak * 0.75 / clock), board
+
+
 # ----- whole models -------------------------------------------------------------------------
 def test_small_resnet_on_the_fpga_equals_the_torch_reference(small_resnet):
     model, calib = small_resnet

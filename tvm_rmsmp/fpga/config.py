@@ -6,7 +6,8 @@ One JSON file per board in ``tvm_rmsmp/fpga/boards/`` (like VTA's ``vta_config.j
      "accelerator": {"dsp_array": {"pixels", "reduction"}, "dsp_products_4bit",
                      "lut_array": {"pixels", "reduction"}, "luts_per_sp2_mac", "lut_overhead",
                      "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib",
-                     "dram_bytes_per_cycle", "dma_latency_cycles", "gemm_pipeline_cycles", "alu_lanes"},
+                     "dram_bytes_per_cycle", "dram_bus", "dma_latency_cycles", "gemm_pipeline_cycles",
+                     "alu_lanes"},
      "provenance": {...}}   # optional, not read: where each number comes from
 
 The accelerator has two GEMM cores that share one input buffer:
@@ -107,6 +108,12 @@ class AcceleratorConfig:
     wgt_buffer_kib: int = attrs.field(default=32, validator=_positive_int)
     acc_buffer_kib: int = attrs.field(default=96, validator=_positive_int)
     dram_bytes_per_cycle: int = attrs.field(default=8, validator=_positive_int)
+    #: How reads and writes share the DRAM: ``"shared"``, one bus moving ``dram_bytes_per_cycle``
+    #: in all, transfers served one after the other first come, first served (a DDR3 bus is
+    #: half-duplex: a read stream alone gets all of it); ``"split"``, a read and a write
+    #: channel of ``dram_bytes_per_cycle`` each, running at once (the model before the boards'
+    #: DRAM was derived; the default, so older board files time as they did).
+    dram_bus: str = attrs.field(default="split")
     dma_latency_cycles: int = attrs.field(default=64, validator=_non_negative_int)
     gemm_pipeline_cycles: int = attrs.field(default=8, validator=_non_negative_int)
     alu_lanes: int = attrs.field(default=16, validator=_positive_int)
@@ -114,6 +121,11 @@ class AcceleratorConfig:
     #: epilogue, which keeps results bit-exact) is what the compiled model runs. 1 models a
     #: design whose ALU requantizes to 8 bits on chip: a timing what-if only (see docs/fpga.md).
     store_bytes_per_output: int = attrs.field(default=4)
+
+    @dram_bus.validator
+    def _check_dram_bus(self, attribute, value):
+        if value not in ("shared", "split"):
+            raise ValueError(f"dram_bus must be 'shared' or 'split', got {value!r}")
 
     @store_bytes_per_output.validator
     def _check_store_bytes(self, attribute, value):
@@ -204,7 +216,7 @@ class FPGAConfig:
             "board": b.name, "clock_mhz": b.clock_mhz,
             "dsp_slices": f"{a.dsp_slices}/{b.dsps}", "luts": f"{a.core_luts}/{b.luts}",
             "fixed4_macs_per_cycle": a.macs_per_cycle("dsp", 4), "sp2_macs_per_cycle": a.macs_per_cycle("lut"),
-            "dram_bytes_per_cycle": a.dram_bytes_per_cycle,
+            "dram_bytes_per_cycle": a.dram_bytes_per_cycle, "dram_bus": a.dram_bus,
         }
 
 

@@ -4,8 +4,9 @@ Seven in-order queues run at the same time: ``load`` (DMA of input tiles into th
 input buffer), ``load_lut`` / ``load_dsp`` (DMA of each core's weights), ``lut`` and ``dsp``
 (one GEMM core each, plus its ALU), ``store_lut`` / ``store_dsp`` (DMA of each core's results
 back to DRAM). Each core is thus a VTA-like load-compute-store pipeline; the two share the
-input tiles and DRAM, whose read and write channels (AXI) each move ``dram_bytes_per_cycle``
-and serve the DMA queues first come, first served. Queues synchronize only through
+input tiles and DRAM, one bus moving ``dram_bytes_per_cycle`` for reads and writes together
+(``dram_bus="shared"``, the boards'; or a read and a write channel of that width each, "split"),
+serving the DMA queues first come, first served. Queues synchronize only through
 dependency tokens, as in VTA: an instruction first
 pops one token from each channel in ``wait`` (blocking until the producer pushed it) and
 pushes one token to each channel in ``signal`` when it finishes. Channels are named

@@ -5,8 +5,8 @@ One pass over an instruction stream does both:
 * **timing**: each queue (see :mod:`.isa`) executes its instructions in order; an
   instruction starts when its queue is free and every token it waits for has been pushed,
   and lasts a modelled number of cycles (DMA: bytes over the DRAM channel width plus a
-  set-up latency, loads sharing the read channel and stores the write channel first come,
-  first served; GEMM: array passes plus the pipeline depth; ALU: elements over its lanes). Instructions are processed in order of start time, so buffer accesses are
+  set-up latency; with ``dram_bus="shared"`` loads and stores share one bus, else loads share
+  the read channel and stores the write channel; first come, first served; GEMM: array passes plus the pipeline depth; ALU: elements over its lanes). Instructions are processed in order of start time, so buffer accesses are
   checked as the hardware would see them: a read of a buffer half still being written, or
   a write over a half still being read, by another queue, is a missing dependency token
   (:class:`HazardError`, naming both instructions); a queue waiting for a token nobody will
@@ -125,7 +125,7 @@ class Simulator:
         free_at = {q: 0 for q in QUEUES}
         busy = {q: 0 for q in QUEUES}
         busy.update(dma_read=0, dma_write=0)
-        channel_free = {"dma_read": 0, "dma_write": 0}
+        channel_free = {"dma_read": 0, "dma_write": 0, "dram": 0}
         macs = {"lut": 0, "dsp": 0}
         tokens: Dict[str, collections.deque] = collections.defaultdict(collections.deque)
         writer: Dict[tuple, tuple] = {}   # (buffer, slot) -> (index, queue, end)
@@ -166,10 +166,11 @@ class Simulator:
             for ch in ins.wait:
                 tokens[ch].popleft()
             dur = self.duration(ins)
-            if isinstance(ins, (Load, Store)):  # wait for the shared AXI channel
+            if isinstance(ins, (Load, Store)):  # wait for the DRAM bus (or its channel)
                 channel = "dma_read" if isinstance(ins, Load) else "dma_write"
-                start = max(start, channel_free[channel])
-                channel_free[channel] = start + dur
+                bus = "dram" if self.acc.dram_bus == "shared" else channel
+                start = max(start, channel_free[bus])
+                channel_free[bus] = start + dur
                 busy[channel] += dur
             end = start + dur
             self._check_access(stream, i, ins, q, start, end, writer, readers)
