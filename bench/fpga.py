@@ -24,8 +24,9 @@ Each design is compiled in both epilogue modes (``--requant``, default both):
   variants "int8 on chip" (what the compiled model runs, layer after layer), "int8 on chip,
   weight prefetch" (the same streams chained into one program, each layer's weight loads
   overlapping the previous layer: ``exe.profile(prefetch=True)``), and that with 4x the DRAM
-  bandwidth or with the DRAM split into a read and a write channel of half the bus each (the
-  model before the boards' bus was derived) (what-ifs);
+  bandwidth, with the DRAM split into a read and a write channel of half the bus each (the
+  model before the boards' bus was derived), or with the ALU taking turns with the GEMMs on
+  the core's queue as in VTA (``alu_unit="core"``) (what-ifs);
 * ``float``: the float epilogue runs on the host, the accelerator stores int32; variants
   "int32 write-back" (as compiled) and the what-ifs "8-bit write-back" (only the store bytes
   re-timed) and "8-bit write-back, 4x DRAM".
@@ -69,6 +70,7 @@ VARIANTS = {
         "int8 on chip, weight prefetch": {"prefetch": True},
         "int8 on chip, weight prefetch, 4x DRAM": {"prefetch": True, "dram_scale": 4},
         "int8 on chip, weight prefetch, split DRAM": {"prefetch": True, "dram_split": True},
+        "int8 on chip, weight prefetch, ALU on the core's queue": {"prefetch": True, "alu_unit": "core"},
     },
 }
 
@@ -140,6 +142,83 @@ def _plot(path, per_layer, mode):
     return path
 
 
+DOC = os.path.join(ROOT, "docs", "fpga.md")
+_NAMES = {"fixed4_dsp": "fixed4_dsp (2 per DSP)", "fixed4_dsp1": "fixed4_dsp1 (1 per DSP)",
+          "fixed4_lut_dsp": "fixed4_lut_dsp", "rmsmp": "**rmsmp**"}
+
+
+def _busy(u, keys):
+    return " / ".join("-" if not u.get(k) else f"{100 * u[k]:.0f}%" for k in keys)
+
+
+def markdown_tables(result) -> str:
+    """The tables of docs/fpga.md's ResNet-18 section, from a ``bench.fpga`` result."""
+    rows, speed = result["rows"], result["speedup"]
+    boards = list(speed)
+    clock = {b: result["boards"][b]["clock_mhz"] for b in boards}
+
+    def row(board, design, mode, variant):
+        return next(r for r in rows if (r["board"], r["design"], r["requant"], r["variant"]) == (board, design, mode, variant))
+
+    out = []
+    if any(r["requant"] == "fixed_point" for r in rows):
+        out += ["**The integer-only mode** (`requant=\"fixed_point\"`, every design compiled with it: on-chip",
+                "requantization, 8-bit stores; \"as compiled\" runs the layers one after the other, \"weight",
+                "prefetch\" chains them, `exe.profile(prefetch=True)`):", "",
+                "| board | design | ratio | cycles, as compiled | with weight prefetch | latency (prefetch) | RMSMP speedup "
+                "over it (prefetch) | LUT / DSP core busy | LUT / DSP ALU busy | DMA read / write busy |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for b in boards:
+            for d in _NAMES:
+                a, p = row(b, d, "fixed_point", "int8 on chip"), row(b, d, "fixed_point", "int8 on chip, weight prefetch")
+                sp = speed[b]["int8 on chip, weight prefetch"].get(f"rmsmp_over_{d}")
+                u = p["utilization"]
+                out.append(f"| {b.upper()}, {clock[b]:.0f} MHz | {_NAMES[d]} | {a['ratio']} | {a['cycles']:,} | "
+                           f"{p['cycles']:,} | {p['latency_ms']:.2f} ms | {f'{sp:.2f}x' if sp else '-'} | "
+                           f"{_busy(u, ('lut', 'dsp'))} | {_busy(u, ('alu_lut', 'alu_dsp'))} | "
+                           f"{_busy(u, ('dma_read', 'dma_write'))} |")
+        out.append("")
+    if any(r["requant"] == "float" for r in rows):
+        out += ["**The float epilogue** (`requant=\"float\"`, int32 stores; the 8-bit rows are what-ifs that",
+                "only re-time the stores):", "",
+                "| board | design | ratio | cycles | latency | RMSMP speedup over it | LUT / DSP core busy | "
+                "DMA read / write busy |", "|---|---|---|---|---|---|---|---|"]
+        for b in boards:
+            for d in _NAMES:
+                r = row(b, d, "float", "int32 write-back")
+                sp = speed[b]["int32 write-back"].get(f"rmsmp_over_{d}")
+                out.append(f"| {b.upper()}, {clock[b]:.0f} MHz | {_NAMES[d]} | {r['ratio']} | {r['cycles']:,} | "
+                           f"{r['latency_ms']:.2f} ms | {f'{sp:.2f}x' if sp else '-'} | "
+                           f"{_busy(r['utilization'], ('lut', 'dsp'))} | {_busy(r['utilization'], ('dma_read', 'dma_write'))} |")
+        out.append("")
+    out += ["Speedup of RMSMP over each baseline, every variant (`speedup` in `fpga.json`; \"as compiled\" and",
+            "\"weight prefetch\" are what the compiled models run, the others what-ifs):", "",
+            "| board | mode, variant | over fixed4_dsp | over fixed4_dsp1 | over fixed4_lut_dsp |", "|---|---|---|---|---|"]
+    for b in boards:
+        for mode in VARIANTS:
+            for k, variant in enumerate(VARIANTS[mode]):
+                if variant not in speed[b]:
+                    continue
+                sp = speed[b][variant]
+                name = f"{mode}: {variant}"
+                if mode == "fixed_point" and k < 2:
+                    name = f"**{name}**"
+                out.append(f"| {b} | {name} | " + " | ".join(f"{sp[f'rmsmp_over_{d}']:.2f}x" for d in
+                                                         ("fixed4_dsp", "fixed4_dsp1", "fixed4_lut_dsp")) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_tables(result, doc: str = DOC):
+    """Replace docs/fpga.md's generated block (between its BEGIN/END markers) with the tables."""
+    begin, end = "<!-- BEGIN generated by python -m bench.fpga -->\n", "<!-- END generated -->\n"
+    with open(doc) as fh:
+        text = fh.read()
+    if begin not in text or end not in text:
+        raise ValueError(f"{doc}: no generated block (markers {begin.strip()} ... {end.strip()})")
+    head, rest = text.split(begin, 1)
+    atomic_write(doc, head + begin + markdown_tables(result) + end + rest.split(end, 1)[1])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--boards", nargs="+", default=["xc7z020", "xc7z045"])
@@ -153,7 +232,13 @@ def main(argv=None):
                     help="instead: the RMSMP design on pruned ResNet-18s (block-punched, these rates; 0 = dense), "
                          "written to bench/results/fpga_sparse.json")
     ap.add_argument("--block", nargs=2, type=int, default=[16, 4], help="with --sparsity: the pruning block (rows, channels)")
+    ap.add_argument("--tables", action="store_true", help="only rewrite docs/fpga.md's tables from --out")
+    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/fpga.md's tables")
     args = ap.parse_args(argv)
+    if args.tables:
+        with open(args.out) as fh:
+            write_tables(json.load(fh))
+        return {}
     if args.sparsity is not None:
         return sparse_main(args)
     torch.set_num_threads(1)
@@ -251,6 +336,9 @@ def main(argv=None):
     }
     atomic_write(args.out, json.dumps(result, indent=1))
     print(f"\nwrote {os.path.relpath(args.out, ROOT)}" + (f" and {os.path.relpath(plot, ROOT)}" if plot else ""))
+    if not args.no_doc and modes == ("fixed_point", "float") and args.boards == ["xc7z020", "xc7z045"]:
+        write_tables(result)
+        print(f"rewrote the tables of {os.path.relpath(DOC, ROOT)}")
     return result
 
 

@@ -21,6 +21,7 @@ provenance of every number in the file's ``provenance`` object:
   ``LUT_TARGET`` of the part's LUTs after the overhead (a utilization at which placement
   and routing usually succeed; not tuned to any ratio);
 * ``alu_lanes``: as many as the DSP48E1s left by the DSP array allow, up to the old value;
+  ``alu_unit``: "own" (the ALU is a unit of its own beside each core, see the config);
 * ``dram_bytes_per_cycle``, ``dram_bus``: the board's DRAM (see ``DRAM`` below and docs/fpga.md).
 
 Run: python -m bench.fpga_synth [--quick] [--update-boards [--from-json]]
@@ -124,7 +125,8 @@ def update_boards(rows, tool: str):
         lut_red = int((LUT_TARGET * b["luts"] - overhead) // (lut_pix * per_sp2))
         acc.update({"dsp_array": {"pixels": pix, "reduction": red}, "lut_array": {"pixels": lut_pix, "reduction": lut_red},
                     "luts_per_sp2_mac": per_sp2, "lut_overhead": overhead, "alu_lanes": lanes,
-                    "dram_bytes_per_cycle": dram_bytes_per_cycle(board), "dram_bus": "shared"})
+                    "dram_bytes_per_cycle": dram_bytes_per_cycle(board), "dram_bus": "shared",
+                    "alu_unit": "own"})
         total_luts = lut_pix * lut_red * per_sp2 + overhead
         data["provenance"] = {
             "written_by": "python -m bench.fpga_synth --update-boards (rows in bench/results/fpga_synth.json)",
@@ -138,6 +140,8 @@ def update_boards(rows, tool: str):
             "dsp48e1": {"dsp_array": dsp["dsps"], "alu": alu["dsps"], "total": dsp["dsps"] + alu["dsps"],
                         "part": b["dsps"]},
             "alu_lanes": f"{lanes}: {alu1['dsps']} DSP48E1 per lane (32 x 16-bit multiply), within the DSPs the array leaves",
+            "alu_unit": "own: each core's ALU is its own unit (own DSP48s, counted above) with its own queue, on one "
+                        "accumulator half (its own BRAM bank) while the array fills the other",
             "dram": {**DRAM[board], "bus": "shared: reads and writes one after the other on one bus",
                      "bytes_per_cycle": dram_bytes_per_cycle(board)},
             "clock_mhz": "a design choice; timing closure at this clock is assumed, not checked (no place and route)",

@@ -264,8 +264,8 @@ def test_alu_requantization_ops_against_numpy():
         Load(buffer="inp", tensor="x", region=((0, 4), (0, 32)), slot=0, nbytes=128, signal=("load->dsp:inp",)),
         Load(buffer="wgt_dsp", tensor="w", region=((0, 6), (0, 32)), slot=0, nbytes=192, signal=("load->dsp:data",)),
         GemmDSP(op="dense", inp_slot=0, wgt_slot=0, acc_slot=0, rows=6, pixels=4, reduction=32, bits=8,
-                wait=("load->dsp:data", "load->dsp:inp")),
-        Alu(core="dsp", acc_slot=0, alu_op="add_bias", elements=24, operand="bias", row_axis=1),
+                wait=("load->dsp:data", "load->dsp:inp"), signal=("dsp->alu:acc",)),
+        Alu(core="dsp", acc_slot=0, alu_op="add_bias", elements=24, operand="bias", row_axis=1, wait=("dsp->alu:acc",)),
         Alu(core="dsp", acc_slot=0, alu_op="mul_shift", elements=24, operand="m", shift_operand="s", row_axis=1),
         Alu(core="dsp", acc_slot=0, alu_op="relu", elements=24, signal=("dsp->store:acc",)),
         Store(core="dsp", slot=0, tensor="out", region=((0, 4), (0, 6)), nbytes=96, wait=("dsp->store:acc",)),
@@ -303,6 +303,23 @@ def test_dram_bus_shared_serializes_reads_and_writes():
         attrs.evolve(accel, dram_bus="duplex")
 
 
+def test_alu_unit_of_its_own_overlaps_the_gemms():
+    """With ``alu_unit="own"`` a tile's ALU ops run on the core's ALU queue while the array
+    computes the next tile (the simulator checks every accumulator access): the GEMM queues
+    hold the GEMMs only, and a layer whose epilogue is long takes fewer cycles; with "core"
+    the ALU ops take turns with the GEMMs on the core's queue (as in VTA)."""
+    stream, accel = _small_stream()
+    accel = attrs.evolve(accel, alu_lanes=1)  # a slow ALU: the epilogue matters
+    core = Simulator(attrs.evolve(accel, alu_unit="core")).run(stream)
+    own = Simulator(attrs.evolve(accel, alu_unit="own")).run(stream)
+    assert core.busy["alu_lut"] == core.busy["alu_dsp"] == 0
+    for c in ("lut", "dsp"):
+        assert own.busy[f"alu_{c}"] > 0 and own.busy[c] + own.busy[f"alu_{c}"] == core.busy[c]
+    assert own.cycles < core.cycles
+    with pytest.raises(ValueError, match="alu_unit must be 'own' or 'core'"):
+        attrs.evolve(accel, alu_unit="shared")
+
+
 def test_boards_share_their_dram_bus():
     """The boards' DRAM: the bus (reads and writes together) is the peak times 75% at the
     accelerator clock, within the AXI ports: PYNQ PS DDR3 16-bit at 1050 MT/s, 100 MHz; ZC706
@@ -310,6 +327,7 @@ def test_boards_share_their_dram_bus():
     for board, peak, clock in (("xc7z020", 2 * 1050e6, 100e6), ("xc7z045", 8 * 1600e6, 200e6)):
         a = load_board(board).accelerator
         assert a.dram_bus == "shared" and a.dram_bytes_per_cycle == int(peak * 0.75 / clock), board
+        assert a.alu_unit == "own", board
 
 
 # ----- whole models -------------------------------------------------------------------------

@@ -63,10 +63,13 @@ def _sim_tile(op, x, wt, rows, k, core, bits, kernel=(1, 1), stride=(1, 1), alu=
               Load(buffer=f"wgt_{c}", tensor="w", region=((0, rows), (0, wt.stored.shape[1])), slot=0,
                    nbytes=wt.stored.size, signal=(f"load->{c}:data",)),
               ins]
-    for name, operand, shift in alu:
+    if alu:  # the ALU (its own unit) starts when the GEMM's accumulators are done
+        ins.signal = (f"{c}->alu:acc",)
+    for k, (name, operand, shift) in enumerate(alu):
         dram.update({f"{name}.m": operand, f"{name}.s": shift})
         stream.append(Alu(core=c, acc_slot=0, alu_op=name, elements=rows * pixels, operand=f"{name}.m",
-                          shift_operand=f"{name}.s", row_axis=1 if op == "dense" else 0))
+                          shift_operand=f"{name}.s", row_axis=1 if op == "dense" else 0,
+                          wait=() if k else (f"{c}->alu:acc",)))
     stream[-1].signal = (f"{c}->store:acc",)
     stream.append(Store(core=c, slot=0, tensor="out", region=out_region, nbytes=4 * rows * pixels,
                         wait=(f"{c}->store:acc",)))

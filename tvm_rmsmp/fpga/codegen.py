@@ -273,6 +273,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
             signal = (f"{core}->load:wgt",)
             if last_reader.get((j, core)) == p:
                 signal += (f"{core}->load:inp",)
+            if k == len(gemms) - 1:  # the tile's accumulators are done: its ALU ops may start
+                signal += (f"{core}->alu:acc",)
             stream.append(gemm_cls(op=g.op, inp_slot=j % 2, wgt_slot=n_wgt[core] % 2, acc_slot=acc_slot, rows=rows,
                                    pixels=pixels, reduction=_reduction(g, ev), reset=(k == 0), bits=g.bits,
                                    kernel=g.kernel, stride=g.stride, out_hw=out_hw, wait=gwait, signal=signal,
@@ -286,7 +288,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
         elements, row_axis = region_size(out_region), 0 if g.op == "conv2d" else 1
         done = (f"{core}->store:acc",)
         stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=elements, operand=g.bias,
-                          row0=row0, row_axis=row_axis, signal=() if g.requant else done, layer=layer))
+                          row0=row0, row_axis=row_axis, wait=(f"{core}->alu:acc",),
+                          signal=() if g.requant else done, layer=layer))
         if g.requant:  # the fixed-point epilogue: rounding shift on chip, 8-bit codes out
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="mul_shift", elements=elements,
                               operand=g.requant["mult"], shift_operand=g.requant["shift"], row0=row0,

@@ -7,7 +7,7 @@ One JSON file per board in ``tvm_rmsmp/fpga/boards/`` (like VTA's ``vta_config.j
                      "lut_array": {"pixels", "reduction"}, "luts_per_sp2_mac", "lut_overhead",
                      "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib",
                      "dram_bytes_per_cycle", "dram_bus", "dma_latency_cycles", "gemm_pipeline_cycles",
-                     "alu_lanes"},
+                     "alu_lanes", "alu_unit"},
      "provenance": {...}}   # optional, not read: where each number comes from
 
 The accelerator has two GEMM cores that share one input buffer:
@@ -117,10 +117,20 @@ class AcceleratorConfig:
     dma_latency_cycles: int = attrs.field(default=64, validator=_non_negative_int)
     gemm_pipeline_cycles: int = attrs.field(default=8, validator=_non_negative_int)
     alu_lanes: int = attrs.field(default=16, validator=_positive_int)
+    #: ``"own"``: each core's ALU (``rtl/requant_alu.v``, its own DSP48s) is a unit with its own
+    #: instruction queue, working on one accumulator half while the GEMM array fills the other
+    #: (the halves are separate BRAM banks); ``"core"``: ALU instructions take turns with the
+    #: core's GEMMs on one queue, as in VTA (the default, so older board files time as they did).
+    alu_unit: str = attrs.field(default="core")
     #: Bytes written back per output: 4 (int32 ``acc + bias``; the host does the float
     #: epilogue, which keeps results bit-exact) is what the compiled model runs. 1 models a
     #: design whose ALU requantizes to 8 bits on chip: a timing what-if only (see docs/fpga.md).
     store_bytes_per_output: int = attrs.field(default=4)
+
+    @alu_unit.validator
+    def _check_alu_unit(self, attribute, value):
+        if value not in ("own", "core"):
+            raise ValueError(f"alu_unit must be 'own' or 'core', got {value!r}")
 
     @dram_bus.validator
     def _check_dram_bus(self, attribute, value):

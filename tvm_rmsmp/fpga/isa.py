@@ -1,9 +1,11 @@
 """The accelerator's instruction set (VTA-style, with two GEMM cores).
 
-Seven in-order queues run at the same time: ``load`` (DMA of input tiles into the shared
+Nine in-order queues run at the same time: ``load`` (DMA of input tiles into the shared
 input buffer), ``load_lut`` / ``load_dsp`` (DMA of each core's weights), ``lut`` and ``dsp``
-(one GEMM core each, plus its ALU), ``store_lut`` / ``store_dsp`` (DMA of each core's results
-back to DRAM). Each core is thus a VTA-like load-compute-store pipeline; the two share the
+(one GEMM core each), ``alu_lut`` / ``alu_dsp`` (each core's ALU, working on one accumulator
+half while the array fills the other; with ``AcceleratorConfig.alu_unit="core"`` the ALU
+instructions run on the core's queue instead, as in VTA), ``store_lut`` / ``store_dsp`` (DMA
+of each core's results back to DRAM). Each core is thus a VTA-like load-compute-store pipeline; the two share the
 input tiles and DRAM, one bus moving ``dram_bytes_per_cycle`` for reads and writes together
 (``dram_bus="shared"``, the boards'; or a read and a write channel of that width each, "split"),
 serving the DMA queues first come, first served. Queues synchronize only through
@@ -28,7 +30,7 @@ import attrs
 __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES", "QUEUES", "ALU_OPS"]
 
 CORES = ("lut", "dsp")
-QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "store_lut", "store_dsp")
+QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "alu_lut", "alu_dsp", "store_lut", "store_dsp")
 ALU_OPS = ("add_bias", "mul_shift", "shift", "relu")
 
 Region = Tuple[Tuple[int, int], ...]
@@ -194,7 +196,7 @@ class Alu(Instruction):
 
     @property
     def queue(self) -> str:
-        return self.core
+        return "alu_" + self.core
 
     def reads(self):
         return ((f"acc_{self.core}", self.acc_slot),)

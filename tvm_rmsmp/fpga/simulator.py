@@ -112,6 +112,13 @@ class Simulator:
             return math.ceil(ins.elements / a.alu_lanes) + 2
         raise TypeError(f"unknown instruction {type(ins).__name__}")
 
+    def queue_of(self, ins: Instruction) -> str:
+        """The queue ``ins`` runs on here: ALU instructions on the core's own queue where the
+        accelerator's ALU is not a unit of its own (``alu_unit="core"``)."""
+        if isinstance(ins, Alu) and self.acc.alu_unit == "core":
+            return ins.core
+        return ins.queue
+
     def peak_macs(self, core: str) -> int:
         return self.acc.macs_per_cycle(core, 4)
 
@@ -120,7 +127,7 @@ class Simulator:
             record: bool = False) -> SimResult:
         queues: Dict[str, List[int]] = {q: [] for q in QUEUES}
         for i, ins in enumerate(stream):
-            queues[ins.queue].append(i)
+            queues[self.queue_of(ins)].append(i)
         head = {q: 0 for q in QUEUES}
         free_at = {q: 0 for q in QUEUES}
         busy = {q: 0 for q in QUEUES}
