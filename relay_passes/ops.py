@@ -39,6 +39,7 @@ __all__ = [
     "token_exponent_func",
     "quantize_per_token_func",
     "token_epilogue_func",
+    "add_requant_func",
     "fixed_product",
     "sp2_product",
     "sp2_nibble_decode_product",
@@ -217,6 +218,43 @@ def token_epilogue_func(shape: Sequence[int], layer: str) -> tirx.PrimFunc:
     y = te.compute((_i64(m), _i64(n)), lambda i, j: y0[i, j] * pow2(e[i]) + bias[j], name="y")
     attrs = {contract.OP: contract.TOKEN_EPILOGUE, contract.LAYER: layer, "op_pattern": OP_PATTERN_BROADCAST}
     return _finish([y0, e, bias, y], attrs)
+
+
+def _f32_const(value: float) -> tvm.ir.Expr:
+    """A float32 constant from its bits: a decimal literal in generated source (OpenCL) may not round-trip."""
+    bits = int(np.array(float(value), np.float32).view(np.uint32))
+    return tirx.reinterpret("float32", tirx.const(bits, "uint32"))
+
+
+def add_requant_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
+    """A residual add in the integer-only mode (:data:`contract.ADD_REQUANT`; ``params`` its
+    :data:`contract.ADD` attribute): ``a``, ``b`` float32 views of codes at ``scale_a`` /
+    ``scale_b``, ``out = float32(clamp((qa * mult_a + qb * mult_b + 2^(shift-1)) >> shift, qmin,
+    qmax)) * out_scale`` with ``q = nearbyint(float64(x) / float64(scale))`` (exact for 8-bit codes)
+    and the sum in int64, ``>>`` the floor division by ``2^shift`` (so any target agrees)."""
+    p = contract.add_params({"params": params})
+    if not 1 <= p["shift"] <= 62:
+        raise ValueError(f"residual add {name!r}: shift {p['shift']} outside [1, 62]")
+    shape = func_shape(shape)
+    a = te.placeholder(tuple(_i64(d) for d in shape), "float32", name="a")
+    b = te.placeholder(tuple(_i64(d) for d in shape), "float32", name="b")
+    f64 = lambda v: tirx.const(float(np.float32(v)), "float64")  # noqa: E731  (an exact float32 value)
+    sa, sb = f64(p["scale_a"]), f64(p["scale_b"])
+    ma, mb = tirx.const(p["mult_a"], "int64"), tirx.const(p["mult_b"], "int64")
+    rnd, div = tirx.const(1 << (p["shift"] - 1), "int64"), tirx.const(1 << p["shift"], "int64")
+    lo, hi = tirx.const(p["qmin"], "int64"), tirx.const(p["qmax"], "int64")
+    out_scale = _f32_const(p["out_scale"])
+
+    def f(*i):
+        qa = tirx.nearbyint(a(*i).astype("float64") / sa).astype("int64")
+        qb = tirx.nearbyint(b(*i).astype("float64") / sb).astype("int64")
+        q = tirx.floordiv(qa * ma + qb * mb + rnd, div)
+        return tirx.max(tirx.min(q, hi), lo).astype("float32") * out_scale
+
+    out = te.compute(tuple(_i64(d) for d in shape), f, name="out")
+    attrs = {contract.OP: contract.ADD_REQUANT, contract.LAYER: name, contract.ADD: dict(p),
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([a, b, out], attrs)
 
 
 def fixed_nibble_product(x: tvm.ir.Expr, nibble: tvm.ir.Expr) -> tvm.ir.Expr:

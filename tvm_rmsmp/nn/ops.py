@@ -48,7 +48,7 @@ import torch
 from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
-           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
@@ -341,3 +341,40 @@ def _(x, weight_int, bias_int, requant_scale, inv_act_scale, qmin, qmax, out_act
       padding, dilation, layer):
     oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)
+
+
+def codes_of(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The integer codes (int64) of a float view ``float32(q) * scale`` of 8-bit codes:
+    ``round(float64(x) / float64(scale))``, exact (the float32 product is within a relative
+    2^-24 of ``q * scale``, far from a rounding tie for ``|q| <= 255``)."""
+    return torch.round(x.to(torch.float64) / float(scale)).to(torch.int64)
+
+
+@torch.library.custom_op("rmsmp::qadd_requant", mutates_args=())
+def qadd_requant(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: float,
+    scale_b: float,
+    mult_a: int,
+    mult_b: int,
+    shift: int,
+    out_act_scale: float,
+    out_qmin: int,
+    out_qmax: int,
+    name: str,
+) -> torch.Tensor:
+    """A residual add in the integer-only mode: ``a`` and ``b`` are float views of codes at
+    ``scale_a`` / ``scale_b`` (outputs of fixed-point layers or adds); the result, the float
+    view of ``clamp((qa * mult_a + qb * mult_b + 2^(shift-1)) >> shift, out_qmin, out_qmax)``
+    times ``out_act_scale`` (float32), see :func:`tvm_rmsmp.quant.requant.requantize_add`."""
+    if a.shape != b.shape:
+        raise ValueError(f"residual add {name!r}: the inputs' shapes differ ({list(a.shape)} and {list(b.shape)})")
+    acc = codes_of(a, scale_a) * mult_a + codes_of(b, scale_b) * mult_b + (1 << (shift - 1))
+    q = (acc >> shift).clamp_(out_qmin, out_qmax)  # arithmetic shift: floor
+    return q.to(torch.float32).mul_(torch.tensor(out_act_scale, dtype=torch.float32, device=a.device))
+
+
+@qadd_requant.register_fake
+def _(a, b, scale_a, scale_b, mult_a, mult_b, shift, out_act_scale, out_qmin, out_qmax, name):
+    return torch.empty_like(a, dtype=torch.float32)
