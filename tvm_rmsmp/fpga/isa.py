@@ -28,7 +28,10 @@ __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES",
 
 CORES = ("lut", "dsp")
 QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "store_lut", "store_dsp")
-ALU_OPS = ("add_bias", "mul_shift", "shift", "relu")
+ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift")
+#: Buffers a LOAD fills: the shared input buffer and, for element-wise programs (:mod:`.eltwise`),
+#: the cores' accumulators (8-bit codes widened to int32), both on the ``load`` queue; the weights.
+LOAD_BUFFERS = ("inp", "acc_lut", "acc_dsp", "wgt_lut", "wgt_dsp")
 
 Region = Tuple[Tuple[int, int], ...]
 
@@ -85,8 +88,11 @@ class Instruction:
 class Load(Instruction):
     """DMA ``region`` of DRAM ``tensor`` into ``buffer`` half ``slot``.
 
-    buffer: "inp" or "wgt_lut"/"wgt_dsp". For weights the region is in stored bytes (two
-    4-bit codes per byte for 4-bit schemes); ``nbytes`` is what crosses the bus.
+    buffer: "inp", "acc_lut"/"acc_dsp" (8-bit codes, one byte each on the bus, widened to the
+    accumulator's int32: the operands of an element-wise ALU op) or "wgt_lut"/"wgt_dsp". For
+    weights the region is in stored bytes (two 4-bit codes per byte for 4-bit schemes);
+    ``nbytes`` is what crosses the bus. Activations (input and accumulator loads) go through the
+    ``load`` queue, weights through each core's own.
     """
 
     buffer: str = attrs.field()
@@ -97,12 +103,12 @@ class Load(Instruction):
 
     @buffer.validator
     def _check_buffer(self, attribute, value):
-        if value not in ("inp", "wgt_lut", "wgt_dsp"):
-            raise ValueError(f"LOAD.buffer must be 'inp', 'wgt_lut' or 'wgt_dsp', got {value!r}")
+        if value not in LOAD_BUFFERS:
+            raise ValueError(f"LOAD.buffer must be one of {LOAD_BUFFERS}, got {value!r}")
 
     @property
     def queue(self) -> str:
-        return "load" if self.buffer == "inp" else "load_" + self.buffer[4:]
+        return "load_" + self.buffer[4:] if self.buffer.startswith("wgt_") else "load"
 
     def writes(self):
         return ((self.buffer, self.slot),)
@@ -175,6 +181,10 @@ class Alu(Instruction):
     (requantization by an integer multiply and a rounding shift); shift: the same with
     ``mult = 1``; relu: ``max(acc, 0)``. ``bias``/``mult``/``shift`` name constant vectors
     (DRAM tensors fetched with the instruction stream) and the first row of the tile.
+
+    madd_shift (a residual add, :mod:`.eltwise`): two accumulator halves of the core,
+    ``acc[acc_slot] = (acc[acc_slot] * ma + acc[src_slot] * mb + 2^(S-1)) >> S`` with the
+    immediates ``imm = (ma, mb, S)`` (16-bit multipliers, a 6-bit shift), element by element.
     """
 
     core: str = attrs.field(validator=_core)
@@ -185,17 +195,30 @@ class Alu(Instruction):
     shift_operand: Optional[str] = attrs.field(default=None)
     row0: int = attrs.field(default=0)
     row_axis: int = attrs.field(default=0)
+    src_slot: Optional[int] = attrs.field(default=None)
+    imm: Tuple[int, ...] = attrs.field(default=(), converter=tuple)
 
     @alu_op.validator
     def _check_op(self, attribute, value):
         if value not in ALU_OPS:
             raise ValueError(f"ALU op must be one of {ALU_OPS}, got {value!r}")
 
+    def __attrs_post_init__(self):
+        if self.alu_op == "madd_shift":
+            ok = (self.src_slot in (0, 1) and self.src_slot != self.acc_slot and len(self.imm) == 3
+                  and all(0 <= int(v) < 2**15 for v in self.imm[:2]) and 0 <= int(self.imm[2]) <= 63)
+            if not ok:
+                raise ValueError(f"ALU madd_shift needs src_slot, the other half than acc_slot, and imm (ma, mb, S) with "
+                                 f"16-bit multipliers and a shift in [0, 63]; got src_slot={self.src_slot!r}, "
+                                 f"imm={self.imm!r}")
+
     @property
     def queue(self) -> str:
         return self.core
 
     def reads(self):
+        if self.alu_op == "madd_shift":
+            return ((f"acc_{self.core}", self.acc_slot), (f"acc_{self.core}", self.src_slot))
         return ((f"acc_{self.core}", self.acc_slot),)
 
     def writes(self):
