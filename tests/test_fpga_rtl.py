@@ -210,3 +210,31 @@ def test_small_synthesis_maps_to_dsp48_and_flip_flops():
     got = synthesize("dsp_mac_array_pack1", {"PIX": 1, "RED": 2})
     assert got["dsps"] == 2 and got["ffs"] == 32 and got["luts"] > 0
     assert "synth_xilinx -family xc7 -noiopad" in got["script"]
+
+
+def test_madd_shift_alu_equals_the_simulator(rtl):
+    """The residual add's one ALU pass (op madd_shift: two accumulator halves of 8-bit codes,
+    immediates ma, mb, S): Verilator, the ISA simulator (LOAD codes into both halves, ALU, STORE
+    with clamp) and Python integers agree, ties and negative codes included."""
+    rng = np.random.default_rng(11)
+    n = 203
+    qa = rng.integers(-127, 128, size=n)
+    qb = rng.integers(0, 256, size=n)
+    qa[:3], qb[:3] = (1, -1, -3), (0, 0, 0)         # with ma = mb = 2^14, S = 15: ties 0.5, -0.5, -1.5
+    for ma, mb, s in ((2**14, 2**14, 15), (int(rng.integers(2**14, 2**15)), int(rng.integers(0, 2**15)), 17)):
+        want_raw = [(int(a) * ma + int(b) * mb + (1 << (s - 1))) // (1 << s) for a, b in zip(qa, qb)]
+        got = rtl.alu("madd_shift", qa, np.full(n, ma + (mb << 16)), np.full(n, s), acc_b=qb)
+        np.testing.assert_array_equal(got, want_raw)
+        cfg = load_board("xc7z020")
+        dram = {"a": qa.astype(np.int16), "b": qb.astype(np.int16), "out": np.zeros(n, np.int8)}
+        region = ((0, n),)
+        stream = [Load(buffer="acc_dsp", tensor="a", region=region, slot=0, nbytes=n),
+                  Load(buffer="acc_dsp", tensor="b", region=region, slot=1, nbytes=n, signal=("load->dsp:acc",)),
+                  Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=n, src_slot=1, imm=(ma, mb, s),
+                      wait=("load->dsp:acc",), signal=("dsp->store_dsp:acc",)),
+                  Store(core="dsp", slot=0, tensor="out", region=region, nbytes=n, clamp=(-127, 127),
+                        wait=("dsp->store_dsp:acc",))]
+        Simulator(cfg).run(stream, dram)
+        np.testing.assert_array_equal(dram["out"], np.clip(want_raw, -127, 127))
+    with pytest.raises(ValueError, match="madd_shift"):
+        Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=4, src_slot=0, imm=(1, 1, 1))
