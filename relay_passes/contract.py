@@ -43,8 +43,9 @@ point folded into the row groups' bias) or, per token, :data:`TOKEN_EXPONENT`,
 constants a row-group op is called with: ``acc + bias`` is an int32 add.
 
 In the integer-only mode a residual add of two code tensors is one op, :data:`OP`
-:data:`ADD_REQUANT` with :data:`ADD` (:func:`verify_add_func`): the FPGA executor runs it on the
-accelerator's ALU, every other target as the PrimFunc it is.
+:data:`ADD_REQUANT` with :data:`ADD` (:func:`verify_add_func`), and a global average pooling of
+codes one :data:`AVGPOOL_REQUANT` with :data:`POOL` (:func:`verify_pool_func`): the FPGA
+executor runs them on the accelerator, every other target as the PrimFuncs they are.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = [
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
     "ZERO_POINT", "ACT_BITS", "REQUANT", "requant_of", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
     "verify_activation_func", "ADD_REQUANT", "ADD", "ADD_PARAMS", "add_params", "verify_add_func",
+    "AVGPOOL_REQUANT", "POOL", "pool_params", "verify_pool_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel", "DENSE_BSR", "SPARSE_OPS", "SPARSE_PARAMS", "SPARSE_BLOCK", "SPARSE_ROW_SCHEMES",
@@ -96,6 +98,9 @@ REQUANT = "rmsmp.requant"
 #: a residual add in the integer-only mode (:data:`OP` :data:`ADD_REQUANT`): ``{"scale_a", "scale_b",
 #: "mult_a", "mult_b", "shift", "qmin", "qmax", "out_scale"}`` (see :func:`verify_add_func`).
 ADD = "rmsmp.add"
+#: a global average pooling in the integer-only mode (:data:`OP` :data:`AVGPOOL_REQUANT`):
+#: ``{"scale_in", "mult", "shift", "qmin", "qmax", "out_scale"}`` (see :func:`verify_pool_func`).
+POOL = "rmsmp.pool"
 
 # ----- values ---------------------------------------------------------------------------------
 OPS = ("dense", "conv2d")
@@ -109,6 +114,9 @@ ACTIVATION_OPS = (QUANTIZE, TOKEN_EXPONENT, QUANTIZE_PER_TOKEN, TOKEN_EPILOGUE)
 ADD_REQUANT = "add_requant"
 #: Its parameters: ``a``, ``b`` and ``out``, float32 of one shape (float views of 8-bit codes).
 ADD_PARAMS = ("a", "b", "out")
+#: :data:`OP` of a global average pooling of codes in the integer-only mode (``rmsmp::qavgpool_requant``):
+#: parameters ``x [N, C, H, W]`` and ``out [N, C, 1, 1]``, float32.
+AVGPOOL_REQUANT = "avgpool_requant"
 #: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
 SP2_LOWERINGS = ("shift", "decode")
 ACC_BLOCK = "acc"
@@ -422,6 +430,42 @@ def verify_add_func(name: str, func: tvm.tirx.PrimFunc) -> None:
         broken("add", f"{ADD} out of range: {p}")
 
 
+def pool_params(func) -> Optional[dict]:
+    """The :data:`POOL` attribute of a global pooling (a PrimFunc, or ``{"params": dict}``) with
+    Python ints and floats, or None."""
+    value = func["params"] if isinstance(func, dict) else attr(func, POOL)
+    if value is None:
+        return None
+    return {**{k: int(value[k]) for k in ("mult", "shift", "qmin", "qmax")},
+            **{k: float(value[k]) for k in ("scale_in", "out_scale")}}
+
+
+def verify_pool_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one global average pooling (rules ``op``, ``layer``, ``params``: ``x`` float32
+    ``[N, C, H, W]``, ``out`` float32 ``[N, C, 1, 1]``; ``pool``: :data:`POOL` with a multiplier in
+    ``[2^14, 2^15)``, a shift in ``[1, 62]``, positive scales and an 8-bit range); raise
+    :class:`ContractError`. It computes ``out = float32(clamp((sum_hw q * mult + 2^(shift-1)) >>
+    shift, qmin, qmax)) * out_scale``, ``q = round(x / scale_in)`` the input's codes."""
+    _, broken = _checked_op(name, func, "average pooling contract", (AVGPOOL_REQUANT,))
+    bufs = list(func.params)
+    analyzer = Analyzer()
+    if len(bufs) != 2 or any(str(b.dtype) != "float32" or len(b.shape) != 4 for b in bufs) or not all(
+            analyzer.can_prove_equal(bufs[0].shape[i], bufs[1].shape[i]) for i in (0, 1)) or not all(
+            analyzer.can_prove_equal(bufs[1].shape[i], 1) for i in (2, 3)):
+        broken("params", f"parameters {[f'{b.dtype}{list(b.shape)}' for b in bufs]}, expected x float32 "
+                         "[N, C, H, W] and out float32 [N, C, 1, 1]")
+    try:
+        p = pool_params(func)
+    except (KeyError, TypeError, ValueError) as err:
+        broken("pool", f"{POOL} is incomplete ({err!r})")
+    if p is None:
+        broken("pool", f"no {POOL} attribute")
+    ok = (2**14 <= p["mult"] < 2**15 and 1 <= p["shift"] <= 62 and min(p["scale_in"], p["out_scale"]) > 0
+          and -128 <= p["qmin"] <= p["qmax"] <= 255 and (p["qmin"] >= 0 or p["qmax"] <= 127))
+    if not ok:
+        broken("pool", f"{POOL} out of range: {p}")
+
+
 def _relax_calls(mod: tvm.IRModule) -> List[tvm.relax.Call]:
     """Every call in the module's Relax functions, collected first: an error raised inside
     TVM's visitor would come out as a RuntimeError."""
@@ -465,6 +509,8 @@ def verify(mod: tvm.IRModule) -> tvm.IRModule:
                 verify_sparse_func(gv.name_hint, func)
             elif str(func.attrs[OP]) == ADD_REQUANT:
                 verify_add_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) == AVGPOOL_REQUANT:
+                verify_pool_func(gv.name_hint, func)
             else:
                 verify_func(gv.name_hint, func)
     _verify_bias_bounds(mod)

@@ -40,6 +40,7 @@ __all__ = [
     "quantize_per_token_func",
     "token_epilogue_func",
     "add_requant_func",
+    "avgpool_requant_func",
     "fixed_product",
     "sp2_product",
     "sp2_nibble_decode_product",
@@ -255,6 +256,37 @@ def add_requant_func(shape: Sequence[int], params: Dict[str, object], name: str)
     attrs = {contract.OP: contract.ADD_REQUANT, contract.LAYER: name, contract.ADD: dict(p),
              "op_pattern": OP_PATTERN_OPAQUE}
     return _finish([a, b, out], attrs)
+
+
+def avgpool_requant_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
+    """Global average pooling in the integer-only mode (:data:`contract.AVGPOOL_REQUANT`; ``params``
+    its :data:`contract.POOL` attribute): ``x [N, C, H, W]`` a float32 view of codes at
+    ``scale_in``, ``out [N, C, 1, 1] = float32(clamp((sum_hw q * mult + 2^(shift-1)) >> shift,
+    qmin, qmax)) * out_scale`` with ``q = nearbyint(float64(x) / float64(scale_in))`` (exact), the
+    sum in int64 (any order: exact) and ``>>`` the floor division."""
+    p = contract.pool_params({"params": params})
+    if not 1 <= p["shift"] <= 62:
+        raise ValueError(f"average pooling {name!r}: shift {p['shift']} outside [1, 62]")
+    n, c, h, w = func_shape(shape)
+    x = te.placeholder((_i64(n), _i64(c), _i64(h), _i64(w)), "float32", name="x")
+    scale = tirx.const(float(np.float32(p["scale_in"])), "float64")
+    ry, rx = te.reduce_axis((_i64(0), _i64(h)), name="ry"), te.reduce_axis((_i64(0), _i64(w)), name="rx")
+    total = te.compute(
+        (_i64(n), _i64(c)),
+        lambda i, j: te.sum(tirx.nearbyint(x[i, j, ry, rx].astype("float64") / scale).astype("int64"), axis=[ry, rx]),
+        name="sum")
+    mult, rnd = tirx.const(p["mult"], "int64"), tirx.const(1 << (p["shift"] - 1), "int64")
+    div = tirx.const(1 << p["shift"], "int64")
+    lo, hi = tirx.const(p["qmin"], "int64"), tirx.const(p["qmax"], "int64")
+    out_scale = _f32_const(p["out_scale"])
+    out = te.compute(
+        (_i64(n), _i64(c), _i64(1), _i64(1)),
+        lambda i, j, a, b: tirx.max(tirx.min(tirx.floordiv(total[i, j] * mult + rnd, div), hi), lo).astype("float32")
+        * out_scale,
+        name="out")
+    attrs = {contract.OP: contract.AVGPOOL_REQUANT, contract.LAYER: name, contract.POOL: dict(p),
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([x, out], attrs)
 
 
 def fixed_nibble_product(x: tvm.ir.Expr, nibble: tvm.ir.Expr) -> tvm.ir.Expr:

@@ -1,6 +1,7 @@
-"""Residual adds in the integer-only mode (RMSMPConfig(requant="fixed_point")): the arithmetic
-against Python fractions and integers, the torch op, a small ResNet-18 (identity and downsample
-shortcuts) whose adds become rmsmp::qadd_requant, and its CPU and FPGA builds bit for bit."""
+"""Residual adds and global average pooling in the integer-only mode (RMSMPConfig(requant=
+"fixed_point")): the arithmetic against Python fractions and integers, the torch ops, a small
+ResNet-18 (identity and downsample shortcuts) whose adds and pooling become rmsmp::qadd_requant /
+rmsmp::qavgpool_requant, and its CPU, OpenCL and FPGA builds bit for bit."""
 
 import math
 import warnings
@@ -74,15 +75,32 @@ def test_qadd_requant_op_on_float_views():
         torch.ops.rmsmp.qadd_requant(a, b[:1], sa, sb, ma, mb, s, so, 0, 255, "blk.add")
 
 
+def test_qavgpool_requant_op_sums_codes_and_rounds_once():
+    from tvm_rmsmp.quant.requant import quantize_multiplier
+
+    rng = np.random.default_rng(3)
+    s_in, s_out = float(np.float32(0.02)), float(np.float32(0.013))
+    qx = rng.integers(0, 256, size=(2, 4, 3, 5))
+    m, s = quantize_multiplier(s_in / (15 * s_out))
+    x = torch.from_numpy(qx.astype(np.float32) * np.float32(s_in))
+    y = torch.ops.rmsmp.qavgpool_requant(x, s_in, m, s, s_out, 0, 255, "pool")
+    sums = qx.sum(axis=(2, 3))
+    want = np.vectorize(lambda v: min(max(math.floor(Fraction(int(v) * m, 2**s) + Fraction(1, 2)), 0), 255))(sums)
+    np.testing.assert_array_equal(y.numpy(), (want.astype(np.float32) * np.float32(s_out))[:, :, None, None])
+    # the codes' real mean, in output steps, within half a step plus the multiplier's error
+    mean = qx.mean(axis=(2, 3)) * s_in / s_out
+    assert np.all(np.abs(want - np.minimum(mean, 255)) <= 0.5 + 2**-14 * mean + 1e-9)
+
+
 @pytest.fixture(scope="module")
 def resnet():
-    """A narrow ResNet-18 on 32x32 inputs: identity and downsample (1x1 conv) shortcuts, ReLU after
+    """A narrow ResNet-18 on 64x64 inputs: identity and downsample (1x1 conv) shortcuts, ReLU after
     every add, global average pooling and the classifier."""
     from tvm_rmsmp.models.resnet import resnet18
 
     torch.manual_seed(0)
     model = resnet18(num_classes=10, width=8, seed=0)
-    calib = torch.randn(4, 3, 32, 32)
+    calib = torch.randn(4, 3, 64, 64)
     cfg = rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest")
     return model, rmsmp.quantize(model, cfg, calib_data=[calib]), calib
 
@@ -118,6 +136,13 @@ def test_quantize_turns_residual_adds_into_integer_adds(resnet):
         qa, qb = (np.round(t.numpy().astype(np.float64) / s).astype(np.int64) for t, s in ((a, r["scale_a"]), (b, r["scale_b"])))
         want = np.vectorize(lambda x, z: _ref_add(int(x), int(z), r["mult_a"], r["mult_b"], r["shift"], 0, 255))(qa, qb)
         np.testing.assert_array_equal(out.numpy(), want.astype(np.float32) * np.float32(r["out_scale"]), err_msg=name)
+    # the global average pooling: integer sums of the last add's codes, at fc's input scale
+    from tvm_rmsmp.nn.residual import rmsmp_pools
+
+    pool = rmsmp_pools(q)["avgpool"]
+    assert pool.sources == (("add", "layer4.1.add"),) and pool.hw == 4
+    assert pool.requant["scale_in"] == adds["layer4.1.add"].requant["out_scale"]
+    assert pool.requant["out_scale"] == float(np.float32(layers["fc"].act.scale))
     # and the model still classifies like the float one
     with torch.no_grad():
         f = model(calib)
@@ -137,23 +162,30 @@ def test_import_emits_add_ops_under_the_contract(resnet):
     assert sorted(adds) == sorted(f"layer{i}.{j}.add" for i in range(1, 5) for j in range(2))
     func = adds["layer2.0.add"]
     assert [str(p.dtype) for p in func.params] == ["float32"] * 3
-    assert [int(d) for d in func.params[0].shape] == [1, 16, 4, 4]
+    assert [int(d) for d in func.params[0].shape] == [1, 16, 8, 8]
     contract.verify(mod)
     bad = func.with_attr(contract.ADD, {**contract.add_params(func), "shift": 0})
     with pytest.raises(contract.ContractError, match="rule 'add'"):
         contract.verify_add_func("rmsmp_add_bad", bad)
+    pools = [f for _, f in mod.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and contract.rmsmp_attr(f, contract.OP) == contract.AVGPOOL_REQUANT]
+    assert len(pools) == 1 and str(pools[0].attrs[contract.LAYER]) == "avgpool"
+    assert [[int(d) for d in p.shape] for p in pools[0].params] == [[1, 64, 2, 2], [1, 64, 1, 1]]
+    bad = pools[0].with_attr(contract.POOL, {**contract.pool_params(pools[0]), "mult": 3})
+    with pytest.raises(contract.ContractError, match="rule 'pool'"):
+        contract.verify_pool_func("rmsmp_avgpool_bad", bad)
 
 
 def test_cpu_build_is_bit_exact(resnet):
     _, q, _ = resnet
     torch.manual_seed(5)
-    exe = rmsmp.compile(q, (torch.randn(1, 3, 32, 32),), target="llvm")
-    for x in (torch.randn(1, 3, 32, 32), 8 * torch.randn(1, 3, 32, 32)):  # the second saturates codes
+    exe = rmsmp.compile(q, (torch.randn(1, 3, 64, 64),), target="llvm")
+    for x in (torch.randn(1, 3, 64, 64), 8 * torch.randn(1, 3, 64, 64)):  # the second saturates codes
         np.testing.assert_array_equal(np.asarray(exe(x)), q(x).detach().numpy())
 
 
 class _Block(torch.nn.Module):
-    """One downsampling residual block, its add the output (a calibrated output scale)."""
+    """One downsampling residual block and a global average pooling (both calibrated output scales)."""
 
     def __init__(self):
         super().__init__()
@@ -162,24 +194,26 @@ class _Block(torch.nn.Module):
         self.c2 = torch.nn.Conv2d(8, 8, 3, 1, 1)
 
     def forward(self, x):
-        return torch.relu(self.c2(torch.relu(self.c1(x))) + self.c0(x))
+        y = torch.relu(self.c2(torch.relu(self.c1(x))) + self.c0(x))
+        return torch.nn.functional.adaptive_avg_pool2d(y, 1)
 
 
 def test_opencl_build_is_bit_exact():
-    """OpenCL (PoCL): the add op through the GPU pipeline, bit for bit (a small block: the
-    layers' fixed-point epilogue on OpenCL is tests/test_requant.py's)."""
+    """OpenCL (PoCL): the add and pooling ops through the GPU pipeline, bit for bit (a small
+    block: the layers' fixed-point epilogue on OpenCL is tests/test_requant.py's)."""
     from conftest import opencl_status
 
     usable, why = opencl_status()
     if not usable:
         pytest.skip(why)
-    from tvm_rmsmp.nn.residual import rmsmp_adds
+    from tvm_rmsmp.nn.residual import rmsmp_adds, rmsmp_pools
 
     torch.manual_seed(6)
     x = torch.randn(2, 3, 8, 8)
     cfg = rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest")
     q = rmsmp.quantize(_Block().eval(), cfg, calib_data=[x])
     assert list(rmsmp_adds(q)) == ["add"] and rmsmp_adds(q)["add"].requant is not None  # in the model's own forward
+    assert list(rmsmp_pools(q)) == ["avgpool"] and rmsmp_pools(q)["avgpool"].requant is not None
     exe = rmsmp.compile(q, (x,), target="mali")
     for xs in (x, 8 * torch.randn(2, 3, 8, 8)):
         np.testing.assert_array_equal(exe(xs), q(xs).detach().numpy())
@@ -194,8 +228,8 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
     torch.manual_seed(7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer falls back to the host
-        exe = rmsmp.compile(q, (torch.randn(1, 3, 32, 32),), target="fpga:xc7z020")
-    for x in (torch.randn(1, 3, 32, 32), 8 * torch.randn(1, 3, 32, 32)):
+        exe = rmsmp.compile(q, (torch.randn(1, 3, 64, 64),), target="fpga:xc7z020")
+    for x in (torch.randn(1, 3, 64, 64), 8 * torch.randn(1, 3, 64, 64)):
         np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
     adds = rmsmp_adds(q)
     progs = [p for p in exe.programs if isinstance(p, EltwiseProgram)]
@@ -208,8 +242,16 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
         stores = [i for i in p.stream if isinstance(i, Store)]
         assert sum(i.nbytes for i in loads) == 2 * p.elements and sum(i.nbytes for i in stores) == p.elements
         assert all(i.clamp == (0, 255) for i in stores)
+    from tvm_rmsmp.fpga.eltwise import PoolProgram
+    from tvm_rmsmp.fpga.isa import GemmDSP
+
+    (pool,) = [p for p in exe.programs if isinstance(p, PoolProgram)]
+    gemms = [i for i in pool.stream if isinstance(i, GemmDSP)]
+    assert pool.layer == "avgpool" and gemms and all(g.rows == 1 and g.reduction == pool.k for g in gemms)
+    assert sum(g.pixels for g in gemms) == pool.rows
     prof = exe.profile()
     steps = {e["layer"]: e for e in prof["layers"]}
+    assert steps["avgpool"]["schemes"] == ["avgpool"] and steps["avgpool"]["cycles"] > 0
     for name in adds:
         assert steps[name]["cycles"] > 0 and steps[name]["schemes"] == ["add"] and steps[name]["macs"]["dsp"] == 0
     assert prof["cycles"] == sum(e["cycles"] for e in prof["layers"])

@@ -21,10 +21,10 @@ from tvm import relax
 from relay_passes import ops
 
 from ..nn.layers import _RMSMPLayer, rmsmp_layers
-from ..nn.residual import RMSMPAdd, rmsmp_adds
+from ..nn.residual import RMSMPAdd, RMSMPAvgPool, rmsmp_adds, rmsmp_pools
 from relay_passes import contract
 
-__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add",
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add", "emit_global_pool",
            "index_bounds"]
 
 
@@ -120,10 +120,19 @@ def emit_residual_add(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, add:
     shape = [ops.dim(d) for d in a.ty.shape]
     other = [ops.dim(d) for d in b.ty.shape]
     if shape != other:
-        raise ValueError(f"residual add {add.add_name!r}: the inputs' shapes differ ({shape} and {other})")
-    func = ops.add_requant_func(shape, add.requant, add.add_name)
-    gv = bb.add_func(func, f"rmsmp_add_{contract.symbol_name(add.add_name)}")
+        raise ValueError(f"residual add {add.op_name!r}: the inputs' shapes differ ({shape} and {other})")
+    func = ops.add_requant_func(shape, add.requant, add.op_name)
+    gv = bb.add_func(func, f"rmsmp_add_{contract.symbol_name(add.op_name)}")
     return bb.emit(relax.call_tir(gv, [a, b], relax.TensorType(shape, "float32")))
+
+
+def emit_global_pool(bb: relax.BlockBuilder, x: relax.Expr, pool: RMSMPAvgPool) -> relax.Var:
+    """An integer global average pooling (``rmsmp::qavgpool_requant``) as one
+    :data:`contract.AVGPOOL_REQUANT` op."""
+    shape = [ops.dim(d) for d in x.ty.shape]
+    func = ops.avgpool_requant_func(shape, pool.requant, pool.op_name)
+    gv = bb.add_func(func, f"rmsmp_avgpool_{contract.symbol_name(pool.op_name)}")
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(shape[:2] + [1, 1], "float32")))
 
 
 def _check_static_shape(x: relax.Expr, layer: str):
@@ -174,6 +183,13 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
 
     layers = rmsmp_layers(model)
     adds = rmsmp_adds(model)
+    pools = rmsmp_pools(model)
+
+    def pool_converter(node, importer) -> relax.Var:
+        name = node.args[-1]
+        if name not in pools or pools[name].requant is None:
+            raise ValueError(f"exported graph names an integer average pooling {name!r} the model does not have")
+        return emit_global_pool(importer.block_builder, importer.env[node.args[0]], pools[name])
 
     def add_converter(node, importer) -> relax.Var:
         name = node.args[-1]
@@ -202,6 +218,7 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
         custom = {f"{op}.default": converter for op in ("qlinear", "qlinear_asym", "qlinear_per_token", "qconv2d",
                                                          "qlinear_requant", "qconv2d_requant")}
         custom["qadd_requant.default"] = add_converter
+        custom["qavgpool_requant.default"] = pool_converter
         try:
             mod = from_exported_program(ep, custom_convert_map=custom)
         except AssertionError as err:

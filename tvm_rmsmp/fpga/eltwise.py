@@ -1,4 +1,5 @@
-"""Element-wise programs on the accelerator: the residual add of the integer-only mode.
+"""Programs on the accelerator besides the layers: the residual add and the global average
+pooling of the integer-only mode.
 
 A residual add (:data:`relay_passes.contract.ADD_REQUANT`) reads two 8-bit code tensors and
 writes one: ``out = clamp((qa * ma + qb * mb + 2^(S-1)) >> S, qmin, qmax)``
@@ -17,6 +18,12 @@ one's loads)::
 The ReLU after the add is the store's clamp (``qmin = 0``). The codes move one byte each way;
 the ALU does ``alu_lanes`` codes a cycle, so the program is bound by the DRAM read channel
 (two bytes per output code).
+
+A global average pooling (:data:`relay_passes.contract.AVGPOOL_REQUANT`) is a dense GEMM on
+the DSP core with one row of ones as weights: the codes ``[N C, H W]`` stream through the
+input buffer in tiles of rows, ``acc[m] = sum_k x[m, k] * 1`` sums each channel's codes, ``ALU
+mul_shift`` scales the sums by the pooling's multiplier and shift, and the store clamps them
+to the output codes (the classifier's input): no new hardware (:func:`pool_stream`).
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ from typing import Dict, List, Optional, Tuple
 import attrs
 import numpy as np
 
-from .isa import Alu, Load, Store, stream_summary
-from .simulator import Simulator
+from .isa import Alu, GemmDSP, Load, Store, stream_summary
+from .simulator import Simulator, WeightTensor
 
-__all__ = ["EltwiseProgram", "add_stream"]
+__all__ = ["EltwiseProgram", "PoolProgram", "add_stream", "pool_stream", "pool_fits"]
 
 
 #: Smallest tile tried (codes): below it the DMA set-up latency dominates.
@@ -115,3 +122,90 @@ def program_of(name: str, params: Optional[Dict[str, object]], shape, inputs, ou
     shape = tuple(int(d) for d in shape)
     return EltwiseProgram(layer=name, stream=add_stream(name, int(np.prod(shape)), params, accel), inputs=tuple(inputs),
                           out_var=out_var, params=dict(params), shape=shape)
+
+
+def pool_fits(rows: int, k: int, accel) -> Optional[str]:
+    """None if a pooling of ``rows`` channels of ``k`` codes fits the buffers, else why not."""
+    if k > accel.inp_slot_bytes or k > accel.wgt_slot_bytes:
+        return (f"{k} codes per channel exceed an input ({accel.inp_slot_bytes} B) or weight "
+                f"({accel.wgt_slot_bytes} B) buffer half")
+    return None
+
+
+def pool_stream(name: str, rows: int, k: int, params: Dict[str, object], accel) -> list:
+    """The instruction stream of a global average pooling of ``rows`` (``N C``) channels of ``k``
+    (``H W``) codes: DRAM tensors ``<name>.x`` ``[rows, k]``, ``<name>.w`` (one row of ``k`` ones),
+    ``<name>.mult`` / ``<name>.shift`` (``[1]``) and ``<name>.out`` ``[rows, 1]``."""
+    why = pool_fits(rows, k, accel)
+    if why is not None:
+        raise ValueError(f"average pooling {name!r}: {why}")
+    tile = max(1, min(rows, accel.inp_slot_bytes // k, accel.acc_slot_bytes // 4))
+    starts = list(range(0, rows, tile))
+    clamp = (int(params["qmin"]), int(params["qmax"]))
+    stream: list = [Load(buffer="wgt_dsp", tensor=f"{name}.w", region=((0, 1), (0, k)), slot=0, nbytes=k,
+                         signal=("load->dsp:data",), layer=name)]
+    for i, m0 in enumerate(starts):
+        mn, slot = min(tile, rows - m0), i % 2
+        more = i + 2 < len(starts)
+        stream.append(Load(buffer="inp", tensor=f"{name}.x", region=((m0, mn), (0, k)), slot=slot, nbytes=mn * k,
+                           wait=("dsp->load:inp",) if i >= 2 else (), signal=("load->dsp:inp",), layer=name))
+        wait = ("load->dsp:inp",) + (("load->dsp:data",) if i == 0 else ()) + (("store->dsp:acc",) if i >= 2 else ())
+        # the last GEMMs leave "weight half free" tokens, as a layer's do (codegen.chain_streams)
+        signal = (("dsp->load:inp",) if more else ()) + (("dsp->load:wgt",) if i >= len(starts) - 2 else ())
+        stream.append(GemmDSP(op="dense", inp_slot=slot, wgt_slot=0, acc_slot=slot, rows=1, pixels=mn, reduction=k,
+                              reset=True, bits=8, wait=wait, signal=signal, layer=name))
+        stream.append(Alu(core="dsp", acc_slot=slot, alu_op="mul_shift", elements=mn, operand=f"{name}.mult",
+                          shift_operand=f"{name}.shift", row_axis=1, signal=("dsp->store:acc",), layer=name))
+        stream.append(Store(core="dsp", slot=slot, tensor=f"{name}.out", region=((m0, mn), (0, 1)), nbytes=mn,
+                            clamp=clamp, wait=("dsp->store:acc",), signal=("store->dsp:acc",) if more else (),
+                            layer=name))
+    return stream
+
+
+@attrs.define
+class PoolProgram:
+    """A global average pooling on the accelerator (its step in ``profile``: ``layer``)."""
+
+    layer: str
+    stream: list
+    x_ref: object
+    out_var: object
+    params: Dict[str, object]
+    shape: tuple  # the input's [N, C, H, W]
+    schemes: List[str] = attrs.field(factory=lambda: ["avgpool"])
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.shape[2] * self.shape[3]
+
+    def stream_for(self, accel) -> list:
+        return pool_stream(self.layer, self.rows, self.k, self.params, accel)
+
+    def dram(self, env) -> Dict[str, object]:
+        p = self.params
+        x = np.asarray(env[self.x_ref], np.float64)
+        ones = np.ones((1, self.k), np.int8)
+        return {f"{self.layer}.x": np.round(x / np.float64(np.float32(p["scale_in"]))).astype(np.int16).reshape(
+                    self.rows, self.k),
+                f"{self.layer}.w": WeightTensor(stored=ones, levels=ones.astype(np.int64), codes_per_byte=1),
+                f"{self.layer}.mult": np.array([p["mult"]], np.int64),
+                f"{self.layer}.shift": np.array([p["shift"]], np.int64),
+                f"{self.layer}.out": np.zeros((self.rows, 1), np.int8 if int(p["qmin"]) < 0 else np.uint8)}
+
+    def result(self, dram) -> np.ndarray:
+        codes = dram[f"{self.layer}.out"].reshape(self.shape[0], self.shape[1], 1, 1)
+        return codes.astype(np.float32) * np.float32(self.params["out_scale"])
+
+    def summary(self) -> Dict[str, int]:
+        return stream_summary(self.stream)
+
+
+def pool_program_of(name: str, params, shape, x_ref, out_var, accel) -> PoolProgram:
+    """The :class:`PoolProgram` of one pooling call (raises ValueError when it does not fit)."""
+    shape = tuple(int(d) for d in shape)
+    stream = pool_stream(name, shape[0] * shape[1], shape[2] * shape[3], params, accel)
+    return PoolProgram(layer=name, stream=stream, x_ref=x_ref, out_var=out_var, params=dict(params), shape=shape)

@@ -18,8 +18,10 @@ the bias the accelerator adds), and per token the exponent, the quantizer and th
 
 In the integer-only mode (``RMSMPConfig(requant="fixed_point")``) the layers store 8-bit codes
 and each residual add (a :data:`relay_passes.contract.ADD_REQUANT` call) runs on the ALUs too,
-as an :class:`~tvm_rmsmp.fpga.eltwise.EltwiseProgram` (``exe.programs`` lists layers and adds in
-order; ``exe.layers`` the layers). The executor keeps every tensor as the graph has it, a
+as an :class:`~tvm_rmsmp.fpga.eltwise.EltwiseProgram`, and each global average pooling
+(:data:`~relay_passes.contract.AVGPOOL_REQUANT`) on the DSP core as a
+:class:`~tvm_rmsmp.fpga.eltwise.PoolProgram` (``exe.programs`` lists layers, adds and poolings
+in order; ``exe.layers`` the layers). The executor keeps every tensor as the graph has it, a
 float view of the codes, and hands the simulator the codes (``round(x / scale)``, exact).
 """
 
@@ -36,7 +38,7 @@ from tvm import relax
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
-from .eltwise import EltwiseProgram, program_of
+from .eltwise import EltwiseProgram, PoolProgram, pool_program_of, program_of
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 from .sparse import sparsify_stream
@@ -168,6 +170,20 @@ class FPGACompiledModel:
                     self.programs.append(prog)
                     self.steps.append(("fpga", prog))
                     continue
+                if contract.rmsmp_attr(func, contract.OP) == contract.AVGPOOL_REQUANT:  # DSP GEMM of ones + ALU
+                    x = value.args[1].fields[0]
+                    x_shape, _ = shape_dtype(x.ty)
+                    try:
+                        prog = pool_program_of(str(func.attrs[contract.LAYER]), contract.pool_params(func), x_shape,
+                                               ref(x), var, self.config.accelerator)
+                    except ValueError as err:
+                        msg = f"{err}: it runs on the host CPU"
+                        warnings.warn(msg, FPGAFallbackWarning, stacklevel=4)
+                        self.fallbacks.append(msg)
+                    else:
+                        self.programs.append(prog)
+                        self.steps.append(("fpga", prog))
+                        continue
                 if _is_row_group(func):
                     _, reason = plan_tiles(func, self.config.accelerator)
                     reason = reason or "not scheduled for the accelerator"
@@ -255,7 +271,7 @@ class FPGACompiledModel:
                 result = tvm.runtime.tensor(np.empty(shape, dtype), dev)
                 exe["main"](*tensors, result)
                 env[out] = result.numpy()
-            elif isinstance(step[1], EltwiseProgram):
+            elif isinstance(step[1], (EltwiseProgram, PoolProgram)):
                 prog = step[1]
                 dram = prog.dram(env)
                 self.simulator.run(prog.stream, dram)
@@ -286,8 +302,9 @@ class FPGACompiledModel:
     def profile(self, accelerator: Optional[AcceleratorConfig] = None, prefetch: bool = False) -> Dict[str, object]:
         """Modelled cycles of the accelerator layers (host ops are not counted): per layer the
         cycles, busy cycles per unit, MACs per core; totals, latency and utilization. The
-        residual adds of the integer-only mode (:mod:`.eltwise`) are steps of their own, named
-        after the add (e.g. ``layer1.0.add``, ``schemes`` ``["add"]``, no MACs).
+        residual adds and global poolings of the integer-only mode (:mod:`.eltwise`) are steps
+        of their own, named after the op (e.g. ``layer1.0.add``, ``schemes`` ``["add"]``, no MACs;
+        ``avgpool``, ``["avgpool"]``, its sums counted as DSP MACs).
 
         accelerator: another configuration of the same board's accelerator with the same
         buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
@@ -308,7 +325,7 @@ class FPGACompiledModel:
             """The layer's stream for ``accelerator`` (pruned row groups kept sparse), or as compiled."""
             if accelerator is None:
                 return prog.stream
-            if isinstance(prog, EltwiseProgram):
+            if isinstance(prog, (EltwiseProgram, PoolProgram)):
                 return prog.stream_for(acc)
             stream = layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
             if prog.sparse:

@@ -31,7 +31,9 @@ from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
-from .residual import RMSMPAdd, insert_adds, rmsmp_adds
+from .residual import RMSMPAdd, RMSMPAvgPool, insert_adds, rmsmp_int_ops
+
+_INT_OPS = (RMSMPAdd, RMSMPAvgPool)
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning",
            "fake_quant_per_token", "attach_requant", "requant_model"]
@@ -515,7 +517,7 @@ _PASS_METHODS = {"relu", "flatten", "view", "reshape"}
 
 class _LayerTracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, (_RMSMPLayer, RMSMPAdd)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_RMSMPLayer,) + _INT_OPS) or super().is_leaf_module(m, qualname)
 
 
 def _is_op(node, model: nn.Module, modules, functions, methods) -> bool:
@@ -540,15 +542,16 @@ def _trace(model: nn.Module) -> Optional[torch.fx.Graph]:
 
 def _requant_plan(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> Dict[str, Tuple[bool, List[str]]]:
     """``{layer or residual add: (a ReLU follows, the layers its output reaches through pass-through
-    ops only (empty if it also reaches anything else but residual adds, which take codes at any
-    scale))}`` from an fx trace; ``{}`` if it cannot be traced."""
+    ops only (empty if it also reaches anything else but residual adds and global poolings of
+    the integer-only mode, which take codes at any scale))}`` from an fx trace; ``{}`` if it
+    cannot be traced."""
     graph = graph if graph is not None else _trace(model)
     if graph is None:
         return {}
     plan = {}
     for node in graph.nodes:
         mod = model.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(mod, (_RMSMPLayer, RMSMPAdd)):
+        if not isinstance(mod, (_RMSMPLayer,) + _INT_OPS):
             continue
         users = list(node.users)
         relu = len(users) == 1 and _is_op(users[0], model, (nn.ReLU,), {F.relu, torch.relu}, {"relu"})
@@ -559,14 +562,14 @@ def _requant_plan(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> D
                 user = model.get_submodule(u.target) if u.op == "call_module" else None
                 if isinstance(user, _RMSMPLayer):
                     consumers.append(user.layer_name)
-                elif isinstance(user, RMSMPAdd):
+                elif isinstance(user, _INT_OPS):  # a residual add or pooling takes codes at any scale
                     pass
                 elif _is_op(u, model, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS):
                     nxt.extend(u.users)
                 else:
                     ok = False
             frontier = nxt
-        plan[mod.layer_name if isinstance(mod, _RMSMPLayer) else mod.add_name] = (relu, consumers if ok else [])
+        plan[mod.layer_name if isinstance(mod, _RMSMPLayer) else mod.op_name] = (relu, consumers if ok else [])
     return plan
 
 
@@ -587,48 +590,51 @@ def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int,
     (through ReLU / max-pooling / flatten; residual adds take any codes) and they all quantize
     alike ("chained"), else one calibrated on its outputs over ``batches`` (after the ReLU that
     follows it, if one does: unsigned codes, the ReLU folded into the clamp). The residual adds
-    of ``model`` (:class:`~tvm_rmsmp.nn.residual.RMSMPAdd`, put in by :func:`requant_model`) then
-    become integer adds the same way, in graph order, where both inputs are codes at known scales
-    and of one shape ("integer add"; else "float add"). ``plan``: :func:`_requant_plan` of the
+    and global poolings of ``model`` (:class:`~tvm_rmsmp.nn.residual.RMSMPAdd`,
+    :class:`~tvm_rmsmp.nn.residual.RMSMPAvgPool`, put in by :func:`requant_model`) then become
+    integer ops the same way, in graph order, where their inputs are codes at known scales (of
+    one shape, for an add) ("integer add, chained", ...; else "float add" / "float average pooling"). ``plan``: :func:`_requant_plan` of the
     model, if already made. Returns ``{layer or add: how}``."""
     layers = rmsmp_layers(model)
-    adds = rmsmp_adds(model)
+    int_ops = rmsmp_int_ops(model)
     plan = _requant_plan(model) if plan is None else plan
     stats = {n: _InputStats(channel_axis=1, batches=len(batches)) for n in layers}
-    for a in adds.values():
-        a.set_requant(None, None, None)
-        a.recording, a.shapes_differ = [], False
+    for op in int_ops.values():
+        op.set_requant(*(None,) * (3 if isinstance(op, RMSMPAdd) else 2))
+        op.recording, op.shapes_differ = [], False
     try:
         forward_with_hooks(model, batches, [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,)))
                                             for n, m in layers.items()])
     finally:
-        samples = {n: np.concatenate(a.recording) if a.recording else np.zeros(1, np.float32) for n, a in adds.items()}
-        for a in adds.values():
-            a.recording = None
+        samples = {n: np.concatenate(op.recording) if op.recording else np.zeros(1, np.float32)
+                   for n, op in int_ops.items()}
+        for op in int_ops.values():
+            op.recording = None
     how = {}
     for name, layer in layers.items():
         samples_l = np.concatenate(stats[name].samples) if stats[name].samples else np.zeros(1, np.float32)
         out_act, how[name] = _output_act(layers, plan, name, samples_l, bits)
         layer.set_requant(out_act)
-    for name, add in adds.items():
-        scales = [layers[src].out_act_scale if kind == "layer" else adds[src].out_act_scale
-                  for kind, src in add.sources]
-        if None in scales or add.shapes_differ:
-            how[name] = "float add"
+    kind = {RMSMPAdd: "add", RMSMPAvgPool: "average pooling"}
+    for name, op in int_ops.items():  # graph order: an op's sources are set before it
+        scales = [layers[src].out_act_scale if k == "layer" else int_ops[src].out_act_scale for k, src in op.sources]
+        if None in scales or op.shapes_differ or (isinstance(op, RMSMPAvgPool) and not op.hw):
+            how[name] = f"float {kind[type(op)]}"
             continue
         out_act, chosen = _output_act(layers, plan, name, samples[name], bits)
-        add.set_requant(scales[0], scales[1], out_act)
-        how[name] = f"integer add, {chosen}"
+        op.set_requant(*scales, out_act)
+        how[name] = f"integer {kind[type(op)]}, {chosen}"
     return how
 
 
 def requant_model(model: nn.Module, batches: List[ModelInputs], bits: int) -> Tuple[nn.Module, Dict[str, str]]:
     """``(model, how)``: what ``quantize`` does with ``RMSMPConfig(requant="fixed_point")``. Every
     add of two code tensors (outputs of RMSMP layers through ReLU / max-pooling / flatten, or of
-    another such add) becomes an :class:`~tvm_rmsmp.nn.residual.RMSMPAdd`, so ``model`` is then a
-    ``torch.fx.GraphModule`` of the same class name, holding the same layer modules at the same
-    paths, the adds under ``rmsmp_adds``; a model without such adds (or that fx cannot trace) is
-    returned as it is. Then :func:`attach_requant`."""
+    another such add or pooling) becomes an :class:`~tvm_rmsmp.nn.residual.RMSMPAdd`, and every
+    global average pooling of one an :class:`~tvm_rmsmp.nn.residual.RMSMPAvgPool`, so ``model`` is
+    then a ``torch.fx.GraphModule`` of the same class name, holding the same layer modules at the
+    same paths, those ops under ``rmsmp_ops``; a model without such ops (or that fx cannot trace)
+    is returned as it is. Then :func:`attach_requant`."""
     graph = _trace(model)
     if graph is None:
         return model, attach_requant(model, batches, bits, plan={})

@@ -48,7 +48,7 @@ import torch
 from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
-           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant", "qavgpool_requant", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
@@ -378,3 +378,30 @@ def qadd_requant(
 @qadd_requant.register_fake
 def _(a, b, scale_a, scale_b, mult_a, mult_b, shift, out_act_scale, out_qmin, out_qmax, name):
     return torch.empty_like(a, dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qavgpool_requant", mutates_args=())
+def qavgpool_requant(
+    x: torch.Tensor,
+    scale_in: float,
+    mult: int,
+    shift: int,
+    out_act_scale: float,
+    out_qmin: int,
+    out_qmax: int,
+    name: str,
+) -> torch.Tensor:
+    """Global average pooling in the integer-only mode: ``x [N, C, H, W]`` a float view of codes
+    at ``scale_in``; the result ``[N, C, 1, 1]`` the float view of
+    ``clamp((sum_hw q * mult + 2^(shift-1)) >> shift, out_qmin, out_qmax)`` times ``out_act_scale``
+    (``mult * 2^-shift ~= scale_in / (H W out_act_scale)``; tvm_rmsmp.quant.requant.requantize)."""
+    if x.dim() != 4:
+        raise ValueError(f"average pooling {name!r}: expects an NCHW input, got shape {list(x.shape)}")
+    total = codes_of(x, scale_in).sum(dim=(2, 3), keepdim=True)
+    q = ((total * mult + (1 << (shift - 1))) >> shift).clamp_(out_qmin, out_qmax)
+    return q.to(torch.float32).mul_(torch.tensor(out_act_scale, dtype=torch.float32, device=x.device))
+
+
+@qavgpool_requant.register_fake
+def _(x, scale_in, mult, shift, out_act_scale, out_qmin, out_qmax, name):
+    return x.new_empty((x.shape[0], x.shape[1], 1, 1), dtype=torch.float32)
