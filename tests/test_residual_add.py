@@ -258,3 +258,43 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
     # chained with the layers (weight prefetch): the simulator checks every buffer access
     chained = exe.profile(prefetch=True)
     assert [e["layer"] for e in chained["layers"]] == [p.layer for p in exe.programs]
+
+
+class _Broadcast(torch.nn.Module):
+    """An add of a code map and its pooled codes (shapes differ: it stays a float add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, 1, 1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.c2(y) + torch.nn.functional.adaptive_avg_pool2d(y, 1)
+
+
+class _Branchy(_Block):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        return y + self.c0(x) if float(x.sum()) > 0 else y
+
+
+def test_adds_that_cannot_be_integer_stay_float():
+    from tvm_rmsmp.nn.inputs import collect_batches
+    from tvm_rmsmp.nn.layers import requant_model
+    from tvm_rmsmp.nn.residual import rmsmp_adds, rmsmp_pools
+
+    torch.manual_seed(8)
+    x = torch.randn(2, 3, 6, 6)
+    cfg = rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest")
+    q = rmsmp.quantize(_Broadcast().eval(), cfg, calib_data=[x])
+    assert rmsmp_adds(q)["add"].requant is None and rmsmp_pools(q)["avgpool"].requant is not None
+    _, how = requant_model(q, collect_batches([x], q, None), 8)
+    assert how["add"] == "float add" and how["avgpool"].startswith("integer average pooling")
+    exe = rmsmp.compile(q, (x,), target="llvm")
+    np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+    with pytest.warns(rmsmp.RMSMPWarning, match="could not trace"):
+        qb = rmsmp.quantize(_Branchy().eval(), cfg, calib_data=[x.abs()])
+    assert not rmsmp_adds(qb) and qb(x.abs()).shape == (2, 8, 3, 3)

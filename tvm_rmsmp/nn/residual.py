@@ -238,9 +238,11 @@ def insert_adds(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable[[o
     if not found:
         return None
     container = nn.Module()
-    for node, srcs, args in found:
+    for node, srcs, _ in found:
         kind, name = made[node]
         container.add_module(node.name, RMSMPAdd(name, srcs) if kind == "add" else RMSMPAvgPool(name, srcs))
+        # the node's arguments now (an earlier replacement may have rewritten them)
+        args = tuple(node.args) if kind == "add" else (node.args[0],)
         with graph.inserting_after(node):
             new = graph.call_module(f"rmsmp_ops.{node.name}", args)
         node.replace_all_uses_with(new)
