@@ -36,7 +36,7 @@ import numpy as np
 from .isa import Alu, GemmDSP, Load, Store, stream_summary
 from .simulator import Simulator, WeightTensor
 
-__all__ = ["EltwiseProgram", "PoolProgram", "add_stream", "pool_stream", "pool_fits"]
+__all__ = ["EltwiseProgram", "PoolProgram", "add_stream", "pool_stream", "pool_fits", "add_program_of", "pool_program_of"]
 
 
 #: Smallest tile tried (codes): below it the DMA set-up latency dominates.
@@ -117,7 +117,7 @@ class EltwiseProgram:
         return stream_summary(self.stream)
 
 
-def program_of(name: str, params: Optional[Dict[str, object]], shape, inputs, out_var, accel) -> EltwiseProgram:
+def add_program_of(name: str, params: Optional[Dict[str, object]], shape, inputs, out_var, accel) -> EltwiseProgram:
     """The :class:`EltwiseProgram` of one residual add call."""
     shape = tuple(int(d) for d in shape)
     return EltwiseProgram(layer=name, stream=add_stream(name, int(np.prod(shape)), params, accel), inputs=tuple(inputs),

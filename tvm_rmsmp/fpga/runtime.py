@@ -38,7 +38,7 @@ from tvm import relax
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
-from .eltwise import EltwiseProgram, PoolProgram, pool_program_of, program_of
+from .eltwise import EltwiseProgram, PoolProgram, add_program_of, pool_program_of
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 from .sparse import sparsify_stream
@@ -165,7 +165,7 @@ class FPGACompiledModel:
                     continue
                 if contract.rmsmp_attr(func, contract.OP) == contract.ADD_REQUANT:  # a residual add: the ALU
                     shape, _ = shape_dtype(value.ty_args[0] if value.ty_args else var.ty)
-                    prog = program_of(str(func.attrs[contract.LAYER]), contract.add_params(func), shape,
+                    prog = add_program_of(str(func.attrs[contract.LAYER]), contract.add_params(func), shape,
                                       [ref(a) for a in value.args[1].fields], var, self.config.accelerator)
                     self.programs.append(prog)
                     self.steps.append(("fpga", prog))

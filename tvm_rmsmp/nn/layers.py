@@ -31,7 +31,7 @@ from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
-from .residual import RMSMPAdd, RMSMPAvgPool, insert_adds, rmsmp_int_ops
+from .residual import RMSMPAdd, RMSMPAvgPool, insert_int_ops, rmsmp_int_ops
 
 _INT_OPS = (RMSMPAdd, RMSMPAvgPool)
 
@@ -600,8 +600,7 @@ def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int,
     plan = _requant_plan(model) if plan is None else plan
     stats = {n: _InputStats(channel_axis=1, batches=len(batches)) for n in layers}
     for op in int_ops.values():
-        op.set_requant(*(None,) * (3 if isinstance(op, RMSMPAdd) else 2))
-        op.recording, op.shapes_differ = [], False
+        op.requant, op.recording, op.shapes_differ = None, [], False  # a float op while calibrating
     try:
         forward_with_hooks(model, batches, [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,)))
                                             for n, m in layers.items()])
@@ -646,7 +645,7 @@ def requant_model(model: nn.Module, batches: List[ModelInputs], bits: int) -> Tu
     def is_pass(node):
         return _is_op(node, model, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS)
 
-    gm = insert_adds(model, graph, layer_name, is_pass)
+    gm = insert_int_ops(model, graph, layer_name, is_pass)
     if gm is not None:
         model, graph = gm.eval(), gm.graph
     return model, attach_requant(model, batches, bits, plan=_requant_plan(model, graph))

@@ -4,7 +4,7 @@ A model's ``a + b`` whose two inputs are code tensors at known scales (outputs o
 layers, through ReLU / max-pooling / flatten, or of another such add) becomes an
 :class:`RMSMPAdd` module calling ``rmsmp::qadd_requant`` (:mod:`tvm_rmsmp.nn.ops`): the sum of
 the two codes times 16-bit multipliers and one rounding shift, clamped to the output codes
-(:func:`tvm_rmsmp.quant.requant.requantize_add`). :func:`insert_adds` finds them in a torch.fx
+(:func:`tvm_rmsmp.quant.requant.requantize_add`). :func:`insert_int_ops` finds them in a torch.fx
 trace and returns a ``torch.fx.GraphModule`` with the modules in place (under
 ``rmsmp_ops.<fx node name>``); :func:`tvm_rmsmp.nn.layers.requant_model` chooses their scales.
 An add stays a float add until :meth:`RMSMPAdd.set_requant` is called.
@@ -29,7 +29,7 @@ from torch import nn
 from ..quant.requant import add_multipliers, quantize_multiplier
 from . import ops  # noqa: F401  (registers rmsmp::qadd_requant)
 
-__all__ = ["RMSMPAdd", "RMSMPAvgPool", "insert_adds", "rmsmp_adds", "rmsmp_pools", "rmsmp_int_ops", "ADD_FUNCTIONS"]
+__all__ = ["RMSMPAdd", "RMSMPAvgPool", "insert_int_ops", "rmsmp_adds", "rmsmp_pools", "rmsmp_int_ops", "ADD_FUNCTIONS"]
 
 #: fx call targets of a plain two-tensor add.
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -53,7 +53,6 @@ class RMSMPAdd(nn.Module):
     making its first input, plus ``.add``; ``_1``, ... for further adds there);
     ``sources``: what produces ``a`` and ``b`` (``("layer", layer name)`` or ``("add", add name)``)."""
 
-    rmsmp_int_op = True
     #: most output samples kept for calibration
     MAX_SAMPLES = 1 << 18
 
@@ -108,7 +107,6 @@ class RMSMPAvgPool(nn.Module):
     ``adaptive_avg_pool2d(x, 1)`` (recording its outputs while ``recording`` is set) until
     :meth:`set_requant`, then ``rmsmp::qavgpool_requant``."""
 
-    rmsmp_int_op = True
     MAX_SAMPLES = 1 << 18
 
     def __init__(self, name: str, sources: Tuple[Source]):
@@ -195,7 +193,7 @@ def _is_global_pool(node, model: nn.Module) -> bool:
     return len(node.args) >= 1 and size in (1, (1, 1), [1, 1])
 
 
-def insert_adds(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable[[object], Optional[str]],
+def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable[[object], Optional[str]],
                 is_pass: Callable[[object], bool]) -> Optional[torch.fx.GraphModule]:
     """A GraphModule of ``model`` (traced as ``graph``) with every add of two code tensors as an
     :class:`RMSMPAdd` and every global average pooling of a code tensor as an
