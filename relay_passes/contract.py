@@ -44,7 +44,8 @@ constants a row-group op is called with: ``acc + bias`` is an int32 add.
 
 In the integer-only mode a residual add of two code tensors is one op, :data:`OP`
 :data:`ADD_REQUANT` with :data:`ADD` (:func:`verify_add_func`), and a global average pooling of
-codes one :data:`AVGPOOL_REQUANT` with :data:`POOL` (:func:`verify_pool_func`): the FPGA
+codes one :data:`AVGPOOL_REQUANT` with :data:`POOL` (:func:`verify_pool_func`), a max-pooling
+of codes one :data:`MAXPOOL_CODES` with :data:`MAXPOOL` (:func:`verify_maxpool_func`): the FPGA
 executor runs them on the accelerator, every other target as the PrimFuncs they are.
 """
 
@@ -65,7 +66,7 @@ __all__ = [
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
     "ZERO_POINT", "ACT_BITS", "REQUANT", "requant_of", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
     "verify_activation_func", "ADD_REQUANT", "ADD", "ADD_PARAMS", "add_params", "verify_add_func",
-    "AVGPOOL_REQUANT", "POOL", "pool_params", "verify_pool_func",
+    "AVGPOOL_REQUANT", "POOL", "pool_params", "verify_pool_func", "MAXPOOL_CODES", "MAXPOOL", "verify_maxpool_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel", "DENSE_BSR", "SPARSE_OPS", "SPARSE_PARAMS", "SPARSE_BLOCK", "SPARSE_ROW_SCHEMES",
@@ -101,6 +102,9 @@ ADD = "rmsmp.add"
 #: a global average pooling in the integer-only mode (:data:`OP` :data:`AVGPOOL_REQUANT`):
 #: ``{"scale_in", "mult", "shift", "qmin", "qmax", "out_scale"}`` (see :func:`verify_pool_func`).
 POOL = "rmsmp.pool"
+#: a max-pooling of codes in the integer-only mode (:data:`OP` :data:`MAXPOOL_CODES`):
+#: ``{"kernel", "stride", "padding"}``, each ``[h, w]``.
+MAXPOOL = "rmsmp.maxpool"
 
 # ----- values ---------------------------------------------------------------------------------
 OPS = ("dense", "conv2d")
@@ -117,6 +121,8 @@ ADD_PARAMS = ("a", "b", "out")
 #: :data:`OP` of a global average pooling of codes in the integer-only mode (``rmsmp::qavgpool_requant``):
 #: parameters ``x [N, C, H, W]`` and ``out [N, C, 1, 1]``, float32.
 AVGPOOL_REQUANT = "avgpool_requant"
+#: :data:`OP` of a max-pooling of codes (``rmsmp::qmaxpool2d``): ``x [N, C, H, W]``, ``out [N, C, OH, OW]``, float32.
+MAXPOOL_CODES = "maxpool_codes"
 #: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
 SP2_LOWERINGS = ("shift", "decode")
 ACC_BLOCK = "acc"
@@ -466,6 +472,29 @@ def verify_pool_func(name: str, func: tvm.tirx.PrimFunc) -> None:
         broken("pool", f"{POOL} out of range: {p}")
 
 
+def verify_maxpool_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one max-pooling of codes (rules ``op``, ``layer``, ``params``: float32 ``x`` and
+    ``out`` of rank 4, ``out``'s shape the pooling's; ``maxpool``: :data:`MAXPOOL` with positive
+    kernel and stride, padding below the kernel); raise :class:`ContractError`."""
+    _, broken = _checked_op(name, func, "max-pooling contract", (MAXPOOL_CODES,))
+    value = attr(func, MAXPOOL)
+    try:
+        (kh, kw), (sh, sw), (ph, pw) = ([int(v) for v in value[k]] for k in ("kernel", "stride", "padding"))
+    except (KeyError, TypeError, ValueError):
+        broken("maxpool", f"{MAXPOOL} must hold kernel, stride and padding, each [h, w]; got {value!r}")
+    if min(kh, kw, sh, sw) < 1 or not (0 <= ph < kh and 0 <= pw < kw):
+        broken("maxpool", f"{MAXPOOL} out of range: {value}")
+    bufs = list(func.params)
+    if len(bufs) != 2 or any(str(b.dtype) != "float32" or len(b.shape) != 4 for b in bufs):
+        broken("params", f"parameters {[f'{b.dtype}{list(b.shape)}' for b in bufs]}, expected float32 x and out "
+                         "of rank 4")
+    x, out = ([d for d in b.shape] for b in bufs)
+    analyzer = Analyzer()
+    want = [x[0], x[1], (x[2] + 2 * ph - kh) // sh + 1, (x[3] + 2 * pw - kw) // sw + 1]
+    if not all(analyzer.can_prove_equal(a, b) for a, b in zip(out, want)):
+        broken("params", f"out is {list(out)}, the pooling of x {list(x)} gives {want}")
+
+
 def _relax_calls(mod: tvm.IRModule) -> List[tvm.relax.Call]:
     """Every call in the module's Relax functions, collected first: an error raised inside
     TVM's visitor would come out as a RuntimeError."""
@@ -511,6 +540,8 @@ def verify(mod: tvm.IRModule) -> tvm.IRModule:
                 verify_add_func(gv.name_hint, func)
             elif str(func.attrs[OP]) == AVGPOOL_REQUANT:
                 verify_pool_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) == MAXPOOL_CODES:
+                verify_maxpool_func(gv.name_hint, func)
             else:
                 verify_func(gv.name_hint, func)
     _verify_bias_bounds(mod)

@@ -41,6 +41,7 @@ __all__ = [
     "token_epilogue_func",
     "add_requant_func",
     "avgpool_requant_func",
+    "maxpool_codes_func",
     "fixed_product",
     "sp2_product",
     "sp2_nibble_decode_product",
@@ -285,6 +286,29 @@ def avgpool_requant_func(shape: Sequence[int], params: Dict[str, object], name: 
         * out_scale,
         name="out")
     attrs = {contract.OP: contract.AVGPOOL_REQUANT, contract.LAYER: name, contract.POOL: dict(p),
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([x, out], attrs)
+
+
+def maxpool_codes_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
+    """Max-pooling of a float32 view of codes (:data:`contract.MAXPOOL_CODES`; ``params`` its
+    :data:`contract.MAXPOOL` attribute ``{"kernel", "stride", "padding"}``): the max over each
+    window, padding never chosen (``-inf``), as ``F.max_pool2d``; exact."""
+    n, c, h, w = func_shape(shape)
+    (kh, kw), (sh, sw), (ph, pw) = ([int(v) for v in params[k]] for k in ("kernel", "stride", "padding"))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    x = te.placeholder((_i64(n), _i64(c), _i64(h), _i64(w)), "float32", name="x")
+    ry, rx = te.reduce_axis((_i64(0), _i64(kh)), name="ry"), te.reduce_axis((_i64(0), _i64(kw)), name="rx")
+    low = tirx.const(float("-inf"), "float32")
+
+    def window(i, j, y, z):
+        yy, xx = y * _i64(sh) + ry - _i64(ph), z * _i64(sw) + rx - _i64(pw)
+        inside = tirx.all(yy >= _i64(0), yy < _i64(h), xx >= _i64(0), xx < _i64(w))
+        return te.max(tirx.if_then_else(inside, x[i, j, yy, xx], low), axis=[ry, rx])
+
+    out = te.compute((_i64(n), _i64(c), _i64(oh), _i64(ow)), window, name="out")
+    attrs = {contract.OP: contract.MAXPOOL_CODES, contract.LAYER: name,
+             contract.MAXPOOL: {k: [int(v) for v in params[k]] for k in ("kernel", "stride", "padding")},
              "op_pattern": OP_PATTERN_OPAQUE}
     return _finish([x, out], attrs)
 

@@ -21,10 +21,10 @@ from tvm import relax
 from relay_passes import ops
 
 from ..nn.layers import _RMSMPLayer, rmsmp_layers
-from ..nn.residual import RMSMPAdd, RMSMPAvgPool, rmsmp_adds, rmsmp_pools
+from ..nn.residual import RMSMPAdd, RMSMPAvgPool, RMSMPMaxPool, rmsmp_adds, rmsmp_maxpools, rmsmp_pools
 from relay_passes import contract
 
-__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add", "emit_global_pool",
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add", "emit_global_pool", "emit_max_pool",
            "index_bounds"]
 
 
@@ -135,6 +135,16 @@ def emit_global_pool(bb: relax.BlockBuilder, x: relax.Expr, pool: RMSMPAvgPool) 
     return bb.emit(relax.call_tir(gv, [x], relax.TensorType(shape[:2] + [1, 1], "float32")))
 
 
+def emit_max_pool(bb: relax.BlockBuilder, x: relax.Expr, pool: RMSMPMaxPool) -> relax.Var:
+    """A max-pooling of codes (``rmsmp::qmaxpool2d``) as one :data:`contract.MAXPOOL_CODES` op."""
+    shape = [ops.dim(d) for d in x.ty.shape]
+    params = {"kernel": pool.kernel, "stride": pool.stride, "padding": pool.padding}
+    func = ops.maxpool_codes_func(shape, params, pool.op_name)
+    gv = bb.add_func(func, f"rmsmp_maxpool_{contract.symbol_name(pool.op_name)}")
+    out_shape, _ = ops.output_shape(func)
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(ops.call_shape(out_shape, shape[0]), "float32")))
+
+
 def _check_static_shape(x: relax.Expr, layer: str):
     """Every dimension of a layer's input is static but the leading one (a dynamic batch)."""
     ty = x.ty
@@ -184,6 +194,13 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
     layers = rmsmp_layers(model)
     adds = rmsmp_adds(model)
     pools = rmsmp_pools(model)
+    maxpools = rmsmp_maxpools(model)
+
+    def maxpool_converter(node, importer) -> relax.Var:
+        name = node.args[-1]
+        if name not in maxpools:
+            raise ValueError(f"exported graph names a max-pooling of codes {name!r} the model does not have")
+        return emit_max_pool(importer.block_builder, importer.env[node.args[0]], maxpools[name])
 
     def pool_converter(node, importer) -> relax.Var:
         name = node.args[-1]
@@ -219,6 +236,7 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
                                                          "qlinear_requant", "qconv2d_requant")}
         custom["qadd_requant.default"] = add_converter
         custom["qavgpool_requant.default"] = pool_converter
+        custom["qmaxpool2d.default"] = maxpool_converter
         try:
             mod = from_exported_program(ep, custom_convert_map=custom)
         except AssertionError as err:

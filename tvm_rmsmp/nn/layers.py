@@ -31,7 +31,7 @@ from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
-from .residual import RMSMPAdd, RMSMPAvgPool, insert_int_ops, rmsmp_int_ops
+from .residual import RMSMPAdd, RMSMPAvgPool, RMSMPMaxPool, insert_int_ops, rmsmp_int_ops
 
 _INT_OPS = (RMSMPAdd, RMSMPAvgPool)
 
@@ -510,14 +510,14 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
 # --------------------------------------------------------------------------------------------
 #: Ops a layer's output codes pass through unchanged on their way to the next layer's
 #: quantizer (monotone or value-moving: max-pooling, ReLU and flatten commute with quantizing).
-_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, RMSMPMaxPool)
 _PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
 _PASS_METHODS = {"relu", "flatten", "view", "reshape"}
 
 
 class _LayerTracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, (_RMSMPLayer,) + _INT_OPS) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_RMSMPLayer, RMSMPMaxPool) + _INT_OPS) or super().is_leaf_module(m, qualname)
 
 
 def _is_op(node, model: nn.Module, modules, functions, methods) -> bool:

@@ -48,7 +48,7 @@ import torch
 from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
-           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant", "qavgpool_requant", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant", "qavgpool_requant", "qmaxpool2d", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
@@ -405,3 +405,17 @@ def qavgpool_requant(
 @qavgpool_requant.register_fake
 def _(x, scale_in, mult, shift, out_act_scale, out_qmin, out_qmax, name):
     return x.new_empty((x.shape[0], x.shape[1], 1, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qmaxpool2d", mutates_args=())
+def qmaxpool2d(x: torch.Tensor, kernel: List[int], stride: List[int], padding: List[int], name: str) -> torch.Tensor:
+    """Max-pooling of a float view of codes (dilation 1, floor mode): ``F.max_pool2d``, exact (the
+    max of ``float32(q) * scale`` is the view of the max code). An op of its own only so that the
+    importer keeps it as one node the FPGA executor can run on the accelerator."""
+    return torch.nn.functional.max_pool2d(x, kernel, stride, padding)
+
+
+@qmaxpool2d.register_fake
+def _(x, kernel, stride, padding, name):
+    oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], kernel, stride, padding, (1, 1))
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow), dtype=torch.float32)

@@ -14,7 +14,10 @@ on a code tensor) likewise becomes an :class:`RMSMPAvgPool` calling ``rmsmp::qav
 the sum of each channel's codes, times a 16-bit multiplier and a rounding shift to the output
 scale (``s_in / (H W s_out)``, :func:`tvm_rmsmp.quant.requant.quantize_multiplier`;
 :func:`~tvm_rmsmp.quant.requant.requantize` on the sums), usually the classifier's input scale.
-Both kinds live under ``rmsmp_ops.<fx node name>``, in graph order.
+Max-pooling of codes (``nn.MaxPool2d`` / ``F.max_pool2d``, dilation 1, floor mode) becomes an
+:class:`RMSMPMaxPool` (``rmsmp::qmaxpool2d``, exactly ``F.max_pool2d``: the codes pass through
+it unchanged), only so that it reaches the FPGA executor as one op. All three kinds live under
+``rmsmp_ops.<fx node name>``, in graph order.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 from ..quant.requant import add_multipliers, quantize_multiplier
 from . import ops  # noqa: F401  (registers rmsmp::qadd_requant)
 
-__all__ = ["RMSMPAdd", "RMSMPAvgPool", "insert_int_ops", "rmsmp_adds", "rmsmp_pools", "rmsmp_int_ops", "ADD_FUNCTIONS"]
+__all__ = ["RMSMPAdd", "RMSMPAvgPool", "RMSMPMaxPool", "insert_int_ops", "rmsmp_adds", "rmsmp_pools", "rmsmp_int_ops", "rmsmp_maxpools", "ADD_FUNCTIONS"]
 
 #: fx call targets of a plain two-tensor add.
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -157,6 +160,27 @@ class RMSMPAvgPool(nn.Module):
         return f"{self.op_name}: (sum * {r['mult']}) >> {r['shift']} -> [{r['qmin']}, {r['qmax']}]"
 
 
+class RMSMPMaxPool(nn.Module):
+    """``F.max_pool2d`` of a code tensor (square or not; dilation 1, floor mode) as ``rmsmp::qmaxpool2d``."""
+
+    def __init__(self, name: str, kernel, stride, padding):
+        super().__init__()
+        self.op_name = name
+        pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
+        self.kernel, self.stride, self.padding = pair(kernel), pair(stride if stride else kernel), pair(padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rmsmp.qmaxpool2d(x, self.kernel, self.stride, self.padding, self.op_name)
+
+    def extra_repr(self) -> str:
+        return f"{self.op_name}: kernel {self.kernel}, stride {self.stride}, padding {self.padding}"
+
+
+def rmsmp_maxpools(model: nn.Module) -> Dict[str, RMSMPMaxPool]:
+    """``{name: module}`` of the max-poolings of codes, in graph order."""
+    return {m.op_name: m for m in model.modules() if isinstance(m, RMSMPMaxPool)}
+
+
 def rmsmp_int_ops(model: nn.Module) -> Dict[str, nn.Module]:
     """``{name: module}`` of the residual adds and poolings, in graph order."""
     return {m.op_name: m for m in model.modules() if isinstance(m, (RMSMPAdd, RMSMPAvgPool))}
@@ -193,6 +217,23 @@ def _is_global_pool(node, model: nn.Module) -> bool:
     return len(node.args) >= 1 and size in (1, (1, 1), [1, 1])
 
 
+def _max_pool_args(node, model: nn.Module):
+    """``(kernel, stride, padding)`` of a max-pooling the accelerator can run (dilation 1, floor
+    mode, no indices), or None."""
+    if node.op == "call_module":
+        mod = model.get_submodule(node.target)
+        if type(mod) is not nn.MaxPool2d or mod.dilation not in (1, (1, 1)) or mod.ceil_mode or mod.return_indices:
+            return None
+        return mod.kernel_size, mod.stride, mod.padding
+    if node.op != "call_function" or node.target is not torch.nn.functional.max_pool2d:
+        return None
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    args = dict(zip(names, node.args), **node.kwargs)
+    if args.get("dilation", 1) not in (1, (1, 1)) or args.get("ceil_mode") or args.get("return_indices"):
+        return None
+    return args["kernel_size"], args.get("stride") or args["kernel_size"], args.get("padding", 0)
+
+
 def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable[[object], Optional[str]],
                 is_pass: Callable[[object], bool]) -> Optional[torch.fx.GraphModule]:
     """A GraphModule of ``model`` (traced as ``graph``) with every add of two code tensors as an
@@ -209,7 +250,7 @@ def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable
             name = layer_name(node)
             if name is not None:
                 return ("layer", name)
-            if node in made:
+            if node in made and made[node][0] != "maxpool":
                 return made[node]
             if not is_pass(node) or not node.args:
                 return None
@@ -221,6 +262,8 @@ def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable
             kind, args = "add", tuple(node.args)
         elif _is_global_pool(node, model):
             kind, args = "pool", (node.args[0],)
+        elif _max_pool_args(node, model) is not None and node.args:
+            kind, args = "maxpool", (node.args[0],)
         else:
             continue
         srcs = tuple(source(a) for a in args)
@@ -229,7 +272,7 @@ def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable
         # where the op is: the module whose forward holds it, or (a model fx already flattened,
         # e.g. by BN folding) the module holding the layer that makes its first input
         where = _where(node) or (srcs[0][1].rpartition(".")[0] if srcs[0][0] == "layer" else "")
-        base = (f"{where}." if where else "") + ("add" if kind == "add" else "avgpool")
+        base = (f"{where}." if where else "") + {"add": "add", "pool": "avgpool", "maxpool": "maxpool"}[kind]
         names[base] = names.get(base, 0) + 1
         made[node] = (kind, base if names[base] == 1 else f"{base}_{names[base] - 1}")
         found.append((node, srcs, args))
@@ -238,7 +281,11 @@ def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable
     container = nn.Module()
     for node, srcs, _ in found:
         kind, name = made[node]
-        container.add_module(node.name, RMSMPAdd(name, srcs) if kind == "add" else RMSMPAvgPool(name, srcs))
+        if kind == "maxpool":
+            op = RMSMPMaxPool(name, *_max_pool_args(node, model))
+        else:
+            op = RMSMPAdd(name, srcs) if kind == "add" else RMSMPAvgPool(name, srcs)
+        container.add_module(node.name, op)
         # the node's arguments now (an earlier replacement may have rewritten them)
         args = tuple(node.args) if kind == "add" else (node.args[0],)
         with graph.inserting_after(node):
