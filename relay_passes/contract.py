@@ -103,7 +103,7 @@ ADD = "rmsmp.add"
 #: ``{"scale_in", "mult", "shift", "qmin", "qmax", "out_scale"}`` (see :func:`verify_pool_func`).
 POOL = "rmsmp.pool"
 #: a max-pooling of codes in the integer-only mode (:data:`OP` :data:`MAXPOOL_CODES`):
-#: ``{"kernel", "stride", "padding"}``, each ``[h, w]``.
+#: ``{"kernel", "stride", "padding"}``, each ``[h, w]``, and ``"scale_in"`` (the codes' scale) where known.
 MAXPOOL = "rmsmp.maxpool"
 
 # ----- values ---------------------------------------------------------------------------------

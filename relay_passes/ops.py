@@ -292,7 +292,8 @@ def avgpool_requant_func(shape: Sequence[int], params: Dict[str, object], name: 
 
 def maxpool_codes_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
     """Max-pooling of a float32 view of codes (:data:`contract.MAXPOOL_CODES`; ``params`` its
-    :data:`contract.MAXPOOL` attribute ``{"kernel", "stride", "padding"}``): the max over each
+    :data:`contract.MAXPOOL` attribute ``{"kernel", "stride", "padding"}`` and, where known, the
+    input codes' ``scale_in``): the max over each
     window, padding never chosen (``-inf``), as ``F.max_pool2d``; exact."""
     n, c, h, w = func_shape(shape)
     (kh, kw), (sh, sw), (ph, pw) = ([int(v) for v in params[k]] for k in ("kernel", "stride", "padding"))
@@ -307,8 +308,10 @@ def maxpool_codes_func(shape: Sequence[int], params: Dict[str, object], name: st
         return te.max(tirx.if_then_else(inside, x[i, j, yy, xx], low), axis=[ry, rx])
 
     out = te.compute((_i64(n), _i64(c), _i64(oh), _i64(ow)), window, name="out")
-    attrs = {contract.OP: contract.MAXPOOL_CODES, contract.LAYER: name,
-             contract.MAXPOOL: {k: [int(v) for v in params[k]] for k in ("kernel", "stride", "padding")},
+    attr = {k: [int(v) for v in params[k]] for k in ("kernel", "stride", "padding")}
+    if params.get("scale_in") is not None:
+        attr["scale_in"] = float(params["scale_in"])
+    attrs = {contract.OP: contract.MAXPOOL_CODES, contract.LAYER: name, contract.MAXPOOL: attr,
              "op_pattern": OP_PATTERN_OPAQUE}
     return _finish([x, out], attrs)
 

@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import np_conv_acc, np_dense_acc
 
@@ -238,3 +239,25 @@ def test_madd_shift_alu_equals_the_simulator(rtl):
         np.testing.assert_array_equal(dram["out"], np.clip(want_raw, -127, 127))
     with pytest.raises(ValueError, match="madd_shift"):
         Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=4, src_slot=0, imm=(1, 1, 1))
+
+
+def test_max_alu_and_max_window_equal_numpy(rtl):
+    """Max-pooling on the ALU: the RTL's elementwise max (op ``max``, one per window tap) and the
+    simulator's ``max_window`` program (:func:`tvm_rmsmp.fpga.eltwise.maxpool_stream`, row tiles
+    where a padded plane does not fit an accumulator half) against numpy."""
+    from tvm_rmsmp.fpga.eltwise import MAXPOOL_PAD, maxpool_stream, maxpool_tiles
+
+    rng = np.random.default_rng(12)
+    a, b = rng.integers(-128, 256, size=61), rng.integers(-128, 256, size=61)
+    np.testing.assert_array_equal(rtl.alu("max", a, np.zeros(61), np.zeros(61), acc_b=b), np.maximum(a, b))
+    cfg = load_board("xc7z020")
+    shape, params = (1, 3, 121, 119), {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}
+    tiles = maxpool_tiles(shape, params, cfg.accelerator)
+    assert len(tiles) > 3 and all(cb == 1 for _, _, cb, _, _ in tiles)  # 123 x 121 padded codes exceed a half
+    x = rng.integers(-127, 128, size=shape)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=MAXPOOL_PAD).astype(np.int16)
+    oh, ow = (121 + 2 - 3) // 2 + 1, (119 + 2 - 3) // 2 + 1
+    dram = {"p.x": padded, "p.out": np.zeros((1, 3, oh, ow), np.int16)}
+    Simulator(cfg).run(maxpool_stream("p", shape, params, cfg.accelerator), dram)
+    want = torch.nn.functional.max_pool2d(torch.from_numpy(x.astype(np.float32)), 3, 2, 1).numpy()
+    np.testing.assert_array_equal(dram["p.out"], want)

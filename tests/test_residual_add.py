@@ -1,7 +1,8 @@
-"""Residual adds and global average pooling in the integer-only mode (RMSMPConfig(requant=
-"fixed_point")): the arithmetic against Python fractions and integers, the torch ops, a small
-ResNet-18 (identity and downsample shortcuts) whose adds and pooling become rmsmp::qadd_requant /
-rmsmp::qavgpool_requant, and its CPU, OpenCL and FPGA builds bit for bit."""
+"""Residual adds, global average pooling and max-pooling in the integer-only mode (RMSMPConfig(
+requant="fixed_point")): the arithmetic against Python fractions and integers, the torch ops, a
+small ResNet-18 (identity and downsample shortcuts) whose adds and poolings become
+rmsmp::qadd_requant / rmsmp::qavgpool_requant / rmsmp::qmaxpool2d, and its CPU, OpenCL and FPGA
+builds bit for bit."""
 
 import math
 import warnings
@@ -143,6 +144,12 @@ def test_quantize_turns_residual_adds_into_integer_adds(resnet):
     assert pool.sources == (("add", "layer4.1.add"),) and pool.hw == 4
     assert pool.requant["scale_in"] == adds["layer4.1.add"].requant["out_scale"]
     assert pool.requant["out_scale"] == float(np.float32(layers["fc"].act.scale))
+    # the max-pooling after the stem: one op (exactly F.max_pool2d) that knows its codes' scale
+    from tvm_rmsmp.nn.residual import rmsmp_maxpools
+
+    mp = rmsmp_maxpools(q)["maxpool"]
+    assert (mp.kernel, mp.stride, mp.padding) == ([3, 3], [2, 2], [1, 1])
+    assert mp.scale_in == layers["conv1"].out_act_scale
     # and the model still classifies like the float one
     with torch.no_grad():
         f = model(calib)
@@ -174,6 +181,13 @@ def test_import_emits_add_ops_under_the_contract(resnet):
     bad = pools[0].with_attr(contract.POOL, {**contract.pool_params(pools[0]), "mult": 3})
     with pytest.raises(contract.ContractError, match="rule 'pool'"):
         contract.verify_pool_func("rmsmp_avgpool_bad", bad)
+    (mp,) = [f for _, f in mod.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and contract.rmsmp_attr(f, contract.OP) == contract.MAXPOOL_CODES]
+    assert [[int(d) for d in p.shape] for p in mp.params] == [[1, 8, 32, 32], [1, 8, 16, 16]]
+    assert float(mp.attrs[contract.MAXPOOL]["scale_in"]) > 0
+    bad = mp.with_attr(contract.MAXPOOL, {"kernel": [3, 3], "stride": [2, 2], "padding": [3, 1]})
+    with pytest.raises(contract.ContractError, match="rule 'maxpool'"):
+        contract.verify_maxpool_func("rmsmp_maxpool_bad", bad)
 
 
 def test_cpu_build_is_bit_exact(resnet):
@@ -245,6 +259,10 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
     from tvm_rmsmp.fpga.eltwise import PoolProgram
     from tvm_rmsmp.fpga.isa import GemmDSP
 
+    from tvm_rmsmp.fpga.eltwise import MaxPoolProgram
+
+    (mp,) = [p for p in exe.programs if isinstance(p, MaxPoolProgram)]
+    assert mp.layer == "maxpool" and [i.alu_op for i in mp.stream if isinstance(i, Alu)][0] == "max_window"
     (pool,) = [p for p in exe.programs if isinstance(p, PoolProgram)]
     gemms = [i for i in pool.stream if isinstance(i, GemmDSP)]
     assert pool.layer == "avgpool" and gemms and all(g.rows == 1 and g.reduction == pool.k for g in gemms)
@@ -252,6 +270,7 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
     prof = exe.profile()
     steps = {e["layer"]: e for e in prof["layers"]}
     assert steps["avgpool"]["schemes"] == ["avgpool"] and steps["avgpool"]["cycles"] > 0
+    assert steps["maxpool"]["schemes"] == ["maxpool"] and steps["maxpool"]["cycles"] > 0
     for name in adds:
         assert steps[name]["cycles"] > 0 and steps[name]["schemes"] == ["add"] and steps[name]["macs"]["dsp"] == 0
     assert prof["cycles"] == sum(e["cycles"] for e in prof["layers"])

@@ -139,6 +139,8 @@ def emit_max_pool(bb: relax.BlockBuilder, x: relax.Expr, pool: RMSMPMaxPool) -> 
     """A max-pooling of codes (``rmsmp::qmaxpool2d``) as one :data:`contract.MAXPOOL_CODES` op."""
     shape = [ops.dim(d) for d in x.ty.shape]
     params = {"kernel": pool.kernel, "stride": pool.stride, "padding": pool.padding}
+    if pool.scale_in is not None:  # the input codes' scale: the FPGA executor hands the accelerator codes
+        params["scale_in"] = pool.scale_in
     func = ops.maxpool_codes_func(shape, params, pool.op_name)
     gv = bb.add_func(func, f"rmsmp_maxpool_{contract.symbol_name(pool.op_name)}")
     out_shape, _ = ops.output_shape(func)

@@ -24,6 +24,12 @@ the DSP core with one row of ones as weights: the codes ``[N C, H W]`` stream th
 input buffer in tiles of rows, ``acc[m] = sum_k x[m, k] * 1`` sums each channel's codes, ``ALU
 mul_shift`` scales the sums by the pooling's multiplier and shift, and the store clamps them
 to the output codes (the classifier's input): no new hardware (:func:`pool_stream`).
+
+A max-pooling of codes (:data:`relay_passes.contract.MAXPOOL_CODES`) loads blocks of channels
+(or of rows, where a padded plane does not fit) of the padded codes into one accumulator half
+and takes each window's max into the other (``ALU max_window``: the lanes' max, one pass per
+tap), then stores one byte per code; the DSP and LUT cores take the tiles in turn
+(:func:`maxpool_stream`). The padding is the value -128, below every code (the DMA pads).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import numpy as np
 from .isa import Alu, GemmDSP, Load, Store, stream_summary
 from .simulator import Simulator, WeightTensor
 
-__all__ = ["EltwiseProgram", "PoolProgram", "add_stream", "pool_stream", "pool_fits", "add_program_of", "pool_program_of"]
+__all__ = ["EltwiseProgram", "PoolProgram", "MaxPoolProgram", "maxpool_stream", "maxpool_tiles", "add_stream", "pool_stream", "pool_fits", "add_program_of", "pool_program_of"]
 
 
 #: Smallest tile tried (codes): below it the DMA set-up latency dominates.
@@ -209,3 +215,93 @@ def pool_program_of(name: str, params, shape, x_ref, out_var, accel) -> PoolProg
     shape = tuple(int(d) for d in shape)
     stream = pool_stream(name, shape[0] * shape[1], shape[2] * shape[3], params, accel)
     return PoolProgram(layer=name, stream=stream, x_ref=x_ref, out_var=out_var, params=dict(params), shape=shape)
+
+
+#: The value padding a max-pooling's input on chip: below every 8-bit code.
+MAXPOOL_PAD = -128
+
+
+def maxpool_tiles(shape, params, accel) -> Optional[list]:
+    """``[(n, c0, cb, r0, rb)]``: the max-pooling's tiles (a batch item, a block of ``cb``
+    channels from ``c0``, output rows ``r0 .. r0 + rb``), or None when one output row's window
+    rows do not fit an accumulator half."""
+    n, c, h, w = (int(d) for d in shape)
+    (kh, kw), (sh, sw), (ph, pw) = (params[k] for k in ("kernel", "stride", "padding"))
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh = (hp - kh) // sh + 1
+    cap = accel.acc_slot_bytes // 4
+    if hp * wp <= cap:
+        cb, rb = min(c, cap // (hp * wp)), oh
+    else:
+        cb, rb = 1, (cap // wp - kh) // sh + 1
+        if rb < 1:
+            return None
+    return [(b, c0, min(cb, c - c0), r0, min(rb, oh - r0)) for b in range(n) for c0 in range(0, c, cb)
+            for r0 in range(0, oh, rb)]
+
+
+def maxpool_stream(name: str, shape, params, accel) -> list:
+    """The instruction stream of a max-pooling of codes ``[N, C, H, W]`` (DRAM tensors
+    ``<name>.x``, padded by ``MAXPOOL_PAD``, and ``<name>.out``); ``params``: kernel, stride,
+    padding (``[h, w]`` each). Raises ValueError when a tile does not fit."""
+    tiles = maxpool_tiles(shape, params, accel)
+    if tiles is None:
+        raise ValueError(f"max-pooling {name!r}: the window rows of one output row do not fit an accumulator half")
+    (kh, kw), (sh, sw), (ph, pw) = (params[k] for k in ("kernel", "stride", "padding"))
+    wp = int(shape[3]) + 2 * pw
+    ow = (wp - kw) // sw + 1
+    stream: list = []
+    for i, (b, c0, cb, r0, rb) in enumerate(tiles):
+        core = ("dsp", "lut")[i % 2]
+        rows_in = sh * (rb - 1) + kh
+        loaded, done, free = f"load->{core}:acc", f"{core}->store_{core}:acc", f"store_{core}->load:acc"
+        stream += [
+            Load(buffer=f"acc_{core}", tensor=f"{name}.x", region=((b, 1), (c0, cb), (r0 * sh, rows_in), (0, wp)),
+                 slot=0, nbytes=cb * rows_in * wp, wait=(free,) if i >= 2 else (), signal=(loaded,), layer=name),
+            Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * kh * kw, src_slot=0,
+                imm=(kh, kw, sh, sw), wait=(loaded,), signal=(done,), layer=name),
+            Store(core=core, slot=1, tensor=f"{name}.out", region=((b, 1), (c0, cb), (r0, rb), (0, ow)), nbytes=cb * rb * ow,
+                  wait=(done,), signal=(free,) if i + 2 < len(tiles) else (), layer=name),
+        ]
+    return stream
+
+
+@attrs.define
+class MaxPoolProgram:
+    """A max-pooling of codes on the accelerator (its step in ``profile``: ``layer``)."""
+
+    layer: str
+    stream: list
+    x_ref: object
+    out_var: object
+    params: Dict[str, object]
+    shape: tuple  # the input's [N, C, H, W]
+    out_shape: tuple
+    schemes: List[str] = attrs.field(factory=lambda: ["maxpool"])
+
+    def stream_for(self, accel) -> list:
+        return maxpool_stream(self.layer, self.shape, self.params, accel)
+
+    def dram(self, env) -> Dict[str, np.ndarray]:
+        (ph, pw) = self.params["padding"]
+        x = np.asarray(env[self.x_ref], np.float64)
+        codes = np.round(x / np.float64(np.float32(self.params["scale_in"]))).astype(np.int16)
+        padded = np.pad(codes, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=MAXPOOL_PAD)
+        return {f"{self.layer}.x": padded, f"{self.layer}.out": np.zeros(self.out_shape, np.int16)}
+
+    def result(self, dram) -> np.ndarray:
+        return dram[f"{self.layer}.out"].astype(np.float32) * np.float32(self.params["scale_in"])
+
+    def summary(self) -> Dict[str, int]:
+        return stream_summary(self.stream)
+
+
+def maxpool_program_of(name: str, params, shape, out_shape, x_ref, out_var, accel) -> MaxPoolProgram:
+    """The :class:`MaxPoolProgram` of one max-pooling call (ValueError: it cannot run on the accelerator)."""
+    if params.get("scale_in") is None:
+        raise ValueError(f"max-pooling {name!r}: its input codes' scale is unknown")
+    params = {"kernel": [int(v) for v in params["kernel"]], "stride": [int(v) for v in params["stride"]],
+              "padding": [int(v) for v in params["padding"]], "scale_in": float(params["scale_in"])}
+    shape = tuple(int(d) for d in shape)
+    return MaxPoolProgram(layer=name, stream=maxpool_stream(name, shape, params, accel), x_ref=x_ref, out_var=out_var,
+                          params=params, shape=shape, out_shape=tuple(int(d) for d in out_shape))

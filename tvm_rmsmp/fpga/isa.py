@@ -28,7 +28,7 @@ __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES",
 
 CORES = ("lut", "dsp")
 QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "store_lut", "store_dsp")
-ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift")
+ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift", "max_window")
 #: Buffers a LOAD fills: the shared input buffer and, for element-wise programs (:mod:`.eltwise`),
 #: the cores' accumulators (8-bit codes widened to int32), both on the ``load`` queue; the weights.
 LOAD_BUFFERS = ("inp", "acc_lut", "acc_dsp", "wgt_lut", "wgt_dsp")
@@ -185,6 +185,11 @@ class Alu(Instruction):
     madd_shift (a residual add, :mod:`.eltwise`): two accumulator halves of the core,
     ``acc[acc_slot] = (acc[acc_slot] * ma + acc[src_slot] * mb + 2^(S-1)) >> S`` with the
     immediates ``imm = (ma, mb, S)`` (16-bit multipliers, a 6-bit shift), element by element.
+
+    max_window (a max-pooling, :mod:`.eltwise`): ``acc[acc_slot][c, y, x] = max over the window
+    (kh, kw) at (y sh, x sw) of acc[src_slot][c]`` (``imm = (kh, kw, sh, sw)``), the lanes'
+    elementwise max (``requant_alu`` op ``max``) applied once per tap: ``elements`` counts
+    output elements times taps.
     """
 
     core: str = attrs.field(validator=_core)
@@ -204,6 +209,11 @@ class Alu(Instruction):
             raise ValueError(f"ALU op must be one of {ALU_OPS}, got {value!r}")
 
     def __attrs_post_init__(self):
+        if self.alu_op == "max_window":
+            if self.src_slot not in (0, 1) or self.src_slot == self.acc_slot or len(self.imm) != 4 or min(
+                    int(v) for v in self.imm) < 1:
+                raise ValueError(f"ALU max_window needs src_slot, the other half than acc_slot, and imm (kh, kw, sh, "
+                                 f"sw) of positive ints; got src_slot={self.src_slot!r}, imm={self.imm!r}")
         if self.alu_op == "madd_shift":
             ok = (self.src_slot in (0, 1) and self.src_slot != self.acc_slot and len(self.imm) == 3
                   and all(0 <= int(v) < 2**15 for v in self.imm[:2]) and 0 <= int(self.imm[2]) <= 63)
@@ -217,6 +227,8 @@ class Alu(Instruction):
         return self.core
 
     def reads(self):
+        if self.alu_op == "max_window":
+            return ((f"acc_{self.core}", self.src_slot),)
         if self.alu_op == "madd_shift":
             return ((f"acc_{self.core}", self.acc_slot), (f"acc_{self.core}", self.src_slot))
         return ((f"acc_{self.core}", self.acc_slot),)

@@ -38,7 +38,8 @@ from tvm import relax
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
-from .eltwise import EltwiseProgram, PoolProgram, add_program_of, pool_program_of
+from .eltwise import (EltwiseProgram, MaxPoolProgram, PoolProgram, add_program_of, maxpool_program_of,
+                      pool_program_of)
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 from .sparse import sparsify_stream
@@ -170,12 +171,19 @@ class FPGACompiledModel:
                     self.programs.append(prog)
                     self.steps.append(("fpga", prog))
                     continue
-                if contract.rmsmp_attr(func, contract.OP) == contract.AVGPOOL_REQUANT:  # DSP GEMM of ones + ALU
+                op = contract.rmsmp_attr(func, contract.OP)
+                if op in (contract.AVGPOOL_REQUANT, contract.MAXPOOL_CODES):  # DSP GEMM of ones / ALU max
                     x = value.args[1].fields[0]
                     x_shape, _ = shape_dtype(x.ty)
+                    name = str(func.attrs[contract.LAYER])
                     try:
-                        prog = pool_program_of(str(func.attrs[contract.LAYER]), contract.pool_params(func), x_shape,
-                                               ref(x), var, self.config.accelerator)
+                        if op == contract.AVGPOOL_REQUANT:
+                            prog = pool_program_of(name, contract.pool_params(func), x_shape, ref(x), var,
+                                                   self.config.accelerator)
+                        else:
+                            out_shape, _ = shape_dtype(value.ty_args[0] if value.ty_args else var.ty)
+                            prog = maxpool_program_of(name, dict(contract.attr(func, contract.MAXPOOL)), x_shape,
+                                                      out_shape, ref(x), var, self.config.accelerator)
                     except ValueError as err:
                         msg = f"{err}: it runs on the host CPU"
                         warnings.warn(msg, FPGAFallbackWarning, stacklevel=4)
@@ -271,7 +279,7 @@ class FPGACompiledModel:
                 result = tvm.runtime.tensor(np.empty(shape, dtype), dev)
                 exe["main"](*tensors, result)
                 env[out] = result.numpy()
-            elif isinstance(step[1], (EltwiseProgram, PoolProgram)):
+            elif isinstance(step[1], (EltwiseProgram, PoolProgram, MaxPoolProgram)):
                 prog = step[1]
                 dram = prog.dram(env)
                 self.simulator.run(prog.stream, dram)
@@ -325,7 +333,7 @@ class FPGACompiledModel:
             """The layer's stream for ``accelerator`` (pruned row groups kept sparse), or as compiled."""
             if accelerator is None:
                 return prog.stream
-            if isinstance(prog, (EltwiseProgram, PoolProgram)):
+            if isinstance(prog, (EltwiseProgram, PoolProgram, MaxPoolProgram)):
                 return prog.stream_for(acc)
             stream = layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
             if prog.sparse:

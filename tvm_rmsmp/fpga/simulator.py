@@ -260,6 +260,13 @@ class Simulator:
                 prod = (wgt @ self._conv_patches(inp, ins).T).reshape(wgt.shape[0], *ins.out_hw)
             key = (f"acc_{ins.core}", ins.acc_slot)
             data[key] = prod if ins.reset else data[key] + prod
+        elif isinstance(ins, Alu) and ins.alu_op == "max_window":  # a max-pooling: src half -> this half
+            kh, kw, sh, sw = (int(v) for v in ins.imm)
+            src = data[(f"acc_{ins.core}", ins.src_slot)]
+            oh, ow = (src.shape[-2] - kh) // sh + 1, (src.shape[-1] - kw) // sw + 1
+            taps = [src[..., ky: ky + sh * (oh - 1) + 1: sh, kx: kx + sw * (ow - 1) + 1: sw]
+                    for ky in range(kh) for kx in range(kw)]
+            data[(f"acc_{ins.core}", ins.acc_slot)] = np.max(np.stack(taps), axis=0)
         elif isinstance(ins, Alu):
             key = (f"acc_{ins.core}", ins.acc_slot)
             acc = data[key]

@@ -623,6 +623,10 @@ def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int,
         out_act, chosen = _output_act(layers, plan, name, samples[name], bits)
         op.set_requant(*scales, out_act)
         how[name] = f"integer {kind[type(op)]}, {chosen}"
+    scale_of = {**{n: m.out_act_scale for n, m in layers.items()}, **{n: m.out_act_scale for n, m in int_ops.items()}}
+    for m in model.modules():  # max-poolings of codes: their input's scale (for the FPGA executor)
+        if isinstance(m, RMSMPMaxPool):
+            m.scale_in = scale_of.get(m.sources[0][1]) if m.sources else None
     return how
 
 

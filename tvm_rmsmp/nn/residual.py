@@ -163,9 +163,13 @@ class RMSMPAvgPool(nn.Module):
 class RMSMPMaxPool(nn.Module):
     """``F.max_pool2d`` of a code tensor (square or not; dilation 1, floor mode) as ``rmsmp::qmaxpool2d``."""
 
-    def __init__(self, name: str, kernel, stride, padding):
+    def __init__(self, name: str, kernel, stride, padding, sources: Tuple[Source] = ()):
         super().__init__()
         self.op_name = name
+        self.sources = tuple(sources)
+        #: the input codes' scale (float32 value), once known (``attach_requant``): the FPGA
+        #: executor hands the accelerator the codes
+        self.scale_in: Optional[float] = None
         pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
         self.kernel, self.stride, self.padding = pair(kernel), pair(stride if stride else kernel), pair(padding)
 
@@ -273,6 +277,8 @@ def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable
         # e.g. by BN folding) the module holding the layer that makes its first input
         where = _where(node) or (srcs[0][1].rpartition(".")[0] if srcs[0][0] == "layer" else "")
         base = (f"{where}." if where else "") + {"add": "add", "pool": "avgpool", "maxpool": "maxpool"}[kind]
+        if node.op == "call_module":  # a pooling module: its own path
+            base = str(node.target)
         names[base] = names.get(base, 0) + 1
         made[node] = (kind, base if names[base] == 1 else f"{base}_{names[base] - 1}")
         found.append((node, srcs, args))
@@ -282,7 +288,7 @@ def insert_int_ops(model: nn.Module, graph: torch.fx.Graph, layer_name: Callable
     for node, srcs, _ in found:
         kind, name = made[node]
         if kind == "maxpool":
-            op = RMSMPMaxPool(name, *_max_pool_args(node, model))
+            op = RMSMPMaxPool(name, *_max_pool_args(node, model), sources=srcs)
         else:
             op = RMSMPAdd(name, srcs) if kind == "add" else RMSMPAvgPool(name, srcs)
         container.add_module(node.name, op)

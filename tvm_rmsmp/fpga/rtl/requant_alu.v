@@ -8,6 +8,7 @@
 //   op 4 madd_shift: (acc * ma + acc_b * mb + 2^(shift-1)) >>> shift   (a residual add of two
 //                   accumulator halves holding 8-bit codes: ma = operand[MW-1:0],
 //                   mb = operand[2*MW-1:MW]; acc_b's low MW bits, signed: a code fits)
+//   op 5 max      : max(acc, acc_b)   (a max-pooling: the controller feeds each window tap)
 // operand is ACCW bits per lane (a bias); the multiplier takes its low MW bits, signed (the
 // requantization multiplier: 16 bits give 2^-15 relative precision, finer than int8 outputs).
 // The result keeps ACCW bits (the simulator keeps the exact value; equal while it fits).
@@ -46,6 +47,7 @@ module requant_alu #(
                 case (op)
                     3'd0: res[l*ACCW +: ACCW] <= a + b;
                     3'd3: res[l*ACCW +: ACCW] <= a[ACCW-1] ? {ACCW{1'b0}} : a;
+                    3'd5: res[l*ACCW +: ACCW] <= ($signed(acc_b[l*ACCW +: ACCW]) > a) ? acc_b[l*ACCW +: ACCW] : a;
                     default: res[l*ACCW +: ACCW] <= (prod + rnd) >>> sh;
                 endcase
             end
