@@ -221,30 +221,42 @@ def pool_program_of(name: str, params, shape, x_ref, out_var, accel) -> PoolProg
 MAXPOOL_PAD = -128
 
 
-def maxpool_tiles(shape, params, accel) -> Optional[list]:
+def maxpool_tiles(shape, params, accel, cap: Optional[int] = None) -> Optional[list]:
     """``[(n, c0, cb, r0, rb)]``: the max-pooling's tiles (a batch item, a block of ``cb``
-    channels from ``c0``, output rows ``r0 .. r0 + rb``), or None when one output row's window
-    rows do not fit an accumulator half."""
+    channels from ``c0``, output rows ``r0 .. r0 + rb``) of at most ``cap`` input codes (default:
+    an accumulator half), or None when one output row's window rows do not fit."""
     n, c, h, w = (int(d) for d in shape)
     (kh, kw), (sh, sw), (ph, pw) = (params[k] for k in ("kernel", "stride", "padding"))
     hp, wp = h + 2 * ph, w + 2 * pw
     oh = (hp - kh) // sh + 1
-    cap = accel.acc_slot_bytes // 4
+    cap = cap or accel.acc_slot_bytes // 4
     if hp * wp <= cap:
         cb, rb = min(c, cap // (hp * wp)), oh
     else:
         cb, rb = 1, (cap // wp - kh) // sh + 1
         if rb < 1:
             return None
+    # blocks of equal size, so that the two cores (which take the tiles in turn) get equal work
+    cb, rb = -(-c // -(-c // cb)), -(-oh // -(-oh // rb))
     return [(b, c0, min(cb, c - c0), r0, min(rb, oh - r0)) for b in range(n) for c0 in range(0, c, cb)
             for r0 in range(0, oh, rb)]
 
 
-def maxpool_stream(name: str, shape, params, accel) -> list:
+def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -> list:
     """The instruction stream of a max-pooling of codes ``[N, C, H, W]`` (DRAM tensors
     ``<name>.x``, padded by ``MAXPOOL_PAD``, and ``<name>.out``); ``params``: kernel, stride,
-    padding (``[h, w]`` each). Raises ValueError when a tile does not fit."""
-    tiles = maxpool_tiles(shape, params, accel)
+    padding (``[h, w]`` each). ``cap``: input codes per tile; by default the one of
+    ``acc_slot_bytes / 4 / 2^k`` (at least :data:`MIN_TILE`) the cycle model times fastest.
+    Raises ValueError when a tile does not fit."""
+    if cap is None:
+        full = accel.acc_slot_bytes // 4
+        sim, timed = Simulator(accel), []
+        for k in range(4):
+            if k and (full >> k) < MIN_TILE or maxpool_tiles(shape, params, accel, full >> k) is None:
+                continue
+            timed.append((sim.run(maxpool_stream(name, shape, params, accel, full >> k)).cycles, -(full >> k)))
+        cap = -min(timed)[1] if timed else full
+    tiles = maxpool_tiles(shape, params, accel, cap)
     if tiles is None:
         raise ValueError(f"max-pooling {name!r}: the window rows of one output row do not fit an accumulator half")
     (kh, kw), (sh, sw), (ph, pw) = (params[k] for k in ("kernel", "stride", "padding"))
@@ -254,14 +266,18 @@ def maxpool_stream(name: str, shape, params, accel) -> list:
     for i, (b, c0, cb, r0, rb) in enumerate(tiles):
         core = ("dsp", "lut")[i % 2]
         rows_in = sh * (rb - 1) + kh
-        loaded, done, free = f"load->{core}:acc", f"{core}->store_{core}:acc", f"store_{core}->load:acc"
+        more = i + 2 < len(tiles)
+        # half 0 (input) is free again once the ALU has read it, half 1 (output) once it is stored
+        loaded, done = f"load->{core}:acc", f"{core}->store_{core}:acc"
+        in_free, out_free = f"{core}->load:acc", f"store_{core}->{core}:acc"
         stream += [
             Load(buffer=f"acc_{core}", tensor=f"{name}.x", region=((b, 1), (c0, cb), (r0 * sh, rows_in), (0, wp)),
-                 slot=0, nbytes=cb * rows_in * wp, wait=(free,) if i >= 2 else (), signal=(loaded,), layer=name),
+                 slot=0, nbytes=cb * rows_in * wp, wait=(in_free,) if i >= 2 else (), signal=(loaded,), layer=name),
             Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * kh * kw, src_slot=0,
-                imm=(kh, kw, sh, sw), wait=(loaded,), signal=(done,), layer=name),
+                imm=(kh, kw, sh, sw), wait=(loaded,) + ((out_free,) if i >= 2 else ()),
+                signal=(done,) + ((in_free,) if more else ()), layer=name),
             Store(core=core, slot=1, tensor=f"{name}.out", region=((b, 1), (c0, cb), (r0, rb), (0, ow)), nbytes=cb * rb * ow,
-                  wait=(done,), signal=(free,) if i + 2 < len(tiles) else (), layer=name),
+                  wait=(done,), signal=(out_free,) if more else (), layer=name),
         ]
     return stream
 

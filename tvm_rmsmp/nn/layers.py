@@ -601,6 +601,7 @@ def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int,
     stats = {n: _InputStats(channel_axis=1, batches=len(batches)) for n in layers}
     for op in int_ops.values():
         op.requant, op.recording, op.shapes_differ = None, [], False  # a float op while calibrating
+        op.quota = max(1, op.MAX_SAMPLES // max(len(batches), 1))  # the sample spread over every batch
     try:
         forward_with_hooks(model, batches, [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,)))
                                             for n, m in layers.items()])

@@ -1,4 +1,5 @@
-"""Residual adds and global average pooling in the integer-only mode (``RMSMPConfig(requant="fixed_point")``).
+"""Residual adds, max-pooling and global average pooling in the integer-only mode
+(``RMSMPConfig(requant="fixed_point")``).
 
 A model's ``a + b`` whose two inputs are code tensors at known scales (outputs of fixed-point
 layers, through ReLU / max-pooling / flatten, or of another such add) becomes an
@@ -32,7 +33,8 @@ from torch import nn
 from ..quant.requant import add_multipliers, quantize_multiplier
 from . import ops  # noqa: F401  (registers rmsmp::qadd_requant)
 
-__all__ = ["RMSMPAdd", "RMSMPAvgPool", "RMSMPMaxPool", "insert_int_ops", "rmsmp_adds", "rmsmp_pools", "rmsmp_int_ops", "rmsmp_maxpools", "ADD_FUNCTIONS"]
+__all__ = ["RMSMPAdd", "RMSMPAvgPool", "RMSMPMaxPool", "insert_int_ops", "rmsmp_adds", "rmsmp_pools", "rmsmp_int_ops",
+           "rmsmp_maxpools", "ADD_FUNCTIONS"]
 
 #: fx call targets of a plain two-tensor add.
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -41,9 +43,10 @@ Source = Tuple[str, str]  # ("layer" | "add" | "pool", name)
 
 
 def _record(module, y: torch.Tensor) -> None:
-    """Keep a strided sample of ``y`` (at most ``module.MAX_SAMPLES`` over all calls) for calibration."""
+    """Keep a strided sample of ``y`` for calibration: at most ``module.quota`` per call (set to
+    a share of ``MAX_SAMPLES`` per calibration batch) and ``MAX_SAMPLES`` over all calls."""
     flat = y.detach().reshape(-1).to(torch.float32).cpu().numpy()
-    left = module.MAX_SAMPLES - sum(s.size for s in module.recording)
+    left = min(getattr(module, "quota", module.MAX_SAMPLES), module.MAX_SAMPLES - sum(s.size for s in module.recording))
     if left > 0:
         module.recording.append(flat[:: max(1, flat.size // left)][:left].copy())
 
@@ -54,7 +57,8 @@ class RMSMPAdd(nn.Module):
 
     ``name``: where the add is (the module path of the ``forward`` it was in, else of the layer
     making its first input, plus ``.add``; ``_1``, ... for further adds there);
-    ``sources``: what produces ``a`` and ``b`` (``("layer", layer name)`` or ``("add", add name)``)."""
+    ``sources``: what produces ``a`` and ``b`` (``("layer", layer name)``, ``("add", add name)`` or
+    ``("pool", pooling name)``)."""
 
     #: most output samples kept for calibration
     MAX_SAMPLES = 1 << 18
