@@ -117,7 +117,7 @@ def test_quantize_turns_residual_adds_into_integer_adds(resnet):
     assert set(layers) == {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     # the ReLU after each add folds into its clamp; an add feeding the next block's conv1 writes at
     # that conv's input scale; the last one (into the average pooling) is calibrated
-    for name, add in adds.items():
+    for add in adds.values():
         assert (add.requant["qmin"], add.requant["qmax"]) == (0, 255)
     assert adds["layer1.0.add"].requant["out_scale"] == float(np.float32(layers["layer1.1.conv1"].act.scale))
     assert adds["layer3.1.add"].requant["out_scale"] == float(np.float32(layers["layer4.0.conv1"].act.scale))
@@ -134,8 +134,10 @@ def test_quantize_turns_residual_adds_into_integer_adds(resnet):
         h.remove()
     for name, ((a, b), out) in seen.items():
         r = adds[name].requant
-        qa, qb = (np.round(t.numpy().astype(np.float64) / s).astype(np.int64) for t, s in ((a, r["scale_a"]), (b, r["scale_b"])))
-        want = np.vectorize(lambda x, z: _ref_add(int(x), int(z), r["mult_a"], r["mult_b"], r["shift"], 0, 255))(qa, qb)
+        qa, qb = (np.round(t.numpy().astype(np.float64) / s).astype(np.int64)
+                  for t, s in ((a, r["scale_a"]), (b, r["scale_b"])))
+        want = np.vectorize(lambda x, z, r=r: _ref_add(int(x), int(z), r["mult_a"], r["mult_b"], r["shift"], 0, 255))(
+            qa, qb)
         np.testing.assert_array_equal(out.numpy(), want.astype(np.float32) * np.float32(r["out_scale"]), err_msg=name)
     # the global average pooling: integer sums of the last add's codes, at fc's input scale
     from tvm_rmsmp.nn.residual import rmsmp_pools

@@ -24,8 +24,8 @@ from ..nn.layers import _RMSMPLayer, rmsmp_layers
 from ..nn.residual import RMSMPAdd, RMSMPAvgPool, RMSMPMaxPool, rmsmp_adds, rmsmp_maxpools, rmsmp_pools
 from relay_passes import contract
 
-__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add", "emit_global_pool", "emit_max_pool",
-           "index_bounds"]
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add",
+           "emit_global_pool", "emit_max_pool", "index_bounds"]
 
 
 def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.PrimFunc:

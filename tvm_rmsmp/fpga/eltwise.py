@@ -42,7 +42,8 @@ import numpy as np
 from .isa import Alu, GemmDSP, Load, Store, stream_summary
 from .simulator import Simulator, WeightTensor
 
-__all__ = ["EltwiseProgram", "PoolProgram", "MaxPoolProgram", "maxpool_stream", "maxpool_tiles", "add_stream", "pool_stream", "pool_fits", "add_program_of", "pool_program_of"]
+__all__ = ["EltwiseProgram", "PoolProgram", "MaxPoolProgram", "add_stream", "pool_stream", "pool_fits", "maxpool_stream",
+           "maxpool_tiles", "add_program_of", "pool_program_of", "maxpool_program_of"]
 
 
 #: Smallest tile tried (codes): below it the DMA set-up latency dominates.
@@ -73,7 +74,8 @@ def add_stream(name: str, elements: int, params: Dict[str, object], accel, tile:
         stream += [
             Load(buffer=f"acc_{core}", tensor=f"{name}.a", region=region, slot=0, nbytes=n,
                  wait=(free,) if i >= 2 else (), layer=name),
-            Load(buffer=f"acc_{core}", tensor=f"{name}.b", region=region, slot=1, nbytes=n, signal=(loaded,), layer=name),
+            Load(buffer=f"acc_{core}", tensor=f"{name}.b", region=region, slot=1, nbytes=n, signal=(loaded,),
+                 layer=name),
             Alu(core=core, acc_slot=0, alu_op="madd_shift", elements=n, src_slot=1, imm=imm, wait=(loaded,),
                 signal=(done,), layer=name),
             Store(core=core, slot=0, tensor=f"{name}.out", region=region, nbytes=n, clamp=clamp, wait=(done,),
@@ -276,8 +278,8 @@ def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -
             Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * kh * kw, src_slot=0,
                 imm=(kh, kw, sh, sw), wait=(loaded,) + ((out_free,) if i >= 2 else ()),
                 signal=(done,) + ((in_free,) if more else ()), layer=name),
-            Store(core=core, slot=1, tensor=f"{name}.out", region=((b, 1), (c0, cb), (r0, rb), (0, ow)), nbytes=cb * rb * ow,
-                  wait=(done,), signal=(out_free,) if more else (), layer=name),
+            Store(core=core, slot=1, tensor=f"{name}.out", region=((b, 1), (c0, cb), (r0, rb), (0, ow)),
+                  nbytes=cb * rb * ow, wait=(done,), signal=(out_free,) if more else (), layer=name),
         ]
     return stream
 

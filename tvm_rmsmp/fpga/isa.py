@@ -218,9 +218,9 @@ class Alu(Instruction):
             ok = (self.src_slot in (0, 1) and self.src_slot != self.acc_slot and len(self.imm) == 3
                   and all(0 <= int(v) < 2**15 for v in self.imm[:2]) and 0 <= int(self.imm[2]) <= 63)
             if not ok:
-                raise ValueError(f"ALU madd_shift needs src_slot, the other half than acc_slot, and imm (ma, mb, S) with "
-                                 f"16-bit multipliers and a shift in [0, 63]; got src_slot={self.src_slot!r}, "
-                                 f"imm={self.imm!r}")
+                raise ValueError(f"ALU madd_shift needs src_slot, the other half than acc_slot, and imm (ma, mb, "
+                                 f"S) with 16-bit multipliers and a shift in [0, 63]; got src_slot="
+                                 f"{self.src_slot!r}, imm={self.imm!r}")
 
     @property
     def queue(self) -> str:

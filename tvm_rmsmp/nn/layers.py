@@ -529,8 +529,8 @@ def _is_op(node, model: nn.Module, modules, functions, methods) -> bool:
 
 
 def _trace(model: nn.Module) -> Optional[torch.fx.Graph]:
-    """The fx graph of ``model`` with RMSMP layers and residual adds as leaves; None (with a
-    warning) when it cannot be traced."""
+    """The fx graph of ``model`` with RMSMP layers, residual adds and poolings as leaves; None
+    (with a warning) when it cannot be traced."""
     try:
         return _LayerTracer().trace(model)
     except Exception as err:  # data-dependent control flow
@@ -587,14 +587,15 @@ def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int,
                    plan: Optional[Dict[str, Tuple[bool, List[str]]]] = None) -> Dict[str, str]:
     """Give every RMSMP layer of ``model`` the fixed-point epilogue (in place): its output
     quantizer is the input quantizer of the layers it feeds when it feeds only RMSMP layers
-    (through ReLU / max-pooling / flatten; residual adds take any codes) and they all quantize
+    (through ReLU / max-pooling / flatten; residual adds and global poolings take any codes) and they all quantize
     alike ("chained"), else one calibrated on its outputs over ``batches`` (after the ReLU that
     follows it, if one does: unsigned codes, the ReLU folded into the clamp). The residual adds
     and global poolings of ``model`` (:class:`~tvm_rmsmp.nn.residual.RMSMPAdd`,
     :class:`~tvm_rmsmp.nn.residual.RMSMPAvgPool`, put in by :func:`requant_model`) then become
     integer ops the same way, in graph order, where their inputs are codes at known scales (of
-    one shape, for an add) ("integer add, chained", ...; else "float add" / "float average pooling"). ``plan``: :func:`_requant_plan` of the
-    model, if already made. Returns ``{layer or add: how}``."""
+    one shape, for an add): "integer add, chained", ...; else "float add" / "float average
+    pooling". Max-poolings of codes learn their input's scale. ``plan``: :func:`_requant_plan`
+    of the model, if already made. Returns ``{layer or op: how}``."""
     layers = rmsmp_layers(model)
     int_ops = rmsmp_int_ops(model)
     plan = _requant_plan(model) if plan is None else plan

@@ -48,7 +48,8 @@ import torch
 from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
-           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant", "qavgpool_requant", "qmaxpool2d", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant",
+           "qavgpool_requant", "qmaxpool2d", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:

@@ -124,7 +124,8 @@ def add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> Tuple[i
     scales when one is not positive and finite or the shift falls outside ``[1, 63]``."""
     scales = (scale_a, scale_b, scale_out)
     if not all(math.isfinite(float(v)) and float(v) > 0 for v in scales):
-        raise ValueError(f"add scales must be positive and finite, got sa={scale_a!r}, sb={scale_b!r}, so={scale_out!r}")
+        raise ValueError(f"add scales must be positive and finite, got sa={scale_a!r}, sb={scale_b!r}, "
+                         f"so={scale_out!r}")
     ra, rb = (Fraction(float(v)) / Fraction(float(scale_out)) for v in (scale_a, scale_b))
     big = max(ra, rb)
     shift = (MULT_BITS - 2) - (big.numerator.bit_length() - big.denominator.bit_length())
