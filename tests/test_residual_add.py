@@ -201,7 +201,8 @@ def test_cpu_build_is_bit_exact(resnet):
 
 
 class _Block(torch.nn.Module):
-    """One downsampling residual block and a global average pooling (both calibrated output scales)."""
+    """One downsampling residual block with a max-pooling inside and a global average pooling
+    (the add and the pooling: calibrated output scales)."""
 
     def __init__(self):
         super().__init__()
@@ -210,19 +211,21 @@ class _Block(torch.nn.Module):
         self.c2 = torch.nn.Conv2d(8, 8, 3, 1, 1)
 
     def forward(self, x):
-        y = torch.relu(self.c2(torch.relu(self.c1(x))) + self.c0(x))
+        y = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 3, 1, 1)
+        y = torch.relu(self.c2(y) + self.c0(x))
         return torch.nn.functional.adaptive_avg_pool2d(y, 1)
 
 
 def test_opencl_build_is_bit_exact():
-    """OpenCL (PoCL): the add and pooling ops through the GPU pipeline, bit for bit (a small
+    """OpenCL (PoCL): the add and both pooling ops through the GPU pipeline, bit for bit (a small
     block: the layers' fixed-point epilogue on OpenCL is tests/test_requant.py's)."""
     from conftest import opencl_status
 
     usable, why = opencl_status()
     if not usable:
         pytest.skip(why)
-    from tvm_rmsmp.nn.residual import rmsmp_adds, rmsmp_pools
+    from tvm_rmsmp.nn.layers import rmsmp_layers
+    from tvm_rmsmp.nn.residual import rmsmp_adds, rmsmp_maxpools, rmsmp_pools
 
     torch.manual_seed(6)
     x = torch.randn(2, 3, 8, 8)
@@ -230,6 +233,7 @@ def test_opencl_build_is_bit_exact():
     q = rmsmp.quantize(_Block().eval(), cfg, calib_data=[x])
     assert list(rmsmp_adds(q)) == ["add"] and rmsmp_adds(q)["add"].requant is not None  # in the model's own forward
     assert list(rmsmp_pools(q)) == ["avgpool"] and rmsmp_pools(q)["avgpool"].requant is not None
+    assert rmsmp_maxpools(q)["maxpool"].scale_in == rmsmp_layers(q)["c1"].out_act_scale
     exe = rmsmp.compile(q, (x,), target="mali")
     for xs in (x, 8 * torch.randn(2, 3, 8, 8)):
         np.testing.assert_array_equal(exe(xs), q(xs).detach().numpy())
