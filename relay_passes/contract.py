@@ -41,6 +41,12 @@ point folded into the row groups' bias) or, per token, :data:`TOKEN_EXPONENT`,
 :data:`QUANTIZE_PER_TOKEN` and after the row groups :data:`TOKEN_EPILOGUE` (see
 :func:`verify_activation_func` and docs/design.md). Rule ``acc_bound`` also counts the bias
 constants a row-group op is called with: ``acc + bias`` is an int32 add.
+
+In the integer-only mode a residual add of two code tensors is one op, :data:`OP`
+:data:`ADD_REQUANT` with :data:`ADD` (:func:`verify_add_func`), and a global average pooling of
+codes one :data:`AVGPOOL_REQUANT` with :data:`POOL` (:func:`verify_pool_func`), a max-pooling
+of codes one :data:`MAXPOOL_CODES` with :data:`MAXPOOL` (:func:`verify_maxpool_func`): the FPGA
+executor runs them on the accelerator, every other target as the PrimFuncs they are.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
     "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
     "ZERO_POINT", "ACT_BITS", "REQUANT", "requant_of", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
-    "verify_activation_func",
+    "verify_activation_func", "ADD_REQUANT", "ADD", "ADD_PARAMS", "add_params", "verify_add_func",
+    "AVGPOOL_REQUANT", "POOL", "pool_params", "verify_pool_func", "MAXPOOL_CODES", "MAXPOOL", "verify_maxpool_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
     "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
     "ConstantKernel", "DENSE_BSR", "SPARSE_OPS", "SPARSE_PARAMS", "SPARSE_BLOCK", "SPARSE_ROW_SCHEMES",
@@ -89,6 +96,15 @@ ACT_BITS = "rmsmp.act_bits"            #: per-token activation functions: the ac
 #: (tvm_rmsmp.quant.requant; the float64 evaluation is exact). Kernels that only know the float
 #: epilogue must decline a function with this attribute.
 REQUANT = "rmsmp.requant"
+#: a residual add in the integer-only mode (:data:`OP` :data:`ADD_REQUANT`): ``{"scale_a", "scale_b",
+#: "mult_a", "mult_b", "shift", "qmin", "qmax", "out_scale"}`` (see :func:`verify_add_func`).
+ADD = "rmsmp.add"
+#: a global average pooling in the integer-only mode (:data:`OP` :data:`AVGPOOL_REQUANT`):
+#: ``{"scale_in", "mult", "shift", "qmin", "qmax", "out_scale"}`` (see :func:`verify_pool_func`).
+POOL = "rmsmp.pool"
+#: a max-pooling of codes in the integer-only mode (:data:`OP` :data:`MAXPOOL_CODES`):
+#: ``{"kernel", "stride", "padding"}``, each ``[h, w]``, and ``"scale_in"`` (the codes' scale) where known.
+MAXPOOL = "rmsmp.maxpool"
 
 # ----- values ---------------------------------------------------------------------------------
 OPS = ("dense", "conv2d")
@@ -98,6 +114,15 @@ TOKEN_EXPONENT = "token_exponent"      #: per token: ``x [M, K] float32 -> e [M]
 QUANTIZE_PER_TOKEN = "quantize_per_token"  #: per token: ``(x, e) -> x_q int8 [M, K]``
 TOKEN_EPILOGUE = "token_epilogue"      #: per token: ``(y0 [M, N], e, bias float32 [N]) -> y0 * 2^e + bias``
 ACTIVATION_OPS = (QUANTIZE, TOKEN_EXPONENT, QUANTIZE_PER_TOKEN, TOKEN_EPILOGUE)
+#: :data:`OP` of a residual add of two code tensors in the integer-only mode (``rmsmp::qadd_requant``).
+ADD_REQUANT = "add_requant"
+#: Its parameters: ``a``, ``b`` and ``out``, float32 of one shape (float views of 8-bit codes).
+ADD_PARAMS = ("a", "b", "out")
+#: :data:`OP` of a global average pooling of codes in the integer-only mode (``rmsmp::qavgpool_requant``):
+#: parameters ``x [N, C, H, W]`` and ``out [N, C, 1, 1]``, float32.
+AVGPOOL_REQUANT = "avgpool_requant"
+#: :data:`OP` of a max-pooling of codes (``rmsmp::qmaxpool2d``): ``x [N, C, H, W]``, ``out [N, C, OH, OW]``, float32.
+MAXPOOL_CODES = "maxpool_codes"
 #: How packed SP2 rows multiply: shift-add on the activation, or decode to an integer and MAC.
 SP2_LOWERINGS = ("shift", "decode")
 ACC_BLOCK = "acc"
@@ -372,6 +397,104 @@ def verify_activation_func(name: str, func: tvm.tirx.PrimFunc) -> None:
             broken("act_bits", f"{ACT_BITS} is {bits!r}, expected an integer in [2, 8]")
 
 
+def add_params(func) -> Optional[dict]:
+    """The :data:`ADD` attribute of a residual add (a PrimFunc, or ``{"params": dict}``) with
+    Python ints and floats, or None."""
+    value = func["params"] if isinstance(func, dict) else attr(func, ADD)
+    if value is None:
+        return None
+    ints = ("mult_a", "mult_b", "shift", "qmin", "qmax")
+    return {**{k: int(value[k]) for k in ints}, **{k: float(value[k]) for k in ("scale_a", "scale_b", "out_scale")}}
+
+
+def verify_add_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one residual add (rules ``op``, ``layer``, ``params``: ``a``, ``b``, ``out`` float32
+    of one shape; ``add``: :data:`ADD` with multipliers in ``[0, 2^15)``, the larger at least
+    2^14, a shift in ``[1, 62]``, positive scales and ``[qmin, qmax]`` within int8 or uint8);
+    raise :class:`ContractError`. What it computes: ``out = float32(clamp((qa * mult_a + qb *
+    mult_b + 2^(shift-1)) >> shift, qmin, qmax)) * out_scale`` with ``q = round(x / scale)`` the
+    codes of each input (tvm_rmsmp.quant.requant.requantize_add)."""
+    _, broken = _checked_op(name, func, "residual add contract", (ADD_REQUANT,))
+    bufs = list(func.params)
+    if len(bufs) != len(ADD_PARAMS):
+        broken("params", f"{len(bufs)} parameters, expected {len(ADD_PARAMS)}: {list(ADD_PARAMS)}")
+    analyzer = Analyzer()
+    for pname, b in zip(ADD_PARAMS, bufs):
+        if str(b.dtype) != "float32" or len(b.shape) != len(bufs[0].shape) or not all(
+                analyzer.can_prove_equal(d, e) for d, e in zip(b.shape, bufs[0].shape)):
+            broken("params", f"parameter {pname} is {b.dtype}{list(b.shape)}, expected float32{list(bufs[0].shape)}")
+    try:
+        p = add_params(func)
+    except (KeyError, TypeError, ValueError) as err:
+        broken("add", f"{ADD} is incomplete ({err!r})")
+    if p is None:
+        broken("add", f"no {ADD} attribute")
+    ok = (0 <= p["mult_a"] < 2**15 and 0 <= p["mult_b"] < 2**15 and max(p["mult_a"], p["mult_b"]) >= 2**14
+          and 1 <= p["shift"] <= 62 and min(p["scale_a"], p["scale_b"], p["out_scale"]) > 0
+          and -128 <= p["qmin"] <= p["qmax"] <= 255 and (p["qmin"] >= 0 or p["qmax"] <= 127))
+    if not ok:
+        broken("add", f"{ADD} out of range: {p}")
+
+
+def pool_params(func) -> Optional[dict]:
+    """The :data:`POOL` attribute of a global pooling (a PrimFunc, or ``{"params": dict}``) with
+    Python ints and floats, or None."""
+    value = func["params"] if isinstance(func, dict) else attr(func, POOL)
+    if value is None:
+        return None
+    return {**{k: int(value[k]) for k in ("mult", "shift", "qmin", "qmax")},
+            **{k: float(value[k]) for k in ("scale_in", "out_scale")}}
+
+
+def verify_pool_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one global average pooling (rules ``op``, ``layer``, ``params``: ``x`` float32
+    ``[N, C, H, W]``, ``out`` float32 ``[N, C, 1, 1]``; ``pool``: :data:`POOL` with a multiplier in
+    ``[2^14, 2^15)``, a shift in ``[1, 62]``, positive scales and an 8-bit range); raise
+    :class:`ContractError`. It computes ``out = float32(clamp((sum_hw q * mult + 2^(shift-1)) >>
+    shift, qmin, qmax)) * out_scale``, ``q = round(x / scale_in)`` the input's codes."""
+    _, broken = _checked_op(name, func, "average pooling contract", (AVGPOOL_REQUANT,))
+    bufs = list(func.params)
+    analyzer = Analyzer()
+    if len(bufs) != 2 or any(str(b.dtype) != "float32" or len(b.shape) != 4 for b in bufs) or not all(
+            analyzer.can_prove_equal(bufs[0].shape[i], bufs[1].shape[i]) for i in (0, 1)) or not all(
+            analyzer.can_prove_equal(bufs[1].shape[i], 1) for i in (2, 3)):
+        broken("params", f"parameters {[f'{b.dtype}{list(b.shape)}' for b in bufs]}, expected x float32 "
+                         "[N, C, H, W] and out float32 [N, C, 1, 1]")
+    try:
+        p = pool_params(func)
+    except (KeyError, TypeError, ValueError) as err:
+        broken("pool", f"{POOL} is incomplete ({err!r})")
+    if p is None:
+        broken("pool", f"no {POOL} attribute")
+    ok = (2**14 <= p["mult"] < 2**15 and 1 <= p["shift"] <= 62 and min(p["scale_in"], p["out_scale"]) > 0
+          and -128 <= p["qmin"] <= p["qmax"] <= 255 and (p["qmin"] >= 0 or p["qmax"] <= 127))
+    if not ok:
+        broken("pool", f"{POOL} out of range: {p}")
+
+
+def verify_maxpool_func(name: str, func: tvm.tirx.PrimFunc) -> None:
+    """Check one max-pooling of codes (rules ``op``, ``layer``, ``params``: float32 ``x`` and
+    ``out`` of rank 4, ``out``'s shape the pooling's; ``maxpool``: :data:`MAXPOOL` with positive
+    kernel and stride, padding below the kernel); raise :class:`ContractError`."""
+    _, broken = _checked_op(name, func, "max-pooling contract", (MAXPOOL_CODES,))
+    value = attr(func, MAXPOOL)
+    try:
+        (kh, kw), (sh, sw), (ph, pw) = ([int(v) for v in value[k]] for k in ("kernel", "stride", "padding"))
+    except (KeyError, TypeError, ValueError):
+        broken("maxpool", f"{MAXPOOL} must hold kernel, stride and padding, each [h, w]; got {value!r}")
+    if min(kh, kw, sh, sw) < 1 or not (0 <= ph < kh and 0 <= pw < kw):
+        broken("maxpool", f"{MAXPOOL} out of range: {value}")
+    bufs = list(func.params)
+    if len(bufs) != 2 or any(str(b.dtype) != "float32" or len(b.shape) != 4 for b in bufs):
+        broken("params", f"parameters {[f'{b.dtype}{list(b.shape)}' for b in bufs]}, expected float32 x and out "
+                         "of rank 4")
+    x, out = ([d for d in b.shape] for b in bufs)
+    analyzer = Analyzer()
+    want = [x[0], x[1], (x[2] + 2 * ph - kh) // sh + 1, (x[3] + 2 * pw - kw) // sw + 1]
+    if not all(analyzer.can_prove_equal(a, b) for a, b in zip(out, want)):
+        broken("params", f"out is {list(out)}, the pooling of x {list(x)} gives {want}")
+
+
 def _relax_calls(mod: tvm.IRModule) -> List[tvm.relax.Call]:
     """Every call in the module's Relax functions, collected first: an error raised inside
     TVM's visitor would come out as a RuntimeError."""
@@ -413,6 +536,12 @@ def verify(mod: tvm.IRModule) -> tvm.IRModule:
                 verify_conv_pattern_func(gv.name_hint, func)
             elif str(func.attrs[OP]) in SPARSE_OPS:
                 verify_sparse_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) == ADD_REQUANT:
+                verify_add_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) == AVGPOOL_REQUANT:
+                verify_pool_func(gv.name_hint, func)
+            elif str(func.attrs[OP]) == MAXPOOL_CODES:
+                verify_maxpool_func(gv.name_hint, func)
             else:
                 verify_func(gv.name_hint, func)
     _verify_bias_bounds(mod)

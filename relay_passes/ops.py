@@ -39,6 +39,9 @@ __all__ = [
     "token_exponent_func",
     "quantize_per_token_func",
     "token_epilogue_func",
+    "add_requant_func",
+    "avgpool_requant_func",
+    "maxpool_codes_func",
     "fixed_product",
     "sp2_product",
     "sp2_nibble_decode_product",
@@ -217,6 +220,100 @@ def token_epilogue_func(shape: Sequence[int], layer: str) -> tirx.PrimFunc:
     y = te.compute((_i64(m), _i64(n)), lambda i, j: y0[i, j] * pow2(e[i]) + bias[j], name="y")
     attrs = {contract.OP: contract.TOKEN_EPILOGUE, contract.LAYER: layer, "op_pattern": OP_PATTERN_BROADCAST}
     return _finish([y0, e, bias, y], attrs)
+
+
+def _f32_const(value: float) -> tvm.ir.Expr:
+    """A float32 constant from its bits: a decimal literal in generated source (OpenCL) may not round-trip."""
+    bits = int(np.array(float(value), np.float32).view(np.uint32))
+    return tirx.reinterpret("float32", tirx.const(bits, "uint32"))
+
+
+def add_requant_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
+    """A residual add in the integer-only mode (:data:`contract.ADD_REQUANT`; ``params`` its
+    :data:`contract.ADD` attribute): ``a``, ``b`` float32 views of codes at ``scale_a`` /
+    ``scale_b``, ``out = float32(clamp((qa * mult_a + qb * mult_b + 2^(shift-1)) >> shift, qmin,
+    qmax)) * out_scale`` with ``q = nearbyint(float64(x) / float64(scale))`` (exact for 8-bit codes)
+    and the sum in int64, ``>>`` the floor division by ``2^shift`` (so any target agrees)."""
+    p = contract.add_params({"params": params})
+    if not 1 <= p["shift"] <= 62:
+        raise ValueError(f"residual add {name!r}: shift {p['shift']} outside [1, 62]")
+    shape = func_shape(shape)
+    a = te.placeholder(tuple(_i64(d) for d in shape), "float32", name="a")
+    b = te.placeholder(tuple(_i64(d) for d in shape), "float32", name="b")
+    f64 = lambda v: tirx.const(float(np.float32(v)), "float64")  # noqa: E731  (an exact float32 value)
+    sa, sb = f64(p["scale_a"]), f64(p["scale_b"])
+    ma, mb = tirx.const(p["mult_a"], "int64"), tirx.const(p["mult_b"], "int64")
+    rnd, div = tirx.const(1 << (p["shift"] - 1), "int64"), tirx.const(1 << p["shift"], "int64")
+    lo, hi = tirx.const(p["qmin"], "int64"), tirx.const(p["qmax"], "int64")
+    out_scale = _f32_const(p["out_scale"])
+
+    def f(*i):
+        qa = tirx.nearbyint(a(*i).astype("float64") / sa).astype("int64")
+        qb = tirx.nearbyint(b(*i).astype("float64") / sb).astype("int64")
+        q = tirx.floordiv(qa * ma + qb * mb + rnd, div)
+        return tirx.max(tirx.min(q, hi), lo).astype("float32") * out_scale
+
+    out = te.compute(tuple(_i64(d) for d in shape), f, name="out")
+    attrs = {contract.OP: contract.ADD_REQUANT, contract.LAYER: name, contract.ADD: dict(p),
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([a, b, out], attrs)
+
+
+def avgpool_requant_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
+    """Global average pooling in the integer-only mode (:data:`contract.AVGPOOL_REQUANT`; ``params``
+    its :data:`contract.POOL` attribute): ``x [N, C, H, W]`` a float32 view of codes at
+    ``scale_in``, ``out [N, C, 1, 1] = float32(clamp((sum_hw q * mult + 2^(shift-1)) >> shift,
+    qmin, qmax)) * out_scale`` with ``q = nearbyint(float64(x) / float64(scale_in))`` (exact), the
+    sum in int64 (any order: exact) and ``>>`` the floor division."""
+    p = contract.pool_params({"params": params})
+    if not 1 <= p["shift"] <= 62:
+        raise ValueError(f"average pooling {name!r}: shift {p['shift']} outside [1, 62]")
+    n, c, h, w = func_shape(shape)
+    x = te.placeholder((_i64(n), _i64(c), _i64(h), _i64(w)), "float32", name="x")
+    scale = tirx.const(float(np.float32(p["scale_in"])), "float64")
+    ry, rx = te.reduce_axis((_i64(0), _i64(h)), name="ry"), te.reduce_axis((_i64(0), _i64(w)), name="rx")
+    total = te.compute(
+        (_i64(n), _i64(c)),
+        lambda i, j: te.sum(tirx.nearbyint(x[i, j, ry, rx].astype("float64") / scale).astype("int64"), axis=[ry, rx]),
+        name="sum")
+    mult, rnd = tirx.const(p["mult"], "int64"), tirx.const(1 << (p["shift"] - 1), "int64")
+    div = tirx.const(1 << p["shift"], "int64")
+    lo, hi = tirx.const(p["qmin"], "int64"), tirx.const(p["qmax"], "int64")
+    out_scale = _f32_const(p["out_scale"])
+    out = te.compute(
+        (_i64(n), _i64(c), _i64(1), _i64(1)),
+        lambda i, j, a, b: tirx.max(tirx.min(tirx.floordiv(total[i, j] * mult + rnd, div), hi), lo).astype("float32")
+        * out_scale,
+        name="out")
+    attrs = {contract.OP: contract.AVGPOOL_REQUANT, contract.LAYER: name, contract.POOL: dict(p),
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([x, out], attrs)
+
+
+def maxpool_codes_func(shape: Sequence[int], params: Dict[str, object], name: str) -> tirx.PrimFunc:
+    """Max-pooling of a float32 view of codes (:data:`contract.MAXPOOL_CODES`; ``params`` its
+    :data:`contract.MAXPOOL` attribute ``{"kernel", "stride", "padding"}`` and, where known, the
+    input codes' ``scale_in``): the max over each
+    window, padding never chosen (``-inf``), as ``F.max_pool2d``; exact."""
+    n, c, h, w = func_shape(shape)
+    (kh, kw), (sh, sw), (ph, pw) = ([int(v) for v in params[k]] for k in ("kernel", "stride", "padding"))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    x = te.placeholder((_i64(n), _i64(c), _i64(h), _i64(w)), "float32", name="x")
+    ry, rx = te.reduce_axis((_i64(0), _i64(kh)), name="ry"), te.reduce_axis((_i64(0), _i64(kw)), name="rx")
+    low = tirx.const(float("-inf"), "float32")
+
+    def window(i, j, y, z):
+        yy, xx = y * _i64(sh) + ry - _i64(ph), z * _i64(sw) + rx - _i64(pw)
+        inside = tirx.all(yy >= _i64(0), yy < _i64(h), xx >= _i64(0), xx < _i64(w))
+        return te.max(tirx.if_then_else(inside, x[i, j, yy, xx], low), axis=[ry, rx])
+
+    out = te.compute((_i64(n), _i64(c), _i64(oh), _i64(ow)), window, name="out")
+    attr = {k: [int(v) for v in params[k]] for k in ("kernel", "stride", "padding")}
+    if params.get("scale_in") is not None:
+        attr["scale_in"] = float(params["scale_in"])
+    attrs = {contract.OP: contract.MAXPOOL_CODES, contract.LAYER: name, contract.MAXPOOL: attr,
+             "op_pattern": OP_PATTERN_OPAQUE}
+    return _finish([x, out], attrs)
 
 
 def fixed_nibble_product(x: tvm.ir.Expr, nibble: tvm.ir.Expr) -> tvm.ir.Expr:

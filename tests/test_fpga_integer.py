@@ -77,7 +77,8 @@ def test_weight_prefetch_across_layers_is_hazard_free(small_resnet):
     chained = exe.profile(prefetch=True)
     per_layer = exe.profile()
     assert chained["macs"] == per_layer["macs"]
-    assert [entry["layer"] for entry in chained["layers"]] == [p.layer for p in exe.layers]
+    # the steps: every layer and, between them, the residual adds (which run on the ALUs)
+    assert [entry["layer"] for entry in chained["layers"]] == [p.layer for p in exe.programs]
     program = chain_streams([p.stream for p in exe.layers])
     assert len(program) == sum(len(p.stream) for p in exe.layers)
     firsts = [ins for ins in program if isinstance(ins, Load) and ins.buffer == "inp"

@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import np_conv_acc, np_dense_acc
 
@@ -213,3 +214,53 @@ def test_small_synthesis_maps_to_dsp48_and_flip_flops():
     got = synthesize("dsp_mac_array_pack1", {"PIX": 1, "RED": 2})
     assert got["dsps"] == 2 and got["ffs"] == 32 and got["luts"] > 0
     assert "synth_xilinx -family xc7 -noiopad" in got["script"]
+
+
+def test_madd_shift_alu_equals_the_simulator(rtl):
+    """The residual add's one ALU pass (op madd_shift: two accumulator halves of 8-bit codes,
+    immediates ma, mb, S): Verilator, the ISA simulator (LOAD codes into both halves, ALU, STORE
+    with clamp) and Python integers agree, ties and negative codes included."""
+    rng = np.random.default_rng(11)
+    n = 203
+    qa = rng.integers(-127, 128, size=n)
+    qb = rng.integers(0, 256, size=n)
+    qa[:3], qb[:3] = (1, -1, -3), (0, 0, 0)         # with ma = mb = 2^14, S = 15: ties 0.5, -0.5, -1.5
+    for ma, mb, s in ((2**14, 2**14, 15), (int(rng.integers(2**14, 2**15)), int(rng.integers(0, 2**15)), 17)):
+        want_raw = [(int(a) * ma + int(b) * mb + (1 << (s - 1))) // (1 << s) for a, b in zip(qa, qb)]
+        got = rtl.alu("madd_shift", qa, np.full(n, ma + (mb << 16)), np.full(n, s), acc_b=qb)
+        np.testing.assert_array_equal(got, want_raw)
+        cfg = load_board("xc7z020")
+        dram = {"a": qa.astype(np.int16), "b": qb.astype(np.int16), "out": np.zeros(n, np.int8)}
+        region = ((0, n),)
+        stream = [Load(buffer="acc_dsp", tensor="a", region=region, slot=0, nbytes=n),
+                  Load(buffer="acc_dsp", tensor="b", region=region, slot=1, nbytes=n, signal=("load->dsp:acc",)),
+                  Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=n, src_slot=1, imm=(ma, mb, s),
+                      wait=("load->dsp:acc",), signal=("dsp->store_dsp:acc",)),
+                  Store(core="dsp", slot=0, tensor="out", region=region, nbytes=n, clamp=(-127, 127),
+                        wait=("dsp->store_dsp:acc",))]
+        Simulator(cfg).run(stream, dram)
+        np.testing.assert_array_equal(dram["out"], np.clip(want_raw, -127, 127))
+    with pytest.raises(ValueError, match="madd_shift"):
+        Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=4, src_slot=0, imm=(1, 1, 1))
+
+
+def test_max_alu_and_max_window_equal_numpy(rtl):
+    """Max-pooling on the ALU: the RTL's elementwise max (op ``max``, one per window tap) and the
+    simulator's ``max_window`` program (:func:`tvm_rmsmp.fpga.eltwise.maxpool_stream`, row tiles
+    where a padded plane does not fit an accumulator half) against numpy."""
+    from tvm_rmsmp.fpga.eltwise import MAXPOOL_PAD, maxpool_stream, maxpool_tiles
+
+    rng = np.random.default_rng(12)
+    a, b = rng.integers(-128, 256, size=61), rng.integers(-128, 256, size=61)
+    np.testing.assert_array_equal(rtl.alu("max", a, np.zeros(61), np.zeros(61), acc_b=b), np.maximum(a, b))
+    cfg = load_board("xc7z020")
+    shape, params = (1, 3, 121, 119), {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}
+    tiles = maxpool_tiles(shape, params, cfg.accelerator)
+    assert len(tiles) > 3 and all(cb == 1 for _, _, cb, _, _ in tiles)  # 123 x 121 padded codes exceed a half
+    x = rng.integers(-127, 128, size=shape)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=MAXPOOL_PAD).astype(np.int16)
+    oh, ow = (121 + 2 - 3) // 2 + 1, (119 + 2 - 3) // 2 + 1
+    dram = {"p.x": padded, "p.out": np.zeros((1, 3, oh, ow), np.int16)}
+    Simulator(cfg).run(maxpool_stream("p", shape, params, cfg.accelerator), dram)
+    want = torch.nn.functional.max_pool2d(torch.from_numpy(x.astype(np.float32)), 3, 2, 1).numpy()
+    np.testing.assert_array_equal(dram["p.out"], want)

@@ -35,6 +35,7 @@ _LAZY = {
     "register_assign_rule": "quant.assign",
     **dict.fromkeys(("set_progress", "progress_enabled"), "quant.progress"),
     **dict.fromkeys(("RMSMPLinear", "RMSMPConv2d", "quantize", "row_plans"), "nn.layers"),
+    **dict.fromkeys(("RMSMPAdd", "RMSMPAvgPool", "RMSMPMaxPool"), "nn.residual"),
     **dict.fromkeys(("QATConfig", "prepare_qat", "train_qat", "convert_qat"), "nn.qat"),
     **dict.fromkeys(("save_quantized", "load_quantized"), "nn.saved"),
     **dict.fromkeys(("PruneConfig", "prune", "prune_masks", "apply_masks"), "nn.prune"),

@@ -21,9 +21,11 @@ from tvm import relax
 from relay_passes import ops
 
 from ..nn.layers import _RMSMPLayer, rmsmp_layers
+from ..nn.residual import RMSMPAdd, RMSMPAvgPool, RMSMPMaxPool, rmsmp_adds, rmsmp_maxpools, rmsmp_pools
 from relay_passes import contract
 
-__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "index_bounds"]
+__all__ = ["import_model", "quantized_op_func", "emit_quantized_layer", "emit_token_quantizer", "emit_residual_add",
+           "emit_global_pool", "emit_max_pool", "index_bounds"]
 
 
 def quantized_op_func(layer: _RMSMPLayer, x_shape: Sequence[int]) -> tvm.tirx.PrimFunc:
@@ -113,6 +115,38 @@ def emit_quantized_layer(bb: relax.BlockBuilder, x: relax.Expr, layer: _RMSMPLay
     return y
 
 
+def emit_residual_add(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, add: RMSMPAdd) -> relax.Var:
+    """An integer residual add (``rmsmp::qadd_requant``) as one :data:`contract.ADD_REQUANT` op."""
+    shape = [ops.dim(d) for d in a.ty.shape]
+    other = [ops.dim(d) for d in b.ty.shape]
+    if shape != other:
+        raise ValueError(f"residual add {add.op_name!r}: the inputs' shapes differ ({shape} and {other})")
+    func = ops.add_requant_func(shape, add.requant, add.op_name)
+    gv = bb.add_func(func, f"rmsmp_add_{contract.symbol_name(add.op_name)}")
+    return bb.emit(relax.call_tir(gv, [a, b], relax.TensorType(shape, "float32")))
+
+
+def emit_global_pool(bb: relax.BlockBuilder, x: relax.Expr, pool: RMSMPAvgPool) -> relax.Var:
+    """An integer global average pooling (``rmsmp::qavgpool_requant``) as one
+    :data:`contract.AVGPOOL_REQUANT` op."""
+    shape = [ops.dim(d) for d in x.ty.shape]
+    func = ops.avgpool_requant_func(shape, pool.requant, pool.op_name)
+    gv = bb.add_func(func, f"rmsmp_avgpool_{contract.symbol_name(pool.op_name)}")
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(shape[:2] + [1, 1], "float32")))
+
+
+def emit_max_pool(bb: relax.BlockBuilder, x: relax.Expr, pool: RMSMPMaxPool) -> relax.Var:
+    """A max-pooling of codes (``rmsmp::qmaxpool2d``) as one :data:`contract.MAXPOOL_CODES` op."""
+    shape = [ops.dim(d) for d in x.ty.shape]
+    params = {"kernel": pool.kernel, "stride": pool.stride, "padding": pool.padding}
+    if pool.scale_in is not None:  # the input codes' scale: the FPGA executor hands the accelerator codes
+        params["scale_in"] = pool.scale_in
+    func = ops.maxpool_codes_func(shape, params, pool.op_name)
+    gv = bb.add_func(func, f"rmsmp_maxpool_{contract.symbol_name(pool.op_name)}")
+    out_shape, _ = ops.output_shape(func)
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType(ops.call_shape(out_shape, shape[0]), "float32")))
+
+
 def _check_static_shape(x: relax.Expr, layer: str):
     """Every dimension of a layer's input is static but the leading one (a dynamic batch)."""
     ty = x.ty
@@ -160,6 +194,28 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
     from tvm.relax.frontend.torch import from_exported_program
 
     layers = rmsmp_layers(model)
+    adds = rmsmp_adds(model)
+    pools = rmsmp_pools(model)
+    maxpools = rmsmp_maxpools(model)
+
+    def maxpool_converter(node, importer) -> relax.Var:
+        name = node.args[-1]
+        if name not in maxpools:
+            raise ValueError(f"exported graph names a max-pooling of codes {name!r} the model does not have")
+        return emit_max_pool(importer.block_builder, importer.env[node.args[0]], maxpools[name])
+
+    def pool_converter(node, importer) -> relax.Var:
+        name = node.args[-1]
+        if name not in pools or pools[name].requant is None:
+            raise ValueError(f"exported graph names an integer average pooling {name!r} the model does not have")
+        return emit_global_pool(importer.block_builder, importer.env[node.args[0]], pools[name])
+
+    def add_converter(node, importer) -> relax.Var:
+        name = node.args[-1]
+        if name not in adds or adds[name].requant is None:
+            raise ValueError(f"exported graph names an integer residual add {name!r} the model does not have")
+        a, b = (importer.env[arg] for arg in node.args[:2])
+        return emit_residual_add(importer.block_builder, a, b, adds[name])
 
     def converter(node, importer) -> relax.Var:
         name = node.args[-1]
@@ -180,6 +236,9 @@ def import_model(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...
             raise ValueError(f"torch.export failed on the model: {type(err).__name__}: {err}") from err
         custom = {f"{op}.default": converter for op in ("qlinear", "qlinear_asym", "qlinear_per_token", "qconv2d",
                                                          "qlinear_requant", "qconv2d_requant")}
+        custom["qadd_requant.default"] = add_converter
+        custom["qavgpool_requant.default"] = pool_converter
+        custom["qmaxpool2d.default"] = maxpool_converter
         try:
             mod = from_exported_program(ep, custom_convert_map=custom)
         except AssertionError as err:

@@ -325,8 +325,9 @@ def chain_streams(streams: Sequence[list]) -> list:
     no token crosses a layer except these:
 
     * ``layer@<i>:<store queue>``: pushed by layer ``i``'s last STORE on each store queue,
-      popped by layer ``i + 1``'s first input LOAD (a barrier: all of layer ``i``'s GEMMs,
-      ALU ops and stores are done, so its input and accumulator halves are free);
+      popped by layer ``i + 1``'s first input LOAD (or accumulator LOAD, for an element-wise
+      program of :mod:`.eltwise`; a barrier: all of layer ``i``'s GEMMs, ALU ops and stores are
+      done, so its input and accumulator halves are free);
     * ``<core>->load:wgt@<k>``: the (at most two) tokens that layer ``k``'s last GEMMs on a
       core push and no load of layer ``k`` pops; the next layer with weight loads on that core
       pops them all at its first one (``k`` is the last layer that used the core).
@@ -341,9 +342,9 @@ def chain_streams(streams: Sequence[list]) -> list:
                               signal=tuple(f"{s}@{i}" for s in ins.signal)) for ins in stream]
         first_inp, first_wgt, last_store, gemms = None, {}, {}, {}
         for k, ins in enumerate(layer):
-            if isinstance(ins, Load) and ins.buffer == "inp" and first_inp is None:
-                first_inp = k
-            elif isinstance(ins, Load) and ins.buffer != "inp":
+            if isinstance(ins, Load) and not ins.buffer.startswith("wgt_") and first_inp is None:
+                first_inp = k  # the first activation load (input, or an element-wise program's codes)
+            elif isinstance(ins, Load) and ins.buffer.startswith("wgt_"):
                 first_wgt.setdefault(ins.buffer[4:], k)
             elif isinstance(ins, Store):
                 last_store[ins.queue] = k

@@ -31,7 +31,10 @@ __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES",
 
 CORES = ("lut", "dsp")
 QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "alu_lut", "alu_dsp", "store_lut", "store_dsp")
-ALU_OPS = ("add_bias", "mul_shift", "shift", "relu")
+ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift", "max_window")
+#: Buffers a LOAD fills: the shared input buffer and, for element-wise programs (:mod:`.eltwise`),
+#: the cores' accumulators (8-bit codes widened to int32), both on the ``load`` queue; the weights.
+LOAD_BUFFERS = ("inp", "acc_lut", "acc_dsp", "wgt_lut", "wgt_dsp")
 
 Region = Tuple[Tuple[int, int], ...]
 
@@ -88,8 +91,11 @@ class Instruction:
 class Load(Instruction):
     """DMA ``region`` of DRAM ``tensor`` into ``buffer`` half ``slot``.
 
-    buffer: "inp" or "wgt_lut"/"wgt_dsp". For weights the region is in stored bytes (two
-    4-bit codes per byte for 4-bit schemes); ``nbytes`` is what crosses the bus.
+    buffer: "inp", "acc_lut"/"acc_dsp" (8-bit codes, one byte each on the bus, widened to the
+    accumulator's int32: the operands of an element-wise ALU op) or "wgt_lut"/"wgt_dsp". For
+    weights the region is in stored bytes (two 4-bit codes per byte for 4-bit schemes);
+    ``nbytes`` is what crosses the bus. Activations (input and accumulator loads) go through the
+    ``load`` queue, weights through each core's own.
     """
 
     buffer: str = attrs.field()
@@ -100,12 +106,12 @@ class Load(Instruction):
 
     @buffer.validator
     def _check_buffer(self, attribute, value):
-        if value not in ("inp", "wgt_lut", "wgt_dsp"):
-            raise ValueError(f"LOAD.buffer must be 'inp', 'wgt_lut' or 'wgt_dsp', got {value!r}")
+        if value not in LOAD_BUFFERS:
+            raise ValueError(f"LOAD.buffer must be one of {LOAD_BUFFERS}, got {value!r}")
 
     @property
     def queue(self) -> str:
-        return "load" if self.buffer == "inp" else "load_" + self.buffer[4:]
+        return "load_" + self.buffer[4:] if self.buffer.startswith("wgt_") else "load"
 
     def writes(self):
         return ((self.buffer, self.slot),)
@@ -178,6 +184,15 @@ class Alu(Instruction):
     (requantization by an integer multiply and a rounding shift); shift: the same with
     ``mult = 1``; relu: ``max(acc, 0)``. ``bias``/``mult``/``shift`` name constant vectors
     (DRAM tensors fetched with the instruction stream) and the first row of the tile.
+
+    madd_shift (a residual add, :mod:`.eltwise`): two accumulator halves of the core,
+    ``acc[acc_slot] = (acc[acc_slot] * ma + acc[src_slot] * mb + 2^(S-1)) >> S`` with the
+    immediates ``imm = (ma, mb, S)`` (16-bit multipliers, a 6-bit shift), element by element.
+
+    max_window (a max-pooling, :mod:`.eltwise`): ``acc[acc_slot][c, y, x] = max over the window
+    (kh, kw) at (y sh, x sw) of acc[src_slot][c]`` (``imm = (kh, kw, sh, sw)``), the lanes'
+    elementwise max (``requant_alu`` op ``max``) applied once per tap: ``elements`` counts
+    output elements times taps.
     """
 
     core: str = attrs.field(validator=_core)
@@ -188,17 +203,37 @@ class Alu(Instruction):
     shift_operand: Optional[str] = attrs.field(default=None)
     row0: int = attrs.field(default=0)
     row_axis: int = attrs.field(default=0)
+    src_slot: Optional[int] = attrs.field(default=None)
+    imm: Tuple[int, ...] = attrs.field(default=(), converter=tuple)
 
     @alu_op.validator
     def _check_op(self, attribute, value):
         if value not in ALU_OPS:
             raise ValueError(f"ALU op must be one of {ALU_OPS}, got {value!r}")
 
+    def __attrs_post_init__(self):
+        if self.alu_op == "max_window":
+            if self.src_slot not in (0, 1) or self.src_slot == self.acc_slot or len(self.imm) != 4 or min(
+                    int(v) for v in self.imm) < 1:
+                raise ValueError(f"ALU max_window needs src_slot, the other half than acc_slot, and imm (kh, kw, sh, "
+                                 f"sw) of positive ints; got src_slot={self.src_slot!r}, imm={self.imm!r}")
+        if self.alu_op == "madd_shift":
+            ok = (self.src_slot in (0, 1) and self.src_slot != self.acc_slot and len(self.imm) == 3
+                  and all(0 <= int(v) < 2**15 for v in self.imm[:2]) and 0 <= int(self.imm[2]) <= 63)
+            if not ok:
+                raise ValueError(f"ALU madd_shift needs src_slot, the other half than acc_slot, and imm (ma, mb, "
+                                 f"S) with 16-bit multipliers and a shift in [0, 63]; got src_slot="
+                                 f"{self.src_slot!r}, imm={self.imm!r}")
+
     @property
     def queue(self) -> str:
         return "alu_" + self.core
 
     def reads(self):
+        if self.alu_op == "max_window":
+            return ((f"acc_{self.core}", self.src_slot),)
+        if self.alu_op == "madd_shift":
+            return ((f"acc_{self.core}", self.acc_slot), (f"acc_{self.core}", self.src_slot))
         return ((f"acc_{self.core}", self.acc_slot),)
 
     def writes(self):

@@ -35,7 +35,7 @@ RTL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rtl")
 RTL_SOURCES = ("sp2_pe.v", "lut_mac.v", "dsp_mac.v", "requant_alu.v")
 _TB = ("rtl_tb.v", "rtl_tb.cpp")
 #: ``requant_alu`` opcodes, by the ALU op names of :mod:`tvm_rmsmp.fpga.isa`.
-ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3}
+ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3, "madd_shift": 4, "max": 5}
 _VERILATOR_FLAGS = ["-Wno-fatal", "-Wno-WIDTH"]
 
 
@@ -148,15 +148,20 @@ class RTLSim:
         vals = np.array([[int(v) for v in line.split()][:block] for line in out], np.int64)
         return vals.reshape(rows, -1)[:, :npix]
 
-    def alu(self, op: str, acc: np.ndarray, operand: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """``requant_alu`` applied element-wise (flat arrays of equal length, int32 range)."""
-        acc, operand, shift = (np.asarray(a, dtype=np.int64).ravel() for a in (acc, operand, shift))
+    def alu(self, op: str, acc: np.ndarray, operand: np.ndarray, shift: np.ndarray,
+            acc_b: Optional[np.ndarray] = None) -> np.ndarray:
+        """``requant_alu`` applied element-wise (flat arrays of equal length, int32 range);
+        ``acc_b``: the second accumulator of ``madd_shift`` (whose ``operand`` packs
+        ``ma + mb * 2^16``) and of ``max`` (a window tap of ``isa`` op ``max_window``)."""
+        acc_b = np.zeros_like(np.asarray(acc)) if acc_b is None else acc_b
+        acc, operand, shift, acc_b = (np.asarray(a, dtype=np.int64).ravel() for a in (acc, operand, shift, acc_b))
         n, lanes = acc.size, self.lanes
         pad = -(-n // lanes) * lanes
-        a, m, s = (np.concatenate([x, np.zeros(pad - n, np.int64)]) for x in (acc, operand, shift))
+        a, m, s, b = (np.concatenate([x, np.zeros(pad - n, np.int64)]) for x in (acc, operand, shift, acc_b))
         lines = []
         for i in range(0, pad, lanes):
-            fields = [str(v) for v in a[i:i + lanes]] + [str(v) for v in m[i:i + lanes]] + [str(v) for v in s[i:i + lanes]]
+            fields = ([str(v) for v in a[i:i + lanes]] + [str(v) for v in m[i:i + lanes]] + [str(v) for v in s[i:i + lanes]]
+                      + [str(v) for v in b[i:i + lanes]])
             lines.append(f"alu {ALU_OPCODES[op]} " + " ".join(fields))
         out = self._run(lines)
         return np.array([int(v) for line in out for v in line.split()], np.int64)[:n]

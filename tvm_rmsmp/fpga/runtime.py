@@ -15,6 +15,14 @@ so results equal the torch reference bit for bit. The activation functions aroun
 run on the host like any other call: the per-tensor quantizer (with a zero point, folded into
 the bias the accelerator adds), and per token the exponent, the quantizer and the epilogue
 ``y0 * 2^e + bias`` after the accelerator's integer GEMM (whose bias is then 0).
+
+In the integer-only mode (``RMSMPConfig(requant="fixed_point")``) the layers store 8-bit codes
+and each residual add (a :data:`relay_passes.contract.ADD_REQUANT` call) runs on the ALUs too,
+as an :class:`~tvm_rmsmp.fpga.eltwise.EltwiseProgram`, and each global average pooling
+(:data:`~relay_passes.contract.AVGPOOL_REQUANT`) on the DSP core as a
+:class:`~tvm_rmsmp.fpga.eltwise.PoolProgram` (``exe.programs`` lists layers, adds and poolings
+in order; ``exe.layers`` the layers). The executor keeps every tensor as the graph has it, a
+float view of the codes, and hands the simulator the codes (``round(x / scale)``, exact).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from tvm import relax
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
+from .eltwise import (EltwiseProgram, MaxPoolProgram, PoolProgram, add_program_of, maxpool_program_of,
+                      pool_program_of)
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 from .sparse import sparsify_stream
@@ -108,8 +118,10 @@ class FPGACompiledModel:
 
         main = self.lowered["main"]
         self.inputs = [p for p in main.params]
-        self.steps = []           # ("host", gv name, [arg refs], out var) | ("fpga", LayerProgram)
+        self.steps = []           # ("host", gv name, [arg refs], out var) | ("fpga", LayerProgram | EltwiseProgram)
         self.layers: List[LayerProgram] = []
+        #: everything the accelerator runs, in order: the layers and the residual adds (:mod:`.eltwise`)
+        self.programs: List[object] = []
         self.fallbacks: List[str] = []
         alias: Dict[object, object] = {}
         consts: Dict[object, np.ndarray] = {}
@@ -149,8 +161,37 @@ class FPGACompiledModel:
                         emitted.add(key)
                         prog = self._layer_program(key[0], groups_of[key], ref)
                         self.layers.append(prog)
+                        self.programs.append(prog)
                         self.steps.append(("fpga", prog))
                     continue
+                if contract.rmsmp_attr(func, contract.OP) == contract.ADD_REQUANT:  # a residual add: the ALU
+                    shape, _ = shape_dtype(value.ty_args[0] if value.ty_args else var.ty)
+                    prog = add_program_of(str(func.attrs[contract.LAYER]), contract.add_params(func), shape,
+                                      [ref(a) for a in value.args[1].fields], var, self.config.accelerator)
+                    self.programs.append(prog)
+                    self.steps.append(("fpga", prog))
+                    continue
+                op = contract.rmsmp_attr(func, contract.OP)
+                if op in (contract.AVGPOOL_REQUANT, contract.MAXPOOL_CODES):  # DSP GEMM of ones / ALU max
+                    x = value.args[1].fields[0]
+                    x_shape, _ = shape_dtype(x.ty)
+                    name = str(func.attrs[contract.LAYER])
+                    try:
+                        if op == contract.AVGPOOL_REQUANT:
+                            prog = pool_program_of(name, contract.pool_params(func), x_shape, ref(x), var,
+                                                   self.config.accelerator)
+                        else:
+                            out_shape, _ = shape_dtype(value.ty_args[0] if value.ty_args else var.ty)
+                            prog = maxpool_program_of(name, dict(contract.attr(func, contract.MAXPOOL)), x_shape,
+                                                      out_shape, ref(x), var, self.config.accelerator)
+                    except ValueError as err:
+                        msg = f"{err}: it runs on the host CPU"
+                        warnings.warn(msg, FPGAFallbackWarning, stacklevel=4)
+                        self.fallbacks.append(msg)
+                    else:
+                        self.programs.append(prog)
+                        self.steps.append(("fpga", prog))
+                        continue
                 if _is_row_group(func):
                     _, reason = plan_tiles(func, self.config.accelerator)
                     reason = reason or "not scheduled for the accelerator"
@@ -238,6 +279,11 @@ class FPGACompiledModel:
                 result = tvm.runtime.tensor(np.empty(shape, dtype), dev)
                 exe["main"](*tensors, result)
                 env[out] = result.numpy()
+            elif isinstance(step[1], (EltwiseProgram, PoolProgram, MaxPoolProgram)):
+                prog = step[1]
+                dram = prog.dram(env)
+                self.simulator.run(prog.stream, dram)
+                env[prog.out_var] = prog.result(dram)
             else:
                 prog: LayerProgram = step[1]
                 dram = dict(prog.constants)
@@ -263,7 +309,10 @@ class FPGACompiledModel:
     # ----- performance model ------------------------------------------------------------
     def profile(self, accelerator: Optional[AcceleratorConfig] = None, prefetch: bool = False) -> Dict[str, object]:
         """Modelled cycles of the accelerator layers (host ops are not counted): per layer the
-        cycles, busy cycles per unit, MACs per core; totals, latency and utilization.
+        cycles, busy cycles per unit, MACs per core; totals, latency and utilization. The
+        residual adds and global poolings of the integer-only mode (:mod:`.eltwise`) are steps
+        of their own, named after the op (e.g. ``layer1.0.add``, ``schemes`` ``["add"]``, no MACs;
+        ``avgpool``, ``["avgpool"]``, its sums counted as DSP MACs).
 
         accelerator: another configuration of the same board's accelerator with the same
         buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
@@ -284,15 +333,17 @@ class FPGACompiledModel:
             """The layer's stream for ``accelerator`` (pruned row groups kept sparse), or as compiled."""
             if accelerator is None:
                 return prog.stream
+            if isinstance(prog, (EltwiseProgram, PoolProgram, MaxPoolProgram)):
+                return prog.stream_for(acc)
             stream = layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
             if prog.sparse:
                 stream = sparsify_stream(stream, prog.constants, {g.weight: g.bits for g in prog.groups})[0]
             return stream
 
-        streams = [retimed(prog) for prog in self.layers]
+        streams = [retimed(prog) for prog in self.programs]
         if prefetch:
             layers, total, busy, macs = self._chained_profile(simulator, streams)
-        for prog, stream in zip(self.layers if not prefetch else [], streams):
+        for prog, stream in zip(self.programs if not prefetch else [], streams):
             r: SimResult = simulator.run(stream)
             total += r.cycles
             for q, b in r.busy.items():
@@ -336,7 +387,7 @@ class FPGACompiledModel:
         ends = np.maximum.accumulate(ends)
         layers = [{"layer": prog.layer, "cycles": int(ends[k] - (ends[k - 1] if k else 0)), "busy": per[k],
                    "macs": mac[k], "schemes": prog.schemes, "instructions": len(streams[k])}
-                  for k, prog in enumerate(self.layers)]
+                  for k, prog in enumerate(self.programs)]
         return layers, int(r.cycles), dict(r.busy), dict(r.macs)
 
     def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:

@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 
 from .config import AcceleratorConfig, FPGAConfig
-from .isa import QUEUES, Alu, Instruction, Load, Store, _Gemm, _SparseGemm
+from .isa import QUEUES, Alu, Instruction, Load, Store, _Gemm, _SparseGemm, region_size
 
 __all__ = ["Simulator", "SimResult", "WeightTensor", "DependencyError", "DeadlockError", "HazardError"]
 
@@ -230,9 +230,12 @@ class Simulator:
             readers[key] = [r for r in readers[key] if r[0] == i]
 
     def _check_capacity(self, i, ins: Load):
-        limit = self.acc.inp_slot_bytes if ins.buffer == "inp" else self.acc.wgt_slot_bytes
-        if ins.nbytes > limit:
-            raise ValueError(f"instruction #{i} {ins.describe()} (layer {ins.layer!r}) moves {ins.nbytes} bytes into "
+        if ins.buffer.startswith("acc_"):  # 8-bit codes widened to int32 accumulators
+            need, limit = 4 * region_size(ins.region), self.acc.acc_slot_bytes
+        else:
+            need, limit = ins.nbytes, self.acc.inp_slot_bytes if ins.buffer == "inp" else self.acc.wgt_slot_bytes
+        if need > limit:
+            raise ValueError(f"instruction #{i} {ins.describe()} (layer {ins.layer!r}) moves {need} bytes into "
                              f"{ins.buffer}, whose half holds {limit}")
 
     # ----- function --------------------------------------------------------------------
@@ -265,6 +268,13 @@ class Simulator:
                 prod = (wgt @ self._conv_patches(inp, ins).T).reshape(wgt.shape[0], *ins.out_hw)
             key = (f"acc_{ins.core}", ins.acc_slot)
             data[key] = prod if ins.reset else data[key] + prod
+        elif isinstance(ins, Alu) and ins.alu_op == "max_window":  # a max-pooling: src half -> this half
+            kh, kw, sh, sw = (int(v) for v in ins.imm)
+            src = data[(f"acc_{ins.core}", ins.src_slot)]
+            oh, ow = (src.shape[-2] - kh) // sh + 1, (src.shape[-1] - kw) // sw + 1
+            taps = [src[..., ky: ky + sh * (oh - 1) + 1: sh, kx: kx + sw * (ow - 1) + 1: sw]
+                    for ky in range(kh) for kx in range(kw)]
+            data[(f"acc_{ins.core}", ins.acc_slot)] = np.max(np.stack(taps), axis=0)
         elif isinstance(ins, Alu):
             key = (f"acc_{ins.core}", ins.acc_slot)
             acc = data[key]
@@ -275,7 +285,15 @@ class Simulator:
             def operand(name):
                 return np.asarray(dram[name][ins.row0:ins.row0 + n], dtype=np.float64).reshape(shape)
 
-            if ins.alu_op == "add_bias":
+            if ins.alu_op == "madd_shift":  # a residual add: this half and the other, immediates (ma, mb, S)
+                ma, mb, sh = (int(v) for v in ins.imm)
+                other = data[(f"acc_{ins.core}", ins.src_slot)]
+                if other.shape != acc.shape:
+                    raise ValueError(f"instruction #{i} {ins.describe()} (layer {ins.layer!r}): accumulator halves of "
+                                     f"shapes {acc.shape} and {other.shape}")
+                total = acc.astype(np.int64) * ma + other.astype(np.int64) * mb + ((1 << sh) >> 1)
+                acc = (total >> sh).astype(np.float64)
+            elif ins.alu_op == "add_bias":
                 acc = acc + operand(ins.operand)
             elif ins.alu_op == "relu":
                 acc = np.maximum(acc, 0)

@@ -31,9 +31,12 @@ from . import ops  # noqa: F401  (registers rmsmp:: custom ops)
 from .attention import DecomposedMultiheadAttention, decompose_attention
 from .hessian import MIN_SAMPLES, HessianReport, row_hessian_traces
 from .inputs import ModelInputs, call_model, collect_batches
+from .residual import RMSMPAdd, RMSMPAvgPool, RMSMPMaxPool, insert_int_ops, rmsmp_int_ops
+
+_INT_OPS = (RMSMPAdd, RMSMPAvgPool)
 
 __all__ = ["RMSMPLinear", "RMSMPConv2d", "quantize", "calibrate", "Calibration", "row_plans", "ActQuant", "RMSMPWarning",
-           "fake_quant_per_token", "attach_requant"]
+           "fake_quant_per_token", "attach_requant", "requant_model"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,8 +500,8 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
     cal = calibrate(model, config, calib_data, row_hessian, input_fn=input_fn)
     for name, layer in ptq_layers(cal).items():
         _set_submodule(cal.model, name, layer)
-    if cal.config.requant == "fixed_point":
-        attach_requant(cal.model, cal.batches, cal.config.act_bits)
+    if cal.config.requant == "fixed_point":  # residual adds too: the model may become a GraphModule
+        cal.model, _ = requant_model(cal.model, cal.batches, cal.config.act_bits)
     return cal.finish()
 
 
@@ -507,14 +510,14 @@ def quantize(model: nn.Module, config: Optional[RMSMPConfig] = None, calib_data:
 # --------------------------------------------------------------------------------------------
 #: Ops a layer's output codes pass through unchanged on their way to the next layer's
 #: quantizer (monotone or value-moving: max-pooling, ReLU and flatten commute with quantizing).
-_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, RMSMPMaxPool)
 _PASS_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
 _PASS_METHODS = {"relu", "flatten", "view", "reshape"}
 
 
 class _LayerTracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, _RMSMPLayer) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_RMSMPLayer, RMSMPMaxPool) + _INT_OPS) or super().is_leaf_module(m, qualname)
 
 
 def _is_op(node, model: nn.Module, modules, functions, methods) -> bool:
@@ -525,18 +528,30 @@ def _is_op(node, model: nn.Module, modules, functions, methods) -> bool:
     return node.op == "call_method" and node.target in methods
 
 
-def _requant_plan(model: nn.Module) -> Dict[str, Tuple[bool, List[str]]]:
-    """``{layer: (a ReLU follows, the layers its output reaches through pass-through ops only
-    (empty if it also reaches anything else))}`` from an fx trace; ``{}`` if it cannot be traced."""
+def _trace(model: nn.Module) -> Optional[torch.fx.Graph]:
+    """The fx graph of ``model`` with RMSMP layers, residual adds and poolings as leaves; None
+    (with a warning) when it cannot be traced."""
     try:
-        graph = _LayerTracer().trace(model)
+        return _LayerTracer().trace(model)
     except Exception as err:  # data-dependent control flow
         warnings.warn(f"requant='fixed_point': could not trace the model ({type(err).__name__}: {err}); every layer "
-                      "gets its own output scale and no ReLU is folded", RMSMPWarning, stacklevel=4)
+                      "gets its own output scale, no ReLU is folded and residual adds stay in float",
+                      RMSMPWarning, stacklevel=5)
+        return None
+
+
+def _requant_plan(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> Dict[str, Tuple[bool, List[str]]]:
+    """``{layer or residual add: (a ReLU follows, the layers its output reaches through pass-through
+    ops only (empty if it also reaches anything else but residual adds and global poolings of
+    the integer-only mode, which take codes at any scale))}`` from an fx trace; ``{}`` if it
+    cannot be traced."""
+    graph = graph if graph is not None else _trace(model)
+    if graph is None:
         return {}
     plan = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), _RMSMPLayer):
+        mod = model.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, (_RMSMPLayer,) + _INT_OPS):
             continue
         users = list(node.users)
         relu = len(users) == 1 and _is_op(users[0], model, (nn.ReLU,), {F.relu, torch.relu}, {"relu"})
@@ -544,41 +559,102 @@ def _requant_plan(model: nn.Module) -> Dict[str, Tuple[bool, List[str]]]:
         while frontier and ok:
             nxt = []
             for u in frontier:
-                if u.op == "call_module" and isinstance(model.get_submodule(u.target), _RMSMPLayer):
-                    consumers.append(model.get_submodule(u.target).layer_name)
+                user = model.get_submodule(u.target) if u.op == "call_module" else None
+                if isinstance(user, _RMSMPLayer):
+                    consumers.append(user.layer_name)
+                elif isinstance(user, _INT_OPS):  # a residual add or pooling takes codes at any scale
+                    pass
                 elif _is_op(u, model, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS):
                     nxt.extend(u.users)
                 else:
                     ok = False
             frontier = nxt
-        plan[model.get_submodule(node.target).layer_name] = (relu, consumers if ok else [])
+        plan[mod.layer_name if isinstance(mod, _RMSMPLayer) else mod.op_name] = (relu, consumers if ok else [])
     return plan
 
 
-def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int) -> Dict[str, str]:
+def _output_act(layers, plan, name: str, samples: np.ndarray, bits: int) -> Tuple[ActQuant, str]:
+    """The output quantizer of a layer or residual add: its consumers' input quantizer when it
+    feeds only RMSMP layers (and residual adds) that all quantize alike, else calibrated."""
+    relu, consumers = plan.get(name, (False, []))
+    acts = {(a.scale, a.bits, a.signed, a.zero_point, a.per_token): a for a in (layers[c].act for c in consumers)}
+    if len(acts) == 1 and next(iter(acts.values())).zero_point is None and not next(iter(acts.values())).per_token:
+        return next(iter(acts.values())), "chained"
+    return ActQuant.calibrate(np.maximum(samples, 0) if relu else samples, bits), "calibrated"
+
+
+def attach_requant(model: nn.Module, batches: List[ModelInputs], bits: int,
+                   plan: Optional[Dict[str, Tuple[bool, List[str]]]] = None) -> Dict[str, str]:
     """Give every RMSMP layer of ``model`` the fixed-point epilogue (in place): its output
     quantizer is the input quantizer of the layers it feeds when it feeds only RMSMP layers
-    (through ReLU / max-pooling / flatten) and they all quantize alike ("chained"), else one
-    calibrated on its outputs over ``batches`` (after the ReLU that follows it, if one does:
-    unsigned codes, the ReLU folded into the clamp). Returns ``{layer: "chained" | "calibrated"}``."""
+    (through ReLU / max-pooling / flatten; residual adds and global poolings take any codes) and they all quantize
+    alike ("chained"), else one calibrated on its outputs over ``batches`` (after the ReLU that
+    follows it, if one does: unsigned codes, the ReLU folded into the clamp). The residual adds
+    and global poolings of ``model`` (:class:`~tvm_rmsmp.nn.residual.RMSMPAdd`,
+    :class:`~tvm_rmsmp.nn.residual.RMSMPAvgPool`, put in by :func:`requant_model`) then become
+    integer ops the same way, in graph order, where their inputs are codes at known scales (of
+    one shape, for an add): "integer add, chained", ...; else "float add" / "float average
+    pooling". Max-poolings of codes learn their input's scale. ``plan``: :func:`_requant_plan`
+    of the model, if already made. Returns ``{layer or op: how}``."""
     layers = rmsmp_layers(model)
-    plan = _requant_plan(model)
+    int_ops = rmsmp_int_ops(model)
+    plan = _requant_plan(model) if plan is None else plan
     stats = {n: _InputStats(channel_axis=1, batches=len(batches)) for n in layers}
-    forward_with_hooks(model, batches, [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,)))
-                                        for n, m in layers.items()])
+    for op in int_ops.values():
+        op.requant, op.recording, op.shapes_differ = None, [], False  # a float op while calibrating
+        op.quota = max(1, op.MAX_SAMPLES // max(len(batches), 1))  # the sample spread over every batch
+    try:
+        forward_with_hooks(model, batches, [m.register_forward_hook(lambda mod, inp, out, st=stats[n]: st(mod, (out,)))
+                                            for n, m in layers.items()])
+    finally:
+        samples = {n: np.concatenate(op.recording) if op.recording else np.zeros(1, np.float32)
+                   for n, op in int_ops.items()}
+        for op in int_ops.values():
+            op.recording = None
     how = {}
     for name, layer in layers.items():
-        relu, consumers = plan.get(name, (False, []))
-        acts = {(a.scale, a.bits, a.signed, a.zero_point, a.per_token): a
-                for a in (layers[c].act for c in consumers)}
-        if len(acts) == 1 and next(iter(acts.values())).zero_point is None \
-                and not next(iter(acts.values())).per_token:
-            out_act, how[name] = next(iter(acts.values())), "chained"
-        else:
-            samples = np.concatenate(stats[name].samples) if stats[name].samples else np.zeros(1, np.float32)
-            out_act, how[name] = ActQuant.calibrate(np.maximum(samples, 0) if relu else samples, bits), "calibrated"
+        samples_l = np.concatenate(stats[name].samples) if stats[name].samples else np.zeros(1, np.float32)
+        out_act, how[name] = _output_act(layers, plan, name, samples_l, bits)
         layer.set_requant(out_act)
+    kind = {RMSMPAdd: "add", RMSMPAvgPool: "average pooling"}
+    for name, op in int_ops.items():  # graph order: an op's sources are set before it
+        scales = [layers[src].out_act_scale if k == "layer" else int_ops[src].out_act_scale for k, src in op.sources]
+        if None in scales or op.shapes_differ or (isinstance(op, RMSMPAvgPool) and not op.hw):
+            how[name] = f"float {kind[type(op)]}"
+            continue
+        out_act, chosen = _output_act(layers, plan, name, samples[name], bits)
+        op.set_requant(*scales, out_act)
+        how[name] = f"integer {kind[type(op)]}, {chosen}"
+    scale_of = {**{n: m.out_act_scale for n, m in layers.items()}, **{n: m.out_act_scale for n, m in int_ops.items()}}
+    for m in model.modules():  # max-poolings of codes: their input's scale (for the FPGA executor)
+        if isinstance(m, RMSMPMaxPool):
+            m.scale_in = scale_of.get(m.sources[0][1]) if m.sources else None
     return how
+
+
+def requant_model(model: nn.Module, batches: List[ModelInputs], bits: int) -> Tuple[nn.Module, Dict[str, str]]:
+    """``(model, how)``: what ``quantize`` does with ``RMSMPConfig(requant="fixed_point")``. Every
+    add of two code tensors (outputs of RMSMP layers through ReLU / max-pooling / flatten, or of
+    another such add or pooling) becomes an :class:`~tvm_rmsmp.nn.residual.RMSMPAdd`, and every
+    global average pooling of one an :class:`~tvm_rmsmp.nn.residual.RMSMPAvgPool`, so ``model`` is
+    then a ``torch.fx.GraphModule`` of the same class name, holding the same layer modules at the
+    same paths, those ops under ``rmsmp_ops``; a model without such ops (or that fx cannot trace)
+    is returned as it is. Then :func:`attach_requant`."""
+    graph = _trace(model)
+    if graph is None:
+        return model, attach_requant(model, batches, bits, plan={})
+
+    def layer_name(node):
+        mod = model.get_submodule(node.target) if node.op == "call_module" else None
+        return mod.layer_name if isinstance(mod, _RMSMPLayer) else None
+
+    def is_pass(node):
+        return _is_op(node, model, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS)
+
+    gm = insert_int_ops(model, graph, layer_name, is_pass)
+    if gm is not None:
+        model, graph = gm.eval(), gm.graph
+    return model, attach_requant(model, batches, bits, plan=_requant_plan(model, graph))
 
 
 #: Most bytes of float64 input Hessians held at once with ``rounding="gptq"``: layers are

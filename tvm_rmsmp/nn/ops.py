@@ -48,7 +48,8 @@ import torch
 from ..quant.config import TOKEN_EXP_MAX, TOKEN_EXP_MIN
 
 __all__ = ["quantize_activation", "quantize_activation_asym", "token_exponent", "pow2", "qlinear", "qlinear_asym",
-           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
+           "qlinear_per_token", "qconv2d", "qlinear_requant", "qconv2d_requant", "requant_epilogue", "qadd_requant",
+           "qavgpool_requant", "qmaxpool2d", "codes_of", "TOKEN_EXP_MIN", "TOKEN_EXP_MAX"]
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: float, qmin: int, qmax: int) -> torch.Tensor:
@@ -341,3 +342,81 @@ def _(x, weight_int, bias_int, requant_scale, inv_act_scale, qmin, qmax, out_act
       padding, dilation, layer):
     oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)
+
+
+def codes_of(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The integer codes (int64) of a float view ``float32(q) * scale`` of 8-bit codes:
+    ``round(float64(x) / float64(scale))``, exact (the float32 product is within a relative
+    2^-24 of ``q * scale``, far from a rounding tie for ``|q| <= 255``)."""
+    return torch.round(x.to(torch.float64) / float(scale)).to(torch.int64)
+
+
+@torch.library.custom_op("rmsmp::qadd_requant", mutates_args=())
+def qadd_requant(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: float,
+    scale_b: float,
+    mult_a: int,
+    mult_b: int,
+    shift: int,
+    out_act_scale: float,
+    out_qmin: int,
+    out_qmax: int,
+    name: str,
+) -> torch.Tensor:
+    """A residual add in the integer-only mode: ``a`` and ``b`` are float views of codes at
+    ``scale_a`` / ``scale_b`` (outputs of fixed-point layers or adds); the result, the float
+    view of ``clamp((qa * mult_a + qb * mult_b + 2^(shift-1)) >> shift, out_qmin, out_qmax)``
+    times ``out_act_scale`` (float32), see :func:`tvm_rmsmp.quant.requant.requantize_add`."""
+    if a.shape != b.shape:
+        raise ValueError(f"residual add {name!r}: the inputs' shapes differ ({list(a.shape)} and {list(b.shape)})")
+    acc = codes_of(a, scale_a) * mult_a + codes_of(b, scale_b) * mult_b + (1 << (shift - 1))
+    q = (acc >> shift).clamp_(out_qmin, out_qmax)  # arithmetic shift: floor
+    return q.to(torch.float32).mul_(torch.tensor(out_act_scale, dtype=torch.float32, device=a.device))
+
+
+@qadd_requant.register_fake
+def _(a, b, scale_a, scale_b, mult_a, mult_b, shift, out_act_scale, out_qmin, out_qmax, name):
+    return torch.empty_like(a, dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qavgpool_requant", mutates_args=())
+def qavgpool_requant(
+    x: torch.Tensor,
+    scale_in: float,
+    mult: int,
+    shift: int,
+    out_act_scale: float,
+    out_qmin: int,
+    out_qmax: int,
+    name: str,
+) -> torch.Tensor:
+    """Global average pooling in the integer-only mode: ``x [N, C, H, W]`` a float view of codes
+    at ``scale_in``; the result ``[N, C, 1, 1]`` the float view of
+    ``clamp((sum_hw q * mult + 2^(shift-1)) >> shift, out_qmin, out_qmax)`` times ``out_act_scale``
+    (``mult * 2^-shift ~= scale_in / (H W out_act_scale)``; tvm_rmsmp.quant.requant.requantize)."""
+    if x.dim() != 4:
+        raise ValueError(f"average pooling {name!r}: expects an NCHW input, got shape {list(x.shape)}")
+    total = codes_of(x, scale_in).sum(dim=(2, 3), keepdim=True)
+    q = ((total * mult + (1 << (shift - 1))) >> shift).clamp_(out_qmin, out_qmax)
+    return q.to(torch.float32).mul_(torch.tensor(out_act_scale, dtype=torch.float32, device=x.device))
+
+
+@qavgpool_requant.register_fake
+def _(x, scale_in, mult, shift, out_act_scale, out_qmin, out_qmax, name):
+    return x.new_empty((x.shape[0], x.shape[1], 1, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("rmsmp::qmaxpool2d", mutates_args=())
+def qmaxpool2d(x: torch.Tensor, kernel: List[int], stride: List[int], padding: List[int], name: str) -> torch.Tensor:
+    """Max-pooling of a float view of codes (dilation 1, floor mode): ``F.max_pool2d``, exact (the
+    max of ``float32(q) * scale`` is the view of the max code). An op of its own only so that the
+    importer keeps it as one node the FPGA executor can run on the accelerator."""
+    return torch.nn.functional.max_pool2d(x, kernel, stride, padding)
+
+
+@qmaxpool2d.register_fake
+def _(x, kernel, stride, padding, name):
+    oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], kernel, stride, padding, (1, 1))
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow), dtype=torch.float32)

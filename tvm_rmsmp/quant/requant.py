@@ -25,18 +25,35 @@ compute exactly this):
 The codes stand for ``q * out_act_scale``; a consumer layer quantizing with the same scale
 gets ``q`` back exactly (``|q| <= 255``), so chained layers need no float step between them.
 
+**Residual adds** (:func:`add_multipliers`, :func:`requantize_add`): two code tensors ``qa`` (scale
+``sa``) and ``qb`` (scale ``sb``) to codes at ``so``, in one pass of the ALU:
+``clamp((qa * ma + qb * mb + 2^(S-1)) >> S, qmin, qmax)`` with one shared shift ``S`` and two
+16-bit multipliers ``ma ~= sa / so * 2^S``, ``mb ~= sb / so * 2^S``, the larger in
+``[2^14, 2^15)`` (the same 15 significant bits as a layer's multiplier), the smaller rounded at
+the same ``2^-S`` step (so it may be small, even 0 when ``sb`` is negligible next to ``sa``).
+Both are rounded from the *exact* ratios (fractions of the float scales), half up. A ReLU after
+the add folds into ``qmin = 0``. Why not gemmlowp / TFLite's ADD (inputs shifted left by 20
+bits, three 32-bit SaturatingRoundingDoublingHighMul): its extra precision (2^-31 per
+multiplier) buys nothing at 8-bit outputs. Here the error of the integer sum before rounding
+is at most ``(|qa| + |qb|) / 2 * 2^-S`` output steps, below ``255 * 2^-15 * max(sa, sb) / so``,
+i.e. under 0.008 of an output code per unit of ``max(sa, sb) / so``; and the 16-bit multipliers
+and one shift are what the accelerator's ALU has (op ``madd_shift`` of
+``tvm_rmsmp/fpga/rtl/requant_alu.v``): one pass, no second rounding. The products fit 9 + 15
+bits, their sum 25 bits plus the rounding term: exact in int64 everywhere.
+
 numpy only (the ``quant`` part of the house).
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Tuple
 
 import numpy as np
 
 __all__ = ["MULT_BITS", "SHIFT_MAX", "quantize_multiplier", "quantize_multipliers", "requantize",
-           "multiplier_value"]
+           "multiplier_value", "add_multipliers", "requantize_add"]
 
 #: Bits of the signed multiplier ``m`` (positive: 15 significant bits).
 MULT_BITS = 16
@@ -94,3 +111,48 @@ def requantize(x, m, s, qmin: int, qmax: int, zero_point: int = 0) -> np.ndarray
         raise ValueError("requantize: accumulators must be within int32")
     q = (x * m + (np.int64(1) << (s - 1))) >> s  # < 2^47 in magnitude: exact in int64
     return np.clip(q + int(zero_point), qmin, qmax).astype(np.int32)
+
+
+def _half_up(x: Fraction) -> int:
+    return math.floor(x + Fraction(1, 2))
+
+
+def add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> Tuple[int, int, int]:
+    """``(ma, mb, S)`` of a residual add (module docstring): ``ma = round(sa / so * 2^S)``,
+    ``mb = round(sb / so * 2^S)`` from the exact ratios of the given (float) scales, half up,
+    with ``S`` the shift that puts the larger in ``[2^14, 2^15)``. Raises ValueError naming the
+    scales when one is not positive and finite or the shift falls outside ``[1, 63]``."""
+    scales = (scale_a, scale_b, scale_out)
+    if not all(math.isfinite(float(v)) and float(v) > 0 for v in scales):
+        raise ValueError(f"add scales must be positive and finite, got sa={scale_a!r}, sb={scale_b!r}, "
+                         f"so={scale_out!r}")
+    ra, rb = (Fraction(float(v)) / Fraction(float(scale_out)) for v in (scale_a, scale_b))
+    big = max(ra, rb)
+    shift = (MULT_BITS - 2) - (big.numerator.bit_length() - big.denominator.bit_length())
+    while big * 2**shift >= _M_HI:  # bring round(big * 2^S) into [2^14, 2^15)
+        shift -= 1
+    while big * 2**shift < _M_LO:
+        shift += 1
+    if _half_up(big * 2**shift) == _M_HI:
+        shift -= 1
+    if not 1 <= shift <= SHIFT_MAX:
+        raise ValueError(f"add scales sa={scale_a:g}, sb={scale_b:g} over so={scale_out:g} need shift {shift}, "
+                         f"outside [1, {SHIFT_MAX}] for {MULT_BITS}-bit multipliers")
+    return _half_up(ra * 2**shift), _half_up(rb * 2**shift), shift
+
+
+def requantize_add(qa, qb, ma: int, mb: int, shift: int, qmin: int, qmax: int) -> np.ndarray:
+    """``clamp((qa * ma + qb * mb + 2^(S-1)) >> S, qmin, qmax)`` as int32, exact (``>>`` the
+    floor shift: round to nearest, ties toward +infinity); ``qa``, ``qb`` integer codes of one
+    shape (or broadcasting), ``|code| <= 255``."""
+    qa, qb = np.asarray(qa), np.asarray(qb)
+    for what, q in (("qa", qa), ("qb", qb)):
+        if q.dtype.kind not in "iu":
+            raise TypeError(f"requantize_add takes integer codes, got {what} of dtype {q.dtype}")
+        if q.size and int(np.abs(q.astype(np.int64)).max()) > 255:
+            raise ValueError(f"requantize_add: {what} holds values beyond 8-bit codes (|q| <= 255)")
+    if not (0 <= ma < _M_HI and 0 <= mb < _M_HI and 1 <= shift <= SHIFT_MAX):
+        raise ValueError(f"requantize_add: multipliers must be in [0, 2^{MULT_BITS - 1}) and the shift in "
+                         f"[1, {SHIFT_MAX}], got ma={ma}, mb={mb}, shift={shift}")
+    acc = qa.astype(np.int64) * int(ma) + qb.astype(np.int64) * int(mb) + (1 << (int(shift) - 1))
+    return np.clip(acc >> int(shift), qmin, qmax).astype(np.int32)

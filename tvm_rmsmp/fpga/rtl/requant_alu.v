@@ -5,6 +5,10 @@
 //                   multiply and rounding arithmetic shift; no rounding term when shift = 0)
 //   op 2 shift    : (acc + 2^(shift-1)) >>> shift
 //   op 3 relu     : max(acc, 0)
+//   op 4 madd_shift: (acc * ma + acc_b * mb + 2^(shift-1)) >>> shift   (a residual add of two
+//                   accumulator halves holding 8-bit codes: ma = operand[MW-1:0],
+//                   mb = operand[2*MW-1:MW]; acc_b's low MW bits, signed: a code fits)
+//   op 5 max      : max(acc, acc_b)   (a max-pooling: the controller feeds each window tap)
 // operand is ACCW bits per lane (a bias); the multiplier takes its low MW bits, signed (the
 // requantization multiplier: 16 bits give 2^-15 relative precision, finer than int8 outputs).
 // The result keeps ACCW bits (the simulator keeps the exact value; equal while it fits).
@@ -16,8 +20,9 @@ module requant_alu #(
 ) (
     input  wire                  clk,
     input  wire                  en,
-    input  wire [1:0]            op,
+    input  wire [2:0]            op,
     input  wire [LANES*ACCW-1:0] acc_in,
+    input  wire [LANES*ACCW-1:0] acc_b,
     input  wire [LANES*ACCW-1:0] operand,
     input  wire [LANES*SW-1:0]   shift,
     output reg  [LANES*ACCW-1:0] res
@@ -25,7 +30,7 @@ module requant_alu #(
     integer l;
     reg signed [ACCW-1:0]    a;
     reg signed [ACCW-1:0]    b;
-    reg signed [MW-1:0]      m;
+    reg signed [MW-1:0]      m, mb, b16;
     reg        [SW-1:0]      sh;
     reg signed [ACCW+MW:0]   prod, rnd;
     always @(posedge clk) begin
@@ -34,12 +39,15 @@ module requant_alu #(
                 a  = acc_in[l*ACCW +: ACCW];
                 b  = operand[l*ACCW +: ACCW];
                 m  = operand[l*ACCW +: MW];
+                mb = operand[l*ACCW + MW +: MW];
+                b16 = acc_b[l*ACCW +: MW];
                 sh = shift[l*SW +: SW];
                 rnd = (sh == 0) ? 0 : ({{(ACCW+MW){1'b0}}, 1'b1} << (sh - 1));
-                prod = (op == 2'd1) ? a * m : a;
+                prod = (op == 3'd1) ? a * m : (op == 3'd4) ? a * m + b16 * mb : a;
                 case (op)
-                    2'd0: res[l*ACCW +: ACCW] <= a + b;
-                    2'd3: res[l*ACCW +: ACCW] <= a[ACCW-1] ? {ACCW{1'b0}} : a;
+                    3'd0: res[l*ACCW +: ACCW] <= a + b;
+                    3'd3: res[l*ACCW +: ACCW] <= a[ACCW-1] ? {ACCW{1'b0}} : a;
+                    3'd5: res[l*ACCW +: ACCW] <= ($signed(acc_b[l*ACCW +: ACCW]) > a) ? acc_b[l*ACCW +: ACCW] : a;
                     default: res[l*ACCW +: ACCW] <= (prod + rnd) >>> sh;
                 endcase
             end

@@ -4,7 +4,7 @@
 //   l4   <clear> <act_signed> <act x SP2_PIX*SP2_RED> <code x SP2_RED>   (Fixed-4 LUT multipliers)
 //   dp   <clear> <act_signed> <w8> <act x 2*DP_PIX*DP_RED> <code x DP_RED>
 //   d1   <clear> <act_signed> <w8> <act x D1_PIX*D1_RED> <code x D1_RED>
-//   alu  <op> <acc x LANES> <operand x LANES> <shift x LANES>   -> prints the LANES results
+//   alu  <op> <acc x LANES> <operand x LANES> <shift x LANES> [<acc_b x LANES>]   -> prints the LANES results
 //   rd   sp2|l4|dp|d1                                             -> prints the accumulators
 //   dims                                                        -> prints the array sizes
 #include "Vrtl_tb.h"
@@ -86,6 +86,7 @@ int main(int argc, char** argv) {
             for (int i = 0; i < LANES; ++i) { in >> v; put(top.alu_acc, i * 32, 32, v); }
             for (int i = 0; i < LANES; ++i) { in >> v; put(top.alu_operand, i * 32, 32, v); }
             for (int i = 0; i < LANES; ++i) { in >> v; put(top.alu_shift, i * 6, 6, v); }
+            for (int i = 0; i < LANES; ++i) { if (!(in >> v)) v = 0; put(top.alu_acc_b, i * 32, 32, v); }
             tick();
             for (int i = 0; i < LANES; ++i) std::printf("%lld ", (long long)get(top.alu_res, i * 32, 32));
             std::printf("\n");

@@ -29,8 +29,9 @@ module rtl_tb #(
     input  wire [D1_RED*8-1:0]          d1_w,
     output wire [D1_PIX*32-1:0]         d1_acc,
     // requantization ALU
-    input  wire alu_en, input wire [1:0] alu_op,
-    input  wire [LANES*32-1:0] alu_acc, input wire [LANES*32-1:0] alu_operand,
+    input  wire alu_en, input wire [2:0] alu_op,
+    input  wire [LANES*32-1:0] alu_acc, input wire [LANES*32-1:0] alu_acc_b,
+    input  wire [LANES*32-1:0] alu_operand,
     input  wire [LANES*6-1:0]  alu_shift,
     output wire [LANES*32-1:0] alu_res
 );
@@ -47,6 +48,6 @@ module rtl_tb #(
         .clk(clk), .en(d1_en), .clear(d1_clear), .act_signed(act_signed), .w8(d1_w8),
         .act(d1_act), .wcode(d1_w), .acc(d1_acc));
     requant_alu #(.LANES(LANES)) u_alu (
-        .clk(clk), .en(alu_en), .op(alu_op), .acc_in(alu_acc), .operand(alu_operand),
+        .clk(clk), .en(alu_en), .op(alu_op), .acc_in(alu_acc), .acc_b(alu_acc_b), .operand(alu_operand),
         .shift(alu_shift), .res(alu_res));
 endmodule
