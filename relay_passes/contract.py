@@ -80,6 +80,7 @@ CPU_KERNEL = "rmsmp.cpu_kernel"        #: the intrinsic kernel that realizes a g
 WEIGHT_TILES = "rmsmp.weight_tiles"    #: x86 layout pass: weights stored in row tiles
 WEIGHT_TAPS_FIRST = "rmsmp.weight_taps_first"  #: x86 layout pass: conv weights taps first
 WEIGHT_TAP_ORDER = "rmsmp.weight_tap_order"    #: x86 layout pass: conv weights in im2col tap order
+WEIGHT_AMX_CONV = "rmsmp.weight_amx_conv"      #: x86 layout pass: conv weights decoded to int8 AMX tiles
 
 ZERO_POINT = "rmsmp.zero_point"        #: asymmetric activation quantizer: its integer zero point
 ACT_BITS = "rmsmp.act_bits"            #: per-token activation functions: the activation bit width

@@ -29,11 +29,13 @@ from tvm.target import Target
 
 from relay_passes import contract
 from relay_passes.contract import ConstantKernel
-from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
+from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode, unpack_nibbles
 
 from .registry import OpScheduleRule, register_target, target_cores
 from .cpu_sparse import SparseDense
 from .cpu_sparse_conv import SparseConv
+from .x86_amx import amx_enabled
+from .x86_amx_conv import AmxConvPlan, amx_conv_applies, amx_conv_kernel, amx_conv_pays, amx_conv_weights
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -203,6 +205,9 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
             return None
     cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
+    if relayout and conv is not None and images is None and isa == "avx512vnni" and amx_enabled(target) \
+            and amx_conv_applies(conv, n_rows) and amx_conv_pays(conv, n_rows):
+        return _amx_conv(func, conv, n_rows, str(x_buf.dtype), str(w_buf.dtype), target_cores(target))
     outer_product = relayout and conv is None and m >= x86_constants(target)["broadcast_min_rows"]
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = target_cores(target)
@@ -221,6 +226,17 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         kernel = kernel.with_attr(key, value)
     kind = "table-decode" if packed else "int8"
     return kernel.with_attr(contract.CPU_KERNEL, f"x86-{isa}-{kind}").with_attr("tirx.is_scheduled", True)
+
+
+def _amx_conv(func, conv: ConvGeometry, n_rows: int, x_dtype: str, w_dtype: str, cores: int):
+    """The AMX conv kernel of a row group (:mod:`schedules.x86_amx_conv`), the weights laid out
+    at compile time (decoded to int8 tiles; a packed group's constant keeps its uint8 type)."""
+    plan = AmxConvPlan(conv.batch, conv.channels, conv.height, conv.width, conv.kh, conv.kw, *conv.strides, n_rows)
+    kernel = amx_conv_kernel(plan, x_dtype, w_dtype, num_cores=cores)
+    for key, value in func.attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return (kernel.with_attr(contract.WEIGHT_AMX_CONV, [conv.channels, conv.kh, conv.kw])
+            .with_attr(contract.CPU_KERNEL, "x86-amx-conv").with_attr("tirx.is_scheduled", True))
 
 
 def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
@@ -262,6 +278,13 @@ def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     if contract.WEIGHT_TAPS_FIRST in attrs:
         channels, kh, kw = (int(v) for v in attrs[contract.WEIGHT_TAPS_FIRST])
         return lambda w: taps_first_weights(w, channels, kh, kw)
+    if contract.WEIGHT_AMX_CONV in attrs:
+        channels, kh, kw = (int(v) for v in attrs[contract.WEIGHT_AMX_CONV])
+        scheme = get_scheme(str(attrs[contract.SCHEME]))
+        if contract.PACKED in attrs:  # 4-bit codes decoded to their int8 levels, then viewed as the uint8 constant
+            return lambda w: amx_conv_weights(nibble_decode(unpack_nibbles(w, channels * kh * kw), scheme).astype(
+                np.int8).reshape(len(w), channels, kh, kw)).view(np.uint8)
+        return lambda w: amx_conv_weights(w)
     if contract.WEIGHT_TAP_ORDER in attrs:
         channels, kh, kw, vec = (int(v) for v in attrs[contract.WEIGHT_TAP_ORDER])
         return lambda w: tap_order_weights(w, channels, kh, kw, vec)

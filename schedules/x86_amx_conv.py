@@ -40,7 +40,8 @@ from tvm.script import tirx as T
 from .x86_amx import AMX_REFUSED, _tile
 from .x86_bounds import activation_range, check_accumulators, describe, operand_range
 
-__all__ = ["AmxConvPlan", "amx_conv_kernel", "amx_conv_weights", "amx_conv_applies", "AMX_CONV_MIN_CHANNELS"]
+__all__ = ["AmxConvPlan", "amx_conv_kernel", "amx_conv_weights", "amx_conv_applies", "amx_conv_pays",
+           "AMX_CONV_MIN_CHANNELS"]
 
 #: Fewest input channels for the AMX conv: fewer are zero-padded to a whole 64-channel block per
 #: tap (the 3-channel stem would multiply 21x its MACs): those keep the VNNI kernels.
@@ -111,6 +112,11 @@ class AmxConvPlan:
 def amx_conv_applies(conv, n: int) -> bool:
     """Whether :func:`amx_conv_kernel` takes this geometry (no dilation, enough channels)."""
     return tuple(conv.dilation) == (1, 1) and conv.channels >= AMX_CONV_MIN_CHANNELS and n >= 1
+
+
+def amx_conv_pays(conv, n: int) -> bool:
+    """Whether the AMX conv is the faster kernel for this row group (measured: see the module docstring)."""
+    return True
 
 
 def amx_conv_weights(w: np.ndarray) -> np.ndarray:
