@@ -136,43 +136,67 @@ def amx_conv_weights(w: np.ndarray) -> np.ndarray:
 def _stage(p: AmxConvPlan, x_dtype: str):
     """Macro ``stage(x, xs)``: NCHW activations into phase planes of 4-channel groups
     (module docstring), zero past the image and the channels."""
-    groups, phases, plane, wp = -(-p.channels // 64) * 16, p.sh * p.sw, p.plane, p.wp
+    groups, phases, plane, wp, sw = p.cblocks * 16, p.sh * p.sw, p.plane, p.wp, p.sw
     hw = p.height * p.width
-    flat = phases == 1 and p.channels % 4 == 0 and hw >= 16  # stride 1: a plane is the NCHW plane
+    # vectors of 16 pixels x 4 channels, the four channel rows interleaved in registers (stride s:
+    # 16 s bytes of each row loaded, every s-th kept). Stride 1 takes a whole NCHW plane as one
+    # row, its last vector overlapping the one before (same values) instead of a tail; the phase
+    # planes' rows load and store their tails masked (no read past the input row, no write past
+    # the plane row)
+    flat = phases == 1 and hw >= 16
+    vec_rows, vec_len = (1, hw) if flat else (p.hp, wp)
 
     @T.macro
     def stage(x, xs):
         xf = T.decl_buffer((p.batch * p.channels * hw,), x_dtype, data=x.data)
-        for bg in T.parallel(p.batch * phases * groups):
-            b = bg // (phases * groups)
-            ph = bg // groups % phases
+        for bg in T.parallel(p.batch * p.sh * groups):
+            b = bg // (p.sh * groups)
             g = bg % groups
-            base = bg * plane * 4
-            if flat and g * 4 < p.channels:
-                # 16 pixels of 4 channels a step, the four channel rows interleaved in registers;
-                # the last step overlaps the one before (same values) instead of a scalar tail
-                src = (b * p.channels + g * 4) * hw
-                for v in T.serial(-(-hw // 16)):
-                    o = T.min(v * 16, hw - 16)
-                    xs[T.ramp(base + o * 4, 1, 64)] = _interleave4(xf, src + o, hw)
-                for q, e in T.grid(plane - hw, 4):
-                    xs[base + (hw + q) * 4 + e] = T.Cast(x_dtype, 0)
-            else:
-                for q in T.serial(plane):
-                    for e in T.unroll(4):
-                        xs[base + q * 4 + e] = T.if_then_else(
-                            q < p.hp * wp and ph // p.sw + q // wp * p.sh < p.height
-                            and ph % p.sw + q % wp * p.sw < p.width and g * 4 + e < p.channels,
-                            x[b, T.min(g * 4 + e, p.channels - 1), T.min(ph // p.sw + q // wp * p.sh, p.height - 1),
-                              T.min(ph % p.sw + q % wp * p.sw, p.width - 1)], T.Cast(x_dtype, 0))
+            for px in T.unroll(sw):
+                ph = bg // groups % p.sh * sw + px
+                base = ((b * phases + ph) * groups + g) * plane * 4
+                if g * 4 + 3 < p.channels:
+                    for i in T.serial(vec_rows):
+                        y = ph // sw + i * p.sh
+                        for v in T.serial(-(-vec_len // 16)):
+                            if flat:
+                                xs[T.ramp(base + T.min(v * 16, hw - 16) * 4, 1, 64)] = _interleave4(
+                                    xf, (b * p.channels + g * 4) * hw + T.min(v * 16, hw - 16), hw, 1, 0)
+                            elif y < p.height:
+                                _masked_store(_interleave4(xf, (b * p.channels + g * 4) * hw + y * p.width + v * 16 * sw,
+                                                           hw, sw, px, p.width - v * 16 * sw),
+                                              T.address_of(xs[base + (i * wp + v * 16) * 4]),
+                                              T.ramp(0, 1, 64) < T.broadcast((wp - v * 16) * 4, 64))
+                            else:
+                                _masked_store(T.broadcast(T.Cast(x_dtype, 0), 64), T.address_of(xs[base + (i * wp + v * 16) * 4]),
+                                              T.ramp(0, 1, 64) < T.broadcast((wp - v * 16) * 4, 64))
+                    for q, e in T.grid(plane - vec_rows * vec_len, 4):
+                        xs[base + (vec_rows * vec_len + q) * 4 + e] = T.Cast(x_dtype, 0)
+                else:
+                    for q in T.serial(plane):
+                        for e in T.unroll(4):
+                            xs[base + q * 4 + e] = T.if_then_else(
+                                q < p.hp * wp and ph // sw + q // wp * p.sh < p.height
+                                and px + q % wp * sw < p.width and g * 4 + e < p.channels,
+                                x[b, T.min(g * 4 + e, p.channels - 1), T.min(ph // sw + q // wp * p.sh, p.height - 1),
+                                  T.min(px + q % wp * sw, p.width - 1)], T.Cast(x_dtype, 0))
 
     return stage
 
 
-def _interleave4(xf, start, pitch):
-    """64 bytes: 16 pixels x 4 channels (pixel-major) from four channel rows ``pitch`` apart."""
-    return T.Shuffle([xf[T.ramp(start + e * pitch, 1, 16)] for e in range(4)],
-                     [16 * (i % 4) + i // 4 for i in range(64)])
+def _interleave4(xf, start, pitch, stride, first, valid=None):
+    """64 bytes: 16 pixels x 4 channels (pixel-major) from four channel rows ``pitch`` apart,
+    pixels ``first, first + stride, ..`` of the ``16 * stride`` bytes from ``start`` (``first``:
+    an unrolled loop's variable, a constant once unrolled); ``valid``: only that many bytes of
+    each row are read (masked loads, zeros past them)."""
+    lanes = 16 * stride
+    if valid is None:
+        rows = [xf[T.ramp(start + e * pitch, 1, lanes)] for e in range(4)]
+    else:
+        rows = [T.call_llvm_intrin(f"{xf.dtype}x{lanes}", T.llvm_lookup_intrinsic_id("llvm.masked.load"),
+                                   T.address_of(xf[start + e * pitch]), T.ramp(0, 1, lanes) < T.broadcast(valid, lanes),
+                                   T.broadcast(T.Cast(xf.dtype, 0), lanes)) for e in range(4)]
+    return T.Shuffle(rows, [lanes * (i % 4) + stride * (i // 4) + first for i in range(64)])
 
 
 def _mac(p: AmxConvPlan, dot: str):
@@ -221,14 +245,14 @@ def _epilogue(p: AmxConvPlan):
                         for t in T.unroll(rows):
                             y = q0 // wp + t
                             if y < oh and y * wp < q0 + 16:
-                                _tile_free_store(value, T.address_of(of[((b * n + ch) * oh + y) * ow + q0 - y * wp]),
+                                _masked_store(value, T.address_of(of[((b * n + ch) * oh + y) * ow + q0 - y * wp]),
                                                  T.ramp(q0, 1, 16) >= T.broadcast(y * wp, 16)
                                                  and T.ramp(q0, 1, 16) < T.broadcast(y * wp + ow, 16))
 
     return epilogue
 
 
-def _tile_free_store(value, address, mask):
+def _masked_store(value, address, mask):
     """``llvm.masked.store`` (LLVM 22: value, pointer, mask): lanes off the mask are not touched."""
     return T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id("llvm.masked.store"), value, address, mask)
 
@@ -244,12 +268,18 @@ def amx_conv_kernel(p: AmxConvPlan, x_dtype: str, w_dtype: str = "int8", num_cor
     oh, ow = p.out_hw
     dot = "tdpbssd" if x_dtype == "int8" else "tdpbsud"  # A: the int8 weights; B: the activations
     stage, mac, epilogue = _stage(p, x_dtype), _mac(p, dot), _epilogue(p)
-    panels, blocks = p.n_tiles // p.nt, p.batch * p.m_blocks
-    m_chunks = min(blocks, 4 * max(1, num_cores))
-    n_chunks = min(panels, -(-4 * max(1, num_cores) // m_chunks))
+    panels, blocks, parts = p.n_tiles // p.nt, p.batch * p.m_blocks, 4 * max(1, num_cores)
+    xs_size = p.batch * p.sh * p.sw * p.cblocks * 16 * p.plane * 4
+    # tasks split the larger operand: each streams its share once while the other stays in L2
+    # (512 -> 512 channels at 7 x 7, batch 8, one thread: 1.29 -> X ms splitting the panels)
+    if p.n_tiles * p.steps * 1024 > xs_size:
+        n_chunks = min(panels, parts)
+        m_chunks = min(blocks, -(-parts // n_chunks))
+    else:
+        m_chunks = min(blocks, parts)
+        n_chunks = min(panels, -(-parts // m_chunks))
     per_m, per_n = -(-blocks // m_chunks), -(-panels // n_chunks)
     nt, mt = p.nt, p.mt
-    xs_size = p.batch * p.sh * p.sw * p.cblocks * 16 * p.plane * 4
     w_shape = (p.n_tiles, p.steps, 16, 64)
 
     @T.prim_func(private=True)
