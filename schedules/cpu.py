@@ -35,7 +35,7 @@ from .registry import OpScheduleRule, register_target, target_cores
 from .cpu_sparse import SparseDense
 from .cpu_sparse_conv import SparseConv
 from .x86_amx import amx_enabled
-from .x86_amx_conv import AmxConvPlan, amx_conv_applies, amx_conv_kernel, amx_conv_pays, amx_conv_weights
+from .x86_amx_conv import AmxConvPlan, amx_conv_applies, amx_conv_folds, amx_conv_kernel, amx_conv_pays, amx_conv_weights
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -231,11 +231,12 @@ def x86_replacement(func, target: Target, relayout: bool = False):
 def _amx_conv(func, conv: ConvGeometry, n_rows: int, x_dtype: str, w_dtype: str, cores: int):
     """The AMX conv kernel of a row group (:mod:`schedules.x86_amx_conv`), the weights laid out
     at compile time (decoded to int8 tiles; a packed group's constant keeps its uint8 type)."""
-    plan = AmxConvPlan(conv.batch, conv.channels, conv.height, conv.width, conv.kh, conv.kw, *conv.strides, n_rows)
+    fold = amx_conv_folds(conv)
+    plan = AmxConvPlan(conv.batch, conv.channels, conv.height, conv.width, conv.kh, conv.kw, *conv.strides, n_rows, fold)
     kernel = amx_conv_kernel(plan, x_dtype, w_dtype, num_cores=cores)
     for key, value in func.attrs.items():
         kernel = kernel.with_attr(key, value)
-    return (kernel.with_attr(contract.WEIGHT_AMX_CONV, [conv.channels, conv.kh, conv.kw])
+    return (kernel.with_attr(contract.WEIGHT_AMX_CONV, [conv.channels, conv.kh, conv.kw, int(fold)])
             .with_attr(contract.CPU_KERNEL, "x86-amx-conv").with_attr("tirx.is_scheduled", True))
 
 
@@ -279,12 +280,12 @@ def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
         channels, kh, kw = (int(v) for v in attrs[contract.WEIGHT_TAPS_FIRST])
         return lambda w: taps_first_weights(w, channels, kh, kw)
     if contract.WEIGHT_AMX_CONV in attrs:
-        channels, kh, kw = (int(v) for v in attrs[contract.WEIGHT_AMX_CONV])
+        channels, kh, kw, fold = (int(v) for v in attrs[contract.WEIGHT_AMX_CONV])
         scheme = get_scheme(str(attrs[contract.SCHEME]))
         if contract.PACKED in attrs:  # 4-bit codes decoded to their int8 levels, then viewed as the uint8 constant
             return lambda w: amx_conv_weights(nibble_decode(unpack_nibbles(w, channels * kh * kw), scheme).astype(
-                np.int8).reshape(len(w), channels, kh, kw)).view(np.uint8)
-        return lambda w: amx_conv_weights(w)
+                np.int8).reshape(len(w), channels, kh, kw), bool(fold)).view(np.uint8)
+        return lambda w: amx_conv_weights(w, bool(fold))
     if contract.WEIGHT_TAP_ORDER in attrs:
         channels, kh, kw, vec = (int(v) for v in attrs[contract.WEIGHT_TAP_ORDER])
         return lambda w: tap_order_weights(w, channels, kh, kw, vec)

@@ -40,11 +40,12 @@ from tvm.script import tirx as T
 from .x86_amx import AMX_REFUSED, _tile
 from .x86_bounds import activation_range, check_accumulators, describe, operand_range
 
-__all__ = ["AmxConvPlan", "amx_conv_kernel", "amx_conv_weights", "amx_conv_applies", "amx_conv_pays",
+__all__ = ["AmxConvPlan", "amx_conv_kernel", "amx_conv_weights", "amx_conv_applies", "amx_conv_folds", "amx_conv_pays",
            "AMX_CONV_MIN_CHANNELS"]
 
-#: Fewest input channels for the AMX conv: fewer are zero-padded to a whole 64-channel block per
-#: tap (the 3-channel stem would multiply 21x its MACs): those keep the VNNI kernels.
+#: Fewest input channels for the AMX conv as it is: fewer would be zero-padded to a whole
+#: 64-channel block per tap (the 3-channel stem 21x its MACs); such layers fold their kernel
+#: columns into the channels (:meth:`AmxConvPlan.gemm`) where ``channels * kw <= 64``.
 AMX_CONV_MIN_CHANNELS = 16
 
 
@@ -61,6 +62,16 @@ class AmxConvPlan:
     sh: int
     sw: int
     n: int
+    fold: bool = False  #: kernel columns folded into the channels (a stem): see :meth:`gemm`
+
+    def gemm(self) -> "AmxConvPlan":
+        """The convolution the tiles compute: this one, or with ``fold`` the ``kh x 1`` one over
+        ``channels * kw`` channels ``kx * C + c`` and the output's columns (a 3-channel 7 x 7 stem:
+        21 channels padded to 64, not 3 to 64 for each of 49 taps), staged from this one's input."""
+        if not self.fold:
+            return self
+        return AmxConvPlan(self.batch, self.channels * self.kw, self.height, self.out_hw[1], self.kh, 1, self.sh, 1,
+                           self.n)
 
     @property
     def out_hw(self):
@@ -110,8 +121,15 @@ class AmxConvPlan:
 
 
 def amx_conv_applies(conv, n: int) -> bool:
-    """Whether :func:`amx_conv_kernel` takes this geometry (no dilation, enough channels)."""
-    return tuple(conv.dilation) == (1, 1) and conv.channels >= AMX_CONV_MIN_CHANNELS and n >= 1
+    """Whether :func:`amx_conv_kernel` takes this geometry (no dilation; enough channels, or few
+    enough to fold the kernel columns into one channel block)."""
+    return tuple(conv.dilation) == (1, 1) and n >= 1 and (
+        conv.channels >= AMX_CONV_MIN_CHANNELS or conv.channels * conv.kw <= 64)
+
+
+def amx_conv_folds(conv) -> bool:
+    """Whether the kernel columns are folded into the channels (:meth:`AmxConvPlan.gemm`)."""
+    return conv.channels < AMX_CONV_MIN_CHANNELS
 
 
 def amx_conv_pays(conv, n: int) -> bool:
@@ -119,12 +137,16 @@ def amx_conv_pays(conv, n: int) -> bool:
     return True
 
 
-def amx_conv_weights(w: np.ndarray) -> np.ndarray:
+def amx_conv_weights(w: np.ndarray, fold: bool = False) -> np.ndarray:
     """int8 conv weights ``[n, c, kh, kw]`` as :func:`amx_conv_kernel` reads them:
     ``[n / 16, taps * c / 64, 16, 64]``, tile ``(j, s)`` row ``r``: output channel ``16 j + r``,
-    tap ``s // (c / 64)``, input channels of block ``s % (c / 64)``; zero-padded."""
+    tap ``s // (c / 64)``, input channels of block ``s % (c / 64)``; zero-padded. ``fold``:
+    those of the ``kh x 1`` conv over channels ``kx * c + c`` (:meth:`AmxConvPlan.gemm`)."""
     if w.ndim != 4 or w.dtype != np.int8:
         raise ValueError(f"amx_conv_weights: int8 weights [n, c, kh, kw], got {w.dtype} {w.shape}")
+    if fold:
+        n, c, kh, kw = w.shape
+        w = w.transpose(0, 3, 1, 2).reshape(n, kw * c, kh, 1)
     n, c, kh, kw = w.shape
     cp, np16 = -(-c // 64) * 64, -(-n // 16) * 16
     pad = np.zeros((np16, kh, kw, cp), np.int8)
@@ -134,69 +156,73 @@ def amx_conv_weights(w: np.ndarray) -> np.ndarray:
 
 
 def _stage(p: AmxConvPlan, x_dtype: str):
-    """Macro ``stage(x, xs)``: NCHW activations into phase planes of 4-channel groups
-    (module docstring), zero past the image and the channels."""
-    groups, phases, plane, wp, sw = p.cblocks * 16, p.sh * p.sw, p.plane, p.wp, p.sw
-    hw = p.height * p.width
+    """Macro ``stage(x, xs)``: ``p``'s NCHW activations into the phase planes of 4-channel groups
+    of ``p.gemm()`` (module docstring), zero past the image and the channels."""
+    e = p.gemm()
+    groups, phases, plane, wp, sw = e.cblocks * 16, e.sh * e.sw, e.plane, e.wp, e.sw
+    hw, width = p.height * p.width, p.width
     # vectors of 16 pixels x 4 channels, the four channel rows interleaved in registers (stride s:
     # 16 s bytes of each row loaded, every s-th kept). Stride 1 takes a whole NCHW plane as one
     # row, its last vector overlapping the one before (same values) instead of a tail; the phase
     # planes' rows load and store their tails masked (no read past the input row, no write past
-    # the plane row)
-    flat = phases == 1 and hw >= 16
-    vec_rows, vec_len = (1, hw) if flat else (p.hp, wp)
+    # the plane row), channels past the last loaded as zeros
+    flat = phases == 1 and hw >= 16 and not p.fold
+    vec_rows, vec_len = (1, hw) if flat else (e.hp, wp)
+
+    def source(b, g, px, y, v):
+        """Per channel of the group: (start in x, bytes of its row to read) of vector ``v``."""
+        rows = []
+        for k in range(4):
+            c = g * 4 + k
+            row, off = (c % p.channels, c // p.channels) if p.fold else (T.min(c, p.channels - 1), px)
+            start = (b * p.channels + row) * hw + y * width + off + v * 16 * p.sw
+            rows.append((start, T.if_then_else(c < e.channels, width - off - v * 16 * p.sw, 0)))
+        return rows
 
     @T.macro
     def stage(x, xs):
         xf = T.decl_buffer((p.batch * p.channels * hw,), x_dtype, data=x.data)
-        for bg in T.parallel(p.batch * p.sh * groups):
-            b = bg // (p.sh * groups)
+        for bg in T.parallel(p.batch * e.sh * groups):
+            b = bg // (e.sh * groups)
             g = bg % groups
             for px in T.unroll(sw):
-                ph = bg // groups % p.sh * sw + px
+                ph = bg // groups % e.sh * sw + px
                 base = ((b * phases + ph) * groups + g) * plane * 4
-                if g * 4 + 3 < p.channels:
-                    for i in T.serial(vec_rows):
-                        y = ph // sw + i * p.sh
-                        for v in T.serial(-(-vec_len // 16)):
-                            if flat:
-                                xs[T.ramp(base + T.min(v * 16, hw - 16) * 4, 1, 64)] = _interleave4(
-                                    xf, (b * p.channels + g * 4) * hw + T.min(v * 16, hw - 16), hw, 1, 0)
-                            elif y < p.height:
-                                _masked_store(_interleave4(xf, (b * p.channels + g * 4) * hw + y * p.width + v * 16 * sw,
-                                                           hw, sw, px, p.width - v * 16 * sw),
-                                              T.address_of(xs[base + (i * wp + v * 16) * 4]),
-                                              T.ramp(0, 1, 64) < T.broadcast((wp - v * 16) * 4, 64))
-                            else:
-                                _masked_store(T.broadcast(T.Cast(x_dtype, 0), 64), T.address_of(xs[base + (i * wp + v * 16) * 4]),
-                                              T.ramp(0, 1, 64) < T.broadcast((wp - v * 16) * 4, 64))
-                    for q, e in T.grid(plane - vec_rows * vec_len, 4):
-                        xs[base + (vec_rows * vec_len + q) * 4 + e] = T.Cast(x_dtype, 0)
-                else:
-                    for q in T.serial(plane):
-                        for e in T.unroll(4):
-                            xs[base + q * 4 + e] = T.if_then_else(
-                                q < p.hp * wp and ph // sw + q // wp * p.sh < p.height
-                                and px + q % wp * sw < p.width and g * 4 + e < p.channels,
-                                x[b, T.min(g * 4 + e, p.channels - 1), T.min(ph // sw + q // wp * p.sh, p.height - 1),
-                                  T.min(px + q % wp * sw, p.width - 1)], T.Cast(x_dtype, 0))
+                for i in T.serial(vec_rows):
+                    y = ph // sw + i * e.sh
+                    for v in T.serial(-(-vec_len // 16)):
+                        if flat:  # channels past the last (zero-padded blocks): masked loads
+                            xs[T.ramp(base + T.min(v * 16, hw - 16) * 4, 1, 64)] = _interleave4(xf, [(
+                                (b * p.channels + T.min(g * 4 + k, p.channels - 1)) * hw + T.min(v * 16, hw - 16),
+                                None if p.channels % 64 == 0 else T.if_then_else(g * 4 + k < p.channels, 16, 0))
+                                for k in range(4)], 1)
+                        elif y < p.height:
+                            _masked_store(_interleave4(xf, source(b, g, px, y, v), p.sw),
+                                          T.address_of(xs[base + (i * wp + v * 16) * 4]),
+                                          T.ramp(0, 1, 64) < T.broadcast((wp - v * 16) * 4, 64))
+                        else:
+                            _masked_store(T.broadcast(T.Cast(x_dtype, 0), 64), T.address_of(xs[base + (i * wp + v * 16) * 4]),
+                                          T.ramp(0, 1, 64) < T.broadcast((wp - v * 16) * 4, 64))
+                for q, k in T.grid(plane - vec_rows * vec_len, 4):
+                    xs[base + (vec_rows * vec_len + q) * 4 + k] = T.Cast(x_dtype, 0)
 
     return stage
 
 
-def _interleave4(xf, start, pitch, stride, first, valid=None):
-    """64 bytes: 16 pixels x 4 channels (pixel-major) from four channel rows ``pitch`` apart,
-    pixels ``first, first + stride, ..`` of the ``16 * stride`` bytes from ``start`` (``first``:
-    an unrolled loop's variable, a constant once unrolled); ``valid``: only that many bytes of
-    each row are read (masked loads, zeros past them)."""
+def _interleave4(xf, rows, stride):
+    """64 bytes: 16 pixels x 4 channels (pixel-major), pixel ``t`` of channel ``k`` byte
+    ``stride * t`` from ``rows[k]``'s start; its count of bytes to read, if not None, masks
+    the loads (zeros past it)."""
     lanes = 16 * stride
-    if valid is None:
-        rows = [xf[T.ramp(start + e * pitch, 1, lanes)] for e in range(4)]
-    else:
-        rows = [T.call_llvm_intrin(f"{xf.dtype}x{lanes}", T.llvm_lookup_intrinsic_id("llvm.masked.load"),
-                                   T.address_of(xf[start + e * pitch]), T.ramp(0, 1, lanes) < T.broadcast(valid, lanes),
-                                   T.broadcast(T.Cast(xf.dtype, 0), lanes)) for e in range(4)]
-    return T.Shuffle(rows, [lanes * (i % 4) + stride * (i // 4) + first for i in range(64)])
+    loads = []
+    for start, valid in rows:
+        if valid is None:
+            loads.append(xf[T.ramp(start, 1, lanes)])
+        else:
+            loads.append(T.call_llvm_intrin(f"{xf.dtype}x{lanes}", T.llvm_lookup_intrinsic_id("llvm.masked.load"),
+                                            T.address_of(xf[start]), T.ramp(0, 1, lanes) < T.broadcast(valid, lanes),
+                                            T.broadcast(T.Cast(xf.dtype, 0), lanes)))
+    return T.Shuffle(loads, [lanes * (i % 4) + stride * (i // 4) for i in range(64)])
 
 
 def _mac(p: AmxConvPlan, dot: str):
@@ -265,9 +291,10 @@ def amx_conv_kernel(p: AmxConvPlan, x_dtype: str, w_dtype: str = "int8", num_cor
         raise ValueError(f"amx_conv_kernel: activations must be uint8 or int8, got {x_dtype}")
     xr, wr = activation_range(x_dtype), operand_range(None)
     check_accumulators("amx_conv_kernel", p.kh * p.kw * p.channels, xr, wr, describe(x_dtype, None, xr, wr))
+    src, p = p, p.gemm()  # the layer's input; the convolution the tiles compute
     oh, ow = p.out_hw
     dot = "tdpbssd" if x_dtype == "int8" else "tdpbsud"  # A: the int8 weights; B: the activations
-    stage, mac, epilogue = _stage(p, x_dtype), _mac(p, dot), _epilogue(p)
+    stage, mac, epilogue = _stage(src, x_dtype), _mac(p, dot), _epilogue(p)
     panels, blocks, parts = p.n_tiles // p.nt, p.batch * p.m_blocks, 4 * max(1, num_cores)
     xs_size = p.batch * p.sh * p.sw * p.cblocks * 16 * p.plane * 4
     # tasks split the larger operand: each streams its share once while the other stays in L2
@@ -283,7 +310,7 @@ def amx_conv_kernel(p: AmxConvPlan, x_dtype: str, w_dtype: str = "int8", num_cor
     w_shape = (p.n_tiles, p.steps, 16, 64)
 
     @T.prim_func(private=True)
-    def kernel(x: T.Buffer((p.batch, p.channels, p.height, p.width), x_dtype), w: T.Buffer(w_shape, w_dtype),
+    def kernel(x: T.Buffer((src.batch, src.channels, src.height, src.width), x_dtype), w: T.Buffer(w_shape, w_dtype),
                bias: T.Buffer((p.n,), "int32"), scale: T.Buffer((p.n,), "float32"),
                out: T.Buffer((p.batch, p.n, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})

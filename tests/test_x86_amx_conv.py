@@ -49,6 +49,8 @@ CASES = [
     ("fixed_4", (1, 16, 20, 20), 48, 3, 1, "uint8"),   # 16 channels, plane rows wider than 16
     ("fixed_8", (2, 96, 6, 6), 32, 1, 1, "int8"),
     ("sp2_4", (1, 32, 35, 35), 16, 3, 2, "uint8"),     # input width odd: a phase plane one pixel short
+    ("fixed_4", (2, 3, 23, 23), 20, 7, 2, "uint8"),    # a stem: 7 kernel columns folded into 21 channels
+    ("fixed_8", (1, 1, 16, 16), 16, 3, 1, "int8"),     # one channel, folded
 ]
 
 
@@ -75,23 +77,25 @@ def test_amx_conv_row_group_is_integer_exact(scheme, xs, n, k, stride, act):
 
 
 def test_amx_conv_is_chosen_from_the_targets_features(monkeypatch):
-    """AMX convs only where the target has AMX-INT8, ``RMSMP_AMX=0`` does not switch it off and
-    the layer has 16 input channels or more (the 3-channel stem keeps VNNI)."""
+    """AMX convs only where the target has AMX-INT8 and ``RMSMP_AMX=0`` does not switch it off,
+    for layers of 16 input channels or more or few enough to fold the kernel columns into one
+    64-channel block (a 3-channel stem); others keep VNNI."""
     kinds = {}
-    for label, target, channels, env in [("amx", AMX_TARGET, 16, "1"), ("stem", AMX_TARGET, 3, "1"),
-                                         ("no amx", dict(AMX_TARGET, mcpu="icelake-server"), 64, "1"),
-                                         ("switched off", AMX_TARGET, 64, "0")]:
+    for label, target, channels, k, env in [("amx", AMX_TARGET, 16, 3, "1"), ("stem", AMX_TARGET, 3, 7, "1"),
+                                            ("wide", AMX_TARGET, 10, 7, "1"),
+                                            ("no amx", dict(AMX_TARGET, mcpu="icelake-server"), 64, 3, "1"),
+                                            ("switched off", AMX_TARGET, 64, 3, "0")]:
         monkeypatch.setenv("RMSMP_AMX", env)
-        kernel, _ = _kernel("fixed_8", (1, channels, 10, 10), "uint8", (16, channels, 3, 3), 1, target)
+        kernel, _ = _kernel("fixed_8", (1, channels, 10, 10), "uint8", (16, channels, k, k), 1, target)
         kinds[label] = str(kernel.attrs["rmsmp.cpu_kernel"])
-    assert kinds == {"amx": "x86-amx-conv", "stem": "x86-avx512vnni-int8", "no amx": "x86-avx512vnni-int8",
-                     "switched off": "x86-avx512vnni-int8"}
+    assert kinds == {"amx": "x86-amx-conv", "stem": "x86-amx-conv", "wide": "x86-avx512vnni-int8",
+                     "no amx": "x86-avx512vnni-int8", "switched off": "x86-avx512vnni-int8"}
 
 
 def test_compiled_resnet_runs_its_convolutions_on_amx(small_resnet, host_target):
-    """The small ResNet through ``rmsmp.compile``: its 16-channel convolutions' row groups become
-    AMX kernels for an AMX target (the 1-channel stem keeps VNNI), and on an AMX host the
-    result equals the torch quantized model's, bit for bit."""
+    """The small ResNet through ``rmsmp.compile``: its convolutions' row groups (the 1-channel
+    stem's folded) become AMX kernels for an AMX target, and on an AMX host the result equals
+    the torch quantized model's, bit for bit."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -102,7 +106,7 @@ def test_compiled_resnet_runs_its_convolutions_on_amx(small_resnet, host_target)
     target = host_target if not NO_AMX else tvm.target.Target(AMX_TARGET)
     exe = rmsmp.compile(q, (x,), target)
     kinds = exe.stats["cpu_kernels"]
-    assert kinds.get("x86-amx-conv", 0) >= 3 and not any("generic" in k for k in kinds), kinds
+    assert kinds.get("x86-amx-conv", 0) >= 4 and not any("generic" in k for k in kinds), kinds
     if NO_AMX:
         pytest.skip(f"built for sapphirerapids, not run: {NO_AMX}")
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
