@@ -61,7 +61,7 @@ def shape_times(batch: int, c_in: int, c_out: int, hw: int, k: int, stride: int,
 
     from relay_passes.rewrite_row_groups import row_group_func
     from schedules.cpu import x86_constant_kernel
-    from schedules.x86_amx_conv import AmxConvPlan, amx_conv_kernel, amx_conv_weights
+    from schedules.x86_amx_conv import AMX_CONV_MIN_CHANNELS, AmxConvPlan, amx_conv_kernel, amx_conv_weights
     from tvm_rmsmp.quant.schemes import get_scheme
 
     rng = np.random.default_rng(0)
@@ -80,11 +80,12 @@ def shape_times(batch: int, c_in: int, c_out: int, hw: int, k: int, stride: int,
             kernel, layout = x86_constant_kernel(target)(func)
         finally:
             os.environ.pop("RMSMP_AMX")
-        plan = AmxConvPlan(batch, c_in, hw, hw, k, k, stride, stride, n)
+        fold = c_in < AMX_CONV_MIN_CHANNELS  # as schedules.x86_amx_conv.amx_conv_folds
+        plan = AmxConvPlan(batch, c_in, hw, hw, k, k, stride, stride, n, fold)
         amx = amx_conv_kernel(plan, "uint8", "int8", num_cores=1)
         oh, ow = plan.out_hw
         out = np.zeros((batch, n, oh, ow), np.float32)
-        for i, (f, wl) in enumerate(((kernel, layout(w) if layout else w), (amx, amx_conv_weights(levels)))):
+        for i, (f, wl) in enumerate(((kernel, layout(w) if layout else w), (amx, amx_conv_weights(levels, fold)))):
             exe = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
             args = [tvm.runtime.tensor(a) for a in (x, wl, bias, scale, out)]
             totals[i] += _cpu_time(exe.mod["main"], args)
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[8])
     ap.add_argument("--model", action="store_true", help="also the whole ResNet-18 (VNNI convs vs AMX convs)")
     ap.add_argument("--no-shapes", action="store_true", help="only the whole model")
+    ap.add_argument("--shapes", type=int, nargs="+", help="only these rows of SHAPES (0: the stem)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = "1"
     import tvm
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     for batch in args.batch:
         if not args.no_shapes:
             print(f"batch {batch}: conv (in -> out, padded input, kernel, stride)   VNNI ms   AMX ms   speed-up")
-            for c_in, c_out, hw, k, s in SHAPES:
+            for c_in, c_out, hw, k, s in (SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]):
                 vnni, amx = shape_times(batch, c_in, c_out, hw, k, s, target)
                 print(f"  {c_in:3d} -> {c_out:3d} @{hw:3d}x{hw:<3d} {k}x{k} s{s}          {vnni * 1e3:8.3f} {amx * 1e3:8.3f}"
                       f"   {vnni / amx:5.2f}x", flush=True)
