@@ -24,8 +24,17 @@ reduction (taps x channel blocks). The epilogue ``float32(acc + bias) * scale`` 
 kernel, bit for bit) runs on 16 pixels of one channel a vector and writes NCHW through masked
 stores (``llvm.masked.store``: one per output row the 16 virtual pixels touch).
 
-Measured (``python -m bench.amx_conv``, one thread, CPU time; see docs/performance.md): numbers
-in :data:`AMX_CONV_MIN_PIXELS`.
+Layers of fewer than :data:`AMX_CONV_MIN_CHANNELS` input channels (a 3-channel stem) fold their
+kernel columns into the channels (:meth:`AmxConvPlan.gemm`): a ``kh x 1`` conv over ``kw * C``
+channels, staged from the input at the layer's stride.
+
+Measured: ``python -m bench.amx_conv --model`` (Intel Xeon, LLVM rocketlake, one thread, CPU time,
+2026-12-06), ResNet-18's conv shapes at batch 8, SP2-4 : Fixed-4 : Fixed-8 rows 60:35:5, the three
+row groups summed, VNNI -> AMX ms: stem 3 -> 64 7x7 s2 21.6 -> 11.5 (folded; unfolded 41.7);
+64 -> 64 3x3 at 56 x 56 11.3 -> 1.75; 64 -> 128 3x3 s2 7.66 -> 1.36, 1x1 s2 5.40 -> 0.79;
+128 -> 128 3x3 7.92 -> 1.54; 128 -> 256 3x3 s2 5.59 -> 1.14, 1x1 s2 3.04 -> 0.65; 256 -> 256 3x3
+7.39 -> 1.09; 256 -> 512 3x3 s2 5.04 -> 1.14, 1x1 s2 1.67 -> 0.73; 512 -> 512 3x3 at 7 x 7
+6.16 -> 1.34. The whole model at batch 8: 208.2 ms with VNNI convolutions, 66.1 ms with these.
 """
 
 from __future__ import annotations
@@ -298,7 +307,7 @@ def amx_conv_kernel(p: AmxConvPlan, x_dtype: str, w_dtype: str = "int8", num_cor
     panels, blocks, parts = p.n_tiles // p.nt, p.batch * p.m_blocks, 4 * max(1, num_cores)
     xs_size = p.batch * p.sh * p.sw * p.cblocks * 16 * p.plane * 4
     # tasks split the larger operand: each streams its share once while the other stays in L2
-    # (512 -> 512 channels at 7 x 7, batch 8, one thread: 1.29 -> X ms splitting the panels)
+    # (512 -> 512 channels at 7 x 7, batch 8, one thread: no change measured, 1.29 ms either way)
     if p.n_tiles * p.steps * 1024 > xs_size:
         n_chunks = min(panels, parts)
         m_chunks = min(blocks, -(-parts // n_chunks))
