@@ -10,7 +10,8 @@ so a busy neighbour on the machine spoils it less than wall time)::
 Per shape, the layer's output channels are split SP2-4 : Fixed-4 : Fixed-8 = 60:35:5 (as
 ``bench.cpu``'s models), each row group built as the compiler builds it for constant weights
 (``schedules.cpu.x86_constant_kernel``: the VNNI kernel with ``RMSMP_AMX=0``) and as
-``schedules.x86_amx_conv.amx_conv_kernel``; the three groups' times are summed. Inputs are the
+``schedules.x86_amx_conv.amx_conv_kernel``; the three groups' times are summed. Last column: one
+AMX kernel for all the layer's rows (what the compiler builds on AMX: ``x86-amx-conv-layer``). Inputs are the
 zero-padded activations the graph hands the row groups (224 x 224 images: 58 x 58 after
 padding at the first stage). Time: the least of 5 runs of a few calls, ``time.process_time``.
 ``--model``: ResNet-18 built as ``bench.cpu`` does (random weights, RMSMP 60:35:5, 8-bit
@@ -55,7 +56,8 @@ def _groups(c_out: int):
 
 
 def shape_times(batch: int, c_in: int, c_out: int, hw: int, k: int, stride: int, target):
-    """(VNNI, AMX) seconds of the layer's three row groups."""
+    """(VNNI, AMX, AMX layer) seconds: the layer's three row groups, each its own kernel (VNNI or
+    AMX), and the one AMX kernel for all the layer's rows the compiler builds on AMX."""
     import numpy as np
     import tvm
 
@@ -67,7 +69,16 @@ def shape_times(batch: int, c_in: int, c_out: int, hw: int, k: int, stride: int,
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (batch, c_in, hw, hw)).astype(np.uint8)
     conv = {"strides": [stride, stride], "padding": [0, 0], "dilation": [1, 1]}
-    totals = [0.0, 0.0]
+    totals = [0.0, 0.0, 0.0]
+    fold = c_in < AMX_CONV_MIN_CHANNELS  # as schedules.x86_amx_conv.amx_conv_folds
+    layer = AmxConvPlan(batch, c_in, hw, hw, k, k, stride, stride, c_out, fold)
+    oh, ow = layer.out_hw
+    exe = tvm.compile(tvm.IRModule({"main": amx_conv_kernel(layer, "uint8", "int8", num_cores=1).with_attr(
+        "global_symbol", "main")}), target=target)
+    w_all = rng.integers(-8, 8, (c_out, c_in, k, k)).astype(np.int8)
+    args = [tvm.runtime.tensor(a) for a in (x, amx_conv_weights(w_all, fold), np.zeros(c_out, np.int32),
+                                            np.ones(c_out, np.float32), np.zeros((batch, c_out, oh, ow), np.float32))]
+    totals[2] = _cpu_time(exe.mod["main"], args)
     for name, n in _groups(c_out):
         packed = get_scheme(name).bits == 4
         levels = rng.choice(get_scheme(name).levels, (n, c_in, k, k)).astype(np.int8)
@@ -80,7 +91,6 @@ def shape_times(batch: int, c_in: int, c_out: int, hw: int, k: int, stride: int,
             kernel, layout = x86_constant_kernel(target)(func)
         finally:
             os.environ.pop("RMSMP_AMX")
-        fold = c_in < AMX_CONV_MIN_CHANNELS  # as schedules.x86_amx_conv.amx_conv_folds
         plan = AmxConvPlan(batch, c_in, hw, hw, k, k, stride, stride, n, fold)
         amx = amx_conv_kernel(plan, "uint8", "int8", num_cores=1)
         oh, ow = plan.out_hw
@@ -132,11 +142,12 @@ def main(argv=None) -> int:
     print(f"{host.attrs.get('mcpu')}, one thread, CPU time (least of 5 runs); 60:35:5 SP2-4 : Fixed-4 : Fixed-8 rows")
     for batch in args.batch:
         if not args.no_shapes:
-            print(f"batch {batch}: conv (in -> out, padded input, kernel, stride)   VNNI ms   AMX ms   speed-up")
+            print(f"batch {batch}: conv (in -> out, padded input, kernel, stride)   VNNI ms   AMX ms   speed-up"
+                  "   AMX layer ms   speed-up")
             for c_in, c_out, hw, k, s in (SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]):
-                vnni, amx = shape_times(batch, c_in, c_out, hw, k, s, target)
+                vnni, amx, whole = shape_times(batch, c_in, c_out, hw, k, s, target)
                 print(f"  {c_in:3d} -> {c_out:3d} @{hw:3d}x{hw:<3d} {k}x{k} s{s}          {vnni * 1e3:8.3f} {amx * 1e3:8.3f}"
-                      f"   {vnni / amx:5.2f}x", flush=True)
+                      f"   {vnni / amx:5.2f}x   {whole * 1e3:12.3f}   {vnni / whole:5.2f}x", flush=True)
         if args.model:
             (vnni, amx), kinds = model_times(batch)
             print(f"ResNet-18 batch {batch}, whole model: VNNI convs {vnni * 1e3:.1f} ms, AMX convs {amx * 1e3:.1f} ms "

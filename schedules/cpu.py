@@ -35,7 +35,7 @@ from .registry import OpScheduleRule, register_target, target_cores
 from .cpu_sparse import SparseDense
 from .cpu_sparse_conv import SparseConv
 from .x86_amx import amx_enabled
-from .x86_amx_conv import AmxConvPlan, amx_conv_applies, amx_conv_folds, amx_conv_kernel, amx_conv_pays, amx_conv_weights
+from .x86_amx_conv import AmxConvPlan, amx_conv_applies, amx_conv_folds, amx_conv_kernel, amx_conv_weights
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -143,7 +143,9 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
     weights will be laid out for the kernel at compile time (dense: tiled, and from
     the target's ``broadcast_min_rows`` activation rows on the outer-product kernel
-    (:func:`~schedules.x86_tuning_table.x86_constants`); conv: taps first).
+    (:func:`~schedules.x86_tuning_table.x86_constants`); conv: taps first, or on a target with
+    AMX-INT8 the AMX conv (:mod:`schedules.x86_amx_conv`, weights decoded to int8 tiles) for
+    every geometry it takes, of a static batch).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
     instruction the target lacks is ever emitted), the reduction is too long for the kernel's
@@ -206,8 +208,11 @@ def x86_replacement(func, target: Target, relayout: bool = False):
             return None
     cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
     if relayout and conv is not None and images is None and isa == "avx512vnni" and amx_enabled(target) \
-            and amx_conv_applies(conv, n_rows) and amx_conv_pays(conv, n_rows):
-        return _amx_conv(func, conv, n_rows, str(x_buf.dtype), str(w_buf.dtype), target_cores(target))
+            and amx_conv_applies(conv, n_rows):
+        try:
+            return _amx_conv(func, conv, n_rows, str(x_buf.dtype), str(w_buf.dtype), target_cores(target))
+        except KernelBoundError:  # past the int32 bound: the VNNI kernels below refuse it the same way
+            pass
     outer_product = relayout and conv is None and m >= x86_constants(target)["broadcast_min_rows"]
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = target_cores(target)
@@ -257,6 +262,9 @@ def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
       ResNet-18 stage (512 channels at 7 x 7, SP2 rows: 445 -> 383 us).
       The other convolutions (a 3-channel stem): tap order
       (:func:`schedules.x86_intrin.tap_order_weights`), the columns of their im2col.
+      With AMX-INT8: the AMX conv's int8 tiles (:func:`schedules.x86_amx_conv.amx_conv_weights`,
+      4-bit codes decoded; ``relay_passes.FuseDenseLayers`` has most conv layers in one AMX
+      kernel already, :mod:`schedules.x86_layers`).
 
     The pass leaves functions called with a weight that is not a constant to the rules, which
     give them the kernel that reads the weights as they are."""
