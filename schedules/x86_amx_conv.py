@@ -28,13 +28,17 @@ Layers of fewer than :data:`AMX_CONV_MIN_CHANNELS` input channels (a 3-channel s
 kernel columns into the channels (:meth:`AmxConvPlan.gemm`): a ``kh x 1`` conv over ``kw * C``
 channels, staged from the input at the layer's stride.
 
-Measured: ``python -m bench.amx_conv --model`` (Intel Xeon, LLVM rocketlake, one thread, CPU time,
-2026-12-06), ResNet-18's conv shapes at batch 8, SP2-4 : Fixed-4 : Fixed-8 rows 60:35:5, the three
-row groups summed, VNNI -> AMX ms: stem 3 -> 64 7x7 s2 21.6 -> 11.5 (folded; unfolded 41.7);
-64 -> 64 3x3 at 56 x 56 11.3 -> 1.75; 64 -> 128 3x3 s2 7.66 -> 1.36, 1x1 s2 5.40 -> 0.79;
-128 -> 128 3x3 7.92 -> 1.54; 128 -> 256 3x3 s2 5.59 -> 1.14, 1x1 s2 3.04 -> 0.65; 256 -> 256 3x3
-7.39 -> 1.09; 256 -> 512 3x3 s2 5.04 -> 1.14, 1x1 s2 1.67 -> 0.73; 512 -> 512 3x3 at 7 x 7
-6.16 -> 1.34. The whole model at batch 8: 208.2 ms with VNNI convolutions, 66.1 ms with these.
+Measured: ``python -m bench.amx_conv --model --batch 1 8`` (Intel Xeon, LLVM rocketlake, one
+thread, CPU time, 2026-12-06), ResNet-18's conv shapes, SP2-4 : Fixed-4 : Fixed-8 rows 60:35:5;
+ms at batch 8 for the VNNI kernels (a kernel per row group, summed) -> this one per row group ->
+this one for the whole layer (what the compiler builds): stem 3 -> 64 7x7 s2 18.6 -> 10.7 -> 8.1
+(folded; unfolded, per group, 41.7 in an earlier run); 64 -> 64 3x3 at 56 x 56 12.5 -> 1.86 -> 1.04;
+64 -> 128 3x3 s2 8.30 -> 1.48 -> 0.77, 1x1 s2 5.84 -> 0.86 -> 0.44; 128 -> 128 3x3 8.59 -> 1.68 ->
+0.94; 128 -> 256 3x3 s2 5.81 -> 1.16 -> 0.80, 1x1 s2 3.18 -> 0.66 -> 0.36; 256 -> 256 3x3 7.81 ->
+1.12 -> 0.99; 256 -> 512 3x3 s2 5.25 -> 1.18 -> 0.75, 1x1 s2 1.68 -> 0.74 -> 0.33; 512 -> 512 3x3
+at 7 x 7 6.17 -> 1.32 -> 1.07. At batch 1 the layer kernel is 3.7x the VNNI ones for the stem and
+5.0-13.0x for the others. The whole model: batch 1 25.4 ms with VNNI convolutions, 4.9 ms with
+these; batch 8 206.2 and 45.8 ms.
 """
 
 from __future__ import annotations
