@@ -63,12 +63,12 @@ from tvm_rmsmp.quant.schemes import get_scheme, list_schemes, nibble_codes, pack
 
 __all__ = [
     "OP", "LAYER", "ROW_SCHEMES", "SCHEME", "KIND", "CONV", "PACKED", "SP2_LOWERING", "SCHEMES", "CPU_KERNEL",
-    "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
+    "WEIGHT_TILES", "WEIGHT_TAPS_FIRST", "WEIGHT_TAP_ORDER", "WEIGHT_AMX_CONV", "OPS", "SP2_LOWERINGS", "ACC_BLOCK", "OUT_BLOCK",
     "ZERO_POINT", "ACT_BITS", "REQUANT", "requant_of", "QUANTIZE", "TOKEN_EXPONENT", "QUANTIZE_PER_TOKEN", "TOKEN_EPILOGUE", "ACTIVATION_OPS",
     "verify_activation_func", "ADD_REQUANT", "ADD", "ADD_PARAMS", "add_params", "verify_add_func",
     "AVGPOOL_REQUANT", "POOL", "pool_params", "verify_pool_func", "MAXPOOL_CODES", "MAXPOOL", "verify_maxpool_func",
     "PARAMS", "INT32_MAX", "ContractError", "verify", "verify_func", "callee", "attr", "rmsmp_attr", "conv_geometry", "symbol_name", "const_value", "op_name",
-    "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "LayerKernels",
+    "channel_axis", "group_weight", "stored_to_int", "packed_weight", "DenseLayer", "ConvLayer", "LayerKernels",
     "ConstantKernel", "DENSE_BSR", "SPARSE_OPS", "SPARSE_PARAMS", "SPARSE_BLOCK", "SPARSE_ROW_SCHEMES",
     "verify_sparse_func", "CONV_PATTERN", "CONV_PATTERN_PARAMS", "SPARSE_KERNEL", "verify_conv_pattern_func",
 ]
@@ -87,6 +87,7 @@ CPU_KERNEL = "rmsmp.cpu_kernel"        #: the intrinsic kernel that realizes a g
 WEIGHT_TILES = "rmsmp.weight_tiles"    #: x86 layout pass: weights stored in row tiles
 WEIGHT_TAPS_FIRST = "rmsmp.weight_taps_first"  #: x86 layout pass: conv weights taps first
 WEIGHT_TAP_ORDER = "rmsmp.weight_tap_order"    #: x86 layout pass: conv weights in im2col tap order
+WEIGHT_AMX_CONV = "rmsmp.weight_amx_conv"      #: x86 layout pass: conv weights decoded to int8 AMX tiles
 
 ZERO_POINT = "rmsmp.zero_point"        #: asymmetric activation quantizer: its integer zero point
 ACT_BITS = "rmsmp.act_bits"            #: per-token activation functions: the activation bit width
@@ -237,6 +238,36 @@ class DenseLayer:
         return [(gi, r) for gi, (_, w, _, _) in enumerate(self.groups) for r in range(w.shape[0])]
 
 
+@attrs.frozen
+class ConvLayer:
+    """The row groups of one conv2d layer (NCHW, groups 1), as ``FuseDenseLayers`` hands them
+    to a target whose :class:`LayerKernels` take convolutions: the activations' shape
+    ``[B, C, H, W]`` (zero-padded already where the groups have padding 0) and dtype, the
+    kernel's ``(kh, kw)``, ``strides`` / ``padding`` / ``dilation`` as the groups' attributes
+    (:data:`CONV`), and the groups as :class:`DenseLayer`'s (stored weights: packed uint8
+    ``[rows, ceil(C kh kw / 2)]``, or int8 ``[rows, C, kh, kw]``)."""
+
+    x_shape: Tuple[int, int, int, int]
+    x_dtype: str
+    kernel: Tuple[int, int]
+    strides: Tuple[int, int]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, int]
+    groups: Tuple[Tuple[str, np.ndarray, np.ndarray, np.ndarray], ...]
+    packed: Tuple[bool, ...]
+
+    concat_order = DenseLayer.concat_order
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int]:
+        """``[B, rows, OH, OW]`` of the layer (all its groups' rows)."""
+        (b, _, h, w), (kh, kw), (sh, sw), (dh, dw) = self.x_shape, self.kernel, self.strides, self.dilation
+        pads = list(self.padding) + [0] * (4 - len(self.padding))
+        top, left, bottom, right = pads if len(self.padding) == 4 else (pads[0], pads[1], pads[0], pads[1])
+        return (b, sum(g[1].shape[0] for g in self.groups), (h + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                (w + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+
 #: ``build(layer, order)``: ``(key, name, make_kernel, constants)``: a kernel computing output
 #: channel ``c`` from ``order[c]`` (a ``(group, row)``), called as ``kernel(x, *constants, out)``;
 #: ``constants`` are ``(array, dtype)``; layers with equal ``key`` share one kernel (named
@@ -249,10 +280,13 @@ LayerBuild = Callable[[DenseLayer, Sequence[Tuple[int, int]]],
 @attrs.frozen
 class LayerKernels:
     """A target's kernels for whole dense layers (read by ``FuseDenseLayers``): ``accepts(layer)``
-    says whether one kernel can compute the layer; ``build`` makes it (see :data:`LayerBuild`)."""
+    says whether one kernel can compute the layer; ``build`` makes it (see :data:`LayerBuild`).
+    ``convs``: both are also handed conv2d layers (:class:`ConvLayer`; the kernel's output
+    ``[B, rows, OH, OW]``, channel ``c`` from ``order[c]``)."""
 
     accepts: Callable[[DenseLayer], bool]
     build: LayerBuild
+    convs: bool = False
 
 
 #: ``kernel_for(row_group_func)``: ``(kernel, weight_layout)`` where the target has a kernel of its

@@ -9,6 +9,10 @@ not fold it, a gather restoring the model's row order::
     y = take(c, inverse, axis=-1)                  # where the order could not be folded
                                                    # (also through reshapes keeping axis -1 last)
 
+Where the target's kernels take convolutions (``LayerKernels.convs``; x86 with AMX-INT8), the
+row groups of a conv2d layer joined by a concatenation along the channels become one kernel
+too (:class:`~relay_passes.contract.ConvLayer`, outputs in the concatenation's order).
+
 A target that computes whole layers in one kernel (x86: :mod:`schedules.x86_layers`) offers
 :class:`~relay_passes.contract.LayerKernels`; the pipeline hands them to this pass, which
 never imports the schedules. Every layer the target accepts becomes one ``call_tir`` of its
@@ -28,9 +32,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import contract, ops
-from .contract import DenseLayer, LayerKernels, callee, const_value, op_name
+from .contract import ConvLayer, DenseLayer, LayerKernels, callee, const_value, op_name
 
-__all__ = ["FuseDenseLayers", "dense_layer_at"]
+__all__ = ["FuseDenseLayers", "dense_layer_at", "conv_layer_at"]
 
 
 def _uses(func: relax.Function) -> Dict[relax.Var, int]:
@@ -72,6 +76,46 @@ def dense_layer_at(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[T
     return x, DenseLayer(shape, str(x.ty.dtype), tuple(groups), tuple(packed))
 
 
+def _kernel_size(func) -> Tuple[int, int]:
+    """``(kh, kw)`` of a conv2d row group: its reduction loops over the kernel (packed weights
+    keep only ``C kh kw`` codes per row)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    *_, ry, rx = sch.get_loops(sch.get_sblock(contract.ACC_BLOCK))
+    return int(sch.get(ry).extent), int(sch.get(rx).extent)
+
+
+def conv_layer_at(mod: tvm.IRModule, var2val, concat: relax.Call) -> Optional[Tuple[relax.Expr, ConvLayer]]:
+    """``(x, layer)`` for the row groups of one conv2d layer joined by ``concat`` (NCHW, axis 1),
+    or None."""
+    if op_name(concat) != "relax.concat" or not isinstance(concat.args[0], relax.Tuple) \
+            or len(concat.ty.shape) != 4 or concat.attrs.axis is None or int(concat.attrs.axis) % 4 != 1:
+        return None
+    x, layer, groups, packed, geometry = None, None, [], [], None
+    for field in concat.args[0].fields:
+        call = var2val.get(field) if isinstance(field, relax.Var) else None
+        func = callee(mod, call) if isinstance(call, relax.Call) else None
+        attrs = func.attrs if func is not None else None
+        if attrs is None or contract.SCHEME not in attrs or contract.REQUANT in attrs \
+                or str(attrs.get(contract.OP, "")) != "conv2d" or "tirx.is_scheduled" in attrs:
+            return None
+        xq, w, bias, scale = list(call.args[1].fields)
+        values = [const_value(w), const_value(bias), const_value(scale)]
+        conv, kernel = contract.conv_geometry(func), _kernel_size(func)
+        if any(v is None for v in values) or (x is not None and not xq.same_as(x)) \
+                or (layer is not None and layer != str(attrs[contract.LAYER])) or conv is None \
+                or (geometry is not None and geometry != (conv, kernel)):
+            return None
+        x, layer, geometry = xq, str(attrs[contract.LAYER]), (conv, kernel)
+        groups.append((str(attrs[contract.SCHEME]), *values))
+        packed.append(contract.PACKED in attrs)
+    shape = tuple(ops.dim(d) for d in x.ty.shape)
+    conv, kernel = geometry
+    return x, ConvLayer(shape, str(x.ty.dtype), kernel, tuple(conv["strides"]), tuple(conv["padding"]),
+                        tuple(conv["dilation"]), tuple(groups), tuple(packed))
+
+
 @tvm.transform.module_pass(opt_level=0, name="FuseDenseLayers")
 class FuseDenseLayers:
     """Every split dense layer ``kernels.accepts`` as one kernel (module docstring);
@@ -99,6 +143,8 @@ class FuseDenseLayers:
 
             def _accepted(self, concat) -> Optional[Tuple[relax.Expr, DenseLayer]]:
                 found = dense_layer_at(original, self.var2val, concat)
+                if found is None and kernels.convs:
+                    found = conv_layer_at(original, self.var2val, concat)
                 return found if found is not None and kernels.accepts(found[1]) else None
 
             def _gather(self, take: relax.Call):
@@ -116,7 +162,7 @@ class FuseDenseLayers:
                         and self.uses.get(source.args[0], 0) == 1:
                     source = self.var2val.get(source.args[0])
                 found = self._accepted(source) if op_name(source) == "relax.concat" else None
-                if found is None or sorted(index.tolist()) != list(range(len(found[1].concat_order))):
+                if found is None or not isinstance(found[1], DenseLayer) or sorted(index.tolist()) != list(range(len(found[1].concat_order))):
                     return None
                 return found, [found[1].concat_order[i] for i in index], source
 
@@ -125,7 +171,8 @@ class FuseDenseLayers:
                 if key not in self.cache:
                     self.cache[key] = self.builder_.add_func(make(), name)
                 args = [x] + [relax.const(a, dtype) for a, dtype in constants]
-                return relax.call_tir(self.cache[key], args, relax.TensorType([layer.x_shape[0], len(order)], "float32"))
+                shape = [layer.x_shape[0], len(order)] if isinstance(layer, DenseLayer) else list(layer.out_shape)
+                return relax.call_tir(self.cache[key], args, relax.TensorType(shape, "float32"))
 
             def visit_call_(self, call):
                 if op_name(call) == "relax.take":

@@ -29,11 +29,13 @@ from tvm.target import Target
 
 from relay_passes import contract
 from relay_passes.contract import ConstantKernel
-from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
+from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode, unpack_nibbles
 
 from .registry import OpScheduleRule, register_target, target_cores
 from .cpu_sparse import SparseDense
 from .cpu_sparse_conv import SparseConv
+from .x86_amx import amx_enabled
+from .x86_amx_conv import AmxConvPlan, amx_conv_applies, amx_conv_folds, amx_conv_kernel, amx_conv_weights
 from .x86_bounds import KernelBoundError, KernelBoundWarning
 from .x86_intrin import (
     ConvGeometry,
@@ -141,7 +143,9 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     activations or through an im2col (see :mod:`schedules.x86_intrin`). ``relayout``: the
     weights will be laid out for the kernel at compile time (dense: tiled, and from
     the target's ``broadcast_min_rows`` activation rows on the outer-product kernel
-    (:func:`~schedules.x86_tuning_table.x86_constants`); conv: taps first).
+    (:func:`~schedules.x86_tuning_table.x86_constants`); conv: taps first, or on a target with
+    AMX-INT8 the AMX conv (:mod:`schedules.x86_amx_conv`, weights decoded to int8 tiles) for
+    every geometry it takes, of a static batch).
     None when the function is not a row group, the target is not x86 with
     AVX2 (then the portable schedule runs, with a warning for an x86 target without AVX2: no
     instruction the target lacks is ever emitted), the reduction is too long for the kernel's
@@ -203,6 +207,12 @@ def x86_replacement(func, target: Target, relayout: bool = False):
         if packed and not supports_packed_dense(x_shape, int(w_buf.shape[1])):
             return None
     cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
+    if relayout and conv is not None and images is None and isa == "avx512vnni" and amx_enabled(target) \
+            and amx_conv_applies(conv, n_rows):
+        try:
+            return _amx_conv(func, conv, n_rows, str(x_buf.dtype), str(w_buf.dtype), target_cores(target))
+        except KernelBoundError:  # past the int32 bound: the VNNI kernels below refuse it the same way
+            pass
     outer_product = relayout and conv is None and m >= x86_constants(target)["broadcast_min_rows"]
     levels = nibble_decode(np.arange(16), scheme) if packed else None
     cores = target_cores(target)
@@ -223,6 +233,18 @@ def x86_replacement(func, target: Target, relayout: bool = False):
     return kernel.with_attr(contract.CPU_KERNEL, f"x86-{isa}-{kind}").with_attr("tirx.is_scheduled", True)
 
 
+def _amx_conv(func, conv: ConvGeometry, n_rows: int, x_dtype: str, w_dtype: str, cores: int):
+    """The AMX conv kernel of a row group (:mod:`schedules.x86_amx_conv`), the weights laid out
+    at compile time (decoded to int8 tiles; a packed group's constant keeps its uint8 type)."""
+    fold = amx_conv_folds(conv)
+    plan = AmxConvPlan(conv.batch, conv.channels, conv.height, conv.width, conv.kh, conv.kw, *conv.strides, n_rows, fold)
+    kernel = amx_conv_kernel(plan, x_dtype, w_dtype, num_cores=cores)
+    for key, value in func.attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return (kernel.with_attr(contract.WEIGHT_AMX_CONV, [conv.channels, conv.kh, conv.kw, int(fold)])
+            .with_attr(contract.CPU_KERNEL, "x86-amx-conv").with_attr("tirx.is_scheduled", True))
+
+
 def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
     """The x86 kernel of a row group whose weights are constants, with the layout it reads
     them in (the :data:`~relay_passes.contract.ConstantKernel` of the CPU target, for
@@ -240,6 +262,9 @@ def x86_constant_kernel(target: Target) -> Optional[ConstantKernel]:
       ResNet-18 stage (512 channels at 7 x 7, SP2 rows: 445 -> 383 us).
       The other convolutions (a 3-channel stem): tap order
       (:func:`schedules.x86_intrin.tap_order_weights`), the columns of their im2col.
+      With AMX-INT8: the AMX conv's int8 tiles (:func:`schedules.x86_amx_conv.amx_conv_weights`,
+      4-bit codes decoded; ``relay_passes.FuseDenseLayers`` has most conv layers in one AMX
+      kernel already, :mod:`schedules.x86_layers`).
 
     The pass leaves functions called with a weight that is not a constant to the rules, which
     give them the kernel that reads the weights as they are."""
@@ -262,6 +287,13 @@ def _weight_layout(kernel) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     if contract.WEIGHT_TAPS_FIRST in attrs:
         channels, kh, kw = (int(v) for v in attrs[contract.WEIGHT_TAPS_FIRST])
         return lambda w: taps_first_weights(w, channels, kh, kw)
+    if contract.WEIGHT_AMX_CONV in attrs:
+        channels, kh, kw, fold = (int(v) for v in attrs[contract.WEIGHT_AMX_CONV])
+        scheme = get_scheme(str(attrs[contract.SCHEME]))
+        if contract.PACKED in attrs:  # 4-bit codes decoded to their int8 levels, then viewed as the uint8 constant
+            return lambda w: amx_conv_weights(nibble_decode(unpack_nibbles(w, channels * kh * kw), scheme).astype(
+                np.int8).reshape(len(w), channels, kh, kw), bool(fold)).view(np.uint8)
+        return lambda w: amx_conv_weights(w, bool(fold))
     if contract.WEIGHT_TAP_ORDER in attrs:
         channels, kh, kw, vec = (int(v) for v in attrs[contract.WEIGHT_TAP_ORDER])
         return lambda w: tap_order_weights(w, channels, kh, kw, vec)

@@ -12,9 +12,10 @@ import pytest
 import tvm
 from tvm import relax, te
 
-from conftest import np_dense_acc
+from conftest import np_conv_acc, np_dense_acc
 from relay_passes import FuseDenseLayers, UseTargetKernels, contract
 from relay_passes.rewrite_row_groups import row_group_func
+from tvm_rmsmp.quant.schemes import get_scheme
 
 M, K = 2, 8
 ROWS = (3, 2)  # rows of the two groups
@@ -163,3 +164,78 @@ def test_use_target_kernels_leaves_groups_without_a_kernel():
     use = UseTargetKernels(lambda func: None)
     tvm.ir.assert_structural_equal(use(before), before)
     assert use.last_replaced == 0
+
+
+CONV_X, CONV_ROWS = (1, 4, 6, 6), (3, 2)  # activations (already padded), rows of the sp2_4 / fixed_8 groups
+CONV = {"strides": [2, 2], "padding": [0, 0], "dilation": [1, 1]}
+
+
+def _conv_module(funcs_and_consts, out_rows):
+    """main(x) = concat over the channels of one call per (PrimFunc, constants), or one call."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(CONV_X), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = []
+            for i, (func, consts, rows) in enumerate(funcs_and_consts):
+                gv = bb.add_func(func, f"g{i}" if len(funcs_and_consts) > 1 else "layer_kernel")
+                outs.append(bb.emit(relax.call_tir(gv, [x] + [relax.const(a, d) for a, d in consts],
+                                                   relax.TensorType([1, rows, 2, 2], "float32"))))
+            y = bb.emit(relax.op.concat(outs, axis=1)) if len(outs) > 1 else outs[0]
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _stand_in_conv(n):
+    """A stand-in conv layer kernel: the portable fixed_8 row group over int8 weights in output order."""
+    func = row_group_func("conv2d", "conv", "fixed_8", list(CONV_X), "uint8", [n, CONV_X[1], 3, 3], CONV)
+    return func.with_attrs({contract.SCHEMES: ["sp2_4", "fixed_8"], "tirx.is_scheduled": True})
+
+
+@pytest.mark.parametrize("convs", [False, True])
+def test_fuse_dense_layers_fuses_conv_layers_where_the_target_takes_them(convs):
+    """A conv2d layer's row groups joined along the channels become one kernel call (in the
+    concatenation's order) only where ``LayerKernels.convs`` says the target takes conv layers;
+    the layer it is handed has the geometry, the kernel size also for packed 4-bit groups."""
+    rng = np.random.default_rng(5)
+    levels = [rng.choice(get_scheme("sp2_4").levels, (CONV_ROWS[0], CONV_X[1], 3, 3)).astype(np.int8),
+              rng.integers(-128, 128, (CONV_ROWS[1], CONV_X[1], 3, 3)).astype(np.int8)]
+    stored = [contract.packed_weight(levels[0].reshape(CONV_ROWS[0], -1), "sp2_4"), levels[1]]
+    bias = [rng.integers(-50, 50, n).astype(np.int32) for n in CONV_ROWS]
+    scale = [rng.uniform(0.5, 2, n).astype(np.float32) for n in CONV_ROWS]
+    funcs = [row_group_func("conv2d", "conv", "sp2_4", list(CONV_X), "uint8", [CONV_ROWS[0], CONV_X[1], 3, 3], CONV,
+                            packed=True),
+             row_group_func("conv2d", "conv", "fixed_8", list(CONV_X), "uint8", [CONV_ROWS[1], CONV_X[1], 3, 3], CONV)]
+    before = _conv_module([(f, [(w, str(w.dtype)), (b, "int32"), (s, "float32")], n)
+                           for f, w, b, s, n in zip(funcs, stored, bias, scale, CONV_ROWS)], sum(CONV_ROWS))
+    seen = []
+
+    def build(layer, order):
+        w = np.concatenate(levels)[[sum(CONV_ROWS[:g]) + r for g, r in order]]
+        b = np.array([layer.groups[g][2][r] for g, r in order], np.int32)
+        s = np.array([layer.groups[g][3][r] for g, r in order], np.float32)
+        return ("conv", len(order)), "layer_kernel", lambda: _stand_in_conv(len(order)), \
+            [(w, "int8"), (b, "int32"), (s, "float32")]
+
+    fuse = FuseDenseLayers(contract.LayerKernels(accepts=lambda layer: seen.append(layer) or True, build=build,
+                                                 convs=convs))
+    after = fuse(before)
+    if not convs:
+        assert fuse.last_fused == 0 and not seen
+        tvm.ir.assert_structural_equal(after, before)
+        return
+    assert fuse.last_fused == 1
+    layer = seen[0]
+    assert (layer.x_shape, layer.x_dtype, layer.kernel, layer.strides, layer.packed, layer.out_shape) == (
+        CONV_X, "uint8", (3, 3), (2, 2), (True, False), (1, 5, 2, 2))
+    order = layer.concat_order
+    expected = _conv_module([(_stand_in_conv(5), [(np.concatenate(levels), "int8"), (np.concatenate(bias), "int32"),
+                                                   (np.concatenate(scale), "float32")], 5)], 5)
+    tvm.ir.assert_structural_equal(after, expected)
+    assert order == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    x = rng.integers(0, 256, CONV_X).astype(np.uint8)
+    want = (np_conv_acc(x, np.concatenate(levels), (2, 2), (0, 0), (1, 1)) + np.concatenate(bias)[None, :, None, None]
+            ).astype(np.float32) * np.concatenate(scale)[None, :, None, None]
+    np.testing.assert_array_equal(_run(after, x), want)
+    np.testing.assert_array_equal(_run(before, x), want)
