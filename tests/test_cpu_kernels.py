@@ -842,10 +842,13 @@ def test_taps_first_conv_kernel_is_integer_exact(isa, scheme, act):
     np.testing.assert_array_equal(out.astype(np.int64), np_conv_acc(x_max, rows, (1, 1), (0, 0), (1, 1)))
 
 
-def test_compiled_conv_layers_read_taps_first_weight_constants(host_target):
+def test_compiled_conv_layers_read_taps_first_weight_constants(host_target, monkeypatch):
     """Convolutions whose channels fill whole vector steps read weight constants reordered at
-    compile time (the others keep theirs); the model stays bit-exact."""
+    compile time (the others keep theirs); the model stays bit-exact. (The VNNI kernels: on an
+    AMX host the conv layers would be AMX kernels, tests/test_x86_amx_conv.py.)"""
     import torch
+
+    monkeypatch.setenv("RMSMP_AMX", "0")
 
     import tvm_rmsmp as rmsmp
     from schedules.x86_intrin import x86_isa
@@ -922,10 +925,13 @@ def test_tap_order_conv_kernel_is_integer_exact(isa, n, scheme, act):
         np.testing.assert_array_equal(out, expected)
 
 
-def test_compiled_stem_reads_tap_order_weight_constants(host_target):
+def test_compiled_stem_reads_tap_order_weight_constants(host_target, monkeypatch):
     """A 7x7 stem over 3 channels reads weight constants laid out in tap order at compile time
-    wherever it has an x86 kernel; the model stays bit-exact."""
+    wherever it has an x86 kernel; the model stays bit-exact. (The VNNI kernels: on an AMX host
+    the stem would be an AMX kernel, tests/test_x86_amx_conv.py.)"""
     import torch
+
+    monkeypatch.setenv("RMSMP_AMX", "0")
 
     import tvm_rmsmp as rmsmp
     from schedules.x86_intrin import x86_isa
