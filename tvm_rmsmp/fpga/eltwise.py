@@ -84,8 +84,20 @@ def add_stream(name: str, elements: int, params: Dict[str, object], accel, tile:
     return stream
 
 
+def _codes(x, scale: float) -> np.ndarray:
+    """The integer codes (int16) of a float view ``float32(q) * scale`` of 8-bit codes (exact)."""
+    return np.round(np.asarray(x, np.float64) / np.float64(np.float32(scale))).astype(np.int16)
+
+
+class _Program:
+    """What the executor and ``profile`` ask of every program besides the layers."""
+
+    def summary(self) -> Dict[str, int]:
+        return stream_summary(self.stream)
+
+
 @attrs.define
-class EltwiseProgram:
+class EltwiseProgram(_Program):
     """A residual add on the accelerator: its stream and where its operands live in the graph
     (``inputs``: the executor's references of ``a`` and ``b``, float views of codes). ``layer``
     names the add (its step in :meth:`FPGACompiledModel.profile`)."""
@@ -111,8 +123,7 @@ class EltwiseProgram:
         p = self.params
         out: Dict[str, np.ndarray] = {}
         for key, ref, scale in (("a", self.inputs[0], p["scale_a"]), ("b", self.inputs[1], p["scale_b"])):
-            x = np.asarray(env[ref], np.float64)
-            out[f"{self.layer}.{key}"] = np.round(x / np.float64(np.float32(scale))).astype(np.int16).reshape(-1)
+            out[f"{self.layer}.{key}"] = _codes(env[ref], scale).reshape(-1)
         out[f"{self.layer}.out"] = np.zeros(self.elements, np.int8 if int(p["qmin"]) < 0 else np.uint8)
         return out
 
@@ -120,9 +131,6 @@ class EltwiseProgram:
         """The float view of the output codes (float32 codes times the output scale)."""
         codes = dram[f"{self.layer}.out"].reshape(self.shape)
         return codes.astype(np.float32) * np.float32(self.params["out_scale"])
-
-    def summary(self) -> Dict[str, int]:
-        return stream_summary(self.stream)
 
 
 def add_program_of(name: str, params: Optional[Dict[str, object]], shape, inputs, out_var, accel) -> EltwiseProgram:
@@ -172,7 +180,7 @@ def pool_stream(name: str, rows: int, k: int, params: Dict[str, object], accel) 
 
 
 @attrs.define
-class PoolProgram:
+class PoolProgram(_Program):
     """A global average pooling on the accelerator (its step in ``profile``: ``layer``)."""
 
     layer: str
@@ -196,10 +204,8 @@ class PoolProgram:
 
     def dram(self, env) -> Dict[str, object]:
         p = self.params
-        x = np.asarray(env[self.x_ref], np.float64)
         ones = np.ones((1, self.k), np.int8)
-        return {f"{self.layer}.x": np.round(x / np.float64(np.float32(p["scale_in"]))).astype(np.int16).reshape(
-                    self.rows, self.k),
+        return {f"{self.layer}.x": _codes(env[self.x_ref], p["scale_in"]).reshape(self.rows, self.k),
                 f"{self.layer}.w": WeightTensor(stored=ones, levels=ones.astype(np.int64), codes_per_byte=1),
                 f"{self.layer}.mult": np.array([p["mult"]], np.int64),
                 f"{self.layer}.shift": np.array([p["shift"]], np.int64),
@@ -208,9 +214,6 @@ class PoolProgram:
     def result(self, dram) -> np.ndarray:
         codes = dram[f"{self.layer}.out"].reshape(self.shape[0], self.shape[1], 1, 1)
         return codes.astype(np.float32) * np.float32(self.params["out_scale"])
-
-    def summary(self) -> Dict[str, int]:
-        return stream_summary(self.stream)
 
 
 def pool_program_of(name: str, params, shape, x_ref, out_var, accel) -> PoolProgram:
@@ -286,7 +289,7 @@ def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -
 
 
 @attrs.define
-class MaxPoolProgram:
+class MaxPoolProgram(_Program):
     """A max-pooling of codes on the accelerator (its step in ``profile``: ``layer``)."""
 
     layer: str
@@ -303,16 +306,12 @@ class MaxPoolProgram:
 
     def dram(self, env) -> Dict[str, np.ndarray]:
         (ph, pw) = self.params["padding"]
-        x = np.asarray(env[self.x_ref], np.float64)
-        codes = np.round(x / np.float64(np.float32(self.params["scale_in"]))).astype(np.int16)
+        codes = _codes(env[self.x_ref], self.params["scale_in"])
         padded = np.pad(codes, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=MAXPOOL_PAD)
         return {f"{self.layer}.x": padded, f"{self.layer}.out": np.zeros(self.out_shape, np.int16)}
 
     def result(self, dram) -> np.ndarray:
         return dram[f"{self.layer}.out"].astype(np.float32) * np.float32(self.params["scale_in"])
-
-    def summary(self) -> Dict[str, int]:
-        return stream_summary(self.stream)
 
 
 def maxpool_program_of(name: str, params, shape, out_shape, x_ref, out_var, accel) -> MaxPoolProgram:

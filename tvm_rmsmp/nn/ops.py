@@ -237,6 +237,19 @@ def _(x, weight_int, row_scale, bias, act_bits, layer):
     return x.new_empty(tuple(x.shape[:-1]) + (weight_int.shape[0],), dtype=torch.float32)
 
 
+def _conv2d_acc(x, weight_int, inv_act_scale, qmin, qmax, stride, padding, dilation) -> torch.Tensor:
+    """Steps 1-2 of a conv2d layer (module docstring): quantize the input, exact integer conv."""
+    xq = quantize_activation(x, inv_act_scale, qmin, qmax)
+    return _exact_product(xq, weight_int, qmin, qmax,
+                          lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, stride, padding, dilation), 1)
+
+
+def _conv2d_empty(x, weight_int, stride, padding, dilation) -> torch.Tensor:
+    """The (fake) float32 output of a conv2d layer op."""
+    oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)
+
+
 @torch.library.custom_op("rmsmp::qconv2d", mutates_args=())
 def qconv2d(
     x: torch.Tensor,
@@ -251,9 +264,7 @@ def qconv2d(
     dilation: List[int],
     layer: str,
 ) -> torch.Tensor:
-    xq = quantize_activation(x, inv_act_scale, qmin, qmax)
-    acc = _exact_product(xq, weight_int, qmin, qmax,
-                         lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, stride, padding, dilation), 1)
+    acc = _conv2d_acc(x, weight_int, inv_act_scale, qmin, qmax, stride, padding, dilation)
     return _epilogue(acc, bias_int, out_scale, 1)
 
 
@@ -265,8 +276,7 @@ def conv2d_output_hw(h: int, w: int, kernel, stride, padding, dilation):
 
 @qconv2d.register_fake
 def _(x, weight_int, bias_int, out_scale, inv_act_scale, qmin, qmax, stride, padding, dilation, layer):
-    oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)
+    return _conv2d_empty(x, weight_int, stride, padding, dilation)
 
 
 def requant_epilogue(acc: torch.Tensor, bias_int: torch.Tensor, requant_scale: torch.Tensor, out_act_scale: float,
@@ -331,17 +341,14 @@ def qconv2d_requant(
     layer: str,
 ) -> torch.Tensor:
     """A conv2d layer with the fixed-point epilogue."""
-    xq = quantize_activation(x, inv_act_scale, qmin, qmax)
-    acc = _exact_product(xq, weight_int, qmin, qmax,
-                         lambda xs, ws: torch.nn.functional.conv2d(xs, ws, None, stride, padding, dilation), 1)
+    acc = _conv2d_acc(x, weight_int, inv_act_scale, qmin, qmax, stride, padding, dilation)
     return requant_epilogue(acc, bias_int, requant_scale, out_act_scale, out_qmin, out_qmax, 1)
 
 
 @qconv2d_requant.register_fake
 def _(x, weight_int, bias_int, requant_scale, inv_act_scale, qmin, qmax, out_act_scale, out_qmin, out_qmax, stride,
       padding, dilation, layer):
-    oh, ow = conv2d_output_hw(x.shape[2], x.shape[3], weight_int.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight_int.shape[0], oh, ow), dtype=torch.float32)
+    return _conv2d_empty(x, weight_int, stride, padding, dilation)
 
 
 def codes_of(x: torch.Tensor, scale: float) -> torch.Tensor:
