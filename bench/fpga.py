@@ -25,8 +25,10 @@ Each design is compiled in both epilogue modes (``--requant``, default both):
   weight prefetch" (the same streams chained into one program, each layer's weight loads
   overlapping the previous layer: ``exe.profile(prefetch=True)``), and that with 4x the DRAM
   bandwidth, with the DRAM split into a read and a write channel of half the bus each (the
-  model before the boards' bus was derived), or with the ALU taking turns with the GEMMs on
-  the core's queue as in VTA (``alu_unit="core"``) (what-ifs);
+  model before the boards' bus was derived), with the ALU taking turns with the GEMMs on
+  the core's queue as in VTA (``alu_unit="core"``), or without residual buffers (each
+  residual add a program of its own instead of fused into a convolution's epilogue,
+  ``res_buffer_kib=0``) (what-ifs);
 * ``float``: the float epilogue runs on the host, the accelerator stores int32; variants
   "int32 write-back" (as compiled) and the what-ifs "8-bit write-back" (only the store bytes
   re-timed) and "8-bit write-back, 4x DRAM".
@@ -71,6 +73,7 @@ VARIANTS = {
         "int8 on chip, weight prefetch, 4x DRAM": {"prefetch": True, "dram_scale": 4},
         "int8 on chip, weight prefetch, split DRAM": {"prefetch": True, "dram_split": True},
         "int8 on chip, weight prefetch, ALU on the core's queue": {"prefetch": True, "alu_unit": "core"},
+        "int8 on chip, weight prefetch, adds unfused": {"prefetch": True, "res_buffer_kib": 0},
     },
 }
 
@@ -128,7 +131,8 @@ def _plot(path, per_layer, mode):
         for k, (unit, label) in enumerate(units):
             ax.bar(x + (k - 1.5) * width, [layer["busy"].get(unit, 0) for layer in rm], width, label=f"RMSMP: {label} busy")
         ax.plot(x, [layer["cycles"] for layer in rm], "k_", markersize=18, mew=2.5, label="RMSMP layer cycles")
-        ax.plot(x, [layer["cycles"] for layer in base], "r_", markersize=18, mew=2.5,
+        base_cycles = {layer["layer"]: layer["cycles"] for layer in base}
+        ax.plot(x, [base_cycles.get(layer["layer"], np.nan) for layer in rm], "r_", markersize=18, mew=2.5,
                 label="fixed-4 DSP-only layer cycles")
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("cycles")

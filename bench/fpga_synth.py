@@ -15,13 +15,16 @@ provenance of every number in the file's ``provenance`` object:
 * ``luts_per_sp2_mac``: LUTs of the 28 x 18 SP2 array / its 504 MACs (adder trees and
   accumulators included);
 * ``lut_overhead``: the DSP array's fabric LUTs (packing, accumulators) at the board's size
-  + the ALU at the board's lanes + ``CONTROL_LUTS`` for control, instruction queues and DMA
-  (an estimate: those are not in the RTL);
+  + the two cores' ALUs at the board's lanes + ``CONTROL_LUTS`` for control, instruction queues
+  and DMA (an estimate: those are not in the RTL);
 * ``lut_array``: the board's pixel lanes, and as many reduction lanes as fit in
   ``LUT_TARGET`` of the part's LUTs after the overhead (a utilization at which placement
   and routing usually succeed; not tuned to any ratio);
-* ``alu_lanes``: as many as the DSP48E1s left by the DSP array allow, up to the old value;
-  ``alu_unit``: "own" (the ALU is a unit of its own beside each core, see the config);
+* ``alu_lanes``: lanes of each core's ALU (two ALUs, one beside each core): as many as the
+  DSP48E1s left by the DSP array allow for both, up to the plan's value; ``alu_unit``: "own"
+  (each ALU is a unit of its own, see the config);
+* ``res_buffer_kib``: a quarter of the accumulator buffer (one 8-bit residual code per int32
+  accumulator, for the residual adds fused into the convolutions' epilogues);
 * ``dram_bytes_per_cycle``, ``dram_bus``: the board's DRAM (see ``DRAM`` below and docs/fpga.md).
 
 Run: python -m bench.fpga_synth [--quick] [--update-boards [--from-json]]
@@ -54,12 +57,12 @@ CONFIGS = [
     ("lut_mac_array", {"PIX": 7, "RED": 8}),
     ("dsp_mac_array_pack2", {"PIX": 14, "RED": 14}),
     ("dsp_mac_array_pack1", {"PIX": 14, "RED": 14}),
-    ("requant_alu", {"LANES": 8, "MW": 16}),
+    ("requant_alu", {"LANES": 4, "MW": 16}),
     ("sp2_array", {"PIX": 28, "RED": 18}),
     ("lut_mac_array", {"PIX": 28, "RED": 18}),
     ("dsp_mac_array_pack2", {"PIX": 28, "RED": 28}),
     ("dsp_mac_array_pack1", {"PIX": 28, "RED": 28}),
-    ("requant_alu", {"LANES": 32, "MW": 16}),
+    ("requant_alu", {"LANES": 16, "MW": 16}),
 ]
 
 
@@ -117,16 +120,17 @@ def update_boards(rows, tool: str):
         dsp = _find(rows, "dsp_mac_array_pack2", PIX=pix, RED=red)
         alu1 = _find(rows, "requant_alu", LANES=1)
         lanes = plan["alu_lanes"]
-        while lanes > 1 and dsp["dsps"] + lanes * alu1["dsps"] > b["dsps"]:
+        while lanes > 1 and dsp["dsps"] + 2 * lanes * alu1["dsps"] > b["dsps"]:  # an ALU beside each core
             lanes //= 2
         alu = _find(rows, "requant_alu", LANES=lanes)
-        overhead = dsp["luts"] + alu["luts"] + CONTROL_LUTS
+        overhead = dsp["luts"] + 2 * alu["luts"] + CONTROL_LUTS
         lut_pix = plan["lut_pixels"]
         lut_red = int((LUT_TARGET * b["luts"] - overhead) // (lut_pix * per_sp2))
         acc.update({"dsp_array": {"pixels": pix, "reduction": red}, "lut_array": {"pixels": lut_pix, "reduction": lut_red},
                     "luts_per_sp2_mac": per_sp2, "lut_overhead": overhead, "alu_lanes": lanes,
                     "dram_bytes_per_cycle": dram_bytes_per_cycle(board), "dram_bus": "shared",
-                    "alu_unit": "own"})
+                    "alu_unit": "own", "res_buffer_kib": acc["acc_buffer_kib"] // 4})
+        buffers = acc["inp_buffer_kib"] + 2 * (acc["wgt_buffer_kib"] + acc["acc_buffer_kib"] + acc["res_buffer_kib"])
         total_luts = lut_pix * lut_red * per_sp2 + overhead
         data["provenance"] = {
             "written_by": "python -m bench.fpga_synth --update-boards (rows in bench/results/fpga_synth.json)",
@@ -134,14 +138,18 @@ def update_boards(rows, tool: str):
             "luts_per_sp2_mac": f"{sp2['luts']} LUTs of sp2_array 28x18 / 504 MACs, rounded up",
             "luts_per_fixed4_lut_mac": per_l4,
             "luts_per_fixed4_lut_mac_source": f"{l4['luts']} LUTs of lut_mac_array 28x18 (radix-4 Booth, -nodsp) / 504",
-            "lut_overhead": {"dsp_array_fabric": dsp["luts"], "alu": alu["luts"], "control_dma_estimate": CONTROL_LUTS},
+            "lut_overhead": {"dsp_array_fabric": dsp["luts"], "alus": 2 * alu["luts"], "control_dma_estimate": CONTROL_LUTS},
             "lut_array": f"{lut_pix} pixel lanes; reduction lanes: the most that keep the design within "
                          f"{LUT_TARGET:.0%} of {b['luts']} LUTs ({total_luts} LUTs, {total_luts / b['luts']:.1%})",
-            "dsp48e1": {"dsp_array": dsp["dsps"], "alu": alu["dsps"], "total": dsp["dsps"] + alu["dsps"],
+            "dsp48e1": {"dsp_array": dsp["dsps"], "alus": 2 * alu["dsps"], "total": dsp["dsps"] + 2 * alu["dsps"],
                         "part": b["dsps"]},
-            "alu_lanes": f"{lanes}: {alu1['dsps']} DSP48E1 per lane (32 x 16-bit multiply), within the DSPs the array leaves",
+            "alu_lanes": f"{lanes} per core's ALU (two ALUs): {alu1['dsps']} DSP48E1 per lane (32 x 16-bit multiply), "
+                         f"within the DSPs the array leaves",
             "alu_unit": "own: each core's ALU is its own unit (own DSP48s, counted above) with its own queue, on one "
                         "accumulator half (its own BRAM bank) while the array fills the other",
+            "res_buffer_kib": "a quarter of acc_buffer_kib: one 8-bit code of a fused residual add's other operand per "
+                              f"int32 accumulator; BRAM: inp + 2 x (wgt + acc + res) = {buffers} KiB of "
+                              f"{b['bram36'] * 4} KiB",
             "dram": {**DRAM[board], "bus": "shared: reads and writes one after the other on one bus",
                      "bytes_per_cycle": dram_bytes_per_cycle(board)},
             "clock_mhz": "a design choice; timing closure at this clock is assumed, not checked (no place and route)",

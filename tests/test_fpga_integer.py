@@ -44,9 +44,14 @@ def test_streams_requantize_on_chip_and_store_bytes(small_resnet):
         stores = [i for i in prog.stream if isinstance(i, Store)]
         muls = [i for i in prog.stream if isinstance(i, Alu) and i.alu_op == "mul_shift"]
         assert stores and len(muls) == len(stores)
+        clamps = [i.imm for i in prog.stream if isinstance(i, Alu) and i.alu_op == "clamp"]
         for s in stores:  # one byte per output element, saturated to the output codes' range
             assert s.nbytes == region_size(s.region)
-            assert s.clamp == (out_act.qmin, out_act.qmax)
+            if prog.fused_add is None:
+                assert s.clamp == (out_act.qmin, out_act.qmax) and not clamps
+            else:  # a residual add fused in: the ALU clamps the layer's codes, the store the add's
+                assert clamps == [(out_act.qmin, out_act.qmax)] * len(stores)
+                assert s.clamp == (prog.fused_add.params["qmin"], prog.fused_add.params["qmax"])
         # the multipliers and shifts the ALU gets are the layer's (m, s)
         m = np.concatenate([prog.constants[g.requant["mult"]] for g in prog.groups])
         s = np.concatenate([prog.constants[g.requant["shift"]] for g in prog.groups])

@@ -244,6 +244,69 @@ def test_madd_shift_alu_equals_the_simulator(rtl):
         Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=4, src_slot=0, imm=(1, 1, 1))
 
 
+def test_fused_residual_epilogue_rtl_simulator_and_numpy_agree(rtl):
+    """A residual add fused into a conv tile's epilogue (:func:`tvm_rmsmp.fpga.codegen.layer_stream`
+    with ``residual``): the simulator (LOAD the residual codes into the residual buffer, GEMM,
+    ``add_bias``, ``mul_shift``, ``clamp`` to the layer's codes, ``madd_shift`` from the residual
+    buffer, STORE clamped to the add's codes), the RTL ALU (ops add_bias, mul_shift, max and min
+    with the bounds, madd_shift) and numpy integers agree."""
+    rng = np.random.default_rng(13)
+    c, h, w, rows, kh = 4, 6, 6, 5, 3
+    x = rng.integers(0, 256, size=(1, c, h, w)).astype(np.uint8)
+    w_int = rng.choice(get_scheme("fixed_8").levels, size=(rows, c * kh * kh))
+    wt, _ = _weights("fixed_8", w_int)
+    oh = ow = h - kh + 1
+    bias = rng.integers(-3000, 3000, size=rows)
+    mult, shift = rng.integers(2**14, 2**15, size=rows), np.full(rows, 22)
+    res = rng.integers(0, 256, size=(1, rows, oh, ow))
+    ma, mb, s = int(rng.integers(2**14, 2**15)), int(rng.integers(2**13, 2**15)), 15
+    # numpy: the layer's codes (rounding shift, clamped to uint8), then the add (rounded once, clamped)
+    acc = np_conv_acc(x, w_int.reshape(rows, c, kh, kh), (1, 1), (0, 0), (1, 1))[0] + bias[:, None, None]
+    q = np.clip((acc * mult[:, None, None] + (1 << 21)) >> 22, 0, 255)
+    want = np.clip((q * ma + res[0] * mb + (1 << (s - 1))) >> s, 0, 255)
+    assert 0 < (q == 255).sum() < q.size or 0 < (q == 0).sum() < q.size  # the layer's clamp matters here
+    # the ISA simulator
+    dram = {"x": x, "w": wt, "bias": bias, "m": mult, "sh": shift, "res": res.astype(np.int16),
+            "out": np.zeros((1, rows, oh, ow), np.uint8)}
+    region = ((0, 1), (0, rows), (0, oh), (0, ow))
+    stream = [Load(buffer="inp", tensor="x", region=((0, 1), (0, c), (0, h), (0, w)), slot=0, nbytes=x.size,
+                   signal=("load->dsp:inp",)),
+              Load(buffer="res_dsp", tensor="res", region=region, slot=0, nbytes=res.size, signal=("load->dsp:res",)),
+              Load(buffer="wgt_dsp", tensor="w", region=((0, rows), (0, wt.stored.shape[1])), slot=0,
+                   nbytes=wt.stored.size, signal=("load->dsp:data",)),
+              GemmDSP(op="conv2d", inp_slot=0, wgt_slot=0, acc_slot=0, rows=rows, pixels=oh * ow, reduction=c * kh * kh,
+                      bits=8, kernel=(kh, kh), out_hw=(oh, ow), wait=("load->dsp:data", "load->dsp:inp"),
+                      signal=("dsp->alu:acc",)),
+              Alu(core="dsp", acc_slot=0, alu_op="add_bias", elements=q.size, operand="bias", wait=("dsp->alu:acc",)),
+              Alu(core="dsp", acc_slot=0, alu_op="mul_shift", elements=q.size, operand="m", shift_operand="sh"),
+              Alu(core="dsp", acc_slot=0, alu_op="clamp", elements=q.size, imm=(0, 255)),
+              Alu(core="dsp", acc_slot=0, alu_op="madd_shift", elements=q.size, src_buffer="res", src_slot=0,
+                  imm=(ma, mb, s), wait=("load->dsp:res",), signal=("dsp->store:acc",)),
+              Store(core="dsp", slot=0, tensor="out", region=region, nbytes=q.size, clamp=(0, 255),
+                    wait=("dsp->store:acc",))]
+    Simulator(load_board("xc7z020")).run(stream, dram)
+    np.testing.assert_array_equal(dram["out"][0], want)
+    # the RTL ALU, from the same accumulators
+    rows_of = np.broadcast_to(np.arange(rows)[:, None, None], acc.shape).ravel()
+    zeros = (np.zeros(acc.size, np.int64),) * 2
+    got = rtl.alu("add_bias", acc.ravel() - bias[rows_of], bias[rows_of], np.zeros(acc.size))
+    got = rtl.alu("mul_shift", got, mult[rows_of], shift[rows_of])
+    got = rtl.alu("min", rtl.alu("max", got, *zeros, acc_b=np.full(acc.size, 0)), *zeros, acc_b=np.full(acc.size, 255))
+    np.testing.assert_array_equal(got, q.ravel())
+    got = rtl.alu("madd_shift", got, np.full(acc.size, ma + (mb << 16)), np.full(acc.size, s), acc_b=res.ravel())
+    np.testing.assert_array_equal(np.clip(got, 0, 255), want.ravel())
+    # min and max of signed values, far from and next to each other
+    vals = np.concatenate([rng.integers(-(1 << 30), 1 << 30, size=29), np.arange(-300, 300, 7)])
+    other = np.concatenate([rng.integers(-(1 << 30), 1 << 30, size=29), np.arange(-300, 300, 7)[::-1]])
+    z = np.zeros(vals.size, np.int64)
+    np.testing.assert_array_equal(rtl.alu("min", vals, z, z, acc_b=other), np.minimum(vals, other))
+    np.testing.assert_array_equal(rtl.alu("max", vals, z, z, acc_b=other), np.maximum(vals, other))
+    for bad in (dict(alu_op="add_bias", src_buffer="res"), dict(alu_op="clamp", imm=(5, 1)),
+                dict(alu_op="clamp", imm=(0,))):
+        with pytest.raises(ValueError, match="src_buffer|clamp"):
+            Alu(core="dsp", acc_slot=0, elements=4, **bad)
+
+
 def test_max_alu_and_max_window_equal_numpy(rtl):
     """Max-pooling on the ALU: the RTL's elementwise max (op ``max``, one per window tap) and the
     simulator's ``max_window`` program (:func:`tvm_rmsmp.fpga.eltwise.maxpool_stream`, row tiles

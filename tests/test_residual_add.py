@@ -4,16 +4,20 @@ small ResNet-18 (identity and downsample shortcuts) whose adds and poolings beco
 rmsmp::qadd_requant / rmsmp::qavgpool_requant / rmsmp::qmaxpool2d, and its CPU, OpenCL and FPGA
 builds bit for bit."""
 
+import json
 import math
+import os
 import warnings
 from fractions import Fraction
 
+import attrs
 import numpy as np
 import pytest
 import torch
 
 import tvm_rmsmp as rmsmp
 import tvm_rmsmp.nn.ops  # noqa: F401  (registers rmsmp::qadd_requant)
+from tvm_rmsmp.fpga.config import BOARD_DIR
 from tvm_rmsmp.quant.requant import add_multipliers, requantize_add
 
 
@@ -239,9 +243,28 @@ def test_opencl_build_is_bit_exact():
         np.testing.assert_array_equal(exe(xs), q(xs).detach().numpy())
 
 
-def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
+def _check_pools(exe):
+    from tvm_rmsmp.fpga.eltwise import MaxPoolProgram, PoolProgram
+    from tvm_rmsmp.fpga.isa import Alu, GemmDSP
+
+    (mp,) = [p for p in exe.programs if isinstance(p, MaxPoolProgram)]
+    assert mp.layer == "maxpool" and [i.alu_op for i in mp.stream if isinstance(i, Alu)][0] == "max_window"
+    (pool,) = [p for p in exe.programs if isinstance(p, PoolProgram)]
+    gemms = [i for i in pool.stream if isinstance(i, GemmDSP)]
+    assert pool.layer == "avgpool" and gemms and all(g.rows == 1 and g.reduction == pool.k for g in gemms)
+    assert sum(g.pixels for g in gemms) == pool.rows
+    steps = {e["layer"]: e for e in exe.profile()["layers"]}
+    assert steps["avgpool"]["schemes"] == ["avgpool"] and steps["avgpool"]["cycles"] > 0
+    assert steps["maxpool"]["schemes"] == ["maxpool"] and steps["maxpool"]["cycles"] > 0
+
+
+def test_fpga_fuses_the_adds_into_the_convolutions_bit_exact(resnet):
+    """With residual buffers (the boards'), each residual add runs in the epilogue of the
+    convolution computing one of its operands: the other operand's codes load into the residual
+    buffer, one madd_shift pass per tile, stores clamped to the add's codes; bit for bit."""
     from tvm_rmsmp.fpga.eltwise import EltwiseProgram
     from tvm_rmsmp.fpga.isa import Alu, Load, Store
+    from tvm_rmsmp.fpga.runtime import LayerProgram
     from tvm_rmsmp.nn.residual import rmsmp_adds
 
     _, q, _ = resnet
@@ -249,6 +272,53 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer falls back to the host
         exe = rmsmp.compile(q, (torch.randn(1, 3, 64, 64),), target="fpga:xc7z020")
+    for x in (torch.randn(1, 3, 64, 64), 8 * torch.randn(1, 3, 64, 64)):
+        np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
+    adds = rmsmp_adds(q)
+    assert not [p for p in exe.programs if isinstance(p, EltwiseProgram)]
+    fused = {p.fused_add.name: p for p in exe.programs if isinstance(p, LayerProgram) and p.fused_add is not None}
+    assert sorted(fused) == sorted(adds)
+    for name, prog in fused.items():
+        r = adds[name].requant
+        n_out = int(np.prod(prog.fused_add.shape))
+        res = [i for i in prog.stream if isinstance(i, Load) and i.buffer.startswith("res_")]
+        madds = [i for i in prog.stream if isinstance(i, Alu) and i.alu_op == "madd_shift"]
+        stores = [i for i in prog.stream if isinstance(i, Store)]
+        assert sum(i.nbytes for i in res) == n_out and sum(i.nbytes for i in stores) == n_out
+        assert len(madds) == len(stores) == len(res) and all(i.src_buffer == "res" for i in madds)
+        assert all(i.imm[2] == r["shift"] and sorted(i.imm[:2]) == sorted((r["mult_a"], r["mult_b"])) for i in madds)
+        assert all(i.clamp == (r["qmin"], r["qmax"]) for i in stores)
+        clamps = [i for i in prog.stream if isinstance(i, Alu) and i.alu_op == "clamp"]
+        assert len(clamps) == len(madds) and all(i.imm in ((0, 255), (-128, 127), (-127, 127)) for i in clamps)
+    _check_pools(exe)
+    prof = exe.profile()
+    steps = {e["layer"]: e for e in prof["layers"]}
+    assert not set(adds) & set(steps) and all(steps[p.layer]["schemes"][-1] == "add" for p in fused.values())
+    assert prof["cycles"] == sum(e["cycles"] for e in prof["layers"])
+    # the same programs without residual buffers: the adds are steps of their own again, and slower
+    unfused = exe.profile(attrs.evolve(exe.config.accelerator, res_buffer_kib=0))
+    assert set(adds) <= {e["layer"] for e in unfused["layers"]} and unfused["cycles"] > prof["cycles"]
+    # chained with the layers (weight prefetch): the simulator checks every buffer access
+    chained = exe.profile(prefetch=True)
+    assert [e["layer"] for e in chained["layers"]] == [p.layer for p in exe.programs]
+
+
+def test_fpga_runs_the_adds_on_the_alu_without_residual_buffers(resnet, tmp_path):
+    """An accelerator without residual buffers runs each add as a program of its own (two code
+    loads, one madd_shift pass, a clamped store per tile), bit for bit."""
+    from tvm_rmsmp.fpga.eltwise import EltwiseProgram
+    from tvm_rmsmp.fpga.isa import Alu, Load, Store
+    from tvm_rmsmp.nn.residual import rmsmp_adds
+
+    _, q, _ = resnet
+    board = json.loads(open(os.path.join(BOARD_DIR, "xc7z020.json")).read())
+    board["accelerator"]["res_buffer_kib"] = 0
+    path = tmp_path / "no_res.json"
+    path.write_text(json.dumps(board))
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exe = rmsmp.compile(q, (torch.randn(1, 3, 64, 64),), target=f"fpga:{path}")
     for x in (torch.randn(1, 3, 64, 64), 8 * torch.randn(1, 3, 64, 64)):
         np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
     adds = rmsmp_adds(q)
@@ -262,27 +332,44 @@ def test_fpga_runs_the_adds_on_the_alu_bit_exact(resnet):
         stores = [i for i in p.stream if isinstance(i, Store)]
         assert sum(i.nbytes for i in loads) == 2 * p.elements and sum(i.nbytes for i in stores) == p.elements
         assert all(i.clamp == (0, 255) for i in stores)
-    from tvm_rmsmp.fpga.eltwise import PoolProgram
-    from tvm_rmsmp.fpga.isa import GemmDSP
-
-    from tvm_rmsmp.fpga.eltwise import MaxPoolProgram
-
-    (mp,) = [p for p in exe.programs if isinstance(p, MaxPoolProgram)]
-    assert mp.layer == "maxpool" and [i.alu_op for i in mp.stream if isinstance(i, Alu)][0] == "max_window"
-    (pool,) = [p for p in exe.programs if isinstance(p, PoolProgram)]
-    gemms = [i for i in pool.stream if isinstance(i, GemmDSP)]
-    assert pool.layer == "avgpool" and gemms and all(g.rows == 1 and g.reduction == pool.k for g in gemms)
-    assert sum(g.pixels for g in gemms) == pool.rows
+    _check_pools(exe)
     prof = exe.profile()
     steps = {e["layer"]: e for e in prof["layers"]}
-    assert steps["avgpool"]["schemes"] == ["avgpool"] and steps["avgpool"]["cycles"] > 0
-    assert steps["maxpool"]["schemes"] == ["maxpool"] and steps["maxpool"]["cycles"] > 0
     for name in adds:
         assert steps[name]["cycles"] > 0 and steps[name]["schemes"] == ["add"] and steps[name]["macs"]["dsp"] == 0
-    assert prof["cycles"] == sum(e["cycles"] for e in prof["layers"])
-    # chained with the layers (weight prefetch): the simulator checks every buffer access
     chained = exe.profile(prefetch=True)
     assert [e["layer"] for e in chained["layers"]] == [p.layer for p in exe.programs]
+
+
+class _Reuse(torch.nn.Module):
+    """``c1``'s output feeds ``c2`` and the add: only ``c2`` may take the add into its epilogue."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, 1, 1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, 1, 1)
+
+    def forward(self, x):
+        z = torch.relu(self.c1(x))
+        return torch.relu(z + self.c2(z))
+
+
+@pytest.mark.parametrize("ratio", [{"fixed_4": 1.0}, None], ids=["one-row-group", "rmsmp"])
+def test_fpga_fuses_only_an_operand_nothing_else_reads(ratio):
+    """The fused operand is the one computed for the add alone (one row group: no concatenation;
+    three: concatenated and reordered); the other conv's output, also read by ``c2``, stays in DRAM."""
+    from tvm_rmsmp.fpga.runtime import LayerProgram
+
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 12, 12)
+    cfg = rmsmp.RMSMPConfig(requant="fixed_point", assign="variance", rounding="nearest",
+                            **({"ratio": ratio} if ratio else {}))
+    q = rmsmp.quantize(_Reuse().eval(), cfg, calib_data=[torch.randn(4, 3, 12, 12)])
+    exe = rmsmp.compile(q, (x,), target="fpga:xc7z045")
+    assert [(p.layer, p.fused_add is not None) for p in exe.programs if isinstance(p, LayerProgram)] == [
+        ("c1", False), ("c2", True)]
+    for xs in (x, 6 * torch.randn(1, 3, 12, 12)):
+        np.testing.assert_array_equal(exe(xs), q(xs).detach().numpy())
 
 
 class _Broadcast(torch.nn.Module):

@@ -13,11 +13,18 @@
    between buffer halves; dependency tokens order every buffer reuse (see :mod:`.isa`).
    Every token an instruction waits for is pushed by an instruction earlier in the stream,
    so executing the stream in order is always possible (no deadlock by construction).
+
+   With ``residual`` (the integer-only mode, :class:`Residual`) a residual add is fused into the
+   layer's epilogue: each output tile also loads the add's other operand (8-bit codes, the
+   tile's channels and pixels) into the core's residual buffer while its GEMMs run, and its ALU
+   requantizes the accumulators to the layer's codes (``mul_shift``, then ``clamp`` to the
+   layer's code range), adds the residual (``madd_shift`` from the residual buffer) and the
+   store clamps to the add's codes: the layer's output never goes to DRAM and back.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import numpy as np
@@ -27,7 +34,7 @@ from tvm.sym import Analyzer
 from .isa import Alu, GemmDSP, GemmLUT, Load, Store, region_size
 from relay_passes import contract
 
-__all__ = ["TileEvent", "tile_events", "RowGroup", "layer_stream", "chain_streams"]
+__all__ = ["TileEvent", "tile_events", "RowGroup", "Residual", "layer_stream", "chain_streams"]
 
 INTRIN = "fpga.intrin"
 
@@ -159,6 +166,19 @@ class RowGroup:
     requant: Optional[dict] = None
 
 
+@attrs.define
+class Residual:
+    """A residual add fused into a layer's epilogue: ``out = clamp((q * m_layer + r * m_res +
+    2^(S-1)) >> S, *clamp)`` with ``q`` the layer's codes and ``r`` the add's other operand,
+    the DRAM tensor ``tensor`` ``[N, C, H, W]`` in the layer's channel order (its row groups
+    concatenated); ``offsets[g]``: row group ``g``'s first channel in it."""
+
+    tensor: str
+    imm: Tuple[int, int, int]  # (m_layer, m_res, S)
+    clamp: Tuple[int, int]
+    offsets: List[int]
+
+
 def _tiles(events: List[TileEvent]):
     """Group events into output tiles: ([gemm events], epilogue event), with their band key."""
     tiles, gemms = [], []
@@ -192,8 +212,15 @@ def _reduction(g: RowGroup, ev: TileEvent) -> int:
     return x[1][1]
 
 
-def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> list:
-    """One instruction stream computing every row group of ``layer`` (see module docstring)."""
+def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, residual: Optional[Residual] = None) -> list:
+    """One instruction stream computing every row group of ``layer`` (see module docstring);
+    ``residual``: the residual add fused into its epilogue (conv2d row groups in the integer
+    mode, an accelerator with residual buffers)."""
+    if residual is not None:
+        bad = [g.scheme for g in groups if g.op != "conv2d" or g.requant is None]
+        if bad or accel.res_buffer_kib == 0:
+            raise ValueError(f"layer {layer!r}: a fused residual add needs conv2d row groups with the fixed-point "
+                             f"epilogue and residual buffers (res_buffer_kib > 0); not so for {bad or 'the buffers'}")
     per_group = [_tiles(g.events) for g in groups]
     bands: List[tuple] = []
     for tiles in per_group:
@@ -246,6 +273,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
         gemm_cls = GemmLUT if core == "lut" else GemmDSP
         for k, ev in enumerate(gemms):
             _, _, j = plan[p]
+            if k == 0 and residual is not None and j == issued_inp:  # the residual codes load during the GEMMs
+                stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core]))
             if j != issued_inp:
                 wait = tuple(f"{c}->load:inp" for c in readers_of.get(j - 2, ())) if j >= 2 else ()
                 region = inp_regions[j]
@@ -253,6 +282,8 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
                                    nbytes=region_size(region), wait=wait, layer=layer,
                                    signal=tuple(f"load->{c}:inp" for c in readers_of[j])))
                 issued_inp = j
+                if k == 0 and residual is not None:
+                    stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core]))
             wregion = ev.reads["w"]
             wait = (f"{core}->load:wgt",) if n_wgt[core] >= 2 else ()
             stream.append(Load(buffer=f"wgt_{core}", tensor=g.weight, region=wregion, slot=n_wgt[core] % 2,
@@ -290,16 +321,31 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel) -> 
         stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=elements, operand=g.bias,
                           row0=row0, row_axis=row_axis, wait=(f"{core}->alu:acc",),
                           signal=() if g.requant else done, layer=layer))
+        clamp = (g.requant["qmin"], g.requant["qmax"]) if g.requant else None
         if g.requant:  # the fixed-point epilogue: rounding shift on chip, 8-bit codes out
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="mul_shift", elements=elements,
                               operand=g.requant["mult"], shift_operand=g.requant["shift"], row0=row0,
-                              row_axis=row_axis, signal=done, layer=layer))
+                              row_axis=row_axis, signal=() if residual else done, layer=layer))
+        if residual is not None:  # the layer's codes (clamped) plus the residual's, rounded once
+            stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="clamp", elements=elements, imm=clamp, layer=layer))
+            stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="madd_shift", elements=elements,
+                              src_buffer="res", src_slot=acc_slot, imm=residual.imm, wait=(f"load->{core}:res",),
+                              signal=done + (f"{core}->load:res",), layer=layer))
+            clamp = tuple(residual.clamp)
         out_bytes = 1 if g.requant else accel.store_bytes_per_output
         stream.append(Store(core=core, slot=acc_slot, tensor=g.output, region=out_region,
                             nbytes=out_bytes * elements, wait=done, signal=(f"store->{core}:acc",), layer=layer,
-                            clamp=(g.requant["qmin"], g.requant["qmax"]) if g.requant else None))
+                            clamp=clamp))
         n_acc[core] += 1
     return stream
+
+
+def _res_load(layer: str, g: RowGroup, gi: int, epi: TileEvent, residual: Residual, core: str, n: int) -> Load:
+    """The LOAD of an output tile's residual codes (its channels shifted to the row group's place)."""
+    (b, nb), (r0, nr), *pix = epi.writes[contract.OUT_BLOCK]
+    region = ((b, nb), (residual.offsets[gi] + r0, nr), *pix)
+    return Load(buffer=f"res_{core}", tensor=residual.tensor, region=region, slot=n % 2, nbytes=region_size(region),
+                wait=(f"{core}->load:res",) if n >= 2 else (), signal=(f"load->{core}:res",), layer=layer)
 
 
 def weight_levels(stored: np.ndarray, scheme_name: str, packed: bool) -> np.ndarray:

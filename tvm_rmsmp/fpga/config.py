@@ -5,7 +5,7 @@ One JSON file per board in ``tvm_rmsmp/fpga/boards/`` (like VTA's ``vta_config.j
     {"board": {"name", "part", "luts", "flip_flops", "dsps", "bram36", "clock_mhz"},
      "accelerator": {"dsp_array": {"pixels", "reduction"}, "dsp_products_4bit",
                      "lut_array": {"pixels", "reduction"}, "luts_per_sp2_mac", "lut_overhead",
-                     "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib",
+                     "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib", "res_buffer_kib",
                      "dram_bytes_per_cycle", "dram_bus", "dma_latency_cycles", "gemm_pipeline_cycles",
                      "alu_lanes", "alu_unit"},
      "provenance": {...}}   # optional, not read: where each number comes from
@@ -21,7 +21,9 @@ The accelerator has two GEMM cores that share one input buffer:
   of the adder tree).
 
 Each core has its own weight and accumulator buffers (``wgt_buffer_kib``, ``acc_buffer_kib``
-per core); every buffer is split in two halves for double buffering. The clock is a design
+per core) and, where ``res_buffer_kib`` is set, a residual buffer (8-bit codes of the other
+operand of a residual add fused into the layer's epilogue, one per accumulator: a quarter of
+the accumulator buffer); every buffer is split in two halves for double buffering. The clock is a design
 choice (the parts run faster), not a datasheet number.
 """
 
@@ -107,6 +109,10 @@ class AcceleratorConfig:
     inp_buffer_kib: int = attrs.field(default=64, validator=_positive_int)
     wgt_buffer_kib: int = attrs.field(default=32, validator=_positive_int)
     acc_buffer_kib: int = attrs.field(default=96, validator=_positive_int)
+    #: Per core: the residual buffer holding the 8-bit codes a fused residual add reads beside
+    #: the accumulators (:func:`tvm_rmsmp.fpga.codegen.layer_stream`, ``residual``); 0: none,
+    #: every residual add runs as a program of its own (:mod:`.eltwise`).
+    res_buffer_kib: int = attrs.field(default=0, validator=_non_negative_int)
     dram_bytes_per_cycle: int = attrs.field(default=8, validator=_positive_int)
     #: How reads and writes share the DRAM: ``"shared"``, one bus moving ``dram_bytes_per_cycle``
     #: in all, transfers served one after the other first come, first served (a DDR3 bus is
@@ -154,6 +160,10 @@ class AcceleratorConfig:
     @property
     def acc_slot_bytes(self) -> int:
         return self.acc_buffer_kib * 1024 // 2
+
+    @property
+    def res_slot_bytes(self) -> int:
+        return self.res_buffer_kib * 1024 // 2
 
     @property
     def dsp_slices(self) -> int:
@@ -208,7 +218,7 @@ class FPGAConfig:
                 f"{a.luts_per_sp2_mac} + overhead {a.lut_overhead}), over {MAX_LUT_UTILIZATION:.0%} of board "
                 f"{b.name}'s {b.luts}"
             )
-        buffers = (a.inp_buffer_kib + 2 * a.wgt_buffer_kib + 2 * a.acc_buffer_kib) * 1024
+        buffers = (a.inp_buffer_kib + 2 * (a.wgt_buffer_kib + a.acc_buffer_kib + a.res_buffer_kib)) * 1024
         if buffers > b.bram_bytes:
             raise ValueError(
                 f"{where}: on-chip buffers need {buffers} bytes, board {b.name} has {b.bram_bytes} bytes of BRAM "

@@ -16,7 +16,9 @@ pushes one token to each channel in ``signal`` when it finishes. Channels are na
 (input tile loaded) or ``"dsp->load:wgt"`` (weight buffer half free again).
 
 On-chip buffers (each split in two halves, ``slot`` 0/1, for double buffering): ``inp``
-(shared by both cores), ``wgt_lut``/``wgt_dsp`` and ``acc_lut``/``acc_dsp`` (int32).
+(shared by both cores), ``wgt_lut``/``wgt_dsp``, ``acc_lut``/``acc_dsp`` (int32) and
+``res_lut``/``res_dsp`` (8-bit codes: the other operand of a residual add fused into a layer's
+epilogue, where the accelerator has them, ``AcceleratorConfig.res_buffer_kib``).
 
 A region is a tuple of ``(start, extent)`` per axis of a DRAM tensor.
 """
@@ -31,10 +33,11 @@ __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES",
 
 CORES = ("lut", "dsp")
 QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "alu_lut", "alu_dsp", "store_lut", "store_dsp")
-ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift", "max_window")
-#: Buffers a LOAD fills: the shared input buffer and, for element-wise programs (:mod:`.eltwise`),
-#: the cores' accumulators (8-bit codes widened to int32), both on the ``load`` queue; the weights.
-LOAD_BUFFERS = ("inp", "acc_lut", "acc_dsp", "wgt_lut", "wgt_dsp")
+ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift", "max_window", "clamp")
+#: Buffers a LOAD fills: the shared input buffer, for element-wise programs (:mod:`.eltwise`) the
+#: cores' accumulators (8-bit codes widened to int32) and for fused residual adds the cores'
+#: residual buffers (8-bit codes), all on the ``load`` queue; the weights on each core's own.
+LOAD_BUFFERS = ("inp", "acc_lut", "acc_dsp", "res_lut", "res_dsp", "wgt_lut", "wgt_dsp")
 
 Region = Tuple[Tuple[int, int], ...]
 
@@ -92,7 +95,8 @@ class Load(Instruction):
     """DMA ``region`` of DRAM ``tensor`` into ``buffer`` half ``slot``.
 
     buffer: "inp", "acc_lut"/"acc_dsp" (8-bit codes, one byte each on the bus, widened to the
-    accumulator's int32: the operands of an element-wise ALU op) or "wgt_lut"/"wgt_dsp". For
+    accumulator's int32: the operands of an element-wise ALU op), "res_lut"/"res_dsp" (8-bit
+    codes: a fused residual add's other operand) or "wgt_lut"/"wgt_dsp". For
     weights the region is in stored bytes (two 4-bit codes per byte for 4-bit schemes);
     ``nbytes`` is what crosses the bus. Activations (input and accumulator loads) go through the
     ``load`` queue, weights through each core's own.
@@ -182,12 +186,18 @@ class Alu(Instruction):
 
     add_bias: ``acc += bias[r]``; mul_shift: ``acc = (acc * mult[r] + 2^(shift[r]-1)) >> shift[r]``
     (requantization by an integer multiply and a rounding shift); shift: the same with
-    ``mult = 1``; relu: ``max(acc, 0)``. ``bias``/``mult``/``shift`` name constant vectors
-    (DRAM tensors fetched with the instruction stream) and the first row of the tile.
+    ``mult = 1``; relu: ``max(acc, 0)``; clamp: ``min(max(acc, lo), hi)`` with ``imm = (lo,
+    hi)``, two passes (``requant_alu`` ops ``max`` and ``min``: the layer's codes a fused
+    residual add reads).
+    ``bias``/``mult``/``shift`` name constant vectors (DRAM tensors fetched with the
+    instruction stream) and the first row of the tile.
 
     madd_shift (a residual add, :mod:`.eltwise`): two accumulator halves of the core,
     ``acc[acc_slot] = (acc[acc_slot] * ma + acc[src_slot] * mb + 2^(S-1)) >> S`` with the
-    immediates ``imm = (ma, mb, S)`` (16-bit multipliers, a 6-bit shift), element by element.
+    immediates ``imm = (ma, mb, S)`` (16-bit multipliers, a 6-bit shift), element by element;
+    with ``src_buffer="res"`` the second operand is half ``src_slot`` of the core's residual
+    buffer instead (a residual add fused into a layer's epilogue: ``acc`` holds the layer's
+    requantized codes, ``res`` the other operand's, in the same tile shape).
 
     max_window (a max-pooling, :mod:`.eltwise`): ``acc[acc_slot][c, y, x] = max over the window
     (kh, kw) at (y sh, x sw) of acc[src_slot][c]`` (``imm = (kh, kw, sh, sw)``), the lanes'
@@ -205,6 +215,7 @@ class Alu(Instruction):
     row_axis: int = attrs.field(default=0)
     src_slot: Optional[int] = attrs.field(default=None)
     imm: Tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    src_buffer: str = attrs.field(default="acc")
 
     @alu_op.validator
     def _check_op(self, attribute, value):
@@ -217,11 +228,18 @@ class Alu(Instruction):
                     int(v) for v in self.imm) < 1:
                 raise ValueError(f"ALU max_window needs src_slot, the other half than acc_slot, and imm (kh, kw, sh, "
                                  f"sw) of positive ints; got src_slot={self.src_slot!r}, imm={self.imm!r}")
+        if self.src_buffer not in ("acc", "res") or (self.src_buffer == "res" and self.alu_op != "madd_shift"):
+            raise ValueError(f"ALU src_buffer must be 'acc', or 'res' for madd_shift; got {self.src_buffer!r} "
+                             f"for {self.alu_op}")
+        if self.alu_op == "clamp" and not (len(self.imm) == 2 and -2**31 <= int(self.imm[0]) <= int(self.imm[1]) < 2**31):
+            raise ValueError(f"ALU clamp needs imm (lo, hi), int32, lo <= hi; got imm={self.imm!r}")
         if self.alu_op == "madd_shift":
-            ok = (self.src_slot in (0, 1) and self.src_slot != self.acc_slot and len(self.imm) == 3
+            same_half = self.src_buffer == "acc" and self.src_slot == self.acc_slot
+            ok = (self.src_slot in (0, 1) and not same_half and len(self.imm) == 3
                   and all(0 <= int(v) < 2**15 for v in self.imm[:2]) and 0 <= int(self.imm[2]) <= 63)
             if not ok:
-                raise ValueError(f"ALU madd_shift needs src_slot, the other half than acc_slot, and imm (ma, mb, "
+                raise ValueError(f"ALU madd_shift needs src_slot (of the accumulator, the other half than acc_slot; "
+                                 f"or of the residual buffer), and imm (ma, mb, "
                                  f"S) with 16-bit multipliers and a shift in [0, 63]; got src_slot="
                                  f"{self.src_slot!r}, imm={self.imm!r}")
 
@@ -233,7 +251,7 @@ class Alu(Instruction):
         if self.alu_op == "max_window":
             return ((f"acc_{self.core}", self.src_slot),)
         if self.alu_op == "madd_shift":
-            return ((f"acc_{self.core}", self.acc_slot), (f"acc_{self.core}", self.src_slot))
+            return ((f"acc_{self.core}", self.acc_slot), (f"{self.src_buffer}_{self.core}", self.src_slot))
         return ((f"acc_{self.core}", self.acc_slot),)
 
     def writes(self):

@@ -35,7 +35,7 @@ RTL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rtl")
 RTL_SOURCES = ("sp2_pe.v", "lut_mac.v", "dsp_mac.v", "requant_alu.v")
 _TB = ("rtl_tb.v", "rtl_tb.cpp")
 #: ``requant_alu`` opcodes, by the ALU op names of :mod:`tvm_rmsmp.fpga.isa`.
-ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3, "madd_shift": 4, "max": 5}
+ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3, "madd_shift": 4, "max": 5, "min": 7}
 _VERILATOR_FLAGS = ["-Wno-fatal", "-Wno-WIDTH"]
 
 
@@ -152,7 +152,8 @@ class RTLSim:
             acc_b: Optional[np.ndarray] = None) -> np.ndarray:
         """``requant_alu`` applied element-wise (flat arrays of equal length, int32 range);
         ``acc_b``: the second accumulator of ``madd_shift`` (whose ``operand`` packs
-        ``ma + mb * 2^16``) and of ``max`` (a window tap of ``isa`` op ``max_window``)."""
+        ``ma + mb * 2^16``) and of ``max`` / ``min`` (a window tap of ``isa`` op ``max_window``;
+        a bound of ``isa`` op ``clamp``)."""
         acc_b = np.zeros_like(np.asarray(acc)) if acc_b is None else acc_b
         acc, operand, shift, acc_b = (np.asarray(a, dtype=np.int64).ravel() for a in (acc, operand, shift, acc_b))
         n, lanes = acc.size, self.lanes

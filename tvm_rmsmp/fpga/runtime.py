@@ -21,7 +21,11 @@ and each residual add (a :data:`relay_passes.contract.ADD_REQUANT` call) runs on
 as an :class:`~tvm_rmsmp.fpga.eltwise.EltwiseProgram`, and each global average pooling
 (:data:`~relay_passes.contract.AVGPOOL_REQUANT`) on the DSP core as a
 :class:`~tvm_rmsmp.fpga.eltwise.PoolProgram` (``exe.programs`` lists layers, adds and poolings
-in order; ``exe.layers`` the layers). The executor keeps every tensor as the graph has it, a
+in order; ``exe.layers`` the layers). Where the accelerator has residual buffers
+(``res_buffer_kib``) a residual add whose operand is a convolution's output (its row groups
+concatenated, put back in channel order, used by nothing else) is instead fused into that
+convolution's epilogue (:class:`~tvm_rmsmp.fpga.codegen.Residual`; the layer runs at the add's
+place, ``LayerProgram.fused_add``). The executor keeps every tensor as the graph has it, a
 float view of the codes, and hands the simulator the codes (``round(x / scale)``, exact).
 """
 
@@ -36,10 +40,10 @@ import tvm
 from tvm import relax
 
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
-from .codegen import RowGroup, chain_streams, layer_stream, tile_events, weight_levels
+from .codegen import Residual, RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
-from .eltwise import (EltwiseProgram, MaxPoolProgram, PoolProgram, add_program_of, maxpool_program_of,
-                      pool_program_of)
+from .eltwise import (EltwiseProgram, MaxPoolProgram, PoolProgram, _codes, add_program_of, add_stream,
+                      maxpool_program_of, pool_program_of)
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
 from .sparse import sparsify_stream
@@ -66,9 +70,32 @@ class LayerProgram:
     groups: list = attrs.field(factory=list)
     #: pruned row groups stored as runs of kept columns: {weight name: stats} (:mod:`.sparse`)
     sparse: Dict[str, dict] = attrs.field(factory=dict)
+    #: the residual add fused into the epilogue (:class:`FusedAdd`), or None
+    fused_add: Optional["FusedAdd"] = None
+
+    @property
+    def residual(self) -> Optional[Residual]:
+        return None if self.fused_add is None else self.fused_add.residual
 
     def summary(self) -> Dict[str, int]:
         return stream_summary(self.stream)
+
+
+@attrs.define
+class FusedAdd:
+    """A residual add fused into a convolution's epilogue: the add's call (``name``, ``params``
+    of :data:`contract.ADD`, output ``out_var`` of ``shape``), its other operand (``other``, a
+    float view of codes of scale ``scale_other``), ``perm`` (channel ``c`` of the add's operand is
+    channel ``perm[c]`` of the layer's row groups concatenated) and the stream's view of it."""
+
+    name: str
+    params: Dict[str, object]
+    shape: tuple
+    out_var: object
+    other: object
+    scale_other: float
+    perm: np.ndarray
+    residual: Residual
 
 
 def _is_row_group(func) -> bool:
@@ -150,14 +177,25 @@ class FPGACompiledModel:
             groups_of.setdefault(key, []).append(binding)
         emitted = set()
         self.consts = consts
+        fused, skipped = self._fusable_adds(bindings, groups_of, ref) if self.config.accelerator.res_buffer_kib else ({}, set())
+        deferred = {key for key, _, _ in fused.values()}
         for binding in bindings:
             var, value = binding.var, binding.value
+            if var in skipped:  # a fused layer's concatenation / channel order: inside its program
+                continue
             if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir":
                 gv = value.args[0]
                 func = self.lowered[gv]
+                if var in fused:  # a residual add fused into the layer that computes one operand
+                    key, info, _ = fused[var]
+                    prog = self._layer_program(key[0], groups_of[key], ref, fused_add=info)
+                    self.layers.append(prog)
+                    self.programs.append(prog)
+                    self.steps.append(("fpga", prog))
+                    continue
                 if _is_row_group(func) and _scheduled_for_fpga(func):
                     key = (str(func.attrs[contract.LAYER]), value.args[1].fields[0])
-                    if key not in emitted:
+                    if key not in emitted and key not in deferred:
                         emitted.add(key)
                         prog = self._layer_program(key[0], groups_of[key], ref)
                         self.layers.append(prog)
@@ -209,7 +247,132 @@ class FPGACompiledModel:
         else:
             self.output = ref(out)
 
-    def _layer_program(self, layer: str, bindings, ref) -> LayerProgram:
+    def _fusable_adds(self, bindings, groups_of, ref):
+        """``({add var: (layer key, FusedAdd, side)}, vars whose bindings the fused programs
+        replace)``: each residual add one of whose operands is ``take(concatenate(row groups of a
+        conv layer in the integer mode), channel order)`` (or the concatenation alone), every
+        intermediate used once. The concatenation and the channel order are checked by running
+        them on probe values (a fused ReLU or another axis fails the check: no fusion)."""
+        uses: Dict[object, int] = {}
+
+        def count(expr):
+            if isinstance(expr, tvm.ir.Var):
+                uses[expr] = uses.get(expr, 0) + 1
+            elif isinstance(expr, (relax.Tuple,)):
+                for f in expr.fields:
+                    count(f)
+            elif isinstance(expr, relax.Call):
+                for a in expr.args:
+                    count(a)
+            elif isinstance(expr, relax.TupleGetItem):
+                count(expr.tuple_value)
+
+        producer = {}
+        for b in bindings:
+            count(b.value)
+            producer[b.var] = b
+        count(self.lowered["main"].body.body)  # the function's result
+        group_key = {b.var: key for key, bs in groups_of.items() for b in bs}
+        first = {}
+        for i, b in enumerate(bindings):
+            if b.var in group_key:
+                first.setdefault(group_key[b.var], i)
+
+        def call_args(b):
+            v = b.value if b is not None else None
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir":
+                return v.args[0], list(v.args[1].fields)
+            return None, None
+
+        def candidate(operand):
+            """(layer key, concat binding or None, take binding or None) when ``operand`` is a
+            conv layer's output: ``[take(][concatenate(]row groups[)][, order)]``."""
+            if not isinstance(operand, tvm.ir.Var) or uses.get(operand) != 1:
+                return None
+            take = cat = None
+            if operand not in group_key:
+                gv, args = call_args(producer.get(operand))
+                if gv is None:
+                    return None
+                if len(args) == 2 and isinstance(args[1], tvm.ir.GenericConst) and isinstance(args[0], tvm.ir.Var):
+                    take, operand = producer[operand], args[0]
+                    if uses.get(operand) != 1:
+                        return None
+            if operand in group_key:
+                outs = [operand]
+            else:
+                cat = producer.get(operand)
+                gv, outs = call_args(cat)
+                if gv is None or not outs or any(not isinstance(a, tvm.ir.Var) or uses.get(a) != 1 for a in outs):
+                    return None
+            key = group_key.get(outs[0])
+            if key is None or [b.var for b in groups_of[key]] != outs:
+                return None
+            funcs = [self.lowered[b.value.args[0]] for b in groups_of[key]]
+            if any(str(contract.attr(f, contract.OP)) != "conv2d" or contract.requant_of(f) is None for f in funcs):
+                return None
+            return key, cat, take
+
+        fused, skipped = {}, set()
+        for b in bindings:
+            gv, args = call_args(b)
+            if gv is None or contract.rmsmp_attr(self.lowered[gv], contract.OP) != contract.ADD_REQUANT:
+                continue
+            found = [(first[c[0]], side, c) for side in (0, 1) for c in [candidate(args[side])] if c is not None]
+            for _, side, (key, cat, take) in sorted(found, key=lambda t: -t[0]):  # the later layer first
+                perm = self._channel_order(groups_of[key], cat, take, ref)
+                params = contract.add_params(self.lowered[gv])
+                a, o = ("a", "b") if side == 0 else ("b", "a")
+                scales = {float(np.float32(contract.requant_of(self.lowered[g.value.args[0]])["out_scale"]))
+                          for g in groups_of[key]}
+                if perm is None or scales != {float(np.float32(params[f"scale_{a}"]))}:
+                    continue
+                shape, _ = shape_dtype(b.value.ty_args[0] if b.value.ty_args else b.var.ty)
+                offsets = np.cumsum([0] + [int(shape_dtype(g.var.ty)[0][1]) for g in groups_of[key]])[:-1]
+                residual = Residual(tensor=f"{key[0]}.res", imm=(params[f"mult_{a}"], params[f"mult_{o}"], params["shift"]),
+                                    clamp=(params["qmin"], params["qmax"]), offsets=[int(v) for v in offsets])
+                info = FusedAdd(name=str(self.lowered[gv].attrs[contract.LAYER]), params=params, shape=tuple(shape),
+                                out_var=b.var, other=args[1 - side], scale_other=params[f"scale_{o}"], perm=perm,
+                                residual=residual)
+                fused[b.var] = (key, info, side)
+                skipped |= {b.var for b in (cat, take) if b is not None}
+                break
+        return fused, skipped
+
+    def _channel_order(self, groups, cat, take, ref) -> Optional[np.ndarray]:
+        """``perm`` (channel ``c`` of ``take(cat)`` is channel ``perm[c]`` of ``cat``) when ``cat``
+        concatenates the row groups' outputs along the channels (or is None: one row group) and
+        ``take`` (or nothing) reorders the channels; None otherwise. Found by running both on
+        probe values."""
+        shapes = [tuple(shape_dtype(g.var.ty)[0]) for g in groups]
+        offsets = np.cumsum([0] + [s[1] for s in shapes])
+        probes = [np.broadcast_to(-(o + np.arange(s[1]) + 1).astype(np.float32)[None, :, None, None], s)
+                  for o, s in zip(offsets, shapes)]
+        want = -(np.arange(offsets[-1], dtype=np.float32) + 1)[None, :, None, None]
+        got = probes[0] if cat is None else self._run_host(cat.value.args[0].name_hint, probes, shape_dtype(cat.var.ty))
+        if got.shape[1] != offsets[-1] or not np.array_equal(got, np.broadcast_to(want, got.shape)):
+            return None
+        if take is None:
+            return np.arange(offsets[-1])
+        args = take.value.args[1].fields
+        out = self._run_host(take.value.args[0].name_hint, [got, self.consts[ref(args[1])]], shape_dtype(take.var.ty))
+        if out.shape != got.shape:
+            return None
+        perm = (-out[0, :, 0, 0] - 1).astype(np.int64)
+        if sorted(perm.tolist()) != list(range(got.shape[1])) or not np.array_equal(
+                out, np.broadcast_to(-(perm.astype(np.float32) + 1)[None, :, None, None], out.shape)):
+            return None
+        return perm
+
+    def _run_host(self, name: str, arrays, out) -> np.ndarray:
+        """Run the host PrimFunc ``name`` on ``arrays``; ``out``: (shape, dtype) of its result."""
+        dev = tvm.cpu()
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+        result = tvm.runtime.tensor(np.empty(out[0], out[1]), dev)
+        self._host_func(name)["main"](*tensors, result)
+        return result.numpy()
+
+    def _layer_program(self, layer: str, bindings, ref, fused_add: Optional[FusedAdd] = None) -> LayerProgram:
         x_var = bindings[0].value.args[1].fields[0]
         x_name = f"{layer}.x"
         constants: Dict[str, object] = {}
@@ -249,10 +412,14 @@ class FPGACompiledModel:
             outputs.append((binding.var, base + ".out", scale_np, 1 if op == "conv2d" else len(shape) - 1,
                             tuple(shape), requant))
             schemes.append(scheme)
-        stream = layer_stream(layer, x_name, groups, self.config.accelerator)
+        if fused_add is not None:
+            fused_add.other = ref(fused_add.other)
+            schemes.append("add")
+        stream = layer_stream(layer, x_name, groups, self.config.accelerator,
+                              residual=fused_add.residual if fused_add else None)
         stream, sparse = sparsify_stream(stream, constants, {g.weight: g.bits for g in groups})  # pruned row groups
         return LayerProgram(layer=layer, stream=stream, x_var=ref(x_var), constants=constants, outputs=outputs,
-                            schemes=schemes, groups=groups, sparse=sparse)
+                            schemes=schemes, groups=groups, sparse=sparse, fused_add=fused_add)
 
     # ----- execution --------------------------------------------------------------------
     def _host_func(self, name: str):
@@ -270,15 +437,10 @@ class FPGACompiledModel:
         env: Dict[object, np.ndarray] = dict(self.consts)
         for p, arr in zip(self.inputs, self._inputs(inputs)):
             env[p] = arr
-        dev = tvm.cpu()
         for step in self.steps:
             if step[0] == "host":
-                _, name, args, out, (shape, dtype) = step
-                exe = self._host_func(name)
-                tensors = [tvm.runtime.tensor(np.ascontiguousarray(env[a]), dev) for a in args]
-                result = tvm.runtime.tensor(np.empty(shape, dtype), dev)
-                exe["main"](*tensors, result)
-                env[out] = result.numpy()
+                _, name, args, out, out_type = step
+                env[out] = self._run_host(name, [env[a] for a in args], out_type)
             elif isinstance(step[1], (EltwiseProgram, PoolProgram, MaxPoolProgram)):
                 prog = step[1]
                 dram = prog.dram(env)
@@ -288,9 +450,22 @@ class FPGACompiledModel:
                 prog: LayerProgram = step[1]
                 dram = dict(prog.constants)
                 dram[f"{prog.layer}.x"] = env[prog.x_var]
+                fa = prog.fused_add
                 for _, name, _, _, shape, rq in prog.outputs:
-                    dram[name] = np.zeros(shape, np.int32 if rq is None else np.int8 if rq["qmin"] < 0 else np.uint8)
+                    if rq is None:
+                        dram[name] = np.zeros(shape, np.int32)
+                        continue
+                    lo = rq["qmin"] if fa is None else fa.residual.clamp[0]
+                    dram[name] = np.zeros(shape, np.int8 if lo < 0 else np.uint8)
+                if fa is not None:  # the other operand's codes, in the layer's channel order
+                    codes = _codes(env[fa.other], fa.scale_other)
+                    dram[fa.residual.tensor] = np.empty_like(codes)
+                    dram[fa.residual.tensor][:, fa.perm] = codes
                 self.simulator.run(prog.stream, dram)
+                if fa is not None:  # the add's codes, back in the graph's channel order
+                    cat = np.concatenate([dram[name] for _, name, *_ in prog.outputs], axis=1)[:, fa.perm]
+                    env[fa.out_var] = cat.astype(np.float32) * np.float32(fa.params["out_scale"])
+                    continue
                 for var, name, scale, axis, shape, rq in prog.outputs:
                     if rq is not None:  # 8-bit codes: the float view is codes * the output scale (float32)
                         env[var] = dram[name].astype(np.float32) * np.float32(rq["out_scale"])
@@ -312,11 +487,14 @@ class FPGACompiledModel:
         cycles, busy cycles per unit, MACs per core; totals, latency and utilization. The
         residual adds and global poolings of the integer-only mode (:mod:`.eltwise`) are steps
         of their own, named after the op (e.g. ``layer1.0.add``, ``schemes`` ``["add"]``, no MACs;
-        ``avgpool``, ``["avgpool"]``, its sums counted as DSP MACs).
+        ``avgpool``, ``["avgpool"]``, its sums counted as DSP MACs); a residual add fused into a
+        convolution is part of that layer's step (its ``schemes`` end with ``"add"``).
 
         accelerator: another configuration of the same board's accelerator with the same
         buffers (e.g. ``attrs.evolve(cfg, store_bytes_per_output=1)``): the streams are
-        regenerated from the same tiles and timed with it (a what-if; ``exe(x)`` is unchanged).
+        regenerated from the same tiles and timed with it (a what-if; ``exe(x)`` is unchanged);
+        without residual buffers (``res_buffer_kib=0``) the fused adds are timed as steps of
+        their own again.
         prefetch: time the layers as one program with weight prefetch across layers
         (:func:`~tvm_rmsmp.fpga.codegen.chain_streams`) instead of one after the other; a
         layer's cycles are then from the previous layer's end to its own.
@@ -330,28 +508,34 @@ class FPGACompiledModel:
         busy: Dict[str, int] = {}
         macs = {"lut": 0, "dsp": 0}
         def retimed(prog):
-            """The layer's stream for ``accelerator`` (pruned row groups kept sparse), or as compiled."""
+            """``[(step name, schemes, stream)]`` of a program for ``accelerator`` (pruned row groups
+            kept sparse; a fused add as a program of its own where it has no residual buffers)."""
             if accelerator is None:
-                return prog.stream
+                return [(prog.layer, prog.schemes, prog.stream)]
             if isinstance(prog, (EltwiseProgram, PoolProgram, MaxPoolProgram)):
-                return prog.stream_for(acc)
-            stream = layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc)
+                return [(prog.layer, prog.schemes, prog.stream_for(acc))]
+            fa = prog.fused_add if acc.res_buffer_kib else None
+            stream = layer_stream(prog.layer, f"{prog.layer}.x", prog.groups, acc, residual=fa and fa.residual)
             if prog.sparse:
                 stream = sparsify_stream(stream, prog.constants, {g.weight: g.bits for g in prog.groups})[0]
-            return stream
+            if prog.fused_add is None or fa is not None:
+                return [(prog.layer, prog.schemes, stream)]
+            add = prog.fused_add
+            return [(prog.layer, prog.schemes[:-1], stream),
+                    (add.name, ["add"], add_stream(add.name, int(np.prod(add.shape)), add.params, acc))]
 
-        streams = [retimed(prog) for prog in self.programs]
+        steps = [entry for prog in self.programs for entry in retimed(prog)]
         if prefetch:
-            layers, total, busy, macs = self._chained_profile(simulator, streams)
-        for prog, stream in zip(self.programs if not prefetch else [], streams):
+            layers, total, busy, macs = self._chained_profile(simulator, steps)
+        for name, schemes, stream in steps if not prefetch else []:
             r: SimResult = simulator.run(stream)
             total += r.cycles
             for q, b in r.busy.items():
                 busy[q] = busy.get(q, 0) + b
             for c in macs:
                 macs[c] += r.macs[c]
-            layers.append({"layer": prog.layer, "cycles": r.cycles, "busy": dict(r.busy), "macs": dict(r.macs),
-                           "schemes": prog.schemes, "instructions": r.instructions})
+            layers.append({"layer": name, "cycles": r.cycles, "busy": dict(r.busy), "macs": dict(r.macs),
+                           "schemes": list(schemes), "instructions": r.instructions})
         clock = self.config.board.clock_mhz
         util = {q: (busy[q] / total if total else 0.0) for q in busy}
         mac_util = {c: (macs[c] / (total * acc.macs_per_cycle(c, 4)) if total else 0.0) for c in macs}
@@ -364,10 +548,11 @@ class FPGACompiledModel:
             self._profile = result
         return result
 
-    def _chained_profile(self, simulator: Simulator, streams):
-        """``(layers, total, busy, macs)`` of the layers run as one chained program."""
+    def _chained_profile(self, simulator: Simulator, steps):
+        """``(layers, total, busy, macs)`` of the steps ``[(name, schemes, stream)]`` run as one chained program."""
         from .isa import Load, Store, _Gemm
 
+        streams = [stream for _, _, stream in steps]
         program = chain_streams(streams)
         r = simulator.run(program, record=True)
         owner = np.repeat(np.arange(len(streams)), [len(s) for s in streams])
@@ -385,9 +570,9 @@ class FPGACompiledModel:
             if isinstance(ins, _Gemm):
                 mac[k][ins.core] += ins.macs
         ends = np.maximum.accumulate(ends)
-        layers = [{"layer": prog.layer, "cycles": int(ends[k] - (ends[k - 1] if k else 0)), "busy": per[k],
-                   "macs": mac[k], "schemes": prog.schemes, "instructions": len(streams[k])}
-                  for k, prog in enumerate(self.programs)]
+        layers = [{"layer": name, "cycles": int(ends[k] - (ends[k - 1] if k else 0)), "busy": per[k],
+                   "macs": mac[k], "schemes": list(schemes), "instructions": len(streams[k])}
+                  for k, (name, schemes, _) in enumerate(steps)]
         return layers, int(r.cycles), dict(r.busy), dict(r.macs)
 
     def benchmark(self, *inputs, repeat: int = 1, min_repeat_ms: int = 0) -> float:

@@ -108,8 +108,8 @@ class Simulator:
                 passes = sum(rows * math.ceil(ins.pixels / (arr.pixels * pack)) * math.ceil(kept / arr.reduction)
                              for rows, kept in ins.runs)
             return passes + a.gemm_pipeline_cycles
-        if isinstance(ins, Alu):
-            return math.ceil(ins.elements / a.alu_lanes) + 2
+        if isinstance(ins, Alu):  # a clamp is two passes (requant_alu ops max and min)
+            return (2 if ins.alu_op == "clamp" else 1) * math.ceil(ins.elements / a.alu_lanes) + 2
         raise TypeError(f"unknown instruction {type(ins).__name__}")
 
     def queue_of(self, ins: Instruction) -> str:
@@ -232,6 +232,8 @@ class Simulator:
     def _check_capacity(self, i, ins: Load):
         if ins.buffer.startswith("acc_"):  # 8-bit codes widened to int32 accumulators
             need, limit = 4 * region_size(ins.region), self.acc.acc_slot_bytes
+        elif ins.buffer.startswith("res_"):  # 8-bit codes, one byte each
+            need, limit = region_size(ins.region), self.acc.res_slot_bytes
         else:
             need, limit = ins.nbytes, self.acc.inp_slot_bytes if ins.buffer == "inp" else self.acc.wgt_slot_bytes
         if need > limit:
@@ -285,11 +287,11 @@ class Simulator:
             def operand(name):
                 return np.asarray(dram[name][ins.row0:ins.row0 + n], dtype=np.float64).reshape(shape)
 
-            if ins.alu_op == "madd_shift":  # a residual add: this half and the other, immediates (ma, mb, S)
-                ma, mb, sh = (int(v) for v in ins.imm)
-                other = data[(f"acc_{ins.core}", ins.src_slot)]
+            if ins.alu_op == "madd_shift":  # a residual add: this half and the other (or the residual
+                ma, mb, sh = (int(v) for v in ins.imm)  # buffer's), immediates (ma, mb, S)
+                other = data[(f"{ins.src_buffer}_{ins.core}", ins.src_slot)]
                 if other.shape != acc.shape:
-                    raise ValueError(f"instruction #{i} {ins.describe()} (layer {ins.layer!r}): accumulator halves of "
+                    raise ValueError(f"instruction #{i} {ins.describe()} (layer {ins.layer!r}): operand tiles of "
                                      f"shapes {acc.shape} and {other.shape}")
                 total = acc.astype(np.int64) * ma + other.astype(np.int64) * mb + ((1 << sh) >> 1)
                 acc = (total >> sh).astype(np.float64)
@@ -297,6 +299,8 @@ class Simulator:
                 acc = acc + operand(ins.operand)
             elif ins.alu_op == "relu":
                 acc = np.maximum(acc, 0)
+            elif ins.alu_op == "clamp":
+                acc = np.clip(acc, int(ins.imm[0]), int(ins.imm[1]))
             else:
                 a = acc.astype(np.int64)
                 mult = operand(ins.operand).astype(np.int64) if ins.alu_op == "mul_shift" else 1

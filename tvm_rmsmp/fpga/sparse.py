@@ -135,7 +135,7 @@ def sparsify_stream(stream: Sequence, constants: Dict[str, object], bits_of: Dic
     gives each weight tensor's code width. Returns ``(stream, {weight name: stats})``."""
     regions: Dict[str, List[tuple]] = {}
     for ins in stream:
-        if isinstance(ins, Load) and ins.buffer != "inp" and isinstance(constants.get(ins.tensor), WeightTensor):
+        if isinstance(ins, Load) and ins.buffer.startswith("wgt_") and isinstance(constants.get(ins.tensor), WeightTensor):
             regions.setdefault(ins.tensor, [])
             if ins.region not in regions[ins.tensor]:
                 regions[ins.tensor].append(ins.region)
@@ -161,7 +161,7 @@ def sparsify_stream(stream: Sequence, constants: Dict[str, object], bits_of: Dic
         return list(stream), stats
     out, loaded = [], {}  # core -> the weight tile its next GEMM multiplies
     for ins in stream:
-        if isinstance(ins, Load) and ins.buffer != "inp":
+        if isinstance(ins, Load) and ins.buffer.startswith("wgt_"):
             core = ins.buffer[4:]
             wt = constants.get(ins.tensor)
             if isinstance(wt, SparseWeightTensor):

@@ -9,6 +9,8 @@
 //                   accumulator halves holding 8-bit codes: ma = operand[MW-1:0],
 //                   mb = operand[2*MW-1:MW]; acc_b's low MW bits, signed: a code fits)
 //   op 5 max      : max(acc, acc_b)   (a max-pooling: the controller feeds each window tap)
+//   op 7 min      : min(acc, acc_b)   (ops 5 and 7 with the bounds on acc_b clamp a tile to a code
+//                   range: the layer's codes a residual add fused into its epilogue reads)
 // operand is ACCW bits per lane (a bias); the multiplier takes its low MW bits, signed (the
 // requantization multiplier: 16 bits give 2^-15 relative precision, finer than int8 outputs).
 // The result keeps ACCW bits (the simulator keeps the exact value; equal while it fits).
@@ -20,7 +22,7 @@ module requant_alu #(
 ) (
     input  wire                  clk,
     input  wire                  en,
-    input  wire [2:0]            op,
+    input  wire [2:0]            op,     // 0..5, 7
     input  wire [LANES*ACCW-1:0] acc_in,
     input  wire [LANES*ACCW-1:0] acc_b,
     input  wire [LANES*ACCW-1:0] operand,
@@ -47,7 +49,7 @@ module requant_alu #(
                 case (op)
                     3'd0: res[l*ACCW +: ACCW] <= a + b;
                     3'd3: res[l*ACCW +: ACCW] <= a[ACCW-1] ? {ACCW{1'b0}} : a;
-                    3'd5: res[l*ACCW +: ACCW] <= ($signed(acc_b[l*ACCW +: ACCW]) > a) ? acc_b[l*ACCW +: ACCW] : a;
+                    3'd5, 3'd7: res[l*ACCW +: ACCW] <= (($signed(acc_b[l*ACCW +: ACCW]) > a) ^ op[1]) ? acc_b[l*ACCW +: ACCW] : a;
                     default: res[l*ACCW +: ACCW] <= (prod + rnd) >>> sh;
                 endcase
             end
