@@ -114,10 +114,11 @@ def _levels(scheme, shape, rng):
     return rng.choice(get_scheme(scheme).levels, size=shape)
 
 
-def _layer(op, x, weights, accel, conv=None, layer="L"):
-    """Run one layer (row groups of several schemes sharing the input) on the simulator.
+def _layer(op, x, weights, accel, conv=None, layer="L", requant=False):
+    """Run one layer (row groups of several schemes sharing the input) on the simulator;
+    ``requant``: with the fixed-point epilogue (the ALU's ``mul_shift``, uint8 codes out).
 
-    Returns ({scheme: int32 output}, stream)."""
+    Returns ({scheme: int32 (or uint8) output}, stream)."""
     target = resolve_target("fpga:xc7z020")
     rule = FPGARowGroupRule()
     groups, dram = [], {"x": x}
@@ -137,11 +138,15 @@ def _layer(op, x, weights, accel, conv=None, layer="L"):
             n, _, hp, wp = x.shape
             s = conv["strides"][0]
             out_shape = (n, w_int.shape[0], (hp - kernel[0]) // s + 1, (wp - kernel[1]) // s + 1)
-        dram[f"{scheme}.out"] = np.zeros(out_shape, np.int32)
+        dram[f"{scheme}.out"] = np.zeros(out_shape, np.uint8 if requant else np.int32)
+        rq = None
+        if requant:
+            dram[f"{scheme}.m"], dram[f"{scheme}.s"] = np.full(w_int.shape[0], 2**14), np.full(w_int.shape[0], 20)
+            rq = {"mult": f"{scheme}.m", "shift": f"{scheme}.s", "qmin": 0, "qmax": 255}
         groups.append(RowGroup(scheme=scheme, core="lut" if get_scheme(scheme).kind == "sp2" else "dsp",
                                bits=4 if packed else 8, op=op, weight=f"{scheme}.w", bias=f"{scheme}.b",
                                output=f"{scheme}.out", events=tile_events(scheduled), kernel=kernel,
-                               stride=tuple(conv["strides"]) if conv else (1, 1)))
+                               stride=tuple(conv["strides"]) if conv else (1, 1), requant=rq))
     stream = layer_stream(layer, "x", groups, accel)
     Simulator(accel).run(stream, dram)
     return {s: dram[f"{s}.out"] for s in weights}, stream
@@ -196,12 +201,12 @@ def test_input_tiles_are_shared_by_both_cores():
 
 
 # ----- dependency tokens ------------------------------------------------------------------
-def _small_stream():
+def _small_stream(requant=False):
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, size=(1, 64, 58, 58)).astype(np.uint8)
     weights = {s: (_levels(s, (n, 64, 3, 3), rng), np.zeros(n, np.int32)) for s, n in {"sp2_4": 16, "fixed_4": 8}.items()}
     accel = load_board("xc7z020").accelerator
-    return _layer("conv2d", x, weights, accel, CONV)[1], accel
+    return _layer("conv2d", x, weights, accel, CONV, requant=requant)[1], accel
 
 
 def test_generated_streams_only_wait_for_earlier_signals():
@@ -308,7 +313,7 @@ def test_alu_unit_of_its_own_overlaps_the_gemms():
     computes the next tile (the simulator checks every accumulator access): the GEMM queues
     hold the GEMMs only, and a layer whose epilogue is long takes fewer cycles; with "core"
     the ALU ops take turns with the GEMMs on the core's queue (as in VTA)."""
-    stream, accel = _small_stream()
+    stream, accel = _small_stream(requant=True)  # the fixed-point epilogue: one ALU pass per tile
     accel = attrs.evolve(accel, alu_lanes=1)  # a slow ALU: the epilogue matters
     core = Simulator(attrs.evolve(accel, alu_unit="core")).run(stream)
     own = Simulator(attrs.evolve(accel, alu_unit="own")).run(stream)

@@ -44,8 +44,9 @@ def _weights(scheme, w_int):
     return WeightTensor(stored, levels, 2 if packed else 1), codes[:, :k]
 
 
-def _sim_tile(op, x, wt, rows, k, core, bits, kernel=(1, 1), stride=(1, 1), alu=()):
-    """Run one tile through the ISA simulator: LOAD input, LOAD weights, GEMM, ALU ops, STORE."""
+def _sim_tile(op, x, wt, rows, k, core, bits, kernel=(1, 1), stride=(1, 1), alu=(), bias=None):
+    """Run one tile through the ISA simulator: LOAD input, LOAD weights, GEMM (its accumulation
+    starting from ``bias`` where given), ALU ops, STORE."""
     gemm = GemmLUT if core == "lut" else GemmDSP
     c = core
     if op == "dense":
@@ -57,9 +58,10 @@ def _sim_tile(op, x, wt, rows, k, core, bits, kernel=(1, 1), stride=(1, 1), alu=
         oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
         inp_region, out_shape, pixels, out_hw = ((0, 1), (0, ch), (0, h), (0, w)), (1, rows, oh, ow), oh * ow, (oh, ow)
         out_region = ((0, 1), (0, rows), (0, oh), (0, ow))
-    dram = {"x": x, "w": wt, "out": np.zeros(out_shape, np.int64)}
+    dram = {"x": x, "w": wt, "out": np.zeros(out_shape, np.int64), "b": bias}
     ins = gemm(op=op, inp_slot=0, wgt_slot=0, acc_slot=0, rows=rows, pixels=pixels, reduction=k, bits=bits,
-               kernel=kernel, stride=stride, out_hw=out_hw, wait=(f"load->{c}:data", f"load->{c}:inp"))
+               kernel=kernel, stride=stride, out_hw=out_hw, wait=(f"load->{c}:data", f"load->{c}:inp"),
+               bias=None if bias is None else "b")
     stream = [Load(buffer="inp", tensor="x", region=inp_region, slot=0, nbytes=x.size, signal=(f"load->{c}:inp",)),
               Load(buffer=f"wgt_{c}", tensor="w", region=((0, rows), (0, wt.stored.shape[1])), slot=0,
                    nbytes=wt.stored.size, signal=(f"load->{c}:data",)),
@@ -113,16 +115,23 @@ def test_rtl_tile_equals_the_simulator(rtl, scheme, unit, op, dtype, rows, shape
         w_int, k, kernel, stride = w4.reshape(rows, -1), ch * kk * kk, (kk, kk), (s, s)
     wt, codes = _weights(scheme, w_int)
     core, bits = ("lut", 4) if unit in ("sp2", "l4") else ("dsp", get_scheme(scheme).bits)
-    sim_out, sim, ins = _sim_tile(op, x, wt, rows, k, core, bits, kernel, stride)
+    bias = rng.integers(-(1 << 20), 1 << 20, size=rows)  # the accumulation starts from each row's bias
+    sim_out, sim, ins = _sim_tile(op, x, wt, rows, k, core, bits, kernel, stride, bias=bias)
     # the activations the array sees: the tile itself, or the simulator's own im2col of it
     acts = x if op == "dense" else sim._conv_patches(x[0].astype(np.float64), ins)
-    got = rtl.gemm(unit, acts, codes, act_signed=dtype == np.int8, w8=bits == 8)     # [rows, pixels]
+    got = rtl.gemm(unit, acts, codes, act_signed=dtype == np.int8, w8=bits == 8, bias=bias)     # [rows, pixels]
     if op == "dense":
         np.testing.assert_array_equal(got.T, sim_out)
-        np.testing.assert_array_equal(got.T, np_dense_acc(x, w_int))
+        np.testing.assert_array_equal(got.T, np_dense_acc(x, w_int) + bias)
     else:
         np.testing.assert_array_equal(got.reshape(sim_out.shape), sim_out)
-        np.testing.assert_array_equal(got.reshape(sim_out.shape), np_conv_acc(x, w4, stride, (0, 0), (1, 1)))
+        np.testing.assert_array_equal(got.reshape(sim_out.shape),
+                                      np_conv_acc(x, w4, stride, (0, 0), (1, 1)) + bias[None, :, None, None])
+
+
+def test_gemm_bias_only_where_the_accumulation_starts():
+    with pytest.raises(ValueError, match="bias"):
+        GemmDSP(op="dense", inp_slot=0, wgt_slot=0, acc_slot=0, rows=2, pixels=1, reduction=4, reset=False, bias="b")
 
 
 def test_packed_dsp_at_the_extremes_of_its_fields(rtl):

@@ -273,8 +273,6 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
         gemm_cls = GemmLUT if core == "lut" else GemmDSP
         for k, ev in enumerate(gemms):
             _, _, j = plan[p]
-            if k == 0 and residual is not None and j == issued_inp:  # the residual codes load during the GEMMs
-                stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core]))
             if j != issued_inp:
                 wait = tuple(f"{c}->load:inp" for c in readers_of.get(j - 2, ())) if j >= 2 else ()
                 region = inp_regions[j]
@@ -282,8 +280,6 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
                                    nbytes=region_size(region), wait=wait, layer=layer,
                                    signal=tuple(f"load->{c}:inp" for c in readers_of[j])))
                 issued_inp = j
-                if k == 0 and residual is not None:
-                    stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core]))
             wregion = ev.reads["w"]
             wait = (f"{core}->load:wgt",) if n_wgt[core] >= 2 else ()
             stream.append(Load(buffer=f"wgt_{core}", tensor=g.weight, region=wregion, slot=n_wgt[core] % 2,
@@ -304,28 +300,29 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
             signal = (f"{core}->load:wgt",)
             if last_reader.get((j, core)) == p:
                 signal += (f"{core}->load:inp",)
-            if k == len(gemms) - 1:  # the tile's accumulators are done: its ALU ops may start
-                signal += (f"{core}->alu:acc",)
+            if k == len(gemms) - 1:  # the tile's accumulators are done: its ALU ops (or its store) may start
+                signal += (f"{core}->alu:acc",) if g.requant else (f"{core}->store:acc",)
             stream.append(gemm_cls(op=g.op, inp_slot=j % 2, wgt_slot=n_wgt[core] % 2, acc_slot=acc_slot, rows=rows,
                                    pixels=pixels, reduction=_reduction(g, ev), reset=(k == 0), bits=g.bits,
                                    kernel=g.kernel, stride=g.stride, out_hw=out_hw, wait=gwait, signal=signal,
-                                   layer=layer))
+                                   layer=layer, bias=g.bias if k == 0 else None,
+                                   row0=epi.reads["bias"][0][0] if k == 0 else 0))
             if k == 0 and not ev.first:
                 raise ValueError(f"layer {layer!r}: a GEMM tile starts an accumulation mid-reduction")
+            if k == 0 and residual is not None:  # the residual codes load (on the core's DMA queue) during the GEMMs
+                stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core]))
             n_wgt[core] += 1
             p += 1
         out_region = epi.writes[contract.OUT_BLOCK]
         row0 = epi.reads["bias"][0][0]
         elements, row_axis = region_size(out_region), 0 if g.op == "conv2d" else 1
         done = (f"{core}->store:acc",)
-        stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="add_bias", elements=elements, operand=g.bias,
-                          row0=row0, row_axis=row_axis, wait=(f"{core}->alu:acc",),
-                          signal=() if g.requant else done, layer=layer))
         clamp = (g.requant["qmin"], g.requant["qmax"]) if g.requant else None
-        if g.requant:  # the fixed-point epilogue: rounding shift on chip, 8-bit codes out
+        if g.requant:  # the fixed-point epilogue: rounding shift on chip, 8-bit codes out (the bias is in already)
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="mul_shift", elements=elements,
                               operand=g.requant["mult"], shift_operand=g.requant["shift"], row0=row0,
-                              row_axis=row_axis, signal=() if residual else done, layer=layer))
+                              row_axis=row_axis, wait=(f"{core}->alu:acc",), signal=() if residual else done,
+                              layer=layer))
         if residual is not None:  # the layer's codes (clamped) plus the residual's, rounded once
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="clamp", elements=elements, imm=clamp, layer=layer))
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="madd_shift", elements=elements,
@@ -373,7 +370,8 @@ def chain_streams(streams: Sequence[list]) -> list:
     * ``layer@<i>:<store queue>``: pushed by layer ``i``'s last STORE on each store queue,
       popped by layer ``i + 1``'s first input LOAD (or accumulator LOAD, for an element-wise
       program of :mod:`.eltwise`; a barrier: all of layer ``i``'s GEMMs, ALU ops and stores are
-      done, so its input and accumulator halves are free);
+      done, so its input and accumulator halves are free); that load pushes
+      ``barrier@<i + 1>->res_<core>`` for the first residual load on each core's queue;
     * ``<core>->load:wgt@<k>``: the (at most two) tokens that layer ``k``'s last GEMMs on a
       core push and no load of layer ``k`` pops; the next layer with weight loads on that core
       pops them all at its first one (``k`` is the last layer that used the core).
@@ -386,18 +384,25 @@ def chain_streams(streams: Sequence[list]) -> list:
     for i, stream in enumerate(streams):
         layer = [attrs.evolve(ins, wait=tuple(f"{w}@{i}" for w in ins.wait),
                               signal=tuple(f"{s}@{i}" for s in ins.signal)) for ins in stream]
-        first_inp, first_wgt, last_store, gemms = None, {}, {}, {}
+        first_inp, first_wgt, first_res, last_store, gemms = None, {}, {}, {}, {}
         for k, ins in enumerate(layer):
-            if isinstance(ins, Load) and not ins.buffer.startswith("wgt_") and first_inp is None:
+            if isinstance(ins, Load) and ins.queue == "load" and first_inp is None:
                 first_inp = k  # the first activation load (input, or an element-wise program's codes)
             elif isinstance(ins, Load) and ins.buffer.startswith("wgt_"):
                 first_wgt.setdefault(ins.buffer[4:], k)
+            elif isinstance(ins, Load) and ins.buffer.startswith("res_"):
+                first_res.setdefault(ins.buffer[4:], k)
             elif isinstance(ins, Store):
                 last_store[ins.queue] = k
             elif isinstance(ins, (GemmDSP, GemmLUT)):
                 gemms[ins.core] = gemms.get(ins.core, 0) + 1
         if first_inp is not None and barrier:
-            layer[first_inp] = attrs.evolve(layer[first_inp], wait=layer[first_inp].wait + barrier)
+            # residual loads read DRAM too: they start after the first input load, itself after the barrier
+            after = tuple(f"barrier@{i}->res_{c}" for c in first_res)
+            layer[first_inp] = attrs.evolve(layer[first_inp], wait=layer[first_inp].wait + barrier,
+                                            signal=layer[first_inp].signal + after)
+            for c, k in first_res.items():
+                layer[k] = attrs.evolve(layer[k], wait=layer[k].wait + (f"barrier@{i}->res_{c}",))
         for core, k in first_wgt.items():
             if core in pending_wgt:
                 j, n = pending_wgt.pop(core)

@@ -27,8 +27,8 @@ to the output codes (the classifier's input): no new hardware (:func:`pool_strea
 
 A max-pooling of codes (:data:`relay_passes.contract.MAXPOOL_CODES`) loads blocks of channels
 (or of rows, where a padded plane does not fit) of the padded codes into one accumulator half
-and takes each window's max into the other (``ALU max_window``: the lanes' max, one pass per
-tap), then stores one byte per code; the DSP and LUT cores take the tiles in turn
+and takes each window's max into the other (``ALU max_window``: the lanes' two-input max,
+``kh kw - 1`` passes: the first takes two taps), then stores one byte per code; the DSP and LUT cores take the tiles in turn
 (:func:`maxpool_stream`). The padding is the value -128, below every code (the DMA pads).
 """
 
@@ -279,7 +279,7 @@ def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -
         stream += [
             Load(buffer=f"acc_{core}", tensor=f"{name}.x", region=((b, 1), (c0, cb), (r0 * sh, rows_in), (0, wp)),
                  slot=0, nbytes=cb * rows_in * wp, wait=(in_free,) if i >= 2 else (), signal=(loaded,), layer=name),
-            Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * kh * kw, src_slot=0,
+            Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * max(kh * kw - 1, 1), src_slot=0,
                 imm=(kh, kw, sh, sw), wait=(loaded,) + ((out_free,) if i >= 2 else ()),
                 signal=(done,) + ((in_free,) if more else ()), layer=name),
             Store(core=core, slot=1, tensor=f"{name}.out", region=((b, 1), (c0, cb), (r0, rb), (0, ow)),

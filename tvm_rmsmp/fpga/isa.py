@@ -34,9 +34,9 @@ __all__ = ["Instruction", "Load", "GemmDSP", "GemmLUT", "Alu", "Store", "CORES",
 CORES = ("lut", "dsp")
 QUEUES = ("load", "load_lut", "load_dsp", "lut", "dsp", "alu_lut", "alu_dsp", "store_lut", "store_dsp")
 ALU_OPS = ("add_bias", "mul_shift", "shift", "relu", "madd_shift", "max_window", "clamp")
-#: Buffers a LOAD fills: the shared input buffer, for element-wise programs (:mod:`.eltwise`) the
-#: cores' accumulators (8-bit codes widened to int32) and for fused residual adds the cores'
-#: residual buffers (8-bit codes), all on the ``load`` queue; the weights on each core's own.
+#: Buffers a LOAD fills: the shared input buffer and, for element-wise programs (:mod:`.eltwise`),
+#: the cores' accumulators (8-bit codes widened to int32), on the ``load`` queue; the weights and,
+#: for fused residual adds, the residual buffers (8-bit codes) on each core's own load queue.
 LOAD_BUFFERS = ("inp", "acc_lut", "acc_dsp", "res_lut", "res_dsp", "wgt_lut", "wgt_dsp")
 
 Region = Tuple[Tuple[int, int], ...]
@@ -99,7 +99,8 @@ class Load(Instruction):
     codes: a fused residual add's other operand) or "wgt_lut"/"wgt_dsp". For
     weights the region is in stored bytes (two 4-bit codes per byte for 4-bit schemes);
     ``nbytes`` is what crosses the bus. Activations (input and accumulator loads) go through the
-    ``load`` queue, weights through each core's own.
+    ``load`` queue, weights and residual codes through each core's own (a core's residual load
+    waits for that core's ALU only, never holding up the other core's inputs).
     """
 
     buffer: str = attrs.field()
@@ -115,7 +116,7 @@ class Load(Instruction):
 
     @property
     def queue(self) -> str:
-        return "load_" + self.buffer[4:] if self.buffer.startswith("wgt_") else "load"
+        return "load_" + self.buffer[4:] if self.buffer.startswith(("wgt_", "res_")) else "load"
 
     def writes(self):
         return ((self.buffer, self.slot),)
@@ -127,7 +128,10 @@ class _Gemm(Instruction):
 
     op "conv2d": inp tile ``[C, H, W]`` (already padded), weights ``[F, C*kh*kw]`` codes,
     acc ``[F, out_h, out_w]``; op "dense": inp ``[M, K]``, weights ``[F, K]``, acc ``[M, F]``.
-    ``reset`` starts a new accumulation (the first reduction tile).
+    ``reset`` starts a new accumulation (the first reduction tile), from 0 or, with ``bias``
+    (a constant vector's DRAM name, rows ``row0 ..``), from each output row's bias: the arrays'
+    accumulators add it where they would add zero (``rtl/*.v`` port ``bias``), so no ALU pass
+    adds it.
     """
 
     op: str = attrs.field()
@@ -142,6 +146,8 @@ class _Gemm(Instruction):
     kernel: Tuple[int, int] = attrs.field(default=(1, 1), converter=tuple)
     stride: Tuple[int, int] = attrs.field(default=(1, 1), converter=tuple)
     out_hw: Tuple[int, int] = attrs.field(default=(1, 1), converter=tuple)
+    bias: Optional[str] = attrs.field(default=None)
+    row0: int = attrs.field(default=0)
 
     @op.validator
     def _check_op(self, attribute, value):
@@ -149,6 +155,10 @@ class _Gemm(Instruction):
             raise ValueError(f"GEMM.op must be 'conv2d' or 'dense', got {value!r}")
 
     core = "?"
+
+    def __attrs_post_init__(self):
+        if self.bias is not None and not self.reset:
+            raise ValueError(f"GEMM bias {self.bias!r} on a GEMM that does not start the accumulation (reset=False)")
 
     @property
     def queue(self) -> str:
@@ -201,8 +211,9 @@ class Alu(Instruction):
 
     max_window (a max-pooling, :mod:`.eltwise`): ``acc[acc_slot][c, y, x] = max over the window
     (kh, kw) at (y sh, x sw) of acc[src_slot][c]`` (``imm = (kh, kw, sh, sw)``), the lanes'
-    elementwise max (``requant_alu`` op ``max``) applied once per tap: ``elements`` counts
-    output elements times taps.
+    elementwise max (``requant_alu`` op ``max``) of two operands: the first pass takes two taps
+    from the source half, each later one the running max and one more tap, so ``elements``
+    counts output elements times ``kh kw - 1`` (at least one pass: a 1x1 window is a copy).
     """
 
     core: str = attrs.field(validator=_core)

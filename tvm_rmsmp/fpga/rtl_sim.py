@@ -110,10 +110,12 @@ class RTLSim:
             raise RuntimeError(f"{self.exe} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return proc.stdout.splitlines()
 
-    def gemm(self, unit: str, acts: np.ndarray, codes: np.ndarray, act_signed: bool, w8: bool = False) -> np.ndarray:
+    def gemm(self, unit: str, acts: np.ndarray, codes: np.ndarray, act_signed: bool, w8: bool = False,
+             bias: Optional[np.ndarray] = None) -> np.ndarray:
         """``[rows, pixels]`` int64: the accumulators of ``unit`` ("sp2", "l4": Fixed-4 LUT
         multipliers, "dp": two products per DSP, "d1": one) after running weight codes ``codes [rows, K]`` (uint8: nibbles, or int8
-        bytes with ``w8``) against activations ``acts [pixels, K]`` (uint8 or int8 values)."""
+        bytes with ``w8``) against activations ``acts [pixels, K]`` (uint8 or int8 values);
+        ``bias [rows]``: each row's accumulation starts from it (else from 0)."""
         if unit not in self.dims:
             raise ValueError(f"unit must be one of {sorted(self.dims)}, got {unit!r}")
         if unit in ("sp2", "l4") and w8:
@@ -134,6 +136,7 @@ class RTLSim:
         pad_w[:, :k] = codes
         lines = []
         for f in range(rows):
+            lines.append(f"bias {0 if bias is None else int(bias[f])}")
             for p0 in range(0, npix, block):
                 for b in range(kb):
                     lanes = slice(b * red, (b + 1) * red)
@@ -143,7 +146,7 @@ class RTLSim:
                     lines.append(f"{unit} " + flags + " " + " ".join(map(str, port.ravel())) + " "
                                  + " ".join(map(str, pad_w[f, lanes])))
                 lines.append(f"rd {unit}")
-        self.cycles += len(lines)
+        self.cycles += sum(not line.startswith("bias") for line in lines)
         out = self._run(lines)
         vals = np.array([[int(v) for v in line.split()][:block] for line in out], np.int64)
         return vals.reshape(rows, -1)[:, :npix]

@@ -9,7 +9,8 @@ calls are PrimFuncs built for the host (``llvm``) on first use. A row-group op t
 accelerator cannot run (no tile fits, unsupported geometry) is built for the host instead,
 with an :class:`FPGAFallbackWarning` naming the layer.
 
-On the accelerator a layer computes ``acc + bias`` in int32 (GEMM cores and ALU); the host
+On the accelerator a layer computes ``acc + bias`` in int32 (the GEMM cores, the bias starting
+each accumulation); the host
 finishes the integer contract's single float multiply ``float32(acc + bias) * out_scale``,
 so results equal the torch reference bit for bit. The activation functions around a layer
 run on the host like any other call: the per-tensor quantizer (with a zero point, folded into

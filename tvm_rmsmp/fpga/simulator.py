@@ -269,6 +269,9 @@ class Simulator:
             else:
                 prod = (wgt @ self._conv_patches(inp, ins).T).reshape(wgt.shape[0], *ins.out_hw)
             key = (f"acc_{ins.core}", ins.acc_slot)
+            if ins.bias is not None:  # the accumulation starts from the rows' bias
+                rows = np.asarray(dram[ins.bias][ins.row0:ins.row0 + ins.rows], dtype=np.float64)
+                prod = prod + (rows[None, :] if ins.op == "dense" else rows[:, None, None])
             data[key] = prod if ins.reset else data[key] + prod
         elif isinstance(ins, Alu) and ins.alu_op == "max_window":  # a max-pooling: src half -> this half
             kh, kw, sh, sw = (int(v) for v in ins.imm)

@@ -23,6 +23,7 @@ module dsp_mac_array #(
     input  wire                      clk,
     input  wire                      en,
     input  wire                      clear,
+    input  wire [ACCW-1:0]           bias,   // clear starts the accumulation from it (the row's bias)
     input  wire                      act_signed,
     input  wire                      w8,
     input  wire [PIX*PACK*RED*8-1:0] act,
@@ -83,9 +84,9 @@ module dsp_mac_array #(
                     sum_lo = sum_lo + chain_lo[(q*NCH + j)*48 +: ACCW];
                     sum_hi = sum_hi + chain_hi[(q*NCH + j)*48 +: ACCW];
                 end
-                acc[q*ACCW +: ACCW] <= clear ? sum_lo : acc[q*ACCW +: ACCW] + sum_lo;
+                acc[q*ACCW +: ACCW] <= (clear ? bias : acc[q*ACCW +: ACCW]) + sum_lo;
                 if (PACK == 2)
-                    acc[(q+PIX)*ACCW +: ACCW] <= clear ? sum_hi : acc[(q+PIX)*ACCW +: ACCW] + sum_hi;
+                    acc[(q+PIX)*ACCW +: ACCW] <= (clear ? bias : acc[(q+PIX)*ACCW +: ACCW]) + sum_hi;
             end
         end
     end

@@ -32,6 +32,7 @@ module lut_mac_array #(
     input  wire                  clk,
     input  wire                  en,
     input  wire                  clear,
+    input  wire [ACCW-1:0]       bias,   // clear starts the accumulation from it (the row's bias)
     input  wire                  act_signed,
     input  wire [PIX*RED*8-1:0]  act,
     input  wire [RED*4-1:0]      wcode,
@@ -57,8 +58,7 @@ module lut_mac_array #(
                 sum = 0;
                 for (j = 0; j < RED; j = j + 1)
                     sum = sum + $signed(prod[(i*RED + j)*13 +: 13]);
-                acc[i*ACCW +: ACCW] <= clear ? {{(ACCW-SUMW){sum[SUMW-1]}}, sum}
-                                             : acc[i*ACCW +: ACCW] + {{(ACCW-SUMW){sum[SUMW-1]}}, sum};
+                acc[i*ACCW +: ACCW] <= (clear ? bias : acc[i*ACCW +: ACCW]) + {{(ACCW-SUMW){sum[SUMW-1]}}, sum};
             end
         end
     end

@@ -5,6 +5,7 @@
 //   dp   <clear> <act_signed> <w8> <act x 2*DP_PIX*DP_RED> <code x DP_RED>
 //   d1   <clear> <act_signed> <w8> <act x D1_PIX*D1_RED> <code x D1_RED>
 //   alu  <op> <acc x LANES> <operand x LANES> <shift x LANES> [<acc_b x LANES>]   -> prints the LANES results
+//   bias <value>                                                  (the arrays' bias port: a clear starts from it)
 //   rd   sp2|l4|dp|d1                                             -> prints the accumulators
 //   dims                                                        -> prints the array sizes
 #include "Vrtl_tb.h"
@@ -46,6 +47,7 @@ int main(int argc, char** argv) {
     ctx.commandArgs(argc, argv);
     Vrtl_tb top(&ctx);
     top.clk = 0;
+    top.bias = 0;
     top.eval();
     auto tick = [&]() { top.eval(); top.clk = 1; top.eval(); top.clk = 0; top.eval();
                         top.sp2_en = top.l4_en = top.dp_en = top.d1_en = top.alu_en = 0; };
@@ -55,7 +57,9 @@ int main(int argc, char** argv) {
         std::istringstream in(line);
         std::string cmd;
         if (!(in >> cmd)) continue;
-        if (cmd == "sp2") {
+        if (cmd == "bias") {
+            in >> v; top.bias = (uint32_t)v;
+        } else if (cmd == "sp2") {
             int clear, sgn; in >> clear >> sgn;
             top.sp2_clear = clear; top.act_signed = sgn; top.sp2_en = 1;
             for (int i = 0; i < SP2_PIX * SP2_RED; ++i) { in >> v; put(top.sp2_act, i * 8, 8, v); }

@@ -8,6 +8,7 @@ module rtl_tb #(
 ) (
     input  wire clk,
     input  wire act_signed,
+    input  wire [31:0] bias,   // the arrays' accumulators start from it on clear (the output row's bias)
     // SP2 shift-add array
     input  wire sp2_en, input wire sp2_clear,
     input  wire [SP2_PIX*SP2_RED*8-1:0] sp2_act,
@@ -36,16 +37,16 @@ module rtl_tb #(
     output wire [LANES*32-1:0] alu_res
 );
     sp2_array #(.PIX(SP2_PIX), .RED(SP2_RED)) u_sp2 (
-        .clk(clk), .en(sp2_en), .clear(sp2_clear), .act_signed(act_signed),
+        .clk(clk), .en(sp2_en), .clear(sp2_clear), .bias(bias), .act_signed(act_signed),
         .act(sp2_act), .wcode(sp2_w), .acc(sp2_acc));
     lut_mac_array #(.PIX(SP2_PIX), .RED(SP2_RED)) u_l4 (
-        .clk(clk), .en(l4_en), .clear(l4_clear), .act_signed(act_signed),
+        .clk(clk), .en(l4_en), .clear(l4_clear), .bias(bias), .act_signed(act_signed),
         .act(l4_act), .wcode(l4_w), .acc(l4_acc));
     dsp_mac_array #(.PIX(DP_PIX), .RED(DP_RED), .PACK(2), .CHAIN(DP_CHAIN)) u_dp (
-        .clk(clk), .en(dp_en), .clear(dp_clear), .act_signed(act_signed), .w8(dp_w8),
+        .clk(clk), .en(dp_en), .clear(dp_clear), .bias(bias), .act_signed(act_signed), .w8(dp_w8),
         .act(dp_act), .wcode(dp_w), .acc(dp_acc));
     dsp_mac_array #(.PIX(D1_PIX), .RED(D1_RED), .PACK(1)) u_d1 (
-        .clk(clk), .en(d1_en), .clear(d1_clear), .act_signed(act_signed), .w8(d1_w8),
+        .clk(clk), .en(d1_en), .clear(d1_clear), .bias(bias), .act_signed(act_signed), .w8(d1_w8),
         .act(d1_act), .wcode(d1_w), .acc(d1_acc));
     requant_alu #(.LANES(LANES)) u_alu (
         .clk(clk), .en(alu_en), .op(alu_op), .acc_in(alu_acc), .acc_b(alu_acc_b), .operand(alu_operand),

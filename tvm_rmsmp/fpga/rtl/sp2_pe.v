@@ -28,7 +28,8 @@ endmodule
 
 // PIX x RED array: each cycle (en), one weight row's RED codes times PIX pixels' RED
 // activations; each pixel's RED products go through an adder tree into its accumulator
-// (clear: start a new accumulation, as the GEMM's first reduction tile).
+// (clear: start a new accumulation from bias, the output row's bias, as the GEMM's first
+// reduction tile: the bias takes the place of the zero, no adder of its own).
 // act: pixel p, lane r at bits [(p*RED + r)*8 +: 8]; wcode: lane r at [r*4 +: 4];
 // acc: pixel p at [p*ACCW +: ACCW].
 module sp2_array #(
@@ -39,6 +40,7 @@ module sp2_array #(
     input  wire                  clk,
     input  wire                  en,
     input  wire                  clear,
+    input  wire [ACCW-1:0]       bias,   // clear starts the accumulation from it (the row's bias)
     input  wire                  act_signed,
     input  wire [PIX*RED*8-1:0]  act,
     input  wire [RED*4-1:0]      wcode,
@@ -67,8 +69,7 @@ module sp2_array #(
                 sum = 0;
                 for (j = 0; j < RED; j = j + 1)
                     sum = sum + $signed(prod[(i*RED + j)*13 +: 13]) + $signed({1'b0, negs[i*RED + j]});
-                acc[i*ACCW +: ACCW] <= clear ? {{(ACCW-SUMW){sum[SUMW-1]}}, sum}
-                                             : acc[i*ACCW +: ACCW] + {{(ACCW-SUMW){sum[SUMW-1]}}, sum};
+                acc[i*ACCW +: ACCW] <= (clear ? bias : acc[i*ACCW +: ACCW]) + {{(ACCW-SUMW){sum[SUMW-1]}}, sum};
             end
         end
     end
