@@ -325,6 +325,14 @@ def test_max_alu_and_max_window_equal_numpy(rtl):
     rng = np.random.default_rng(12)
     a, b = rng.integers(-128, 256, size=61), rng.integers(-128, 256, size=61)
     np.testing.assert_array_equal(rtl.alu("max", a, np.zeros(61), np.zeros(61), acc_b=b), np.maximum(a, b))
+    # the packed row pass: four signed bytes a word, each byte's max on its own
+    ca, cb_ = rng.integers(-128, 128, size=(37, 4)), rng.integers(-128, 128, size=(37, 4))
+    ca[0], cb_[0] = (-128, 127, -1, 0), (127, -128, 0, -1)     # no carry or sign crosses a byte
+    words = [(np.asarray(c, np.int64) & 0xFF) @ (1 << (8 * np.arange(4))) for c in (ca, cb_)]
+    words = [w - (w >= 2**31) * 2**32 for w in words]             # as int32
+    got = rtl.alu("max4", words[0], np.zeros(37), np.zeros(37), acc_b=words[1]) & 0xFFFFFFFF
+    got_bytes = ((got[:, None] >> (8 * np.arange(4))) & 0xFF).astype(np.uint8).view(np.int8)
+    np.testing.assert_array_equal(got_bytes, np.maximum(ca, cb_))
     cfg = load_board("xc7z020")
     shape, params = (1, 3, 121, 119), {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}
     tiles = maxpool_tiles(shape, params, cfg.accelerator)
@@ -332,7 +340,12 @@ def test_max_alu_and_max_window_equal_numpy(rtl):
     x = rng.integers(-127, 128, size=shape)
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=MAXPOOL_PAD).astype(np.int16)
     oh, ow = (121 + 2 - 3) // 2 + 1, (119 + 2 - 3) // 2 + 1
-    dram = {"p.x": padded, "p.out": np.zeros((1, 3, oh, ow), np.int16)}
-    Simulator(cfg).run(maxpool_stream("p", shape, params, cfg.accelerator), dram)
     want = torch.nn.functional.max_pool2d(torch.from_numpy(x.astype(np.float32)), 3, 2, 1).numpy()
-    np.testing.assert_array_equal(dram["p.out"], want)
+    for cap in (cfg.accelerator.acc_slot_bytes // 4, None):  # row tiles; the default: planes, packed
+        dram = {"p.x": padded, "p.out": np.zeros((1, 3, oh, ow), np.int16)}
+        stream = maxpool_stream("p", shape, params, cfg.accelerator, cap)
+        Simulator(cfg).run(stream, dram)
+        np.testing.assert_array_equal(dram["p.out"], want)
+        loads = [i for i in stream if isinstance(i, Load)]
+        assert all(i.packed and i.nbytes <= cfg.accelerator.acc_slot_bytes for i in loads)
+        assert sum(i.nbytes for i in loads) >= padded.size

@@ -26,9 +26,10 @@ mul_shift`` scales the sums by the pooling's multiplier and shift, and the store
 to the output codes (the classifier's input): no new hardware (:func:`pool_stream`).
 
 A max-pooling of codes (:data:`relay_passes.contract.MAXPOOL_CODES`) loads blocks of channels
-(or of rows, where a padded plane does not fit) of the padded codes into one accumulator half
-and takes each window's max into the other (``ALU max_window``: the lanes' two-input max,
-``kh kw - 1`` passes: the first takes two taps), then stores one byte per code; the DSP and LUT cores take the tiles in turn
+(or of rows, where a padded plane does not fit) of the padded codes into one accumulator half,
+four to a word, and takes each window's max into the other (``ALU max_window``: the rows' max
+over ``kh`` taps on the packed words, four codes a lane, then the columns' over ``kw`` taps,
+one a lane; two-input maxes, the first of each taking two taps), then stores one byte per code; the DSP and LUT cores take the tiles in turn
 (:func:`maxpool_stream`). The padding is the value -128, below every code (the DMA pads).
 """
 
@@ -251,23 +252,29 @@ def maxpool_tiles(shape, params, accel, cap: Optional[int] = None) -> Optional[l
 def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -> list:
     """The instruction stream of a max-pooling of codes ``[N, C, H, W]`` (DRAM tensors
     ``<name>.x``, padded by ``MAXPOOL_PAD``, and ``<name>.out``); ``params``: kernel, stride,
-    padding (``[h, w]`` each). ``cap``: input codes per tile; by default the one of
-    ``acc_slot_bytes / 4 / 2^k`` (at least :data:`MIN_TILE`) the cycle model times fastest.
-    Raises ValueError when a tile does not fit."""
-    if cap is None:
-        full = accel.acc_slot_bytes // 4
-        sim, timed = Simulator(accel), []
-        for k in range(4):
-            if k and (full >> k) < MIN_TILE or maxpool_tiles(shape, params, accel, full >> k) is None:
-                continue
-            timed.append((sim.run(maxpool_stream(name, shape, params, accel, full >> k)).cycles, -(full >> k)))
-        cap = -min(timed)[1] if timed else full
-    tiles = maxpool_tiles(shape, params, accel, cap)
-    if tiles is None:
-        raise ValueError(f"max-pooling {name!r}: the window rows of one output row do not fit an accumulator half")
+    padding (``[h, w]`` each). The input codes load packed, four to a word (one byte each in
+    the half), and the ALU takes the rows' max on the packed words, then the columns' (see
+    :class:`~tvm_rmsmp.fpga.isa.Alu`); the outputs, one to a word, fill the other half. ``cap``:
+    input codes per tile; by default the one of ``full / 2^k`` (``full``: a half's bytes times
+    the stride's area / 4, at most a half's bytes, so that the outputs fit; at least
+    :data:`MIN_TILE`) the cycle model times fastest. Raises ValueError when a tile does not fit."""
     (kh, kw), (sh, sw), (ph, pw) = (params[k] for k in ("kernel", "stride", "padding"))
     wp = int(shape[3]) + 2 * pw
     ow = (wp - kw) // sw + 1
+    if cap is None:
+        full = min(accel.acc_slot_bytes, accel.acc_slot_bytes // 4 * sh * sw)
+        sim, timed = Simulator(accel), []
+        for k in range(4):
+            tiles = maxpool_tiles(shape, params, accel, full >> k)
+            if k and (full >> k) < MIN_TILE or tiles is None or any(
+                    4 * cb * rb * ow > accel.acc_slot_bytes for _, _, cb, _, rb in tiles):
+                continue
+            timed.append((sim.run(maxpool_stream(name, shape, params, accel, full >> k)).cycles, -(full >> k)))
+        cap = -min(timed)[1] if timed else accel.acc_slot_bytes // 4
+    tiles = maxpool_tiles(shape, params, accel, cap)
+    if tiles is None or any(4 * cb * rb * ow > accel.acc_slot_bytes for _, _, cb, _, rb in tiles):
+        raise ValueError(f"max-pooling {name!r}: the window rows of one output row, or its outputs, do not fit an "
+                         f"accumulator half")
     stream: list = []
     for i, (b, c0, cb, r0, rb) in enumerate(tiles):
         core = ("dsp", "lut")[i % 2]
@@ -278,8 +285,10 @@ def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -
         in_free, out_free = f"{core}->load:acc", f"store_{core}->{core}:acc"
         stream += [
             Load(buffer=f"acc_{core}", tensor=f"{name}.x", region=((b, 1), (c0, cb), (r0 * sh, rows_in), (0, wp)),
-                 slot=0, nbytes=cb * rows_in * wp, wait=(in_free,) if i >= 2 else (), signal=(loaded,), layer=name),
-            Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * max(kh * kw - 1, 1), src_slot=0,
+                 slot=0, nbytes=cb * rows_in * wp, wait=(in_free,) if i >= 2 else (), signal=(loaded,), layer=name,
+                 packed=True),
+            Alu(core=core, acc_slot=1, alu_op="max_window", elements=cb * rb * ow * max(kw - 1, 1),
+                row_pass=cb * rb * -(-wp // 4) * 4 * (kh - 1), src_slot=0,
                 imm=(kh, kw, sh, sw), wait=(loaded,) + ((out_free,) if i >= 2 else ()),
                 signal=(done,) + ((in_free,) if more else ()), layer=name),
             Store(core=core, slot=1, tensor=f"{name}.out", region=((b, 1), (c0, cb), (r0, rb), (0, ow)),

@@ -108,6 +108,9 @@ class Load(Instruction):
     region: Region = attrs.field(converter=_region)
     slot: int = attrs.field(validator=_slot)
     nbytes: int = attrs.field(default=0)
+    #: into an accumulator half: the codes stay four to a 32-bit word (a max-pooling's input,
+    #: for the ALU's packed row pass) instead of one widened code per word
+    packed: bool = attrs.field(default=False)
 
     @buffer.validator
     def _check_buffer(self, attribute, value):
@@ -214,6 +217,11 @@ class Alu(Instruction):
     elementwise max (``requant_alu`` op ``max``) of two operands: the first pass takes two taps
     from the source half, each later one the running max and one more tap, so ``elements``
     counts output elements times ``kh kw - 1`` (at least one pass: a 1x1 window is a copy).
+    With ``row_pass`` (the source loaded ``packed``, four codes to a word) the window runs as
+    two passes: the rows' max over ``kh`` taps on the packed words (``requant_alu`` op ``max4``,
+    four codes a lane; ``row_pass`` codes: output rows x padded width x ``(kh - 1)``), written
+    in place, then the columns' max over ``kw`` taps, one code a lane (``elements``: outputs x
+    ``(kw - 1)``; the read path picks each code out of its word).
     """
 
     core: str = attrs.field(validator=_core)
@@ -227,6 +235,7 @@ class Alu(Instruction):
     src_slot: Optional[int] = attrs.field(default=None)
     imm: Tuple[int, ...] = attrs.field(default=(), converter=tuple)
     src_buffer: str = attrs.field(default="acc")
+    row_pass: int = attrs.field(default=0)
 
     @alu_op.validator
     def _check_op(self, attribute, value):
@@ -242,6 +251,8 @@ class Alu(Instruction):
         if self.src_buffer not in ("acc", "res") or (self.src_buffer == "res" and self.alu_op != "madd_shift"):
             raise ValueError(f"ALU src_buffer must be 'acc', or 'res' for madd_shift; got {self.src_buffer!r} "
                              f"for {self.alu_op}")
+        if self.row_pass and self.alu_op != "max_window":
+            raise ValueError(f"ALU row_pass is max_window's packed row pass; got it on {self.alu_op}")
         if self.alu_op == "clamp" and not (len(self.imm) == 2 and -2**31 <= int(self.imm[0]) <= int(self.imm[1]) < 2**31):
             raise ValueError(f"ALU clamp needs imm (lo, hi), int32, lo <= hi; got imm={self.imm!r}")
         if self.alu_op == "madd_shift":

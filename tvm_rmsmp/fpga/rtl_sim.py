@@ -35,7 +35,7 @@ RTL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rtl")
 RTL_SOURCES = ("sp2_pe.v", "lut_mac.v", "dsp_mac.v", "requant_alu.v")
 _TB = ("rtl_tb.v", "rtl_tb.cpp")
 #: ``requant_alu`` opcodes, by the ALU op names of :mod:`tvm_rmsmp.fpga.isa`.
-ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3, "madd_shift": 4, "max": 5, "min": 7}
+ALU_OPCODES = {"add_bias": 0, "mul_shift": 1, "shift": 2, "relu": 3, "madd_shift": 4, "max": 5, "max4": 6, "min": 7}
 _VERILATOR_FLAGS = ["-Wno-fatal", "-Wno-WIDTH"]
 
 

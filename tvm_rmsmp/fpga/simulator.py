@@ -109,7 +109,10 @@ class Simulator:
                              for rows, kept in ins.runs)
             return passes + a.gemm_pipeline_cycles
         if isinstance(ins, Alu):  # a clamp is two passes (requant_alu ops max and min)
-            return (2 if ins.alu_op == "clamp" else 1) * math.ceil(ins.elements / a.alu_lanes) + 2
+            cycles = (2 if ins.alu_op == "clamp" else 1) * math.ceil(ins.elements / a.alu_lanes) + 2
+            if ins.row_pass:  # a max-pooling's row pass over packed codes, four a lane, first
+                cycles += math.ceil(ins.row_pass / (4 * a.alu_lanes)) + 2
+            return cycles
         raise TypeError(f"unknown instruction {type(ins).__name__}")
 
     def queue_of(self, ins: Instruction) -> str:
@@ -230,8 +233,8 @@ class Simulator:
             readers[key] = [r for r in readers[key] if r[0] == i]
 
     def _check_capacity(self, i, ins: Load):
-        if ins.buffer.startswith("acc_"):  # 8-bit codes widened to int32 accumulators
-            need, limit = 4 * region_size(ins.region), self.acc.acc_slot_bytes
+        if ins.buffer.startswith("acc_"):  # 8-bit codes widened to int32 accumulators (or packed)
+            need, limit = (1 if ins.packed else 4) * region_size(ins.region), self.acc.acc_slot_bytes
         elif ins.buffer.startswith("res_"):  # 8-bit codes, one byte each
             need, limit = region_size(ins.region), self.acc.res_slot_bytes
         else:

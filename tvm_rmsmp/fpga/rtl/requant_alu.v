@@ -9,6 +9,8 @@
 //                   accumulator halves holding 8-bit codes: ma = operand[MW-1:0],
 //                   mb = operand[2*MW-1:MW]; acc_b's low MW bits, signed: a code fits)
 //   op 5 max      : max(acc, acc_b)   (a max-pooling: the controller feeds each window tap)
+//   op 6 max4     : max of acc and acc_b as four packed signed bytes each (a max-pooling's row
+//                   pass over codes stored four to a word: four codes a lane)
 //   op 7 min      : min(acc, acc_b)   (ops 5 and 7 with the bounds on acc_b clamp a tile to a code
 //                   range: the layer's codes a residual add fused into its epilogue reads)
 // operand is ACCW bits per lane (a bias); the multiplier takes its low MW bits, signed (the
@@ -29,7 +31,7 @@ module requant_alu #(
     input  wire [LANES*SW-1:0]   shift,
     output reg  [LANES*ACCW-1:0] res
 );
-    integer l;
+    integer l, k;
     reg signed [ACCW-1:0]    a;
     reg signed [ACCW-1:0]    b;
     reg signed [MW-1:0]      m, mb, b16;
@@ -50,6 +52,9 @@ module requant_alu #(
                     3'd0: res[l*ACCW +: ACCW] <= a + b;
                     3'd3: res[l*ACCW +: ACCW] <= a[ACCW-1] ? {ACCW{1'b0}} : a;
                     3'd5, 3'd7: res[l*ACCW +: ACCW] <= (($signed(acc_b[l*ACCW +: ACCW]) > a) ^ op[1]) ? acc_b[l*ACCW +: ACCW] : a;
+                    3'd6: for (k = 0; k < ACCW / 8; k = k + 1)
+                              res[l*ACCW + k*8 +: 8] <= ($signed(acc_b[l*ACCW + k*8 +: 8]) > $signed(acc_in[l*ACCW + k*8 +: 8]))
+                                                        ? acc_b[l*ACCW + k*8 +: 8] : acc_in[l*ACCW + k*8 +: 8];
                     default: res[l*ACCW +: ACCW] <= (prod + rnd) >>> sh;
                 endcase
             end
