@@ -327,12 +327,14 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="clamp", elements=elements, imm=clamp, layer=layer))
             stream.append(Alu(core=core, acc_slot=acc_slot, alu_op="madd_shift", elements=elements,
                               src_buffer="res", src_slot=acc_slot, imm=residual.imm, wait=(f"load->{core}:res",),
-                              signal=done + (f"{core}->load:res",), layer=layer))
+                              signal=done, layer=layer))
             clamp = tuple(residual.clamp)
         out_bytes = 1 if g.requant else accel.store_bytes_per_output
+        # with a residual, the store (after the madd_shift that read the residual half) frees that half
+        # for the next residual load: so the store, which the next GEMM waits for, goes on the bus first
         stream.append(Store(core=core, slot=acc_slot, tensor=g.output, region=out_region,
-                            nbytes=out_bytes * elements, wait=done, signal=(f"store->{core}:acc",), layer=layer,
-                            clamp=clamp))
+                            nbytes=out_bytes * elements, wait=done, layer=layer, clamp=clamp,
+                            signal=(f"store->{core}:acc",) + ((f"{core}->load:res",) if residual else ())))
         n_acc[core] += 1
     return stream
 
