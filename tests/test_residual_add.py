@@ -278,6 +278,8 @@ def test_fpga_fuses_the_adds_into_the_convolutions_bit_exact(resnet):
     assert not [p for p in exe.programs if isinstance(p, EltwiseProgram)]
     fused = {p.fused_add.name: p for p in exe.programs if isinstance(p, LayerProgram) and p.fused_add is not None}
     assert sorted(fused) == sorted(adds)
+    # every block's 3x3 conv2 takes its add, also where the 1x1 downsample shortcut computes the other operand
+    assert {name: p.layer for name, p in fused.items()} == {name: name.replace("add", "conv2") for name in adds}
     for name, prog in fused.items():
         r = adds[name].requant
         n_out = int(np.prod(prog.fused_add.shape))

@@ -319,8 +319,11 @@ class FPGACompiledModel:
             gv, args = call_args(b)
             if gv is None or contract.rmsmp_attr(self.lowered[gv], contract.OP) != contract.ADD_REQUANT:
                 continue
-            found = [(first[c[0]], side, c) for side in (0, 1) for c in [candidate(args[side])] if c is not None]
-            for _, side, (key, cat, take) in sorted(found, key=lambda t: -t[0]):  # the later layer first
+            found = [(self._reduction(groups_of[c[0]]), first[c[0]], side, c) for side in (0, 1)
+                     for c in [candidate(args[side])] if c is not None]
+            # the layer with the most products per output first (its GEMMs hide the epilogue's
+            # passes; e.g. a block's 3x3 conv, not its 1x1 shortcut), then the later one
+            for _, _, side, (key, cat, take) in sorted(found, key=lambda t: (-t[0], -t[1])):
                 perm = self._channel_order(groups_of[key], cat, take, ref)
                 params = contract.add_params(self.lowered[gv])
                 a, o = ("a", "b") if side == 0 else ("b", "a")
@@ -339,6 +342,12 @@ class FPGACompiledModel:
                 skipped |= {b.var for b in (cat, take) if b is not None}
                 break
         return fused, skipped
+
+    def _reduction(self, bindings) -> int:
+        """Products per output of a conv layer (input channels x kernel taps)."""
+        func = self.lowered[bindings[0].value.args[0]]
+        kh, kw = _kernel_of(func)
+        return int(bindings[0].value.args[1].fields[0].ty.shape[1]) * kh * kw
 
     def _channel_order(self, groups, cat, take, ref) -> Optional[np.ndarray]:
         """``perm`` (channel ``c`` of ``take(cat)`` is channel ``perm[c]`` of ``cat``) when ``cat``
