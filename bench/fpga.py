@@ -28,7 +28,8 @@ Each design is compiled in both epilogue modes (``--requant``, default both):
   model before the boards' bus was derived), with the ALU taking turns with the GEMMs on
   the core's queue as in VTA (``alu_unit="core"``), or without residual buffers (each
   residual add a program of its own instead of fused into a convolution's epilogue,
-  ``res_buffer_kib=0``) (what-ifs);
+  ``res_buffer_kib=0``), or with the accumulators in two parts instead of three
+  (``acc_slots=2``, the same tiles) (what-ifs);
 * ``float``: the float epilogue runs on the host, the accelerator stores int32; variants
   "int32 write-back" (as compiled) and the what-ifs "8-bit write-back" (only the store bytes
   re-timed) and "8-bit write-back, 4x DRAM".
@@ -74,6 +75,7 @@ VARIANTS = {
         "int8 on chip, weight prefetch, split DRAM": {"prefetch": True, "dram_split": True},
         "int8 on chip, weight prefetch, ALU on the core's queue": {"prefetch": True, "alu_unit": "core"},
         "int8 on chip, weight prefetch, adds unfused": {"prefetch": True, "res_buffer_kib": 0},
+        "int8 on chip, weight prefetch, double-buffered accumulators": {"prefetch": True, "acc_slots": 2},
     },
 }
 

@@ -129,7 +129,7 @@ def update_boards(rows, tool: str):
         acc.update({"dsp_array": {"pixels": pix, "reduction": red}, "lut_array": {"pixels": lut_pix, "reduction": lut_red},
                     "luts_per_sp2_mac": per_sp2, "lut_overhead": overhead, "alu_lanes": lanes,
                     "dram_bytes_per_cycle": dram_bytes_per_cycle(board), "dram_bus": "shared",
-                    "alu_unit": "own", "res_buffer_kib": acc["acc_buffer_kib"] // 4})
+                    "alu_unit": "own", "res_buffer_kib": acc["acc_buffer_kib"] // 4, "acc_slots": 3})
         buffers = acc["inp_buffer_kib"] + 2 * (acc["wgt_buffer_kib"] + acc["acc_buffer_kib"] + acc["res_buffer_kib"])
         total_luts = lut_pix * lut_red * per_sp2 + overhead
         data["provenance"] = {
@@ -147,6 +147,10 @@ def update_boards(rows, tool: str):
                          f"within the DSPs the array leaves",
             "alu_unit": "own: each core's ALU is its own unit (own DSP48s, counted above) with its own queue, on one "
                         "accumulator half (its own BRAM bank) while the array fills the other",
+            "acc_slots": "3: the accumulator and residual buffers in three parts, so a core starts a tile while the two "
+                         "before it are in its ALU and its store (with two, a tile whose epilogue is long, e.g. a fused "
+                         "residual add's four ALU passes, holds up the next GEMM but one); python -m bench.fpga's "
+                         "'double-buffered accumulators' row times the same tiles with two",
             "res_buffer_kib": "a quarter of acc_buffer_kib: one 8-bit code of a fused residual add's other operand per "
                               f"int32 accumulator; BRAM: inp + 2 x (wgt + acc + res) = {buffers} KiB of "
                               f"{b['bram36'] * 4} KiB",

@@ -269,7 +269,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
     for gi, gemms, epi in order:
         g = groups[gi]
         core = g.core
-        acc_slot = n_acc[core] % 2
+        acc_slot = n_acc[core] % accel.acc_slots
         gemm_cls = GemmLUT if core == "lut" else GemmDSP
         for k, ev in enumerate(gemms):
             _, _, j = plan[p]
@@ -295,7 +295,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
             gwait = (f"load->{core}:data",)
             if first_reader[(j, core)] == p:
                 gwait += (f"load->{core}:inp",)
-            if k == 0 and n_acc[core] >= 2:
+            if k == 0 and n_acc[core] >= accel.acc_slots:
                 gwait += (f"store->{core}:acc",)
             signal = (f"{core}->load:wgt",)
             if last_reader.get((j, core)) == p:
@@ -310,7 +310,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
             if k == 0 and not ev.first:
                 raise ValueError(f"layer {layer!r}: a GEMM tile starts an accumulation mid-reduction")
             if k == 0 and residual is not None:  # the residual codes load (on the core's DMA queue) during the GEMMs
-                stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core]))
+                stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core], accel.acc_slots))
             n_wgt[core] += 1
             p += 1
         out_region = epi.writes[contract.OUT_BLOCK]
@@ -339,12 +339,13 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
     return stream
 
 
-def _res_load(layer: str, g: RowGroup, gi: int, epi: TileEvent, residual: Residual, core: str, n: int) -> Load:
+def _res_load(layer: str, g: RowGroup, gi: int, epi: TileEvent, residual: Residual, core: str, n: int,
+              slots: int) -> Load:
     """The LOAD of an output tile's residual codes (its channels shifted to the row group's place)."""
     (b, nb), (r0, nr), *pix = epi.writes[contract.OUT_BLOCK]
     region = ((b, nb), (residual.offsets[gi] + r0, nr), *pix)
-    return Load(buffer=f"res_{core}", tensor=residual.tensor, region=region, slot=n % 2, nbytes=region_size(region),
-                wait=(f"{core}->load:res",) if n >= 2 else (), signal=(f"load->{core}:res",), layer=layer)
+    return Load(buffer=f"res_{core}", tensor=residual.tensor, region=region, slot=n % slots, nbytes=region_size(region),
+                wait=(f"{core}->load:res",) if n >= slots else (), signal=(f"load->{core}:res",), layer=layer)
 
 
 def weight_levels(stored: np.ndarray, scheme_name: str, packed: bool) -> np.ndarray:

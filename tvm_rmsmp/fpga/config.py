@@ -5,7 +5,7 @@ One JSON file per board in ``tvm_rmsmp/fpga/boards/`` (like VTA's ``vta_config.j
     {"board": {"name", "part", "luts", "flip_flops", "dsps", "bram36", "clock_mhz"},
      "accelerator": {"dsp_array": {"pixels", "reduction"}, "dsp_products_4bit",
                      "lut_array": {"pixels", "reduction"}, "luts_per_sp2_mac", "lut_overhead",
-                     "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib", "res_buffer_kib",
+                     "inp_buffer_kib", "wgt_buffer_kib", "acc_buffer_kib", "res_buffer_kib", "acc_slots",
                      "dram_bytes_per_cycle", "dram_bus", "dma_latency_cycles", "gemm_pipeline_cycles",
                      "alu_lanes", "alu_unit"},
      "provenance": {...}}   # optional, not read: where each number comes from
@@ -113,6 +113,16 @@ class AcceleratorConfig:
     #: the accumulators (:func:`tvm_rmsmp.fpga.codegen.layer_stream`, ``residual``); 0: none,
     #: every residual add runs as a program of its own (:mod:`.eltwise`).
     res_buffer_kib: int = attrs.field(default=0, validator=_non_negative_int)
+    #: Parts the accumulator (and residual) buffer is split into: 2 is double buffering; 3 lets
+    #: a core start a tile while the two before it are in the ALU and the store.
+    acc_slots: int = attrs.field(default=2)
+
+    @acc_slots.validator
+    def _check_acc_slots(self, attribute, value):
+        from .isa import MAX_SLOTS
+
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_SLOTS:
+            raise ValueError(f"acc_slots must be an integer from 2 to {MAX_SLOTS}, got {value!r}")
     dram_bytes_per_cycle: int = attrs.field(default=8, validator=_positive_int)
     #: How reads and writes share the DRAM: ``"shared"``, one bus moving ``dram_bytes_per_cycle``
     #: in all, transfers served one after the other first come, first served (a DDR3 bus is
@@ -159,11 +169,11 @@ class AcceleratorConfig:
 
     @property
     def acc_slot_bytes(self) -> int:
-        return self.acc_buffer_kib * 1024 // 2
+        return self.acc_buffer_kib * 1024 // self.acc_slots
 
     @property
     def res_slot_bytes(self) -> int:
-        return self.res_buffer_kib * 1024 // 2
+        return self.res_buffer_kib * 1024 // self.acc_slots
 
     @property
     def dsp_slices(self) -> int:
@@ -191,10 +201,10 @@ class AcceleratorConfig:
             "acc_buffer_kib": 4 * max(self.dsp_array.pixels, self.lut_array.pixels),
         }
         for field, nbytes in need.items():
-            half = getattr(self, field) * 1024 // 2
+            half = getattr(self, field) * 1024 // (self.acc_slots if field == "acc_buffer_kib" else 2)
             if half < nbytes:
                 raise ValueError(
-                    f"{where}: {field}={getattr(self, field)} gives {half} bytes per buffer half, less than the "
+                    f"{where}: {field}={getattr(self, field)} gives {half} bytes per buffer part, less than the "
                     f"smallest tile ({nbytes} bytes)"
                 )
 

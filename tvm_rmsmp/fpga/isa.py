@@ -15,7 +15,8 @@ pushes one token to each channel in ``signal`` when it finishes. Channels are na
 ``"<from>-><to>:<what>"``, e.g. ``"load->dsp:data"`` (weight tile loaded), ``"load->dsp:inp"``
 (input tile loaded) or ``"dsp->load:wgt"`` (weight buffer half free again).
 
-On-chip buffers (each split in two halves, ``slot`` 0/1, for double buffering): ``inp``
+On-chip buffers (each split in two halves, ``slot`` 0/1, for double buffering; the accumulator
+and residual buffers in ``AcceleratorConfig.acc_slots`` parts): ``inp``
 (shared by both cores), ``wgt_lut``/``wgt_dsp``, ``acc_lut``/``acc_dsp`` (int32) and
 ``res_lut``/``res_dsp`` (8-bit codes: the other operand of a residual add fused into a layer's
 epilogue, where the accelerator has them, ``AcceleratorConfig.res_buffer_kib``).
@@ -46,9 +47,15 @@ def _region(value) -> Region:
     return tuple((int(a), int(b)) for a, b in value)
 
 
+#: The most parts a buffer is split into (``AcceleratorConfig.acc_slots``: the accumulators may
+#: have more than the two halves of double buffering).
+MAX_SLOTS = 4
+
+
 def _slot(instance, attribute, value):
-    if value not in (0, 1):
-        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be 0 or 1, got {value!r}")
+    if value not in range(MAX_SLOTS):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be a buffer part 0 .. {MAX_SLOTS - 1}, "
+                         f"got {value!r}")
 
 
 def _core(instance, attribute, value):
@@ -244,7 +251,7 @@ class Alu(Instruction):
 
     def __attrs_post_init__(self):
         if self.alu_op == "max_window":
-            if self.src_slot not in (0, 1) or self.src_slot == self.acc_slot or len(self.imm) != 4 or min(
+            if self.src_slot not in range(MAX_SLOTS) or self.src_slot == self.acc_slot or len(self.imm) != 4 or min(
                     int(v) for v in self.imm) < 1:
                 raise ValueError(f"ALU max_window needs src_slot, the other half than acc_slot, and imm (kh, kw, sh, "
                                  f"sw) of positive ints; got src_slot={self.src_slot!r}, imm={self.imm!r}")
@@ -257,7 +264,7 @@ class Alu(Instruction):
             raise ValueError(f"ALU clamp needs imm (lo, hi), int32, lo <= hi; got imm={self.imm!r}")
         if self.alu_op == "madd_shift":
             same_half = self.src_buffer == "acc" and self.src_slot == self.acc_slot
-            ok = (self.src_slot in (0, 1) and not same_half and len(self.imm) == 3
+            ok = (self.src_slot in range(MAX_SLOTS) and not same_half and len(self.imm) == 3
                   and all(0 <= int(v) < 2**15 for v in self.imm[:2]) and 0 <= int(self.imm[2]) <= 63)
             if not ok:
                 raise ValueError(f"ALU madd_shift needs src_slot (of the accumulator, the other half than acc_slot; "
