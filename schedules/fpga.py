@@ -131,7 +131,7 @@ def plan_tiles(func: tirx.PrimFunc, accel) -> Tuple[Optional[Dict[str, int]], st
                                 and tf * ty * ow * 4 <= accel.acc_slot_bytes):
                             return {"op": "conv2d", "tc": tc, "ty": ty, "tf": tf, "kh": kh, "kw": kw, "stride": s}, ""
         return None, (f"no tile of {x.shape} x {rows} rows fits the buffers (input half {accel.inp_slot_bytes} B, "
-                      f"weight half {accel.wgt_slot_bytes} B, accumulator half {accel.acc_slot_bytes} B)")
+                      f"weight half {accel.wgt_slot_bytes} B, accumulator part {accel.acc_slot_bytes} B)")
     m, k = (int(d) for d in x.shape)
     for rows_hint in (_ROWS_HINT, 1):
         for tk in _divisors_desc(k):

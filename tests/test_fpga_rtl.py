@@ -319,7 +319,7 @@ def test_fused_residual_epilogue_rtl_simulator_and_numpy_agree(rtl):
 def test_max_alu_and_max_window_equal_numpy(rtl):
     """Max-pooling on the ALU: the RTL's elementwise max (op ``max``, one per window tap) and the
     simulator's ``max_window`` program (:func:`tvm_rmsmp.fpga.eltwise.maxpool_stream`, row tiles
-    where a padded plane does not fit an accumulator half) against numpy."""
+    where a padded plane does not fit an accumulator part) against numpy."""
     from tvm_rmsmp.fpga.eltwise import MAXPOOL_PAD, maxpool_stream, maxpool_tiles
 
     rng = np.random.default_rng(12)

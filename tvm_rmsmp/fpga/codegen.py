@@ -373,7 +373,7 @@ def chain_streams(streams: Sequence[list]) -> list:
     * ``layer@<i>:<store queue>``: pushed by layer ``i``'s last STORE on each store queue,
       popped by layer ``i + 1``'s first input LOAD (or accumulator LOAD, for an element-wise
       program of :mod:`.eltwise`; a barrier: all of layer ``i``'s GEMMs, ALU ops and stores are
-      done, so its input and accumulator halves are free); that load pushes
+      done, so its input and accumulator parts are free); that load pushes
       ``barrier@<i + 1>->res_<core>`` for the first residual load on each core's queue;
     * ``<core>->load:wgt@<k>``: the (at most two) tokens that layer ``k``'s last GEMMs on a
       core push and no load of layer ``k`` pops; the next layer with weight loads on that core

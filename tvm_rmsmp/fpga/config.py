@@ -134,8 +134,8 @@ class AcceleratorConfig:
     gemm_pipeline_cycles: int = attrs.field(default=8, validator=_non_negative_int)
     alu_lanes: int = attrs.field(default=16, validator=_positive_int)
     #: ``"own"``: each core's ALU (``rtl/requant_alu.v``, its own DSP48s) is a unit with its own
-    #: instruction queue, working on one accumulator half while the GEMM array fills the other
-    #: (the halves are separate BRAM banks); ``"core"``: ALU instructions take turns with the
+    #: instruction queue, working on one accumulator part while the GEMM array fills another
+    #: (the parts are separate BRAM banks); ``"core"``: ALU instructions take turns with the
     #: core's GEMMs on one queue, as in VTA (the default, so older board files time as they did).
     alu_unit: str = attrs.field(default="core")
     #: Bytes written back per output: 4 (int32 ``acc + bias``; the host does the float

@@ -4,7 +4,7 @@ pooling of the integer-only mode.
 A residual add (:data:`relay_passes.contract.ADD_REQUANT`) reads two 8-bit code tensors and
 writes one: ``out = clamp((qa * ma + qb * mb + 2^(S-1)) >> S, qmin, qmax)``
 (:func:`tvm_rmsmp.quant.requant.requantize_add`). The tensors are streamed flat in tiles of at most
-``acc_slot_bytes / 4`` codes (an accumulator half of int32; the tile size the cycle model
+``acc_slot_bytes / 4`` codes (an accumulator part of int32; the tile size the cycle model
 finds fastest, see :func:`add_stream`). Per tile, on the DSP and LUT
 cores in turn (each core's ALU does every other tile, so one tile's store overlaps the next
 one's loads)::
@@ -26,7 +26,7 @@ mul_shift`` scales the sums by the pooling's multiplier and shift, and the store
 to the output codes (the classifier's input): no new hardware (:func:`pool_stream`).
 
 A max-pooling of codes (:data:`relay_passes.contract.MAXPOOL_CODES`) loads blocks of channels
-(or of rows, where a padded plane does not fit) of the padded codes into one accumulator half,
+(or of rows, where a padded plane does not fit) of the padded codes into one accumulator part,
 four to a word, and takes each window's max into the other (``ALU max_window``: the rows' max
 over ``kh`` taps on the packed words, four codes a lane, then the columns' over ``kw`` taps,
 one a lane; two-input maxes, the first of each taking two taps), then stores one byte per code; the DSP and LUT cores take the tiles in turn
@@ -231,7 +231,7 @@ MAXPOOL_PAD = -128
 def maxpool_tiles(shape, params, accel, cap: Optional[int] = None) -> Optional[list]:
     """``[(n, c0, cb, r0, rb)]``: the max-pooling's tiles (a batch item, a block of ``cb``
     channels from ``c0``, output rows ``r0 .. r0 + rb``) of at most ``cap`` input codes (default:
-    an accumulator half), or None when one output row's window rows do not fit."""
+    an accumulator part), or None when one output row's window rows do not fit."""
     n, c, h, w = (int(d) for d in shape)
     (kh, kw), (sh, sw), (ph, pw) = (params[k] for k in ("kernel", "stride", "padding"))
     hp, wp = h + 2 * ph, w + 2 * pw
@@ -274,7 +274,7 @@ def maxpool_stream(name: str, shape, params, accel, cap: Optional[int] = None) -
     tiles = maxpool_tiles(shape, params, accel, cap)
     if tiles is None or any(4 * cb * rb * ow > accel.acc_slot_bytes for _, _, cb, _, rb in tiles):
         raise ValueError(f"max-pooling {name!r}: the window rows of one output row, or its outputs, do not fit an "
-                         f"accumulator half")
+                         f"accumulator part")
     stream: list = []
     for i, (b, c0, cb, r0, rb) in enumerate(tiles):
         core = ("dsp", "lut")[i % 2]

@@ -115,7 +115,7 @@ class Load(Instruction):
     region: Region = attrs.field(converter=_region)
     slot: int = attrs.field(validator=_slot)
     nbytes: int = attrs.field(default=0)
-    #: into an accumulator half: the codes stay four to a 32-bit word (a max-pooling's input,
+    #: into an accumulator part: the codes stay four to a 32-bit word (a max-pooling's input,
     #: for the ALU's packed row pass) instead of one widened code per word
     packed: bool = attrs.field(default=False)
 
@@ -212,7 +212,7 @@ class Alu(Instruction):
     ``bias``/``mult``/``shift`` name constant vectors (DRAM tensors fetched with the
     instruction stream) and the first row of the tile.
 
-    madd_shift (a residual add, :mod:`.eltwise`): two accumulator halves of the core,
+    madd_shift (a residual add, :mod:`.eltwise`): two accumulator parts of the core,
     ``acc[acc_slot] = (acc[acc_slot] * ma + acc[src_slot] * mb + 2^(S-1)) >> S`` with the
     immediates ``imm = (ma, mb, S)`` (16-bit multipliers, a 6-bit shift), element by element;
     with ``src_buffer="res"`` the second operand is half ``src_slot`` of the core's residual
