@@ -310,7 +310,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
             if k == 0 and not ev.first:
                 raise ValueError(f"layer {layer!r}: a GEMM tile starts an accumulation mid-reduction")
             if k == 0 and residual is not None:  # the residual codes load (on the core's DMA queue) during the GEMMs
-                stream.append(_res_load(layer, g, gi, epi, residual, core, n_acc[core], accel.acc_slots))
+                stream.append(_res_load(layer, gi, epi, residual, core, n_acc[core], accel.acc_slots))
             n_wgt[core] += 1
             p += 1
         out_region = epi.writes[contract.OUT_BLOCK]
@@ -330,7 +330,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
                               signal=done, layer=layer))
             clamp = tuple(residual.clamp)
         out_bytes = 1 if g.requant else accel.store_bytes_per_output
-        # with a residual, the store (after the madd_shift that read the residual half) frees that half
+        # with a residual, the store (after the madd_shift that read the residual part) frees that part
         # for the next residual load: so the store, which the next GEMM waits for, goes on the bus first
         stream.append(Store(core=core, slot=acc_slot, tensor=g.output, region=out_region,
                             nbytes=out_bytes * elements, wait=done, layer=layer, clamp=clamp,
@@ -339,8 +339,7 @@ def layer_stream(layer: str, x_name: str, groups: Sequence[RowGroup], accel, res
     return stream
 
 
-def _res_load(layer: str, g: RowGroup, gi: int, epi: TileEvent, residual: Residual, core: str, n: int,
-              slots: int) -> Load:
+def _res_load(layer: str, gi: int, epi: TileEvent, residual: Residual, core: str, n: int, slots: int) -> Load:
     """The LOAD of an output tile's residual codes (its channels shifted to the row group's place)."""
     (b, nb), (r0, nr), *pix = epi.writes[contract.OUT_BLOCK]
     region = ((b, nb), (residual.offsets[gi] + r0, nr), *pix)

@@ -339,7 +339,7 @@ class FPGACompiledModel:
                                 out_var=b.var, other=args[1 - side], scale_other=params[f"scale_{o}"], perm=perm,
                                 residual=residual)
                 fused[b.var] = (key, info, side)
-                skipped |= {b.var for b in (cat, take) if b is not None}
+                skipped |= {x.var for x in (cat, take) if x is not None}
                 break
         return fused, skipped
 
