@@ -20,7 +20,7 @@ dataflow (``exe.profile(accelerator=...)``):
 Each design is compiled in both epilogue modes (``--requant``, default both):
 
 * ``fixed_point`` (``RMSMPConfig(requant="fixed_point")``, the issue's integer mode): the ALU
-  requantizes on chip (``add_bias``, ``mul_shift``) and every layer stores 8-bit codes;
+  requantizes on chip (the bias starts the accumulation, ``mul_shift``) and every layer stores 8-bit codes;
   variants "int8 on chip" (what the compiled model runs, layer after layer), "int8 on chip,
   weight prefetch" (the same streams chained into one program, each layer's weight loads
   overlapping the previous layer: ``exe.profile(prefetch=True)``), and that with 4x the DRAM

@@ -1,5 +1,5 @@
 """The FPGA model in the integer-only mode (RMSMPConfig(requant="fixed_point")): the ALU
-requantizes on chip (add_bias, mul_shift), the store saturates to 8-bit codes, and the
+requantizes on chip (the bias in the first GEMM, mul_shift), the store saturates to 8-bit codes, and the
 simulated model equals the torch reference bit for bit."""
 
 import warnings
