@@ -865,8 +865,9 @@ AMX_NOTES = [
     "thread, VNNI convolutions vs AMX ones: batch 1 25.4 -> 4.9 ms, batch 8 206.2 -> 45.8 ms",
     "(`python -m bench.amx_conv --model --batch 1 8`, 2026-12-06, CPU time; it also times every conv",
     "shape: at batch 8 the stem 2.3x, the others 5.1-13.2x).",
-    "`RMSMP_AMX=0` at compile time builds without AMX; a kernel call where the OS refuses the tile state",
-    "(`arch_prctl(ARCH_REQ_XCOMP_PERM)`) fails saying so.",
+    "`RMSMP_AMX=0` at compile time builds without AMX. Where the OS refuses the process the tile state",
+    "(`arch_prctl(ARCH_REQ_XCOMP_PERM)`), a build for this CPU warns and takes the VNNI kernels instead (the",
+    "runs named \"VNNI path\" below), and a kernel built for AMX elsewhere fails saying so.",
     "",
 ]
 
