@@ -838,10 +838,11 @@ REFUSED_NOTES = [
     "contender started, a seccomp filter (`bench/refuse_amx.py`) made the OS answer every process's request",
     "for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`) with EPERM, as a",
     "kernel without AMX support would. Every contender asks before using the tile unit and falls back to",
-    "AVX-512 VNNI when refused: tvm-rmsmp's `schedules/x86_amx.py` (its kernels then `x86-avx512vnni-*`),",
-    "oneDNN in torch (`ONEDNN_VERBOSE=1` reports `isa:Intel AVX 10.1` instead of `... and Intel AMX ...`)",
-    "and ONNX Runtime's MLAS (an int8 GEMM 128 x 768 x 3072, one thread: 319 GMAC/s refused, 713 granted,",
-    "`tests/test_refuse_amx.py` checks its results). Same silicon, caches and clocks as the AMX runs.",
+    "AVX-512 VNNI when refused: tvm-rmsmp (`schedules/x86_amx.py` warns; its kernels are then",
+    "`x86-avx512vnni-*`), oneDNN in torch (`ONEDNN_VERBOSE=1` names the ISA `Intel AVX 10.1` instead of",
+    "`Intel AVX10.1 and Intel AMX ...`) and ONNX Runtime's MLAS (`python -m bench.refuse_amx` times both",
+    "peers' int8 GEMMs granted and refused; `tests/test_refuse_amx.py` checks their results and ours under",
+    "the filter). Same silicon, caches and clocks as the AMX runs; a VNNI-only CPU may differ in all three.",
 ]
 
 #: How the AMX runs' dense layers are computed (rendered under a CPU whose runs had AMX-INT8)
@@ -921,9 +922,9 @@ def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
             lines += [""] + AMX_NOTES[:-1]
         lines += ["", "Goals of issue 22 on this CPU (the issue asks them at 2 threads): tvm-rmsmp ms, its speedup over",
                   "the contender compared with, met or not, per thread count."
-                  + (" Of a VNNI-only host the issue asks the batch-128 rows (FFN and the three dense layers) and"
-                     " batch 1; the BERT layer, MiniLM and ResNet-18 goals are asked of an AMX host and are shown"
-                     " for reference." if refused else ""), "",
+                  + (" Of a VNNI-only host the issue asks the batch-128 rows (FFN and the three dense layers); the"
+                     " BERT layer and MiniLM goals are asked of an AMX host (shown for reference); ResNet-18 at"
+                     " batch 8 and the FFN at batch 1 without naming a host." if refused else ""), "",
                   "| goal | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
                   "|---|" + "---|" * len(threads)]
         for what, wl, against, least in GOALS:
