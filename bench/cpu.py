@@ -1126,6 +1126,8 @@ def markdown(report: Dict[str, object], others: Optional[Dict[str, Dict[str, obj
               "tiles in the VNNI layout, activations as the other tile operand (`tdpbusd` / `tdpbssd`), 2 x 2",
               "int32 accumulator tiles over the whole reduction, the epilogue on AVX-512 vectors; and each",
               "conv layer `x86-amx-conv-layer` (`schedules/x86_amx_conv.py`, an implicit GEMM).",
+              "Without AMX, each conv layer of a static batch of two or more images runs one",
+              "`x86-avx512vnni-conv-layer` kernel over all its rows, decoded to int8 at compile time.",
               "`exe.stats['cpu_kernels']` counts the kernels of each kind.",
               "Tuning: on a CPU with AVX2 or AVX-512 every row group is one of these hand-written kernels, which",
               "have no tuning space, so `rmsmp.tune` finds nothing to tune (it warns and returns) and a tuned",
