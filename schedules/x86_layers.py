@@ -34,9 +34,11 @@ On AVX-512 VNNI without AMX (absent, ``RMSMP_AMX=0``, or refused by the OS) a co
 static batch of two or more images is one kernel too (``x86-avx512vnni-conv-layer``): the int8
 rows' :func:`~schedules.x86_intrin.gemm_kernel` (per-tap GEMMs over channel-last activations,
 or an im2col in tap order for the 3-channel stem) over all its rows, decoded to int8 at compile
-time in the graph's order (:func:`_vnni_conv_build`). ResNet-18 at batch 8, one thread: 190 ->
-140 ms (``RMSMP_AMX=0 python -m bench.profile_model --batch 8``, the AMX Xeon, load about 2;
-the stem alone 31 -> about 8 ms). One image keeps a kernel per row group.
+time in the graph's order (:func:`_vnni_conv_build`), on 512-bit MACs where the channels fill
+64-byte steps. ResNet-18 at batch 8, one thread: 190 ms with a kernel per row group, 140 with
+one per layer, 124 with 512-bit MACs (``RMSMP_AMX=0 python -m bench.profile_model --batch 8``,
+the AMX Xeon, load about 2; the stem alone 31 -> about 8 ms). One image keeps a kernel per row
+group.
 """
 
 from __future__ import annotations
@@ -145,8 +147,10 @@ def _vnni_conv_build(layer: ConvLayer, order: Sequence[Tuple[int, int]], cores: 
     key = ("vnni-conv", conv, len(order), layer.x_dtype)
 
     def make():
+        # 512-bit MACs where the channels fill 64-byte steps: ResNet-18's 3x3 convs at batch 8, one
+        # thread, 64 @56 7.45 -> 6.71 ms, 128 @28 6.13 -> 5.00, 256 @14 5.74 -> 3.89, 512 @7 5.13 -> 3.45
         kernel = gemm_kernel(conv.m, conv.k, len(order), layer.x_dtype, None, "avx512vnni", conv=conv, num_cores=cores,
-                             taps_first=True, cpu=cpu)
+                             taps_first=True, cpu=cpu, vec=64 if c % 64 == 0 else None)
         return _with_attrs(kernel, schemes, "x86-avx512vnni-conv-layer").with_attr(contract.OP, "conv2d")
 
     # the layout the kernel reads: taps first (per-tap GEMMs), or the columns of its im2col (tap order)
