@@ -7,6 +7,8 @@ Run from the repository root::
     python -m bench.layer_kernels --passes        # one pass of each tiling in this CPU's pass_us
     python -m bench.layer_kernels --amx           # and the AMX layer kernel (where the host has AMX-INT8)
     python -m bench.layer_kernels --amx --cpu-time --rows 8 10 12 16   # CPU time: steadier on a shared machine
+    python -m bench.layer_kernels --int8 --cpu-time --rows 32 128      # and the compile-time int8 layer kernel
+    python -m bench.layer_kernels --peak --threads 2   # AVX-512 VNNI: vpdpbusd's peak MAC rate on this CPU
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
@@ -47,6 +49,54 @@ def _layer(k: int, n: int, rng):
     return groups, [tuple(o) for o in order]
 
 
+def vnni_peak(target, threads: int, chains: int = 24, iters: int = 200000) -> float:
+    """MACs per second of 512-bit ``vpdpbusd`` alone on ``threads`` threads: each thread
+    updates ``chains`` independent register accumulators (enough to hide the latency on two
+    ports) ``iters`` times; the fastest of 7 calls. What a GEMM kernel's MAC rate is measured
+    against: the clock /proc/cpuinfo states need not be the one the cores run at."""
+    import time
+
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    lanes = chains * 16
+
+    @T.prim_func(private=True)
+    def peak(a: T.Buffer((64,), "int8"), out: T.Buffer((threads, lanes), "int32"), n: T.int32):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((lanes,), "int32", scope="local")
+            for i in T.unroll(lanes):
+                acc[i] = 0
+            for _ in range(n):
+                for j in T.unroll(chains):
+                    acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc[T.ramp(j * 16, 1, 16)],
+                        a[T.ramp(0, 1, 64)], a[T.ramp(0, 1, 64)], dtype="int32x16")
+            for i in T.unroll(lanes):
+                out[t, i] = acc[i]
+
+    fn = tvm.compile(tvm.IRModule({"main": peak.with_attr("global_symbol", "main")}), target=target).mod["main"]
+    a = tvm.runtime.tensor(np.arange(64, dtype=np.int8))
+    out = tvm.runtime.tensor(np.zeros((threads, lanes), np.int32))
+    fn(a, out, iters)
+    best = float("inf")
+    for _ in range(7):
+        start = time.perf_counter()
+        fn(a, out, iters)
+        best = min(best, time.perf_counter() - start)
+    return threads * iters * chains * 64 / best
+
+
+def _cpuinfo_mhz() -> float:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return float(next(line for line in fh if line.startswith("cpu MHz")).split(":")[1])
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 20, 24, 32])
@@ -56,6 +106,10 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
     ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (least of 7 runs; "
                     "one thread only): steadier than wall-clock medians on a machine shared with other jobs")
+    ap.add_argument("--peak", action="store_true", help="AVX-512 VNNI: measure vpdpbusd's peak MAC rate on --threads "
+                    "threads, next to the formula cores x clock (/proc/cpuinfo) x 2 ports x 64")
+    ap.add_argument("--int8", action="store_true", help="AVX-512 VNNI: also time x86_intrin.layer_int8_kernel (rows "
+                    "decoded to int8 at compile time; what static batches past the batch-1 kernel run)")
     ap.add_argument("--amx", action="store_true", help="also time the AMX layer kernel (schedules.x86_amx), where "
                     "the host has AMX-INT8: AMX_MIN_ROWS is chosen from it")
     args = ap.parse_args(argv)
@@ -68,7 +122,14 @@ def main(argv=None) -> int:
     from tvm.target.codegen import target_has_features
 
     from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
-    from schedules.x86_intrin import broadcast_dense_kernel, layer_dense_kernel, layer_weights, x86_isa
+    from schedules.x86_intrin import (
+        broadcast_dense_kernel,
+        layer_dense_kernel,
+        layer_int8_kernel,
+        layer_int8_weights,
+        layer_weights,
+        x86_isa,
+    )
     from schedules.x86_tuning_table import X86_CONSTANTS, x86_constants
     from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
 
@@ -125,6 +186,16 @@ def main(argv=None) -> int:
             total += timed(func, [x, *consts, np.zeros((m, n), np.float32)])
         return total
 
+    if args.peak:
+        if isa != "avx512vnni":
+            print(f"--peak: needs AVX-512 VNNI; this CPU's x86 kernels are {isa}")
+            return 1
+        mhz = _cpuinfo_mhz()
+        measured = vnni_peak(target, args.threads)
+        print(f"/proc/cpuinfo clock {mhz:.0f} MHz: {args.threads} x {mhz / 1e3:.2f} GHz x 2 ports x 64 = "
+              f"{args.threads * mhz * 1e6 * 128 / 1e9:.0f} GMAC/s; vpdpbusd (512-bit) measured: {measured / 1e9:.0f} GMAC/s "
+              f"({measured / 128 / args.threads / 1e9:.2f} GHz if two per cycle)")
+        return 0
     if args.passes:
         print(f"constants row: {row}")
         print(f"{'byte rows/block':>15} {'rows/pass':>9} {'us/pass':>9} {'pass_us':>9}")
@@ -155,10 +226,12 @@ def main(argv=None) -> int:
 
     other = "layer" if isa == "avx512vnni" else "groups"
     narrow = args.narrow and isa == "avx512vnni"
+    int8 = args.int8 and isa == "avx512vnni"
     print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}" + (f" {'layer256':>9}" if narrow else "")
+          + (f" {'int8':>9} {'int8/layer':>10}" if int8 else "")
           + (f" {'amx':>9} {'amx/best':>9}" if amx else ""))
     for m in args.rows:
-        total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0, "layer256": 0.0}
+        total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0, "layer256": 0.0, "int8": 0.0}
         for k, n, groups, order in layers:
             if isa != "avx512vnni":
                 total[other] += row_groups(m, k, groups)
@@ -170,12 +243,21 @@ def main(argv=None) -> int:
             args_ = [x, *layer_weights(order, groups, [0, 1, -1], k), bias.astype(np.int32), scale,
                      np.zeros((m, n), np.float32)]
             total[other] += timed(func, args_)
+            if int8:  # every row decoded at compile time, as x86_layers builds static batches
+                decoded = [nibble_decode(unpack_nibbles(groups[0], k), get_scheme("sp2_4")),
+                           nibble_decode(unpack_nibbles(groups[1], k), get_scheme("fixed_4")), groups[2]]
+                w = np.stack([decoded[g][r] for g, r in order]).astype(np.int8)
+                total["int8"] += timed(layer_int8_kernel(m, k, n, "int8", num_cores=args.threads, cpu=cpu),
+                                       [x, layer_int8_weights(w, "int8"), bias.astype(np.int32), scale,
+                                        np.zeros((m, n), np.float32)])
             if narrow:  # the 256-bit MAC form of the same kernel
                 total["layer256"] += timed(layer_dense_kernel(m, k, n, "int8", [sp2, fixed4], n8, num_cores=args.threads,
                                                               vbmi=vbmi, cpu=cpu, wide=False), args_)
         line = f"{m:>5} {total['gemv'] * 1e6:>9.1f} {total[other] * 1e6:>9.1f} {total[other] / total['gemv']:>10.2f}x"
         if narrow:
             line += f" {total['layer256'] * 1e6:>9.1f}"
+        if int8:
+            line += f" {total['int8'] * 1e6:>9.1f} {total['int8'] / total[other]:>9.2f}x"
         if amx:
             t_amx = amx_layers(m)
             line += f" {t_amx * 1e6:>9.1f} {t_amx / min(total['gemv'], total[other]):>8.2f}x"

@@ -9,7 +9,7 @@ not fold it, a gather restoring the model's row order::
     y = take(c, inverse, axis=-1)                  # where the order could not be folded
                                                    # (also through reshapes keeping axis -1 last)
 
-Where the target's kernels take convolutions (``LayerKernels.convs``; x86 with AMX-INT8), the
+Where the target's kernels take convolutions (``LayerKernels.convs``; x86 with AVX-512 VNNI), the
 row groups of a conv2d layer joined by a concatenation along the channels become one kernel
 too (:class:`~relay_passes.contract.ConvLayer`, outputs in the concatenation's order).
 

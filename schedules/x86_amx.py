@@ -35,7 +35,11 @@ with :data:`AMX_REFUSED`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
+import warnings
 from typing import Tuple
 
 import numpy as np
@@ -44,8 +48,9 @@ from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
 from .x86_bounds import activation_range, check_accumulators, describe, operand_range
+from .x86_intrin import TargetFeatureWarning
 
-__all__ = ["AMX_MIN_ROWS", "AMX_REFUSED", "amx_enabled", "amx_dense_kernel", "amx_weights"]
+__all__ = ["AMX_MIN_ROWS", "AMX_REFUSED", "amx_enabled", "amx_dense_kernel", "amx_weights", "os_grants_amx"]
 
 #: Fewest activation rows for which the AMX kernel replaces the VNNI ones (the batch-1 layer
 #: kernel up to here): both BERT FFN layers, SP2-4 : Fixed-4 : Fixed-8 rows 60:35:5, one thread,
@@ -55,21 +60,56 @@ __all__ = ["AMX_MIN_ROWS", "AMX_REFUSED", "amx_enabled", "amx_dense_kernel", "am
 #: streams the layer's int8 weights (4.7 MB).
 AMX_MIN_ROWS = 12
 
+#: What the OS did (a kernel call's error and :func:`amx_enabled`'s warning)
+AMX_OS_REFUSED = "AMX: the OS refused the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)"
 #: The error a kernel call raises where the OS refuses the tile state
-AMX_REFUSED = ("AMX: the OS refused the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); "
-               "rebuild without AMX: RMSMP_AMX=0, or a target without it (mattr '-amx-int8')")
+AMX_REFUSED = f"{AMX_OS_REFUSED}; rebuild without AMX: RMSMP_AMX=0, or a target without it (mattr '-amx-int8')"
 
 MB, NB, KB = 32, 32, 64  # a block of outputs (2 x 2 tiles of 16 x 16) and a reduction step
 
 
 def amx_enabled(target) -> bool:
     """Whether ``target`` gets the AMX kernels: x86 with ``amx-int8``, ``amx-tile`` and
-    AVX-512 (the epilogue), unless the environment says ``RMSMP_AMX=0``."""
+    AVX-512 (the epilogue), unless the environment says ``RMSMP_AMX=0``; and, for a target
+    naming this machine's CPU (what ``resolve_target("llvm")`` gives), only where the OS
+    grants this process the tile state (:func:`os_grants_amx`): refused, the layers get the
+    AVX-512 VNNI kernels and a :class:`~schedules.x86_intrin.TargetFeatureWarning` says so.
+    A target naming another CPU (``mcpu`` ``sapphirerapids``) is built for as asked."""
     if os.environ.get("RMSMP_AMX", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if target.kind.name != "llvm":
         return False
-    return all(bool(target_has_features(f, target)) for f in ("amx-int8", "amx-tile", "avx512f", "avx512bw"))
+    if not all(bool(target_has_features(f, target)) for f in ("amx-int8", "amx-tile", "avx512f", "avx512bw")):
+        return False
+    if _names_this_cpu(target) and not os_grants_amx():
+        warnings.warn(f"{AMX_OS_REFUSED}: the AMX kernels are left out, the AVX-512 VNNI ones run instead (a target "
+                      "naming another CPU, e.g. mcpu 'sapphirerapids', still gets them)", TargetFeatureWarning,
+                      stacklevel=2)
+        return False
+    return True
+
+
+def _names_this_cpu(target) -> bool:
+    """Whether ``target`` is for this machine: LLVM's name of this CPU, no foreign triple."""
+    from tvm.target import codegen
+
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if (triple and not triple.startswith("x86_64")) or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return str(target.attrs.get("mcpu", "") or "") == str(codegen.llvm_get_system_cpu())
+
+
+@functools.lru_cache(maxsize=None)
+def os_grants_amx() -> bool:
+    """Whether Linux grants this process the AMX tile state: ``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``, the request every kernel call makes (granted, it stays granted;
+    refused, by an old kernel or a seccomp filter such as ``bench/refuse_amx.py``, it stays
+    refused, hence the cache). True off Linux x86-64, where there is nothing to ask."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return True
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc.syscall(ctypes.c_long(158), ctypes.c_long(0x1023), ctypes.c_long(18)) == 0
 
 
 def _padded(m: int, k: int, n: int) -> Tuple[int, int, int]:

@@ -11,9 +11,15 @@ three kernel launches. The kernel:
 * up to :func:`~schedules.x86_gemv.gemv_max_rows` activation rows (batch 1, small batches):
   :func:`~schedules.x86_gemv.gemv_layer_kernel`, two rows' codes per byte, decoded in
   registers, since there the vector operations per weight byte are the bound;
-* more rows (VNNI): :func:`~schedules.x86_intrin.layer_dense_kernel`: the groups are decoded
-  to int8 once per call, into one matrix in output order, then one outer-product GEMM. (On
-  AVX2 such layers keep a kernel per row group, the outer-product one.)
+* more rows (VNNI): one outer-product GEMM on 512-bit ``vpdpbusd``, outputs in the graph's
+  order. A static number of rows: :func:`~schedules.x86_intrin.layer_int8_kernel`, every row
+  decoded to int8 at compile time and laid out per register tile (one byte per weight, as on
+  AMX); a dynamic batch: :func:`~schedules.x86_intrin.layer_dense_kernel`, the packed rows
+  decoded per call. Both BERT FFN layers, 60:35:5 rows, one thread, CPU time: 24 rows 339
+  against 485 us (the batch-1 kernel 440), 32 rows 445 against 568, 128 rows 1609 against
+  1728 (``RMSMP_AMX=0 python -m bench.layer_kernels --int8 --cpu-time --rows 24 32 128``, the
+  AMX Xeon, LLVM rocketlake, machine shared: load 2-3). (On AVX2 such layers keep a kernel per
+  row group, the outer-product one.)
 
 With AMX-INT8 the dense layers from :data:`~schedules.x86_amx.AMX_MIN_ROWS` rows on run
 :func:`~schedules.x86_amx.amx_dense_kernel`, and the conv2d layers too become one kernel each
@@ -23,6 +29,16 @@ compile time, so the activations are staged once per layer instead of once per r
 16-row tiles are not padded per group and the concatenation goes away (ResNet-18's 64 -> 64
 3x3 conv at batch 8, one thread: 1.86 ms for a kernel per row group, 1.04 for one per layer;
 the whole model 66.1 -> 54.0 ms; ``python -m bench.amx_conv --model``).
+
+On AVX-512 VNNI without AMX (absent, ``RMSMP_AMX=0``, or refused by the OS) a conv layer of a
+static batch of two or more images is one kernel too (``x86-avx512vnni-conv-layer``): the int8
+rows' :func:`~schedules.x86_intrin.gemm_kernel` (per-tap GEMMs over channel-last activations,
+or an im2col in tap order for the 3-channel stem) over all its rows, decoded to int8 at compile
+time in the graph's order (:func:`_vnni_conv_build`), on 512-bit MACs where the channels fill
+64-byte steps. ResNet-18 at batch 8, one thread: 190 ms with a kernel per row group, 140 with
+one per layer, 124 with 512-bit MACs (``RMSMP_AMX=0 python -m bench.profile_model --batch 8``,
+the AMX Xeon, load about 2; the stem alone 31 -> about 8 ms). One image keeps a kernel per row
+group.
 """
 
 from __future__ import annotations
@@ -54,7 +70,18 @@ from .x86_gemv import (
     gemv_layer_weights,
     gemv_max_rows,
 )
-from .x86_intrin import ConvGeometry, layer_dense_bounds, layer_dense_kernel, layer_weights, x86_isa
+from .x86_intrin import (
+    ConvGeometry,
+    gemm_kernel,
+    layer_dense_bounds,
+    layer_dense_kernel,
+    layer_int8_kernel,
+    layer_int8_weights,
+    layer_weights,
+    tap_order_weights,
+    taps_first_weights,
+    x86_isa,
+)
 from .x86_tuning_table import target_cpu
 
 __all__ = ["x86_layer_kernels"]
@@ -79,17 +106,68 @@ def _accepts_conv(layer: ConvLayer) -> bool:
     return amx_conv_applies(conv, n) and conv.k <= max_k(activation_range(layer.x_dtype), INT8_RANGE)
 
 
-def _amx_conv_build(layer: ConvLayer, order: Sequence[Tuple[int, int]], cores: int):
-    """:func:`_build` for a conv layer (:mod:`schedules.x86_amx_conv`): every row decoded to int8
-    at compile time, one weight tensor in output order; the activations staged once per call
-    for all the layer's rows (three times, one kernel per row group)."""
-    conv, schemes = _conv_geometry(layer), [g[0] for g in layer.groups]
+def _accepts_vnni_conv(layer: ConvLayer) -> bool:
+    """Whether the VNNI conv layer kernel computes the conv layer (no AMX): what
+    :func:`_accepts_conv` asks of the layer, a static batch of at least two images (batch 1
+    keeps its row groups' kernels), and input channels that fill whole 32-byte steps (the
+    per-tap GEMMs over channel-last activations) or no dilation along the width (an im2col in
+    tap order: the 3-channel stem)."""
+    if not all(isinstance(d, int) for d in layer.x_shape) or any(int(p) for p in layer.padding) \
+            or layer.x_dtype not in ("uint8", "int8") or layer.x_shape[0] < 2 \
+            or (layer.x_shape[1] % 32 and int(layer.dilation[1]) != 1):
+        return False
+    for (scheme, w, _, _), packed in zip(layer.groups, layer.packed):
+        if not packed and (get_scheme(scheme).kind != "fixed" or w.dtype != np.int8):
+            return False
+    return _conv_geometry(layer).k <= max_k(activation_range(layer.x_dtype), INT8_RANGE)
+
+
+def _conv_rows(layer: ConvLayer, order: Sequence[Tuple[int, int]]):
+    """``(weights [n, C, kh, kw] int8, bias, scale)`` in output order, every row decoded to int8."""
+    conv = _conv_geometry(layer)
     c, kh, kw = conv.channels, conv.kh, conv.kw
     decoded = [nibble_decode(unpack_nibbles(w, c * kh * kw), get_scheme(scheme)).astype(np.int8).reshape(-1, c, kh, kw)
                if packed else w for (scheme, w, _, _), packed in zip(layer.groups, layer.packed)]
     weights = np.stack([decoded[gi][r] for gi, r in order]).astype(np.int8)
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
+    return weights, bias, scale
+
+
+def _vnni_conv_build(layer: ConvLayer, order: Sequence[Tuple[int, int]], cores: int, cpu: Optional[str]):
+    """:func:`_build` for a conv layer on VNNI without AMX: the int8 rows' per-tap GEMM kernel
+    (:func:`~schedules.x86_intrin.gemm_kernel`) over all the layer's rows, decoded to int8 at
+    compile time in output order and reordered taps first: the activations staged once per
+    call instead of once per row group, no concatenation. ResNet-18's 3x3 convolutions at batch
+    8, one thread, CPU time, one kernel vs the three groups' (60:35:5): 64 -> 64 @56 7.7 vs 11.9
+    ms, 128 @28 6.3 vs 8.2, 256 @14 6.2 vs 7.7, 512 @7 5.6 vs 6.2 (the AMX Xeon, AMX off)."""
+    conv, schemes = _conv_geometry(layer), [g[0] for g in layer.groups]
+    c, kh, kw = conv.channels, conv.kh, conv.kw
+    weights, bias, scale = _conv_rows(layer, order)
+    key = ("vnni-conv", conv, len(order), layer.x_dtype)
+
+    def make():
+        # 512-bit MACs where the channels fill 64-byte steps: ResNet-18's 3x3 convs at batch 8, one
+        # thread, 64 @56 7.45 -> 6.71 ms, 128 @28 6.13 -> 5.00, 256 @14 5.74 -> 3.89, 512 @7 5.13 -> 3.45
+        kernel = gemm_kernel(conv.m, conv.k, len(order), layer.x_dtype, None, "avx512vnni", conv=conv, num_cores=cores,
+                             taps_first=True, cpu=cpu, vec=64 if c % 64 == 0 else None)
+        return _with_attrs(kernel, schemes, "x86-avx512vnni-conv-layer").with_attr(contract.OP, "conv2d")
+
+    # the layout the kernel reads: taps first (per-tap GEMMs), or the columns of its im2col (tap order)
+    tap_order = make().attrs.get(contract.WEIGHT_TAP_ORDER)
+    laid_out = (taps_first_weights(weights, c, kh, kw) if tap_order is None
+                else tap_order_weights(weights, c, kh, kw, int(tap_order[3])))
+    name = f"rmsmp_conv2d_layer_{conv.batch}x{c}x{conv.height}x{conv.width}_{kh}x{kw}s{conv.strides[0]}x{len(order)}"
+    return key, name, make, [(laid_out, "int8"), (bias, "int32"), (scale, "float32")]
+
+
+def _amx_conv_build(layer: ConvLayer, order: Sequence[Tuple[int, int]], cores: int):
+    """:func:`_build` for a conv layer (:mod:`schedules.x86_amx_conv`): every row decoded to int8
+    at compile time, one weight tensor in output order; the activations staged once per call
+    for all the layer's rows (three times, one kernel per row group)."""
+    conv, schemes = _conv_geometry(layer), [g[0] for g in layer.groups]
+    c, kh, kw = conv.channels, conv.kh, conv.kw
+    weights, bias, scale = _conv_rows(layer, order)
     fold = amx_conv_folds(conv)
     plan = AmxConvPlan(conv.batch, c, conv.height, conv.width, kh, kw, *conv.strides, len(order), fold)
     key = ("amx-conv", plan, layer.x_dtype)
@@ -109,7 +187,7 @@ def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional
     activation rows (None: any), a reduction within the kernel's integer bounds. A conv layer
     (:class:`~relay_passes.contract.ConvLayer`): only on AMX (:func:`_accepts_conv`)."""
     if isinstance(layer, ConvLayer):
-        return amx and _accepts_conv(layer)
+        return _accepts_conv(layer) if amx else isa == "avx512vnni" and _accepts_vnni_conv(layer)
     tables = {scheme for (scheme, _, _, _), packed in zip(layer.groups, layer.packed) if packed}
     for (scheme, w, _, _), packed in zip(layer.groups, layer.packed):
         if not packed and (get_scheme(scheme).kind != "fixed" or w.dtype != np.int8):
@@ -191,16 +269,39 @@ def _with_attrs(kernel: tvm.tirx.PrimFunc, schemes: Sequence[str], cpu_kernel: s
     return kernel
 
 
-def _amx_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int):
-    """:func:`_build` on AMX (:mod:`schedules.x86_amx`): every row decoded to int8 at compile
-    time, one matrix in output order, laid out in tiles."""
-    m, k = (int(d) for d in layer.x_shape)
-    n, schemes = len(order), [g[0] for g in layer.groups]
+def _decoded(layer: DenseLayer, order: Sequence[Tuple[int, int]]):
+    """``(weights [n, k] int8, bias, scale)`` in output order, every row decoded to int8."""
+    k = int(layer.x_shape[1])
     decoded = [nibble_decode(unpack_nibbles(w, k), get_scheme(scheme)).astype(np.int8) if packed else w
                for (scheme, w, _, _), packed in zip(layer.groups, layer.packed)]
     weights = np.stack([decoded[gi][r] for gi, r in order]).astype(np.int8)
     bias = np.array([layer.groups[gi][2][r] for gi, r in order], np.int32)
     scale = np.array([layer.groups[gi][3][r] for gi, r in order], np.float32)
+    return weights, bias, scale
+
+
+def _int8_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, cpu: Optional[str]):
+    """:func:`_build` on VNNI for a static number of rows past the batch-1 kernel's:
+    :func:`~schedules.x86_intrin.layer_int8_kernel`, every row decoded to int8 at compile time."""
+    m, k = (int(d) for d in layer.x_shape)
+    n, schemes = len(order), [g[0] for g in layer.groups]
+    weights, bias, scale = _decoded(layer, order)
+    key = ("int8-layer", m, k, n, layer.x_dtype)
+
+    def make():
+        kernel = layer_int8_kernel(m, k, n, layer.x_dtype, num_cores=cores, cpu=cpu)
+        return _with_attrs(kernel, schemes, "x86-avx512vnni-layer")
+
+    return key, f"rmsmp_dense_layer_{m}x{k}x{n}", make, [(layer_int8_weights(weights, layer.x_dtype), "int8"),
+                                                        (bias, "int32"), (scale, "float32")]
+
+
+def _amx_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int):
+    """:func:`_build` on AMX (:mod:`schedules.x86_amx`): every row decoded to int8 at compile
+    time, one matrix in output order, laid out in tiles."""
+    m, k = (int(d) for d in layer.x_shape)
+    n, schemes = len(order), [g[0] for g in layer.groups]
+    weights, bias, scale = _decoded(layer, order)
     key = ("amx", m, k, n, layer.x_dtype)
 
     def make():
@@ -216,12 +317,14 @@ def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa:
     Layers of the same shape and schemes share one kernel: their weights are arguments, so
     MiniLM-L6's 36 dense layers build 3 kernels."""
     if isinstance(layer, ConvLayer):
-        return _amx_conv_build(layer, order, cores)
+        return _amx_conv_build(layer, order, cores) if amx else _vnni_conv_build(layer, order, cores, cpu)
     static = isinstance(layer.x_shape[0], int)
     if static and amx and layer.x_shape[0] >= AMX_MIN_ROWS:
         return _amx_build(layer, order, cores)
     if static and layer.x_shape[0] <= gemv_max_rows(isa, cpu):
         return _gemv_build(layer, order, cores, isa, vbmi, cpu)
+    if static:
+        return _int8_build(layer, order, cores, cpu)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(g[0] for g, packed in zip(layer.groups, layer.packed) if packed))
     table_of_group = [tables.index(g[0]) if packed else -1 for g, packed in zip(layer.groups, layer.packed)]
@@ -245,7 +348,8 @@ def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa:
 
 
 def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
-    """The layer kernels ``target`` has (AVX-512 VNNI: any batch; AVX2: small batches), or None."""
+    """The layer kernels ``target`` has (AVX-512 VNNI: dense layers of any batch and conv layers of
+    a static batch, AMX or not; AVX2: small batches of dense layers), or None."""
     isa = x86_isa(target)
     if isa not in ("avx512vnni", "avx2"):
         return None
@@ -255,4 +359,5 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
     vbmi = target_has_features("avx512vbmi", target)
     amx = isa == "avx512vnni" and amx_enabled(target)
     return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu, amx),
-                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu, amx), convs=amx)
+                        build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu, amx),
+                        convs=isa == "avx512vnni")

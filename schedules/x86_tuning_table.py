@@ -64,10 +64,15 @@ _ZNVER4 = {
 }
 
 #: Intel Xeon with AVX-512 VNNI, VBMI and AMX (LLVM: rocketlake; 2 cores shared with other jobs,
-#: load 3-4 while measuring, so within about 10%). Only ``pass_us`` was measured there
-#: (2026-12-05, ``python -m bench.layer_kernels --passes``, one thread; three runs, medians);
-#: the other constants are znver4's.
-_ROCKETLAKE = dict(_ZNVER4, pass_us={(4, 1): 35.3, (4, 2): 44.4, (4, 3): 63.7, (2, 4): 77.2, (2, 5): 96.8})
+#: load 3-4 while measuring, so within about 10%). ``pass_us``: 2026-12-05, ``python -m
+#: bench.layer_kernels --passes``, one thread; three runs, medians. ``gemv_max_rows`` (where AMX is
+#: off or refused; with AMX the AMX kernel takes over from 12 rows): the batch-1 kernel against the
+#: static-batch layer kernel (``x86_intrin.layer_int8_kernel``), both FFN layers, one thread, CPU
+#: time, ``RMSMP_AMX=0 python -m bench.layer_kernels --int8 --cpu-time --rows 8 9 12 13 16 17 20 23``
+#: (2026-12-06, load 1.5): 8 rows 161 vs 134 us, 9 rows 190 vs 251, 12 rows 245 vs 247, 13 rows 290
+#: vs 245, 16 rows 317 vs 233, 20 rows 383 vs 348, 23 rows 472 vs 342. The other constants are znver4's.
+_ROCKETLAKE = dict(_ZNVER4, pass_us={(4, 1): 35.3, (4, 2): 44.4, (4, 3): 63.7, (2, 4): 77.2, (2, 5): 96.8},
+                   gemv_max_rows=12)
 
 
 def _frozen(row):

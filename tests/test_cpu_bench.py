@@ -80,3 +80,27 @@ def test_freeze_runs_only_the_contender_being_timed():
     log.clear()
     sample_round_robin(live, repeat=2, min_time=0.002, gap=0.0, freeze=False)
     assert not [e for e in log if e[0] != "time"] and all(e[2] == ("a", "b", "c") for e in log)
+
+
+def test_refused_amx_runs_are_rendered_as_the_vnni_path_proxy():
+    """Runs made with ``--refuse-amx`` (``cpu-<name>-<t>t.json`` with ``refuse_amx``) get their own
+    section, named as the VNNI path on the AMX Xeon, never as a VNNI-only host; AMX runs keep theirs."""
+    from bench.cpu import RMSMP, other_runs_markdown, threads_markdown
+
+    def run(threads, refused, ms):
+        return {"hardware": {"cpu": "Intel(R) Xeon(R) Processor", "llvm_mcpu": "rocketlake", "cores": 2,
+                             "threads": threads, "x86_kernel_isa": "avx512vnni", "x86_amx": not refused},
+                "date_utc": "2026-12-06 10:50", "command": "python -m bench.cpu", "refuse_amx": refused,
+                "results": [{"workload": "FFN 768-3072-768, batch 128", "seconds": {RMSMP: ms, "ORT int8 dyn": 2 * ms},
+                             "speedup": {"ORT int8 dyn": 2.0}, "rmsmp": {"isa_path": "amx" if not refused else "vnni"}}]}
+
+    others = {"cpu-xeon-amx-1t.json": run(1, False, 1e-3), "cpu-xeon-amx-2t.json": run(2, False, 5e-4),
+              "cpu-xeon-vnni-1t.json": run(1, True, 2e-3), "cpu-xeon-vnni-2t.json": run(2, True, 1e-3)}
+    text = "\n".join(threads_markdown(others))
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert len(titles) == 2
+    assert titles[1].startswith("## VNNI path (AMX refused by the OS) on the AMX Xeon")
+    assert "AMX refused" not in titles[0] and "VNNI-only host" not in "".join(titles)
+    assert "| FFN 768-3072-768, batch 128 | vnni | 2.000 (2.00x ORT int8 dyn) | 1.000 (2.00x ORT int8 dyn) | 2.00x |" in text
+    head = next(line for line in other_runs_markdown(others["cpu-xeon-amx-1t.json"], others) if line.startswith("| workload"))
+    assert head.count("AMX refused by the OS") == 2

@@ -1019,6 +1019,116 @@ def _check_layer_dense(isa, vbmi, m, k, n, act, shares, wide):
         np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w_int), bias.astype(np.int64), scale, 1))
 
 
+INT8_LAYER_CASES = [
+    # (m, k, n, activations)
+    (24, 77, 61, "uint8"),    # odd K: a padded step; N ends in a partial 48-row tile
+    (33, 130, 50, "int8"),    # a partial 8-row activation tile
+    (128, 64, 97, "int8"),
+    (9, 96, 48, "uint8"),     # one whole weight tile
+]
+
+
+@pytest.mark.parametrize("m,k,n,act", INT8_LAYER_CASES)
+def test_layer_int8_kernel_is_integer_exact(m, k, n, act):
+    """The layer kernel on int8 weights laid out at compile time (``layer_int8_weights``: the
+    rows of every scheme decoded, offset for signed activations) equals numpy for random and
+    extreme activations and weights, on 512-bit MACs (compiled on every host, run where the
+    host has VNNI)."""
+    from schedules.x86_intrin import layer_int8_kernel, layer_int8_weights
+
+    rng = np.random.default_rng(m * 7919 + k * 31 + n)
+    func = layer_int8_kernel(m, k, n, act)
+
+    def macs(asm):
+        found = re.findall(r"vpdpbusd\s+%([xyz])mm", asm)
+        assert found and set(found) == {"z"}, sorted(set(found))
+
+    exe = compile_for_isa(func, "avx512vnni", False, check=macs)
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    for w in (rng.integers(-128, 128, size=(n, k)), np.full((n, k), -128)):
+        w = w.astype(np.int8)
+        for x in (rng.integers(lo, hi + 1, size=(m, k)).astype(act), np.full((m, k), lo if act == "int8" else hi, act)):
+            out = _run(exe, x, layer_int8_weights(w, act), bias, scale, np.zeros((m, n), np.float32))
+            np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w.astype(np.int64)), bias.astype(np.int64),
+                                                           scale, 1))
+
+
+def test_static_and_dynamic_batches_get_their_layer_kernels():
+    """Past the batch-1 kernel's rows a static batch gets the int8 layer kernel (weights
+    decoded at compile time: one int8 constant), a dynamic batch the packed one (codes decoded
+    per call)."""
+    from relay_passes.contract import DenseLayer
+    from schedules.x86_gemv import GEMV_MAX_ROWS
+    from schedules.x86_layers import x86_layer_kernels
+
+    rng = np.random.default_rng(3)
+    w4 = rng.integers(0, 256, (40, 32)).astype(np.uint8)
+    w8 = rng.integers(-128, 128, (8, 64)).astype(np.int8)
+    groups = (("sp2_4", w4, np.zeros(40, np.int32), np.ones(40, np.float32)),
+              ("fixed_8", w8, np.zeros(8, np.int32), np.ones(8, np.float32)))
+    order = [(0, r) for r in range(40)] + [(1, r) for r in range(8)]
+    kernels = x86_layer_kernels(tvm.target.Target(_x86_target("icelake-server")))
+    built = {}
+    for rows in (GEMV_MAX_ROWS + 1, tvm.tirx.Var("m", "int64")):
+        layer = DenseLayer((rows, 64), "int8", groups, (True, False))
+        key, name, make, consts = kernels.build(layer, order)
+        built[isinstance(rows, int)] = (key[0], [str(dt) for _, dt in consts])
+    assert built[True] == ("int8-layer", ["int8", "int32", "float32"])
+    assert built[False][0] == "any" and built[False][1][:3] == ["uint8", "uint8", "int8"]
+
+
+VNNI_CONV_LAYER_CASES = [
+    # (activations' shape, output channels, kernel, stride, activations)
+    ((2, 64, 10, 10), 45, 3, 1, "uint8"),    # per-tap GEMMs over channel-last activations
+    ((2, 64, 9, 9), 20, 1, 2, "int8"),       # a strided 1x1 (ResNet's downsample)
+    ((2, 3, 15, 15), 16, 7, 2, "int8"),      # the 3-channel stem: an im2col in tap order
+    ((3, 40, 9, 9), 33, 3, 2, "uint8"),      # channels short of a 32-byte step: tap order too
+]
+
+
+@pytest.mark.parametrize("xs,n,k,stride,act", VNNI_CONV_LAYER_CASES)
+def test_vnni_conv_layer_kernel_is_integer_exact(xs, n, k, stride, act):
+    """Without AMX, a conv layer of two or more images is one VNNI kernel over all its rows
+    (SP2-4, Fixed-4 and Fixed-8 in a scattered output order, decoded to int8 at compile time):
+    it equals numpy's convolution in that order. One image keeps its row groups' kernels.
+    Built for a VNNI CPU on every host, run where the host has VNNI."""
+    from relay_passes.contract import ConvLayer
+    from schedules.x86_layers import x86_layer_kernels
+
+    rng = np.random.default_rng(stable_seed(xs, n, k, stride, act))
+    names = ["sp2_4", "fixed_4", "fixed_8"]
+    kind = np.arange(n) % 3
+    rng.shuffle(kind)
+    w_int = np.zeros((n, xs[1], k, k), np.int8)
+    groups, source = [], {}
+    for gi, name in enumerate(names):
+        rows = np.nonzero(kind == gi)[0]
+        w_int[rows] = rng.choice(get_scheme(name).levels, size=(rows.size, xs[1], k, k))
+        stored = w_int[rows] if name == "fixed_8" else packed_weight(w_int[rows].reshape(rows.size, -1), name)
+        groups.append((name, stored, rng.integers(-1000, 1000, rows.size).astype(np.int32),
+                       rng.uniform(0.5, 2, rows.size).astype(np.float32)))
+        source.update({c: (gi, r) for r, c in enumerate(rows)})
+    layer = ConvLayer(xs, act, (k, k), (stride, stride), (0, 0), (1, 1), tuple(groups), (True, True, False))
+    order = [source[c] for c in range(n)]
+    kernels = x86_layer_kernels(_x86_target("icelake-server"))
+    assert kernels.convs and kernels.accepts(layer)
+    assert not kernels.accepts(ConvLayer((1, *xs[1:]), act, (k, k), (stride, stride), (0, 0), (1, 1), tuple(groups),
+                                         (True, True, False)))
+    _, _, make, consts = kernels.build(layer, order)
+    kernel = make()
+    assert str(kernel.attrs["rmsmp.cpu_kernel"]) == "x86-avx512vnni-conv-layer"
+    exe = compile_for_isa(kernel, "avx512vnni", True)
+    bias = np.array([groups[g][2][r] for g, r in order], np.int64)
+    scale = np.array([groups[g][3][r] for g, r in order], np.float32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    for x in (rng.integers(lo, hi + 1, size=xs).astype(act), np.full(xs, lo if act == "int8" else hi, act)):
+        expected = np_epilogue(np_conv_acc(x, w_int, (stride, stride), (0, 0), (1, 1)), bias, scale, 1)
+        out = _run(exe, x, *(c for c, _ in consts), np.zeros(expected.shape, np.float32))
+        np.testing.assert_array_equal(out, expected)
+
+
 #: the levels of a made-up 4-bit table scheme (a second table beside SP2's)
 _OTHER_TABLE = np.array([0, 1, -1, 2, -2, 3, -3, 4, -4, 6, -6, 8, -8, 5, -5, 7])
 
