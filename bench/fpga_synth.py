@@ -158,8 +158,6 @@ def update_boards(rows, tool: str):
                      "bytes_per_cycle": dram_bytes_per_cycle(board)},
             "clock_mhz": "a design choice; timing closure at this clock is assumed, not checked (no place and route)",
         }
-        from tvm_rmsmp.runtime.fileio import atomic_write
-
         atomic_write(path, json.dumps(data, indent=2) + "\n")
         load_board(path)   # still valid
         print(f"updated {os.path.relpath(path, ROOT)}: lut_array {lut_pix}x{lut_red}, {per_sp2} LUTs/SP2 MAC, "

@@ -64,6 +64,33 @@ def np_dense_acc(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.einsum("...k,nk->...n", x.astype(np.int64), w.astype(np.int64))
 
 
+def mixed_conv_layer(xs, n: int, k: int, stride: int, act: str, rng):
+    """A conv layer (``relay_passes.contract.ConvLayer``) of ``n`` rows of SP2-4, Fixed-4 and
+    Fixed-8 in a scattered output order, random levels, biases and scales: ``(layer, order,
+    w_int [n, C, k, k], bias [n] int64, scale [n] float32)`` with the rows in output order
+    (``order[c] = (group, row)``), for the layer kernels' integer-exactness tests."""
+    from relay_passes.contract import ConvLayer, packed_weight
+    from tvm_rmsmp.quant.schemes import get_scheme
+
+    names = ["sp2_4", "fixed_4", "fixed_8"]
+    kind = np.arange(n) % 3
+    rng.shuffle(kind)
+    w_int = np.zeros((n, xs[1], k, k), np.int8)
+    groups, source = [], {}
+    for gi, name in enumerate(names):
+        rows = np.nonzero(kind == gi)[0]
+        w_int[rows] = rng.choice(get_scheme(name).levels, size=(rows.size, xs[1], k, k))
+        stored = w_int[rows] if name == "fixed_8" else packed_weight(w_int[rows].reshape(rows.size, -1), name)
+        groups.append((name, stored, rng.integers(-1000, 1000, rows.size).astype(np.int32),
+                       rng.uniform(0.5, 2, rows.size).astype(np.float32)))
+        source.update({c: (gi, r) for r, c in enumerate(rows)})
+    layer = ConvLayer(tuple(xs), act, (k, k), (stride, stride), (0, 0), (1, 1), tuple(groups), (True, True, False))
+    order = [source[c] for c in range(n)]
+    bias = np.array([groups[g][2][r] for g, r in order], np.int64)
+    scale = np.array([groups[g][3][r] for g, r in order], np.float32)
+    return layer, order, w_int, bias, scale
+
+
 def np_conv_acc(x: np.ndarray, w: np.ndarray, stride, padding, dilation) -> np.ndarray:
     """int64 NCHW direct convolution, groups=1, zero padding."""
     n, c, h, wd = x.shape

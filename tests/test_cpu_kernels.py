@@ -9,7 +9,7 @@ import pytest
 import tvm
 
 import schedules
-from conftest import np_conv_acc, np_dense_acc, np_epilogue, stable_seed
+from conftest import mixed_conv_layer, np_conv_acc, np_dense_acc, np_epilogue, stable_seed
 from relay_passes.rewrite_row_groups import group_weight, packed_weight, row_group_func
 from tvm_rmsmp.quant.schemes import get_scheme, pack_nibbles
 
@@ -1098,30 +1098,15 @@ def test_vnni_conv_layer_kernel_is_integer_exact(xs, n, k, stride, act):
     from schedules.x86_layers import x86_layer_kernels
 
     rng = np.random.default_rng(stable_seed(xs, n, k, stride, act))
-    names = ["sp2_4", "fixed_4", "fixed_8"]
-    kind = np.arange(n) % 3
-    rng.shuffle(kind)
-    w_int = np.zeros((n, xs[1], k, k), np.int8)
-    groups, source = [], {}
-    for gi, name in enumerate(names):
-        rows = np.nonzero(kind == gi)[0]
-        w_int[rows] = rng.choice(get_scheme(name).levels, size=(rows.size, xs[1], k, k))
-        stored = w_int[rows] if name == "fixed_8" else packed_weight(w_int[rows].reshape(rows.size, -1), name)
-        groups.append((name, stored, rng.integers(-1000, 1000, rows.size).astype(np.int32),
-                       rng.uniform(0.5, 2, rows.size).astype(np.float32)))
-        source.update({c: (gi, r) for r, c in enumerate(rows)})
-    layer = ConvLayer(xs, act, (k, k), (stride, stride), (0, 0), (1, 1), tuple(groups), (True, True, False))
-    order = [source[c] for c in range(n)]
+    layer, order, w_int, bias, scale = mixed_conv_layer(xs, n, k, stride, act, rng)
     kernels = x86_layer_kernels(_x86_target("icelake-server"))
     assert kernels.convs and kernels.accepts(layer)
-    assert not kernels.accepts(ConvLayer((1, *xs[1:]), act, (k, k), (stride, stride), (0, 0), (1, 1), tuple(groups),
+    assert not kernels.accepts(ConvLayer((1, *xs[1:]), act, (k, k), (stride, stride), (0, 0), (1, 1), layer.groups,
                                          (True, True, False)))
     _, _, make, consts = kernels.build(layer, order)
     kernel = make()
     assert str(kernel.attrs["rmsmp.cpu_kernel"]) == "x86-avx512vnni-conv-layer"
     exe = compile_for_isa(kernel, "avx512vnni", True)
-    bias = np.array([groups[g][2][r] for g, r in order], np.int64)
-    scale = np.array([groups[g][3][r] for g, r in order], np.float32)
     lo, hi = (0, 255) if act == "uint8" else (-128, 127)
     for x in (rng.integers(lo, hi + 1, size=xs).astype(act), np.full(xs, lo if act == "int8" else hi, act)):
         expected = np_epilogue(np_conv_acc(x, w_int, (stride, stride), (0, 0), (1, 1)), bias, scale, 1)

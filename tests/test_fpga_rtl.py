@@ -157,7 +157,7 @@ def test_requant_alu_equals_the_simulator(rtl):
     mult = rng.integers(1, 1 << 15, size=rows)
     shift = rng.integers(0, 21, size=rows)
     shift[0], mult[0] = 0, 3                           # no rounding term (and a result within int32)
-    ones, zeros = np.ones(rows, np.int64), np.zeros(rows, np.int64)
+    zeros = np.zeros(rows, np.int64)
     acc, _, _ = _sim_tile("dense", x, wt, rows, k, "dsp", 8)
     ops = [("add_bias", bias, zeros), ("mul_shift", mult, shift), ("relu", zeros, zeros)]
     want, _, _ = _sim_tile("dense", x, wt, rows, k, "dsp", 8, alu=ops)
