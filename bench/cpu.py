@@ -52,6 +52,9 @@ NO_SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TVM_THREAD_POOL_
 #: ``--refuse-amx``: set in the parent after it installed the seccomp filter of
 #: ``bench/refuse_amx.py``; each worker checks that the OS refuses it the AMX tile state
 REFUSE_AMX_ENV = "RMSMP_BENCH_REFUSE_AMX"
+#: ``--avx2-only``: set in the process started with ``bench/cpuid_mask.c`` preloaded; each
+#: worker checks that CPUID shows it AVX2 without AVX-512, AVX-VNNI or AMX
+AVX2_ONLY_ENV = "RMSMP_BENCH_AVX2_ONLY"
 #: Idle seconds after each sample (``--gap``). Gaps alone did not give steady 2-thread timings
 #: on the 2-vCPU AMX Xeon with spinning pools: the FFN at batch 1, 2 threads, timed beside one
 #: other contender: with 0.1 s gaps tvm-rmsmp took 0.166 ms beside torch int8 dyn (0.038 ms
@@ -560,6 +563,10 @@ def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str], tvm_t
     os.environ["TVM_NUM_THREADS"] = str(threads)
     if os.environ.get(REFUSE_AMX_ENV):  # the filter is inherited; never time a worker that could use AMX
         _check_amx_refused("worker")
+    if os.environ.get(AVX2_ONLY_ENV):  # LD_PRELOAD is inherited; never time a worker that could see AVX-512
+        from bench.cpuid_mask import check_masked
+
+        check_masked("worker")
     # unpinned TVM workers: on a shared machine a worker pinned to a busy core stalls every
     # parallel region (tvm-rmsmp at batch 1 went from 0.05 to 4 ms here with pinning)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
@@ -581,13 +588,27 @@ def _worker(conn, who: str, quick: bool, threads: int, isa: Optional[str], tvm_t
                 fn, info = build_contender(who, msg[1], quick, threads, isa, tvm_trials, tuning_dir)
                 conn.send(("ok", fn is not None, info))
             elif msg[0] == "time":
+                traps = _cpuid_traps()
                 t0 = time.perf_counter()
                 for _ in range(msg[1]):
                     fn()
-                conn.send(("ok", time.perf_counter() - t0))
+                conn.send(("ok", time.perf_counter() - t0, _cpuid_traps() - traps))
         except Exception as err:  # noqa: BLE001 - reported by the parent, which goes on
             fn = None
             conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+def _cpuid_traps() -> int:
+    """CPUID instructions this process ran through ``bench/cpuid_mask.c`` (0 without it): each
+    costs a signal and two system calls, so ``--avx2-only`` reports any within timed calls."""
+    import ctypes
+
+    try:
+        count = ctypes.CDLL(None).rmsmp_cpuid_mask_count
+    except AttributeError:
+        return 0
+    count.restype = ctypes.c_ulong
+    return int(count())
 
 
 def _check_amx_refused(who: str) -> None:
@@ -611,6 +632,7 @@ class Contender:
 
         ctx = mp.get_context("spawn")
         self.who = who
+        self.cpuid_traps = 0  # CPUIDs answered by the --avx2-only mask during timed calls
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, who, quick, threads, isa, tvm_trials, tuning_dir),
                                 daemon=True)
@@ -662,7 +684,9 @@ def _sample_round_robin(live: Dict[str, Contender], repeat: int, min_time: float
         if freeze:
             c.resume()
         try:
-            return c.ask("time", n)[0]
+            secs, traps = c.ask("time", n)
+            c.cpuid_traps += traps
+            return secs
         finally:
             if freeze:
                 c.pause()
@@ -746,11 +770,17 @@ def run(quick: bool, threads: int, only=None, tvm_trials: int = TVM_TRIALS,
             rinfo = {k: v for k, v in infos[RMSMP].items() if k != "weights"}
             row: Dict[str, object] = {"workload": name, "group": group, "input_shape": list(shape), "weights": w,
                                       "seconds": {}, "weight_bytes": {}, "rmsmp": rinfo}
+            for c in live.values():
+                c.cpuid_traps = 0
             for who, t in sample_round_robin(live, repeat, gap=gap, freeze=freeze).items():
                 row["seconds"][who] = t
                 row["weight_bytes"][who] = bytes_of[who]
                 extra = f"  {bytes_of[who] / t / 1e9:6.1f} GB/s of weights" if streaming else ""
                 print(f"  {who:24s} {t * 1e3:10.3f} ms{extra}", flush=True)
+            traps = {who: c.cpuid_traps for who, c in live.items() if c.cpuid_traps}
+            if traps:  # their times include the mask's trap cost (--avx2-only): say so, never hide it
+                row["cpuid_traps_in_timed_calls"] = traps
+                print(f"  CPUID trapped within timed calls (their times include the trap cost): {traps}", flush=True)
             secs = row["seconds"]
             row["speedup"] = {who: secs[who] / secs[RMSMP] for who in secs if who != RMSMP}
             if streaming:
@@ -793,7 +823,7 @@ def other_runs_markdown(report: Dict[str, object], others: Dict[str, Dict[str, o
         return []
     runs = [("this run", report)] + sorted(others.items())
     head = [f"{r['hardware']['cpu']}, {r['hardware']['llvm_mcpu']} (`{name}`, {r['hardware']['x86_kernel_isa']}"
-            f"{' + AMX' if r['hardware'].get('x86_amx') else ''}{', AMX refused by the OS' if r.get('refuse_amx') else ''}, "
+            f"{' + AMX' if r['hardware'].get('x86_amx') else ''}{_proxy_label(r)}, "
             f"{r['hardware']['threads']} thread{'s' if r['hardware']['threads'] > 1 else ''}, {r['date_utc'][:10]})"
             for name, r in runs]
     lines = ["## Other CPUs", "",
@@ -828,6 +858,15 @@ GOALS = [
 ]
 
 
+def _proxy_label(report) -> str:
+    """How a run stood in for another host (``--refuse-amx``, ``--avx2-only``), for table heads."""
+    if report.get("refuse_amx"):
+        return ", AMX refused by the OS"
+    if report.get("avx2_only"):
+        return ", AVX-512/VNNI/AMX hidden from CPUID"
+    return ""
+
+
 def _row(report, workload):
     return next((x for x in report["results"] if x["workload"] == workload), None)
 
@@ -843,6 +882,21 @@ REFUSED_NOTES = [
     "`Intel AVX10.1 and Intel AMX ...`) and ONNX Runtime's MLAS (`python -m bench.refuse_amx` times both",
     "peers' int8 GEMMs granted and refused; `tests/test_refuse_amx.py` checks their results and ours under",
     "the filter). Same silicon, caches and clocks as the AMX runs; a VNNI-only CPU may differ in all three.",
+]
+
+#: What a run with ``--avx2-only`` is (rendered above its CPU's table)
+AVX2_ONLY_NOTES = [
+    "These runs (`--avx2-only`) are a stand-in for an AVX2-only host, not one: on the AMX Xeon, every",
+    "contender's process was started with `bench/cpuid_mask.c` preloaded, which makes the CPUID",
+    "instruction fault (Linux `arch_prctl(ARCH_SET_CPUID)`, the CPU's CPUID faulting) and answers it with",
+    "the real values less AVX-512 (all subsets), AVX-VNNI, AVX10 and AMX; glibc's string functions are",
+    "told the same (`GLIBC_TUNABLES`). Every contender picks its kernels from CPUID: tvm-rmsmp builds for",
+    "LLVM's host features (`avx2`, no `avx512f`: its kernels are then `x86-avx2-*`), torch reports the",
+    "CPU capability `AVX2`, and ONNX Runtime's MLAS takes its AVX2 `vpmaddubsw` kernels, whose int16 pair",
+    "sums saturate as on any AVX2 CPU (`python -m bench.cpuid_mask` shows what each library sees and times",
+    "the peers' int8 GEMMs with and without the mask; `tests/test_cpuid_mask.py` checks threads, children,",
+    "chained signal handlers and our kernels under it). Same silicon, caches and clocks as the AMX runs;",
+    "an AVX2-only CPU (AMD Zen 2/3, Intel client cores) differs in all three.",
 ]
 
 #: How the AMX runs' dense layers are computed (rendered under a CPU whose runs had AMX-INT8)
@@ -887,9 +941,16 @@ def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
         threads = sorted(runs)
         hw = runs[threads[-1]][1]["hardware"]
         refused = all(runs[t][1].get("refuse_amx") for t in threads)
-        title = (f"VNNI path (AMX refused by the OS) on the AMX Xeon ({hw['cpu']}, LLVM `{hw['llvm_mcpu']}`, "
-                 f"{hw['cores']} cores)" if refused else f"{hw['cpu']} (LLVM `{hw['llvm_mcpu']}`, {hw['cores']} cores)")
-        lines += [f"## {title}: 1 and 2 threads", ""] + (REFUSED_NOTES + [""] if refused else []) + [
+        avx2_only = all(runs[t][1].get("avx2_only") for t in threads)
+        where = f"({hw['cpu']}, LLVM `{hw['llvm_mcpu']}`, {hw['cores']} cores)"
+        if refused:
+            title, notes = f"VNNI path (AMX refused by the OS) on the AMX Xeon {where}", REFUSED_NOTES + [""]
+        elif avx2_only:
+            title, notes = f"AVX2 path (AVX-512, AVX-VNNI and AMX hidden from CPUID) on the AMX Xeon {where}", \
+                AVX2_ONLY_NOTES + [""]
+        else:
+            title, notes = f"{hw['cpu']} (LLVM `{hw['llvm_mcpu']}`, {hw['cores']} cores)", []
+        lines += [f"## {title}: 1 and 2 threads", ""] + notes + [
                   "Files " + ", ".join(f"`bench/results/{runs[t][0]}` ({runs[t][1]['date_utc']} UTC, "
                                        f"`{runs[t][1]['command']}`)" for t in threads) + ". tvm-rmsmp untuned in ms,",
                   "its speedup over the fastest contender of the same run (and which), the instruction path of its",
@@ -924,7 +985,10 @@ def threads_markdown(others: Dict[str, Dict[str, object]]) -> List[str]:
                   "the contender compared with, met or not, per thread count."
                   + (" Of a VNNI-only host the issue asks the batch-128 rows (FFN and the three dense layers); the"
                      " BERT layer and MiniLM goals are asked of an AMX host (shown for reference); ResNet-18 at"
-                     " batch 8 and the FFN at batch 1 without naming a host." if refused else ""), "",
+                     " batch 8 and the FFN at batch 1 without naming a host." if refused else "")
+                  + (" Of an AVX2 host the issue asks the batch-128 rows (FFN and the three dense layers); the"
+                     " BERT layer and MiniLM goals are asked of an AMX host (shown for reference); ResNet-18 at"
+                     " batch 8 and the FFN at batch 1 without naming a host." if avx2_only else ""), "",
                   "| goal | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
                   "|---|" + "---|" * len(threads)]
         for what, wl, against, least in GOALS:
@@ -1185,6 +1249,9 @@ def main(argv=None) -> int:
                     "that makes the OS refuse the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM) to this process and "
                     "every worker (bench/refuse_amx.py): all contenders fall back to AVX-512 VNNI, a proxy for a "
                     "VNNI-only host on an AMX Xeon")
+    ap.add_argument("--avx2-only", action="store_true", help="run this process and every worker with "
+                    "bench/cpuid_mask.c preloaded (CPUID faulting hides AVX-512, AVX-VNNI and AMX): every contender "
+                    "takes its AVX2 path, a proxy for an AVX2-only host on a CPU with CPUID faulting")
     ap.add_argument("--note", help="a remark on the run's conditions, kept in the JSON and shown in the docs")
     ap.add_argument("--tuning-dir", default=TUNING_DIR,
                     help="where TVM fp32 tuned keeps its records, one folder per workload (reused by later runs)")
@@ -1211,6 +1278,21 @@ def main(argv=None) -> int:
     if gap < 0:
         ap.error(f"--gap must be >= 0, got {gap}")
     freeze = args.freeze if args.freeze is not None else (args.threads > 1 and not args.no_spin)
+    if args.avx2_only:
+        from bench import cpuid_mask
+
+        if args.refuse_amx:
+            ap.error("--avx2-only hides AMX already; leave out --refuse-amx")
+        if not cpuid_mask.active():  # start again with the mask preloaded: it must come before any library
+            if not cpuid_mask.cpu_can_fault():
+                ap.error("--avx2-only: this CPU or kernel has no CPUID faulting (no cpuid_fault in /proc/cpuinfo)")
+            env = cpuid_mask.masked_env()
+            env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "bench.cpu"] + list(sys.argv[1:] if argv is None else argv),
+                      env)
+        cpuid_mask.check_masked("parent")
+        os.environ[AVX2_ONLY_ENV] = "1"
     if args.refuse_amx:  # before anything asks for the tile state, and before any worker is spawned
         from bench.refuse_amx import refuse_amx
 
@@ -1222,6 +1304,7 @@ def main(argv=None) -> int:
     report["gap_seconds"] = gap
     report["freeze"] = freeze
     report["refuse_amx"] = bool(args.refuse_amx)
+    report["avx2_only"] = bool(args.avx2_only)
     if args.note:
         report["note"] = args.note
     if not args.no_write:

@@ -78,6 +78,7 @@ from tvm_rmsmp.quant.schemes import unpack_nibbles
 from relay_passes import contract
 
 from .x86_bounds import (
+    LEVEL_BOUND,
     KernelBoundError,
     activation_range,
     check_accumulators,
@@ -88,7 +89,8 @@ from .x86_bounds import (
 from .x86_tuning_table import X86_CONSTANTS, constants_for, x86_isa
 
 __all__ = ["x86_isa", "PAIR_SUMS16", "gemm_kernel", "broadcast_dense_kernel", "BROADCAST_MIN_ROWS", "layer_dense_kernel", "layer_weights",
-           "layer_int8_kernel", "layer_int8_weights", "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
+           "layer_int8_kernel", "layer_int8_weights", "layer_avx2_kernel", "layer_avx2_weights", "layer_avx2_bounds",
+           "packed_dense_kernel", "supports_packed_dense", "decode_table", "ConvGeometry",
            "TargetFeatureWarning", "KernelBoundError", "layer_dense_bounds", "tile_weights", "taps_first_weights", "tap_order_weights"]
 
 class TargetFeatureWarning(UserWarning):
@@ -1025,7 +1027,7 @@ class _OuterProductGemm:
 
         def weights(wc, w0, task, tt, step, h, v):
             """The 8-row weight vector ``v`` of the task's register tile ``tt``, plane ``h``."""
-            if prepare is not None:
+            if prepare is not None or laid_out:
                 return wc[tt, step, h, T.ramp(v * 32, 1, 32)]
             return w0[T.min(((task % n_chunks) * per_chunk + tt) * ntv + v, blocks8 - 1), step, T.ramp(0, 1, 32)]
 
@@ -1392,6 +1394,102 @@ def layer_int8_kernel(m: int, k: int, n: int, x_dtype: str, tiles=None, num_core
         gemm(x, bias, scale, out, w, w, w, w)
 
     return kernel
+
+
+#: Register tile of :func:`layer_avx2_kernel`'s byte MACs: 2 activation rows x 2 8-row vectors.
+#: LLVM spills the int16 sums of larger tiles: 128 x 768 x 3072 (60:35:5 rows), one thread, on
+#: the AMX Xeon with AVX-512 hidden from CPUID (``bench/cpuid_mask.py``): 4x2 2537 us, 5x2 2684,
+#: 3x2 2374, 2x3 2379, 6x1 2369, 4x1 2233, 2x2 2185, 2x1 3082; two threads, 128 x 3072 x 768:
+#: 4x2 1992, 4x1 1450, 2x2 1432 (2x2 and 4x1 within 3% everywhere).
+LAYER_AVX2_TILES = (2, 2)
+
+
+def layer_avx2_kernel(m: int, k: int, n: int, x_dtype: str, levels: Sequence[int], n_int8: int, tiles=None,
+                      num_cores: int = 1, cpu: Optional[str] = None) -> tvm.tirx.PrimFunc:
+    """A whole quantized dense layer on AVX2 for a static number of activation rows, from weights
+    decoded at compile time (:func:`layer_avx2_weights`): outputs in the order the graph wants
+    them, no per-call decode, no concatenation of row groups.
+
+    The 4-bit rows (every scheme's levels, ``levels``: their union, within ``+-8``) are one int8
+    matrix of all ``n`` outputs, the 8-bit rows' slots zero, multiplied by the outer-product MAC
+    loop of :func:`broadcast_dense_kernel` on ``vpmaddubsw`` (:data:`PAIR_SUMS16` pair sums in
+    int16 per widening ``vpmaddwd``; levels offset by 8 for signed activations), read in place.
+    The ``n_int8`` 8-bit rows, where ``vpmaddubsw`` would saturate, are a second GEMM on int16
+    pairs (``vpmaddwd``, sign-extended at compile time) into a scratch block, written over their
+    slots (``cols8``). One kernel where there were three, a concatenation and a gather.
+
+    ``(x [m, k], w4 [n / 16, k / 4, 1, 64] int8, w8 [n_int8 / 8, k / 2, 32] int8, cols8 [n_int8] int32,
+    bias [n] int32, scale [n] f32, bias8 [n_int8] int32, scale8 [n_int8] f32, out [m, n] f32)``
+    (``n_int8`` read as 1 where there are none): ``out = float32(x @ w.T + bias) * scale``."""
+    _check_outer_product("layer_avx2_kernel", "avx2", x_dtype)
+    if not isinstance(m, int):
+        raise ValueError(f"layer_avx2_kernel: a static number of rows, got {m}")
+    signed = x_dtype == "int8"
+    w_off = 8 if signed else 0
+    layer_avx2_bounds(k, x_dtype, levels, n_int8)
+    g4 = _OuterProductGemm(m, k, n, x_dtype, "avx2", 1, k, _VectorOps("avx2", 32, signed, None, w_off=w_off),
+                           tiles or LAYER_AVX2_TILES, num_cores, cpu=cpu, laid_out=True)
+    gemm4 = g4.gemm(None)
+    rows8 = max(n_int8, 1)
+    g8 = _OuterProductGemm(m, k, rows8, x_dtype, "avx2", 1, k, _VectorOps("avx2", 16, False, None, pairs=True), None,
+                           num_cores, pairs=True, cpu=cpu)
+    gemm8 = g8.gemm(None)
+    few = m < 8  # a parallel launch costs more than a few rows
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), x_dtype), w4: T.Buffer((g4.n_tiles, g4.steps, 1, g4.rows * 4), "int8"),
+               w8: T.Buffer((g8.blocks8, g8.steps, 32), "int8"), cols8: T.Buffer((rows8,), "int32"),
+               bias: T.Buffer((n,), "int32"), scale: T.Buffer((n,), "float32"), bias8: T.Buffer((rows8,), "int32"),
+               scale8: T.Buffer((rows8,), "float32"), out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        gemm4(x, bias, scale, out, w4, w4, w4, w4)
+        if n_int8 > 0:
+            out8 = T.alloc_buffer((m, rows8), "float32")
+            gemm8(x, bias8, scale8, out8, w8, w8, w8, w8)
+            for i in T.serial(m) if few else T.parallel(m):
+                for r in T.serial(n_int8):
+                    out[i, cols8[r]] = out8[i, r]
+
+    return kernel
+
+
+def layer_avx2_bounds(k: int, x_dtype: str, levels: Sequence[int], n_int8: int) -> None:
+    """Refuse (:class:`~schedules.x86_bounds.KernelBoundError`) a :func:`layer_avx2_kernel` whose
+    integer sums could overflow: the 4-bit levels' ``vpmaddubsw`` pair sums in int16 and their
+    int32 totals (offset by 8 for signed activations), the 8-bit rows' int16 pairs."""
+    levels = [int(v) for v in levels] or [0]
+    _check_bounds("layer_avx2_kernel", k, x_dtype, levels, "avx2", 8 if x_dtype == "int8" else 0, False, True)
+    if n_int8:
+        _check_bounds("layer_avx2_kernel", k, x_dtype, None, "avx2", 0, True, False)
+
+
+def layer_avx2_weights(w: np.ndarray, is_int8: np.ndarray, x_dtype: str, tiles=None):
+    """The weight constants of :func:`layer_avx2_kernel` from int8 weights ``[n, k]`` in output
+    order and which rows are 8-bit: ``(w4, w8, cols8)``. ``w4``: every row, the 8-bit ones zero,
+    offset by 8 for signed activations, laid out per register tile (``tiles``, default
+    :data:`LAYER_AVX2_TILES`) as :func:`layer_int8_weights` lays them out; ``w8``:
+    the 8-bit rows sign-extended to int16, 8 rows x 2 per step, as bytes; ``cols8``: their outputs."""
+    if w.ndim != 2 or w.dtype != np.int8:
+        raise ValueError(f"layer_avx2_weights: int8 weights [rows, k], got {w.dtype} {w.shape}")
+    if x_dtype not in ("uint8", "int8"):
+        raise ValueError(f"layer_avx2_weights: activations must be uint8 or int8, got {x_dtype}")
+    is_int8 = np.asarray(is_int8, bool)
+    if is_int8.shape != (w.shape[0],):
+        raise ValueError(f"layer_avx2_weights: one flag per row ({w.shape[0]}), got shape {is_int8.shape}")
+    n, k = w.shape
+    four = np.where(is_int8[:, None], 0, w.astype(np.int16))
+    if np.abs(four).max(initial=0) > LEVEL_BOUND:
+        raise ValueError(f"layer_avx2_weights: 4-bit rows need levels within +-{LEVEL_BOUND}, got "
+                         f"{int(four.min())}..{int(four.max())}")
+    if x_dtype == "int8":
+        four = four + 8
+    w4 = layer_int8_weights(four.astype(np.int8), "uint8", tiles or LAYER_AVX2_TILES)
+    cols8 = np.flatnonzero(is_int8).astype(np.int32)
+    rows8 = w[cols8].astype(np.int16) if len(cols8) else np.zeros((1, k), np.int16)
+    steps8 = -(-k // 2)
+    pairs = tile_weights(rows8, 8, 2)  # [tiles, steps8, 8, 2] int16
+    w8 = np.ascontiguousarray(pairs).view(np.int8).reshape(pairs.shape[0], steps8, 32)
+    return w4, w8, cols8 if len(cols8) else np.zeros(1, np.int32)
 
 
 def layer_int8_weights(w: np.ndarray, x_dtype: str, tiles=None) -> np.ndarray:

@@ -73,6 +73,9 @@ from .x86_gemv import (
 from .x86_intrin import (
     ConvGeometry,
     gemm_kernel,
+    layer_avx2_bounds,
+    layer_avx2_kernel,
+    layer_avx2_weights,
     layer_dense_bounds,
     layer_dense_kernel,
     layer_int8_kernel,
@@ -181,10 +184,10 @@ def _amx_conv_build(layer: ConvLayer, order: Sequence[Tuple[int, int]], cores: i
     return key, name, make, [(amx_conv_weights(weights, fold), "int8"), (bias, "int32"), (scale, "float32")]
 
 
-def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional[str], amx: bool = False) -> bool:
+def _accepts(layer: DenseLayer, isa: str, cpu: Optional[str], amx: bool = False) -> bool:
     """Whether one x86 layer kernel computes ``layer``: packed 4-bit groups of at most two
-    decode tables, int8 fixed-point groups, int8/uint8 activations, at most ``max_rows``
-    activation rows (None: any), a reduction within the kernel's integer bounds. A conv layer
+    decode tables, int8 fixed-point groups, int8/uint8 activations, a static number of rows
+    (AVX2) or any (VNNI), a reduction within the kernel's integer bounds. A conv layer
     (:class:`~relay_passes.contract.ConvLayer`): only on AMX (:func:`_accepts_conv`)."""
     if isinstance(layer, ConvLayer):
         return _accepts_conv(layer) if amx else isa == "avx512vnni" and _accepts_vnni_conv(layer)
@@ -194,11 +197,11 @@ def _accepts(layer: DenseLayer, max_rows: Optional[int], isa: str, cpu: Optional
             return False  # unpacked SP2 codes
     if len(tables) > 2 or layer.x_dtype not in ("uint8", "int8"):
         return False
-    if not isinstance(layer.x_shape[0], int):  # a dynamic batch: the outer-product kernel, any rows
+    if not isinstance(layer.x_shape[0], int):  # a dynamic batch: the outer-product kernel, any rows (VNNI)
         return isa == "avx512vnni" and _within_bounds(layer, isa, cpu)
     if amx and layer.x_shape[0] >= AMX_MIN_ROWS:  # int8 products in int32 tiles: K up to 65793
         return int(layer.x_shape[1]) <= max_k(activation_range(layer.x_dtype), INT8_RANGE)
-    return (max_rows is None or layer.x_shape[0] <= max_rows) and _within_bounds(layer, isa, cpu)
+    return _within_bounds(layer, isa, cpu)
 
 
 def _within_bounds(layer: DenseLayer, isa: str, cpu: Optional[str]) -> bool:
@@ -217,6 +220,9 @@ def _within_bounds(layer: DenseLayer, isa: str, cpu: Optional[str]) -> bool:
             layout = GemvLayout(k, 1, int(linear), (1,) * len(tables), int(any(lv is None for lv in levels)),
                                 vec=64 if isa == "avx512vnni" else 32)
             gemv_layer_bounds(layout, layer.x_dtype, [levels[[g[0] for g in layer.groups].index(t)] for t in tables])
+        elif isa == "avx2":
+            layer_avx2_bounds(k, layer.x_dtype, sorted({int(v) for lv in levels if lv is not None for v in lv}),
+                              sum(lv is None for lv in levels))
         else:
             layer_dense_bounds(k, layer.x_dtype, [lv for lv in levels if lv is not None],
                                sum(lv is None for lv in levels))
@@ -296,6 +302,30 @@ def _int8_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int,
                                                         (bias, "int32"), (scale, "float32")]
 
 
+def _avx2_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, cpu: Optional[str]):
+    """:func:`_build` on AVX2 for a static number of rows past the batch-1 kernel's:
+    :func:`~schedules.x86_intrin.layer_avx2_kernel`, every row decoded at compile time (the
+    4-bit ones to one int8 matrix, the 8-bit ones to int16 pairs)."""
+    m, k = (int(d) for d in layer.x_shape)
+    n, schemes = len(order), [g[0] for g in layer.groups]
+    weights, bias, scale = _decoded(layer, order)
+    is_int8 = np.array([not layer.packed[gi] for gi, _ in order])
+    w4, w8, cols8 = layer_avx2_weights(weights, is_int8, layer.x_dtype)
+    n_int8 = int(is_int8.sum())
+    levels = sorted({int(v) for (scheme, _, _, _), packed in zip(layer.groups, layer.packed) if packed
+                     for v in nibble_decode(np.arange(16), get_scheme(scheme))})
+    key = ("avx2-layer", m, k, n, layer.x_dtype, tuple(levels), n_int8)
+
+    def make():
+        kernel = layer_avx2_kernel(m, k, n, layer.x_dtype, levels, n_int8, num_cores=cores, cpu=cpu)
+        return _with_attrs(kernel, schemes, "x86-avx2-layer")
+
+    bias8 = bias[cols8] if n_int8 else np.zeros(1, np.int32)
+    scale8 = scale[cols8] if n_int8 else np.ones(1, np.float32)
+    return key, f"rmsmp_dense_layer_{m}x{k}x{n}", make, [(w4, "int8"), (w8, "int8"), (cols8, "int32"), (bias, "int32"),
+                                                        (scale, "float32"), (bias8, "int32"), (scale8, "float32")]
+
+
 def _amx_build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int):
     """:func:`_build` on AMX (:mod:`schedules.x86_amx`): every row decoded to int8 at compile
     time, one matrix in output order, laid out in tiles."""
@@ -324,7 +354,7 @@ def _build(layer: DenseLayer, order: Sequence[Tuple[int, int]], cores: int, isa:
     if static and layer.x_shape[0] <= gemv_max_rows(isa, cpu):
         return _gemv_build(layer, order, cores, isa, vbmi, cpu)
     if static:
-        return _int8_build(layer, order, cores, cpu)
+        return _avx2_build(layer, order, cores, cpu) if isa == "avx2" else _int8_build(layer, order, cores, cpu)
     schemes = [g[0] for g in layer.groups]
     tables = list(dict.fromkeys(g[0] for g, packed in zip(layer.groups, layer.packed) if packed))
     table_of_group = [tables.index(g[0]) if packed else -1 for g, packed in zip(layer.groups, layer.packed)]
@@ -354,10 +384,9 @@ def x86_layer_kernels(target: Target) -> Optional[LayerKernels]:
     if isa not in ("avx512vnni", "avx2"):
         return None
     cpu = target_cpu(target)  # its row of the constants table (schedules.x86_tuning_table)
-    max_rows = None if isa == "avx512vnni" else gemv_max_rows(isa, cpu)
     cores = target_cores(target)
     vbmi = target_has_features("avx512vbmi", target)
     amx = isa == "avx512vnni" and amx_enabled(target)
-    return LayerKernels(accepts=lambda layer: _accepts(layer, max_rows, isa, cpu, amx),
+    return LayerKernels(accepts=lambda layer: _accepts(layer, isa, cpu, amx),
                         build=lambda layer, order: _build(layer, order, cores, isa, vbmi, cpu, amx),
                         convs=isa == "avx512vnni")

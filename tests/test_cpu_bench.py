@@ -55,7 +55,7 @@ def test_freeze_runs_only_the_contender_being_timed():
 
     class Fake:
         def __init__(self, name):
-            self.name, self.running = name, True
+            self.name, self.running, self.cpuid_traps = name, True, 0
 
         def pause(self):
             self.running = False
@@ -68,7 +68,7 @@ def test_freeze_runs_only_the_contender_being_timed():
         def ask(self, what, n):
             assert what == "time"
             log.append(("time", self.name, tuple(sorted(c.name for c in live.values() if c.running))))
-            return (1e-3 * n,)
+            return (1e-3 * n, 1)  # seconds, CPUIDs the --avx2-only mask answered meanwhile
 
     live = {"a": Fake("a"), "b": Fake("b"), "c": Fake("c")}
     result = sample_round_robin(live, repeat=3, min_time=0.002, gap=0.0, freeze=True)
@@ -77,6 +77,7 @@ def test_freeze_runs_only_the_contender_being_timed():
     assert len(timed) == 3 * (2 + 3)  # two probes and three samples each
     assert all(e[2] == (e[1],) for e in timed)  # only the one being timed runs
     assert all(c.running for c in live.values())
+    assert all(c.cpuid_traps == 2 + 3 for c in live.values())  # counted over every call timed
     log.clear()
     sample_round_robin(live, repeat=2, min_time=0.002, gap=0.0, freeze=False)
     assert not [e for e in log if e[0] != "time"] and all(e[2] == ("a", "b", "c") for e in log)
@@ -104,3 +105,28 @@ def test_refused_amx_runs_are_rendered_as_the_vnni_path_proxy():
     assert "| FFN 768-3072-768, batch 128 | vnni | 2.000 (2.00x ORT int8 dyn) | 1.000 (2.00x ORT int8 dyn) | 2.00x |" in text
     head = next(line for line in other_runs_markdown(others["cpu-xeon-amx-1t.json"], others) if line.startswith("| workload"))
     assert head.count("AMX refused by the OS") == 2
+
+
+def test_avx2_only_runs_are_rendered_as_the_avx2_path_proxy():
+    """Runs made with ``--avx2-only`` get their own section, named as the AVX2 path on the AMX
+    Xeon (never as an AVX2 host), with the notes on how CPUID was masked, and their goals
+    paragraph names what the issue asks of an AVX2 host."""
+    from bench.cpu import AVX2_ONLY_NOTES, RMSMP, other_runs_markdown, threads_markdown
+
+    def run(threads, ms):
+        return {"hardware": {"cpu": "Intel(R) Xeon(R) Processor", "llvm_mcpu": "rocketlake", "cores": 2,
+                             "threads": threads, "x86_kernel_isa": "avx2", "x86_amx": False},
+                "date_utc": "2026-12-06 12:30", "command": "python -m bench.cpu --avx2-only", "avx2_only": True,
+                "results": [{"workload": "dense 768x768, batch 128", "seconds": {RMSMP: ms, "ORT int8 dyn": 1.5 * ms},
+                             "speedup": {"ORT int8 dyn": 1.5}, "rmsmp": {"isa_path": "avx2"}}]}
+
+    others = {"cpu-xeon-avx2-1t.json": run(1, 2e-3), "cpu-xeon-avx2-2t.json": run(2, 1e-3)}
+    text = "\n".join(threads_markdown(others))
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["## AVX2 path (AVX-512, AVX-VNNI and AMX hidden from CPUID) on the AMX Xeon "
+                      "(Intel(R) Xeon(R) Processor, LLVM `rocketlake`, 2 cores): 1 and 2 threads"]
+    assert AVX2_ONLY_NOTES[0] in text and "Of an AVX2 host the issue asks the batch-128 rows" in text
+    assert "| dense 768x768 batch 128 >= 1.0x | 2.000 vs ORT int8 dyn 3.000: 1.50x, met | 1.000 vs ORT int8 dyn" in text
+    head = next(line for line in other_runs_markdown(others["cpu-xeon-avx2-1t.json"], others)
+                if line.startswith("| workload"))
+    assert head.count("AVX-512/VNNI/AMX hidden from CPUID") == 3

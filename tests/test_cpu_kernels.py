@@ -755,14 +755,13 @@ def test_broadcast_dense_kernel_is_integer_exact(isa, scheme, act, m, k, n):
     np.testing.assert_array_equal(out.astype(np.int64), np_dense_acc(x_max, w_max))
 
 
-@pytest.mark.parametrize("batch", [1, 5, 16])
-def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
+@pytest.mark.parametrize("batch,scheme", [(1, "sp2_4"), (5, "sp2_4"), (16, "sp2_4"), (16, "fixed_8")])
+def test_compiled_dense_layers_read_tiled_weight_constants(batch, scheme, host_target):
     """Every x86 dense row group of a compiled model reads its weight constant tiled (odd row
     and column counts: padded tiles and steps), and the model stays bit-exact. From 8
     activation rows on, the tiles are the outer-product kernel's (8 rows x 4 bytes; int8 rows
-    on AVX2 8 rows x 2 bytes); built for AVX2, since on VNNI such layers become one kernel
-    each (tested below), and so do AVX2's below 8 rows unless a layer has a single row group
-    (as here at batch 1 and 5: all rows SP2)."""
+    on AVX2 8 rows x 2 bytes). Built for AVX2 with one scheme per model: a layer split into row
+    groups becomes one kernel (tested below), a layer of a single row group keeps its own."""
     import torch
 
     import tvm_rmsmp as rmsmp
@@ -774,8 +773,7 @@ def test_compiled_dense_layers_read_tiled_weight_constants(batch, host_target):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(77, 37), torch.nn.Tanh(), torch.nn.Linear(37, 19)).eval()
     calib = [torch.randn(8, 77) for _ in range(2)]
-    ratio = {"sp2_4": 1.0} if batch < 8 else rmsmp.RMSMPConfig().ratio
-    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(ratio=ratio, act_bits=8), calib)
+    q = rmsmp.quantize(model, rmsmp.RMSMPConfig(ratio={scheme: 1.0}, act_bits=8), calib)
     x = torch.randn(batch, 77)
     exe = rmsmp.compile(q, (x,), _x86_target("haswell"))
     tiled = {gv.name_hint: [int(v) for v in f.attrs["rmsmp.weight_tiles"]] for gv, f in exe.ir.functions.items()
@@ -1079,6 +1077,72 @@ def test_static_and_dynamic_batches_get_their_layer_kernels():
     assert built[False][0] == "any" and built[False][1][:3] == ["uint8", "uint8", "int8"]
 
 
+AVX2_LAYER_CASES = [
+    # (m, k, n, activations, share of 8-bit rows)
+    (13, 77, 61, "uint8", 0.1),     # odd K: a padded step; partial tiles of both GEMMs
+    (33, 130, 50, "int8", 0.2),     # a partial activation tile
+    (128, 64, 97, "int8", 0.05),
+    (9, 96, 48, "uint8", 0.0),      # no 8-bit rows: one GEMM
+    (16, 40, 24, "int8", 1.0),      # only 8-bit rows: the 4-bit GEMM's rows all zero
+]
+
+
+@pytest.mark.parametrize("m,k,n,act,share8", AVX2_LAYER_CASES)
+def test_layer_avx2_kernel_is_integer_exact(m, k, n, act, share8):
+    """The AVX2 layer kernel on weights decoded at compile time (``layer_avx2_weights``: SP2-4 and
+    Fixed-4 levels as bytes for ``vpmaddubsw``, offset for signed activations; the 8-bit rows
+    as int16 pairs for ``vpmaddwd``, written over their slots) equals numpy for random and
+    extreme activations and weights in a scattered row order. Compiled for ``haswell`` on every
+    host (its assembly: byte and pair MACs, no AVX-512), run where the host has AVX2."""
+    from schedules.x86_intrin import layer_avx2_kernel, layer_avx2_weights
+    from tvm_rmsmp.quant.schemes import get_scheme, nibble_decode
+
+    rng = np.random.default_rng(stable_seed(m, k, n, act, share8))
+    sp2, f4 = (nibble_decode(np.arange(16), get_scheme(s)) for s in ("sp2_4", "fixed_4"))
+    levels = sorted({int(v) for v in np.concatenate([sp2, f4])})
+    is8 = np.zeros(n, bool)
+    is8[rng.permutation(n)[:int(round(share8 * n))]] = True
+    func = layer_avx2_kernel(m, k, n, act, levels, int(is8.sum()))
+
+    def macs(asm):
+        assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "zmm" not in asm and "vpdpbusd" not in asm
+
+    exe = compile_for_isa(func, "avx2", False, check=macs)
+    bias = rng.integers(-1000, 1000, n).astype(np.int32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    lo, hi = (0, 255) if act == "uint8" else (-128, 127)
+    four = np.where(rng.random((n, 1)) < 0.5, sp2[rng.integers(0, 16, (n, k))], f4[rng.integers(0, 16, (n, k))])
+    extreme4 = np.where(rng.random((n, 1)) < 0.5, -8, 8)
+    for w4, w8 in ((four, rng.integers(-128, 128, (n, k))), (np.broadcast_to(extreme4, (n, k)), np.full((n, k), -128))):
+        w = np.where(is8[:, None], w8, w4).astype(np.int8)
+        consts = layer_avx2_weights(w, is8, act)
+        cols8 = np.flatnonzero(is8)
+        bias8, scale8 = (bias[cols8], scale[cols8]) if len(cols8) else (np.zeros(1, np.int32), np.ones(1, np.float32))
+        for x in (rng.integers(lo, hi + 1, size=(m, k)).astype(act), np.full((m, k), lo if act == "int8" else hi, act)):
+            out = _run(exe, x, *consts, bias, scale, bias8, scale8, np.zeros((m, n), np.float32))
+            np.testing.assert_array_equal(out, np_epilogue(np_dense_acc(x, w.astype(np.int64)), bias.astype(np.int64),
+                                                           scale, 1))
+
+
+def test_layer_avx2_weights_reject_what_the_kernel_cannot_take():
+    """8-bit levels in a row not flagged 8-bit, a flag per row missing, other activation types:
+    a clear error, no constants."""
+    from schedules.x86_intrin import layer_avx2_weights
+
+    w = np.zeros((16, 8), np.int8)
+    w[3, 5] = 9
+    with pytest.raises(ValueError, match=r"levels within \+-8, got 0..9"):
+        layer_avx2_weights(w, np.zeros(16, bool), "int8")
+    flags = np.zeros(16, bool)
+    flags[3] = True
+    w4, w8, cols8 = layer_avx2_weights(w, flags, "uint8")
+    assert cols8.tolist() == [3] and w8.view(np.int16).max() == 9 and w4.max() == 0
+    with pytest.raises(ValueError, match="one flag per row"):
+        layer_avx2_weights(w, np.zeros(15, bool), "int8")
+    with pytest.raises(ValueError, match="uint8 or int8"):
+        layer_avx2_weights(w, flags, "float32")
+
+
 VNNI_CONV_LAYER_CASES = [
     # (activations' shape, output channels, kernel, stride, activations)
     ((2, 64, 10, 10), 45, 3, 1, "uint8"),    # per-tap GEMMs over channel-last activations
@@ -1215,15 +1279,15 @@ def test_gemv_layer_rejects_what_it_cannot_compute():
 
 
 @pytest.mark.parametrize("batch,mcpu", [(1, "icelake-server"), (1, "cascadelake"), (4, "icelake-server"),
-                                        (24, "icelake-server"), (1, "haswell"), (12, "haswell"), (13, "haswell")])
+                                        (24, "icelake-server"), (1, "haswell"), (12, "haswell"), (13, "haswell"), (40, "haswell")])
 def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu):
     """On VNNI each split dense layer is one kernel, the two-rows-per-byte kernel up to
     ``GEMV_MAX_ROWS`` activation rows, the outer-product one from there: no concatenation and
     no gather are left (the final gather is folded into the kernel through the reshape back to
     3-D), and the two layers of the same shape share one kernel. Bit-exact, also for a VNNI CPU
     without VBMI (``cascadelake``: the batch-1 kernel's tables by ``vpshufb``). On AVX2
-    (``haswell``) the same up to ``GEMV_MAX_ROWS_AVX2`` rows; from there each row group keeps
-    its own kernel. Built on every host; run where the host has the target's ISA."""
+    (``haswell``) the same up to ``GEMV_MAX_ROWS_AVX2`` rows; from there the AVX2 layer kernel
+    (``x86-avx2-layer``). Built on every host; run where the host has the target's ISA."""
     import torch
     from tvm import relax
 
@@ -1242,14 +1306,10 @@ def test_dense_layers_fuse_into_one_kernel_with_many_rows(batch, mcpu):
         e.args[0].name_hint if e.op.name == "relax.call_tir" else e.op.name)
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
     layers = [op for op in ops if op.startswith("rmsmp_dense_layer_")]
-    if avx2 and batch > GEMV_MAX_ROWS_AVX2:
-        assert not layers and "relax.concat" in ops
-        assert set(exe.stats["cpu_kernels"]) == {"x86-avx2-table-decode", "x86-avx2-int8"}
-    else:
-        assert "relax.concat" not in ops and "relax.take" not in ops
-        assert len(layers) == 3 and len(set(layers)) == 2
-        kernel = "x86-avx512vnni-gemv" if batch <= GEMV_MAX_ROWS else "x86-avx512vnni-layer"
-        assert exe.stats["cpu_kernels"] == {kernel.replace("avx512vnni", "avx2") if avx2 else kernel: 2}
+    assert "relax.concat" not in ops and "relax.take" not in ops
+    assert len(layers) == 3 and len(set(layers)) == 2
+    kernel = "x86-avx512vnni-gemv" if batch <= (GEMV_MAX_ROWS_AVX2 if avx2 else GEMV_MAX_ROWS) else "x86-avx512vnni-layer"
+    assert exe.stats["cpu_kernels"] == {kernel.replace("avx512vnni", "avx2") if avx2 else kernel: 2}
     isa, vbmi = [key for key, name in ISA_MCPU.items() if name == mcpu][0]
     skip_unless_runs_here(isa, vbmi, checked="its kernels checked")
     np.testing.assert_array_equal(exe(x), q(x).detach().numpy())
