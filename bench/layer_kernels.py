@@ -14,9 +14,8 @@ For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at S
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
 ``x86_gemv.gemv_layer_kernel`` (two rows' codes per byte, decoded in registers) and as what
 runs instead from more rows on: on AVX-512 VNNI ``x86_intrin.layer_dense_kernel`` (decoded per
-call into one int8 matrix, then an outer-product GEMM), on AVX2 one
-``x86_intrin.broadcast_dense_kernel`` per row group (outer products too; the concatenation and
-gather after them are not timed), and timed with TVM's ``time_evaluator`` (medians; weights in
+call into one int8 matrix, then an outer-product GEMM), on AVX2 ``x86_intrin.layer_avx2_kernel``
+(rows decoded at compile time, outer products too), and timed with TVM's ``time_evaluator`` (medians; weights in
 cache). The sum over both layers, and which is faster, is what a CPU's ``gemv_max_rows`` in
 ``schedules/x86_tuning_table.py`` (``x86_gemv.GEMV_MAX_ROWS`` and ``GEMV_MAX_ROWS_AVX2`` by
 default) is chosen from. ``--passes`` times one pass of the first kernel for each (byte rows
@@ -123,7 +122,8 @@ def main(argv=None) -> int:
 
     from schedules.x86_gemv import INT8, LINEAR, block_pairs, gemv_layer_kernel, gemv_layer_weights
     from schedules.x86_intrin import (
-        broadcast_dense_kernel,
+        layer_avx2_kernel,
+        layer_avx2_weights,
         layer_dense_kernel,
         layer_int8_kernel,
         layer_int8_weights,
@@ -202,15 +202,17 @@ def main(argv=None) -> int:
         for (pairs, rows), us in sorted(constants["pass_us"].items()):
             print(f"{pairs:>15} {rows:>9} {gemv(rows, pairs, rows) * 1e6:>9.1f} {us:>9.1f}", flush=True)
         return 0
-    def row_groups(m, k, groups):
-        """The AVX2 alternative: each group's outer-product kernel (random weights as laid out)."""
-        total = 0.0
-        for w, levels in zip(groups, (sp2, fixed4, None)):
-            func = broadcast_dense_kernel(m, k, w.shape[0], "int8", levels, isa, num_cores=args.threads, cpu=cpu)
-            arrays = [rng.integers(-128, 128, [int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params[:2]]
-            total += timed(func, arrays + [np.zeros(w.shape[0], np.int32), np.ones(w.shape[0], np.float32),
-                                           np.zeros((m, w.shape[0]), np.float32)])
-        return total
+    def avx2_layer(m, k, n, groups, order):
+        """The AVX2 alternative: the static-batch layer kernel, rows decoded at compile time."""
+        decoded = [nibble_decode(unpack_nibbles(groups[0], k), get_scheme("sp2_4")),
+                   nibble_decode(unpack_nibbles(groups[1], k), get_scheme("fixed_4")), groups[2]]
+        w = np.stack([decoded[g][r] for g, r in order]).astype(np.int8)
+        is8 = np.array([g == 2 for g, _ in order])
+        levels = sorted({int(v) for v in np.concatenate([sp2, fixed4])})
+        func = layer_avx2_kernel(m, k, n, "int8", levels, int(is8.sum()), num_cores=args.threads, cpu=cpu)
+        bias, scale = np.zeros(n, np.int32), np.ones(n, np.float32)
+        return timed(func, [rng.integers(-128, 128, (m, k)).astype(np.int8), *layer_avx2_weights(w, is8, "int8"),
+                            bias, scale, bias[is8], scale[is8], np.zeros((m, n), np.float32)])
 
     def amx_layers(m):
         """The AMX kernel (schedules.x86_amx) over both layers, rows decoded at compile time."""
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
                                   np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros((m, n), np.float32)])
         return total
 
-    other = "layer" if isa == "avx512vnni" else "groups"
+    other = "layer"
     narrow = args.narrow and isa == "avx512vnni"
     int8 = args.int8 and isa == "avx512vnni"
     print(f"{'rows':>5} {'gemv':>9} {other:>9} {other + '/gemv':>11}" + (f" {'layer256':>9}" if narrow else "")
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
         total = {"gemv": gemv(m, block_pairs(m, isa, cpu)), other: 0.0, "layer256": 0.0, "int8": 0.0}
         for k, n, groups, order in layers:
             if isa != "avx512vnni":
-                total[other] += row_groups(m, k, groups)
+                total[other] += avx2_layer(m, k, n, groups, order)
                 continue
             x = rng.integers(-128, 128, (m, k)).astype(np.int8)
             bias, scale = np.zeros(n, np.int64), np.ones(n, np.float32)

@@ -1,7 +1,8 @@
 """Machine-measured constants of the x86 kernels, one row per microarchitecture.
 
 A row is picked by the target's LLVM CPU name (``mcpu``) when the table has it and its ISA
-class is the target's (:func:`~schedules.x86_intrin.x86_isa`); every other CPU gets the row of
+class is the target's (:func:`~schedules.x86_intrin.x86_isa`), else by ``<mcpu>/<isa>`` (a CPU
+whose target has fewer features than the CPU: an AVX2 build for an AVX-512 CPU); every other CPU gets the row of
 its ISA class, ``default-avx2`` or ``default-avx512vnni``, which hold the values measured on
 znver3 (AVX2) and znver4 (AVX-512 VNNI). Every row has every key of :data:`KEYS`:
 
@@ -11,8 +12,8 @@ znver3 (AVX2) and znver4 (AVX-512 VNNI). Every row has every key of :data:`KEYS`
     ``python -m bench.layer_kernels --passes``. Picks the batch-1 layer kernel's tiling
     (:func:`~schedules.x86_gemv.row_tile`, :func:`~schedules.x86_gemv.block_pairs`).
 ``gemv_max_rows``
-    most activation rows a dense layer runs with that kernel (from one more on: VNNI the
-    outer-product layer kernel, AVX2 a kernel per row group): ``python -m bench.layer_kernels``.
+    most activation rows a dense layer runs with that kernel (from one more on: the
+    outer-product layer kernels, VNNI's or AVX2's): ``python -m bench.layer_kernels``.
 ``broadcast_min_rows``
     fewest activation rows for which the outer-product row-group kernel beats ``gemm_kernel``
     (1.05x at 8 rows, 1.13x at 64, 1.10x at 128; 1 x 768 x 1843 SP2 rows, one thread).
@@ -42,7 +43,9 @@ _ZNVER3 = {
     "pass_us": {(4, 1): 84.0, (2, 1): 78.0, (2, 2): 110.0, (4, 2): 136.0, (2, 3): 183.0},
     # python -m bench.layer_kernels (both FFN layers, znver3, one thread; the row groups' kernels
     # alone, without the concatenation and gather they also need): 8 rows 433 vs 520 us,
-    # 12 rows 638 vs 629, 14 rows 800 vs 779, 16 rows 851 vs 819
+    # 12 rows 638 vs 629, 14 rows 800 vs 779, 16 rows 851 vs 819; measured before the AVX2 layer
+    # kernel (x86_intrin.layer_avx2_kernel) replaced them, not re-measured on znver3 since (on the
+    # masked Xeon below the layer kernel took over from 5 rows)
     "gemv_max_rows": 12,
     # (measured on the project's znver3 / znver4 machines; the note does not say which)
     "broadcast_min_rows": 8,
@@ -74,6 +77,15 @@ _ZNVER4 = {
 _ROCKETLAKE = dict(_ZNVER4, pass_us={(4, 1): 35.3, (4, 2): 44.4, (4, 3): 63.7, (2, 4): 77.2, (2, 5): 96.8},
                    gemv_max_rows=12)
 
+#: The same Xeon with AVX-512, AVX-VNNI and AMX hidden from CPUID (``bench/cpuid_mask.py``;
+#: LLVM still names it rocketlake, its targets then AVX2 only). 2026-12-06, one thread, load
+#: about 1: ``pass_us`` from ``python -m bench.layer_kernels --passes``; ``gemv_max_rows`` from
+#: ``python -m bench.layer_kernels --cpu-time --rows 4 5 6 7 8`` against ``layer_avx2_kernel``,
+#: two runs (us, gemv vs layer): 4 rows 202 vs 223 and 254 vs 215, 5 rows 314 vs 297, 6 rows
+#: 317 vs 300 and 306 vs 298, 8 rows 395 vs 358. The other constants are znver3's.
+_ROCKETLAKE_AVX2 = dict(_ZNVER3, pass_us={(2, 1): 59.4, (2, 2): 105.2, (2, 3): 194.0, (4, 1): 66.0, (4, 2): 132.7},
+                        gemv_max_rows=4)
+
 
 def _frozen(row):
     return MappingProxyType({key: MappingProxyType(dict(v)) if isinstance(v, dict) else v for key, v in row.items()})
@@ -84,6 +96,7 @@ X86_CONSTANTS: Mapping[str, Mapping] = MappingProxyType({name: _frozen(row) for 
     "znver3": _ZNVER3,
     "znver4": _ZNVER4,
     "rocketlake": _ROCKETLAKE,
+    "rocketlake/avx2": _ROCKETLAKE_AVX2,
     "default-avx2": _ZNVER3,
     "default-avx512vnni": _ZNVER4,
 }.items()})
@@ -96,9 +109,10 @@ def constants_for(isa: str, cpu: Optional[str] = None) -> Mapping:
     """The row of LLVM CPU ``cpu`` where the table has one for ``isa``, else ``isa``'s default."""
     if isa not in ISA_DEFAULTS:
         raise ValueError(f"x86 constants: unknown ISA {isa!r} (known: {sorted(ISA_DEFAULTS)})")
-    row = X86_CONSTANTS.get(str(cpu or ""))
-    if row is not None and row["isa"] == isa:
-        return row
+    for name in (str(cpu or ""), f"{cpu}/{isa}"):
+        row = X86_CONSTANTS.get(name)
+        if row is not None and row["isa"] == isa:
+            return row
     return X86_CONSTANTS[ISA_DEFAULTS[isa]]
 
 

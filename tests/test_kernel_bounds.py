@@ -259,13 +259,15 @@ def test_constants_table_rows_are_complete():
 
 @pytest.mark.parametrize("mcpu,row", [("znver3", "znver3"), ("znver4", "znver4"), ("rocketlake", "rocketlake"),
                                       ("haswell", "default-avx2"), ("cascadelake", "default-avx512vnni"),
-                                      ("skylake-avx512", "default-avx2")])
+                                      ("skylake-avx512", "default-avx2"),
+                                      ({"mcpu": "rocketlake", "mattr": ["-avx512f"]}, "rocketlake/avx2")])
 def test_constants_fall_back_to_the_isa_default(mcpu, row):
     """A CPU not in the table gets its ISA class's row (skylake-avx512: AVX-512 without VNNI,
-    so the AVX2 kernels and their row); a non-x86 target gets none."""
+    so the AVX2 kernels and their row); a CPU whose target has fewer features its
+    ``<mcpu>/<isa>`` row (the AMX Xeon with AVX-512 hidden); a non-x86 target gets none."""
     from schedules.x86_tuning_table import X86_CONSTANTS, constants_for, x86_constants
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    target = tvm.target.Target({"kind": "llvm", **(mcpu if isinstance(mcpu, dict) else {"mcpu": mcpu})})
     assert x86_constants(target) is X86_CONSTANTS[row]
     assert constants_for("avx2", "znver4") is X86_CONSTANTS["default-avx2"]  # the row's ISA must match
     assert x86_constants(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) is None
