@@ -21,9 +21,10 @@ three kernel launches. The kernel:
 * more rows (AVX2, static): :func:`~schedules.x86_intrin.layer_avx2_kernel`, the 4-bit rows
   decoded to bytes at compile time for ``vpmaddubsw`` and the 8-bit rows to int16 pairs for
   ``vpmaddwd`` (which do not saturate), the latter written over their slots. BERT FFN at 128
-  rows, two threads, on the AMX Xeon with AVX-512 hidden from CPUID: 3.79 ms with a kernel per
-  row group, a concatenation and a gather, 3.05 ms with one kernel per layer (``python -m
-  bench.cpu --avx2-only``; ONNX Runtime int8 3.85 ms). A dynamic batch keeps the row groups.
+  rows, two threads, on the AMX Xeon with AVX-512 hidden from CPUID (``python -m bench.cpu
+  --avx2-only``): 3.79 ms with a kernel per row group, a concatenation and a gather (a run made
+  before this kernel), 2.99 ms with one kernel per layer (ONNX Runtime int8 3.88 ms,
+  ``bench/results/cpu-xeon-avx2-2t.json``). A dynamic batch keeps the row groups.
 
 With AMX-INT8 the dense layers from :data:`~schedules.x86_amx.AMX_MIN_ROWS` rows on run
 :func:`~schedules.x86_amx.amx_dense_kernel`, and the conv2d layers too become one kernel each
