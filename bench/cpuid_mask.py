@@ -174,18 +174,14 @@ def main(argv=None) -> int:
     if not cpu_can_fault():
         print("this CPU (or kernel) has no CPUID faulting (no cpuid_fault in /proc/cpuinfo): nothing to mask")
         return 1
+    from bench.refuse_amx import run_showing_isa
+
     root = os.path.dirname(HERE)
     for name, env in (("as started", dict(os.environ)), ("CPUID masked to AVX2", masked_env())):
         print(f"{name}:", flush=True)
-        env = dict(env, ONEDNN_VERBOSE="1", PYTHONPATH=root)
-        proc = subprocess.run([sys.executable, "-m", "bench.cpuid_mask", "--child"], cwd=root, capture_output=True,
-                              text=True, env=env)
-        for line in proc.stdout.splitlines():
-            if not line.startswith("onednn_verbose") or ",isa:" in line:
-                print(line.replace("onednn_verbose,v1,info,cpu,", "  oneDNN "))
-        if proc.returncode:
-            print(proc.stderr[-2000:])
-            return proc.returncode
+        rc = run_showing_isa([sys.executable, "-m", "bench.cpuid_mask", "--child"], root, dict(env, PYTHONPATH=root))
+        if rc:
+            return rc
     return 0
 
 

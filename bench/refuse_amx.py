@@ -27,7 +27,8 @@ import os
 import platform
 import struct
 
-__all__ = ["ARCH_REQ_XCOMP_PERM", "XFEATURE_XTILEDATA", "filter_program", "refuse_amx", "amx_request_errno"]
+__all__ = ["ARCH_REQ_XCOMP_PERM", "XFEATURE_XTILEDATA", "filter_program", "refuse_amx", "amx_request_errno",
+           "matmul_integer_session", "run_showing_isa"]
 
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
@@ -103,6 +104,39 @@ def amx_request_errno() -> int:
 
 
 # ----- python -m bench.refuse_amx: what the peers do with and without the tile state ----------
+def matmul_integer_session(b, m: int, threads: int = 0):
+    """An ONNX Runtime session of ``MatMulInteger(A uint8 [m, k], B)`` with the int8 ``b``
+    ``[k, n]`` a constant (MLAS's int8 GEMM); ``threads`` 0: ORT's default. ImportError where
+    onnxruntime or onnx is missing."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k, n = b.shape
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
+                              [helper.make_tensor("B", TensorProto.INT8, [k, n], b.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_showing_isa(cmd, root: str, env) -> int:
+    """Run ``cmd`` in ``root`` with ``ONEDNN_VERBOSE=1``, print its output with only oneDNN's ISA
+    line of its verbose output (and its stderr where it fails); its return code."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=dict(env, ONEDNN_VERBOSE="1"))
+    for line in proc.stdout.splitlines():
+        if not line.startswith("onednn_verbose") or ",isa:" in line:
+            print(line.replace("onednn_verbose,v1,info,cpu,", "  oneDNN "))
+    if proc.returncode:
+        print(proc.stderr[-2000:])
+    return proc.returncode
+
+
 def _peers(m: int, k: int, n: int, repeat: int) -> None:
     """In this process: ONNX Runtime's ``MatMulInteger`` (uint8 x int8, MLAS) and torch's
     ``_int_mm`` (int8 x int8, oneDNN) on one thread, checked against numpy, timed (medians)."""
@@ -131,20 +165,10 @@ def _peers(m: int, k: int, n: int, repeat: int) -> None:
     t = timed(lambda: torch._int_mm(x8, w8))
     print(f"  torch _int_mm (oneDNN): exact {exact}, {t * 1e6:.0f} us, {m * k * n / t / 1e9:.0f} GMAC/s", flush=True)
     try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
+        sess = matmul_integer_session(b, m, threads=1)
     except ImportError:
         print("  onnxruntime not installed: ORT left out")
         return
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
-                              [helper.make_tensor("B", TensorProto.INT8, [k, n], b.tobytes(), raw=True)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     exact = np.array_equal(sess.run(None, {"A": a})[0], a.astype(np.int64) @ b.astype(np.int64))
     t = timed(lambda: sess.run(None, {"A": a}))
     print(f"  ORT MatMulInteger (MLAS): exact {exact}, {t * 1e6:.0f} us, {m * k * n / t / 1e9:.0f} GMAC/s", flush=True)
@@ -154,7 +178,6 @@ def main(argv=None) -> int:
     """``python -m bench.refuse_amx [--shape M K N]``: the peers' int8 GEMMs on one thread, in a
     process granted the AMX tile state and in one refused it (oneDNN's ISA line included)."""
     import argparse
-    import subprocess
     import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -171,15 +194,10 @@ def main(argv=None) -> int:
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for child in ("granted", "refused"):
-        proc = subprocess.run([sys.executable, "-m", "bench.refuse_amx", "--child", child, "--shape",
-                               *map(str, args.shape), "--repeat", str(args.repeat)], cwd=root, capture_output=True,
-                              text=True, env=dict(os.environ, ONEDNN_VERBOSE="1"))
-        for line in proc.stdout.splitlines():
-            if not line.startswith("onednn_verbose") or ",isa:" in line:
-                print(line.replace("onednn_verbose,v1,info,cpu,", "  oneDNN "))
-        if proc.returncode:
-            print(proc.stderr[-2000:])
-            return proc.returncode
+        rc = run_showing_isa([sys.executable, "-m", "bench.refuse_amx", "--child", child, "--shape", *map(str, args.shape),
+                              "--repeat", str(args.repeat)], root, os.environ)
+        if rc:
+            return rc
     return 0
 
 

@@ -62,23 +62,16 @@ for rows in (1, 33):
     report["rmsmp"][rows] = {"kernels": dict(exe.stats["cpu_kernels"]),
                              "exact": bool(np.array_equal(exe(x), q(x).detach().numpy()))}
 
+from bench.refuse_amx import matmul_integer_session
+rng = np.random.default_rng(0)
+m, k, n = 16, 64, 32
+b = np.full((k, n), 127, np.int8)
+b[:, ::2] = rng.integers(-128, 128, (k, n // 2))
 try:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    sess = matmul_integer_session(b, m)
 except ImportError:
     report["ort"] = None
 else:
-    rng = np.random.default_rng(0)
-    m, k, n = 16, 64, 32
-    b = np.full((k, n), 127, np.int8)
-    b[:, ::2] = rng.integers(-128, 128, (k, n // 2))
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
-                              [helper.make_tensor("B", TensorProto.INT8, [k, n], b.tobytes(), raw=True)])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     small = rng.integers(0, 64, (m, k)).astype(np.uint8)   # pair sums below 2^15: exact on every path
     big = np.full((m, k), 255, np.uint8)                   # 255 * 127 * 2 > 2^15 - 1: vpmaddubsw saturates
     ref = lambda a: a.astype(np.int64) @ b.astype(np.int64)

@@ -61,19 +61,12 @@ ref = a.astype(np.int64) @ b.astype(np.int64)
 x8 = torch.from_numpy((a.astype(np.int16) - 128).astype(np.int8))
 report["torch_exact"] = bool(np.array_equal(torch._int_mm(x8, torch.from_numpy(b)).numpy(),
                                             (a.astype(np.int64) - 128) @ b.astype(np.int64)))
+from bench.refuse_amx import matmul_integer_session
 try:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    sess = matmul_integer_session(b, m)
 except ImportError:
     report["ort_exact"] = None
 else:
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
-                              [helper.make_tensor("B", TensorProto.INT8, [k, n], b.tobytes(), raw=True)])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     report["ort_exact"] = bool(np.array_equal(sess.run(None, {"A": a})[0], ref))
 print("REPORT " + json.dumps(report), flush=True)
 '''
