@@ -43,7 +43,7 @@ import numpy as np
 from .isa import Alu, GemmDSP, Load, Store, stream_summary
 from .simulator import Simulator, WeightTensor
 
-__all__ = ["EltwiseProgram", "PoolProgram", "MaxPoolProgram", "add_stream", "pool_stream", "pool_fits", "maxpool_stream",
+__all__ = ["EltwiseProgram", "PoolProgram", "MaxPoolProgram", "add_stream", "codes_of", "pool_stream", "pool_fits", "maxpool_stream",
            "maxpool_tiles", "add_program_of", "pool_program_of", "maxpool_program_of"]
 
 
@@ -85,7 +85,7 @@ def add_stream(name: str, elements: int, params: Dict[str, object], accel, tile:
     return stream
 
 
-def _codes(x, scale: float) -> np.ndarray:
+def codes_of(x, scale: float) -> np.ndarray:
     """The integer codes (int16) of a float view ``float32(q) * scale`` of 8-bit codes (exact)."""
     return np.round(np.asarray(x, np.float64) / np.float64(np.float32(scale))).astype(np.int16)
 
@@ -124,7 +124,7 @@ class EltwiseProgram(_Program):
         p = self.params
         out: Dict[str, np.ndarray] = {}
         for key, ref, scale in (("a", self.inputs[0], p["scale_a"]), ("b", self.inputs[1], p["scale_b"])):
-            out[f"{self.layer}.{key}"] = _codes(env[ref], scale).reshape(-1)
+            out[f"{self.layer}.{key}"] = codes_of(env[ref], scale).reshape(-1)
         out[f"{self.layer}.out"] = np.zeros(self.elements, np.int8 if int(p["qmin"]) < 0 else np.uint8)
         return out
 
@@ -206,7 +206,7 @@ class PoolProgram(_Program):
     def dram(self, env) -> Dict[str, object]:
         p = self.params
         ones = np.ones((1, self.k), np.int8)
-        return {f"{self.layer}.x": _codes(env[self.x_ref], p["scale_in"]).reshape(self.rows, self.k),
+        return {f"{self.layer}.x": codes_of(env[self.x_ref], p["scale_in"]).reshape(self.rows, self.k),
                 f"{self.layer}.w": WeightTensor(stored=ones, levels=ones.astype(np.int64), codes_per_byte=1),
                 f"{self.layer}.mult": np.array([p["mult"]], np.int64),
                 f"{self.layer}.shift": np.array([p["shift"]], np.int64),
@@ -315,7 +315,7 @@ class MaxPoolProgram(_Program):
 
     def dram(self, env) -> Dict[str, np.ndarray]:
         (ph, pw) = self.params["padding"]
-        codes = _codes(env[self.x_ref], self.params["scale_in"])
+        codes = codes_of(env[self.x_ref], self.params["scale_in"])
         padded = np.pad(codes, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=MAXPOOL_PAD)
         return {f"{self.layer}.x": padded, f"{self.layer}.out": np.zeros(self.out_shape, np.int16)}
 

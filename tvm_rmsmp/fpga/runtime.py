@@ -43,7 +43,7 @@ from tvm import relax
 from ..runtime.graph import bind_alias, shape_dtype, unsupported_binding
 from .codegen import Residual, RowGroup, chain_streams, layer_stream, tile_events, weight_levels
 from .config import AcceleratorConfig, FPGAConfig, load_board
-from .eltwise import (EltwiseProgram, MaxPoolProgram, PoolProgram, _codes, add_program_of, add_stream,
+from .eltwise import (EltwiseProgram, MaxPoolProgram, PoolProgram, add_program_of, add_stream, codes_of,
                       maxpool_program_of, pool_program_of)
 from .isa import stream_summary
 from .simulator import SimResult, Simulator, WeightTensor
@@ -468,7 +468,7 @@ class FPGACompiledModel:
                     lo = rq["qmin"] if fa is None else fa.residual.clamp[0]
                     dram[name] = np.zeros(shape, np.int8 if lo < 0 else np.uint8)
                 if fa is not None:  # the other operand's codes, in the layer's channel order
-                    codes = _codes(env[fa.other], fa.scale_other)
+                    codes = codes_of(env[fa.other], fa.scale_other)
                     dram[fa.residual.tensor] = np.empty_like(codes)
                     dram[fa.residual.tensor][:, fa.perm] = codes
                 self.simulator.run(prog.stream, dram)
