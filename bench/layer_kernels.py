@@ -8,7 +8,8 @@ Run from the repository root::
     python -m bench.layer_kernels --amx           # and the AMX layer kernel (where the host has AMX-INT8)
     python -m bench.layer_kernels --amx --cpu-time --rows 8 10 12 16   # CPU time: steadier on a shared machine
     python -m bench.layer_kernels --int8 --cpu-time --rows 32 128      # and the compile-time int8 layer kernel
-    python -m bench.layer_kernels --peak --threads 2   # AVX-512 VNNI: vpdpbusd's peak MAC rate on this CPU
+    python -m bench.layer_kernels --avx2-tiles 2x2 4x2 4x1 --rows 128 --cpu-time   # AVX2: LAYER_AVX2_TILES
+    python -m bench.layer_kernels --peak --threads 2   # the peak MAC rate on this CPU (VNNI: vpdpbusd; AVX2: vpmaddubsw + vpaddw)
 
 For each row count, both FFN layers (768 -> 3072 and 3072 -> 768) with rows at SP2-4 :
 Fixed-4 : Fixed-8 = 60:35:5 in a shuffled order are built as
@@ -88,6 +89,48 @@ def vnni_peak(target, threads: int, chains: int = 24, iters: int = 200000) -> fl
     return threads * iters * chains * 64 / best
 
 
+def avx2_peak(target, threads: int, chains: int = 12, iters: int = 200000) -> float:
+    """MACs per second of the AVX2 byte MAC the kernels use, ``vpmaddubsw`` and a 16-bit add
+    per 32 products (``x86_intrin.layer_avx2_kernel``'s inner loop), on ``threads`` threads:
+    each thread updates ``chains`` independent int16 accumulators ``iters`` times, each step
+    multiplying the accumulator's own bytes (so the multiply cannot be hoisted out of the loop;
+    12 chains of 6 cycles' latency keep two multiplies a cycle in flight); the fastest of 7 calls."""
+    import time
+
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    lanes = chains * 16
+
+    @T.prim_func(private=True)
+    def peak(a: T.Buffer((32,), "int8"), out: T.Buffer((threads, lanes), "int16"), n: T.int32):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((lanes,), "int16", scope="local")
+            for i in T.unroll(lanes):
+                acc[i] = T.int16(i)
+            for _ in range(n):
+                for j in T.unroll(chains):
+                    acc[T.ramp(j * 16, 1, 16)] = acc[T.ramp(j * 16, 1, 16)] + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(acc[T.ramp(j * 16, 1, 16)], dtype="int8x32"), a[T.ramp(0, 1, 32)],
+                        dtype="int16x16")
+            for i in T.unroll(lanes):
+                out[t, i] = acc[i]
+
+    fn = tvm.compile(tvm.IRModule({"main": peak.with_attr("global_symbol", "main")}), target=target).mod["main"]
+    a = tvm.runtime.tensor(np.ones(32, dtype=np.int8))
+    out = tvm.runtime.tensor(np.zeros((threads, lanes), np.int16))
+    fn(a, out, iters)
+    best = float("inf")
+    for _ in range(7):
+        start = time.perf_counter()
+        fn(a, out, iters)
+        best = min(best, time.perf_counter() - start)
+    return threads * iters * chains * 32 / best
+
+
 def _cpuinfo_mhz() -> float:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -105,13 +148,19 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", action="store_true", help="time one pass of each tiling in PASS_US")
     ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (least of 7 runs; "
                     "one thread only): steadier than wall-clock medians on a machine shared with other jobs")
-    ap.add_argument("--peak", action="store_true", help="AVX-512 VNNI: measure vpdpbusd's peak MAC rate on --threads "
-                    "threads, next to the formula cores x clock (/proc/cpuinfo) x 2 ports x 64")
+    ap.add_argument("--peak", action="store_true", help="measure the byte MAC's peak rate on --threads threads: "
+                    "AVX-512 VNNI vpdpbusd, next to the formula cores x clock (/proc/cpuinfo) x 2 ports x 64; "
+                    "AVX2 vpmaddubsw + a 16-bit add")
     ap.add_argument("--int8", action="store_true", help="AVX-512 VNNI: also time x86_intrin.layer_int8_kernel (rows "
                     "decoded to int8 at compile time; what static batches past the batch-1 kernel run)")
     ap.add_argument("--amx", action="store_true", help="also time the AMX layer kernel (schedules.x86_amx), where "
                     "the host has AMX-INT8: AMX_MIN_ROWS is chosen from it")
+    ap.add_argument("--avx2-tiles", type=lambda v: tuple(int(x) for x in v.split("x")), nargs="+", metavar="RxV",
+                    help="AVX2: time x86_intrin.layer_avx2_kernel with these register tiles (activation rows x 8-row "
+                    "weight vectors, e.g. 2x2 4x2): what LAYER_AVX2_TILES is chosen from")
     args = ap.parse_args(argv)
+    if args.avx2_tiles and any(len(t) != 2 or min(t) < 1 for t in args.avx2_tiles):
+        ap.error(f"--avx2-tiles: tiles as RxV with positive R and V, got {args.avx2_tiles}")
     if args.cpu_time and args.threads != 1:
         ap.error("--cpu-time measures one thread")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -187,9 +236,11 @@ def main(argv=None) -> int:
         return total
 
     if args.peak:
-        if isa != "avx512vnni":
-            print(f"--peak: needs AVX-512 VNNI; this CPU's x86 kernels are {isa}")
-            return 1
+        if isa != "avx512vnni":  # AVX2: the byte MAC of the AVX2 layer kernel
+            measured = avx2_peak(target, args.threads)
+            print(f"vpmaddubsw + vpaddw (256-bit) measured: {measured / 1e9:.0f} GMAC/s on {args.threads} thread(s) "
+                  f"({measured / 32 / args.threads / 1e9:.2f} G pairs/s a thread)")
+            return 0
         mhz = _cpuinfo_mhz()
         measured = vnni_peak(target, args.threads)
         print(f"/proc/cpuinfo clock {mhz:.0f} MHz: {args.threads} x {mhz / 1e3:.2f} GHz x 2 ports x 64 = "
@@ -202,16 +253,17 @@ def main(argv=None) -> int:
         for (pairs, rows), us in sorted(constants["pass_us"].items()):
             print(f"{pairs:>15} {rows:>9} {gemv(rows, pairs, rows) * 1e6:>9.1f} {us:>9.1f}", flush=True)
         return 0
-    def avx2_layer(m, k, n, groups, order):
-        """The AVX2 alternative: the static-batch layer kernel, rows decoded at compile time."""
+    def avx2_layer(m, k, n, groups, order, tiles=None):
+        """The AVX2 alternative: the static-batch layer kernel, rows decoded at compile time
+        (register tile ``tiles``, default ``LAYER_AVX2_TILES``)."""
         decoded = [nibble_decode(unpack_nibbles(groups[0], k), get_scheme("sp2_4")),
                    nibble_decode(unpack_nibbles(groups[1], k), get_scheme("fixed_4")), groups[2]]
         w = np.stack([decoded[g][r] for g, r in order]).astype(np.int8)
         is8 = np.array([g == 2 for g, _ in order])
         levels = sorted({int(v) for v in np.concatenate([sp2, fixed4])})
-        func = layer_avx2_kernel(m, k, n, "int8", levels, int(is8.sum()), num_cores=args.threads, cpu=cpu)
+        func = layer_avx2_kernel(m, k, n, "int8", levels, int(is8.sum()), num_cores=args.threads, cpu=cpu, tiles=tiles)
         bias, scale = np.zeros(n, np.int32), np.ones(n, np.float32)
-        return timed(func, [rng.integers(-128, 128, (m, k)).astype(np.int8), *layer_avx2_weights(w, is8, "int8"),
+        return timed(func, [rng.integers(-128, 128, (m, k)).astype(np.int8), *layer_avx2_weights(w, is8, "int8", tiles),
                             bias, scale, bias[is8], scale[is8], np.zeros((m, n), np.float32)])
 
     def amx_layers(m):
@@ -226,6 +278,17 @@ def main(argv=None) -> int:
                                   np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros((m, n), np.float32)])
         return total
 
+    if args.avx2_tiles:
+        if isa != "avx2":
+            print(f"--avx2-tiles: times the AVX2 layer kernel; this CPU's x86 kernels are {isa} (hide AVX-512 with "
+                  "bench/cpuid_mask.py, or run on an AVX2 CPU)")
+            return 1
+        print(f"{'rows':>5} " + " ".join(f"{f'{r}x{v}':>8}" for r, v in args.avx2_tiles))
+        for m in args.rows:
+            line = [sum(avx2_layer(m, k, n, groups, order, tile) for k, n, groups, order in layers)
+                    for tile in args.avx2_tiles]
+            print(f"{m:>5} " + " ".join(f"{t * 1e6:>8.1f}" for t in line), flush=True)
+        return 0
     other = "layer"
     narrow = args.narrow and isa == "avx512vnni"
     int8 = args.int8 and isa == "avx512vnni"

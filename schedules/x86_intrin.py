@@ -1397,10 +1397,10 @@ def layer_int8_kernel(m: int, k: int, n: int, x_dtype: str, tiles=None, num_core
 
 
 #: Register tile of :func:`layer_avx2_kernel`'s byte MACs: 2 activation rows x 2 8-row vectors.
-#: LLVM spills the int16 sums of larger tiles: 128 x 768 x 3072 (60:35:5 rows), one thread, on
-#: the AMX Xeon with AVX-512 hidden from CPUID (``bench/cpuid_mask.py``): 4x2 2537 us, 5x2 2684,
-#: 3x2 2374, 2x3 2379, 6x1 2369, 4x1 2233, 2x2 2185, 2x1 3082; two threads, 128 x 3072 x 768:
-#: 4x2 1992, 4x1 1450, 2x2 1432 (2x2 and 4x1 within 3% everywhere).
+#: LLVM spills the int16 sums of larger tiles. Both BERT FFN layers at 128 rows (60:35:5), on the
+#: AMX Xeon with AVX-512 hidden from CPUID (``bench/cpuid_mask.py``), ``python -m
+#: bench.layer_kernels --avx2-tiles 2x2 4x2 4x1 3x2 2x3 2x1 --rows 128 --cpu-time``: one thread
+#: 4832, 5518, 4915, 4917, 5044, 5574 us; ``--threads 2`` (2x2 4x2 4x1): 2467, 2864, 2553 us.
 LAYER_AVX2_TILES = (2, 2)
 
 
