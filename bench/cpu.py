@@ -1039,7 +1039,7 @@ def _gaps(report: Dict[str, object], stack_pct: str, ffn_rates: str) -> List[str
                 "  added in 16 bits eight at a time before one `vpmaddwd`), the 8-bit rows (5%) as int16",
                 "  pairs (`vpmaddwd`: half the products per instruction) written over their slots. The MAC",
                 "  loop is bound by the three vector ports: a `vpmaddubsw` and a 16-bit add per 32",
-                "  products (`python -m bench.layer_kernels --peak`: 171 G MAC/s a thread on the AMX Xeon with",
+                "  products (`python -m bench.layer_kernels --peak`: 167-171 G MAC/s a thread on the AMX Xeon with",
                 "  AVX-512 hidden, where the layer kernel reaches 125); ONNX Runtime's",
                 "  int8 kernel needs a third operation per 32 (`vpmaddwd` after each `vpmaddubsw`). FFN at",
                 f"  batch 128: {_ratio_text(report, 'FFN 768-3072-768, batch 128')}.",

@@ -54,10 +54,7 @@ def vnni_peak(target, threads: int, chains: int = 24, iters: int = 200000) -> fl
     updates ``chains`` independent register accumulators (enough to hide the latency on two
     ports) ``iters`` times; the fastest of 7 calls. What a GEMM kernel's MAC rate is measured
     against: the clock /proc/cpuinfo states need not be the one the cores run at."""
-    import time
-
     import numpy as np
-    import tvm
     from tvm.script import tirx as T
 
     lanes = chains * 16
@@ -77,16 +74,25 @@ def vnni_peak(target, threads: int, chains: int = 24, iters: int = 200000) -> fl
             for i in T.unroll(lanes):
                 out[t, i] = acc[i]
 
+    return _fastest(peak, target, np.arange(64, dtype=np.int8), np.zeros((threads, lanes), np.int32), iters,
+                    threads * iters * chains * 64)
+
+
+def _fastest(peak, target, a, out, iters: int, macs: int) -> float:
+    """MACs per second of ``peak(a, out, iters)`` built for ``target``: the fastest of 7 calls."""
+    import time
+
+    import tvm
+
     fn = tvm.compile(tvm.IRModule({"main": peak.with_attr("global_symbol", "main")}), target=target).mod["main"]
-    a = tvm.runtime.tensor(np.arange(64, dtype=np.int8))
-    out = tvm.runtime.tensor(np.zeros((threads, lanes), np.int32))
+    a, out = tvm.runtime.tensor(a), tvm.runtime.tensor(out)
     fn(a, out, iters)
     best = float("inf")
     for _ in range(7):
         start = time.perf_counter()
         fn(a, out, iters)
         best = min(best, time.perf_counter() - start)
-    return threads * iters * chains * 64 / best
+    return macs / best
 
 
 def avx2_peak(target, threads: int, chains: int = 12, iters: int = 200000) -> float:
@@ -95,10 +101,7 @@ def avx2_peak(target, threads: int, chains: int = 12, iters: int = 200000) -> fl
     each thread updates ``chains`` independent int16 accumulators ``iters`` times, each step
     multiplying the accumulator's own bytes (so the multiply cannot be hoisted out of the loop;
     12 chains of 6 cycles' latency keep two multiplies a cycle in flight); the fastest of 7 calls."""
-    import time
-
     import numpy as np
-    import tvm
     from tvm.script import tirx as T
 
     lanes = chains * 16
@@ -119,16 +122,8 @@ def avx2_peak(target, threads: int, chains: int = 12, iters: int = 200000) -> fl
             for i in T.unroll(lanes):
                 out[t, i] = acc[i]
 
-    fn = tvm.compile(tvm.IRModule({"main": peak.with_attr("global_symbol", "main")}), target=target).mod["main"]
-    a = tvm.runtime.tensor(np.ones(32, dtype=np.int8))
-    out = tvm.runtime.tensor(np.zeros((threads, lanes), np.int16))
-    fn(a, out, iters)
-    best = float("inf")
-    for _ in range(7):
-        start = time.perf_counter()
-        fn(a, out, iters)
-        best = min(best, time.perf_counter() - start)
-    return threads * iters * chains * 32 / best
+    return _fastest(peak, target, np.ones(32, dtype=np.int8), np.zeros((threads, lanes), np.int16), iters,
+                    threads * iters * chains * 32)
 
 
 def _cpuinfo_mhz() -> float:
